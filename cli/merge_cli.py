@@ -1,0 +1,195 @@
+"""``cpift-merge``: each command is a thin layer over a function of ``cpift.merge``.
+
+User errors (bad paths, shapes, parameters) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from cpift.merge import methods
+from cpift.merge.errors import CpiftError
+
+SIZE_HELP = "Largest output shard, in bytes or with a suffix: 500MB, 2GB (10^9), 1GiB (2^30)."
+
+
+def _floats(value: str | None, option: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 1,0.5,2; got '{value}'",
+                                 param_hint=option) from None
+
+
+def common_options(fn):
+    """Options every merge command takes, passed on as keyword arguments of the library function."""
+
+    @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False),
+                  help="Output model directory; written to a hidden sibling and renamed when complete.")
+    @click.option("--dtype", default=None,
+                  help="Cast inputs to this dtype before merging (float32, bfloat16, float16, float64); "
+                       "default: keep each input's dtype. Math is float32 either way (float64 for float64).")
+    @click.option("--out-dtype", default=None,
+                  help="Dtype of the output tensors; default: --dtype, else the first model's dtype.")
+    @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+    @click.option("--allow-nonfinite", is_flag=True,
+                  help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
+    @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
+                  help="Directory to copy config.json, tokenizer and chat-template files from "
+                       "(default: the first model).")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
+    @functools.wraps(fn)
+    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
+                copy_tokenizer_from, quiet, **kwargs):
+        common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                      allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
+                      progress=not quiet)
+        result = fn(*args, out=out, common=common, **kwargs)
+        if not quiet:
+            for note in result.notes:
+                click.echo(note, err=True)
+        click.echo(result.summary())
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             no_args_is_help=True)
+@click.version_option(package_name="cpift")
+def cli() -> None:
+    """Streaming model merges over Hugging Face safetensors checkpoints.
+
+    MODEL arguments are directories holding model.safetensors or model.safetensors.index.json
+    with its shards. Inputs are never modified; the output appears only when complete.
+    """
+
+
+@cli.command()
+@click.argument("model_a", type=click.Path())
+@click.argument("model_b", type=click.Path())
+@click.option("--t", "t", type=float, default=0.5, show_default=True,
+              help="Interpolation factor in [0, 1]: 0 gives MODEL_A, 1 gives MODEL_B.")
+@common_options
+def slerp(model_a, model_b, t, out, common):
+    """Spherical interpolation of two models, tensor by tensor (each tensor one vector)."""
+    return methods.slerp(model_a, model_b, out, t=t, **common)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", default=None, help="Comma-separated weight per model (default: all 1).")
+@common_options
+def linear(models, weights, out, common):
+    """Weighted average Σ w_i x_i / Σ w_i of two or more models."""
+    return methods.linear(list(models), out, weights=_floats(weights, "--weights"), **common)
+
+
+def delta_options(fn):
+    fn = click.option("--lambda", "lam", type=float, default=1.0, show_default=True,
+                      help="Scale λ of the combined delta added to the base.")(fn)
+    fn = click.option("--weights", default=None,
+                      help="Comma-separated weight per model, base excluded (default: all 1).")(fn)
+    fn = click.option("--base", required=True, type=click.Path(), help="Base model the deltas are taken from.")(fn)
+    return click.argument("models", nargs=-1, required=True, type=click.Path())(fn)
+
+
+def density_option(default: float | None, text: str):
+    return click.option("--density", default=None if default is None else str(default), show_default=True,
+                        help=text + " One value, or comma-separated per model, each in (0, 1].")
+
+
+def _density(value: str | None):
+    d = _floats(value, "--density")
+    return d[0] if d and len(d) == 1 else d
+
+
+@cli.command("task-arithmetic")
+@delta_options
+@common_options
+def task_arithmetic(models, base, weights, lam, out, common):
+    """b + λ Σ w_i (x_i − b)."""
+    return methods.task_arithmetic(base, list(models), out, weights=_floats(weights, "--weights"), lam=lam, **common)
+
+
+@cli.command()
+@delta_options
+@density_option(1.0, "Share of each delta kept by magnitude (k = floor(density × numel)).")
+@click.option("--global-trim", is_flag=True,
+              help="Trim with one magnitude threshold over the whole model (TIES paper) instead of per tensor.")
+@common_options
+def ties(models, base, weights, lam, density, global_trim, out, common):
+    """TIES: trim deltas by magnitude, elect a sign per entry, average the agreeing deltas."""
+    return methods.ties(base, list(models), out, weights=_floats(weights, "--weights"), lam=lam,
+                        density=_density(density), global_trim=global_trim, **common)
+
+
+def _dare_command(name: str, fn, doc: str):
+    @cli.command(name, help=doc)
+    @delta_options
+    @density_option(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density).")
+    @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Seed of the drop mask; the same seed gives byte-identical output.")
+    @common_options
+    def command(models, base, weights, lam, density, seed, out, common):
+        return fn(base, list(models), out, weights=_floats(weights, "--weights"), lam=lam,
+                  density=_density(density), seed=seed, **common)
+
+    return command
+
+
+_dare_command("dare-linear", methods.dare_linear, "DARE drop-and-rescale, then task arithmetic.")
+_dare_command("dare-ties", methods.dare_ties, "DARE drop-and-rescale, then TIES sign election.")
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path())
+@common_options
+def config(config_file, out, common):
+    """Run a mergekit-style YAML config (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties).
+
+    The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
+    """
+    from cpift.merge.config import run_config
+
+    return run_config(config_file, out, **{k: v for k, v in common.items()
+                                           if v is not None or k not in ("dtype", "out_dtype")})
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to build the demo checkpoints (default: a temporary directory, removed after).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+              help="tiny: ~2 MB models; small: ~100 MB bf16 Llama-shaped models.")
+def demo(workdir, size):
+    """Build small Llama-shaped checkpoints, merge them with every method, print what happened."""
+    from cpift.merge.demo import run_demo
+
+    run_demo(workdir, size=size, echo=click.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="cpift-merge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("cpift-merge: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"cpift-merge: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except CpiftError as e:
+        click.echo(f"cpift-merge: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("cpift-merge: interrupted; no output was written", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

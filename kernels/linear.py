@@ -1,0 +1,54 @@
+# Weighted average of N flattened tensors: out = Σ w_i·x_i / Σ w_i.
+#
+# The weights are normalised once on the host in float64 (w_i / Σw), so each chunk costs one
+# multiply-add per model: reads N elements per element, writes 1.
+# Precision: storage dtype → float32 per chunk (float64 if any input is float64), accumulate,
+# round once into out.dtype. linear_ref is the float64 oracle.
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ._scratch import check_flat, chunks, compute_dtype, scratch
+
+
+def _normalised(weights: Sequence[float], count: int) -> list[float]:
+    if count == 0:
+        raise ValueError("linear: need at least one tensor")
+    if len(weights) != count:
+        raise ValueError(f"linear: got {count} tensors but {len(weights)} weights; give one per tensor")
+    total = math.fsum(float(w) for w in weights)
+    if total == 0.0 or not math.isfinite(total):
+        raise ValueError(f"linear: the weights must have a finite, non-zero sum (got {total})")
+    return [float(w) / total for w in weights]
+
+
+def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], *, out: torch.Tensor) -> torch.Tensor:
+    """Write Σ w_i·x_i / Σ w_i into out (same length 1-D tensors, any float storage dtypes)."""
+    ws = _normalised(weights, len(xs))
+    n = xs[0].numel()
+    for i, x in enumerate(xs):
+        check_flat(f"xs[{i}]", x, n)
+    check_flat("out", out, n)
+    dt = compute_dtype(*xs)
+    for s, e in chunks(n):
+        acc = scratch("linear.acc", e - s, dt)
+        tmp = scratch("linear.x", e - s, dt)
+        acc.copy_(xs[0][s:e]).mul_(ws[0])
+        for x, w in zip(xs[1:], ws[1:]):
+            tmp.copy_(x[s:e])
+            acc.add_(tmp, alpha=w)
+        out[s:e].copy_(acc)
+    return out
+
+
+def linear_ref(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """float64 oracle: Σ w_i·x_i / Σ w_i, returned as float64."""
+    if len(xs) == 0 or len(weights) != len(xs):
+        raise ValueError("linear_ref: need one weight per tensor and at least one tensor")
+    acc = torch.zeros(xs[0].numel(), dtype=torch.float64)
+    for x, w in zip(xs, weights):
+        acc += float(w) * x.double()
+    return acc / math.fsum(float(w) for w in weights)

@@ -1,0 +1,241 @@
+# Exact selection of the k largest scores, with deterministic ties, by radix select.
+#
+# Score: s = fl32(|x − base|), the difference taken in the compute dtype (float32, or float64 for
+# float64 inputs) and rounded to float32; base None means s = |x|. Selection is exact for these
+# float32 scores; the reference defines the score the same way, then sorts.
+#
+# The k largest are described by a Cut (value v, last_tie j): an entry is selected when s > v, or
+# when s == v and its flat index ≤ j. Among equal scores the lowest indices win, so the selection
+# is unique and independent of chunking, thread count and device. Conventions: k = 0 gives
+# Cut.none() (v = +inf, j = −1), k = n gives Cut.all() (v = −inf, j = −1), and when every tie at v
+# is kept j = n − 1 (no third pass). cut_mask applies a Cut as a bool mask, cut_keep as 0/1
+# float32 factors (cheaper on CPU when the mask only multiplies deltas).
+#
+# Radix select: a non-negative float32 orders like its bit pattern read as an unsigned integer, so
+# the k-th largest can be found from histograms of the bits, with no sort and no copy of the data:
+#   pass 1  add_high: 2^16-bin histogram of bits >> 16 over every chunk (int64 counts);
+#           select_bin(k): the bin holding the k-th largest, and how many lie in higher bins;
+#   pass 2  add_low: 2^16-bin histogram of the low 16 bits of the entries in that bin;
+#           threshold(): the exact value v, #(s > v) and #(s == v).
+#   pass 3  (magnitude_cut only, and only when some but not all ties at v are kept) the flat index
+#           of the r-th tie, lowest index first; it stops at the chunk that holds it.
+# Each pass reads every input element once and writes nothing but 512 KiB of counts. The
+# histograms add across ranks (DESIGN §6: an all-reduce per round).
+#
+# Scores must be finite and non-negative (|·| gives +0.0, never −0.0): NaN would rank above +inf
+# in the histograms but is never selected by a Cut. Callers check finiteness first.
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ._scratch import check_flat, chunks, compute_dtype, scratch
+
+BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Selects entries with score > value, plus those with score == value and flat index ≤ last_tie."""
+
+    value: float
+    last_tie: int
+
+    @classmethod
+    def all(cls) -> Cut:
+        """Select every (non-NaN) entry: every score is > −inf (k = n)."""
+        return cls(value=-math.inf, last_tie=-1)
+
+    @classmethod
+    def none(cls) -> Cut:
+        """Select nothing: no score is > +inf, and no index is ≤ −1 (k = 0)."""
+        return cls(value=math.inf, last_tie=-1)
+
+
+def _bits_to_float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _rank_in(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bin, count in higher bins) of the rank-th largest (1-based) entry of a histogram."""
+    from_top = hist.flip(0).cumsum(0)  # from_top[i] = count in bins ≥ BINS-1-i
+    i = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype)).item())
+    return BINS - 1 - i, (int(from_top[i - 1]) if i > 0 else 0)
+
+
+class RadixSelect:
+    """Exact k-th largest of a stream of non-negative float32 score chunks, in two passes.
+
+    Call add_high on every chunk, then select_bin(k), then add_low on every chunk (the same
+    scores again, in any order), then threshold(). k may be 0 (nothing) or the total count.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._high = torch.zeros(BINS, dtype=torch.int64)
+        self._low = torch.zeros(BINS, dtype=torch.int64)
+        self._k: int | None = None
+        self._bin = -1
+        self._above = 0
+
+    def _high_bits(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if scores.dtype != torch.float32:
+            raise ValueError(f"RadixSelect: scores must be float32, got {scores.dtype}")
+        bits = scores.reshape(-1).view(torch.int32)
+        high = scratch("select.high", bits.numel(), torch.int32)
+        torch.bitwise_right_shift(bits, 16, out=high)
+        return bits, high
+
+    def add_high(self, scores: torch.Tensor) -> None:
+        """Pass 1: count the chunk's scores by their top 16 bits."""
+        _, high = self._high_bits(scores)
+        self._high += torch.bincount(high, minlength=BINS)
+        self.total += high.numel()
+
+    def select_bin(self, k: int) -> int:
+        """After pass 1: fix k; return how many scores lie in bins above the k-th largest's bin."""
+        if not 0 <= k <= self.total:
+            raise ValueError(f"RadixSelect: k must be in [0, {self.total}], got {k}")
+        self._k = k
+        if k == 0:
+            self._bin, self._above = -1, 0  # -1 matches no bin: pass 2 counts nothing
+            return 0
+        self._bin, self._above = _rank_in(self._high, k)
+        return self._above
+
+    def add_low(self, scores: torch.Tensor) -> None:
+        """Pass 2: count the low 16 bits of the chunk's scores that fall in the selected bin."""
+        if self._k is None:
+            raise RuntimeError("RadixSelect: call select_bin(k) before add_low")
+        if self._k == 0:
+            return
+        bits, high = self._high_bits(scores)
+        in_bin = scratch("select.in_bin", bits.numel(), torch.bool)
+        torch.eq(high, self._bin, out=in_bin)
+        # Usually a small fraction of the chunk, so gathering beats a full-width histogram.
+        low = bits[in_bin].bitwise_and_(0xFFFF)
+        self._low += torch.bincount(low, minlength=BINS)
+
+    def threshold(self) -> tuple[float, int, int]:
+        """After pass 2: (k-th largest value v, #scores > v, #scores == v); (inf, 0, 0) for k = 0."""
+        if self._k is None:
+            raise RuntimeError("RadixSelect: call select_bin(k) and add_low before threshold")
+        if self._k == 0:
+            return math.inf, 0, 0
+        low, above_low = _rank_in(self._low, self._k - self._above)
+        value = _bits_to_float((self._bin << 16) | low)
+        return value, self._above + above_low, int(self._low[low])
+
+
+def magnitude_scores(
+    x: torch.Tensor, base: torch.Tensor | None, start: int, end: int
+) -> torch.Tensor:
+    """float32 scores |x − base| of entries start..end-1, in a reused scratch buffer."""
+    n = end - start
+    dt = compute_dtype(x, base)
+    work = scratch("select.work", n, dt)
+    work.copy_(x[start:end])
+    if base is not None:
+        work.sub_(base[start:end])
+    work.abs_()
+    if dt == torch.float32:
+        return work
+    out = scratch("select.scores", n, torch.float32)
+    return out.copy_(work)
+
+
+def cut_mask(
+    scores: torch.Tensor, cut: Cut, start: int, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool mask of the entries a Cut selects, for a score chunk whose first flat index is start."""
+    if scores.dtype != torch.float32:
+        scores = scores.float()  # the cut's value is a float32 score: compare like with like
+    mask = torch.gt(scores, cut.value, out=out) if out is not None else torch.gt(scores, cut.value)
+    m = min(scores.numel(), cut.last_tie - start + 1)
+    if m > 0:
+        tie = scratch("select.tie", m, torch.bool)
+        torch.eq(scores[:m], cut.value, out=tie)
+        mask[:m].logical_or_(tie)
+    return mask
+
+
+def cut_keep(scores: torch.Tensor, cut: Cut, start: int, *, out: torch.Tensor) -> torch.Tensor:
+    """cut_mask as float32 factors (1.0 selected, 0.0 not), for multiplying deltas in place.
+
+    Built from float ops only (no bool tensors, whose compares and masked fills cost several
+    times more per element on CPU): IEEE subtraction is exact about order, x − y > 0 iff x > y,
+    so sign(max(s − v, 0)) is [s > v], and 1 − sign(max(v − s, 0)) is [s ≥ v] in the tie window.
+    `out` (float32, same length) may be the scores buffer itself.
+    """
+    if scores.dtype != torch.float32:
+        scores = out.copy_(scores)  # compare float32 scores, as the cut's value is one
+    m = max(0, min(scores.numel(), cut.last_tie - start + 1))
+    torch.sub(scores[m:], cut.value, out=out[m:]).clamp_(min=0.0).sign_()
+    if m:
+        torch.sub(cut.value, scores[:m], out=out[:m]).clamp_(min=0.0).sign_().neg_().add_(1.0)
+    return out
+
+
+def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut:
+    """The Cut selecting exactly the k largest |x − base| of a 1-D tensor (lowest index wins ties)."""
+    n = x.numel()
+    check_flat("x", x)
+    if base is not None:
+        check_flat("base", base, n)
+    if not 0 <= k <= n:
+        raise ValueError(f"magnitude_cut: k must be in [0, {n}], got {k}")
+    if k == 0:
+        return Cut.none()
+    if k == n:
+        return Cut.all()
+    rs = RadixSelect()
+    for s, e in chunks(n):
+        rs.add_high(magnitude_scores(x, base, s, e))
+    rs.select_bin(k)
+    for s, e in chunks(n):
+        rs.add_low(magnitude_scores(x, base, s, e))
+    value, greater, equal = rs.threshold()
+    ties = k - greater
+    if ties == equal:
+        return Cut(value=value, last_tie=n - 1)
+    seen = 0
+    for s, e in chunks(n):
+        eq = scratch("select.eq", e - s, torch.bool)
+        torch.eq(magnitude_scores(x, base, s, e), value, out=eq)
+        count = int(eq.sum())
+        if seen + count >= ties:
+            index = int(eq.nonzero()[ties - seen - 1])
+            return Cut(value=value, last_tie=s + index)
+        seen += count
+    raise AssertionError("magnitude_cut: tie count changed between passes (input modified?)")
+
+
+def _scores_ref(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    diff = x.double() if base is None else x.double() - base.double()
+    return diff.abs().float().double()  # the float32 score, held exactly in float64
+
+
+def magnitude_cut_ref(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut:
+    """Oracle of magnitude_cut by a stable float64 sort (descending score, ascending index)."""
+    n = x.numel()
+    if k == 0:
+        return Cut.none()
+    if k == n:
+        return Cut.all()
+    scores = _scores_ref(x, base)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    value = float(scores[order[k - 1]])
+    all_ties_kept = int((scores[order[k:]] == value).sum()) == 0
+    return Cut(value=value, last_tie=n - 1 if all_ties_kept else int(order[k - 1]))
+
+
+def magnitude_mask_ref(x: torch.Tensor, base: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Oracle bool mask of the k largest |x − base| (stable sort: lowest index wins ties)."""
+    scores = _scores_ref(x, base)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask

@@ -1,0 +1,150 @@
+# SLERP of two flattened tensors, as DESIGN §2 defines it (mergekit 0.1.5's constants).
+#
+# Maths: â = a/‖a‖, b̂ = b/‖b‖ (a norm ≤ eps leaves that vector as is, i.e. its norm counts as 1);
+# d = ⟨â, b̂⟩ clamped to [-1, 1]. If |d| > dot_threshold the pair is nearly (anti)colinear and the
+# result is the lerp (1−t)·a + t·b; otherwise Ω = acos d and the result is
+#   sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b      (applied to the ORIGINAL a and b).
+#
+# Two passes, the pattern a Triton port keeps:
+#   1. slerp_reduce: ‖a‖², ‖b‖², ⟨a,b⟩ as float32 per-chunk torch.dot partials, folded on the host
+#      in Python floats (float64), so the fold is deterministic and its error does not grow with n.
+#      Reads 2 elements per element (+1 byte for the optional exclusion mask), writes nothing.
+#   2. slerp_coefficients: host scalar maths in float64 → (ca, cb).
+#   3. slerp_blend: out = ca·a + cb·b in float32, rounded once into out.dtype (nearest even).
+#      Reads 2 elements (+1 mask byte), writes 1.
+# `exclude` (reduction) and `keep` (blend) exist for CPI fusion: norms over non-core entries only,
+# core entries transplanted unchanged.
+#
+# Precision: storage dtype (bf16/fp16/fp32) → float32 per chunk, compute, cast once on store;
+# float64 inputs compute in float64. slerp_ref is the float64 oracle, written independently.
+# Caveat shared with mergekit: squares are summed unscaled, so entries above ~1e19 overflow the
+# float32 sums (not a concern for model weights, which are checked finite upstream).
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._scratch import check_flat, chunks, compute_dtype, scratch
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+def slerp_reduce(
+    a: torch.Tensor, b: torch.Tensor, *, exclude: torch.Tensor | None = None
+) -> tuple[float, float, float]:
+    """Return (‖a‖², ‖b‖², ⟨a,b⟩), leaving out entries where the bool tensor `exclude` is True."""
+    n = a.numel()
+    check_flat("a", a)
+    check_flat("b", b, n)
+    if exclude is not None:
+        check_flat("exclude", exclude, n)
+    dt = compute_dtype(a, b)
+    aa = bb = ab = 0.0
+    for s, e in chunks(n):
+        fa = scratch("slerp.a", e - s, dt)
+        fb = scratch("slerp.b", e - s, dt)
+        fa.copy_(a[s:e])
+        fb.copy_(b[s:e])
+        if exclude is not None:
+            # Zeroing in the scratch copy (never the input) drops the entry from all three sums.
+            fa.masked_fill_(exclude[s:e], 0.0)
+            fb.masked_fill_(exclude[s:e], 0.0)
+        aa += torch.dot(fa, fa).item()
+        bb += torch.dot(fb, fb).item()
+        ab += torch.dot(fa, fb).item()
+    return aa, bb, ab
+
+
+def slerp_coefficients(
+    aa: float,
+    bb: float,
+    ab: float,
+    t: float,
+    *,
+    dot_threshold: float = DOT_THRESHOLD,
+    eps: float = EPS,
+) -> tuple[float, float]:
+    """Return (ca, cb) such that SLERP(a, b, t) = ca·a + cb·b, from the three sums of slerp_reduce."""
+    na = math.sqrt(aa)
+    nb = math.sqrt(bb)
+    # mergekit leaves a (near) zero vector unnormalised: its norm counts as 1.
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    d = min(1.0, max(-1.0, ab / (na * nb)))
+    if abs(d) > dot_threshold:
+        return 1.0 - t, t
+    omega = math.acos(d)
+    sin_omega = math.sin(omega)
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+
+
+def slerp_blend(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ca: float,
+    cb: float,
+    *,
+    out: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write ca·a + cb·b into out; where the bool tensor `keep` is True, copy a unchanged."""
+    n = a.numel()
+    check_flat("a", a)
+    check_flat("b", b, n)
+    check_flat("out", out, n)
+    if keep is not None:
+        check_flat("keep", keep, n)
+    dt = compute_dtype(a, b)
+    for s, e in chunks(n):
+        fa = scratch("slerp.a", e - s, dt)
+        fb = scratch("slerp.b", e - s, dt)
+        fa.copy_(a[s:e])
+        fb.copy_(b[s:e])
+        # fb ← cb·b + ca·a, leaving fa = a (exact: the widening copy loses nothing) for `keep`.
+        fb.mul_(cb).add_(fa, alpha=ca)
+        if keep is not None:
+            torch.where(keep[s:e], fa, fb, out=fb)
+        out[s:e].copy_(fb)
+    return out
+
+
+def slerp(
+    a: torch.Tensor, b: torch.Tensor, t: float, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SLERP of two same-length 1-D tensors (weight 1−t on a, t on b), stored in out (a's dtype)."""
+    if out is None:
+        out = torch.empty_like(a)
+    ca, cb = slerp_coefficients(*slerp_reduce(a, b), t)
+    return slerp_blend(a, b, ca, cb, out=out)
+
+
+def slerp_ref(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    *,
+    exclude: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 oracle of DESIGN §2 (with the same optional exclude/keep masks); returns float64."""
+    a64 = a.double()
+    b64 = b.double()
+    ra, rb = a64, b64
+    if exclude is not None:
+        ra = torch.where(exclude, 0.0, a64)
+        rb = torch.where(exclude, 0.0, b64)
+    na = torch.linalg.vector_norm(ra)
+    nb = torch.linalg.vector_norm(rb)
+    ua = ra / na if na > EPS else ra
+    ub = rb / nb if nb > EPS else rb
+    d = torch.dot(ua, ub).clamp(-1.0, 1.0)
+    if d.abs() > DOT_THRESHOLD:
+        res = (1.0 - t) * a64 + t * b64
+    else:
+        omega = torch.acos(d)
+        res = (torch.sin((1.0 - t) * omega) * a64 + torch.sin(t * omega) * b64) / torch.sin(omega)
+    if keep is not None:
+        res = torch.where(keep, a64, res)
+    return res

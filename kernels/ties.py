@@ -1,0 +1,184 @@
+# The element-wise core of task arithmetic, TIES and DARE: merge N task deltas onto a base.
+#
+# Maths, per entry, for models i = 1..N with weights w_i:
+#   δ_i = x_i − b
+#   trim (TIES, `cuts`):        δ_i ← δ_i where cut_mask(|δ_i|, cuts[i]) else 0
+#   drop (DARE, `drop_density` p, one for all or p_i per model):
+#                               δ_i ← δ_i / p_i where keep_mask(drop_seeds[i], offset, p_i) else 0
+#   not elect_sign:  out = b + λ Σ_i w_i δ_i
+#   elect_sign:      s = sign(Σ_i w_i δ_i);  A = {i : sign(δ_i) = s ≠ 0}
+#                    out = b + λ Σ_{i∈A} w_i δ_i / Σ_{i∈A} w_i, and b where that denominator is 0
+#                    (no model agrees, or the agreeing weights cancel);
+#                    with normalize=False (mergekit's dare_ties default) no division:
+#                    out = b + λ Σ_{i∈A} w_i δ_i.
+# Agreement is tested as δ_i·s > 0 with s ∈ {−1, 0, 1}: the product is exact, and zero deltas and
+# a zero sum never agree. Differences from mergekit's TIES, deliberate (the issue's definition):
+# mergekit breaks a zero sum towards +1 and takes signs of w_i·δ_i (equal for positive weights).
+# Caveat: where Σ w_i δ_i is zero in exact arithmetic but the weights are not exact binary
+# fractions (0.8), float32 and float64 round it to different tiny values, so their elected signs
+# (and results there) may legitimately differ; exact zeros (dyadic weights) agree.
+#
+# Cost per element: reads N + 1 elements and writes 1; no mask is read (trim compares against
+# the cut, the DARE mask is recomputed from the counter); masks are applied as 0/1 float factors
+# (cut_keep, keep_factor), cheaper on CPU than bool compares and masked fills. The N deltas of a
+# chunk live in reused scratch buffers, so TIES takes its second look at them, not at the inputs.
+# Precision: storage → float32 per chunk (float64 if any input is float64), one rounding on store.
+# delta_merge_ref is the float64 oracle (a `precision` argument gives the naive float32 variant).
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._scratch import check_flat, chunks, compute_dtype, scratch
+from .dare import keep_factor, keep_mask
+from .select import Cut, cut_keep, cut_mask
+
+
+def _validate(
+    base: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    cuts: Sequence[Cut] | None,
+    drop_density: float | Sequence[float] | None,
+    drop_seeds: Sequence[int] | None,
+) -> list[float] | None:
+    """Raise ValueError on inconsistent arguments; return the per-model drop densities (or None)."""
+    n = base.numel()
+    check_flat("base", base)
+    if len(xs) == 0:
+        raise ValueError("delta_merge: need at least one task tensor")
+    for i, x in enumerate(xs):
+        check_flat(f"xs[{i}]", x, n)
+    if len(weights) != len(xs):
+        raise ValueError(f"delta_merge: {len(xs)} tensors but {len(weights)} weights; give one per tensor")
+    if cuts is not None and len(cuts) != len(xs):
+        raise ValueError(f"delta_merge: {len(xs)} tensors but {len(cuts)} cuts; give one per tensor")
+    if drop_density is None:
+        return None
+    if isinstance(drop_density, (int, float)):
+        densities = [float(drop_density)] * len(xs)
+    else:
+        densities = [float(p) for p in drop_density]
+    if len(densities) != len(xs):
+        raise ValueError(f"delta_merge: {len(xs)} tensors but {len(densities)} drop densities")
+    for p in densities:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"delta_merge: drop_density must be in (0, 1], got {p}")
+    if drop_seeds is None or len(drop_seeds) != len(xs):
+        raise ValueError("delta_merge: drop_density needs one drop seed per tensor (drop_seeds)")
+    return densities
+
+
+def delta_merge(
+    base: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    lam: float = 1.0,
+    cuts: Sequence[Cut] | None = None,
+    drop_density: float | Sequence[float] | None = None,
+    drop_seeds: Sequence[int] | None = None,
+    elect_sign: bool,
+    normalize: bool = True,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write base + λ·(merged, optionally trimmed/dropped/sign-elected task deltas) into out."""
+    densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds)
+    n = base.numel()
+    check_flat("out", out, n)
+    dt = compute_dtype(base, *xs)
+    # DARE's 1/p_i rescale is folded into the numerator weights; the TIES denominator keeps w_i.
+    num_w = [float(w) / (densities[i] if densities else 1.0) for i, w in enumerate(weights)]
+    for s, e in chunks(n):
+        m = e - s
+        fb = scratch("ties.base", m, dt)
+        acc = scratch("ties.acc", m, dt)
+        keep = scratch("ties.keep", m, torch.float32)
+        fb.copy_(base[s:e])
+        acc.zero_()
+        deltas = []
+        for i, x in enumerate(xs):
+            d = scratch(f"ties.d{i}" if elect_sign else "ties.d", m, dt)
+            d.copy_(x[s:e]).sub_(fb)
+            # Masks as 0/1 float factors: float ops cost a fraction of bool compares + fills here.
+            if cuts is not None:
+                score = torch.abs(d, out=keep) if dt == torch.float32 else d.abs()
+                d.mul_(cut_keep(score, cuts[i], s, out=keep))
+            if densities is not None:
+                d.mul_(keep_factor(drop_seeds[i], s, m, densities[i], out=keep))
+            acc.add_(d, alpha=num_w[i])
+            deltas.append(d)
+        if elect_sign:
+            acc = _elect(acc, deltas, num_w, weights, m, dt, normalize)
+        fb.add_(acc, alpha=float(lam))
+        out[s:e].copy_(fb)
+    return out
+
+
+def _elect(
+    acc: torch.Tensor, deltas: list[torch.Tensor], num_w: list[float], weights: Sequence[float],
+    m: int, dt: torch.dtype, normalize: bool,
+) -> torch.Tensor:
+    """TIES election on one chunk: Σ_agree w_i' δ_i / Σ_agree w_i, 0 where that sum is 0."""
+    sign = acc.sign_()  # acc is free again: reuse it as s
+    num = scratch("ties.num", m, dt).zero_()
+    if not normalize:
+        tmp = scratch("ties.tmp", m, dt)
+        for d, wn in zip(deltas, num_w):
+            num.add_(torch.mul(d, sign, out=tmp).clamp_(min=0.0), alpha=wn)
+        return num.mul_(sign)
+    den = scratch("ties.den", m, dt).zero_()
+    tmp = scratch("ties.tmp", m, dt)
+    for d, wn, w in zip(deltas, num_w, weights):
+        # δ_i·s is |δ_i| where model i agrees, ≤ 0 where it does not: clamp keeps the former.
+        torch.mul(d, sign, out=tmp).clamp_(min=0.0)
+        num.add_(tmp, alpha=wn)
+        den.add_(tmp.sign_(), alpha=float(w))
+    nonzero = scratch("ties.nz", m, dt)
+    torch.abs(den, out=nonzero).sign_()
+    # den ← 1 where it is 0 (adding exactly 0 elsewhere), then zero those entries afterwards.
+    den.add_(torch.sub(1.0, nonzero, out=tmp))
+    return num.mul_(sign).div_(den).mul_(nonzero)
+
+
+def delta_merge_ref(
+    base: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    lam: float = 1.0,
+    cuts: Sequence[Cut] | None = None,
+    drop_density: float | Sequence[float] | None = None,
+    drop_seeds: Sequence[int] | None = None,
+    elect_sign: bool,
+    normalize: bool = True,
+    precision: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Oracle of delta_merge, whole-tensor, in `precision` (float64 by default); returns that dtype."""
+    densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds)
+    n = base.numel()
+    b = base.to(precision)
+    deltas = []
+    for i, x in enumerate(xs):
+        d = x.to(precision) - b
+        if cuts is not None:
+            # The trim score is the float32 |δ| that magnitude_cut ranks.
+            score = d.abs().float()
+            d = torch.where(cut_mask(score, cuts[i], 0), d, 0.0)
+        if densities is not None:
+            d = torch.where(keep_mask(drop_seeds[i], 0, n, densities[i]), d / densities[i], 0.0)
+        deltas.append(d)
+    w = torch.tensor([float(v) for v in weights], dtype=precision).unsqueeze(1)
+    stacked = torch.stack(deltas)
+    weighted = (w * stacked).sum(0)
+    if not elect_sign:
+        return b + lam * weighted
+    elected = torch.sign(weighted)
+    agree = (torch.sign(stacked) == elected) & (elected != 0)
+    numerator = (w * stacked * agree).sum(0)
+    if not normalize:
+        return b + lam * numerator
+    denominator = (w * agree).sum(0)
+    merged = torch.where(denominator != 0, numerator / torch.where(denominator != 0, denominator, 1.0), 0.0)
+    return b + lam * merged

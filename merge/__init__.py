@@ -1,0 +1,1 @@
+"""Checkpoints and merge methods: streaming over sharded safetensors with bounded memory."""

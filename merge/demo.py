@@ -1,0 +1,54 @@
+"""``cpift-merge demo``: build a base and two fine-tunes, merge them with every method, report."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import methods
+from .synthetic import PRESETS, describe, make_checkpoint
+
+
+def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], None] = print) -> list:
+    """Build checkpoints in ``workdir`` (a temporary directory if None) and run each merge once."""
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="cpift-demo-"))
+    shape = PRESETS[size]
+    try:
+        models = root / "models"
+        echo(f"building 3 checkpoints in {models}: {describe(shape, torch.bfloat16)}")
+        t0 = time.perf_counter()
+        base = make_checkpoint(models / "base", shape, seed=0, max_shard_size="40MB")
+        task_a = make_checkpoint(models / "task_a", shape, base_seed=0, seed=1, max_shard_size="40MB")
+        task_b = make_checkpoint(models / "task_b", shape, base_seed=0, seed=2, max_shard_size="40MB")
+        echo(f"built in {time.perf_counter() - t0:.1f} s")
+        out = root / "merged"
+        common = dict(progress=False, overwrite=True)
+        runs = [
+            ("cpift-merge slerp task_a task_b --t 0.3",
+             lambda: methods.slerp(task_a, task_b, out / "slerp", t=0.3, **common)),
+            ("cpift-merge linear task_a task_b --weights 1,3",
+             lambda: methods.linear([task_a, task_b], out / "linear", weights=[1, 3], **common)),
+            ("cpift-merge task-arithmetic --base base task_a task_b --lambda 0.8",
+             lambda: methods.task_arithmetic(base, [task_a, task_b], out / "task_arithmetic", lam=0.8, **common)),
+            ("cpift-merge ties --base base task_a task_b --density 0.3",
+             lambda: methods.ties(base, [task_a, task_b], out / "ties", density=0.3, **common)),
+            ("cpift-merge dare-ties --base base task_a task_b --density 0.5 --seed 0",
+             lambda: methods.dare_ties(base, [task_a, task_b], out / "dare_ties", density=0.5, **common)),
+        ]
+        out.mkdir(exist_ok=True)
+        results = []
+        for cmd, run in runs:
+            echo(f"$ {cmd}")
+            r = run()
+            echo("  " + r.summary())
+            results.append(r)
+        echo(f"outputs are Hugging Face checkpoints: AutoModelForCausalLM.from_pretrained('{out / 'slerp'}')")
+        return results
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)

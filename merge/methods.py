@@ -1,0 +1,221 @@
+"""The merge methods, each a typed function over model directories: linear, slerp, task arithmetic,
+TIES, DARE. Inputs x_i, base b, weights w_i, deltas δ_i = x_i − b:
+
+- linear:          Σ w_i x_i / Σ w_i
+- slerp:           DESIGN §2 over the whole tensor as one vector (t = 0 gives model_a)
+- task_arithmetic: b + λ Σ w_i δ_i
+- ties:            trim each δ_i to its k = floor(density·numel) largest |δ| (ties: lowest index first),
+                   s = sign(Σ w_i δ_i); b + λ Σ_{sign δ_i = s ≠ 0} w_i δ_i / Σ_{same i} w_i (0 if none agree)
+- dare_linear/dare_ties: keep each δ entry with probability density (seeded counter-based RNG),
+                   scale kept entries by 1/density, then combine as task_arithmetic / ties
+
+A parameter is a number or a function of the tensor name (mergekit-style gradients and filters come in
+as functions from cpift.merge.config). Every value is validated before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Sequence, Union
+
+import torch
+
+from cpift.kernels.dare import tensor_seed
+from cpift.kernels.linear import linear as linear_kernel
+from cpift.kernels.select import magnitude_cut
+from cpift.kernels.slerp import slerp_blend, slerp_coefficients, slerp_reduce
+from cpift.kernels.ties import delta_merge
+
+from .engine import MergeResult, open_models, stream_merge
+from .errors import ParameterError
+
+Param = Union[float, Callable[[str], float]]
+PathLike = Union[str, os.PathLike]
+
+
+def _value(p: Param, name: str, field: str, *, lo: float = -math.inf, hi: float = math.inf,
+           lo_open: bool = False) -> float:
+    """Resolve a parameter for one tensor and range-check it; the error names field and tensor."""
+    v = p(name) if callable(p) else p
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{field}: expected a number, got {v!r}") from None
+    bad_lo = v <= lo if lo_open else v < lo
+    if not math.isfinite(v) or bad_lo or v > hi:
+        lo_s = "(" if lo_open else "["
+        where = f" for tensor '{name}'" if callable(p) else ""
+        raise ParameterError(f"{field}: {v} is outside {lo_s}{lo}, {hi}]{where}")
+    return v
+
+
+def _check_all(p: Param, names: list[str], field: str, **kw) -> None:
+    """Validate a parameter for every tensor before the merge starts."""
+    for n in names if callable(p) else names[:1]:
+        _value(p, n, field, **kw)
+
+
+def _weights(weights: Sequence[Param] | None, n: int) -> list[Param]:
+    if weights is None:
+        return [1.0] * n
+    weights = list(weights)
+    if len(weights) != n:
+        raise ParameterError(f"weights: got {len(weights)} values for {n} models")
+    return weights
+
+
+def _per_model(p: Param | Sequence[Param], n: int, field: str) -> list[Param]:
+    if isinstance(p, (list, tuple)):
+        if len(p) != n:
+            raise ParameterError(f"{field}: got {len(p)} values for {n} models")
+        return list(p)
+    return [p] * n
+
+
+def _float_names(models) -> list[str]:
+    return [n for n in models[0].names() if models[0].info(n).dtype.is_floating_point] or ["<none>"]
+
+
+def linear(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Param] | None = None,
+           **common) -> MergeResult:
+    """Weighted average Σ w_i x_i / Σ w_i of two or more models.
+
+    Args:
+        models: model directories (the first one's config and tokenizer are copied).
+        out: output directory (must not exist unless ``overwrite=True``).
+        weights: one weight per model (default all 1); their sum must not be 0.
+        **common: dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
+            copy_tokenizer_from, progress.
+
+    Returns:
+        MergeResult with counts, bytes and seconds.
+
+    Raises:
+        ParameterError, CheckpointError, MismatchError, NonFiniteError, OutputError.
+
+    Example:
+        >>> linear(["a", "b"], "out", weights=[1, 3])
+    """
+    if len(models) < 2:
+        raise ParameterError(f"models: linear needs at least 2 models, got {len(models)}")
+    ws = _weights(weights, len(models))
+    ckpts = open_models(models)
+    names = _float_names(ckpts)
+    for i, w in enumerate(ws):
+        _check_all(w, names, f"weights[{i}]")
+    for n in names if any(callable(w) for w in ws) else names[:1]:
+        if sum(_value(w, n, "weights") for w in ws) == 0:
+            raise ParameterError(f"weights: sum to 0 for tensor '{n}' (a linear merge divides by it)")
+
+    def combine(name, xs, out_t):
+        linear_kernel(xs, [_value(w, name, "weights") for w in ws], out=out_t)
+
+    return stream_merge("linear", ckpts, out, combine, **common)
+
+
+def slerp(model_a: PathLike, model_b: PathLike, out: PathLike, *, t: Param = 0.5, **common) -> MergeResult:
+    """Spherical interpolation of two models, each tensor one vector (DESIGN §2); t = 0 gives model_a.
+
+    Matches mergekit's ``slerp`` (same colinearity threshold 0.9995 and epsilon 1e-8).
+
+    Example:
+        >>> slerp("a", "b", "out", t=0.3)
+    """
+    ckpts = open_models([model_a, model_b])
+    _check_all(t, _float_names(ckpts), "t", lo=0.0, hi=1.0)
+
+    def combine(name, xs, out_t):
+        a, b = xs
+        aa, bb, ab = slerp_reduce(a, b)
+        ca, cb = slerp_coefficients(aa, bb, ab, _value(t, name, "t", lo=0.0, hi=1.0))
+        slerp_blend(a, b, ca, cb, out=out_t)
+
+    return stream_merge("slerp", ckpts, out, combine, **common)
+
+
+def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *,
+                  weights, lam: float, density=None, trim: bool, drop: bool, elect_sign: bool,
+                  seed: int = 0, global_trim: bool = False, normalize: bool = True,
+                  **common) -> MergeResult:
+    if len(models) < 1:
+        raise ParameterError(f"models: {method} needs at least 1 model besides the base")
+    lam = _value(lam, "", "lambda")
+    ws = _weights(weights, len(models))
+    ckpts = open_models([base, *models])
+    names = _float_names(ckpts)
+    for i, w in enumerate(ws):
+        _check_all(w, names, f"weights[{i}]")
+    ds = _per_model(density if density is not None else 1.0, len(models), "density")
+    for i, d in enumerate(ds):
+        field = f"density[{i}]" if isinstance(density, (list, tuple)) else "density"
+        _check_all(d, names, field, lo=0.0, hi=1.0, lo_open=True)
+    if not isinstance(seed, int) or seed < 0:
+        raise ParameterError(f"seed: expected a non-negative integer, got {seed!r}")
+    global_cuts = None
+    if trim and global_trim:
+        if any(callable(d) for d in ds):
+            raise ParameterError("density: --global-trim needs one constant density per model")
+        from .global_trim import global_magnitude_cuts
+
+        global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds])
+
+    def combine(name, xs, out_t):
+        b, rest = xs[0], xs[1:]
+        w = [_value(p, name, "weights") for p in ws]
+        d = [_value(p, name, "density", lo=0.0, hi=1.0, lo_open=True) for p in ds]
+        cuts = None
+        if trim:
+            cuts = (global_cuts[name] if global_cuts is not None else
+                    [magnitude_cut(x, b, math.floor(di * x.numel())) for x, di in zip(rest, d)])
+        delta_merge(b, rest, w, lam=lam, cuts=cuts, elect_sign=elect_sign, normalize=normalize,
+                    drop_density=d if drop else None,
+                    drop_seeds=[tensor_seed(seed, name, i) for i in range(len(rest))] if drop else None,
+                    out=out_t)
+
+    return stream_merge(method, ckpts, out, combine, **common)
+
+
+def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
+                    weights: Sequence[Param] | None = None, lam: float = 1.0, **common) -> MergeResult:
+    """b + λ Σ w_i (x_i − b).
+
+    Example:
+        >>> task_arithmetic("base", ["math", "code"], "out", weights=[0.5, 0.7], lam=0.8)
+    """
+    return _delta_method("task_arithmetic", base, models, out, weights=weights, lam=lam,
+                         trim=False, drop=False, elect_sign=False, **common)
+
+
+def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
+         weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 1.0,
+         lam: float = 1.0, global_trim: bool = False, normalize: bool = True, **common) -> MergeResult:
+    """TIES: trim to the top-density share of |δ| (per tensor, or over the whole model with
+    ``global_trim``), elect the sign, average the agreeing deltas (``normalize=False``: sum them).
+
+    Example:
+        >>> ties("base", ["a", "b", "c"], "out", weights=[1, 0.5, 0.8], density=0.3)
+    """
+    return _delta_method("ties", base, models, out, weights=weights, lam=lam, density=density,
+                         trim=True, drop=False, elect_sign=True, global_trim=global_trim,
+                         normalize=normalize, **common)
+
+
+def dare_linear(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
+                weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 0.5,
+                lam: float = 1.0, seed: int = 0, **common) -> MergeResult:
+    """DARE then task arithmetic: each δ entry kept with probability density, rescaled by 1/density.
+
+    The drop mask depends only on (seed, tensor name, model index, flat index).
+    """
+    return _delta_method("dare_linear", base, models, out, weights=weights, lam=lam, density=density,
+                         trim=False, drop=True, elect_sign=False, seed=seed, **common)
+
+
+def dare_ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
+              weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 0.5,
+              lam: float = 1.0, seed: int = 0, normalize: bool = True, **common) -> MergeResult:
+    """DARE then TIES sign election and disjoint mean (``normalize=False``, mergekit's default for
+    dare_ties: the agreeing deltas are summed, not averaged)."""
+    return _delta_method("dare_ties", base, models, out, weights=weights, lam=lam, density=density,
+                         trim=False, drop=True, elect_sign=True, seed=seed, normalize=normalize, **common)

@@ -1,0 +1,121 @@
+"""Llama-shaped checkpoints built from random numbers, for the demo, tests and benchmarks.
+
+Written with the safetensors library itself (not cpift's writer), with a config.json that
+transformers' LlamaForCausalLM loads. "Fine-tuned" variants are the base plus a small seeded
+perturbation, so deltas look like the small, dense updates of real fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .writer import parse_size
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """Tensor names and shapes in transformers' LlamaForCausalLM state-dict order."""
+        h, hd = self.hidden, self.hidden // self.heads
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out[p + "self_attn.q_proj.weight"] = (h, h)
+            out[p + "self_attn.k_proj.weight"] = (self.kv_heads * hd, h)
+            out[p + "self_attn.v_proj.weight"] = (self.kv_heads * hd, h)
+            out[p + "self_attn.o_proj.weight"] = (h, h)
+            out[p + "mlp.gate_proj.weight"] = (self.intermediate, h)
+            out[p + "mlp.up_proj.weight"] = (self.intermediate, h)
+            out[p + "mlp.down_proj.weight"] = (h, self.intermediate)
+            out[p + "input_layernorm.weight"] = (h,)
+            out[p + "post_attention_layernorm.weight"] = (h,)
+        out["model.norm.weight"] = (h,)
+        out["lm_head.weight"] = (self.vocab, h)
+        return out
+
+    def numel(self) -> int:
+        total = 0
+        for shape in self.tensors().values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def config(self, dtype: torch.dtype) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+            "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+            "bos_token_id": 1, "eos_token_id": 2,
+        }
+
+
+PRESETS = {
+    "tiny": LlamaShape(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=256),
+    "small": LlamaShape(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=4, vocab=32000),
+    # ≈0.97 GB in bf16: TinyLlama's widths with 8 layers.
+    "1b": LlamaShape(hidden=2048, intermediate=5632, layers=8, heads=32, kv_heads=4, vocab=32000),
+}
+
+
+def make_checkpoint(path: str | os.PathLike, shape: LlamaShape, *, dtype: torch.dtype = torch.bfloat16,
+                    seed: int = 0, base_seed: int | None = None, delta_scale: float = 0.1,
+                    max_shard_size: int | str = "5GB") -> Path:
+    """Write a random Llama-shaped checkpoint; with ``base_seed``, a fine-tune of that base.
+
+    Weights ~ N(0, 0.02²) (norms ~ 1); a fine-tune adds N(0, (delta_scale·0.02)²) drawn from ``seed``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    base_gen = torch.Generator().manual_seed(seed if base_seed is None else base_seed)
+    delta_gen = torch.Generator().manual_seed(seed) if base_seed is not None else None
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shp in shape.tensors().items():
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.02 * torch.randn(shp, generator=base_gen)
+        else:
+            w = 0.02 * torch.randn(shp, generator=base_gen)
+        if delta_gen is not None:
+            w += (0.02 * delta_scale) * torch.randn(shp, generator=delta_gen)
+        w = w.to(dtype)
+        if shards[-1] and size + w.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = w
+        size += w.nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in tensors})
+    if n > 1:
+        total = sum(t.nbytes for s in shards for t in s.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
+    return path
+
+
+def describe(shape: LlamaShape, dtype: torch.dtype) -> str:
+    gb = shape.numel() * dtype.itemsize / 1e9
+    return f"Llama-shaped {asdict(shape)}, {shape.numel() / 1e6:.1f}M parameters, {gb:.2f} GB in {dtype}"

@@ -1,0 +1,158 @@
+"""kernels/dare.py: Philox4x32-10 known answers, Triton tl.rand parity, mask statistics, chunking."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from _compare import assert_exact
+
+from cpift.kernels._scratch import CHUNK
+from cpift.kernels.dare import keep_factor, keep_mask, philox4x32, philox_uniform, tensor_seed
+
+M32 = 0xFFFFFFFF
+
+# Random123 kat_vectors (philox4x32, 10 rounds): counter, key, expected output.
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+# tl.rand(seed, offsets as uint32) from triton 3.9.0 under TRITON_INTERPRET=1, as float32 hex.
+TRITON_RAND = [
+    (123, 0, ["0x1.1237ccp-3", "0x1.70ffacp-1", "0x1.60dad4p-2", "0x1.e66d4cp-3"]),
+    ((1 << 63) - 1, 2**32 - 2, ["0x1.b3ea08p-1", "0x1.3a5b06p-1", "0x1.973a7cp-2"]),
+]
+
+
+def _philox_py(ctr: tuple[int, ...], key: tuple[int, int]) -> tuple[int, ...]:
+    """Plain-int Philox4x32-10, straight from the Random123 definition."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & M32, p1 & M32, ((p0 >> 32) ^ c3 ^ k1) & M32, p0 & M32
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    return c0, c1, c2, c3
+
+
+def _uniform_py(word: int) -> float:
+    signed = word - (1 << 32) if word >= 1 << 31 else word
+    folded = -signed - 1 if signed < 0 else signed
+    f32 = lambda v: struct.unpack("<f", struct.pack("<f", v))[0]  # noqa: E731
+    return f32(f32(float(folded)) * f32(4.6566127342e-10))
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT, ids=["zeros", "ones", "pi"])
+def test_philox_known_answers(ctr, key, expected) -> None:
+    got = philox4x32(*(torch.tensor([c]) for c in ctr), *key)
+    assert tuple(int(w) for w in got) == expected
+    assert _philox_py(ctr, key) == expected
+
+
+def test_philox_matches_plain_int_definition_on_random_words() -> None:
+    words = torch.randint(0, 1 << 32, (4, 200), dtype=torch.int64)
+    k0, k1 = 0x89ABCDEF, 0x01234567
+    got = torch.stack(philox4x32(*words, k0, k1))
+    for j in range(0, 200, 7):
+        assert tuple(got[:, j].tolist()) == _philox_py(tuple(words[:, j].tolist()), (k0, k1))
+
+
+@pytest.mark.parametrize("seed,start,hexes", TRITON_RAND, ids=["seed123", "max-seed-wrapping"])
+def test_uniform_known_answers_from_triton(seed, start, hexes) -> None:
+    got = philox_uniform(seed, start, len(hexes))
+    assert [float.fromhex(h) for h in hexes] == got.tolist()
+
+
+def test_uniform_matches_plain_int_definition() -> None:
+    seed = 0x1234567890ABCDEF
+    offsets = [0, 1, 2, 12345, (1 << 31) - 1, 1 << 31, M32]
+    for off in offsets:
+        word = _philox_py((off, 0, 0, 0), (seed & M32, seed >> 32))[0]
+        assert philox_uniform(seed, off, 1).item() == _uniform_py(word), off
+
+
+def test_offsets_wrap_at_2_pow_32() -> None:
+    assert_exact(philox_uniform(99, 2**32 + 5, 300), philox_uniform(99, 5, 300))
+
+
+def test_chunking_does_not_change_the_stream() -> None:
+    n = 2 * CHUNK + 77
+    whole_u = philox_uniform(7, 11, n)
+    whole_m = keep_mask(7, 11, n, 0.3)
+    for cuts in ([0, 1000, n], [0, CHUNK - 1, CHUNK + 5, n], [0, 1, 2, n]):
+        parts_u = [philox_uniform(7, 11 + s, e - s) for s, e in zip(cuts, cuts[1:])]
+        parts_m = [keep_mask(7, 11 + s, e - s, 0.3) for s, e in zip(cuts, cuts[1:])]
+        assert_exact(torch.cat(parts_u), whole_u)
+        assert_exact(torch.cat(parts_m), whole_m)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 0.9])
+def test_keep_fraction_matches_density(density: float) -> None:
+    n = 200_000
+    mask = keep_mask(tensor_seed(3, "w", 0), 0, n, density)
+    sigma = (density * (1 - density) / n) ** 0.5
+    assert abs(mask.double().mean().item() - density) < 5 * sigma
+    assert_exact(keep_factor(tensor_seed(3, "w", 0), 0, n, density, out=torch.empty(n)), mask.float())
+
+
+def test_keep_factor_is_exact_at_the_density() -> None:
+    # Densities equal to drawn values (and their float32 neighbours) must split like `u < p`.
+    u = philox_uniform(8, 0, 64)
+    for p in u[:8].tolist() + [u[0].nextafter(torch.tensor(1.0)).item(), 0.0, 1.0]:
+        assert_exact(keep_factor(8, 0, 64, p, out=torch.empty(64)), keep_mask(8, 0, 64, p).float())
+
+
+def test_uniform_range_and_moments() -> None:
+    u = philox_uniform(2024, 0, 100_000).double()
+    assert 0.0 <= u.min().item() and u.max().item() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.005
+    assert abs(u.var().item() - 1 / 12) < 0.003
+
+
+def test_density_edges_and_empty() -> None:
+    assert bool(keep_mask(5, 0, 10_000, 1.0).all())
+    assert not bool(keep_mask(5, 0, 10_000, 0.0).any())
+    assert keep_mask(5, 0, 0, 0.5).numel() == 0
+    with pytest.raises(ValueError, match="density"):
+        keep_mask(5, 0, 10, 1.5)
+
+
+def test_tensor_seed_is_stable_and_separates_streams() -> None:
+    # Pinned: changing the derivation would silently change every DARE merge.
+    assert tensor_seed(0, "model.layers.0.mlp.up_proj.weight", 1) == 1127983478235422000
+    assert tensor_seed(42, "lm_head.weight", 0) == 1910733620114139025
+    seeds = {tensor_seed(s, name, i) for s in (0, 1) for name in ("a", "b", "a.b") for i in (0, 1, 2)}
+    assert len(seeds) == 18
+    assert all(0 <= s < 1 << 63 for s in seeds)
+    a = keep_mask(tensor_seed(0, "a", 0), 0, 5000, 0.5)
+    b = keep_mask(tensor_seed(0, "a", 1), 0, 5000, 0.5)
+    assert 0.4 < (a == b).double().mean().item() < 0.6  # independent streams agree about half the time
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_matches_triton_interpreter() -> None:
+    script = textwrap.dedent("""
+        import torch, triton, triton.language as tl
+        from cpift.kernels.dare import philox_uniform
+
+        @triton.jit
+        def rand_kernel(out, seed, start, n, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(out + offs, tl.rand(seed, (start + offs).to(tl.uint32)), mask=offs < n)
+
+        for seed, start in ((0, 0), (2**40 + 7, 2**31 - 100), ((1 << 63) - 1, 2**32 - 300)):
+            out = torch.empty(3000)
+            rand_kernel[(3,)](out, seed, start, 3000, BLOCK=1024)
+            assert torch.equal(out, philox_uniform(seed, start, 3000)), (seed, start)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
