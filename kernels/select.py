@@ -179,6 +179,49 @@ def cut_keep(scores: torch.Tensor, cut: Cut, start: int, *, out: torch.Tensor) -
     return out
 
 
+# Fast path for large tensors: a strided sample of _SAMPLE scores brackets the k-th largest in
+# (lo, hi]; one pass counts the scores above hi and gathers the few inside the bracket, and the
+# k-th largest is then found among those alone. It is exact whenever the bracket holds it, which
+# the pass itself verifies; otherwise (an adversarial or degenerate sample) radix select runs.
+# One score pass and no 65536-bin histograms instead of two passes with bincount: ~2x faster.
+_SAMPLE = 1 << 16
+_MARGIN = 0.01  # ±1% of ranks around the sampled quantile: ~5 sample standard deviations
+
+
+def _bracket(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int) -> tuple[float, float] | None:
+    if n < 8 * _SAMPLE:
+        return None
+    stride = n // _SAMPLE
+    xs = x[::stride][:_SAMPLE].to(compute_dtype(x, base))
+    sample = (xs if base is None else xs - base[::stride][:_SAMPLE]).abs().float().sort().values
+    below = 1.0 - k / n  # share of scores under the k-th largest
+    lo_q, hi_q = below - _MARGIN, below + _MARGIN
+    if lo_q <= 0.0 or hi_q >= 1.0:
+        return None  # k near 0 or n: the bracket would hold most of the tensor
+    m = sample.numel() - 1
+    return float(sample[math.floor(lo_q * m)]), float(sample[math.ceil(hi_q * m)])
+
+
+def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
+                    lo: float, hi: float) -> tuple[float, int, int] | None:
+    """(value, #greater, #equal) of the k-th largest if it lies in (lo, hi], else None."""
+    above = 0
+    inside = []
+    for s, e in chunks(n):
+        scores = magnitude_scores(x, base, s, e)
+        gt = scratch("select.gt", e - s, torch.bool)
+        above += int(torch.gt(scores, hi, out=gt).sum())
+        le = scratch("select.le", e - s, torch.bool)
+        torch.le(scores, hi, out=le).logical_and_(torch.gt(scores, lo, out=gt))
+        inside.append(scores[le])
+    cand = torch.cat(inside)
+    need = k - above
+    if not 0 < need <= cand.numel():
+        return None
+    value = float(torch.kthvalue(cand, cand.numel() - need + 1).values)
+    return value, above + int((cand > value).sum()), int((cand == value).sum())
+
+
 def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut:
     """The Cut selecting exactly the k largest |x − base| of a 1-D tensor (lowest index wins ties)."""
     n = x.numel()
@@ -191,13 +234,17 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut:
         return Cut.none()
     if k == n:
         return Cut.all()
-    rs = RadixSelect()
-    for s, e in chunks(n):
-        rs.add_high(magnitude_scores(x, base, s, e))
-    rs.select_bin(k)
-    for s, e in chunks(n):
-        rs.add_low(magnitude_scores(x, base, s, e))
-    value, greater, equal = rs.threshold()
+    bracket = _bracket(x, base, k, n)
+    found = _bracket_select(x, base, k, n, *bracket) if bracket is not None else None
+    if found is None:
+        rs = RadixSelect()
+        for s, e in chunks(n):
+            rs.add_high(magnitude_scores(x, base, s, e))
+        rs.select_bin(k)
+        for s, e in chunks(n):
+            rs.add_low(magnitude_scores(x, base, s, e))
+        found = rs.threshold()
+    value, greater, equal = found
     ties = k - greater
     if ties == equal:
         return Cut(value=value, last_tie=n - 1)

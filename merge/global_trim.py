@@ -21,13 +21,14 @@ from .checkpoint import Checkpoint
 
 
 def _stream(base: Checkpoint, models: list[Checkpoint], names: list[str]) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
-    """(name, base tensor, model tensors), flat, read into buffers reused from tensor to tensor."""
-    size = max(base.info(n).nbytes for n in names)
-    bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(len(models) + 1)]
+    """(name, base tensor, model tensors), flat zero-copy views, unmapped once the caller moves on."""
     for name in names:
-        b = base.read_into(name, bufs[0]).reshape(-1)
-        xs = [m.read_into(name, buf).reshape(-1) for m, buf in zip(models, bufs[1:])]
-        yield name, b, xs
+        everyone = [base, *models]
+        for c in everyone:
+            c.populate(name)
+        yield name, base.get(name).reshape(-1), [m.get(name).reshape(-1) for m in models]
+        for c in everyone:
+            c.release(name)
 
 
 def global_magnitude_cuts(base: Checkpoint, models: list[Checkpoint],

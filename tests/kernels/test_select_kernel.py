@@ -151,3 +151,34 @@ def test_rejects_bad_k_and_call_order() -> None:
         rs.add_low(x)
     with pytest.raises(ValueError, match="float32"):
         rs.add_high(x.half())
+
+
+BIG = 8 * (1 << 16) + 4099  # above the sampled-bracket threshold, not a multiple of anything
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bracket_path_is_exact_and_taken(monkeypatch, dtype: torch.dtype) -> None:
+    """Large random tensors take the sampled-bracket path (radix select must not run) and still
+    select exactly what the stable sort does, at several quantiles."""
+    import cpift.kernels.select as sel
+
+    class NoRadix:
+        def __init__(self):
+            raise AssertionError("radix fallback ran on an ordinary random tensor")
+
+    monkeypatch.setattr(sel, "RadixSelect", NoRadix)
+    x = nonzero_randn(BIG, dtype)
+    base = nonzero_randn(BIG, dtype)
+    _check(x, base, [BIG // 20, BIG // 3, BIG // 2, (9 * BIG) // 10])
+
+
+def test_bracket_with_heavy_ties_and_adversarial_sample() -> None:
+    """Ties everywhere (bracket bounds equal) and a periodic pattern the strided sample sees only one
+    side of: both must fall back or resolve exactly."""
+    values = torch.tensor([-1.0, -0.25, 0.25, 1.0, 2.0])
+    x = values[torch.randint(0, 5, (BIG,))].to(torch.bfloat16)
+    _check(x, None, [BIG // 3, BIG // 2 + 7, BIG - BIG // 9])
+    stride = BIG // (1 << 16)
+    periodic = torch.full((BIG,), 0.5)
+    periodic[::stride] = 1.0  # every sampled entry is 1.0, almost no other entry is
+    _check(periodic, None, [BIG // 4, BIG // 2])

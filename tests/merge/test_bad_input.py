@@ -140,19 +140,44 @@ def test_dtype_mismatch_casts_with_a_note(capsys, families, tmp_path):
     assert (state[name].float() - want.float()).abs().max() <= 2 ** -8 * want.float().abs().max()
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_nonfinite_input(capsys, work, tmp_path, value):
-    index = json.loads((work["task2"] / "model.safetensors.index.json").read_text())
+NONFINITE_CASES = {
+    "slerp": ["slerp", "{task1}", "{task2}"],
+    "linear": ["linear", "{task1}", "{task2}", "--weights", "0,1"],
+    "task-arithmetic": ["task-arithmetic", "--base", "{base}", "{task1}", "{task2}"],
+    "ties": ["ties", "--base", "{base}", "{task1}", "{task2}", "--density", "0.2"],
+    "dare-ties": ["dare-ties", "--base", "{base}", "{task1}", "{task2}", "--density", "0.2"],
+    "dare-linear": ["dare-linear", "--base", "{base}", "{task1}", "{task2}", "--density", "0.2"],
+}
+
+
+@pytest.mark.parametrize("method", list(NONFINITE_CASES))
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")], ids=["nan", "-inf"])
+def test_nonfinite_input(capsys, work, tmp_path, value, method):
+    """A NaN/Inf anywhere in any input is caught (even where a trim or drop would discard the entry,
+    or a weight is 0), named, and --allow-nonfinite proceeds with a note."""
+    index = json.loads((work["task1"] / "model.safetensors.index.json").read_text())
     victim = "model.layers.2.self_attn.o_proj.weight"
-    path = work["task2"] / index["weight_map"][victim]
+    path = work["task1"] / index["weight_map"][victim]
     tensors = load_file(str(path))
     tensors[victim].view(-1)[17] = value
     save_file(tensors, str(path), metadata={"format": "pt"})
-    argv = ["slerp", work["task1"], work["task2"], "-o", tmp_path / "out"]
-    assert_user_error(capsys, argv, victim, "--allow-nonfinite", inputs=[work["task1"], work["task2"]])
+    argv = [a.format(**{k: str(v) for k, v in work.items()}) for a in NONFINITE_CASES[method]]
+    argv += ["-o", tmp_path / "out"]
+    assert_user_error(capsys, argv, victim, str(work["task1"]), "flat index 17", "--allow-nonfinite",
+                      inputs=list(work.values()))
     no_output(tmp_path)
     code, out, err = run_cli(capsys, *argv, "--allow-nonfinite")
     assert code == 0 and victim in err and (tmp_path / "out").is_dir()
+
+
+def test_overflow_is_reported(capsys, tmp_path):
+    """Finite inputs whose merge overflows the output dtype: named as an overflow, not as bad input."""
+    from cpift.merge.synthetic import PRESETS, make_checkpoint
+
+    a = make_checkpoint(tmp_path / "a", PRESETS["tiny"], dtype=torch.float32)
+    b = make_checkpoint(tmp_path / "b", PRESETS["tiny"], dtype=torch.float32, seed=1)
+    assert_user_error(capsys, ["linear", a, b, "--weights", "1,-0.9999999", "--out-dtype", "float16",
+                               "-o", tmp_path / "out"], "overflow F16", inputs=[a, b])
 
 
 @pytest.mark.parametrize("argv, fragment", [
