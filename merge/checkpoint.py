@@ -17,18 +17,18 @@ buffers 5.5 GB/s but its copies compete with the math for memory bandwidth and c
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from . import _mman
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,24 +41,6 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-_PAGE = mmap.PAGESIZE
-_MADV_WILLNEED, _MADV_DONTNEED, _MADV_POPULATE_READ = 3, 4, 22  # <sys/mman.h> on Linux
-
-
-def _libc_madvise():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):  # not Linux/glibc: prefetch becomes a no-op
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _libc_madvise()
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -164,6 +146,7 @@ class Checkpoint:
         if self._index is not None:
             self._check_index()
         self._maps: dict[Path, tuple[mmap.mmap, int]] = {}
+        self._lock = threading.Lock()  # the prefetch thread maps files too
 
     _index: dict[str, str] | None = None
 
@@ -209,15 +192,17 @@ class Checkpoint:
         return sum(i.nbytes for i in self.tensors.values())
 
     def _map(self, file: Path) -> tuple[mmap.mmap, int]:
-        entry = self._maps.get(file)
-        if entry is None:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                # PROT_READ: the input cannot be written through the map (a stray write faults).
-                mm = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            entry = self._maps[file] = (mm, np.frombuffer(mm, dtype=np.uint8).ctypes.data)
+        with self._lock:
+            return self._maps.get(file) or self._open_map(file)
+
+    def _open_map(self, file: Path) -> tuple[mmap.mmap, int]:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            # PROT_READ: the input cannot be written through the map (a stray write faults).
+            mm = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        entry = self._maps[file] = (mm, _mman.address(mm))
         return entry
 
     def get(self, name: str) -> torch.Tensor:
@@ -233,24 +218,20 @@ class Checkpoint:
 
     def _advise(self, name: str, advice: int, outer: bool) -> bool:
         info = self.tensors[name]
-        if info.nbytes == 0 or _madvise is None:
+        if info.nbytes == 0:
             return True
-        _, addr = self._map(info.file)
-        if outer:  # every page the tensor touches
-            start, end = info.start // _PAGE * _PAGE, -(-info.end // _PAGE) * _PAGE
-        else:  # only pages wholly inside it (a neighbour may still be in use)
-            start, end = -(-info.start // _PAGE) * _PAGE, info.end // _PAGE * _PAGE
-        return end <= start or _madvise(addr + start, end - start, advice) == 0
+        _, base = self._map(info.file)
+        return _mman.advise(base, info.start, info.end, advice, outer=outer)
 
     def populate(self, name: str) -> None:
         """Map a tensor's pages now, reading them from disk if needed (blocks; call it from a
         prefetch thread: ctypes releases the GIL)."""
-        if not self._advise(name, _MADV_POPULATE_READ, True):  # kernels before 5.14
-            self._advise(name, _MADV_WILLNEED, True)
+        if not self._advise(name, _mman.POPULATE_READ, True):  # kernels before 5.14
+            self._advise(name, _mman.WILLNEED, True)
 
     def release(self, name: str) -> None:
         """Unmap a finished tensor's pages from this process (the page cache keeps them)."""
-        self._advise(name, _MADV_DONTNEED, False)
+        self._advise(name, _mman.DONTNEED, False)
 
     def close(self) -> None:
         for mm, _ in self._maps.values():

@@ -11,7 +11,6 @@ independent of model size.
 from __future__ import annotations
 
 import os
-import queue
 import sys
 import threading
 import time
@@ -97,29 +96,12 @@ def check_compatible(models: list[Checkpoint]) -> list[str]:
     return notes
 
 
-class _BufferPool:
-    """Reusable byte buffers handed between threads; a buffer grows to the largest request it serves."""
-
-    def __init__(self, n: int):
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(n):
-            self._free.put(torch.empty(0, dtype=torch.uint8))
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        buf = self._free.get()
-        if buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-        return buf
-
-    def give(self, buf: torch.Tensor) -> None:
-        self._free.put(buf)
-
-
 class _Prefetcher:
-    """Maps the pages of the next ``depth`` tensors of every model from a background thread."""
+    """Maps the pages of the next ``depth`` tensors of every model, and of their outputs, from a
+    background thread."""
 
-    def __init__(self, models: list[Checkpoint], names: list[str], depth: int = 2):
-        self.models, self.names = models, names
+    def __init__(self, models: list[Checkpoint], writer: ShardWriter, names: list[str], depth: int = 2):
+        self.models, self.writer, self.names = models, writer, names
         self._ready = [threading.Event() for _ in names]
         self._slots = threading.Semaphore(depth)
         self._stop = False
@@ -135,6 +117,7 @@ class _Prefetcher:
                     return
                 for m in self.models:
                     m.populate(name)
+                self.writer.populate(name)
                 self._ready[j].set()
         except BaseException as e:  # re-raised in the main thread by wait()
             self._error = e
@@ -149,6 +132,7 @@ class _Prefetcher:
     def done(self, j: int) -> None:
         for m in self.models:
             m.release(self.names[j])
+        self.writer.release(self.names[j])
         self._slots.release()
 
     def stop(self) -> None:
@@ -189,29 +173,28 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     total_in = sum(m.nbytes for m in models)
 
     writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata={"cpift_method": method})
-    prefetch = _Prefetcher(models, names)
-    out_pool = _BufferPool(2)
+    prefetch = _Prefetcher(models, writer, names)
     bar = _progress(method, total_in, progress)
     bytes_read = 0
     try:
         for j, (name, spec) in enumerate(zip(names, plan)):
             prefetch.wait(j)
             views = [m.get(name).reshape(-1) for m in models]
-            buf = out_pool.take(spec.nbytes)
-            result = buf[: spec.nbytes].view(spec.dtype)
+            result = writer.tensor(name)
             if not spec.dtype.is_floating_point:
                 result.copy_(views[0])
             else:
                 cast = [v.to(compute_dtype) if compute_dtype not in (None, v.dtype) else v for v in views]
                 combine(name, cast, result)
+                del cast
                 if not all_finite(result):
                     _explain_nonfinite(name, views, models, result, allow_nonfinite, notes)
-            writer.write(name, result, lambda b=buf: out_pool.give(b))
-            del views, cast
+            del views, result
             prefetch.done(j)
             nbytes = sum(m.info(name).nbytes for m in models)
             bytes_read += nbytes
             bar.update(nbytes)
+        prefetch.stop()
         writer.finish(side_from, _recipe_files(recipe))
     except BaseException:
         prefetch.stop()
@@ -221,8 +204,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
         bar.close()
         for m in models:
             m.close()
-    written = sum(s.nbytes + len(s.header) for s in writer.shards)
-    return MergeResult(method, out, len(names), bytes_read, written, time.perf_counter() - start, notes)
+    return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
+                       time.perf_counter() - start, notes)
 
 
 def _recipe_files(recipe: dict | None) -> dict[str, str]:

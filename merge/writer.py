@@ -1,9 +1,9 @@
-"""Write a Hugging Face checkpoint: safetensors shards plus index, from a background thread, atomically.
+"""Write a Hugging Face checkpoint: safetensors shards plus index, atomically.
 
 The shard plan (which tensor goes in which file, at which offset) is fixed before the first byte is
-written, because every tensor's dtype and shape is known from the inputs' headers. Each shard's
-header is therefore written first and tensor bytes are streamed after it straight from the caller's
-buffer (no serialisation copy). Sharding follows transformers' rule: fill a shard until the next
+written, because every tensor's dtype and shape is known from the inputs' headers. Each shard is
+therefore created at its final size with its header, and kernels write tensors straight into it
+through a memory map (no serialisation copy, no output buffer). Sharding follows transformers' rule: fill a shard until the next
 tensor would push it past ``max_shard_size``; a tensor larger than that gets a shard of its own.
 
 Everything is assembled in a hidden sibling directory ``.NAME.cpift-partial`` and renamed to NAME only
@@ -13,17 +13,16 @@ when complete, so a merge that dies leaves nothing that looks like a finished mo
 from __future__ import annotations
 
 import json
+import mmap
 import os
-import queue
 import re
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import torch
 
+from . import _mman
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from .errors import OutputError, ParameterError
 
@@ -121,90 +120,98 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
 
 
 class ShardWriter:
-    """Streams tensors, in plan order, into shards from a background thread.
+    """Lays out the planned shards and hands out each output tensor as a writable view of them.
 
-    ``write(name, tensor, done)`` queues the tensor's bytes; ``done()`` is called from the writer thread
-    once they are on their way to disk, so the caller can reuse the buffer. ``finish`` writes the index
-    and side files and renames the directory into place; ``abort`` removes the partial directory.
+    Each shard is created at its final size with its header written and its blocks reserved
+    (posix_fallocate: a full disk or a file-size limit fails here, cleanly, before any math), then
+    memory-mapped. Kernels write results straight into the page cache: no output buffer, no copy
+    through write(2), no writer thread competing with the math for memory bandwidth. ``populate``
+    maps a tensor's pages ahead of time (from the prefetch thread: page faults taken by torch's
+    worker threads contend); ``release`` unmaps them once written (the page cache keeps the data).
+    ``finish`` writes the index and side files and renames the directory into place; ``abort``
+    removes the partial directory.
     """
 
     def __init__(self, out: str | os.PathLike, tensors: list[OutTensor], *, max_shard_size: int,
-                 metadata: dict[str, str] | None = None, depth: int = 2):
+                 metadata: dict[str, str] | None = None):
         self.out = Path(out)
         self.tmp = partial_dir(self.out)
         self.shards = plan_shards(tensors, max_shard_size, metadata)
-        self._order = [(i, n) for i, s in enumerate(self.shards) for n in s.names]
-        self._pos = 0
-        self.bytes_written = 0
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)  # left by a merge that died; never a finished output
-        self.tmp.mkdir()
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="cpift-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        f = None
-        shard_idx = -1
+        self._where: dict[str, tuple[int, int, OutTensor]] = {}  # name -> (shard, file offset, spec)
+        specs = {t.name: t for t in tensors}
+        for i, shard in enumerate(self.shards):
+            offset = len(shard.header)
+            for name in shard.names:
+                self._where[name] = (i, offset, specs[name])
+                offset += specs[name].nbytes
+        self._maps: dict[int, tuple[mmap.mmap, int]] = {}
+        self._lock = threading.Lock()  # the prefetch thread maps files too
         try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    break
-                idx, data, done = item
-                if self._error is None:
-                    try:
-                        if idx != shard_idx:
-                            if f is not None:
-                                f.close()
-                            shard_idx = idx
-                            f = open(self.tmp / self.shards[idx].file, "wb")
-                            f.write(self.shards[idx].header)
-                            self.bytes_written += len(self.shards[idx].header)
-                        if data is not None and data.numel():
-                            f.write(memoryview(data.numpy()))
-                            self.bytes_written += data.numel()
-                    except BaseException as e:  # reported to the caller on the next write/finish
-                        self._error = e
-                if done is not None:
-                    done()
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)  # left by a merge that died; never a finished output
+            self.tmp.mkdir()
+            for shard in self.shards:
+                with open(self.tmp / shard.file, "wb") as f:
+                    f.write(shard.header)
+                    f.flush()
+                    if shard.nbytes:
+                        os.posix_fallocate(f.fileno(), 0, len(shard.header) + shard.nbytes)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.out}: cannot write the output: {e.strerror or e}") from None
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(len(s.header) + s.nbytes for s in self.shards)
+
+    def _map(self, i: int) -> tuple[mmap.mmap, int]:
+        with self._lock:
+            return self._maps.get(i) or self._open_map(i)
+
+    def _open_map(self, i: int) -> tuple[mmap.mmap, int]:
+        fd = os.open(self.tmp / self.shards[i].file, os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            if f is not None:
-                try:
-                    f.close()
-                except OSError as e:
-                    self._error = self._error or e
+            os.close(fd)
+        entry = self._maps[i] = (mm, _mman.address(mm))
+        return entry
 
-    def _raise(self) -> None:
-        if self._error is not None:
-            e = self._error
-            raise OutputError(f"{self.out}: cannot write the output: {e.strerror or e}"
-                              if isinstance(e, OSError) else f"{self.out}: writer failed: {e}") from None
+    def tensor(self, name: str) -> torch.Tensor:
+        """The output tensor ``name`` as a flat, writable view of its bytes in the shard."""
+        i, offset, spec = self._where[name]
+        if spec.nbytes == 0:
+            return torch.empty(0, dtype=spec.dtype)
+        mm, _ = self._map(i)
+        return torch.frombuffer(mm, dtype=spec.dtype, count=spec.nbytes // spec.dtype.itemsize, offset=offset)
 
-    def write(self, name: str, tensor: torch.Tensor, done: Callable[[], None] | None = None) -> None:
-        """Queue the next tensor of the plan (its bytes must stay valid until ``done`` is called)."""
-        self._raise()
-        idx, expected = self._order[self._pos]
-        if name != expected:
-            raise RuntimeError(f"writer expected tensor '{expected}', got '{name}'")
-        self._pos += 1
-        data = tensor.contiguous().reshape(-1).view(torch.uint8) if tensor.numel() else None
-        self._queue.put((idx, data, done))
+    def _advise(self, name: str, advice: int, outer: bool) -> bool:
+        i, offset, spec = self._where[name]
+        if spec.nbytes == 0:
+            return True
+        _, base = self._map(i)
+        return _mman.advise(base, offset, offset + spec.nbytes, advice, outer=outer)
+
+    def populate(self, name: str) -> None:
+        """Map (allocate) the tensor's output pages now, so the math does not page-fault."""
+        self._advise(name, _mman.POPULATE_WRITE, True)
+
+    def release(self, name: str) -> None:
+        """Unmap a written tensor's pages from this process; the data stays in the page cache."""
+        self._advise(name, _mman.DONTNEED, False)
+
+    def _close_maps(self) -> None:
+        for mm, _ in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds a view; the map closes when it is freed
+                pass
+        self._maps.clear()
 
     def finish(self, side_files_from: Path | None, extra_files: dict[str, str] | None = None) -> Path:
-        """Flush, write index and side files, then rename the partial directory into place."""
-        if self._pos != len(self._order):
-            raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
-        # Shards with no tensors at all (a model of empty tensors) still need their header written.
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
+        """Write index and side files, then rename the partial directory into place."""
+        self._close_maps()
         try:
-            for s in self.shards:
-                p = self.tmp / s.file
-                if not p.exists():
-                    p.write_bytes(s.header)
             if len(self.shards) > 1:
                 total = sum(s.nbytes for s in self.shards)
                 weight_map = {n: s.file for s in self.shards for n in s.names}
@@ -231,9 +238,6 @@ class ShardWriter:
         return self.out
 
     def abort(self) -> None:
-        """Stop the thread and remove the partial directory (nothing finished-looking is left)."""
-        if self._thread.is_alive():
-            self._error = self._error or RuntimeError("aborted")
-            self._queue.put(None)
-            self._thread.join()
+        """Remove the partial directory (nothing finished-looking is left)."""
+        self._close_maps()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -242,7 +242,9 @@ def test_killed_merge_leaves_no_finished_output(llama, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not list(partial.glob("model-00002-*")):
         time.sleep(0.02)
-    assert list(partial.glob("model-00002-*")), "merge never got to its second shard"
+    assert list(partial.glob("model-00002-*")), "merge never laid out its shards"
+    time.sleep(0.5)  # ~10 tensors into the merge (each slowed to 50 ms)
+    assert proc.poll() is None, "the merge finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "a killed merge must not leave a finished-looking output"
