@@ -155,7 +155,7 @@ def config(config_file, out, common):
 
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """
-    from cpift.merge.config import run_config
+    from cpift.merge.config_plan import run_config
 
     return run_config(config_file, out, **{k: v for k, v in common.items()
                                            if v is not None or k not in ("dtype", "out_dtype")})

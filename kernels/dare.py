@@ -1,4 +1,4 @@
-# DARE's random drop mask from a counter-based RNG, bit-identical to Triton's tl.rand.
+# DARE's random drop mask from a counter-based RNG, bit-identical to Triton's tl.rand4x, 4 lanes.
 #
 # Maths: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11;
 # Random123), as triton-lang/triton python/triton/language/random.py implements it:
@@ -7,27 +7,35 @@
 #     (hi1, lo1) = mulhilo(0xCD9E8D57, c2)      # PHILOX_ROUND_B
 #     (c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
 #     (k0, k1) += (0x9E3779B9, 0xBB67AE85)      # PHILOX_KEY_A/B (golden ratio, sqrt(3) − 1)
-#   tl.rand(seed, offset) with 32-bit offsets: key k0 = seed & 0xFFFFFFFF, k1 = seed >> 32 (seed
-#   as uint64); counter (offset, 0, 0, 0); keeps output word c0 and maps it like Triton's
-#   uint_to_uniform_float: bitcast to int32, x < 0 → −x − 1, then float32(x) · 4.6566127342e-10
-#   (float32 multiply), a value in [0, 1).
-#   keep = u < density (density rounded to float32, as a Triton fp32 argument would be).
-# Offsets are the flat element index, taken mod 2^32 (an index ≥ 2^32 wraps). A Triton port must
-# pass uint32/int32 offsets: with int64 offsets tl.rand switches to the 64-bit Philox variant and
-# draws other numbers.
+# The uniform of flat element i (seed as uint64):
+#   (w0, w1, w2, w3) = Philox4x32-10 of counter (i // 4 mod 2^32, 0, 0, 0) under key
+#                      (k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)
+#   u_i = F(w_(i mod 4)),  F = Triton's uint_to_uniform_float: bitcast to int32, x < 0 → −x − 1
+#         (i.e. ~x), then float32(x) · 4.6566127342e-10 (float32 multiply), a value in [0, 1).
+#   keep_i = u_i < density (density rounded to float32, as a Triton fp32 argument would be).
+# One Philox evaluation serves 4 consecutive elements. Element indices wrap at 2^34 (the counter
+# i // 4 is taken mod 2^32). In Triton:
+#   u0, u1, u2, u3 = tl.rand4x(seed, (offs // 4).to(tl.uint32))
+#   lane = offs % 4
+#   u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
+# (tl.rand4x(seed, off) returns uint_to_uniform_float of the words c0, c1, c2, c3 of
+# philox(seed, off, 0, 0, 0), in that order.) The counter must be uint32/int32: with int64
+# offsets Triton switches to the 64-bit Philox variant and draws other numbers.
 #
 # Checked: philox4x32 against the Random123 known-answer vectors (tests), philox_uniform bit for
-# bit against triton 3.9.0's tl.rand under TRITON_INTERPRET=1 (pinned values in the tests, and a
-# test that reruns the comparison wherever triton is installed).
+# bit against triton 3.9.0's tl.rand4x under TRITON_INTERPRET=1 (pinned values in the tests, and
+# a test that reruns the comparison wherever triton is installed).
 #
 # torch's unsigned dtypes lack most ops (its uint64 multiply exists but measured no faster), so
-# every word is an int64 holding a value in [0, 2^32), and the 32×32→64 product is split so
-# nothing overflows int64: with A = Ah·2^16 + Al,
-#   p1 = c·Al, p2 = c·Ah (each < 2^48);  t = p1 + (p2 mod 2^16)·2^16 (< 2^49)
-#   lo = t mod 2^32;  hi = p2 >> 16 + t >> 32.
-# Cost: reads nothing, writes 4 bytes (uniforms) or 1 byte (mask) per element, but ~220 int64
-# ops per element (~15 M elements/s on 2 cores): the CPU fallback, the Triton kernel is the fast
-# path. Work is done in place in reused scratch buffers, chunk by chunk.
+# every word is an int64 holding a value in [0, 2^32) and mulhilo is ONE int64 multiply
+# p = c · a (see _philox_rounds for why the wrap is safe): lo = p mod 2^32,
+# hi = (p >> 32) mod 2^32. In the rounds the masks are applied lazily: lo words are kept unmasked
+# (only their low 32 bits are ever used: they are xored into a word that is then masked, or
+# masked at the end), and the new c0/c2 = ((p >> 32) ^ c ^ k) & 0xFFFFFFFF take one mask for hi
+# and the xors together: 10 int64 ops per round for 4 output words. Cost: ~25 int64 ops per
+# element for Philox plus ~6 for the float mapping (~100 M elements/s on 2 cores, was ~14 M with
+# one Philox per element); work is done in place in reused scratch buffers, chunk by chunk. The
+# Triton kernel remains the fast path.
 #
 # Streams: tensor_seed(seed, name, index) hashes (seed, tensor name, model index) with blake2b to
 # a 63-bit seed, so every tensor of every model draws an independent stream and the mask of an
@@ -46,33 +54,39 @@ KEY_A = 0x9E3779B9
 KEY_B = 0xBB67AE85
 ROUNDS = 10
 UNIFORM_SCALE = 4.6566127342e-10  # largest s with (2^31 − 1)·s < 1 in float32
+INDEX_PERIOD = 1 << 34  # element indices wrap here: counter i // 4 is a uint32
 _M32 = 0xFFFFFFFF
 
 
-def _mulhilo(a: int, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, t: torch.Tensor) -> None:
-    """lo, hi ← low and high 32-bit words of the constant a times the uint32 words c (int64 math)."""
-    torch.mul(c, a & 0xFFFF, out=lo)  # p1
-    torch.mul(c, a >> 16, out=hi)  # p2
-    torch.bitwise_and(hi, 0xFFFF, out=t)
-    t.bitwise_left_shift_(16).add_(lo)
-    hi.bitwise_right_shift_(16)
-    torch.bitwise_right_shift(t, 32, out=lo)
-    hi.add_(lo)
-    torch.bitwise_and(t, _M32, out=lo)
-
-
 def _philox_rounds(
-    state: list[torch.Tensor], spare: list[torch.Tensor], t: torch.Tensor, k0: int, k1: int
+    state: list[torch.Tensor], spare: list[torch.Tensor], k0: int, k1: int
 ) -> list[torch.Tensor]:
-    """Run the 10 rounds on int64 words; state and spare buffers swap roles, nothing is allocated."""
+    """Run the 10 rounds on int64 words; state and spare buffers swap roles, nothing is allocated.
+
+    Input words must be in [0, 2^32). The returned c0 and c2 are in [0, 2^32); c1 and c3 hold the
+    right low 32 bits but garbage above (the unmasked products, see the header): mask them before
+    use.
+
+    mulhilo is ONE int64 multiply p = c · a: c, a < 2^32, so the true product is < 2^64 but may
+    exceed 2^63. torch's int64 multiply wraps in two's complement (a plain machine multiply on
+    every CPU build: C++ leaves signed overflow undefined, but compilers emit imul/vpmullq, which
+    wrap), so the bit pattern of p is the unsigned 64-bit product: lo = p & M32 and
+    hi = (p >> 32) & M32, the mask undoing the sign extension of the arithmetic shift. A platform
+    where the multiply did not wrap would fail the Random123 known-answer tests (their products
+    exceed 2^63), as would the pinned Triton values.
+    """
     for _ in range(ROUNDS):
         c0, c1, c2, c3 = state
-        lo0, hi0, lo1, hi1 = spare
-        _mulhilo(ROUND_A, c0, lo0, hi0, t)
-        _mulhilo(ROUND_B, c2, lo1, hi1, t)
-        hi1.bitwise_xor_(c1).bitwise_xor_(k0)
-        hi0.bitwise_xor_(c3).bitwise_xor_(k1)
-        state, spare = [hi1, lo1, hi0, lo0], [c0, c1, c2, c3]
+        n0, n1, n2, n3 = spare
+        torch.mul(c0, ROUND_A, out=n3)  # p0; new c3 = lo(p0), masked later
+        torch.mul(c2, ROUND_B, out=n1)  # p1; new c1 = lo(p1), masked later
+        # new c0 = hi(p1) ^ c1 ^ k0, new c2 = hi(p0) ^ c3 ^ k1: one mask clears both the sign
+        # extension of p >> 32 and the garbage above bit 31 of the unmasked c1/c3.
+        torch.bitwise_right_shift(n1, 32, out=n0).bitwise_xor_(c1).bitwise_xor_(k0)
+        torch.bitwise_right_shift(n3, 32, out=n2).bitwise_xor_(c3).bitwise_xor_(k1)
+        n0.bitwise_and_(_M32)
+        n2.bitwise_and_(_M32)
+        state, spare = spare, state
         k0 = (k0 + KEY_A) & _M32
         k1 = (k1 + KEY_B) & _M32
     return state
@@ -88,35 +102,50 @@ def philox4x32(
     words = torch.broadcast_tensors(c0, c1, c2, c3)
     state = [(w.to(torch.int64) & _M32).contiguous() for w in words]
     spare = [torch.empty_like(state[0]) for _ in range(4)]
-    out = _philox_rounds(state, spare, torch.empty_like(state[0]), k0 & _M32, k1 & _M32)
+    out = _philox_rounds(state, spare, k0 & _M32, k1 & _M32)
+    out[1].bitwise_and_(_M32)
+    out[3].bitwise_and_(_M32)
     return out[0], out[1], out[2], out[3]
 
 
 def _uniform_chunk(seed: int, start: int, out: torch.Tensor) -> None:
+    """out ← the uniforms of elements start..start+len(out)-1 (start already reduced mod 2^34)."""
     n = out.numel()
-    buf = [scratch(f"dare.w{i}", n, torch.int64) for i in range(9)]
-    state, spare, t = buf[:4], buf[4:8], buf[8]
-    torch.arange(start, start + n, dtype=torch.int64, out=state[0]).bitwise_and_(_M32)
+    q0, r = start >> 2, start & 3
+    m = (r + n + 3) >> 2  # counters q0..q0+m-1 cover the elements
+    buf = [scratch(f"dare.w{i}", m, torch.int64) for i in range(8)]
+    state, spare = buf[:4], buf[4:]
+    torch.arange(q0, q0 + m, dtype=torch.int64, out=state[0]).bitwise_and_(_M32)
     for w in state[1:]:
         w.zero_()
-    c0 = _philox_rounds(state, spare, t, seed & _M32, (seed >> 32) & _M32)[0]
-    # int32 bitcast and x < 0 → −x − 1 fold 2^31..2^32−1 onto 2^31−1..0: that is x ^ 0xFFFFFFFF.
-    torch.bitwise_right_shift(c0, 31, out=t).mul_(_M32)
-    c0.bitwise_xor_(t)
-    out.copy_(c0)  # int → float32 rounds to nearest, as Triton's int32 → fp32 conversion does
+    words = _philox_rounds(state, spare, seed & _M32, (seed >> 32) & _M32)
+    direct = r == 0 and n == 4 * m and out.is_contiguous()  # lanes land in out itself
+    lanes = (out if direct else scratch("dare.lanes", 4 * m, torch.float32)).view(m, 4)
+    t = (spare if words[0] is state[0] else state)[0]  # the set the rounds did not return is free
+    for j, w in enumerate(words):
+        # Bitcast to int32 and x < 0 → −x − 1 (= ~x) fold w in [2^31, 2^32) onto 2^32 − 1 − w,
+        # i.e. w ^ 0xFFFFFFFF, selected by bit 31 of w.
+        if j % 2:  # c1, c3: unmasked products, drop the bits above 31 first
+            w.bitwise_and_(_M32)
+        torch.bitwise_right_shift(w, 31, out=t).mul_(_M32)
+        w.bitwise_xor_(t)
+        lanes[:, j].copy_(w)  # int → float32 rounds to nearest, as Triton's int32 → fp32 does
+    if not direct:
+        out.copy_(lanes.view(-1)[r : r + n])
     out.mul_(torch.tensor(UNIFORM_SCALE, dtype=torch.float32))
 
 
 def philox_uniform(
     seed: int, start: int, n: int, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """float32 uniforms in [0, 1) equal to Triton's tl.rand(seed, offset), offsets start..start+n-1."""
+    """float32 uniforms in [0, 1) of elements start..start+n-1 (Triton's tl.rand4x, 4 lanes)."""
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"philox_uniform: seed must be in [0, 2^64), got {seed}")
     if out is None:
         out = torch.empty(n, dtype=torch.float32)
     elif out.dtype != torch.float32 or out.numel() != n:
         raise ValueError("philox_uniform: out must be a float32 tensor of n elements")
+    start %= INDEX_PERIOD  # also maps a negative start onto its wrapped index
     for s, e in chunks(n):
         _uniform_chunk(seed, start + s, out[s:e])
     return out
@@ -125,14 +154,14 @@ def philox_uniform(
 def keep_mask(
     seed: int, start: int, n: int, density: float, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Bool mask, True where the entry survives DARE's drop: tl.rand(seed, offset) < density."""
+    """Bool mask, True where the entry survives DARE's drop: philox_uniform(...) < density."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"keep_mask: density must be in [0, 1], got {density}")
     if out is None:
         out = torch.empty(n, dtype=torch.bool)
     for s, e in chunks(n):
         u = scratch("dare.u", e - s, torch.float32)
-        _uniform_chunk(seed, start + s, u)
+        philox_uniform(seed, start + s, e - s, out=u)
         torch.lt(u, torch.tensor(density, dtype=torch.float32), out=out[s:e])
     return out
 

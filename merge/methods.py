@@ -19,8 +19,6 @@ import math
 import os
 from typing import Callable, Sequence, Union
 
-import torch
-
 from cpift.kernels.dare import tensor_seed
 from cpift.kernels.linear import linear as linear_kernel
 from cpift.kernels.select import magnitude_cut

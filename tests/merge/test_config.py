@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cpift.merge.config import (Conditional, MergeConfig, load_config, param_fn, parse_setting,
-                                plan_call, resolve_model, run_config, tensor_position)
+from cpift.merge.config import MergeConfig, load_config
+from cpift.merge.config_plan import plan_call, resolve_model, run_config
+from cpift.merge.config_values import Conditional, param_fn, parse_setting, tensor_position
 from cpift.merge.errors import ConfigError
 
 L4 = "model.layers.{}.self_attn.q_proj.weight"

@@ -1,0 +1,338 @@
+"""From a validated MergeConfig to one call of a ``cpift.merge.methods`` function, and running it."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Collection, Mapping
+
+from .config import MergeConfig, ModelSpec, _first, load_config
+from .config_values import Param, Setting, _chain_param, _uses_position, _where
+from .errors import ConfigError
+
+# What mergekit 0.1.5 does by default, and what cpift's functions compute (merge/methods.py): linear
+# and ties divide by the (agreeing) weights; task_arithmetic and dare_linear do not; the DARE
+# functions always rescale kept entries, ties never does.
+_DEFAULT_NORMALIZE = {"linear": True, "slerp": None, "task_arithmetic": False, "ties": True,
+                      "dare_linear": False, "dare_ties": False}
+_DEFAULT_RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
+_CPIFT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False,
+                    "dare_ties": True}
+_CPIFT_RESCALE = {"ties": False, "dare_linear": True, "dare_ties": True}
+
+# --------------------------------------------------------------------------------------------------
+# From a config to one call of cpift.merge.methods
+
+
+@dataclass
+class MethodCall:
+    """``getattr(cpift.merge.methods, function)(*args, out, **kwargs, **common)``, plus notes."""
+
+    function: str
+    args: tuple
+    kwargs: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def _shared(cfg: MergeConfig, key: str, default: Any) -> Any:
+    s = _first(None, key, cfg.slice_parameters, cfg.parameters)
+    return default if s is None else s
+
+
+def _normalize_weights(ws: list[Param]) -> list[Param]:
+    """w_i / Σ_j w_j per tensor (a sum below 1e-8 in magnitude counts as 1, as mergekit's divisor does)."""
+    def divisor(vals: list[float]) -> float:
+        d = sum(vals)
+        return 1.0 if abs(d) < 1e-8 else d
+
+    if not any(callable(w) for w in ws):
+        d = divisor(ws)
+        return [w / d for w in ws]
+    funcs = [w if callable(w) else (lambda _n, c=w: c) for w in ws]
+
+    def scaled(i: int) -> Callable[[str], float]:
+        return lambda name: funcs[i](name) / divisor([f(name) for f in funcs])
+
+    return [scaled(i) for i in range(len(ws))]
+
+
+def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping[str, Any] | None = None,
+              native: Collection[str] = ()) -> MethodCall:
+    """The cpift function call a config stands for.
+
+    Args:
+        cfg: a loaded config.
+        num_layers: ``num_hidden_layers`` of the models (needed when a value is a gradient).
+        paths: model reference as written → resolved path (default: the reference itself). Models that
+            resolve to the same path are the same model.
+        native: keywords the target function accepts beyond the documented contract (``normalize``,
+            ``rescale``); such settings are passed on instead of emulated or refused.
+
+    Returns:
+        MethodCall with the positional model arguments and the method keywords.
+
+    Raises:
+        ConfigError: a normalize/rescale value cpift's function cannot compute; a gradient without
+            ``num_layers``; two entries naming one model.
+    """
+    src = cfg.source
+    paths = dict(paths or {})
+    path = lambda ref: paths.get(ref, ref)  # noqa: E731
+    notes: list[str] = []
+    method = cfg.method
+
+    seen: dict[Any, str] = {}
+    for m in cfg.models:
+        key = path(m.model)
+        if key in seen:
+            raise ConfigError(f"{src}: {m.field}.model: '{m.model}' is the same model as {seen[key]}")
+        seen[key] = f"{m.field} ('{m.model}')"
+    base_key = path(cfg.base_model) if cfg.base_model is not None else None
+    base_listed = base_key is not None and base_key in seen
+
+    if num_layers is None:
+        settings = [*cfg.parameters.values(), *cfg.slice_parameters.values(),
+                    *(s for m in cfg.models for s in m.parameters.values())]
+        if any(not isinstance(s, bool) and _uses_position(s) for s in settings):
+            raise ConfigError(f"{src}: a gradient (list of values) needs the models' num_hidden_layers, "
+                              f"which was not found in the first model's config.json")
+
+    def chain(spec: ModelSpec | None, key: str) -> list[Setting]:
+        scopes = ((spec.parameters if spec else {}), cfg.slice_parameters, cfg.parameters)
+        return [s[key] for s in scopes if key in s]
+
+    def param(spec: ModelSpec | None, key: str, default: float | None, fld: str) -> Param:
+        return _chain_param(chain(spec, key), num_layers, default=default, fld=fld, source=src)
+
+    def fld_of(spec: ModelSpec, key: str) -> str:
+        if key in spec.parameters:
+            return f"{spec.field}.parameters.{key}"
+        return f"slices[0].parameters.{key}" if key in cfg.slice_parameters else f"parameters.{key}"
+
+    normalize = _shared(cfg, "normalize", _DEFAULT_NORMALIZE[method])
+    # int8_mask needs nothing: mergekit uses it only as the dtype of the TIES sign mask.
+
+    if method == "slerp":
+        others = [m for m in cfg.models if path(m.model) != base_key]
+        t = param(None, "t", None, "parameters.t")
+        return MethodCall("slerp", (path(cfg.base_model), path(others[0].model)), {"t": t}, notes)
+
+    if method == "linear":
+        specs = list(cfg.models)
+        if cfg.base_model is not None and not base_listed and cfg.layer_range is None:
+            specs.append(ModelSpec(cfg.base_model, {}, "base_model"))
+            notes.append(f"note: base_model '{cfg.base_model}' is not listed in models; as in mergekit, "
+                         f"the linear merge includes it as its last input, with the top-level weight")
+        ws = [param(m, "weight", None, fld_of(m, "weight")) for m in specs]
+        kwargs: dict[str, Any] = {"weights": ws}
+        if "normalize" in native:
+            kwargs["normalize"] = normalize
+        elif not normalize:
+            total = sum(ws) if not any(callable(w) for w in ws) else None
+            if total is None or abs(total - 1.0) > 1e-6:
+                raise ConfigError(f"{src}: parameters.normalize: false is only supported for linear when "
+                                  f"the weights are constants summing to 1 (cpift's linear always divides "
+                                  f"by the sum of the weights); got "
+                                  f"{'per-tensor weights' if total is None else f'a sum of {total:g}'}")
+        return MethodCall("linear", (tuple(path(m.model) for m in specs),), kwargs, notes)
+
+    # task_arithmetic, ties, dare_linear, dare_ties
+    specs = [m for m in cfg.models if path(m.model) != base_key]
+    for m in cfg.models:
+        if path(m.model) == base_key and m.parameters:
+            notes.append(f"note: {m.field}.parameters ({', '.join(m.parameters)}) have no effect: "
+                         f"{m.model} is base_model, whose delta is zero (mergekit ignores them too)")
+    ws = [param(m, "weight", None, fld_of(m, "weight")) for m in specs]
+    lam = _shared(cfg, "lambda", 1.0)
+    kwargs = {"lam": float(lam)}
+    if method == "task_arithmetic":
+        scopes = [("parameters", cfg.parameters), ("slices[0].parameters", cfg.slice_parameters),
+                  *((f"{m.field}.parameters", m.parameters) for m in specs)]
+        for fld, key in ((f, k) for f, scope in scopes for k in ("density", "rescale") if k in scope):
+            notes.append(f"note: {fld}.{key} has no effect in task_arithmetic (mergekit ignores it too); "
+                         f"ties and dare_linear sparsify")
+    else:
+        kwargs["density"] = [param(m, "density", 1.0, fld_of(m, "density")) for m in specs]
+        rescale = _shared(cfg, "rescale", _DEFAULT_RESCALE[method])
+        if "rescale" in native:
+            kwargs["rescale"] = rescale
+        elif rescale != _CPIFT_RESCALE[method]:
+            what = ("rescales kept delta entries by 1/density" if _CPIFT_RESCALE[method]
+                    else "does not rescale the trimmed deltas")
+            raise ConfigError(f"{src}: parameters.rescale: {str(rescale).lower()} is not supported for "
+                              f"{method} (cpift's {method} always {what})")
+    if "normalize" in native:
+        kwargs["normalize"] = normalize
+    elif normalize != _CPIFT_NORMALIZE[method]:
+        if normalize and method in ("task_arithmetic", "dare_linear"):
+            ws = _normalize_weights(ws)
+            notes.append("note: normalize: true: the weights are divided by their sum (mergekit divides the "
+                         "summed delta instead; equal up to rounding)")
+        else:
+            default = " (mergekit's default for dare_ties)" if method == "dare_ties" and not normalize else ""
+            does = ("divides by the sum of the agreeing weights (TIES disjoint mean)" if normalize is False
+                    else "does not divide")
+            raise ConfigError(f"{src}: parameters.normalize: {str(normalize).lower()}{default} is not "
+                              f"supported for {method}: cpift's {method} always {does}; set normalize: "
+                              f"{str(not normalize).lower()} to get that")
+    kwargs = {"weights": ws, **kwargs}
+    return MethodCall(method, (path(cfg.base_model), tuple(path(m.model) for m in specs)), kwargs, notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running it
+
+
+def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None) -> Path:
+    """A model reference as mergekit reads it: an existing path, relative to the *current working
+    directory* (not to the config file), else a Hugging Face repo id (``org/name[@revision]``) already
+    in the local Hub cache (nothing is downloaded).
+
+    Raises:
+        ConfigError: neither exists.
+    """
+    if os.path.exists(ref):
+        return Path(os.path.abspath(ref))
+    repo, _, rev = ref.partition("@")
+    if os.path.exists(repo) and rev:
+        raise ConfigError(f"{_where(source, fld)}: '{ref}': a revision applies to Hub models only")
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+            pass
+    raise ConfigError(f"{_where(source, fld)}: '{ref}' is not a directory (relative paths are relative to "
+                      f"the current directory, {os.getcwd()}, as in mergekit) nor a model in the local "
+                      f"Hugging Face cache (download it first, e.g. with cpift-merge pull)")
+
+
+def _model_config(model_dir: Path) -> dict | None:
+    f = model_dir / "config.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        raise ConfigError(f"{f}: not readable JSON") from None
+
+
+def _num_layers(conf: dict | None) -> int | None:
+    if not conf:
+        return None
+    for c in (conf, conf.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer"):
+            v = c.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _vocabulary(model_dir: Path) -> dict[str, int] | None:
+    """token → id of a fast tokenizer (tokenizer.json: model vocab plus added tokens), None if absent."""
+    f = model_dir / "tokenizer.json"
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        vocab = data["model"]["vocab"]
+        out = (dict(vocab) if isinstance(vocab, dict)
+               else {entry[0]: i for i, entry in enumerate(vocab)})
+        for tok in data.get("added_tokens") or []:
+            out[tok["content"]] = tok["id"]
+        return out
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        raise ConfigError(f"{f}: not a readable tokenizer.json") from None
+
+
+def _check_tokenizer(cfg: MergeConfig, tok_dir: Path, dirs: list[Path], first: Path) -> None:
+    """tokenizer_source is exact in cpift only when mergekit's vocabulary remapping is the identity."""
+    fld = f"{cfg.source}: tokenizer_source"
+    ref = _vocabulary(tok_dir)
+    if ref is None:
+        raise ConfigError(f"{fld}: {tok_dir} has no tokenizer.json, so cpift cannot check that every model "
+                          f"shares its vocabulary (mergekit would remap embeddings); leave tokenizer_source "
+                          f"out to copy the tokenizer of base_model")
+    for d in dirs:
+        voc = _vocabulary(d)
+        if voc is None:
+            raise ConfigError(f"{fld}: {d} has no tokenizer.json, so cpift cannot check its vocabulary "
+                              f"against {tok_dir}'s; leave tokenizer_source out")
+        if voc != ref:
+            raise ConfigError(f"{fld}: {d} and {tok_dir} have different vocabularies; mergekit would remap "
+                              f"the embedding rows, which cpift does not do")
+    conf = _model_config(first) or {}
+    size = conf.get("vocab_size", (conf.get("text_config") or {}).get("vocab_size"))
+    if size != len(ref) or max(ref.values(), default=-1) >= len(ref):
+        raise ConfigError(f"{fld}: the tokenizer has {len(ref)} tokens but the embeddings have {size} rows; "
+                          f"mergekit would resize them to the tokenizer, which cpift does not do; leave "
+                          f"tokenizer_source out")
+
+
+def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, **common) -> Any:
+    """Run a mergekit YAML config with cpift.
+
+    Model references are resolved as mergekit does: a relative path is relative to the current working
+    directory (not to the config file); a name that is no path is looked up in the local Hub cache.
+    ``num_hidden_layers`` comes from the first listed model's config.json. The config's ``dtype`` and
+    ``out_dtype`` (default: ``dtype``) apply unless given here; config.json and the tokenizer are copied
+    from ``tokenizer_source`` if set, else from base_model, else from the first model.
+
+    Args:
+        path: the YAML file.
+        out: output directory.
+        seed: seed of the DARE drop masks (mergekit's ``--random-seed``); ignored by other methods.
+        **common: keywords of every cpift merge function (``dtype``, ``out_dtype``, ``max_shard_size``,
+            ``overwrite``, ``allow_nonfinite``, ``copy_tokenizer_from``, ``progress``); a value that is
+            not None here overrides the config.
+
+    Returns:
+        MergeResult of the method run; its notes include the config's notes.
+
+    Raises:
+        ConfigError: the config, or a model it names, is unusable; and whatever the method raises.
+
+    Example:
+        >>> run_config("ties.yml", "merged", max_shard_size="2GB")
+    """
+    cfg = load_config(path)
+    src = cfg.source
+    paths = {m.model: resolve_model(m.model, f"{m.field}.model", src) for m in cfg.models}
+    if cfg.base_model is not None and cfg.base_model not in paths:
+        paths[cfg.base_model] = resolve_model(cfg.base_model, "base_model", src)
+    first = paths[cfg.models[0].model]
+    num_layers = _num_layers(_model_config(first))
+    if cfg.layer_range is not None:
+        for m in cfg.models:
+            n = _num_layers(_model_config(paths[m.model]))
+            if n is None:
+                raise ConfigError(f"{src}: {m.field}.layer_range: no num_hidden_layers in "
+                                  f"{paths[m.model] / 'config.json'} to check the range against")
+            if cfg.layer_range != (0, n):
+                raise ConfigError(f"{src}: {m.field}.layer_range: {list(cfg.layer_range)} does not cover "
+                                  f"the model's {n} layers; partial layer ranges are not supported "
+                                  f"(use [0, {n}])")
+    donor = paths[cfg.base_model] if cfg.base_model is not None else first
+    if cfg.tokenizer_source is not None:
+        tok = (donor if cfg.tokenizer_source == "base"
+               else paths.get(cfg.tokenizer_source)
+               or resolve_model(cfg.tokenizer_source, "tokenizer_source", src))
+        _check_tokenizer(cfg, tok, list(dict.fromkeys(paths.values())), first)
+        donor = tok
+
+    from . import methods  # the engine, only once the config is known to be good
+
+    fn = getattr(methods, cfg.method)
+    native = {k for k in ("normalize", "rescale") if k in inspect.signature(fn).parameters}
+    call = plan_call(cfg, num_layers=num_layers, paths=paths, native=native)
+    if cfg.method in ("dare_linear", "dare_ties"):
+        call.kwargs["seed"] = seed
+    settings = {"dtype": cfg.dtype, "out_dtype": cfg.out_dtype or cfg.dtype, "copy_tokenizer_from": donor,
+                "recipe": {"format": "mergekit", "config_file": os.fspath(path), "config": dict(cfg.raw)}}
+    settings.update({k: v for k, v in common.items() if v is not None})
+    result = fn(*call.args, out, **call.kwargs, **settings)
+    result.notes.extend(call.notes)
+    return result

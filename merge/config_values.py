@@ -1,0 +1,250 @@
+"""mergekit parameter values for YAML configs: numbers, gradients and filters, evaluated per tensor.
+
+Parameter values (mergekit's rules)
+    A value is a number, a gradient (a list of numbers) or a list of conditionals
+    ``{filter: SUBSTRING, value: NUMBER_OR_GRADIENT}`` (one such mapping alone counts as a list of one).
+    Conditionals: the first entry whose filter is absent, ``null``, ``"*"`` or a substring of the tensor
+    name wins; if none matches the value is absent. Numbers may be YAML strings such as ``1e-3`` (YAML 1.1
+    reads those as strings; mergekit converts them, so do we).
+
+    Gradients: a tensor's position is t = i / (L − 1) for a tensor of layer i (the ``layers.<i>.``,
+    ``h.<i>.``, ``block(s).<i>.`` part of its name) in a model of L = ``num_hidden_layers`` layers
+    (t = 1 when L = 1), and t = 0 for every tensor outside the layers: embeddings, the final norm and
+    ``lm_head`` alike (mergekit 0.1.5 plans pre- and post-layer weights with t = 0). For n values
+    v_0..v_{n−1}: s = t·(n − 1), i0 = ⌊s⌋, i1 = min(n − 1, i0 + 1), f = s − i0,
+    value = (1 − f)·v_i0 + f·v_i1.
+
+    Scopes, highest precedence first: the model's own ``parameters`` (per-model parameters only), the
+    slice's ``parameters`` (``slices:`` form), the top-level ``parameters``, then mergekit's default. A
+    scope whose value is absent for a tensor (no filter matched, empty list) falls through to the next.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+from .errors import ConfigError
+
+Param = Union[float, Callable[[str], float]]
+
+_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
+_TRUE = ("1", "on", "t", "true", "y", "yes")
+_FALSE = ("0", "off", "f", "false", "n", "no")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+# --------------------------------------------------------------------------------------------------
+# Parameter values: parsing, positions, evaluation
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """One ``{filter, value}`` entry; ``filter`` None (or "*") matches every tensor."""
+
+    filter: str | None
+    value: float | tuple[float, ...]
+
+
+# A parsed value: a number, a gradient (tuple of numbers, possibly empty), a tuple of Conditionals,
+# or a bool (normalize / rescale / int8_mask, which take plain true/false only).
+Setting = Union[float, bool, tuple]
+
+
+def _where(source: str | os.PathLike | None, fld: str) -> str:
+    return f"{source}: {fld}" if source else fld
+
+
+def _number(raw: Any, fld: str, source, what: str = "a number or a list of numbers") -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ConfigError(f"{_where(source, fld)}: expected {what}, got {raw!r}")
+    try:
+        v = float(raw.strip()) if isinstance(raw, str) else float(raw)
+    except ValueError:
+        raise ConfigError(f"{_where(source, fld)}: expected {what}, got {raw!r}") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{_where(source, fld)}: expected a finite number, got {raw!r}")
+    return v
+
+
+def _boolean(raw: Any, fld: str, source) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE
+    extra = " (per-tensor values are not supported for it)" if isinstance(raw, (list, dict)) else ""
+    raise ConfigError(f"{_where(source, fld)}: expected true or false, got {raw!r}{extra}")
+
+
+def _check_range(name: str, v: float, fld: str, source) -> float:
+    if name == "t" and not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{_where(source, fld)}: {v:g} is outside [0, 1] (t = 0 gives base_model, "
+                          f"1 the other model)")
+    if name == "density" and not 0.0 < v <= 1.0:
+        raise ConfigError(f"{_where(source, fld)}: {v:g} is outside (0, 1] (the share of each delta "
+                          f"that is kept)")
+    return v
+
+
+def _scalar_or_gradient(raw: Any, name: str, fld: str, source) -> float | tuple[float, ...]:
+    if isinstance(raw, list):
+        if any(isinstance(e, (list, dict)) for e in raw):
+            bad = next(i for i, e in enumerate(raw) if isinstance(e, (list, dict)))
+            raise ConfigError(f"{_where(source, f'{fld}[{bad}]')}: expected a number, got {raw[bad]!r}")
+        return tuple(_check_range(name, _number(e, f"{fld}[{i}]", source, "a number"),
+                                  f"{fld}[{i}]", source) for i, e in enumerate(raw))
+    return _check_range(name, _number(raw, fld, source), fld, source)
+
+
+def parse_setting(raw: Any, name: str, fld: str, source: str | os.PathLike | None = None) -> Setting:
+    """Validate one mergekit parameter value.
+
+    Args:
+        raw: the YAML value: a number, a list of numbers, a ``{filter, value}`` mapping or a list of them.
+        name: the parameter (``t``, ``weight``, ``density``, ``lambda``, ``normalize``, ...), which
+            decides the type and the range check.
+        fld: the field path used in errors, e.g. ``models[1].parameters.weight``.
+        source: the config file named in errors.
+
+    Returns:
+        A float, a tuple of floats (gradient), a tuple of Conditional, or a bool.
+
+    Raises:
+        ConfigError: naming ``source`` and ``fld``.
+    """
+    if name in _BOOL_PARAMS:
+        return _boolean(raw, fld, source)
+    if isinstance(raw, dict) or (isinstance(raw, list) and raw and isinstance(raw[0], dict)):
+        entries = [raw] if isinstance(raw, dict) else raw
+        conds = []
+        for i, e in enumerate(entries):
+            efld = fld if isinstance(raw, dict) else f"{fld}[{i}]"
+            if not isinstance(e, dict):
+                raise ConfigError(f"{_where(source, efld)}: expected a {{filter, value}} mapping like the "
+                                  f"first entry, got {e!r}")
+            unknown = sorted(set(e) - {"filter", "value"})
+            if unknown:
+                raise ConfigError(f"{_where(source, f'{efld}.{unknown[0]}')}: unknown key (a conditional "
+                                  f"value has only 'filter' and 'value')")
+            if "value" not in e:
+                raise ConfigError(f"{_where(source, f'{efld}.value')}: missing (each conditional needs a "
+                                  f"value; leave out 'filter' for the default)")
+            flt = e.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise ConfigError(f"{_where(source, f'{efld}.filter')}: expected a substring of tensor "
+                                  f"names, got {flt!r}")
+            val = e["value"]
+            if isinstance(val, dict) or (isinstance(val, list) and any(isinstance(v, dict) for v in val)):
+                raise ConfigError(f"{_where(source, f'{efld}.value')}: expected a number or a list of "
+                                  f"numbers (conditionals do not nest), got {val!r}")
+            conds.append(Conditional(flt, _scalar_or_gradient(val, name, f"{efld}.value", source)))
+        return tuple(conds)
+    return _scalar_or_gradient(raw, name, fld, source)
+
+
+def tensor_position(name: str, num_layers: int | None) -> float:
+    """mergekit's gradient position of a tensor: i / (L − 1) in layer i of L, 0 outside the layers.
+
+    Raises:
+        ConfigError: the name holds a layer index but L is unknown or not above it.
+    """
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return 0.0
+    i = int(m.group(1))
+    if num_layers is None or i >= num_layers:
+        raise ConfigError(f"tensor '{name}': layer {i} is outside the model's num_hidden_layers="
+                          f"{num_layers} (config.json), so a gradient cannot place it")
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _interpolate(values: tuple[float, ...], t: float) -> float:
+    s = t * (len(values) - 1)
+    i0 = int(s)
+    i1 = min(len(values) - 1, i0 + 1)
+    f = s - i0
+    return (1 - f) * values[i0] + f * values[i1]
+
+
+def evaluate(setting: Setting, tensor: str, t: float) -> float | bool | None:
+    """A parsed value for one tensor at gradient position ``t``; None when no conditional matches."""
+    if isinstance(setting, (bool, float, int)):
+        return setting
+    if setting and isinstance(setting[0], Conditional):
+        for c in setting:
+            if c.filter is None or c.filter == "*" or c.filter in tensor:
+                return evaluate(c.value, tensor, t)
+        return None
+    return _interpolate(setting, t) if setting else None
+
+
+def _is_constant(s: Setting) -> bool:
+    return isinstance(s, (bool, float, int))
+
+
+def _uses_position(s: Setting) -> bool:
+    if _is_constant(s):
+        return False
+    if s and isinstance(s[0], Conditional):
+        return any(not _is_constant(c.value) for c in s)
+    return True
+
+
+def _chain_param(chain: list[Setting], num_layers: int | None, *, default: float | None, fld: str,
+                 source) -> Param:
+    """One Param from settings in precedence order: a constant when the first one is, else a function."""
+    if chain and _is_constant(chain[0]):
+        return float(chain[0])
+    if not chain:
+        if default is None:
+            raise ConfigError(f"{_where(source, fld)}: missing")
+        return default
+    chain = tuple(chain)
+
+    def value(tensor: str) -> float:
+        t = None
+        for s in chain:
+            if t is None and _uses_position(s):
+                try:
+                    t = tensor_position(tensor, num_layers)
+                except ConfigError as e:
+                    raise ConfigError(f"{_where(source, fld)}: {e}") from None
+            v = evaluate(s, tensor, t if t is not None else 0.0)
+            if v is not None:
+                return v
+        if default is None:
+            raise ConfigError(f"{_where(source, fld)}: no value for tensor '{tensor}' (no filter matches "
+                              f"it and there is no default entry or top-level value)")
+        return default
+
+    return value
+
+
+def param_fn(value: Any, num_layers: int | None, *, name: str = "value",
+             source: str | os.PathLike | None = None) -> Param:
+    """Turn a mergekit parameter value into a constant or a function of the tensor name.
+
+    Args:
+        value: a raw YAML value (number, gradient list, conditionals) or a parsed Setting.
+        num_layers: the model's ``num_hidden_layers`` (needed by gradients only).
+        name: the parameter name, for its range check (``t``, ``density``) and in messages.
+        source: file named in errors.
+
+    Returns:
+        A float for a plain number; otherwise a function ``tensor name -> float``.
+
+    Raises:
+        ConfigError: a bad value now; from the returned function, a tensor no filter matches.
+
+    Example:
+        >>> f = param_fn([0, 0.5, 1], 5, name="t")
+        >>> f("model.layers.1.mlp.up_proj.weight"), f("model.embed_tokens.weight")
+        (0.25, 0.0)
+    """
+    if not isinstance(value, tuple):
+        value = parse_setting(value, name, name, source)
+    return _chain_param([value], num_layers, default=None, fld=name, source=source)
