@@ -43,14 +43,25 @@ def common_options(fn):
     @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
                   help="Directory to copy config.json, tokenizer and chat-template files from "
                        "(default: the first model).")
+    @click.option("--threads", type=click.IntRange(min=1), default=None,
+                  help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
+                       "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
     @functools.wraps(fn)
     def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
-                copy_tokenizer_from, quiet, **kwargs):
+                copy_tokenizer_from, threads, quiet, **kwargs):
+        import torch
+
+        previous = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
         common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                       allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
                       progress=not quiet)
-        result = fn(*args, out=out, common=common, **kwargs)
+        try:
+            result = fn(*args, out=out, common=common, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
         if not quiet:
             for note in result.notes:
                 click.echo(note, err=True)

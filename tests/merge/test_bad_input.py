@@ -265,3 +265,13 @@ def test_write_error_names_output(llama, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and str(out) in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_threads_option_gives_identical_output(capsys, llama, tmp_path):
+    """--threads changes speed only: the bytes are the same as with torch's default."""
+    base = ["ties", "--base", llama["base"], llama["task1"], llama["task2"], "--density", "0.4", "-q"]
+    assert run_cli(capsys, *base, "-o", tmp_path / "a")[0] == 0
+    assert run_cli(capsys, *base, "-o", tmp_path / "b", "--threads", "1")[0] == 0
+    assert digest(tmp_path / "a") == {k.replace(str(tmp_path / "b"), str(tmp_path / "a")): v
+                                      for k, v in digest(tmp_path / "b").items()}
+    assert_user_error(capsys, [*base, "-o", tmp_path / "c", "--threads", "0"], "--threads")
