@@ -1,0 +1,226 @@
+"""mergekit configs cpift refuses (each error names the file and the field), and model resolution."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cpift.merge.config import load_config
+from cpift.merge.config_plan import resolve_model, run_config
+from cpift.merge.errors import ConfigError
+
+from config_helpers import SLERP, write
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals: each names the file and the field
+
+GOOD_MODELS = "models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 1}}\n"
+     "  - {model: b, parameters: {weight: abc}}\n",
+     r"merge\.yml: models\[1\]\.parameters\.weight: expected a number or a list of numbers, got 'abc'"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nparameters: {{weight: [1, x]}}\n",
+     r"parameters\.weight\[1\]: expected a number, got 'x'"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nparameters: {{weight: .inf}}\n",
+     r"parameters\.weight: expected a finite number"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nparameters: {{weight: nan}}\n",
+     r"parameters\.weight: expected a finite number, got 'nan'"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nparameters: {{weight: true}}\n",
+     r"parameters\.weight: expected a number or a list of numbers, got True"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\nparameters: {t: 1.5}\n",
+     r"parameters\.t: 1\.5 is outside \[0, 1\]"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+     "parameters: {t: [{filter: mlp, value: [0, -0.1]}]}\n",
+     r"parameters\.t\[0\]\.value\[1\]: -0\.1 is outside \[0, 1\]"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1, density: 0}}]\n",
+     r"models\[0\]\.parameters\.density: 0 is outside \(0, 1\]"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1, density: 1.5}}]\n",
+     r"models\[0\]\.parameters\.density: 1\.5 is outside \(0, 1\]"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1}}]\n"
+     "parameters: {lambda: [1, 2]}\n", r"parameters\.lambda: expected one number"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1}}]\n"
+     "parameters: {normalize: maybe}\n", r"parameters\.normalize: expected true or false, got 'maybe'"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1}}]\n"
+     "parameters: {int8_mask: [true, false]}\n", r"parameters\.int8_mask: expected true or false"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1, densty: 0.5}}]\n",
+     r"models\[0\]\.parameters\.densty: unknown parameter for ties "
+     r"\(per-model parameters: weight, density\)"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b, parameters: {t: 0.5}}]\n"
+     "parameters: {t: 0.5}\n", r"models\[1\]\.parameters\.t: 't' applies to the whole merge in slerp"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nparameters: {{density: 0.5}}\n",
+     r"parameters\.density: unknown parameter for linear"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nrandom_seed: 3\n", r"merge\.yml: random_seed: unknown key"),
+    (f"merge_method: della\n{GOOD_MODELS}\n", r"merge_method: 'della' is not supported by cpift"),
+    (f"{GOOD_MODELS}\n", r"merge_method: missing"),
+    ("merge_method: linear\n", r"models: give exactly one of 'models' and 'slices'"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nslices: []\n", r"give exactly one of 'models' and 'slices'"),
+    ("merge_method: linear\nmodels: [a, b]\n", r"models\[0\]: expected a mapping with a 'model' key"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}, layer_range: [0, 4]}, {model: b}]\n",
+     r"models\[0\]\.layer_range: unknown key"),
+    ("merge_method: linear\nmodels: [{model: a+lora, parameters: {weight: 1}}, {model: b}]\n",
+     r"models\[0\]\.model: 'a\+lora' names a LoRA adapter"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}},\n"
+     "  {model: a, parameters: {weight: 1}}]\n",
+     r"models\[1\]\.model: 'a' is listed twice"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}},\n"
+     "  {model: b, parameters: {weight: -1}}]\n",
+     r"models: the weights sum to 0"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n",
+     r"models: linear needs at least two models, got 1"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: a}, {model: b}]\n",
+     r"models\[1\]\.parameters\.weight: missing; ties needs a weight for every model "
+     r"\(mergekit has no default\)"),
+    ("merge_method: linear\nbase_model: c\n"
+     "models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n",
+     r"parameters\.weight: missing; linear needs a weight .*base_model missing from models"),
+    ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]\n",
+     r"base_model: missing; ties merges deltas"),
+    ("merge_method: ties\nbase_model: a\nmodels: [{model: a}]\n",
+     r"models: ties needs at least one model besides base_model"),
+    ("merge_method: slerp\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}\n",
+     r"base_model: missing; slerp needs it"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}, {model: c}]\n"
+     "parameters: {t: 0.5}\n",
+     r"models: slerp merges exactly two models.*got 3"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n", r"parameters\.t: missing"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+     "parameters: {t: [{filter: 3, value: 1}]}\n", r"parameters\.t\[0\]\.filter: expected a substring"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+     "parameters: {t: [{filter: mlp}]}\n", r"parameters\.t\[0\]\.value: missing"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+     "parameters: {t: {filter: mlp, value: 1, when: x}}\n", r"parameters\.t\.when: unknown key"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+     "parameters: {t: [{value: {filter: mlp, value: 1}}]}\n", r"parameters\.t\[0\]\.value: .*do not nest"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+     "parameters: {t: [{filter: mlp, value: 1}, 0.5]}\n",
+     r"parameters\.t\[1\]: expected a \{filter, value\} mapping"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
+     "parameters: {t: [[0, 1]]}\n", r"parameters\.t\[0\]: expected a number, got \[0, 1\]"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ndtype: fp8\n",
+     r"dtype: expected one of bfloat16, float16, float32, float64, got 'fp8'"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nout_dtype: int64\n", r"out_dtype: expected one of"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer_source: union\n",
+     r"tokenizer_source: 'union' builds a new vocabulary"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{source: base, tokens: {{x: {{}}}}}}\n",
+     r"tokenizer\.tokens: not supported"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{}}\n", r"tokenizer\.source: 'union'"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nchat_template: chatml\n", r"chat_template: not supported"),
+    ("merge_method: linear\nmodules: {}\n", r"give exactly one of"),
+    ("merge_method: linear\nmodules: {text: {}}\n", r"modules: multi-module configs are not supported"),
+])
+def test_bad_field(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("slices, message", [
+    ("""
+      - sources:
+          - {model: a, layer_range: [0, 2]}
+          - {model: b, layer_range: [0, 2]}
+      - sources:
+          - {model: a, layer_range: [2, 4]}
+          - {model: b, layer_range: [2, 4]}
+    """, r"slices: 2 slices stack layer ranges"),
+    ("""
+      - sources:
+          - {model: a, layer_range: [1, 4]}
+          - {model: b, layer_range: [1, 4]}
+    """, r"slices\[0\]\.sources\[0\]\.layer_range: \[1, 4\] is a partial layer range; partial layer "
+         r"ranges are not supported"),
+    ("""
+      - sources:
+          - {model: a, layer_range: [0, 4]}
+          - {model: b, layer_range: [0, 3]}
+    """, r"slices\[0\]\.sources\[1\]\.layer_range: \[0, 3\] differs from \[0, 4\]; partial layer ranges"),
+    ("""
+      - sources:
+          - {model: a}
+          - {model: b, layer_range: [0, 4]}
+    """, r"slices\[0\]\.sources\[0\]\.layer_range: missing"),
+    ("""
+      - sources:
+          - {model: a, layer_range: [0, 4]}
+          - {model: b, layer_range: [0, 4]}
+        residual_weight: 0.1
+    """, r"slices\[0\]\.residual_weight: not supported"),
+    ("""
+      - sources:
+          - {model: b, layer_range: [0, 4]}
+          - {model: c, layer_range: [0, 4]}
+    """, r"slices\[0\]\.sources: base_model 'a' must be one of the sources"),
+])
+def test_bad_slices(tmp_path, slices, message):
+    text = "merge_method: slerp\nbase_model: a\nparameters: {t: 0.5}\nslices:" + textwrap.indent(
+        textwrap.dedent(slices), "  ")
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = write(tmp_path, "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [1, 2}\n",
+              name="broken.yml")
+    with pytest.raises(ConfigError, match=r"broken\.yml: line 4, column \d+: invalid YAML"):
+        load_config(p)
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"merge\.yml: expected a mapping at the top level"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match=r"nope\.yml: cannot read the config"):
+        load_config(tmp_path / "nope.yml")
+    assert issubclass(ConfigError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model directories: resolution and the checks run_config makes before the engine is involved
+
+
+def fake_model(d: Path, layers: int = 4, vocab: dict | None = None, vocab_size: int = 4) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"num_hidden_layers": layers, "vocab_size": vocab_size}))
+    if vocab is not None:
+        (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab},
+                                                      "added_tokens": []}))
+    return d
+
+
+def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
+    fake_model(tmp_path / "work" / "m")
+    monkeypatch.chdir(tmp_path / "work")
+    assert resolve_model("m", "models[0].model") == tmp_path / "work" / "m"
+    with pytest.raises(ConfigError, match=r"x\.yml: models\[0\]\.model: 'missing/dir' is not a directory "
+                                          r"\(relative paths are relative to the current directory"):
+        resolve_model("missing/dir", "models[0].model", "x.yml")
+
+
+def test_run_config_checks_layer_range_against_config_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_model(tmp_path / "a", layers=6)
+    fake_model(tmp_path / "b", layers=6)
+    p = write(tmp_path, SLERP.replace("model: other", "model: b").replace("model: base", "model: a")
+              .replace("base_model: base", "base_model: a"))
+    with pytest.raises(ConfigError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[0, 4\] does not cover "
+                                          r"the model's 6 layers; partial layer ranges are not supported"):
+        run_config(p, tmp_path / "out")
+
+
+@pytest.mark.parametrize("vocab_b, size, message", [
+    (None, 2, r"has no tokenizer\.json"),
+    ({"x": 0, "z": 1}, 2, r"different vocabularies"),
+    ({"x": 0, "y": 1}, 4, r"the tokenizer has 2 tokens but the embeddings have 4 rows"),
+])
+def test_tokenizer_source_must_be_exact(tmp_path, monkeypatch, vocab_b, size, message):
+    monkeypatch.chdir(tmp_path)
+    fake_model(tmp_path / "a", vocab={"x": 0, "y": 1}, vocab_size=size)
+    fake_model(tmp_path / "b", vocab=vocab_b, vocab_size=size)
+    p = write(tmp_path, "merge_method: slerp\nbase_model: a\ntokenizer_source: base\n"
+                        "models: [{model: a}, {model: b}]\nparameters: {t: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"merge\.yml: tokenizer_source: .*" + message):
+        run_config(p, tmp_path / "out")
