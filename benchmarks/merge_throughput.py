@@ -133,7 +133,18 @@ def main() -> None:
     ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
     ap.add_argument("--cold", action="store_true", help="also run once per case with the page cache dropped")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--prefault-gib", type=float, default=0.0,
+                    help="first touch this much anonymous memory once: on a VM whose guest memory is backed "
+                         "lazily (seen here: 0.4 GB/s on first touch), page-cache growth during a run otherwise "
+                         "pays the host's first-touch cost at random")
     args = ap.parse_args()
+    if args.prefault_gib:
+        # In a child: a forked child inherits its parent's peak RSS, which would spoil every
+        # ru_maxrss measured below.
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({int(args.prefault_gib * 2**30) // 8})"],
+                       check=True)
+        print(f"prefaulted {args.prefault_gib} GiB in {time.perf_counter() - t0:.1f} s", flush=True)
 
     shape = PRESETS[args.preset]
     root = args.workdir / f"models-{args.preset}"
@@ -229,6 +240,7 @@ def main() -> None:
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "model": describe(shape, torch.bfloat16), "model_bytes": size, "repeat": args.repeat,
         "mergekit": args.mergekit and _version(args.mergekit), "slerp_parity_vs_mergekit": par,
+        "prefault_gib": args.prefault_gib,
         "cold_cache": ("dropped before each cold run: see rows' cold_wall_s" if cold and "skipped" not in cold
                        else cold.get("skipped", "not run (pass --cold as root)")),
         "rows": rows,
