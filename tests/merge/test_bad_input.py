@@ -275,3 +275,22 @@ def test_threads_option_gives_identical_output(capsys, llama, tmp_path):
     assert digest(tmp_path / "a") == {k.replace(str(tmp_path / "b"), str(tmp_path / "a")): v
                                       for k, v in digest(tmp_path / "b").items()}
     assert_user_error(capsys, [*base, "-o", tmp_path / "c", "--threads", "0"], "--threads")
+
+
+def test_config_command_end_to_end(capsys, llama, tmp_path, monkeypatch):
+    """`cpift-merge config` runs a mergekit YAML through the CLI, records the recipe, and a bad field is
+    one line naming file and field."""
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "ties.yml"
+    good.write_text(f"merge_method: ties\nbase_model: {llama['base']}\nmodels:\n"
+                    f"  - {{model: {llama['task1']}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+                    f"  - {{model: {llama['task2']}, parameters: {{weight: 0.5, density: 0.5}}}}\n"
+                    f"dtype: bfloat16\n")
+    code, out, err = run_cli(capsys, "config", good, "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    assert "ties: " in out and (tmp_path / "out" / "cpift_recipe.yml").is_file()
+    bad = tmp_path / "bad.yml"
+    bad.write_text(good.read_text().replace("density: 0.5", "density: 1.5", 1))
+    assert "density: 1.5" in bad.read_text()
+    assert_user_error(capsys, ["config", bad, "-o", tmp_path / "out2"], "bad.yml", "density", inputs=list(llama.values()))
+    no_output(tmp_path, "out2")
