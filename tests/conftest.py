@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be chosen before any kernel is
+# defined, i.e. before cpift.kernels is imported by a test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
