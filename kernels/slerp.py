@@ -15,6 +15,9 @@
 # `exclude` (reduction) and `keep` (blend) exist for CPI fusion: norms over non-core entries only,
 # core entries transplanted unchanged.
 #
+# The Triton kernels of both passes live in _slerp_triton.py, imported only when the Triton backend
+# runs: importing triton costs ~0.2 s, which every CPU-only cpift-merge call would otherwise pay.
+#
 # Precision: storage dtype (bf16/fp16/fp32) → float32 per chunk, compute, cast once on store;
 # float64 inputs compute in float64. slerp_ref is the float64 oracle, written independently.
 # Caveat shared with mergekit: squares are summed unscaled, so entries above ~1e19 overflow the
@@ -25,86 +28,11 @@ import math
 
 import torch
 
-from ._backend import HAS_TRITON, resolve
+from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-
-
-_BLOCK = 1024  # elements per Triton program: 4 KiB of float32 per input, 2 loads in flight
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    from ._backend import bf16_bits_rne
-
-    @triton.jit
-    def _slerp_reduce_kernel(a_ptr, b_ptr, ex_ptr, part_ptr, n, HAS_EXCLUDE: tl.constexpr,
-                             BLOCK: tl.constexpr):
-        # One program: float32 partial sums of a², b², ab over BLOCK entries (no atomics: the host
-        # folds the partials in float64, so the result does not depend on scheduling).
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_EXCLUDE:
-            skip = tl.load(ex_ptr + offs, mask=mask, other=1) != 0
-            a = tl.where(skip, 0.0, a)
-            b = tl.where(skip, 0.0, b)
-        tl.store(part_ptr + pid * 3, tl.sum(a * a, axis=0))
-        tl.store(part_ptr + pid * 3 + 1, tl.sum(b * b, axis=0))
-        tl.store(part_ptr + pid * 3 + 2, tl.sum(a * b, axis=0))
-
-    @triton.jit
-    def _slerp_blend_kernel(a_ptr, b_ptr, keep_ptr, out_ptr, n, ca, cb, HAS_KEEP: tl.constexpr,
-                            OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-        # out = ca·a + cb·b in float32, one rounding on store; `keep` entries copy a (transplant).
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = ca * a + cb * b
-        if HAS_KEEP:
-            r = tl.where(tl.load(keep_ptr + offs, mask=mask, other=0) != 0, a, r)
-        if OUT_BF16:
-            tl.store(out_ptr + offs, bf16_bits_rne(r), mask=mask)
-        else:
-            tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _mask_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if mask is None else mask.view(torch.uint8)
-
-
-def slerp_reduce_triton(a: torch.Tensor, b: torch.Tensor, *, exclude: torch.Tensor | None = None
-                        ) -> tuple[float, float, float]:
-    """Triton version of slerp_reduce (float32 inputs, bf16 or fp16)."""
-    n = a.numel()
-    programs = triton.cdiv(n, _BLOCK)
-    parts = torch.zeros(max(programs, 1) * 3, dtype=torch.float32, device=a.device)
-    if programs:
-        ex = _mask_bytes(exclude)
-        _slerp_reduce_kernel[(programs,)](a, b, ex if ex is not None else a, parts, n,
-                                          HAS_EXCLUDE=ex is not None, BLOCK=_BLOCK)
-    aa, bb, ab = parts.view(-1, 3).double().sum(0).tolist()
-    return aa, bb, ab
-
-
-def slerp_blend_triton(a: torch.Tensor, b: torch.Tensor, ca: float, cb: float, *, out: torch.Tensor,
-                       keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of slerp_blend."""
-    n = a.numel()
-    if n:
-        k = _mask_bytes(keep)
-        bf16 = out.dtype == torch.bfloat16
-        _slerp_blend_kernel[(triton.cdiv(n, _BLOCK),)](
-            a, b, k if k is not None else a, out.view(torch.int16) if bf16 else out, n, float(ca), float(cb),
-            HAS_KEEP=k is not None, OUT_BF16=bf16, BLOCK=_BLOCK)
-    return out
 
 
 def slerp_reduce(
@@ -122,6 +50,8 @@ def slerp_reduce(
         check_flat("exclude", exclude, n)
     dt = compute_dtype(a, b)
     if dt == torch.float32 and resolve(backend, a, b) == "triton":
+        from ._slerp_triton import slerp_reduce_triton
+
         return slerp_reduce_triton(a, b, exclude=exclude)
     aa = bb = ab = 0.0
     for s, e in chunks(n):
@@ -181,6 +111,8 @@ def slerp_blend(
         check_flat("keep", keep, n)
     dt = compute_dtype(a, b)
     if dt == torch.float32 and out.dtype != torch.float64 and resolve(backend, a, b, out) == "triton":
+        from ._slerp_triton import slerp_blend_triton
+
         return slerp_blend_triton(a, b, ca, cb, out=out, keep=keep)
     for s, e in chunks(n):
         fa = scratch("slerp.a", e - s, dt)
