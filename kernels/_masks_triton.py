@@ -1,0 +1,73 @@
+# Triton kernels of kernels/masks.py (pack, unpack, popcount overlap), imported lazily by it.
+# Format and byte counts: see the header of kernels/masks.py.
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BYTES = 512  # packed bytes per program (4096 entries)
+
+
+@triton.jit
+def _pack_kernel(mask_ptr, out_ptr, n, BYTES: tl.constexpr):
+    pid = tl.program_id(0)
+    byte = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    entry = byte[:, None] * 8 + tl.arange(0, 8)[None, :]
+    bits = tl.load(mask_ptr + entry, mask=entry < n, other=0).to(tl.int32)
+    packed = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
+    tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte * 8 < n)
+
+
+@triton.jit
+def _unpack_kernel(packed_ptr, out_ptr, m, BYTES: tl.constexpr):
+    pid = tl.program_id(0)
+    byte = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    values = tl.load(packed_ptr + byte, mask=byte < m, other=0).to(tl.int32)
+    bits = (values[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    entry = byte[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(out_ptr + entry, bits.to(tl.uint8), mask=entry < m * 8)
+
+
+@triton.jit
+def _popcount(x):
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
+@triton.jit
+def _overlap_kernel(p_ptr, q_ptr, part_ptr, m, BYTES: tl.constexpr):
+    # per-program counts (no atomics); the host adds them up
+    pid = tl.program_id(0)
+    byte = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    inside = byte < m
+    p = tl.load(p_ptr + byte, mask=inside, other=0).to(tl.int32)
+    q = tl.load(q_ptr + byte, mask=inside, other=0).to(tl.int32)
+    tl.store(part_ptr + pid * 2, tl.sum(_popcount(p & q), axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(_popcount(p | q), axis=0))
+
+
+def pack_bits_triton(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    n = mask.numel()
+    if n:
+        _pack_kernel[(triton.cdiv(out.numel(), _BYTES),)](mask.view(torch.uint8), out, n, BYTES=_BYTES)
+    return out
+
+
+def unpack_bits_triton(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    m = packed.numel()
+    if m:
+        _unpack_kernel[(triton.cdiv(m, _BYTES),)](packed, out.view(torch.uint8), m, BYTES=_BYTES)
+    return out
+
+
+def overlap_triton(p: torch.Tensor, q: torch.Tensor) -> tuple[int, int]:
+    m = p.numel()
+    programs = triton.cdiv(m, _BYTES)
+    if not programs:
+        return 0, 0
+    parts = torch.zeros(programs * 2, dtype=torch.int32, device=p.device)
+    _overlap_kernel[(programs,)](p, q, parts, m, BYTES=_BYTES)
+    inter, union = parts.view(-1, 2).long().sum(0).tolist()
+    return inter, union
