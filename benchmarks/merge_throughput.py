@@ -160,24 +160,26 @@ def main() -> None:
     outs.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "cpift.cli.merge_cli"]
     a, b, base = (str(models[k]) for k in ("task_a", "task_b", "base"))
+    # (op, provider) -> (command, input dirs, output dir)
     cases = {
-        ("floor", "floor-2"): ([sys.executable, "-c", FLOOR, str(outs / "floor2"), a, b], [a, b]),
-        ("slerp", "cpift"): (cli + ["slerp", a, b, "--t", "0.3", "-o", str(outs / "cpift-slerp"), "-q"], [a, b]),
-        ("floor", "floor-3"): ([sys.executable, "-c", FLOOR, str(outs / "floor3"), base, a, b], [base, a, b]),
+        ("floor", "floor-2"): ([sys.executable, "-c", FLOOR, str(outs / "floor2"), a, b], [a, b], outs / "floor2"),
+        ("slerp", "cpift"): (cli + ["slerp", a, b, "--t", "0.3", "-o", str(outs / "cpift-slerp"), "-q"], [a, b],
+                             outs / "cpift-slerp"),
+        ("floor", "floor-3"): ([sys.executable, "-c", FLOOR, str(outs / "floor3"), base, a, b], [base, a, b],
+                               outs / "floor3"),
         ("ties", "cpift"): (cli + ["ties", "--base", base, a, b, "--weights", "1,0.5", "--density", "0.3",
-                                   "-o", str(outs / "cpift-ties"), "-q"], [base, a, b]),
+                                   "-o", str(outs / "cpift-ties"), "-q"], [base, a, b], outs / "cpift-ties"),
         ("task-arithmetic", "cpift"): (cli + ["task-arithmetic", "--base", base, a, b, "--weights", "1,0.5",
-                                              "-o", str(outs / "cpift-ta"), "-q"], [base, a, b]),
+                                              "-o", str(outs / "cpift-ta"), "-q"], [base, a, b], outs / "cpift-ta"),
     }
     if args.mergekit:
         for method in ("slerp", "ties"):
             cfg = mergekit_yaml(args.workdir / f"mergekit-{method}.yml", method, models)
-            cases[(method, "mergekit")] = ([args.mergekit, str(cfg), str(outs / f"mergekit-{method}"),
-                                            "--lazy-unpickle", "--no-copy-tokenizer", "--quiet",
-                                            "--no-write-model-card"], [base, a, b] if method == "ties" else [a, b])
-    # where each case writes: the argument after -o, the floor script's first argument, mergekit's 2nd
-    out_dir = {k: Path(cmd[cmd.index("-o") + 1] if "-o" in cmd else cmd[3] if k[1].startswith("floor")
-                       else cmd[2]) for k, (cmd, _) in cases.items()}
+            out = outs / f"mergekit-{method}"
+            cases[(method, "mergekit")] = ([args.mergekit, str(cfg), str(out), "--lazy-unpickle",
+                                            "--no-copy-tokenizer", "--quiet", "--no-write-model-card"],
+                                           [base, a, b] if method == "ties" else [a, b], out)
+    out_dir = {k: out for k, (_, _, out) in cases.items()}
 
     def clean(key):
         shutil.rmtree(out_dir[key], ignore_errors=True)
@@ -186,13 +188,13 @@ def main() -> None:
     samples: dict = {k: [] for k in cases}
     cold: dict = {}
     for r in range(args.repeat):
-        for key, (cmd, _) in cases.items():
+        for key, (cmd, _, _) in cases.items():
             clean(key)
             samples[key].append(run_measured(cmd))
             print(f"run {r + 1}/{args.repeat} {key[1]:8s} {key[0]:16s} wall {samples[key][-1]['wall']:.2f} s "
                   f"work {samples[key][-1]['work']}", flush=True)
     rss = {}
-    for key, (cmd, _) in cases.items():
+    for key, (cmd, _, _) in cases.items():
         clean(key)
         rss[key] = peak_rss(cmd)
         print(f"peak RSS {key[1]:8s} {key[0]:16s} {rss[key] / 1e9:.2f} GB", flush=True)
@@ -201,7 +203,7 @@ def main() -> None:
     else:
         par = None
     if args.cold:
-        for key, (cmd, _) in cases.items():
+        for key, (cmd, _, _) in cases.items():
             clean(key)
             if not drop_caches():
                 cold = {"skipped": "cannot write /proc/sys/vm/drop_caches (not root or not permitted here)"}
@@ -215,7 +217,7 @@ def main() -> None:
     med = {k: statistics.median(s["wall"] for s in v) for k, v in samples.items()}
     med_work = {k: (statistics.median(s["work"] for s in v) if v[0]["work"] is not None else None)
                 for k, v in samples.items()}
-    for key, (cmd, inputs) in cases.items():
+    for key, (cmd, inputs, _) in cases.items():
         op, provider = key
         walls = sorted(s["wall"] for s in samples[key])
         in_bytes = sum(size[k] for k, p in models.items() if str(p) in inputs)

@@ -1,11 +1,11 @@
 """The streaming loop every merge runs: validate inputs, then read, combine and write tensor by tensor.
 
-Cost model: one read of every input byte and one write of the output, nothing more. Three stages
-overlap: a prefetch thread maps (and, on a cold cache, reads) tensor j+1 of every input while tensor
-j is computed from zero-copy views, and a writer thread writes tensor j−1 from one of two reused
-output buffers (fresh large allocations page-fault at ~3.5 GB/s here, slower than the math).
-Resident memory is about 2 × (Σ over inputs of the largest tensor) + 2 × the largest output tensor,
-independent of model size.
+Cost model: one read of every input byte and one write of the output, nothing more. A prefetch
+thread maps (and, on a cold cache, reads) the pages of tensor j+1 of every input and of its output
+while tensor j is computed from zero-copy views straight into the memory-mapped output shard; the
+kernel writes the dirty pages back. Page faults taken by torch's worker threads contend (0.85 GB/s
+here), which is why the prefetch thread maps pages ahead. Resident memory is about two tensors per
+input and two output tensors (finished ones are unmapped), independent of model size.
 """
 
 from __future__ import annotations

@@ -294,3 +294,8 @@ def test_config_command_end_to_end(capsys, llama, tmp_path, monkeypatch):
     assert "density: 1.5" in bad.read_text()
     assert_user_error(capsys, ["config", bad, "-o", tmp_path / "out2"], "bad.yml", "density", inputs=list(llama.values()))
     no_output(tmp_path, "out2")
+
+
+def test_demo_rejects_unknown_size(capsys, tmp_path):
+    assert_user_error(capsys, ["demo", "--size", "huge", "--workdir", tmp_path / "d"], "--size", "huge")
+    assert not (tmp_path / "d").exists()
