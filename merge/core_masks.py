@@ -1,0 +1,171 @@
+"""Core-mask files (DESIGN §4): one safetensors file per task, a packed-bit uint8 tensor per scored tensor.
+
+A mask entry covers a block of B consecutive entries of the row-major flattened parameter:
+granularity ``element`` (B = 1), ``row`` (B = the last dimension; a 1-D tensor is one row) or
+``block:N`` (B = N; the last block of a tensor may be shorter). Entry i covers flat elements
+[i·B, min((i+1)·B, numel)). The packed tensor holds ceil(numel / B) bits, bit j of byte i being
+entry 8i + j (kernels/masks.py).
+
+The header metadata (strings only, as safetensors requires) records:
+  format       "cpift-core-mask/1"
+  granularity  "element" | "row" | "block:N"
+  p, k         the percentage and the number of selected entries over all scored tensors
+  threshold    the k-th largest score (float32, as a decimal string), the tie rule's value
+  base, task   identity of the two models ("path" and "sha256" of their index or config), JSON
+  shapes       {tensor name: shape of the parameter}, JSON
+  counts       {tensor name: selected entries}, JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cpift.kernels.masks import packed_len, unpack_bits
+
+from .errors import CheckpointError, MismatchError, ParameterError
+
+FORMAT = "cpift-core-mask/1"
+
+
+def parse_granularity(value: str) -> str:
+    """Normalise 'element' | 'row' | 'block:N' (N ≥ 1); raise ParameterError otherwise."""
+    v = str(value).strip().lower()
+    if v in ("element", "row"):
+        return v
+    if v.startswith("block:"):
+        try:
+            n = int(v[6:])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return f"block:{n}"
+    raise ParameterError(f"granularity: expected element, row or block:N with N ≥ 1, got '{value}'")
+
+
+def block_size(granularity: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Entries of the flattened tensor one mask bit covers."""
+    g = parse_granularity(granularity)
+    if g == "element":
+        return 1
+    if g == "row":
+        return max(1, int(shape[-1])) if len(shape) else 1
+    return int(g[6:])
+
+
+def mask_entries(granularity: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Number of mask entries (bits) for a tensor of this shape."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    b = block_size(granularity, shape)
+    return (numel + b - 1) // b
+
+
+@dataclass
+class CoreMask:
+    """One task's core mask, loaded: packed bits per tensor plus the header metadata."""
+
+    path: Path
+    granularity: str
+    p: float
+    k: int
+    threshold: float
+    shapes: dict[str, tuple[int, ...]]
+    counts: dict[str, int]
+    base: dict
+    task: dict
+    packed: dict[str, torch.Tensor]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def entries(self, name: str) -> int:
+        return mask_entries(self.granularity, self.shapes[name])
+
+    def bits(self, name: str) -> torch.Tensor:
+        """The mask entries of one tensor as a 1-D bool tensor (one per block)."""
+        return unpack_bits(self.packed[name], self.entries(name), backend="torch")
+
+    def element_mask(self, name: str) -> torch.Tensor:
+        """A bool tensor shaped like the parameter: True on every element of a selected block."""
+        shape = self.shapes[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        bits = self.bits(name)
+        b = block_size(self.granularity, shape)
+        flat = bits if b == 1 else bits.repeat_interleave(b)[:numel]
+        return flat.reshape(shape)
+
+    def check_matches(self, shapes: dict[str, tuple[int, ...]], model: str | os.PathLike) -> None:
+        """Raise MismatchError unless every masked tensor exists in `shapes` with the same shape."""
+        for name, shape in self.shapes.items():
+            if name not in shapes:
+                raise MismatchError(f"{self.path}: mask tensor '{name}' is not in {model}; "
+                                    f"the mask was made for another model")
+            if tuple(shapes[name]) != tuple(shape):
+                raise MismatchError(f"{self.path}: mask tensor '{name}' has shape {list(shape)} but {model} "
+                                    f"has {list(shapes[name])}; the mask was made for another model")
+
+
+def save_core_mask(path: str | os.PathLike, packed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                   *, granularity: str, p: float, k: int, threshold: float, counts: dict[str, int],
+                   base: dict | None = None, task: dict | None = None) -> Path:
+    """Write a mask file atomically (sibling temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    g = parse_granularity(granularity)
+    for name, t in packed.items():
+        want = packed_len(mask_entries(g, shapes[name]))
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != want:
+            raise ValueError(f"save_core_mask: '{name}' must be uint8[{want}], got {t.dtype}{list(t.shape)}")
+    meta = {
+        "format": FORMAT, "granularity": g, "p": repr(float(p)), "k": str(int(k)),
+        "threshold": repr(float(threshold)), "base": json.dumps(base or {}), "task": json.dumps(task or {}),
+        "shapes": json.dumps({n: list(map(int, shapes[n])) for n in packed}),
+        "counts": json.dumps({n: int(counts.get(n, 0)) for n in packed}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({n: t.contiguous().cpu() for n, t in packed.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_core_mask(path: str | os.PathLike) -> CoreMask:
+    """Read and validate a mask file; CheckpointError names the file and what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: mask file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a cpift core mask (metadata format is "
+                                      f"{meta.get('format')!r}, expected '{FORMAT}')")
+            shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+            packed = {n: f.get_tensor(n) for n in f.keys()}
+            mask = CoreMask(path=path, granularity=parse_granularity(meta["granularity"]), p=float(meta["p"]),
+                            k=int(meta["k"]), threshold=float(meta["threshold"]), shapes=shapes,
+                            counts={n: int(c) for n, c in json.loads(meta["counts"]).items()},
+                            base=json.loads(meta["base"]), task=json.loads(meta["task"]), packed=packed)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: malformed core mask ({type(e).__name__}: {e})") from None
+    if set(packed) != set(shapes):
+        raise CheckpointError(f"{path}: malformed core mask (tensors and 'shapes' metadata disagree)")
+    for name, t in packed.items():
+        want = packed_len(mask.entries(name))
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != want:
+            raise CheckpointError(f"{path}: mask tensor '{name}' should be uint8[{want}], "
+                                  f"got {t.dtype}{list(t.shape)}")
+    return mask
