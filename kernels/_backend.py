@@ -33,4 +33,8 @@ def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
         if not on_cuda and not interpreting():
             raise ValueError("backend: Triton kernels run on CUDA tensors; set TRITON_INTERPRET=1 to run "
                              "them on the CPU (slow, for testing), or use --backend torch")
+    elif on_cuda:
+        # The torch kernels work in CPU scratch buffers (kernels/_scratch.py).
+        raise ValueError("backend: the torch kernels run on the CPU; use --backend triton (or auto) "
+                         "with --device cuda")
     return choice

@@ -48,6 +48,42 @@ def _overlap_kernel(p_ptr, q_ptr, part_ptr, m, BYTES: tl.constexpr):
     tl.store(part_ptr + pid * 2 + 1, tl.sum(_popcount(p | q), axis=0))
 
 
+@triton.jit
+def _pack_cut_kernel(x_ptr, b_ptr, out_ptr, tie_ptr, n, value, last_tie, HAS_BASE: tl.constexpr,
+                     F64: tl.constexpr, BYTES: tl.constexpr):
+    # Score, compare with the cut and pack in one pass; per-program tie counts (no atomics).
+    pid = tl.program_id(0)
+    byte = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    entry = byte[:, None] * 8 + tl.arange(0, 8)[None, :]
+    inside = entry < n
+    x = tl.load(x_ptr + entry, mask=inside, other=0.0)
+    x = x.to(tl.float64) if F64 else x.to(tl.float32)
+    if HAS_BASE:
+        b = tl.load(b_ptr + entry, mask=inside, other=0.0)
+        x = x - (b.to(tl.float64) if F64 else b.to(tl.float32))
+    s = tl.abs(x).to(tl.float32)
+    tie = inside & (s == value)
+    chosen = inside & ((s > value) | (tie & (entry <= last_tie)))
+    packed = tl.sum(chosen.to(tl.int32) << tl.arange(0, 8)[None, :], axis=1)
+    tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte * 8 < n)
+    tl.store(tie_ptr + pid, tl.sum(tl.sum(tie.to(tl.int32), axis=1), axis=0))
+
+
+def pack_cut_triton(x: torch.Tensor, base: torch.Tensor | None, value: float, last_tie: int,
+                    out: torch.Tensor) -> int:
+    """Launch _pack_cut_kernel; last_tie is local to x. Returns the number of scores equal to value."""
+    n = x.numel()
+    programs = triton.cdiv(out.numel(), _BYTES)
+    if not programs:
+        return 0
+    ties = torch.zeros(programs, dtype=torch.int32, device=x.device)
+    f64 = x.dtype == torch.float64 or (base is not None and base.dtype == torch.float64)
+    # A last_tie beyond the tensor means every tie; clamping keeps it in int64 range either way.
+    _pack_cut_kernel[(programs,)](x, base if base is not None else x, out, ties, n, value,
+                                  max(-1, min(last_tie, n)), HAS_BASE=base is not None, F64=f64, BYTES=_BYTES)
+    return int(ties.long().sum())
+
+
 def pack_bits_triton(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = mask.numel()
     if n:

@@ -5,7 +5,10 @@
 #   pack_bits(mask)            bool[n]  → uint8[ceil(n/8)]
 #   unpack_bits(packed, n)     uint8[m] → bool[n]
 #   overlap(p, q)              (|P ∩ Q|, |P ∪ Q|) by popcount of p & q and p | q, for Jaccard
-# Bytes per entry: pack reads 1 (bool) and writes 1/8; overlap reads 2/8.
+#   pack_cut(x, base, cut)     score |x − base|, apply a select.Cut (ties: flat index ≤ last_tie) and
+#                              pack, in one pass; also counts the scores equal to the cut's value
+# Bytes per entry: pack reads 1 (bool) and writes 1/8; overlap reads 2/8; pack_cut reads the two
+# inputs and writes 1/8 (the bool mask never exists).
 #
 # The torch functions work in chunks of CHUNK bytes through reused scratch (no fresh large tensors);
 # the Triton kernels (kernels/_masks_triton.py, imported only when they run) do the same per block.
@@ -14,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve
-from ._scratch import CHUNK, chunks, scratch
+from ._scratch import CHUNK, check_flat, chunks, scratch
+from .select import Cut, cut_mask, magnitude_scores
 
 _WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -35,16 +39,51 @@ def pack_bits(mask: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
         from ._masks_triton import pack_bits_triton
 
         return pack_bits_triton(mask, out)
-    full = n // 8
-    body = mask[: full * 8].view(torch.uint8).view(full, 8)
-    for s, e in chunks(full, CHUNK // 8):
-        bits = scratch("masks.bits", (e - s) * 8, torch.uint8).view(e - s, 8)
-        torch.mul(body[s:e], _WEIGHTS, out=bits)
-        out[s:e] = bits.sum(1, dtype=torch.uint8)
-    if n % 8:
+    for s, e in chunks(n):  # CHUNK is a multiple of 8: chunk s starts at byte s // 8
+        _pack_into(mask[s:e], out[s // 8:])
+    return out
+
+
+def _pack_into(mask: torch.Tensor, out: torch.Tensor) -> None:
+    """Pack a bool chunk whose length is a multiple of 8, or the tensor's tail, into out."""
+    full = mask.numel() // 8
+    if full:
+        bits = scratch("masks.bits", full * 8, torch.uint8).view(full, 8)
+        torch.mul(mask[: full * 8].view(torch.uint8).view(full, 8), _WEIGHTS, out=bits)
+        out[:full] = bits.sum(1, dtype=torch.uint8)
+    if mask.numel() % 8:
         tail = mask[full * 8:].view(torch.uint8)
         out[full] = int((tail * _WEIGHTS[: tail.numel()]).sum())
-    return out
+
+
+def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out: torch.Tensor | None = None,
+             backend: str | None = None) -> tuple[torch.Tensor, int]:
+    """Packed mask of the entries a Cut selects among the scores |x − base|, and the tie count.
+
+    Args:
+        x, base: 1-D tensors of one length (base None: the scores are |x|, e.g. block scores).
+        cut: the selection; its last_tie is a flat index into x.
+        out: uint8[ceil(n / 8)] to write into, or None.
+    Returns:
+        (packed, number of scores equal to cut.value), the latter for splitting ties across tensors.
+    """
+    check_flat("x", x)
+    n = x.numel()
+    if base is not None:
+        check_flat("base", base, n)
+    if out is None:
+        out = torch.empty(packed_len(n), dtype=torch.uint8, device=x.device)
+    check_flat("out", out, packed_len(n))
+    if resolve(backend, x, base) == "triton":
+        from ._masks_triton import pack_cut_triton
+
+        return out, pack_cut_triton(x, base, float(cut.value), int(cut.last_tie), out)
+    ties = 0
+    for s, e in chunks(n):  # CHUNK is a multiple of 8: chunk s starts at byte s // 8
+        scores = magnitude_scores(x, base, s, e)
+        ties += int((scores == cut.value).sum())
+        _pack_into(cut_mask(scores, cut, s, out=scratch("masks.sel", e - s, torch.bool)), out[s // 8:])
+    return out, ties
 
 
 def unpack_bits(packed: torch.Tensor, n: int, *, backend: str | None = None) -> torch.Tensor:

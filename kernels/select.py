@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ._scratch import check_flat, chunks, compute_dtype, scratch
-
-BINS = 1 << 16
+from .scores import BINS, add_high_counts, add_low_counts
 
 
 @dataclass(frozen=True)
@@ -71,29 +70,22 @@ class RadixSelect:
 
     Call add_high on every chunk, then select_bin(k), then add_low on every chunk (the same
     scores again, in any order), then threshold(). k may be 0 (nothing) or the total count.
+    Kernels that score and count in one pass (kernels/scores.py) add to `high` / `low` directly,
+    the latter only for scores in bin `bin`, and add their score count to `total`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
         self.total = 0
-        self._high = torch.zeros(BINS, dtype=torch.int64)
-        self._low = torch.zeros(BINS, dtype=torch.int64)
+        self.high = torch.zeros(BINS, dtype=torch.int64, device=device)
+        self.low = torch.zeros(BINS, dtype=torch.int64, device=device)
+        self.bin = -1  # -1 matches no bin: a pass 2 for k = 0 counts nothing
         self._k: int | None = None
-        self._bin = -1
         self._above = 0
-
-    def _high_bits(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if scores.dtype != torch.float32:
-            raise ValueError(f"RadixSelect: scores must be float32, got {scores.dtype}")
-        bits = scores.reshape(-1).view(torch.int32)
-        high = scratch("select.high", bits.numel(), torch.int32)
-        torch.bitwise_right_shift(bits, 16, out=high)
-        return bits, high
 
     def add_high(self, scores: torch.Tensor) -> None:
         """Pass 1: count the chunk's scores by their top 16 bits."""
-        _, high = self._high_bits(scores)
-        self._high += torch.bincount(high, minlength=BINS)
-        self.total += high.numel()
+        add_high_counts(self.high, _float32(scores))
+        self.total += scores.numel()
 
     def select_bin(self, k: int) -> int:
         """After pass 1: fix k; return how many scores lie in bins above the k-th largest's bin."""
@@ -101,23 +93,17 @@ class RadixSelect:
             raise ValueError(f"RadixSelect: k must be in [0, {self.total}], got {k}")
         self._k = k
         if k == 0:
-            self._bin, self._above = -1, 0  # -1 matches no bin: pass 2 counts nothing
+            self.bin, self._above = -1, 0
             return 0
-        self._bin, self._above = _rank_in(self._high, k)
+        self.bin, self._above = _rank_in(self.high.cpu(), k)
         return self._above
 
     def add_low(self, scores: torch.Tensor) -> None:
         """Pass 2: count the low 16 bits of the chunk's scores that fall in the selected bin."""
         if self._k is None:
             raise RuntimeError("RadixSelect: call select_bin(k) before add_low")
-        if self._k == 0:
-            return
-        bits, high = self._high_bits(scores)
-        in_bin = scratch("select.in_bin", bits.numel(), torch.bool)
-        torch.eq(high, self._bin, out=in_bin)
-        # Usually a small fraction of the chunk, so gathering beats a full-width histogram.
-        low = bits[in_bin].bitwise_and_(0xFFFF)
-        self._low += torch.bincount(low, minlength=BINS)
+        if self._k:
+            add_low_counts(self.low, _float32(scores), self.bin)
 
     def threshold(self) -> tuple[float, int, int]:
         """After pass 2: (k-th largest value v, #scores > v, #scores == v); (inf, 0, 0) for k = 0."""
@@ -125,9 +111,16 @@ class RadixSelect:
             raise RuntimeError("RadixSelect: call select_bin(k) and add_low before threshold")
         if self._k == 0:
             return math.inf, 0, 0
-        low, above_low = _rank_in(self._low, self._k - self._above)
-        value = _bits_to_float((self._bin << 16) | low)
-        return value, self._above + above_low, int(self._low[low])
+        low = self.low.cpu()
+        bin_low, above_low = _rank_in(low, self._k - self._above)
+        value = _bits_to_float((self.bin << 16) | bin_low)
+        return value, self._above + above_low, int(low[bin_low])
+
+
+def _float32(scores: torch.Tensor) -> torch.Tensor:
+    if scores.dtype != torch.float32:
+        raise ValueError(f"RadixSelect: scores must be float32, got {scores.dtype}")
+    return scores.reshape(-1)
 
 
 def magnitude_scores(
@@ -261,15 +254,21 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut:
     ties = k - greater
     if ties == equal:
         return Cut(value=value, last_tie=n - 1)
+    return Cut(value=value, last_tie=tie_index(x, base, value, ties))
+
+
+def tie_index(x: torch.Tensor, base: torch.Tensor | None, value: float, r: int) -> int:
+    """Flat index of the r-th (1-based, lowest index first) score |x − base| equal to value; −1 for r = 0."""
     seen = 0
-    for s, e in chunks(n):
+    if r <= 0:
+        return -1
+    for s, e in chunks(x.numel()):
         scores = magnitude_scores(x, base, s, e)
         count = _count_equal(scores, value)
-        if seen + count >= ties:
-            index = int((scores == value).nonzero()[ties - seen - 1])
-            return Cut(value=value, last_tie=s + index)
+        if seen + count >= r:
+            return s + int((scores == value).nonzero()[r - seen - 1])
         seen += count
-    raise AssertionError("magnitude_cut: tie count changed between passes (input modified?)")
+    raise ValueError(f"tie_index: only {seen} scores equal {value}, asked for the {r}-th (input modified?)")
 
 
 def _scores_ref(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:

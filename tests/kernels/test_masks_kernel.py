@@ -8,7 +8,8 @@ from _compare import assert_exact
 
 from cpift.kernels._backend import HAS_TRITON
 from cpift.kernels._scratch import CHUNK
-from cpift.kernels.masks import overlap, overlap_ref, pack_bits, pack_bits_ref, packed_len, unpack_bits
+from cpift.kernels.masks import overlap, overlap_ref, pack_bits, pack_bits_ref, pack_cut, packed_len, unpack_bits
+from cpift.kernels.select import magnitude_cut, magnitude_mask_ref
 
 SIZES = [0, 1, 7, 8, 9, 1023, 3000, 2 * CHUNK + 13]
 IDS = ["n0", "n1", "n7", "n8", "n9", "n1023", "n3000", "2chunks+13"]
@@ -61,3 +62,22 @@ def test_overlap_of_full_and_empty_bytes(backend: str) -> None:
     assert overlap(pack_bits(full), pack_bits(full), backend=backend) == (n, n)
     assert overlap(pack_bits(full), pack_bits(half), backend=backend) == ((n + 1) // 2, n)
     assert overlap(pack_bits(~full), pack_bits(~full), backend=backend) == (0, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("n", [0, 1, 9, 4095, 5003], ids=["n0", "n1", "n9", "n4095", "n5003"])
+def test_pack_cut_equals_reference_selection(n: int, dtype: torch.dtype, backend: str) -> None:
+    """Score, cut (ties: lowest index first, so last_tie falls mid-tensor) and pack in one pass."""
+    x = (torch.randint(-6, 7, (n,)) / 4).to(dtype)  # many equal |x − base|
+    base = (torch.randint(-2, 3, (n,)) / 8).to(dtype)
+    for k in sorted({0, n // 3, n}):
+        cut = magnitude_cut(x, base, k)
+        packed, ties = pack_cut(x, base, cut=cut, backend=backend)
+        assert_exact(packed, pack_bits_ref(magnitude_mask_ref(x, base, k)))
+        scores = (x.double() - base.double()).abs().float()
+        assert ties == int((scores == cut.value).sum())
+    scores_only = (x.double() - base.double()).abs().float()
+    packed, _ = pack_cut(scores_only, None, cut=magnitude_cut(scores_only, None, n // 2), backend=backend)
+    assert_exact(packed, pack_bits_ref(magnitude_mask_ref(scores_only, None, n // 2)))

@@ -1,0 +1,94 @@
+# Triton kernel of kernels/scores.py (maths, precision and bytes per entry: see its header), imported
+# lazily by it. One launch scores ROWS blocks per program and, in the same pass, counts the high or
+# the low 16 bits of the scores into an int32 histogram with relaxed atomics (counts need no
+# ordering; acquire/release semantics would add a fence per atomic on the GPU).
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting
+
+BINS = 1 << 16
+
+
+@triton.jit
+def _score_kernel(x_ptr, b_ptr, s_ptr, hist_ptr, n, n_scores, block, high_bin,
+                  HAS_BASE: tl.constexpr, F64: tl.constexpr, WRITE: tl.constexpr, PASS: tl.constexpr,
+                  ROWS: tl.constexpr, INNER: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_scores
+    if INNER == 1:
+        # block == 1: one entry per score, a flat vector.
+        x = tl.load(x_ptr + rows, mask=row_ok, other=0.0)
+        if F64:
+            x = x.to(tl.float64)
+        else:
+            x = x.to(tl.float32)
+        if HAS_BASE:
+            b = tl.load(b_ptr + rows, mask=row_ok, other=0.0)
+            x = x - (b.to(tl.float64) if F64 else b.to(tl.float32))
+        s = tl.abs(x).to(tl.float32)
+    else:
+        # ROWS × INNER tiles walk along each block; sums in the compute dtype, one division.
+        if F64:
+            acc = tl.zeros([ROWS], dtype=tl.float64)
+        else:
+            acc = tl.zeros([ROWS], dtype=tl.float32)
+        cols = tl.arange(0, INNER)
+        for j0 in range(0, block, INNER):
+            offs = rows[:, None] * block + (j0 + cols)[None, :]
+            m = row_ok[:, None] & ((j0 + cols)[None, :] < block) & (offs < n)
+            x = tl.load(x_ptr + offs, mask=m, other=0.0)
+            if F64:
+                x = x.to(tl.float64)
+            else:
+                x = x.to(tl.float32)
+            if HAS_BASE:
+                b = tl.load(b_ptr + offs, mask=m, other=0.0)
+                x = x - (b.to(tl.float64) if F64 else b.to(tl.float32))
+            acc += tl.sum(tl.abs(x), axis=1)
+        count = tl.minimum(n - rows * block, block)
+        count = tl.where(row_ok, count, 1)
+        if F64:
+            s = (acc / count.to(tl.float64)).to(tl.float32)
+        else:
+            s = acc / count.to(tl.float32)
+    if WRITE:
+        tl.store(s_ptr + rows, s, mask=row_ok)
+    bits = s.to(tl.uint32, bitcast=True)
+    if PASS == 1:
+        tl.atomic_add(hist_ptr + (bits >> 16).to(tl.int32), 1, mask=row_ok, sem="relaxed")
+    if PASS == 2:
+        in_bin = row_ok & ((bits >> 16).to(tl.int32) == high_bin)
+        tl.atomic_add(hist_ptr + (bits & 0xFFFF).to(tl.int32), 1, mask=in_bin, sem="relaxed")
+
+
+def _tiles(block: int) -> tuple[int, int]:
+    """(ROWS, INNER): scores per program and entries per step along a block."""
+    if block == 1:
+        return (1 << 14 if interpreting() else 2048), 1
+    inner = min(triton.next_power_of_2(block), 4096 if interpreting() else 1024)
+    rows = max(1, (1 << 14 if interpreting() else 4096) // inner)
+    return rows, inner
+
+
+def score_triton(x: torch.Tensor, base: torch.Tensor | None, block: int, *, out: torch.Tensor | None,
+                 hist: torch.Tensor | None, high_bin: int | None) -> None:
+    """Launch the scoring kernel: write `out` (if given) and add to `hist` (if given)."""
+    n = x.numel()
+    m = (n + block - 1) // block
+    if m == 0:
+        return
+    counts = torch.zeros(BINS, dtype=torch.int32, device=x.device) if hist is not None else None
+    rows, inner = _tiles(block)
+    f64 = x.dtype == torch.float64 or (base is not None and base.dtype == torch.float64)
+    _score_kernel[(triton.cdiv(m, rows),)](
+        x, base if base is not None else x, out if out is not None else x,
+        counts if counts is not None else x, n, m, block, -1 if high_bin is None else int(high_bin),
+        HAS_BASE=base is not None, F64=f64, WRITE=out is not None,
+        PASS=0 if hist is None else (1 if high_bin is None else 2), ROWS=rows, INNER=inner)
+    if hist is not None:
+        hist += counts.to(hist.device)

@@ -1,0 +1,165 @@
+# Delta scoring: how far a fine-tune moved each entry (or block of entries), plus the radix-select
+# histograms of those scores, in one pass over (task, base).
+#
+# Maths: for blocks of B consecutive entries of the flattened tensors (B = 1: every entry; the last
+# block may be shorter, its mean is over the entries it has),
+#   s_j = fl32( mean_{e in block j} |x_e − base_e| )        (base None: |x_e|)
+# computed in float32 (float64 for float64 inputs) and rounded once to float32. For B = 1 this is
+# exactly kernels/select.py's score, so both backends give bit-identical element scores; block means
+# are sums in different orders on the two backends (a few float32 ulps apart).
+#
+# Histograms (radix select, kernels/select.py): a non-negative float32 orders like its bits read as
+# an unsigned integer, so the k-th largest of a stream of scores is found from
+#   high pass:  hist[bits(s) >> 16] += 1               over every score
+#   low pass:   hist[bits(s) & 0xFFFF] += 1             over scores with bits(s) >> 16 == high_bin
+# Both are accumulated into a caller-owned int64[65536] across calls (tensors, tasks, ranks).
+#
+# Bytes per entry: reads the two inputs (2× the storage size), writes 4/B (scores, when asked) and
+# nothing else; the 512 KiB histogram stays in cache. Triton kernel: kernels/_scores_triton.py
+# (imported only when it runs); it counts with relaxed atomics into an int32 histogram per call.
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve
+from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
+
+BINS = 1 << 16
+
+
+def score_count(n: int, block: int) -> int:
+    """Number of scores of an n-entry tensor in blocks of `block` entries."""
+    return (n + block - 1) // block
+
+
+def _check(x: torch.Tensor, base: torch.Tensor | None, block: int, hist: torch.Tensor | None) -> None:
+    check_flat("x", x)
+    if base is not None:
+        check_flat("base", base, x.numel())
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block: expected an integer ≥ 1, got {block!r}")
+    if hist is not None and (hist.dtype != torch.int64 or hist.shape != (BINS,)):
+        raise ValueError(f"hist: expected int64[{BINS}], got {hist.dtype}{list(hist.shape)}")
+
+
+def _chunk_scores(x: torch.Tensor, base: torch.Tensor | None, block: int, s: int, e: int) -> torch.Tensor:
+    """float32 scores of entries s..e-1 (s a multiple of block), in reused scratch."""
+    dt = compute_dtype(x, base)
+    work = scratch("scores.work", e - s, dt)
+    work.copy_(x[s:e])
+    if base is not None:
+        work.sub_(base[s:e])
+    work.abs_()
+    if block > 1:
+        full = (e - s) // block
+        m = score_count(e - s, block)
+        sums = scratch("scores.sums", m, dt)
+        if full:
+            torch.sum(work[: full * block].view(full, block), dim=1, out=sums[:full])
+            sums[:full].div_(block)
+        if m > full:
+            sums[full] = work[full * block:].mean()
+        work = sums
+    if dt == torch.float32:
+        return work
+    return scratch("scores.f32", work.numel(), torch.float32).copy_(work)
+
+
+def _span(block: int) -> int:
+    # Chunks hold whole blocks; a block larger than CHUNK is one chunk.
+    return max(block, CHUNK // block * block)
+
+
+def add_high_counts(hist: torch.Tensor, scores: torch.Tensor) -> None:
+    """hist[bits >> 16] += 1 over 1-D non-negative float32 scores."""
+    high = scratch("scores.high", scores.numel(), torch.int32)
+    torch.bitwise_right_shift(scores.view(torch.int32), 16, out=high)
+    hist += torch.bincount(high, minlength=BINS)
+
+
+def add_low_counts(hist: torch.Tensor, scores: torch.Tensor, high_bin: int) -> None:
+    """hist[bits & 0xFFFF] += 1 over the scores with bits >> 16 == high_bin."""
+    bits = scores.view(torch.int32)
+    high = scratch("scores.high", bits.numel(), torch.int32)
+    torch.bitwise_right_shift(bits, 16, out=high)
+    # Usually a small fraction of the chunk falls in the bin: gather it, then count.
+    low = bits[high == high_bin].bitwise_and_(0xFFFF)
+    hist += torch.bincount(low, minlength=BINS)
+
+
+def score_deltas(x: torch.Tensor, base: torch.Tensor | None = None, *, block: int = 1,
+                 hist: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """float32 scores mean|x − base| per block of `block` entries; hist += their high-16-bit counts.
+
+    Args:
+        x, base: 1-D tensors of one length, any float dtype (base None scores |x|).
+        block: entries per score (1 = per entry).
+        hist: int64[65536] histogram to accumulate into (radix select pass 1), or None.
+        out: float32[ceil(n / block)] to write into, or None for a new tensor.
+    Returns:
+        The scores.
+    """
+    _check(x, base, block, hist)
+    m = score_count(x.numel(), block)
+    if out is None:
+        out = torch.empty(m, dtype=torch.float32, device=x.device)
+    check_flat("out", out, m)
+    if resolve(backend, x, base) == "triton":
+        from ._scores_triton import score_triton
+
+        score_triton(x, base, block, out=out, hist=hist, high_bin=None)
+        return out
+    for s, e in chunks(x.numel(), _span(block)):
+        scores = _chunk_scores(x, base, block, s, e)
+        out[s // block: s // block + scores.numel()] = scores
+        if hist is not None:
+            add_high_counts(hist, scores)
+    return out
+
+
+def score_histogram(x: torch.Tensor, base: torch.Tensor | None = None, *, block: int = 1,
+                    hist: torch.Tensor, high_bin: int | None = None, backend: str | None = None) -> None:
+    """Histogram the scores without storing them: high pass, or low pass within `high_bin`.
+
+    high_bin None: hist[bits >> 16] += 1 for every score (radix select pass 1).
+    high_bin b:    hist[bits & 0xFFFF] += 1 for the scores with bits >> 16 == b (pass 2).
+    """
+    _check(x, base, block, hist)
+    if resolve(backend, x, base) == "triton":
+        from ._scores_triton import score_triton
+
+        score_triton(x, base, block, out=None, hist=hist, high_bin=high_bin)
+        return
+    for s, e in chunks(x.numel(), _span(block)):
+        scores = _chunk_scores(x, base, block, s, e)
+        if high_bin is None:
+            add_high_counts(hist, scores)
+        else:
+            add_low_counts(hist, scores, high_bin)
+
+
+def score_deltas_ref(x: torch.Tensor, base: torch.Tensor | None = None, *, block: int = 1) -> torch.Tensor:
+    """Oracle: float64 block means of |x − base| (not rounded to float32)."""
+    d = x.double() if base is None else x.double() - base.double()
+    d = d.abs()
+    n = d.numel()
+    m = score_count(n, block)
+    pad = torch.zeros(m * block, dtype=torch.float64)
+    pad[:n] = d
+    counts = torch.full((m,), float(block), dtype=torch.float64)
+    if m and n % block:
+        counts[-1] = n % block
+    return pad.view(m, block).sum(1) / counts if m else pad
+
+
+def histogram_ref(scores: torch.Tensor, high_bin: int | None = None) -> torch.Tensor:
+    """Oracle histograms of float32 scores, by Python integers over their bit patterns."""
+    hist = torch.zeros(BINS, dtype=torch.int64)
+    for bits in scores.float().view(torch.int32).tolist():
+        bits &= 0xFFFFFFFF
+        if high_bin is None:
+            hist[bits >> 16] += 1
+        elif bits >> 16 == high_bin:
+            hist[bits & 0xFFFF] += 1
+    return hist

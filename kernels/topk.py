@@ -1,0 +1,129 @@
+# Exact global top-k over a stream of tensors, for several tasks sharing one base: the selection of
+# CPI-FT's core regions (DESIGN §1.2), with memory independent of the number of tensors.
+#
+# For task i the scores are s = fl32(mean |x_i − base|) per block of B entries (kernels/scores.py,
+# B = 1 for single entries); the k_i largest over ALL tensors are selected. Ties at the threshold
+# are broken by position: tensors in stream order (callers stream in name order), then lowest flat
+# index, so exactly k_i entries are selected and the selection does not depend on chunking,
+# backend or device.
+#
+# Three passes over the stream, each reading every tensor once, in the same order:
+#   count   radix select pass 1: a 2^16-bin histogram of the scores' high 16 bits per task;
+#   refine  pass 2: the low 16 bits of the scores inside the bin that holds the k-th largest →
+#           the exact threshold v, #(s > v) and #(s == v) (kernels/select.py RadixSelect);
+#   pack    pass 3: packed masks of s > v plus the first r = k − #(s > v) ties in stream order.
+#           Each tensor is packed with all its ties selected (kernels/masks.py pack_cut, which also
+#           counts them); only in the tensor where the tie budget runs out is it packed again
+#           with its local last tie index: usually one tensor, usually none re-packed twice.
+# Element scores are recomputed from the inputs in each pass (nothing of size n is kept); block
+# scores (n / B floats) are computed per tensor and per pass and then treated as the inputs.
+# Memory: two 512 KiB histograms per task, plus the packed output of the tensor at hand.
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .masks import overlap, pack_cut
+from .scores import score_deltas, score_histogram
+from .select import Cut, RadixSelect, tie_index
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Where task i's selection lies: value v, #(s > v), #(s == v) over the stream, and k."""
+
+    k: int
+    value: float
+    above: int
+    equal: int
+
+
+class GlobalTopK:
+    """Drive the three passes; call each pass's method once per tensor, in the same order each pass.
+
+    Example:
+        top = GlobalTopK(tasks=2)
+        for base, xs, block in stream(): top.count(base, xs, block)
+        top.fix([k0, k1])
+        for base, xs, block in stream(): top.refine(base, xs, block)
+        for base, xs, block in stream(): masks = top.pack(base, xs, block)  # [(packed, count)] per task
+    """
+
+    def __init__(self, tasks: int, *, device: torch.device | str | None = None, backend: str | None = None):
+        if tasks < 1:
+            raise ValueError(f"GlobalTopK: need at least one task, got {tasks}")
+        self.backend = backend
+        self.selects = [RadixSelect(device) for _ in range(tasks)]
+        self.thresholds: list[Threshold] | None = None
+        self._ties_left: list[int] = []
+
+    def _inputs(self, base: torch.Tensor | None, x: torch.Tensor, block: int):
+        """(x, base) to score entry-wise: the inputs themselves, or their block scores."""
+        if block == 1:
+            return x, base
+        return score_deltas(x, base, block=block, backend=self.backend), None
+
+    def _check(self, xs: Sequence[torch.Tensor]) -> None:
+        if len(xs) != len(self.selects):
+            raise ValueError(f"GlobalTopK: expected {len(self.selects)} task tensors, got {len(xs)}")
+
+    def count(self, base: torch.Tensor | None, xs: Sequence[torch.Tensor], block: int = 1) -> None:
+        """Pass 1 for one tensor."""
+        self._check(xs)
+        for rs, x in zip(self.selects, xs):
+            score_histogram(x, base, block=block, hist=rs.high, backend=self.backend)
+            rs.total += -(-x.numel() // block)
+
+    @property
+    def totals(self) -> list[int]:
+        """Scores counted per task in pass 1 (the D of k = floor(p·D/100))."""
+        return [rs.total for rs in self.selects]
+
+    def fix(self, ks: Sequence[int]) -> None:
+        """After pass 1: the number of entries each task selects."""
+        if len(ks) != len(self.selects):
+            raise ValueError(f"GlobalTopK: expected {len(self.selects)} values of k, got {len(ks)}")
+        for rs, k in zip(self.selects, ks):
+            rs.select_bin(int(k))
+        self._ks = [int(k) for k in ks]
+
+    def refine(self, base: torch.Tensor | None, xs: Sequence[torch.Tensor], block: int = 1) -> None:
+        """Pass 2 for one tensor."""
+        self._check(xs)
+        for rs, x in zip(self.selects, xs):
+            if rs.bin >= 0:
+                score_histogram(x, base, block=block, hist=rs.low, high_bin=rs.bin, backend=self.backend)
+
+    def finish_refine(self) -> list[Threshold]:
+        """After pass 2: the thresholds (also kept in .thresholds)."""
+        out = []
+        for rs, k in zip(self.selects, self._ks):
+            value, above, equal = rs.threshold()
+            out.append(Threshold(k=k, value=value, above=above, equal=equal))
+        self.thresholds = out
+        self._ties_left = [t.k - t.above for t in out]
+        return out
+
+    def pack(self, base: torch.Tensor | None, xs: Sequence[torch.Tensor], block: int = 1
+             ) -> list[tuple[torch.Tensor, int]]:
+        """Pass 3 for one tensor: (packed mask, selected count) per task."""
+        self._check(xs)
+        if self.thresholds is None:
+            self.finish_refine()
+        out = []
+        for i, (x, t) in enumerate(zip(xs, self.thresholds)):
+            sx, sb = self._inputs(base, x, block)
+            n = sx.numel()
+            value = t.value if t.k else math.inf
+            packed, ties = pack_cut(sx, sb, cut=Cut(value, n), backend=self.backend)
+            if ties > self._ties_left[i]:
+                # The tie budget runs out inside this tensor: keep only its first ties.
+                last = tie_index(sx, sb, value, self._ties_left[i])
+                packed, _ = pack_cut(sx, sb, cut=Cut(value, last), out=packed, backend=self.backend)
+                ties = self._ties_left[i]
+            self._ties_left[i] -= ties
+            out.append((packed, overlap(packed, packed, backend=self.backend)[0]))
+        return out
