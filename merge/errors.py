@@ -34,3 +34,12 @@ class NonFiniteError(CpiftError, ValueError):
 
 class OutputError(CpiftError, OSError):
     """The output path exists (without overwrite) or cannot be written."""
+
+
+class DataError(CpiftError, ValueError):
+    """A training or evaluation dataset is missing, malformed or unusable; the message names file:line."""
+
+
+class HubError(CpiftError, OSError):
+    """A Hugging Face Hub repo or revision is missing or inaccessible, or the Hub cannot be reached
+    (offline without a cached copy)."""

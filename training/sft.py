@@ -1,0 +1,303 @@
+"""Supervised fine-tuning of a Hugging Face causal LM: a plain torch loop.
+
+Batches. Each optimizer step takes ``batch_size`` examples, the *global* batch, from a seeded
+shuffle of the training set, epoch after epoch (a step may span an epoch boundary). Under DDP each
+rank takes its share of them, and every rank splits its share into ``grad_accum`` micro-batches run
+one after the other. The loss of a step is the summed cross-entropy of its response tokens divided
+by the number of response tokens in the whole global batch, so the gradient is the same, up to
+float rounding, whether the batch runs in one piece, in micro-batches or on several ranks.
+
+Step: forward/backward of each micro-batch → zero the gradient of frozen entries → clip the global
+gradient norm → AdamW (decoupled weight decay on matrices only, as usual: norms and biases keep
+theirs) → write frozen entries back (training/freeze.py). Learning rate: linear warm-up over the
+first ``warmup`` share of the steps, then a cosine to zero, never zero at a step.
+
+Precision: float32 master weights; the forward under bf16 autocast on CUDA, float32 on the CPU.
+The model is saved in the dtype its checkpoint stored (a frozen bf16 entry survives the float32
+round trip bit for bit). On the CPU a run is deterministic for a given seed and thread count.
+
+Output: the model (``save_pretrained``, safetensors), the tokenizer and ``metrics.json`` (per-step
+loss and learning rate, the final eval, the settings) are written to a hidden sibling directory
+``.NAME.cpift-partial`` and renamed to NAME when complete; a run that dies leaves no NAME.
+
+Scale-out: under ``torchrun --nproc-per-node N`` (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel, gloo on the CPU and NCCL on CUDA (one GPU per rank, cuda:LOCAL_RANK).
+Every rank reads the same files, so data order and freeze masks are identical everywhere; gradients
+are all-reduced before the masks apply; rank 0 alone writes. A caller that runs several ``sft``
+calls in one torchrun process may initialise the process group itself; ``sft`` then reuses it.
+How FSDP2 would shard the masks: see training/freeze.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cpift.merge.errors import OutputError, ParameterError
+from cpift.merge.writer import check_output, partial_dir
+
+from .data import Dataset, collate, load_dataset
+from .evaluate import (autocast, evaluate_model, load_model, load_tokenizer, pad_id, pick_device,
+                       quiet_transformers, response_loss_sum)
+from .freeze import load_freezer
+
+
+@dataclass
+class SFTResult:
+    out: Path
+    steps: int
+    examples: int
+    truncated: int  # training examples cut to max_length
+    frozen: int  # parameter entries held fixed
+    tokens: int  # input tokens processed, padding excluded, all ranks
+    seconds: float
+    train_loss: list[float] = field(default_factory=list)  # per step, mean over the step's response tokens
+    lr: list[float] = field(default_factory=list)  # per step
+    eval: dict | None = None
+
+    def summary(self) -> str:
+        s = (f"sft: {self.steps} steps on {self.examples} examples ({self.truncated} truncated), loss "
+             f"{self.train_loss[0]:.4f} -> {self.train_loss[-1]:.4f}, {self.tokens:,} tokens in {self.seconds:.1f} s "
+             f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s), {self.frozen:,} entries frozen")
+        if self.eval:
+            s += (f"; eval loss {self.eval['loss']:.4f}, exact match {self.eval['exact_match']:.3f} "
+                  f"(n={self.eval['n']})")
+        return s + f" -> {self.out}"
+
+
+def _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm,
+           world: int) -> None:
+    if steps is not None and epochs is not None:
+        raise ParameterError("steps / epochs: give one of them, not both")
+    if steps is not None and steps < 1:
+        raise ParameterError(f"steps: must be at least 1, got {steps}")
+    if epochs is not None and not epochs > 0:
+        raise ParameterError(f"epochs: must be positive, got {epochs}")
+    if not lr > 0:
+        raise ParameterError(f"lr: must be positive, got {lr}")
+    if not weight_decay >= 0:
+        raise ParameterError(f"weight_decay: must be ≥ 0, got {weight_decay}")
+    if grad_accum < 1:
+        raise ParameterError(f"grad_accum: must be at least 1, got {grad_accum}")
+    if batch_size < world * grad_accum:
+        raise ParameterError(f"batch_size: {batch_size} examples cannot fill {grad_accum} micro-batch(es) on each of "
+                             f"{world} rank(s); use a batch size of at least {world * grad_accum}")
+    if max_length < 2:
+        raise ParameterError(f"max_length: must be at least 2 tokens, got {max_length}")
+    if not 0 <= warmup < 1:
+        raise ParameterError(f"warmup: the share of steps spent warming up must be in [0, 1), got {warmup}")
+    if max_grad_norm is not None and not max_grad_norm >= 0:
+        raise ParameterError(f"max_grad_norm: must be ≥ 0 (0 or None: no clipping), got {max_grad_norm}")
+
+
+def lr_factor(step: int, steps: int, warm: int) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based): linear warm-up, then cosine."""
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def global_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless global batches of example indices: a fresh seeded permutation per epoch, read in order."""
+    g = torch.Generator().manual_seed(seed)
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            pending += torch.randperm(n, generator=g).tolist()
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def split(items: list, parts: int) -> list[list]:
+    """``parts`` contiguous pieces whose sizes differ by at most one (the first ones larger)."""
+    q, r = divmod(len(items), parts)
+    bounds = [i * q + min(i, r) for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) outside it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory to ``out``, replacing an old output only now."""
+    try:
+        if out.exists():
+            trash = out.parent / f".{out.name}.cpift-old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write the output: {e.strerror or e}") from None
+
+
+def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLike, *,
+        eval: str | os.PathLike | None = None, steps: int | None = None, epochs: float | None = None,
+        lr: float = 2e-5, weight_decay: float = 0.0, batch_size: int = 8, grad_accum: int = 1,
+        max_length: int = 1024, warmup: float = 0.03, max_grad_norm: float | None = 1.0, seed: int = 0,
+        freeze: Sequence[str | os.PathLike] = (), overwrite: bool = False,
+        device: str | torch.device | None = None, progress: bool = True) -> SFTResult:
+    """Fine-tune a causal LM on JSONL prompt/response data, loss on response tokens only.
+
+    Args:
+        model: Hugging Face model directory (safetensors weights and tokenizer).
+        train: JSONL training data (see training/data.py for the line formats).
+        out: output directory, written atomically; must not exist unless ``overwrite``.
+        eval: JSONL data evaluated after training (loss and exact match, in metrics.json).
+        steps: optimizer steps. Default: ``epochs`` worth of steps.
+        epochs: passes over the training set (may be fractional); default 1 when ``steps`` is not given.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay, applied to matrices.
+        batch_size: examples per optimizer step over all micro-batches and ranks (the global batch).
+        grad_accum: micro-batches each rank splits its share of a step into (memory, not maths).
+        max_length: tokens kept per example (the first ones); truncations are counted.
+        warmup: share of the steps with a linear warm-up, in [0, 1).
+        max_grad_norm: clip the global gradient L2 norm to this; 0 or None: no clipping.
+        seed: data order and dropout.
+        freeze: core-mask files; every entry set in any of them stays bit-identical.
+        overwrite: replace an existing ``out`` (only once the new one is complete).
+        device: default CUDA when available (cuda:LOCAL_RANK under torchrun), else the CPU.
+        progress: show a tqdm bar with loss and tokens/s (rank 0 only).
+
+    Returns:
+        SFTResult (steps, per-step loss, tokens, time, the eval dict, the output path).
+
+    Raises:
+        ParameterError, DataError, CheckpointError, MismatchError, OutputError: bad options, data,
+        model, mask or output path, all found before the first step; nothing is written then.
+
+    Example:
+        >>> sft("base", "math.jsonl", "probe-math", steps=200, lr=1e-5, batch_size=16).summary()
+    """
+    world, rank, local_rank = _dist_env()
+    _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm, world)
+    out = check_output(out, overwrite=overwrite)
+    dev = pick_device(device)
+    if world > 1 and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+
+    tokenizer = load_tokenizer(model)
+    data = load_dataset(train, tokenizer, max_length=max_length)
+    eval_data = load_dataset(eval, tokenizer, max_length=max_length, for_eval=True) if eval is not None else None
+    net, stored_dtype = load_model(model, dev)
+    freezer = load_freezer(net, freeze, model_label=model)
+    if steps is None:
+        steps = max(1, math.ceil((epochs or 1.0) * len(data) / batch_size))
+
+    import torch.distributed as dist
+
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    tmp = partial_dir(out)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            result = _train(net, tokenizer, data, steps=steps, lr=lr, weight_decay=weight_decay,
+                            batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
+                            max_grad_norm=max_grad_norm, seed=seed, freezer=freezer, world=world, rank=rank,
+                            progress=progress and rank == 0)
+        result.out, result.truncated = out, data.truncated
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died; never a finished output
+            with quiet_transformers():
+                net.to(stored_dtype).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            if eval_data is not None:
+                # evaluate the weights as saved: float32 of the stored dtype, as `cpift-train eval` loads them
+                result.eval = evaluate_model(net.float(), tokenizer, eval_data, progress=progress)
+            metrics = {"model": str(model), "train": str(train), "eval_data": None if eval is None else str(eval),
+                       "settings": dict(steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                                        warmup=warmup, max_grad_norm=max_grad_norm, seed=seed,
+                                        freeze=[str(f) for f in freeze], world_size=world, device=str(dev),
+                                        saved_dtype=str(stored_dtype).removeprefix("torch.")),
+                       "examples": result.examples, "truncated": result.truncated, "frozen_entries": result.frozen,
+                       "tokens": result.tokens, "seconds": result.seconds, "train_loss": result.train_loss,
+                       "lr": result.lr, "eval": result.eval}
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            _publish(tmp, out)
+        if world > 1:
+            dist.barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    return result
+
+
+def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: float, weight_decay: float,
+           batch_size: int, grad_accum: int, warmup: float, max_grad_norm: float | None, seed: int, freezer,
+           world: int, rank: int, progress: bool) -> SFTResult:
+    """The optimisation loop; returns per-step loss and lr, token count and time."""
+    dev = next(net.parameters()).device
+    model = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    warm = round(warmup * steps)
+    pad = pad_id(tokenizer)
+    run = SFTResult(out=Path(), steps=steps, examples=len(data), truncated=0, frozen=freezer.frozen, tokens=0, seconds=0.0)
+    batches = global_batches(len(data), batch_size, seed)
+    net.train()
+    bar = tqdm(total=steps, desc="sft", unit="step", disable=not progress)
+    start = time.perf_counter()
+    for step in range(steps):
+        run.lr.append(lr * lr_factor(step, steps, warm))
+        for group in opt.param_groups:
+            group["lr"] = run.lr[-1]
+        chosen = [data.examples[i] for i in next(batches)]
+        targets = sum(e.targets for e in chosen)  # the step's normaliser, known on every rank
+        micro = split(split(chosen, world)[rank], grad_accum)
+        stats = torch.zeros(2, dtype=torch.float64)  # summed loss, input tokens
+        for j, part in enumerate(micro):
+            batch = {k: v.to(dev) for k, v in collate(part, pad).items()}
+            sync = world == 1 or j == len(micro) - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast(dev):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = response_loss_sum(logits, batch["labels"])
+                # DDP averages gradients over ranks; × world turns that average back into the global sum
+                (loss * (world / targets)).backward()
+            stats += torch.tensor([loss.item(), batch["attention_mask"].sum().item()], dtype=torch.float64)
+        freezer.mask_grads()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        freezer.restore()
+        if world > 1:
+            import torch.distributed as dist
+
+            reduced = stats.to(dev)
+            dist.all_reduce(reduced)
+            stats = reduced.cpu()
+        run.train_loss.append(float(stats[0]) / targets)
+        run.tokens += int(stats[1])
+        run.seconds = time.perf_counter() - start
+        bar.set_postfix(loss=f"{run.train_loss[-1]:.4f}", tok_s=f"{run.tokens / run.seconds:,.0f}")
+        bar.update()
+    bar.close()
+    return run
