@@ -1,0 +1,143 @@
+"""``cpift-train``: SFT with exact core freezing, and evaluation; thin layers over ``cpift.training``.
+
+User errors (bad data lines, options, masks, paths) print one line on stderr and exit with code 2.
+Under ``torchrun --nproc-per-node N cpift-train sft ...`` (or ``python -m torch.distributed.run
+... -m cpift.cli.train_cli sft ...``) training runs with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from cpift.merge.errors import CpiftError
+
+
+def _threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+THREADS_HELP = ("torch compute threads per process (default: torch's choice, one per core). Use 1 when other "
+                "work shares the CPU.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             no_args_is_help=True)
+@click.version_option(package_name="cpift")
+def cli() -> None:
+    """Fine-tune and evaluate Hugging Face causal LMs on JSONL data.
+
+    Data files hold one JSON object per line: {"prompt": ..., "response": ...} or
+    {"messages": [{"role": ..., "content": ...}, ...]} (rendered with the tokenizer's chat template
+    when it has one). The loss counts response (assistant) tokens only.
+    """
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(), help="Model directory to start from (safetensors + tokenizer).")
+@click.option("--train", "train", required=True, type=click.Path(), help="Training data, JSONL.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output model directory; written to a hidden sibling and renamed when complete.")
+@click.option("--eval", "eval_data", type=click.Path(), default=None,
+              help="JSONL evaluated after training (mean response loss, exact match), recorded in OUT/metrics.json.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps. Default: --epochs worth of steps.")
+@click.option("--epochs", type=float, default=None,
+              help="Passes over the training data, may be fractional (default 1 when --steps is not given).")
+@click.option("--lr", type=float, default=2e-5, show_default=True,
+              help="Peak learning rate of AdamW, reached after the warm-up, then cosine to zero.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True,
+              help="AdamW decoupled weight decay: each step multiplies weight matrices by 1 - lr x this.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Examples per optimizer step, over all --grad-accum micro-batches and all torchrun processes.")
+@click.option("--grad-accum", type=int, default=1, show_default=True,
+              help="Micro-batches each process splits its share of a step into (saves memory; same result).")
+@click.option("--max-length", type=int, default=1024, show_default=True,
+              help="Tokens kept per example (the first ones); truncated examples are counted in the summary.")
+@click.option("--warmup", type=float, default=0.03, show_default=True,
+              help="Share of the steps, in [0, 1), over which the learning rate rises linearly to --lr.")
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
+              help="Clip the global gradient L2 norm to this; 0: no clipping.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the data order and dropout; on the CPU the same seed gives the same weights.")
+@click.option("--freeze", multiple=True, type=click.Path(),
+              help="Core-mask file (cpift core-mask safetensors); every entry set in it stays bit-identical. "
+                   "Repeat for several masks.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; the summary line only.")
+def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length,
+        warmup, max_grad_norm, seed, freeze, overwrite, device, threads, quiet):
+    """Supervised fine-tuning; writes OUT (model, tokenizer, metrics.json) when complete."""
+    from cpift.training.sft import sft as run_sft
+
+    _threads(threads)
+    result = run_sft(model, train, out, eval=eval_data, steps=steps, epochs=epochs, lr=lr,
+                     weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum,
+                     max_length=max_length, warmup=warmup, max_grad_norm=max_grad_norm or None, seed=seed,
+                     freeze=list(freeze), overwrite=overwrite, device=device, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(result.summary())
+
+
+@cli.command("eval")
+@click.option("--model", required=True, type=click.Path(), help="Model directory (safetensors + tokenizer).")
+@click.option("--data", required=True, type=click.Path(),
+              help="JSONL; each conversation must end with the assistant turn that generation is compared with.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result to this JSON file (atomically).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward / generation batch.")
+@click.option("--max-length", type=int, default=1024, show_default=True,
+              help="Tokens kept per example (the first ones) for the loss.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Generation budget in tokens (default: the reference's token count + 8).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens, device, threads, quiet):
+    """Mean response loss (nats per token) and exact match of greedy generation, printed as JSON."""
+    from pathlib import Path
+
+    from cpift.merge.errors import OutputError
+    from cpift.training.evaluate import evaluate
+
+    if json_path is not None and not Path(json_path).resolve().parent.is_dir():
+        raise OutputError(f"{json_path}: parent directory does not exist")
+    _threads(threads)
+    result = evaluate(model, data, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+                      device=device, progress=not quiet)
+    text = json.dumps(result)
+    if json_path is not None:
+        path = Path(json_path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    click.echo(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="cpift-train", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("cpift-train: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"cpift-train: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except CpiftError as e:
+        click.echo(f"cpift-train: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("cpift-train: interrupted; no output was written", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
