@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
-from .scores import BINS, add_high_counts, add_low_counts
+from .scores import BINS, add_high_counts, add_low_counts, score_histogram
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,11 @@ def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
     return value, above + int((cand > value).sum()), int((cand == value).sum())
 
 
-def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut:
-    """The Cut selecting exactly the k largest |x − base| of a 1-D tensor (lowest index wins ties)."""
+def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend: str | None = None) -> Cut:
+    """The Cut selecting exactly the k largest |x − base| of a 1-D tensor (lowest index wins ties).
+
+    The Triton backend runs radix select with the fused scoring kernels (two passes on the device).
+    """
     n = x.numel()
     check_flat("x", x)
     if base is not None:
@@ -240,8 +244,16 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut:
         return Cut.none()
     if k == n:
         return Cut.all()
-    bracket = _bracket(x, base, k, n)
-    found = _bracket_select(x, base, k, n, *bracket) if bracket is not None else None
+    if resolve(backend, x, base) == "triton":
+        rs = RadixSelect(x.device)
+        score_histogram(x, base, hist=rs.high, backend="triton")
+        rs.total = n
+        rs.select_bin(k)
+        score_histogram(x, base, hist=rs.low, high_bin=rs.bin, backend="triton")
+        found = rs.threshold()
+    else:
+        bracket = _bracket(x, base, k, n)
+        found = _bracket_select(x, base, k, n, *bracket) if bracket is not None else None
     if found is None:
         rs = RadixSelect()
         for s, e in chunks(n):

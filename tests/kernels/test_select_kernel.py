@@ -8,6 +8,7 @@ import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_exact, nonzero_randn
 
+from cpift.kernels._backend import HAS_TRITON
 from cpift.kernels._scratch import CHUNK, chunks
 from cpift.kernels.select import (Cut, RadixSelect, cut_keep, cut_mask, magnitude_cut,
                                   magnitude_cut_ref, magnitude_mask_ref, magnitude_scores)
@@ -182,3 +183,13 @@ def test_bracket_with_heavy_ties_and_adversarial_sample() -> None:
     periodic = torch.full((BIG,), 0.5)
     periodic[::stride] = 1.0  # every sampled entry is 1.0, almost no other entry is
     _check(periodic, None, [BIG // 4, BIG // 2])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("n", [1, 9, 5003])
+def test_magnitude_cut_triton_equals_reference(n):
+    """Radix select on the scoring kernels gives the same Cut as the sort oracle, ties included."""
+    x = (torch.randint(-6, 7, (n,)) / 4).to(torch.bfloat16)
+    base = (torch.randint(-2, 3, (n,)) / 8).to(torch.bfloat16)
+    for k in sorted({0, 1, n // 3, n}):
+        assert magnitude_cut(x, base, k, backend="triton") == magnitude_cut_ref(x, base, k)
