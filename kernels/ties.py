@@ -24,12 +24,16 @@
 # chunk live in reused scratch buffers, so TIES takes its second look at them, not at the inputs.
 # Precision: storage → float32 per chunk (float64 if any input is float64), one rounding on store.
 # delta_merge_ref is the float64 oracle (a `precision` argument gives the naive float32 variant).
+# Triton path (backend="triton", default on CUDA): one fused kernel in _ties_triton.py, imported only
+# when it runs; the same float32 operations in the same order, bit-identical to this torch path.
+# float64 inputs always take the torch path (the oracle's precision, not a GPU workload).
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
 
+from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 from .dare import keep_factor, keep_mask
 from .select import Cut, cut_keep, cut_mask
@@ -82,14 +86,26 @@ def delta_merge(
     elect_sign: bool,
     normalize: bool = True,
     out: torch.Tensor,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Write base + λ·(merged, optionally trimmed/dropped/sign-elected task deltas) into out."""
+    """Write base + λ·(merged, optionally trimmed/dropped/sign-elected task deltas) into out.
+
+    ``backend``: 'torch', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on CUDA);
+    float64 inputs run on the torch path whatever the backend.
+    """
     densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds)
     n = base.numel()
     check_flat("out", out, n)
     dt = compute_dtype(base, *xs)
     # DARE's 1/p_i rescale is folded into the numerator weights; the TIES denominator keeps w_i.
     num_w = [float(w) / (densities[i] if densities else 1.0) for i, w in enumerate(weights)]
+    if resolve(backend, base, *xs, out) == "triton" and dt == torch.float32:
+        from ._ties_triton import delta_merge_triton
+
+        return delta_merge_triton(base, list(xs), [float(w) for w in weights], num_w, lam=lam,
+                                  cuts=None if cuts is None else list(cuts), densities=densities,
+                                  drop_seeds=None if drop_seeds is None else list(drop_seeds),
+                                  elect_sign=elect_sign, normalize=normalize, out=out)
     for s, e in chunks(n):
         m = e - s
         fb = scratch("ties.base", m, dt)
