@@ -3,7 +3,9 @@
 # The weights are normalised once on the host in float64 (w_i / Σw), so each chunk costs one
 # multiply-add per model: reads N elements per element, writes 1.
 # Precision: storage dtype → float32 per chunk (float64 if any input is float64), accumulate,
-# round once into out.dtype. linear_ref is the float64 oracle.
+# round once into out.dtype. linear_ref is the float64 oracle. The Triton backend runs the
+# equivalent x_0 + Σ_{i≥1} w_i (x_i − x_0) through the delta kernel (kernels/ties.py): one pass,
+# rounding a few float32 ulps apart from the torch order, one rounding on store.
 from __future__ import annotations
 
 import math
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 
 
@@ -25,13 +28,21 @@ def _normalised(weights: Sequence[float], count: int) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], *, out: torch.Tensor) -> torch.Tensor:
+def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], *, out: torch.Tensor,
+           backend: str | None = None) -> torch.Tensor:
     """Write Σ w_i·x_i / Σ w_i into out (same length 1-D tensors, any float storage dtypes)."""
     ws = _normalised(weights, len(xs))
     n = xs[0].numel()
     for i, x in enumerate(xs):
         check_flat(f"xs[{i}]", x, n)
     check_flat("out", out, n)
+    if resolve(backend, *xs) == "triton":
+        if len(xs) == 1:
+            return out.copy_(xs[0])
+        # Σ w_i x_i = x_0 + Σ_{i≥1} w_i (x_i − x_0) for normalised weights: the delta kernel's pass.
+        from .ties import delta_merge
+
+        return delta_merge(xs[0], xs[1:], ws[1:], elect_sign=False, out=out, backend="triton")
     dt = compute_dtype(*xs)
     for s, e in chunks(n):
         acc = scratch("linear.acc", e - s, dt)

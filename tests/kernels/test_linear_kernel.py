@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, assert_close_to_ref, assert_exact,
-                      nonzero_randn)
+from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS,
+                      assert_close_to_ref, assert_exact, nonzero_randn)
+
+from cpift.kernels._backend import HAS_TRITON
 
 from cpift.kernels.linear import linear, linear_ref
 
@@ -51,3 +53,13 @@ def test_rejects_bad_weights() -> None:
         linear([x, x], [1.0, -1.0], out=torch.empty(4))
     with pytest.raises(ValueError, match=r"xs\[1\]: expected 4 elements"):
         linear([x, torch.ones(5)], [1.0, 1.0], out=torch.empty(4))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n", SMALL_LENGTHS[:4], ids=SMALL_LENGTH_IDS[:4])
+def test_linear_triton_matches_reference(n, dtype):
+    xs = [nonzero_randn(n, dtype) for _ in range(3)]
+    w = [0.7, 1.9, 0.4]
+    got = linear(xs, w, out=torch.empty(n, dtype=dtype), backend="triton")
+    assert_close_to_ref(got, linear_ref(xs, w), _naive(xs, w, dtype))
