@@ -161,7 +161,9 @@ def encode(tokenizer, record: Record, max_length: int) -> Example:
         text, spans = render(tokenizer, record.turns)
     except DataError as e:
         raise DataError(f"{record.where}: {e}") from None
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    # a chat template writes BOS itself (apply_chat_template tokenizes without special tokens too)
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    enc = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = []
     for tok, (s, e) in zip(ids, enc["offset_mapping"]):
@@ -170,8 +172,8 @@ def encode(tokenizer, record: Record, max_length: int) -> Example:
         labels.append(tok if inside else IGNORE)
     last = spans[-1][0] if record.turns[-1][0] == "assistant" else len(text)
     prompt_len = next((i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < e and e > last), len(ids))
-    ex = Example(record.where, ids[:max_length], labels[:max_length], min(prompt_len, max_length), record.turns[-1][1],
-                 len(ids) - prompt_len, len(ids) > max_length)
+    ex = Example(record.where, ids[:max_length], labels[:max_length], min(prompt_len, max_length),
+                 record.turns[-1][1], len(ids) - prompt_len, len(ids) > max_length)
     if ex.targets == 0 and not ex.truncated:
         raise DataError(f"{record.where}: nothing to predict: the response is the text's first token, which no "
                         f"earlier token predicts; give a prompt")

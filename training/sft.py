@@ -17,8 +17,9 @@ The model is saved in the dtype its checkpoint stored (a frozen bf16 entry survi
 round trip bit for bit). On the CPU a run is deterministic for a given seed and thread count.
 
 Output: the model (``save_pretrained``, safetensors), the tokenizer and ``metrics.json`` (per-step
-loss and learning rate, the final eval, the settings) are written to a hidden sibling directory
-``.NAME.cpift-partial`` and renamed to NAME when complete; a run that dies leaves no NAME.
+loss, learning rate and gradient norm, the final eval, the settings) are written to a hidden
+sibling directory ``.NAME.cpift-partial`` and renamed to NAME when complete; a run that dies leaves
+no NAME.
 
 Scale-out: under ``torchrun --nproc-per-node N`` (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel, gloo on the CPU and NCCL on CUDA (one GPU per rank, cuda:LOCAL_RANK).
@@ -63,6 +64,7 @@ class SFTResult:
     seconds: float
     train_loss: list[float] = field(default_factory=list)  # per step, mean over the step's response tokens
     lr: list[float] = field(default_factory=list)  # per step
+    grad_norm: list[float] = field(default_factory=list)  # per step, of the trainable entries, before clipping
     eval: dict | None = None
 
     def summary(self) -> str:
@@ -202,6 +204,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     import torch.distributed as dist
 
     own_group = world > 1 and not dist.is_initialized()
+    if world > 1 and dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL binds each rank to its current device
     if own_group:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     tmp = partial_dir(out)
@@ -229,7 +233,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
                                         saved_dtype=str(stored_dtype).removeprefix("torch.")),
                        "examples": result.examples, "truncated": result.truncated, "frozen_entries": result.frozen,
                        "tokens": result.tokens, "seconds": result.seconds, "train_loss": result.train_loss,
-                       "lr": result.lr, "eval": result.eval}
+                       "lr": result.lr, "grad_norm": result.grad_norm, "eval": result.eval}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             _publish(tmp, out)
         if world > 1:
@@ -247,7 +251,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
 def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: float, weight_decay: float,
            batch_size: int, grad_accum: int, warmup: float, max_grad_norm: float | None, seed: int, freezer,
            world: int, rank: int, progress: bool) -> SFTResult:
-    """The optimisation loop; returns per-step loss and lr, token count and time."""
+    """The optimisation loop; returns per-step loss, lr and gradient norm, token count and time."""
     dev = next(net.parameters()).device
     model = net
     if world > 1:
@@ -259,7 +263,8 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
     warm = round(warmup * steps)
     pad = pad_id(tokenizer)
-    run = SFTResult(out=Path(), steps=steps, examples=len(data), truncated=0, frozen=freezer.frozen, tokens=0, seconds=0.0)
+    run = SFTResult(out=Path(), steps=steps, examples=len(data), truncated=0, frozen=freezer.frozen, tokens=0,
+                    seconds=0.0)
     batches = global_batches(len(data), batch_size, seed)
     net.train()
     bar = tqdm(total=steps, desc="sft", unit="step", disable=not progress)
@@ -283,8 +288,8 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
                 (loss * (world / targets)).backward()
             stats += torch.tensor([loss.item(), batch["attention_mask"].sum().item()], dtype=torch.float64)
         freezer.mask_grads()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        # max_norm = inf still returns the norm and scales by exactly 1
+        run.grad_norm.append(float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         freezer.restore()

@@ -33,12 +33,14 @@ def test_help_explains_every_option(capsys, command):
 
 
 def test_sft_then_eval(capsys, tiny, train_file, tmp_path):
-    ev = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "1+2=", "response": "3"}, {"prompt": "4+4=", "response": "8"}])
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "1+2=", "response": "3"},
+                                               {"prompt": "4+4=", "response": "8"}])
     code, out, err = run_cli(capsys, "sft", "--model", tiny, "--train", train_file, "--eval", ev, "-o",
                              tmp_path / "out", "--steps", 3, "--lr", 1e-3, "--batch-size", 4, "-q")
     assert code == 0 and out.startswith("sft: 3 steps on 32 examples (0 truncated)") and "(n=2)" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    code, out, _ = run_cli(capsys, "eval", "--model", tmp_path / "out", "--data", ev, "--json", tmp_path / "e.json", "-q")
+    code, out, _ = run_cli(capsys, "eval", "--model", tmp_path / "out", "--data", ev, "--json", tmp_path / "e.json",
+                           "-q")
     assert code == 0 and json.loads(out) == json.loads((tmp_path / "e.json").read_text())
     assert json.loads(out) == pytest.approx(metrics["eval"], rel=1e-6)
 

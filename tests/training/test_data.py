@@ -55,7 +55,8 @@ def test_chat_template_labels_by_hand(tmp_path):
 
 def test_truncation_keeps_the_start_and_counts(tmp_path):
     tok = make_tokenizer()
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abc", "response": "defgh"}, {"prompt": "a", "response": "b"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abc", "response": "defgh"},
+                                             {"prompt": "a", "response": "b"}])
     ds = load_dataset(path, tok, max_length=5)
     assert ds.examples[0].input_ids == ids(tok, "abcde") and ds.examples[0].labels == [M, M, M] + ids(tok, "de")
     assert ds.examples[0].truncated and not ds.examples[1].truncated and ds.truncated == 1

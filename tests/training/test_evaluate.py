@@ -52,7 +52,8 @@ def test_exact_match_and_loss_by_hand(tiny, tmp_path):
 
 
 def test_public_evaluate_reads_a_saved_model(tiny, tmp_path):
-    path = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": "4"}])
+    path = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "1+1=", "response": "2"},
+                                                 {"prompt": "2+2=", "response": "4"}])
     a = evaluate(tiny, path, batch_size=1, progress=False)
     b = evaluate(tiny, path, batch_size=2, progress=False)
     assert set(a) == {"loss", "exact_match", "n"} and a["n"] == 2

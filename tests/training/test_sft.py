@@ -7,17 +7,9 @@ import json
 import pytest
 import torch
 
-from cpift.merge.core_masks import block_size
 from cpift.training.sft import global_batches, lr_factor, sft, split
 
-from training_helpers import load_state, make_model, write_mask
-
-
-def element_mask(bits: torch.Tensor, granularity: str, shape) -> torch.Tensor:
-    """Expand mask entries to elements by hand (independent of CoreMask.element_mask)."""
-    b = block_size(granularity, shape)
-    numel = torch.Size(shape).numel()
-    return torch.tensor([bool(bits[i // b]) for i in range(numel)]).reshape(shape)
+from training_helpers import element_mask_of, load_state, make_model, write_mask
 
 
 def test_loss_decreases(tiny, train_file, tmp_path):
@@ -47,7 +39,7 @@ def test_frozen_entries_bit_identical_after_adamw_with_weight_decay(tmp_path, tr
     frozen_total = 0
     for name, bits, g in [(q, bits1[q], "element"), (norm, bits1[norm], "element"),
                           (up, bits2[up], "row"), (head, bits2[head], "row")]:
-        frozen = element_mask(bits, g, before[name].shape)
+        frozen = element_mask_of(bits, g, before[name].shape)
         frozen_total += int(frozen.sum())
         assert after[name].dtype == dtype
         a, b = after[name][frozen], before[name][frozen]
@@ -71,7 +63,7 @@ def test_without_restore_weight_decay_would_move_frozen_entries(tmp_path, train_
     monkeypatch.setattr(Freezer, "restore", lambda self: None)
     r = sft(base, train_file, tmp_path / "out", steps=5, lr=1e-2, weight_decay=0.1, batch_size=4, freeze=[mask],
             progress=False)
-    frozen = element_mask(bits[q], "element", before[q].shape)
+    frozen = element_mask_of(bits[q], "element", before[q].shape)
     after = load_state(tmp_path / "out")[q][frozen]
     decay = torch.tensor([1 - lr * 0.1 for lr in r.lr]).prod()
     assert not torch.equal(after, before[q][frozen])

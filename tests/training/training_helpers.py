@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cpift.kernels.masks import pack_bits
-from cpift.merge.core_masks import mask_entries, save_core_mask
+from cpift.merge.core_masks import block_size, mask_entries, save_core_mask
 from cpift.training.evaluate import quiet_transformers
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +=?:.\n")
@@ -79,3 +79,10 @@ def write_mask(path, shapes: dict[str, tuple[int, ...]], *, granularity: str = "
     save_core_mask(path, {n: pack_bits(b) for n, b in bits.items()}, shapes, granularity=granularity, p=share * 100,
                    k=sum(counts.values()), threshold=0.0, counts=counts)
     return path, bits
+
+
+def element_mask_of(bits: torch.Tensor, granularity: str, shape) -> torch.Tensor:
+    """Expand mask entries to elements by hand (independent of CoreMask.element_mask)."""
+    b = block_size(granularity, shape)
+    numel = torch.Size(shape).numel()
+    return torch.tensor([bool(bits[i // b]) for i in range(numel)]).reshape(shape)
