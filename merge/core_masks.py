@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class CoreMask:
     counts: dict[str, int]
     base: dict
     task: dict
-    packed: dict[str, torch.Tensor]
+    packed: Mapping[str, torch.Tensor]  # read from the file on access when loaded lazily
 
     @property
     def names(self) -> list[str]:
@@ -138,8 +139,33 @@ def save_core_mask(path: str | os.PathLike, packed: dict[str, torch.Tensor], sha
     return path
 
 
-def load_core_mask(path: str | os.PathLike) -> CoreMask:
-    """Read and validate a mask file; CheckpointError names the file and what is wrong."""
+class _LazyPacked(Mapping):
+    """Packed tensors read one at a time from the (memory-mapped) file: streaming over masks."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path, self.names = path, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def load_core_mask(path: str | os.PathLike, *, lazy: bool = False) -> CoreMask:
+    """Read and validate a mask file; CheckpointError names the file and what is wrong.
+
+    lazy=True reads only the header; each packed tensor is read when accessed (its size is still
+    checked here, from the header).
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -152,7 +178,13 @@ def load_core_mask(path: str | os.PathLike) -> CoreMask:
                 raise CheckpointError(f"{path}: not a cpift core mask (metadata format is "
                                       f"{meta.get('format')!r}, expected '{FORMAT}')")
             shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
-            packed = {n: f.get_tensor(n) for n in f.keys()}
+            if lazy:
+                packed = _LazyPacked(path, list(f.keys()))
+                sizes = {n: f.get_slice(n) for n in f.keys()}
+            else:
+                packed = sizes = {n: f.get_tensor(n) for n in f.keys()}
+            kinds = {n: (str(t.get_dtype()) if lazy else t.dtype, list(t.get_shape()) if lazy else list(t.shape))
+                     for n, t in sizes.items()}
             mask = CoreMask(path=path, granularity=parse_granularity(meta["granularity"]), p=float(meta["p"]),
                             k=int(meta["k"]), threshold=float(meta["threshold"]), shapes=shapes,
                             counts={n: int(c) for n, c in json.loads(meta["counts"]).items()},
@@ -163,9 +195,8 @@ def load_core_mask(path: str | os.PathLike) -> CoreMask:
         raise CheckpointError(f"{path}: malformed core mask ({type(e).__name__}: {e})") from None
     if set(packed) != set(shapes):
         raise CheckpointError(f"{path}: malformed core mask (tensors and 'shapes' metadata disagree)")
-    for name, t in packed.items():
+    for name, (dtype, shape) in kinds.items():
         want = packed_len(mask.entries(name))
-        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != want:
-            raise CheckpointError(f"{path}: mask tensor '{name}' should be uint8[{want}], "
-                                  f"got {t.dtype}{list(t.shape)}")
+        if dtype not in (torch.uint8, "U8") or shape != [want]:
+            raise CheckpointError(f"{path}: mask tensor '{name}' should be uint8[{want}], got {dtype}{shape}")
     return mask

@@ -41,6 +41,8 @@ def test_round_trip_and_expansion(tmp_path, g):
         bsz = block_size(g, s)
         want = torch.tensor([bool(bits[n][i // bsz]) for i in range(numel)]).reshape(s)
         assert torch.equal(m.element_mask(n), want)
+    lazy = load_core_mask(path, lazy=True)
+    assert lazy.names == m.names and all(torch.equal(lazy.bits(n), bits[n]) for n in shapes)
     assert not list(tmp_path.glob(".*"))  # no temp file left
     m.check_matches(dict(shapes), "model")
     with pytest.raises(MismatchError, match="'a.weight'.*another model"):
@@ -60,8 +62,9 @@ def test_rejects_foreign_and_broken_files(tmp_path):
     save_file({"x": torch.zeros(5, dtype=torch.uint8)}, str(bad),
               metadata={"format": "cpift-core-mask/1", "granularity": "element", "p": "1", "k": "0",
                         "threshold": "0", "base": "{}", "task": "{}", "shapes": '{"x": [8]}', "counts": "{}"})
-    with pytest.raises(CheckpointError, match="'x' should be uint8\\[1\\]"):
-        load_core_mask(bad)
+    for lazy in (False, True):
+        with pytest.raises(CheckpointError, match="'x' should be uint8\\[1\\]"):
+            load_core_mask(bad, lazy=lazy)
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00junk!")
     with pytest.raises(CheckpointError, match="junk.safetensors"):
         load_core_mask(tmp_path / "junk.safetensors")
