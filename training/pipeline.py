@@ -1,0 +1,285 @@
+"""The CPI-FT pipeline (../shared/DESIGN.md §1) and the paper's baselines, one resumable run per WORKDIR.
+
+``cpi-ft``: probe SFT per task (from the base, that task alone) → cores → cluster → staged SFT of
+the backbone (stage s trains on its group's mixed data from stage s−1's model, the cores of the
+groups before s frozen) → fuse (backbone = last stage, tasks in stage order with their probe models
+and masks) → calibration SFT (a balanced sample of each task, stage by stage, earlier groups' cores
+frozen) → eval of every task.
+
+Baselines on the same base, data and evaluation: ``full-sft`` (one stage of all tasks),
+``multistage-random`` (tasks shuffled with the seed and cut into K stages), ``multistage-heuristic``
+(the recipe's groups), and ``task-arithmetic`` / ``ties`` over the probe models. A stage of g tasks
+runs g × train.steps_per_task steps, so every staged method spends the same optimizer steps on its
+main training; report.json counts all of them per step.
+
+WORKDIR layout: probes/NAME, cores/NAME.safetensors, cluster.json, data/*.jsonl, stages/S, fused,
+calibrated/S, merged, eval.json, then report.json and report.md. A step is done when its output
+exists: sft, the merges and cores publish a directory by renaming it when complete, and the JSON and
+data files are renamed into place, so a killed run leaves no finished-looking partial output and a
+rerun skips what is done. pipeline.json records the recipe and method the WORKDIR was made with; a
+rerun with different ones is refused rather than mixing outputs of two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cpift.merge.errors import ConfigError, ParameterError
+
+from .recipe import Recipe, load_recipe
+
+METHODS = ("cpi-ft", "full-sft", "multistage-random", "multistage-heuristic", "task-arithmetic", "ties")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_stages(names: list[str], k: int, seed: int) -> list[list[str]]:
+    """multistage-random: the tasks shuffled with ``seed``, cut into ``k`` stages of near-equal size."""
+    shuffled = list(names)
+    random.Random(seed).shuffle(shuffled)
+    q, r = divmod(len(shuffled), k)
+    bounds = [i * q + min(i, r) for i in range(k + 1)]
+    return [shuffled[bounds[i]:bounds[i + 1]] for i in range(k)]
+
+
+class _Run:
+    """Runs steps that are not done yet, and remembers each step's time and optimizer steps."""
+
+    def __init__(self, recipe: Recipe, workdir: Path, *, device, progress: bool, log: Callable[[str], None]):
+        self.r, self.wd, self.device, self.progress, self.log = recipe, workdir, device, progress, log
+        self.ledger_path = workdir / "steps.json"
+        self.ledger: dict = json.loads(self.ledger_path.read_text()) if self.ledger_path.exists() else {}
+        self.done: list[dict] = []  # this run's steps in order, for the report
+
+    def step(self, key: str, out: Path, fn: Callable[[], None], *, optimizer_steps: int = 0) -> Path:
+        if out.exists():  # complete: every output is published by a rename
+            self.log(f"{key}: done before, skipped ({out})")
+            # no ledger entry: killed between the publish and the ledger write; the time is lost
+            entry = self.ledger.get(key, {"output": str(out.relative_to(self.wd)), "seconds": 0.0,
+                                          "optimizer_steps": optimizer_steps})
+            self.done.append({"step": key, **entry, "resumed": True})
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        fn()
+        entry = {"output": str(out.relative_to(self.wd)), "seconds": round(time.perf_counter() - start, 3),
+                 "optimizer_steps": optimizer_steps}
+        self.ledger[key] = entry
+        _write_atomic(self.ledger_path, json.dumps(self.ledger, indent=2) + "\n")
+        self.done.append({"step": key, **entry, "resumed": False})
+        self.log(f"{key}: {entry['seconds']:.1f} s, {optimizer_steps} optimizer steps -> {out}")
+        return out
+
+    def sft(self, key: str, model: Path, data: Path, out: Path, cfg: dict, steps: int, freeze: list[Path]) -> Path:
+        from .sft import sft
+
+        opts = {k: v for k, v in cfg.items() if k not in ("steps", "steps_per_task", "examples")}
+        return self.step(key, out, lambda: sft(model, data, out, steps=steps, seed=self.r.seed, freeze=freeze,
+                                               device=self.device, progress=self.progress, **opts),
+                         optimizer_steps=steps)
+
+    def data(self, name: str, lines: list[str]) -> Path:
+        path = self.wd / "data" / f"{name}.jsonl"
+        if not path.exists():  # derived from the recipe and the seed alone: same bytes on a rerun
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path, "".join(line + "\n" for line in lines))
+        return path
+
+    def probes(self) -> dict[str, Path]:
+        steps = self.r.probe["steps"]
+        return {t.name: self.sft(f"probe:{t.name}", self.r.base, t.train, self.wd / "probes" / t.name, self.r.probe,
+                                 steps, []) for t in self.r.tasks}
+
+    def staged(self, start: Path, stages: list[list[str]], folder: str, cfg: dict, *, masks: dict | None,
+               sample: int | None = None) -> Path:
+        """Sequential SFT, one stage per group; with ``masks`` the cores of earlier groups are frozen."""
+        model = start
+        train = {t.name: t.train for t in self.r.tasks}
+        for s, group in enumerate(stages, 1):
+            if sample is None:
+                lines = [line for n in group for line in _lines(train[n])]
+            else:  # balanced: the same count from every task of the group, drawn with the seed
+                rng = random.Random(f"{self.r.seed}:{folder}:{s}")
+                lines = [line for n in group for line in rng.sample(_lines(train[n]), sample)]
+            data = self.data(f"{folder}-{s}", lines)
+            freeze = [masks[n] for g in stages[:s - 1] for n in g] if masks else []
+            model = self.sft(f"{folder}:{s}", model, data, self.wd / folder / str(s), cfg,
+                             len(group) * cfg["steps_per_task"], freeze)
+        return model
+
+
+def _check_data(r: Recipe) -> int:
+    """Load every task file with the base's tokenizer before anything is written (errors name file:line);
+    returns the calibration sample per task: the recipe's, capped by the smallest training set so it
+    stays balanced."""
+    from .data import load_dataset
+    from .evaluate import load_tokenizer
+
+    tok = load_tokenizer(r.base)
+    sizes = []
+    for t in r.tasks:
+        sizes.append(len(load_dataset(t.train, tok, max_length=r.train["max_length"])))
+        load_dataset(t.eval, tok, max_length=r.eval["max_length"], for_eval=True)
+    return min(r.calibration["examples"], *sizes)
+
+
+def _stage_plan(r: Recipe, method: str) -> list[list[str]] | None:
+    if method == "full-sft":
+        return [r.names]
+    if method == "multistage-random":
+        return split_stages(r.names, r.stages, r.seed)
+    if method == "multistage-heuristic":
+        if r.groups is None:
+            raise ConfigError(f"{r.path}: baselines.groups: multistage-heuristic needs the groups, "
+                              f"e.g. groups: [[{r.names[0]}], [{', '.join(r.names[1:])}]]")
+        return r.groups
+    return None
+
+
+def _claim(workdir: Path, stamp: dict) -> None:
+    """Record what this WORKDIR is for, or refuse a rerun whose recipe or method differ."""
+    path = workdir / "pipeline.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != stamp:
+            diff = sorted(k for k in {**old, **stamp} if old.get(k) != stamp.get(k))
+            inner = [k for k in {**old["recipe"], **stamp["recipe"]}
+                     if old["recipe"].get(k) != stamp["recipe"].get(k)] if "recipe" in diff else []
+            raise ConfigError(f"{workdir}: made by another run (differs in {', '.join(inner or diff)}); resume "
+                              f"with the same recipe and options, or choose a new -o WORKDIR")
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(stamp, indent=2) + "\n")
+
+
+def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike, *, method: str = "cpi-ft",
+                 stages: int | None = None, seed: int | None = None, device: str | None = None,
+                 progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Run CPI-FT or a baseline into ``workdir``, skipping the steps a previous run finished.
+
+    Args:
+        recipe: recipe file (training/recipe.py) or a loaded Recipe.
+        workdir: directory of every step's output and the report; created if absent.
+        method: one of METHODS.
+        stages: K of multistage-random (default: the recipe's baselines.stages).
+        seed: replaces the recipe's seed (SFT data order, stage order, calibration sample, random split).
+        device: of every SFT and eval (default CUDA when available); merges run on the CPU.
+        progress: tqdm bars of the inner steps.
+        log: called with one line per step (done or skipped).
+
+    Returns:
+        The report (also written to workdir/report.json and report.md).
+
+    Raises:
+        ConfigError, ParameterError, DataError, CheckpointError, OutputError; recipe and data errors
+        before anything is written.
+
+    Example:
+        >>> run_pipeline("recipe.yml", "runs/cpi", method="cpi-ft")["tasks"]["math"]["exact_match"]
+    """
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if method not in METHODS:
+        raise ParameterError(f"method: expected one of {', '.join(METHODS)}, got '{method}'")
+    if stages is not None:
+        if not 1 <= stages <= len(r.tasks):
+            raise ParameterError(f"stages: {stages} stages cannot split {len(r.tasks)} tasks (use 1..{len(r.tasks)})")
+        r.stages = stages
+    if seed is not None:
+        r.seed = seed
+    log = log or (lambda line: None)
+    plan = _stage_plan(r, method)
+    calibration_n = _check_data(r)
+    wd = Path(workdir)
+    if not wd.parent.exists():
+        raise ConfigError(f"{wd.parent}: parent directory of the WORKDIR does not exist")
+    _claim(wd, {"method": method, "recipe": r.to_json()})
+
+    run = _Run(r, wd, device=device, progress=progress, log=log)
+    if method == "cpi-ft":
+        final, plan = _cpi_ft(run, r, calibration_n)
+    elif plan is not None:
+        final = run.staged(r.base, plan, "stages", r.train, masks=None)
+    else:
+        probes = run.probes()
+        models = [probes[n] for n in r.names]
+        out = wd / "merged"
+        from cpift.merge.methods import task_arithmetic, ties
+
+        if method == "task-arithmetic":
+            fn = lambda: task_arithmetic(r.base, models, out, lam=r.ta_lam, progress=progress)  # noqa: E731
+        else:
+            fn = lambda: ties(r.base, models, out, density=r.ties_density, lam=r.ties_lam, progress=progress)  # noqa: E731
+        final = run.step("merge", out, fn)
+
+    from .evaluate import evaluate
+
+    def evaluate_all() -> None:
+        scores = {t.name: evaluate(final, t.eval, device=device, progress=progress, **r.eval) for t in r.tasks}
+        _write_atomic(wd / "eval.json", json.dumps(scores, indent=2) + "\n")
+
+    run.step("eval", wd / "eval.json", evaluate_all)
+    return _report(run, r, method, plan, final, calibration_n)
+
+
+def _cpi_ft(run: _Run, r: Recipe, calibration_n: int) -> tuple[Path, list[list[str]]]:
+    from cpift.merge.cluster import cluster_masks, write_json
+    from cpift.merge.cores import compute_cores
+    from cpift.merge.fuse import fuse
+
+    wd = run.wd
+    probes = run.probes()
+    cores = wd / "cores"
+    run.step("cores", cores, lambda: compute_cores(r.base, [(n, probes[n]) for n in r.names], cores, p=r.p,
+                                                   granularity=r.granularity, progress=run.progress))
+    masks = {n: cores / f"{n}.safetensors" for n in r.names}
+    cluster = wd / "cluster.json"
+    run.step("cluster", cluster, lambda: write_json(
+        cluster_masks([masks[n] for n in r.names], tau=r.tau, order=r.order, seed=r.seed, names=r.names), cluster))
+    found = json.loads(cluster.read_text())
+    plan = [found["groups"][g] for g in found["order"]]
+    backbone = run.staged(r.base, plan, "stages", r.train, masks=masks)
+    fused = wd / "fused"
+    run.step("fuse", fused, lambda: fuse(backbone, [(n, probes[n], masks[n]) for g in plan for n in g], fused,
+                                         overlap=r.overlap, base=r.base if r.overlap == "largest" else None,
+                                         omega=r.omega, progress=run.progress))
+    final = run.staged(fused, plan, "calibrated", r.calibration, masks=masks, sample=calibration_n)
+    return final, plan
+
+
+def _report(run: _Run, r: Recipe, method: str, plan, final: Path, calibration_n: int) -> dict:
+    scores = json.loads((run.wd / "eval.json").read_text())
+    n = len(scores)
+    report = {"method": method, "recipe": str(r.path), "final_model": str(final.relative_to(run.wd)),
+              "stages": plan, "tasks": scores,
+              "mean": {"loss": sum(s["loss"] for s in scores.values()) / n,
+                       "exact_match": sum(s["exact_match"] for s in scores.values()) / n},
+              "optimizer_steps": sum(s["optimizer_steps"] for s in run.done),
+              "wall_seconds": round(sum(s["seconds"] for s in run.done), 3),
+              "steps": run.done, "settings": {**r.to_json(), "calibration_examples_per_task": calibration_n}}
+    _write_atomic(run.wd / "report.json", json.dumps(report, indent=2) + "\n")
+    md = [f"# {method} on {', '.join(r.names)}", "",
+          f"Base `{r.base}`, recipe `{r.path}`, seed {r.seed}; final model `{report['final_model']}`.", ""]
+    if plan:
+        md += ["Stages: " + " → ".join("{" + ", ".join(g) + "}" for g in plan), ""]
+    md += ["| task | eval loss | exact match | n |", "|---|---:|---:|---:|"]
+    md += [f"| {k} | {v['loss']:.4f} | {v['exact_match']:.3f} | {v['n']} |" for k, v in scores.items()]
+    md += [f"| **mean** | {report['mean']['loss']:.4f} | {report['mean']['exact_match']:.3f} | |", "",
+           "| step | seconds | optimizer steps | resumed |", "|---|---:|---:|---|"]
+    md += [f"| {s['step']} | {s['seconds']:.1f} | {s['optimizer_steps']} | {'yes' if s['resumed'] else ''} |"
+           for s in run.done]
+    md += [f"| **total** | {report['wall_seconds']:.1f} | {report['optimizer_steps']} | |"]
+    _write_atomic(run.wd / "report.md", "\n".join(md) + "\n")
+    return report
