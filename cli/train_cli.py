@@ -121,6 +121,32 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
     click.echo(text)
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@click.option("-o", "--out", "workdir", required=True, type=click.Path(file_okay=False),
+              help="WORKDIR: every step's output, report.json and report.md. Rerun to resume: finished steps "
+                   "are skipped.")
+@click.option("--method", type=click.Choice(["cpi-ft", "full-sft", "multistage-random", "multistage-heuristic",
+                                             "task-arithmetic", "ties"]), default="cpi-ft", show_default=True,
+              help="CPI-FT, or a baseline on the same base, data, evaluation and optimizer-step budget.")
+@click.option("--stages", type=int, default=None,
+              help="K stages of multistage-random (default: the recipe's baselines.stages).")
+@click.option("--seed", type=int, default=None,
+              help="Replaces the recipe's seed (SFT data order, stage order, calibration sample, random split).")
+@click.option("--device", default=None, help="Of SFT and eval: cpu, cuda or cuda:N (default: CUDA when available).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; one line per step and the table.")
+def pipeline(recipe, workdir, method, stages, seed, device, threads, quiet):
+    """Run CPI-FT (probes, cores, cluster, staged SFT, fuse, calibration, eval) or a baseline from RECIPE.yml."""
+    from cpift.training.pipeline import run_pipeline
+
+    _threads(threads)
+    run_pipeline(recipe, workdir, method=method, stages=stages, seed=seed, device=device, progress=not quiet,
+                 log=click.echo)
+    with open(os.path.join(workdir, "report.md")) as f:
+        click.echo(f.read().rstrip())
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="cpift-train", standalone_mode=False)
