@@ -40,7 +40,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(), help="Model directory to start from (safetensors + tokenizer).")
+@click.option("--model", required=True, type=click.Path(),
+              help="Model directory to start from (safetensors + tokenizer).")
 @click.option("--train", "train", required=True, type=click.Path(), help="Training data, JSONL.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output model directory; written to a hidden sibling and renamed when complete.")

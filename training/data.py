@@ -117,7 +117,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # so the column is within this line
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             records.append(Record(where, _turns(obj, where)))

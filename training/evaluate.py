@@ -46,7 +46,9 @@ def quiet_transformers():
 
 def pick_device(device: str | torch.device | None) -> torch.device:
     """The given device, else CUDA when available, else the CPU."""
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast(device: torch.device):
