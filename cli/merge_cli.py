@@ -47,9 +47,12 @@ def common_options(fn):
                   help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
                        "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
+    @click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
+                  help="After the merge, upload the output (with its model card) to this Hub model repo, "
+                       "creating it if needed (as cpift-merge push).")
     @functools.wraps(fn)
     def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
-                copy_tokenizer_from, threads, quiet, **kwargs):
+                copy_tokenizer_from, threads, quiet, push_to_hub, **kwargs):
         import torch
 
         previous = torch.get_num_threads()
@@ -66,6 +69,10 @@ def common_options(fn):
             for note in result.notes:
                 click.echo(note, err=True)
         click.echo(result.summary())
+        if push_to_hub is not None:
+            from cpift.merge.hub import push
+
+            click.echo(f"pushed {result.out} to {push_to_hub}: {push(result.out, push_to_hub)}")
 
     return wrapper
 
@@ -77,7 +84,9 @@ def cli() -> None:
     """Streaming model merges over Hugging Face safetensors checkpoints.
 
     MODEL arguments are directories holding model.safetensors or model.safetensors.index.json
-    with its shards. Inputs are never modified; the output appears only when complete.
+    with its shards, or Hugging Face Hub ids ORG/NAME[@REVISION] (an existing directory wins).
+    Inputs are never modified; the output appears only when complete, with a model card (README.md)
+    and cpift_recipe.yml, which `cpift-merge config` runs to reproduce it.
     """
 
 
@@ -168,6 +177,8 @@ def config(config_file, out, common):
     """
     from cpift.merge.config_plan import run_config
 
+    if click.get_current_context().get_parameter_source("max_shard_size").name == "DEFAULT":
+        del common["max_shard_size"]  # the recipe's cpift.max_shard_size, else 5GB, applies
     return run_config(config_file, out, **{k: v for k, v in common.items()
                                            if v is not None or k not in ("dtype", "out_dtype")})
 
@@ -182,6 +193,37 @@ def demo(workdir, size):
     from cpift.merge.demo import run_demo
 
     run_demo(workdir, size=size, echo=click.echo)
+
+
+@cli.command()
+@click.argument("repo", metavar="ORG/NAME[@REVISION]")
+def pull(repo):
+    """Download a Hub model's safetensors, JSON and tokenizer files into the Hub cache; print its path.
+
+    HF_HOME / HF_HUB_CACHE choose the cache; with HF_HUB_OFFLINE=1 only the cache is looked at.
+    Merge commands pull ORG/NAME[@REVISION] model arguments the same way.
+    """
+    from cpift.merge.hub import pull as pull_model
+
+    click.echo(pull_model(repo))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("repo", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", default=None,
+              help="Branch to commit to, created if missing (default: main).")
+def push(directory, repo, private, revision):
+    """Upload a model directory with its model card to a Hub model repo, creating the repo if needed."""
+    from pathlib import Path
+
+    from cpift.merge.hub import push as push_model
+
+    if Path(directory).is_dir() and not (Path(directory) / "README.md").is_file():
+        click.echo(f"note: {directory} has no README.md model card (cpift-merge writes one with every output)",
+                   err=True)
+    click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision)}")
 
 
 def main(argv: list[str] | None = None) -> None:

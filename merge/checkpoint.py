@@ -119,6 +119,8 @@ class Checkpoint:
 
     Args:
         path: the model directory, or one ``.safetensors`` file.
+        ref: the model argument it was resolved from (a Hub id such as ``org/name@main``), for the
+            model card; default: ``path``.
 
     Raises:
         CheckpointError: the directory, index or a shard is missing, truncated or malformed.
@@ -128,8 +130,9 @@ class Checkpoint:
         >>> w = ckpt.get("model.embed_tokens.weight")
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, ref: str | None = None):
         self.path = Path(path)
+        self.ref = ref if ref is not None else os.fspath(path)
         if self.path.is_file() and self.path.suffix == ".safetensors":
             files = [self.path]
             self.dir = self.path.parent

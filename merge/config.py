@@ -36,6 +36,9 @@ Refused, with the reason in the message
       them silently, and a typo should not change a merge).
     ``int8_mask`` is accepted and has no effect: in mergekit it only changes the dtype of the sign mask.
 
+cpift's own settings, which mergekit has no spelling for, go in a top-level ``cpift:`` mapping (the
+recipes cpift writes use it): ``seed``, ``global_trim``, ``max_shard_size``, ``copy_tokenizer_from``.
+
 Value ranges are checked up front: t ∈ [0, 1], density ∈ (0, 1], weight and lambda finite, and for a
 linear merge with constant weights their sum non-zero.
 
@@ -50,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config_values import Setting, _is_constant, _where, parse_setting
+from .config_values import Setting, _is_constant, _where, parse_cpift_block, parse_setting
 from .errors import ConfigError
 
 
@@ -67,7 +70,7 @@ for _m in DELTA_METHODS:
 del _m
 
 _TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+             "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "cpift")
 _DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 # --------------------------------------------------------------------------------------------------
@@ -104,6 +107,7 @@ class MergeConfig:
     tokenizer_source: str | None = None  # None, "base" or a model reference
     name: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    cpift: Mapping[str, Any] = field(default_factory=dict)  # config_values.parse_cpift_block
 
 
 def _read_yaml(path: Path) -> Any:
@@ -395,4 +399,5 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
                        dtype=_dtype(data.get("dtype"), "dtype", source),
                        out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
                        source=source, slice_parameters=slice_params, layer_range=layer_range,
-                       tokenizer_source=_tokenizer_source(data, source), name=name, raw=data)
+                       tokenizer_source=_tokenizer_source(data, source), name=name, raw=data,
+                       cpift=parse_cpift_block(data.get("cpift"), method, source))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
@@ -189,27 +188,28 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
 
 def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None) -> Path:
     """A model reference as mergekit reads it: an existing path, relative to the *current working
-    directory* (not to the config file), else a Hugging Face repo id (``org/name[@revision]``) already
-    in the local Hub cache (nothing is downloaded).
+    directory* (not to the config file), else a Hugging Face repo id (``org/name[@revision]``), pulled
+    into the Hub cache (merge/hub.py: offline, only the cache is looked at).
 
     Raises:
-        ConfigError: neither exists.
+        ConfigError: neither a path nor a Hub model that can be had; the message says why.
     """
+    from .errors import HubError
+    from .hub import pull, split_ref
+
     if os.path.exists(ref):
         return Path(os.path.abspath(ref))
     repo, _, rev = ref.partition("@")
     if os.path.exists(repo) and rev:
         raise ConfigError(f"{_where(source, fld)}: '{ref}': a revision applies to Hub models only")
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo):
+    hub = "nor a Hub model id (org/name[@revision])"
+    if split_ref(ref) is not None:
         try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means "not in the cache"
-            pass
+            return pull(ref)
+        except HubError as e:
+            hub = f"and as a Hub model: {str(e).removeprefix(ref + ': ')}"
     raise ConfigError(f"{_where(source, fld)}: '{ref}' is not a directory (relative paths are relative to "
-                      f"the current directory, {os.getcwd()}, as in mergekit) nor a model in the local "
-                      f"Hugging Face cache (download it first, e.g. with cpift-merge pull)")
+                      f"the current directory, {os.getcwd()}, as in mergekit) {hub}")
 
 
 def _model_config(model_dir: Path) -> dict | None:
@@ -272,7 +272,8 @@ def _check_tokenizer(cfg: MergeConfig, tok_dir: Path, dirs: list[Path], first: P
                           f"tokenizer_source out")
 
 
-def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, **common) -> Any:
+def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | None = None,
+               **common) -> Any:
     """Run a mergekit YAML config with cpift.
 
     Model references are resolved as mergekit does: a relative path is relative to the current working
@@ -284,7 +285,8 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0
     Args:
         path: the YAML file.
         out: output directory.
-        seed: seed of the DARE drop masks (mergekit's ``--random-seed``); ignored by other methods.
+        seed: seed of the DARE drop masks (mergekit's ``--random-seed``); default: the config's
+            ``cpift.seed``, else 0; ignored by other methods.
         **common: keywords of every cpift merge function (``dtype``, ``out_dtype``, ``max_shard_size``,
             ``overwrite``, ``allow_nonfinite``, ``copy_tokenizer_from``, ``progress``); a value that is
             not None here overrides the config.
@@ -322,17 +324,58 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0
                or resolve_model(cfg.tokenizer_source, "tokenizer_source", src))
         _check_tokenizer(cfg, tok, list(dict.fromkeys(paths.values())), first)
         donor = tok
+    if "copy_tokenizer_from" in cfg.cpift:
+        donor = resolve_model(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
 
     from . import methods  # the engine, only once the config is known to be good
 
     fn = getattr(methods, cfg.method)
     native = {k for k in ("normalize", "rescale") if k in inspect.signature(fn).parameters}
-    call = plan_call(cfg, num_layers=num_layers, paths=paths, native=native)
+    # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
+    from .card import CardInput
+
+    hub_ids = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items() if CardInput(ref, p).hub_repo}
+    call = plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native)
     if cfg.method in ("dare_linear", "dare_ties"):
-        call.kwargs["seed"] = seed
+        call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
+    if cfg.cpift.get("global_trim"):
+        call.kwargs["global_trim"] = True
     settings = {"dtype": cfg.dtype, "out_dtype": cfg.out_dtype or cfg.dtype, "copy_tokenizer_from": donor,
-                "recipe": {"format": "mergekit", "config_file": os.fspath(path), "config": dict(cfg.raw)}}
+                **{k: cfg.cpift[k] for k in ("max_shard_size",) if k in cfg.cpift}}
     settings.update({k: v for k, v in common.items() if v is not None})
+    settings["recipe"] = _recipe(cfg, call, paths, settings)
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result
+
+
+def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], settings: Mapping[str, Any]):
+    """The recipe a config run records: None when the engine can generate it from the call's constant
+    parameters (merge/card.py), else this config made runnable anywhere (gradients and filters kept)."""
+    from .card import CardInput, is_per_tensor, rewrite_config
+    from .engine import parse_dtype
+    from .writer import parse_size
+
+    if not any(is_per_tensor(v) for v in call.kwargs.values()):
+        return None
+    refs = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items()}
+    tok = cfg.tokenizer_source
+    if tok not in (None, "base") and tok not in refs:
+        refs[tok] = os.path.abspath(resolve_model(tok, "tokenizer_source", cfg.source))
+    # The dtypes in effect (the command line may override the config's), spelled as a config does.
+    top = {k: str(parse_dtype(settings[k], k)).removeprefix("torch.") for k in ("dtype", "out_dtype")
+           if settings.get(k) is not None}
+    cpift = {"seed": call.kwargs["seed"]} if "seed" in call.kwargs else {}
+    cpift["max_shard_size"] = parse_size(settings.get("max_shard_size", "5GB"))
+    if "copy_tokenizer_from" in cfg.cpift or settings["copy_tokenizer_from"] != _default_donor(cfg, paths):
+        donor = os.path.abspath(settings["copy_tokenizer_from"])
+        cpift["copy_tokenizer_from"] = next((refs[r] for r, p in paths.items()
+                                             if os.path.abspath(p) == donor), donor)
+    return rewrite_config(cfg.raw, refs, top=top, cpift=cpift)
+
+
+def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path]) -> Path:
+    if cfg.tokenizer_source not in (None, "base"):
+        return paths.get(cfg.tokenizer_source) or resolve_model(cfg.tokenizer_source, "tokenizer_source",
+                                                                cfg.source)
+    return paths[cfg.base_model] if cfg.base_model is not None else paths[cfg.models[0].model]

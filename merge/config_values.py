@@ -248,3 +248,58 @@ def param_fn(value: Any, num_layers: int | None, *, name: str = "value",
     if not isinstance(value, tuple):
         value = parse_setting(value, name, name, source)
     return _chain_param([value], num_layers, default=None, fld=name, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ``cpift:`` block: settings a mergekit config has no spelling for (recipes write them)
+
+CPIFT_KEYS = {
+    "seed": "seed of the DARE drop masks (dare_linear, dare_ties)",
+    "global_trim": "TIES trim with one magnitude threshold over the whole model (ties)",
+    "max_shard_size": "largest output shard, bytes or 500MB / 2GB / 1GiB",
+    "copy_tokenizer_from": "model directory or Hub id to copy config.json and the tokenizer from",
+}
+
+
+def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validate the top-level ``cpift:`` mapping of a config; return its settings (absent keys left out).
+
+    Raises:
+        ConfigError: naming ``cpift.KEY``: an unknown key, a wrong type, or a key the method does not use.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(source, 'cpift')}: expected a mapping of cpift settings "
+                          f"({', '.join(CPIFT_KEYS)}), got {raw!r}")
+    out: dict[str, Any] = {}
+    for key, val in raw.items():
+        fld = f"cpift.{key}"
+        if key not in CPIFT_KEYS:
+            known = "; ".join(f"{k}: {v}" for k, v in CPIFT_KEYS.items())
+            raise ConfigError(f"{_where(source, fld)}: unknown key (known: {known})")
+        if key == "seed":
+            if method not in ("dare_linear", "dare_ties"):
+                raise ConfigError(f"{_where(source, fld)}: only dare_linear and dare_ties draw random "
+                                  f"masks; remove it for {method}")
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ConfigError(f"{_where(source, fld)}: expected a non-negative integer, got {val!r}")
+        elif key == "global_trim":
+            if method != "ties":
+                raise ConfigError(f"{_where(source, fld)}: only ties trims by magnitude; remove it for "
+                                  f"{method}")
+            val = _boolean(val, fld, source)
+        elif key == "max_shard_size":
+            from .writer import parse_size
+
+            try:
+                if isinstance(val, bool) or not isinstance(val, (int, float, str)):
+                    raise ValueError
+                val = parse_size(val)
+            except ValueError:  # ParameterError included
+                raise ConfigError(f"{_where(source, fld)}: expected a positive size in bytes or like 500MB, "
+                                  f"2GB, 1GiB; got {val!r}") from None
+        elif not isinstance(val, str) or not val.strip():
+            raise ConfigError(f"{_where(source, fld)}: expected a model directory or Hub id, got {val!r}")
+        out[key] = val
+    return out

@@ -22,6 +22,7 @@ import torch
 
 from cpift.kernels.finite import all_finite, first_nonfinite
 
+from .card import CardInput, card_files, roles_for
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .errors import MismatchError, NonFiniteError, ParameterError
 from .writer import OutTensor, ShardWriter, check_output, parse_size
@@ -67,7 +68,10 @@ class MergeResult:
 
 
 def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
-    return [Checkpoint(p) for p in paths]
+    """Open every model argument; a Hub id (``org/name[@rev]``) that is no local path is pulled first."""
+    from .hub import resolve_model
+
+    return [Checkpoint(resolve_model(p), ref=os.fspath(p)) for p in paths]
 
 
 def check_compatible(models: list[Checkpoint]) -> list[str]:
@@ -146,12 +150,14 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                  max_shard_size: int | str = "5GB", overwrite: bool = False,
                  allow_nonfinite: bool = False, copy_tokenizer_from: str | os.PathLike | None = None,
                  progress: bool = True, recipe: dict | None = None,
-                 notes: list[str] | None = None) -> MergeResult:
+                 notes: list[str] | None = None, params: dict | None = None) -> MergeResult:
     """Run ``combine`` over every floating-point tensor of ``models`` and write the result to ``out``.
 
     Non-floating tensors (integer buffers) are copied from the first model. Everything that can be
-    checked is checked before the output directory is created. ``recipe`` (e.g. the YAML config that
-    asked for this merge) is recorded in the output as ``cpift_recipe.yml``.
+    checked is checked before the output directory is created. The output gets a model card
+    (README.md) listing ``params`` (the method's parameters) and the inputs, and ``cpift_recipe.yml``:
+    ``recipe`` if given (e.g. the YAML config that asked for this merge), else one generated from
+    ``params`` (merge/card.py).
     """
     start = time.perf_counter()
     compute_dtype = parse_dtype(dtype, "dtype")
@@ -162,6 +168,11 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
     notes = list(notes or []) + check_compatible(models)
+    card = card_files(method=method, params=params or {}, recipe=recipe,
+                      inputs=[CardInput(m.ref, m.path, role)
+                              for m, role in zip(models, roles_for(method, len(models)))],
+                      settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
+                                "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from})
 
     first = models[0]
     names = first.names()
@@ -195,7 +206,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
             bytes_read += nbytes
             bar.update(nbytes)
         prefetch.stop()
-        writer.finish(side_from, _recipe_files(recipe))
+        writer.finish(side_from, card)
     except BaseException:
         prefetch.stop()
         writer.abort()
@@ -206,14 +217,6 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
             m.close()
     return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
                        time.perf_counter() - start, notes)
-
-
-def _recipe_files(recipe: dict | None) -> dict[str, str]:
-    if recipe is None:
-        return {}
-    import yaml
-
-    return {"cpift_recipe.yml": yaml.safe_dump(recipe, sort_keys=False)}
 
 
 def _explain_nonfinite(name: str, views: list[torch.Tensor], models: list[Checkpoint], result: torch.Tensor,

@@ -109,7 +109,7 @@ def linear(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Param
     def combine(name, xs, out_t):
         linear_kernel(xs, [_value(w, name, "weights") for w in ws], out=out_t)
 
-    return stream_merge("linear", ckpts, out, combine, **common)
+    return stream_merge("linear", ckpts, out, combine, params={"weights": ws}, **common)
 
 
 def slerp(model_a: PathLike, model_b: PathLike, out: PathLike, *, t: Param = 0.5, **common) -> MergeResult:
@@ -129,7 +129,7 @@ def slerp(model_a: PathLike, model_b: PathLike, out: PathLike, *, t: Param = 0.5
         ca, cb = slerp_coefficients(aa, bb, ab, _value(t, name, "t", lo=0.0, hi=1.0))
         slerp_blend(a, b, ca, cb, out=out_t)
 
-    return stream_merge("slerp", ckpts, out, combine, **common)
+    return stream_merge("slerp", ckpts, out, combine, params={"t": t}, **common)
 
 
 def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *,
@@ -171,7 +171,11 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
                     drop_seeds=[tensor_seed(seed, name, i) for i in range(len(rest))] if drop else None,
                     out=out_t)
 
-    return stream_merge(method, ckpts, out, combine, **common)
+    # What the card shows and the recipe reproduces: only the parameters this method uses.
+    params = {"weights": ws, **({"density": ds} if trim or drop else {}), "lambda": lam,
+              **({"normalize": normalize} if elect_sign else {}),
+              **({"global_trim": global_trim} if trim else {}), **({"seed": seed} if drop else {})}
+    return stream_merge(method, ckpts, out, combine, params=params, **common)
 
 
 def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *,

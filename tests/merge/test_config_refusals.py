@@ -194,6 +194,7 @@ def fake_model(d: Path, layers: int = 4, vocab: dict | None = None, vocab_size: 
 def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
     fake_model(tmp_path / "work" / "m")
     monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # 'missing/dir' has the form of a Hub id: no network in tests
     assert resolve_model("m", "models[0].model") == tmp_path / "work" / "m"
     with pytest.raises(ConfigError, match=r"x\.yml: models\[0\]\.model: 'missing/dir' is not a directory "
                                           r"\(relative paths are relative to the current directory"):

@@ -1,0 +1,303 @@
+"""The model card (README.md) and the recipe (cpift_recipe.yml) that every merge output carries.
+
+``card_files(method=, params=, inputs=, settings=)`` returns both texts; the engine calls it before
+the first byte is written and the writer puts the files into the hidden partial directory, so they
+appear together with the model or not at all. A step with its own streaming loop (e.g. ``fuse``)
+calls it the same way, with its own parameters and input roles, and passes the result to
+``ShardWriter.finish``.
+
+Recipe: a mergekit-style YAML that ``cpift-merge config cpift_recipe.yml -o OUT2`` runs to write the
+same bytes. For the six mergekit methods it is generated from the call's parameters; what mergekit
+has no spelling for (DARE seed, TIES global trim, shard size, tokenizer donor) goes under ``cpift:``
+(validated by config_values.parse_cpift_block). Local inputs are written as absolute paths and Hub
+inputs as ``org/name@<commit>`` of the snapshot that was read, so the recipe means the same from any
+directory. A parameter that is a Python function of the tensor name (a gradient or filter from a
+config, or a library caller's) has no generated form: a config run passes its own config, rewritten
+by ``rewrite_config``; otherwise the card says why there is no recipe. A method other than the six
+passes ``recipe=`` itself or gets none.
+
+Fingerprint of an input (the card's sha256): SHA-256 over the bytes of model.safetensors.index.json
+(sharded) or of the single file's safetensors header (its 8-byte length and the JSON), followed by
+the first 64 KiB of tensor data of each shard in file-name order. The layout part pins tensor names
+(and shapes, dtypes, offsets for a single file); the data samples tell apart fine-tunes of one base,
+which share their layout. It reads a few KiB per shard, never the whole model, so it does not pin
+weights beyond the samples; for a Hub input the card also records the commit, which does.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME
+from .errors import CheckpointError
+from .hub import snapshot_commit, split_ref
+
+SAMPLE_BYTES = 65536
+CARD_NAME = "README.md"
+RECIPE_NAME = "cpift_recipe.yml"
+MERGEKIT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+_DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+_DEFINITIONS = {
+    "linear": "Σ w_i x_i / Σ w_i",
+    "slerp": "spherical interpolation, each tensor one vector; t = 0 gives the first model",
+    "task_arithmetic": "b + λ Σ w_i (x_i − b)",
+    "ties": "trim each delta to its largest-magnitude share (density), elect a sign per entry, "
+            "combine the agreeing deltas",
+    "dare_linear": "drop each delta entry with probability 1 − density, rescale by 1/density, "
+                   "then task arithmetic",
+    "dare_ties": "drop each delta entry with probability 1 − density, rescale by 1/density, "
+                 "then TIES sign election",
+}
+
+
+@dataclass(frozen=True)
+class CardInput:
+    """One input of a merge as the card and the recipe record it.
+
+    ``ref`` is the model argument as given (a path, or a Hub id ``org/name[@revision]``), ``path`` the
+    local directory or .safetensors file that was read, ``role`` what the method used it as
+    ("base", "model", or a step's own: "backbone", "task math", ...).
+    """
+
+    ref: str
+    path: Path
+    role: str = "model"
+
+    @property
+    def commit(self) -> str | None:
+        """The Hub commit read, when the input came from the Hub."""
+        return snapshot_commit(self.path) if split_ref(self.ref) is not None else None
+
+    @property
+    def hub_repo(self) -> str | None:
+        return split_ref(self.ref)[0] if self.commit else None
+
+    @property
+    def name(self) -> str:
+        """How the card's base_model lists it: the Hub id, else the absolute path."""
+        return self.hub_repo or os.path.abspath(self.path)
+
+    @property
+    def recipe_ref(self) -> str:
+        """How a recipe names it: the Hub id pinned to the commit read, else the absolute path."""
+        return f"{self.hub_repo}@{self.commit}" if self.hub_repo else os.path.abspath(self.path)
+
+
+def roles_for(method: str, n: int) -> list[str]:
+    """Input roles of the six mergekit methods: the delta methods take the base first."""
+    return ["base" if i == 0 and method in _DELTA_METHODS else "model" for i in range(n)]
+
+
+def input_hash(path: str | os.PathLike) -> str:
+    """The fingerprint of an input (module docstring): its index JSON or single-file header, then the
+    first ``SAMPLE_BYTES`` of tensor data of each shard."""
+    p = Path(path)
+    h = hashlib.sha256()
+    try:
+        sharded = p.is_dir() and (p / INDEX_NAME).is_file()
+        if sharded:
+            raw = (p / INDEX_NAME).read_bytes()
+            h.update(raw)
+            files = [p / f for f in sorted(set(json.loads(raw)["weight_map"].values()))]
+        else:
+            files = [p if p.is_file() else p / SINGLE_NAME]
+        for file in files:
+            with open(file, "rb") as f:
+                head = f.read(8)
+                header = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+                if not sharded:
+                    h.update(head + header)
+                h.update(f.read(SAMPLE_BYTES))  # the file position is now at the tensor data
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p}: cannot read its index or shards for the model card's fingerprint: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+    return h.hexdigest()
+
+
+def is_per_tensor(v: Any) -> bool:
+    """A parameter given as a function of the tensor name (or a list holding one)."""
+    return callable(v) or (isinstance(v, (list, tuple)) and any(callable(x) for x in v))
+
+
+def _dtype_name(d: Any) -> str | None:
+    return None if d is None else str(d).removeprefix("torch.")
+
+
+def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardInput],
+                    settings: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+    """The config that reproduces a merge of one of the six methods, or (None, why not).
+
+    ``params`` as the methods pass them: ``t``; ``weights`` (one per non-base input); ``density`` (one
+    per non-base input); ``lambda``; ``normalize``; ``global_trim``; ``seed``. ``settings``: ``dtype``,
+    ``out_dtype``, ``max_shard_size`` (bytes), ``copy_tokenizer_from`` (None: the first input).
+    """
+    if method not in MERGEKIT_METHODS:
+        return None, f"cpift has no generated recipe for '{method}'"
+    fns = [k for k, v in params.items() if is_per_tensor(v)]
+    if fns:
+        return None, f"'{fns[0]}' is a per-tensor Python function, which a recipe cannot spell"
+    refs = [i.recipe_ref for i in inputs]
+    if len(set(refs)) < len(refs):
+        return None, "the same model is given twice, which a mergekit config cannot express"
+    cfg: dict[str, Any] = {"merge_method": method}
+    if method == "slerp":
+        cfg["base_model"] = refs[0]
+        cfg["models"] = [{"model": r} for r in refs]
+        cfg["parameters"] = {"t": float(params["t"])}
+    elif method == "linear":
+        cfg["models"] = [{"model": r, "parameters": {"weight": float(w)}}
+                         for r, w in zip(refs, params["weights"])]
+    else:
+        cfg["base_model"] = refs[0]
+        cfg["models"] = []
+        for i, r in enumerate(refs[1:]):
+            p = {"weight": float(params["weights"][i])}
+            if "density" in params:
+                p["density"] = float(params["density"][i])
+            cfg["models"].append({"model": r, "parameters": p})
+        cfg["parameters"] = {"lambda": float(params["lambda"])}
+        if "normalize" in params:
+            cfg["parameters"]["normalize"] = bool(params["normalize"])
+    for key in ("dtype", "out_dtype"):
+        if settings.get(key) is not None:
+            cfg[key] = _dtype_name(settings[key])
+    cfg["cpift"] = _cpift_block(params, inputs, settings)
+    return cfg, None
+
+
+def _cpift_block(params: Mapping[str, Any], inputs: Sequence[CardInput],
+                 settings: Mapping[str, Any]) -> dict[str, Any]:
+    block: dict[str, Any] = {}
+    if "seed" in params:
+        block["seed"] = int(params["seed"])
+    if params.get("global_trim"):
+        block["global_trim"] = True
+    if settings.get("max_shard_size") is not None:
+        block["max_shard_size"] = int(settings["max_shard_size"])
+    donor = _donor(inputs, settings)
+    if donor is not None:
+        block["copy_tokenizer_from"] = donor
+    return block
+
+
+def _donor(inputs: Sequence[CardInput], settings: Mapping[str, Any]) -> str | None:
+    """The tokenizer donor as a recipe names it, or None when it is the first input (a config run's
+    default: base_model, else the first model, which is inputs[0] in a generated recipe)."""
+    donor = settings.get("copy_tokenizer_from")
+    if donor is None or os.path.abspath(donor) == os.path.abspath(inputs[0].path):
+        return None
+    same = [i for i in inputs if os.path.abspath(i.path) == os.path.abspath(donor)]
+    return same[0].recipe_ref if same else os.path.abspath(donor)
+
+
+def rewrite_config(raw: Mapping[str, Any], refs: Mapping[str, str], *, top: Mapping[str, Any] = {},
+                   cpift: Mapping[str, Any] = {}) -> dict[str, Any]:
+    """A user's mergekit config made into a recipe: every model reference replaced through ``refs``
+    (absolute paths, pinned Hub commits), ``top`` keys (dtype overrides) set, ``cpift`` settings merged.
+    """
+    cfg = copy.deepcopy(dict(raw))
+
+    def fix(holder: Any, key: str) -> None:
+        if isinstance(holder, dict) and isinstance(holder.get(key), str) and holder[key] in refs:
+            holder[key] = refs[holder[key]]
+
+    fix(cfg, "base_model")
+    fix(cfg, "tokenizer_source")
+    fix(cfg.get("tokenizer"), "source")
+    for m in cfg.get("models") or []:
+        fix(m, "model")
+    for sl in cfg.get("slices") or []:
+        fix(sl, "base_model")
+        for s in (sl.get("sources") or []) if isinstance(sl, dict) else []:
+            fix(s, "model")
+    cfg.update(top)
+    merged = {**(cfg.get("cpift") or {}), **cpift}
+    if merged:
+        cfg["cpift"] = merged
+    return cfg
+
+
+def _value(v: Any) -> str:
+    if callable(v):
+        return "per tensor (a function of the tensor name)"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value(x) for x in v)
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "default" if v is None else str(v)
+
+
+def _dump(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardInput],
+               settings: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None,
+               definition: str | None = None) -> dict[str, str]:
+    """README.md and, when the merge can be reproduced, cpift_recipe.yml for one merge output.
+
+    Args:
+        method: the method or step name (``ties``, ``fuse``, ...).
+        params: its parameters, shown in the card; for the six mergekit methods they also make the
+            recipe (see ``mergekit_recipe``). Values may be numbers, strings, booleans, lists, or
+            callables (shown as per-tensor).
+        inputs: every input, in the order the method read them.
+        settings: output settings: ``dtype``, ``out_dtype``, ``max_shard_size``, ``copy_tokenizer_from``.
+        recipe: a reproducing config to record as is (a config run, or a step of its own); default:
+            generated for the six mergekit methods.
+        definition: one line saying what the method computes (default: known for the six methods).
+
+    Returns:
+        ``{file name: text}`` for ``ShardWriter.finish``.
+
+    Raises:
+        CheckpointError: an input's index or header cannot be read for its hash.
+
+    Example:
+        >>> files = card_files(method="slerp", params={"t": 0.3},
+        ...                    inputs=[CardInput("a", Path("a")), CardInput("b", Path("b"))],
+        ...                    settings={"max_shard_size": 5 * 10**9})
+        >>> sorted(files)
+        ['README.md', 'cpift_recipe.yml']
+    """
+    settings = dict(settings or {})
+    why = None
+    if recipe is None:
+        recipe, why = mergekit_recipe(method=method, params=params, inputs=inputs, settings=settings)
+    front = {"base_model": list(dict.fromkeys(i.name for i in inputs)), "tags": ["cpift", "merge"],
+             "library_name": "transformers"}
+    lines = ["---", _dump(front).rstrip("\n"), "---", "",
+             f"# {method} merge of {len(inputs)} models", "",
+             f"Made with cpift (`cpift-merge`), method **{method}**"
+             + (f": {definition or _DEFINITIONS[method]}." if definition or method in _DEFINITIONS else "."),
+             "", "## Parameters", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {_value(v)} |" for k, v in params.items()]
+    shown = {k: _dtype_name(v) if "dtype" in k else _value(v) for k, v in settings.items()
+             if v is not None and k != "copy_tokenizer_from"}
+    if _donor(inputs, settings) is not None:
+        shown["copy_tokenizer_from"] = _donor(inputs, settings)
+    lines += [f"| {k} | {v} |" for k, v in shown.items()]
+    lines += ["", "## Inputs", "", "| role | model | Hub commit | fingerprint (sha256) |", "|---|---|---|---|"]
+    lines += [f"| {i.role} | `{i.name}` | {i.commit or '–'} | `{input_hash(i.path)}` |" for i in inputs]
+    lines += ["", "Fingerprint: SHA-256 of the index JSON (or the single file's safetensors header) and the "
+                  f"first {SAMPLE_BYTES // 1024} KiB of tensor data of each shard; a Hub commit pins all "
+                  "the weights.", "", "## Reproduce", ""]
+    files: dict[str, str] = {}
+    if recipe is not None:
+        text = f"# Reproduce with: cpift-merge config {RECIPE_NAME} -o OUT\n" + _dump(dict(recipe))
+        files[RECIPE_NAME] = text
+        lines += [f"```bash\ncpift-merge config {RECIPE_NAME} -o OUT\n```", "",
+                  f"with `{RECIPE_NAME}` (in this directory):", "", "```yaml", text.rstrip("\n"), "```"]
+    else:
+        lines += [f"No recipe: {why}."]
+    files[CARD_NAME] = "\n".join(lines) + "\n"
+    return files
