@@ -117,8 +117,9 @@ class _Fields:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and v != int(v)) or not math.isfinite(v):
             self.fail(key, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
         if v < lo or v > hi or (lo_open and v == lo):
-            left = "(" if lo_open else "["
-            self.fail(key, f"{v} is outside {left}{lo:g}, {hi:g}]")
+            if hi == math.inf:
+                self.fail(key, f"{v:g} must be {'>' if lo_open else '≥'} {lo:g}")
+            self.fail(key, f"{v:g} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}]")
         return int(v) if integer else float(v)
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
