@@ -111,6 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()  # other work on the machine, for the record
 
     base = build_model(args.hidden, args.layers, args.vocab)
     plain_model, frozen_model = copy.deepcopy(base), copy.deepcopy(base)
@@ -142,7 +143,7 @@ def main() -> None:
         "benchmark": "freeze_overhead", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "load_average_at_end": os.getloadavg()},
+                    "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "parameters": n_params,
                    "frozen_entries": freezer.frozen, "frozen_share": freezer.frozen / n_params,
                    "tokens_per_step": args.batch * args.seq, "dtype": "float32", "device": "cpu"},
@@ -160,7 +161,8 @@ def markdown(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = [f"# Freezing overhead ({r['date']})", "",
              f"Machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, {m['torch_threads']} threads; "
-             f"load average at the end {', '.join(f'{x:.2f}' for x in m['load_average_at_end'])}.",
+             f"load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])} at the start, "
+             f"{', '.join(f'{x:.2f}' for x in m['load_average_at_end'])} at the end.",
              f"Model: random Llama, hidden {c['hidden']}, {c['layers']} layers, vocab {c['vocab']}, "
              f"{c['parameters'] / 1e6:.1f}M parameters, float32 on the CPU. Batch {c['batch']} × {c['seq']} tokens, "
              f"AdamW (weight decay 0.1), clipping at 1.0. Frozen: {c['masks']} masks × {c['share']}% of every "
