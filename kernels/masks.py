@@ -14,6 +14,8 @@
 # the Triton kernels (kernels/_masks_triton.py, imported only when they run) do the same per block.
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ._backend import resolve
@@ -44,13 +46,27 @@ def pack_bits(mask: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
     return out
 
 
+# Gathers 8 bytes of 0/1 (entry j in byte j of a little-endian int64) into bits 56..63 as Σ b_j << j:
+# the product's diagonal terms b_j·2^(56+j) land there and every cross term lands outside bits
+# 56..63 without carrying into them (checked for all 256 patterns in the tests). One multiply and
+# one shift per 8 entries, instead of an 8-wide multiply and sum.
+_GATHER = 0x0102040810204080
+_LITTLE = sys.byteorder == "little"
+
+
 def _pack_into(mask: torch.Tensor, out: torch.Tensor) -> None:
     """Pack a bool chunk whose length is a multiple of 8, or the tensor's tail, into out."""
     full = mask.numel() // 8
     if full:
-        bits = scratch("masks.bits", full * 8, torch.uint8).view(full, 8)
-        torch.mul(mask[: full * 8].view(torch.uint8).view(full, 8), _WEIGHTS, out=bits)
-        out[:full] = bits.sum(1, dtype=torch.uint8)
+        body = mask[: full * 8].view(torch.uint8)
+        if _LITTLE and body.storage_offset() % 8 == 0:
+            words = scratch("masks.words", full, torch.int64)
+            torch.mul(body.view(torch.int64), _GATHER, out=words)
+            out[:full] = words.bitwise_right_shift_(56)  # the copy keeps the low byte
+        else:
+            bits = scratch("masks.bits", full * 8, torch.uint8).view(full, 8)
+            torch.mul(body.view(full, 8), _WEIGHTS, out=bits)
+            out[:full] = bits.sum(1, dtype=torch.uint8)
     if mask.numel() % 8:
         tail = mask[full * 8:].view(torch.uint8)
         out[full] = int((tail * _WEIGHTS[: tail.numel()]).sum())

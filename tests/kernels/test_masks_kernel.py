@@ -81,3 +81,14 @@ def test_pack_cut_equals_reference_selection(n: int, dtype: torch.dtype, backend
     scores_only = (x.double() - base.double()).abs().float()
     packed, _ = pack_cut(scores_only, None, cut=magnitude_cut(scores_only, None, n // 2), backend=backend)
     assert_exact(packed, pack_bits_ref(magnitude_mask_ref(scores_only, None, n // 2)))
+
+
+def test_pack_gathers_every_byte_pattern_and_unaligned_views() -> None:
+    """The int64 multiply-gather packs all 256 patterns of 8 entries; misaligned views take the slow path."""
+    import itertools
+
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=8))).reshape(-1)
+    assert_exact(pack_bits(patterns), pack_bits_ref(patterns))
+    shifted = torch.cat([torch.tensor([True]), patterns])[1:]  # storage offset 1: not 8-byte aligned
+    assert shifted.storage_offset() % 8 and torch.equal(shifted, patterns)
+    assert_exact(pack_bits(shifted), pack_bits_ref(patterns))
