@@ -1,0 +1,154 @@
+"""The seesaw benchmark's units of work, each run in a worker process through `run_pipeline`.
+
+Layout under WORK (= benchmarks/seesaw/work/SCALE): ``s{seed}/{method}`` is one pipeline WORKDIR per
+method and seed; ``s{seed}/task-arithmetic`` trains the probes and every other probe-using run of that
+seed links them (the pipeline skips a step whose output exists), so all methods of a seed share the
+same probe models. ``s{seed}/probe_eval.json`` scores each probe on its own task, the normaliser.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def init_worker() -> None:
+    # torch's thread barriers stall when another process holds a core: one thread per worker
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _log(work: Path, line: str) -> None:
+    with open(work / "log.txt", "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+
+def _pipeline(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> dict:
+    from cpift.training.pipeline import run_pipeline
+
+    tag = f"s{seed}/{wd.name}"
+    return run_pipeline(recipe, wd, method=method, seed=seed, device="cpu",
+                        log=lambda line: _log(work, f"{tag}: {line}"))
+
+
+def _tasks(recipe: Path) -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(recipe.read_text())["tasks"]
+
+
+def ensure_probes(work: Path, recipe: Path, seed: int) -> Path:
+    """Train the seed's probes (the task-arithmetic run) once, under a lock; evaluate each on its task."""
+    from cpift.training.evaluate import evaluate
+
+    sd = work / f"s{seed}"
+    wd = sd / "task-arithmetic"
+    with _lock(sd / ".probes.lock"):
+        if not (wd / "report.json").exists():
+            _pipeline(recipe, wd, "task-arithmetic", seed, work)
+        out = sd / "probe_eval.json"
+        if not out.exists():
+            scores = {t["name"]: evaluate(wd / "probes" / t["name"], recipe.parent / t["eval"], device="cpu",
+                                          batch_size=50, max_length=96, progress=False) for t in _tasks(recipe)}
+            _write_json(out, scores)
+    return wd / "probes"
+
+
+def link(src: Path, dst: Path) -> None:
+    """Make ``dst`` point at a finished step output of another WORKDIR of the same seed."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.symlink(src.resolve(), dst)
+
+
+def run_method(work: str, recipe: str, seed: int, method: str) -> str:
+    work, recipe = Path(work), Path(recipe)
+    start = time.perf_counter()
+    wd = work / f"s{seed}" / method
+    if method in ("cpi-ft", "ties", "task-arithmetic"):
+        probes = ensure_probes(work, recipe, seed)
+        for t in _tasks(recipe):
+            link(probes / t["name"], wd / "probes" / t["name"])
+    if not (wd / "report.json").exists():
+        _pipeline(recipe, wd, method, seed, work)
+    return f"s{seed}/{method}: {time.perf_counter() - start:.0f} s"
+
+
+def run_sensitivity(work: str, main_recipe: str, recipe: str, seed: int, name: str) -> str:
+    """CPI-FT with another p or τ, on the seed's shared probes."""
+    work, recipe = Path(work), Path(recipe)
+    start = time.perf_counter()
+    probes = ensure_probes(work, Path(main_recipe), seed)
+    wd = work / f"s{seed}" / f"sens-{name}"
+    for t in _tasks(recipe):
+        link(probes / t["name"], wd / "probes" / t["name"])
+    if not (wd / "report.json").exists():
+        _pipeline(recipe, wd, "cpi-ft", seed, work)
+    return f"s{seed}/sens-{name}: {time.perf_counter() - start:.0f} s"
+
+
+def run_forgetting(work: str, main_recipe: str, recipe: str, seed: int) -> str:
+    """A then B: sequential full SFT, the same with A's core frozen during B, and the CPI-FT pipeline.
+
+    The CPI-FT run (τ = 1, order given: stages [A], [B]) trains stage 1 on A from the base, then B with
+    A's core frozen (``stages/2``, the frozen-core row), then fuses and calibrates (the CPI-FT row).
+    The sequential full SFT run (multistage-heuristic, groups [[A], [B]]) has a bit-identical stage 1
+    (same data file, seed and settings, nothing frozen), so it links it and trains B with all parameters.
+    """
+    from cpift.training.evaluate import evaluate
+
+    work, recipe = Path(work), Path(recipe)
+    start = time.perf_counter()
+    probes = ensure_probes(work, Path(main_recipe), seed)
+    tasks = _tasks(recipe)
+    a, b = (t["name"] for t in tasks)
+    sd = work / f"s{seed}" / "forget"
+    cpi, seq = sd / "cpi-ft", sd / "sequential"
+    out = sd / "forgetting.json"
+    if out.exists():
+        return f"s{seed}/forget: done before"
+    for t in tasks:
+        link(probes / t["name"], cpi / "probes" / t["name"])
+    sd.mkdir(parents=True, exist_ok=True)
+    if not (cpi / "report.json").exists():
+        _pipeline(recipe, cpi, "cpi-ft", seed, work)
+    plan = json.loads((cpi / "report.json").read_text())["stages"]
+    if plan != [[a], [b]]:
+        raise RuntimeError(f"forgetting: expected the stages [[{a}], [{b}]] from τ = 1, got {plan}")
+    link(cpi / "stages" / "1", seq / "stages" / "1")
+    if not (seq / "report.json").exists():
+        _pipeline(recipe, seq, "multistage-heuristic", seed, work)
+
+    def scores(model: Path) -> dict:
+        return {t["name"]: evaluate(model, recipe.parent / t["eval"], device="cpu", batch_size=50, max_length=96,
+                                    progress=False) for t in tasks}
+
+    result = {"A": a, "B": b, "after_A": scores(cpi / "stages" / "1"),
+              "methods": {"full-sft": json.loads((seq / "report.json").read_text())["tasks"],
+                          "cpi-frozen-core": scores(cpi / "stages" / "2"),
+                          "cpi-ft": json.loads((cpi / "report.json").read_text())["tasks"]}}
+    _write_json(out, result)
+    return f"s{seed}/forget: {time.perf_counter() - start:.0f} s"

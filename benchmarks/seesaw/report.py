@@ -1,0 +1,228 @@
+"""Aggregate the seesaw runs into seesaw.json, seesaw.md (tables shaped like the paper's) and PNG charts.
+
+Normalized score of a method on a task = its exact match / the exact match of that seed's single-task
+probe on the task. A task whose probe scores below MIN_PROBE_EM in a seed is left out of that seed's
+mean (a ratio over a near-zero denominator measures noise); the mean over tasks also comes in a
+loss-based form, probe loss / method loss, defined for every task. Spreads are sample standard
+deviations over seeds (0 with one seed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+MIN_PROBE_EM = 0.05
+
+
+def _ms(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def normalized(scores: dict, probe: dict, tasks: list[str]) -> tuple[dict, float | None, float]:
+    """Per-task EM ratios, their mean over the tasks the probe learned (None if none), mean loss ratio."""
+    per = {t: scores[t]["exact_match"] / probe[t]["exact_match"] for t in tasks
+           if probe[t]["exact_match"] >= MIN_PROBE_EM}
+    mean = statistics.fmean(per.values()) if per else None
+    by_loss = statistics.fmean(probe[t]["loss"] / scores[t]["loss"] for t in tasks)
+    return per, mean, by_loss
+
+
+def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], methods, sensitivity: dict,
+              forget_seeds: list[int], base: str, settings: dict) -> dict:
+    probes = {s: _load(work / f"s{s}" / "probe_eval.json") for s in seeds}
+    out = {"scale": scale, "base": base, "settings": settings, "seeds": seeds, "tasks": tasks,
+           "normalization": f"method EM / same-seed probe EM; tasks with probe EM < {MIN_PROBE_EM} are left out "
+                            "of that seed's mean; mean_normalized_loss = mean of probe loss / method loss",
+           "probes": {"per_task": {t: {"exact_match": _ms([probes[s][t]["exact_match"] for s in seeds]),
+                                       "loss": _ms([probes[s][t]["loss"] for s in seeds])} for t in tasks}},
+           "methods": {}}
+    for m in methods:
+        reps = {s: _load(work / f"s{s}" / m / "report.json") for s in seeds}
+        per_task, means, by_loss, left_out = {}, [], [], {}
+        norms = {s: normalized(reps[s]["tasks"], probes[s], tasks) for s in seeds}
+        for t in tasks:
+            per_task[t] = {"exact_match": _ms([reps[s]["tasks"][t]["exact_match"] for s in seeds]),
+                           "loss": _ms([reps[s]["tasks"][t]["loss"] for s in seeds])}
+            ratios = [norms[s][0][t] for s in seeds if t in norms[s][0]]
+            per_task[t]["normalized"] = _ms(ratios) if ratios else None
+        for s in seeds:
+            if norms[s][1] is not None:
+                means.append(norms[s][1])
+            by_loss.append(norms[s][2])
+            left_out[s] = [t for t in tasks if t not in norms[s][0]]
+        out["methods"][m] = {"per_task": per_task, "mean_normalized": _ms(means) if means else None,
+                             "mean_normalized_loss": _ms(by_loss), "tasks_left_out": left_out,
+                             "stages": {s: reps[s]["stages"] for s in seeds},
+                             "optimizer_steps": reps[seeds[0]]["optimizer_steps"],
+                             "per_seed": {s: {"mean_normalized": norms[s][1], "tasks": reps[s]["tasks"]}
+                                          for s in seeds}}
+    out["core_overlap"] = {s: _load(work / f"s{s}" / "cpi-ft" / "cluster.json") for s in seeds}
+    out["forgetting"] = _forgetting(work, forget_seeds)
+    out["sensitivity"] = _sensitivity(work, sensitivity, probes[0], tasks)
+    return out
+
+
+def _forgetting(work: Path, seeds: list[int]) -> dict:
+    runs = {s: _load(work / f"s{s}" / "forget" / "forgetting.json") for s in seeds}
+    a, b = runs[seeds[0]]["A"], runs[seeds[0]]["B"]
+    res = {"A": a, "B": b, "seeds": seeds,
+           "definition": "drop on A = EM_A after training A − EM_A at the end (points); gain on B = EM_B at the "
+                         "end − EM_B after training A", "methods": {}}
+    for m in runs[seeds[0]]["methods"]:
+        cols = {"A_after_A": [], "A_final": [], "drop_A": [], "B_after_A": [], "B_final": [], "gain_B": [],
+                "A_loss_increase": []}
+        for s in seeds:
+            before, after = runs[s]["after_A"], runs[s]["methods"][m]
+            cols["A_after_A"].append(100 * before[a]["exact_match"])
+            cols["A_final"].append(100 * after[a]["exact_match"])
+            cols["drop_A"].append(100 * (before[a]["exact_match"] - after[a]["exact_match"]))
+            cols["B_after_A"].append(100 * before[b]["exact_match"])
+            cols["B_final"].append(100 * after[b]["exact_match"])
+            cols["gain_B"].append(100 * (after[b]["exact_match"] - before[b]["exact_match"]))
+            cols["A_loss_increase"].append(after[a]["loss"] - before[a]["loss"])
+        res["methods"][m] = {k: _ms(v) for k, v in cols.items()}
+    return res
+
+
+def _sensitivity(work: Path, configs: dict, probe: dict, tasks: list[str]) -> dict:
+    res = {"seed": 0, "runs": {}}
+    for name, pt in configs.items():
+        wd = work / "s0" / ("cpi-ft" if name == "main" else f"sens-{name}")
+        rep, cl = _load(wd / "report.json"), _load(wd / "cluster.json")
+        per, mean, by_loss = normalized(rep["tasks"], probe, tasks)
+        n = len(cl["tasks"])
+        off = [cl["jaccard"][i][j] for i in range(n) for j in range(n) if i < j]
+        res["runs"][name] = {**pt, "mean_normalized": mean, "mean_normalized_loss": by_loss,
+                             "exact_match": {t: rep["tasks"][t]["exact_match"] for t in tasks},
+                             "stages": rep["stages"], "mean_jaccard": statistics.fmean(off) if off else 0.0}
+    return res
+
+
+def _pm(d: dict | None, scale: float = 1.0, fmt: str = ".1f") -> str:
+    if d is None:
+        return "n/a"
+    return f"{scale * d['mean']:{fmt}} ± {scale * d['std']:{fmt}}"
+
+
+def verdict(res: dict) -> list[str]:
+    """Did CPI-FT beat each baseline by more than the seed spread (sum of the two standard deviations)?"""
+    cpi = res["methods"]["cpi-ft"]["mean_normalized"]
+    lines = []
+    for m, v in res["methods"].items():
+        if m == "cpi-ft" or v["mean_normalized"] is None or cpi is None:
+            continue
+        d, spread = cpi["mean"] - v["mean_normalized"]["mean"], cpi["std"] + v["mean_normalized"]["std"]
+        word = ("beats" if d > spread else "loses to" if d < -spread else "is within the seed spread of")
+        lines.append(f"- CPI-FT {word} {m}: {cpi['mean']:.3f} vs {v['mean_normalized']['mean']:.3f} "
+                     f"(difference {d:+.3f}, spread {spread:.3f}).")
+    f = res["forgetting"]["methods"]
+    if "full-sft" in f and "cpi-ft" in f:
+        full, cpi_d = f["full-sft"]["drop_A"]["mean"], f["cpi-ft"]["drop_A"]["mean"]
+        frozen = f["cpi-frozen-core"]["drop_A"]["mean"]
+        share = f" ({100 * (full - cpi_d) / full:.0f}% of it)" if full > 0 else ""
+        lines.append(f"- Forgetting of {res['forgetting']['A']} after {res['forgetting']['B']}: full SFT drops "
+                     f"{full:.1f} points, CPI-FT {cpi_d:.1f} (removes {full - cpi_d:.1f} points{share}); "
+                     f"freezing A's core alone during B drops {frozen:.1f}.")
+    return lines
+
+
+def write(res: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seesaw.json").write_text(json.dumps(res, indent=2) + "\n")
+    tasks, seeds = res["tasks"], res["seeds"]
+    st = res["settings"]
+    md = [f"# Seesaw benchmark ({res['scale']} scale)", "",
+          f"Base `{Path(res['base']).name}`; tasks {', '.join(tasks)} ({st['n_train']} train / {st['n_eval']} eval "
+          f"each); seeds {seeds}; probe {st['probe_steps']} steps, main training {st['steps_per_task']} steps per "
+          f"task, calibration {st['cal_steps']} steps per task on {st['cal_examples']} examples, batch "
+          f"{st['batch']}, lr {st['lr']:g}. Mean ± sample std over seeds. Normalization: {res['normalization']}.",
+          "", "## Table 1: exact match (%) per task and mean normalized score", "",
+          "| method | " + " | ".join(tasks) + " | mean normalized (EM) | mean normalized (loss) | optimizer steps |",
+          "|---|" + "---:|" * (len(tasks) + 3)]
+    pr = res["probes"]["per_task"]
+    md.append("| single-task probes | " + " | ".join(_pm(pr[t]["exact_match"], 100) for t in tasks) + " | 1 | 1 | |")
+    for m, v in res["methods"].items():
+        md.append(f"| {m} | " + " | ".join(_pm(v["per_task"][t]["exact_match"], 100) for t in tasks) +
+                  f" | {_pm(v['mean_normalized'], 1, '.3f')} | {_pm(v['mean_normalized_loss'], 1, '.3f')} | "
+                  f"{v['optimizer_steps']} |")
+    left = sorted({t for v in res["methods"].values() for ts in v["tasks_left_out"].values() for t in ts})
+    md += ["", f"Tasks left out of the EM-normalized mean in some seed (probe EM < 5%): {', '.join(left) or 'none'}.",
+           "", "Response loss per task (mean ± std):", "",
+           "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    md.append("| single-task probes | " + " | ".join(_pm(pr[t]["loss"], 1, ".3f") for t in tasks) + " |")
+    for m, v in res["methods"].items():
+        md.append(f"| {m} | " + " | ".join(_pm(v["per_task"][t]["loss"], 1, ".3f") for t in tasks) + " |")
+    f = res["forgetting"]
+    md += ["", f"## Table 2: forgetting, {f['A']} (A) then {f['B']} (B), seeds {f['seeds']}", "",
+           f"{f['definition']}. With one task per stage, multi-stage SFT is the same schedule as sequential full "
+           "SFT, so one row covers both; `cpi-frozen-core` is stage B with A's core frozen (before fusion), "
+           "`cpi-ft` the whole pipeline (+ fuse + calibration).", "",
+           "| method | A after A | A at end | drop on A | B after A | B at end | gain on B | A loss increase |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, v in f["methods"].items():
+        md.append(f"| {m} | " + " | ".join(_pm(v[k]) for k in ("A_after_A", "A_final", "drop_A", "B_after_A",
+                                                                   "B_final", "gain_B")) +
+                  f" | {_pm(v['A_loss_increase'], 1, '.3f')} |")
+    md += ["", f"## Sensitivity of CPI-FT (seed {res['sensitivity']['seed']})", "",
+           "| run | p | τ | stages | mean Jaccard | mean normalized (EM) | mean normalized (loss) |",
+           "|---|---:|---:|---|---:|---:|---:|"]
+    for n, v in res["sensitivity"]["runs"].items():
+        stages = " → ".join("{" + ",".join(g) + "}" for g in v["stages"])
+        mn = "n/a" if v["mean_normalized"] is None else f"{v['mean_normalized']:.3f}"
+        md.append(f"| {n} | {v['p']:g} | {v['tau']:g} | {stages} | {v['mean_jaccard']:.3f} | {mn} | "
+                  f"{v['mean_normalized_loss']:.3f} |")
+    md += ["", "## Core overlap (Jaccard, p = 1, seed 0)", ""]
+    cl = res["core_overlap"][seeds[0]]
+    md += ["| | " + " | ".join(cl["tasks"]) + " |", "|---|" + "---:|" * len(cl["tasks"])]
+    md += [f"| {t} | " + " | ".join(f"{x:.3f}" for x in row) + " |" for t, row in zip(cl["tasks"], cl["jaccard"])]
+    md += ["", "## Verdict (computed)", "", *verdict(res), "",
+           "![per-task exact match](seesaw_tasks.png)", "", "![forgetting](seesaw_forgetting.png)", ""]
+    notes = Path(__file__).with_name(f"analysis_{res['scale']}.md")
+    if notes.exists():
+        md += [notes.read_text()]
+    (out / "seesaw.md").write_text("\n".join(md) + "\n")
+    charts(res, out)
+
+
+def charts(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = res["tasks"]
+    rows = {"probes": res["probes"]["per_task"], **{m: v["per_task"] for m, v in res["methods"].items()}}
+    fig, ax = plt.subplots(figsize=(10, 4))
+    w = 0.8 / len(rows)
+    for i, (m, per) in enumerate(rows.items()):
+        xs = [j + (i - len(rows) / 2 + 0.5) * w for j in range(len(tasks))]
+        ax.bar(xs, [100 * per[t]["exact_match"]["mean"] for t in tasks], w, label=m,
+               yerr=[100 * per[t]["exact_match"]["std"] for t in tasks], capsize=2)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("exact match (%)")
+    ax.set_title(f"Seesaw ({res['scale']}): per-task exact match, mean ± std over seeds {res['seeds']}")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out / "seesaw_tasks.png", dpi=110)
+    plt.close(fig)
+
+    f = res["forgetting"]
+    ms = list(f["methods"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (key, label) in enumerate([("drop_A", f"drop on A ({f['A']})"), ("gain_B", f"gain on B ({f['B']})")]):
+        ax.bar([j + (i - 0.5) * 0.38 for j in range(len(ms))], [f["methods"][m][key]["mean"] for m in ms], 0.38,
+               yerr=[f["methods"][m][key]["std"] for m in ms], capsize=3, label=label)
+    ax.set_xticks(range(len(ms)), ms)
+    ax.set_ylabel("exact-match points")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_title("Sequential A → B: forgetting and gain")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "seesaw_forgetting.png", dpi=110)
+    plt.close(fig)

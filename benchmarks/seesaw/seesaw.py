@@ -1,0 +1,138 @@
+"""The seesaw benchmark: a CPU-scale reproduction of the CPI-FT paper's Tables 1 and 2 (issue 6).
+
+    python benchmarks/seesaw/seesaw.py --scale ci      # 1 seed, few steps: a smoke test (CI)
+    python benchmarks/seesaw/seesaw.py --scale full    # 3 seeds; writes benchmarks/results/seesaw.*
+
+Steps: pre-train a small char-level Llama on local text (cached) → generate five tasks as JSONL →
+write the pipeline recipes → run every method of `cpift-train pipeline` per seed (CPI-FT, full SFT,
+multi-stage random K = 3, multi-stage heuristic, task arithmetic, TIES), the A→B forgetting runs and
+the CPI-FT sensitivity runs, two worker processes at a time → aggregate into seesaw.json, seesaw.md
+and PNG charts (report.py). Every run is resumable: rerunning skips finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import base  # noqa: E402
+import jobs  # noqa: E402
+import report  # noqa: E402
+import tasks  # noqa: E402
+
+METHODS = ("full-sft", "multistage-random", "multistage-heuristic", "cpi-ft", "task-arithmetic", "ties")
+HEURISTIC = [["math", "code"], ["logic", "instruct"], ["facts"]]  # numeric, symbolic, knowledge
+
+SCALES = {
+    "ci": {"seeds": [0], "n_train": 64, "n_eval": 12, "batch": 8, "lr": 2e-3, "probe_steps": 6, "steps_per_task": 6,
+           "cal_steps": 2, "cal_examples": 8, "sens_p": [1.0, 5.0], "sens_tau": [0.1, 0.3], "forget_seeds": [0]},
+    "full": {"seeds": [0, 1, 2], "n_train": 2000, "n_eval": 100, "batch": 16, "lr": 1e-3, "probe_steps": 120,
+             "steps_per_task": 120, "cal_steps": 15, "cal_examples": 64, "sens_p": [0.1, 1.0, 5.0],
+             "sens_tau": [0.0, 0.05, 0.1, 0.3], "forget_seeds": [0, 1, 2]},
+}
+P, TAU = 1.0, 0.1  # the paper's defaults: the main CPI-FT run
+FORGET = ("facts", "math")  # A (a recall task, the most exposed to overwriting), then B
+
+
+def recipe(base_dir: Path, task_files: dict, cfg: dict, *, p: float = P, tau: float = TAU,
+           groups: list[list[str]] | None = None, order: str = "random") -> dict:
+    sft = {"lr": cfg["lr"], "batch_size": cfg["batch"], "max_length": 96, "warmup": 0.05, "weight_decay": 0.0}
+    names = list(task_files)
+    if groups is None:
+        known = [[n for n in g if n in names] for g in HEURISTIC]
+        extra = [n for n in names if not any(n in g for g in HEURISTIC)]
+        groups = [g for g in known if g] + ([extra] if extra else [])
+    return {"base": str(base_dir), "seed": 0,
+            "tasks": [{"name": n, "train": str(tr), "eval": str(ev)} for n, (tr, ev) in task_files.items()],
+            "probe": {"steps": cfg["probe_steps"], **sft}, "p": p, "granularity": "element", "tau": tau,
+            "order": order, "train": {"steps_per_task": cfg["steps_per_task"], **sft},
+            "calibration": {"examples": cfg["cal_examples"], "steps_per_task": cfg["cal_steps"],
+                            **{**sft, "lr": cfg["lr"] * 0.3}},
+            "fuse": {"overlap": "last"},
+            "baselines": {"stages": min(3, len(names)), "groups": groups,
+                          "task_arithmetic": {"lam": 0.3}, "ties": {"density": 0.2, "lam": 1.0}},
+            "eval": {"batch_size": 50, "max_length": 96}}
+
+
+def _write_recipe(path: Path, body: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(body, sort_keys=False)
+    if not path.exists() or path.read_text() != text:  # rewriting the same bytes keeps resumes valid
+        path.write_text(text)
+    return path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", choices=sorted(SCALES), default="ci")
+    ap.add_argument("--model", type=Path, help="a Hugging Face model directory to use instead of the small base")
+    ap.add_argument("--task", action="append", default=[], metavar="NAME=TRAIN.jsonl,EVAL.jsonl",
+                    help="add a JSONL task (prompt/response or messages lines); repeatable")
+    ap.add_argument("--work", type=Path, default=HERE / "work", help="cache and run directory (gitignored)")
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results for "
+                    "full, WORK/SCALE/results otherwise)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = SCALES[args.scale]
+    work = (args.work / args.scale).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = args.out or (HERE.parent / "results" if args.scale == "full" else work / "results")
+    t0 = time.perf_counter()
+    say = lambda line: print(f"[{time.perf_counter() - t0:6.0f} s] {line}", flush=True)  # noqa: E731
+
+    jobs.init_worker()  # pre-training too: one thread, as the workers
+    base_dir = args.model.resolve() if args.model else base.pretrain(args.work.resolve(), args.scale, log=say)
+    files = tasks.make_tasks(work / "data", n_train=cfg["n_train"], n_eval=cfg["n_eval"])
+    for spec in args.task:
+        name, _, paths = spec.partition("=")
+        tr, _, ev = paths.partition(",")
+        if not (name and tr and ev):
+            raise SystemExit(f"--task {spec!r}: expected NAME=TRAIN.jsonl,EVAL.jsonl")
+        files[name] = (Path(tr).resolve(), Path(ev).resolve())
+    rdir = work / "recipes"
+    main_recipe = _write_recipe(rdir / "main.yml", recipe(base_dir, files, cfg))
+    a, b = FORGET
+    forget_recipe = _write_recipe(rdir / "forget.yml", recipe(base_dir, {a: files[a], b: files[b]}, cfg, tau=1.0,
+                                                              groups=[[a], [b]], order="given"))
+    sens = [(f"p{p:g}", p, TAU) for p in cfg["sens_p"] if p != P] + \
+           [(f"tau{t:g}", P, t) for t in cfg["sens_tau"] if t != TAU]
+    sens_recipes = {n: _write_recipe(rdir / f"sens-{n}.yml", recipe(base_dir, files, cfg, p=p, tau=t))
+                    for n, p, t in sens}
+
+    # probes first (task-arithmetic trains them), then what needs no probes, then what reuses them
+    todo = [(jobs.run_method, str(work), str(main_recipe), s, m) for m in METHODS[:3] + ("task-arithmetic",)
+            for s in cfg["seeds"]]
+    todo.sort(key=lambda j: (j[4] != "task-arithmetic", j[3]))
+    todo += [(jobs.run_method, str(work), str(main_recipe), s, m) for m in ("ties", "cpi-ft") for s in cfg["seeds"]]
+    todo += [(jobs.run_forgetting, str(work), str(main_recipe), str(forget_recipe), s) for s in cfg["forget_seeds"]]
+    todo += [(jobs.run_sensitivity, str(work), str(main_recipe), str(sens_recipes[n]), 0, n) for n, _, _ in sens]
+    say(f"{len(todo)} jobs on {args.jobs} workers; log: {work / 'log.txt'}")
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
+        futures = [pool.submit(fn, *a) for fn, *a in todo]
+        for f in as_completed(futures):
+            say(f.result())
+
+    results = report.aggregate(work, scale=args.scale, seeds=cfg["seeds"], tasks=list(files), methods=METHODS,
+                               sensitivity={n: {"p": p, "tau": t} for n, p, t in
+                                            [("main", P, TAU)] + sens},
+                               forget_seeds=cfg["forget_seeds"], base=str(base_dir), settings=cfg)
+    report.write(results, out)
+    say(f"results: {out / 'seesaw.json'}, {out / 'seesaw.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
