@@ -126,17 +126,26 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
     return records
 
 
+def _template(tokenizer, msgs: list[dict], **kw) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
+    except TemplateError as e:  # templates raise on e.g. roles that do not alternate
+        raise DataError(f"the tokenizer's chat template refused this conversation ({e})") from None
+
+
 def render(tokenizer, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as text, and the character spans [start, end) of its assistant turns."""
     if getattr(tokenizer, "chat_template", None):
         msgs = [{"role": r, "content": c} for r, c in turns]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        text = _template(tokenizer, msgs)
         spans = []
         for i, (role, _) in enumerate(turns):
             if role != "assistant":
                 continue
-            before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            through = tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False)
+            before = _template(tokenizer, msgs[:i], add_generation_prompt=True) if i else ""
+            through = _template(tokenizer, msgs[:i + 1])
             if not (through.startswith(before) and text.startswith(through)):
                 raise DataError("the tokenizer's chat template does not render a conversation as a prefix of "
                                 "its continuation, so the response tokens cannot be located")

@@ -116,3 +116,14 @@ def test_eval_needs_the_assistant_turn_last(tmp_path):
     assert len(load_dataset(path, make_tokenizer(chat=True), max_length=64)) == 1
     with pytest.raises(DataError, match=f"{path}:1: the last message must be the assistant's"):
         load_dataset(path, make_tokenizer(chat=True), max_length=64, for_eval=True)
+
+
+def test_chat_template_that_refuses_a_conversation(tmp_path):
+    tok = make_tokenizer(chat=True)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+                         "{% endif %}{{ m.content }}{% endfor %}")
+    conv = {"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+                         {"role": "assistant", "content": "c"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, conv])
+    with pytest.raises(DataError, match=f"^{path}:2: the tokenizer's chat template refused .*no system role"):
+        load_dataset(path, tok, max_length=64)
