@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     except CpiftError as e:
         click.echo(f"cpift-train: error: {e}", err=True)
         sys.exit(2)
+    except ModuleNotFoundError as e:
+        if e.name != "transformers":
+            raise
+        click.echo("cpift-train: error: training needs transformers: pip install 'cpift[train]'", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("cpift-train: interrupted; no output was written", err=True)
         sys.exit(130)
