@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_utils import abs_delta
+
 _BYTES = 512  # packed bytes per program (4096 entries)
 
 
@@ -56,12 +58,7 @@ def _pack_cut_kernel(x_ptr, b_ptr, out_ptr, tie_ptr, n, value, last_tie, HAS_BAS
     byte = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
     entry = byte[:, None] * 8 + tl.arange(0, 8)[None, :]
     inside = entry < n
-    x = tl.load(x_ptr + entry, mask=inside, other=0.0)
-    x = x.to(tl.float64) if F64 else x.to(tl.float32)
-    if HAS_BASE:
-        b = tl.load(b_ptr + entry, mask=inside, other=0.0)
-        x = x - (b.to(tl.float64) if F64 else b.to(tl.float32))
-    s = tl.abs(x).to(tl.float32)
+    s = abs_delta(x_ptr, b_ptr, entry, inside, HAS_BASE, F64).to(tl.float32)
     tie = inside & (s == value)
     chosen = inside & ((s > value) | (tie & (entry <= last_tie)))
     packed = tl.sum(chosen.to(tl.int32) << tl.arange(0, 8)[None, :], axis=1)

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreting
+from ._triton_utils import abs_delta
 
 BINS = 1 << 16
 
@@ -22,15 +23,7 @@ def _score_kernel(x_ptr, b_ptr, s_ptr, hist_ptr, n, n_scores, block, high_bin,
     row_ok = rows < n_scores
     if INNER == 1:
         # block == 1: one entry per score, a flat vector.
-        x = tl.load(x_ptr + rows, mask=row_ok, other=0.0)
-        if F64:
-            x = x.to(tl.float64)
-        else:
-            x = x.to(tl.float32)
-        if HAS_BASE:
-            b = tl.load(b_ptr + rows, mask=row_ok, other=0.0)
-            x = x - (b.to(tl.float64) if F64 else b.to(tl.float32))
-        s = tl.abs(x).to(tl.float32)
+        s = abs_delta(x_ptr, b_ptr, rows, row_ok, HAS_BASE, F64).to(tl.float32)
     else:
         # ROWS × INNER tiles walk along each block; sums in the compute dtype, one division.
         if F64:
@@ -41,15 +34,7 @@ def _score_kernel(x_ptr, b_ptr, s_ptr, hist_ptr, n, n_scores, block, high_bin,
         for j0 in range(0, block, INNER):
             offs = rows[:, None] * block + (j0 + cols)[None, :]
             m = row_ok[:, None] & ((j0 + cols)[None, :] < block) & (offs < n)
-            x = tl.load(x_ptr + offs, mask=m, other=0.0)
-            if F64:
-                x = x.to(tl.float64)
-            else:
-                x = x.to(tl.float32)
-            if HAS_BASE:
-                b = tl.load(b_ptr + offs, mask=m, other=0.0)
-                x = x - (b.to(tl.float64) if F64 else b.to(tl.float32))
-            acc += tl.sum(tl.abs(x), axis=1)
+            acc += tl.sum(abs_delta(x_ptr, b_ptr, offs, m, HAS_BASE, F64), axis=1)
         count = tl.minimum(n - rows * block, block)
         count = tl.where(row_ok, count, 1)
         if F64:

@@ -1,4 +1,4 @@
-# Triton helpers shared by the kernels. bf16 stores round to nearest even on the bits: the
+# Triton helpers shared by the kernels. abs_delta is the scores' |x − base|. bf16 stores round to nearest even on the bits: the
 # interpreter truncates on fp32→bf16 casts, so doing it by hand gives the same bits on GPU and CPU.
 from __future__ import annotations
 
@@ -14,3 +14,14 @@ def bf16_bits_rne(x):
     is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
     rounded = tl.where(is_nan, (bits >> 16) | 0x40, rounded)
     return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def abs_delta(x_ptr, b_ptr, offs, mask, HAS_BASE: tl.constexpr, F64: tl.constexpr):
+    """|x − base| at offs in the compute dtype (float64 for float64 inputs, else float32); 0 where masked."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x = x.to(tl.float64) if F64 else x.to(tl.float32)
+    if HAS_BASE:
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0)
+        x = x - (b.to(tl.float64) if F64 else b.to(tl.float32))
+    return tl.abs(x)
