@@ -38,7 +38,7 @@ def make_tokenizer():
 
 
 def corpus(seed: int = 0) -> str:
-    """Generic text: stdlib docstrings, then generated sums and sentences (about a third of the whole)."""
+    """Generic text: stdlib docstrings, then generated sums, sentences and repeated new words (a third)."""
     docs = []
     for name in STDLIB_MODULES:
         mod = importlib.import_module(name)
@@ -53,15 +53,18 @@ def corpus(seed: int = 0) -> str:
     gen = []
     for _ in range(len(text) // 40):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 6)))
+        # copying a new word is what a real LM's pre-training gives (induction); docstrings alone teach too little
         gen.append(rng.choice([f"{a} + {b} = {a + b}.", f"{a} - {b} = {a - b}.",
-                               f"The {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)}."]))
+                               f"The {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)}.",
+                               f"The word {w} is {w}.", f"Say {w}: {w}."]))
     return text + "\n" + " ".join(gen)
 
 
 def base_settings(scale: str) -> dict:
     if scale == "ci":
         return {"hidden": 64, "layers": 2, "steps": 60, "batch": 16, "seq": 64, "lr": 3e-3}
-    return {"hidden": 128, "layers": 2, "steps": 400, "batch": 32, "seq": 64, "lr": 3e-3}
+    return {"hidden": 128, "layers": 2, "steps": 500, "batch": 32, "seq": 64, "lr": 3e-3}
 
 
 def pretrain(work: Path, scale: str, log=print) -> Path:
@@ -69,7 +72,9 @@ def pretrain(work: Path, scale: str, log=print) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = base_settings(scale)
-    out = work / f"base-{hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]}"
+    text = corpus()
+    key = json.dumps(cfg, sort_keys=True) + hashlib.sha1(text.encode()).hexdigest()  # settings and data
+    out = work / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if out.exists():
         log(f"base: cached {out}")
         return out
@@ -81,7 +86,7 @@ def pretrain(work: Path, scale: str, log=print) -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    ids = torch.tensor(tokenizer(corpus())["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     start, steps, seq = time.perf_counter(), cfg["steps"], cfg["seq"]
