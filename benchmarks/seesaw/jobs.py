@@ -152,3 +152,24 @@ def run_forgetting(work: str, main_recipe: str, recipe: str, seed: int) -> str:
                           "cpi-ft": json.loads((cpi / "report.json").read_text())["tasks"]}}
     _write_json(out, result)
     return f"s{seed}/forget: {time.perf_counter() - start:.0f} s"
+
+
+def run_phases(work: str, main_recipe: str, seed: int) -> str:
+    """Score CPI-FT after each phase (the base, the staged backbone, the fused model, the calibrated one)
+    on every task: where the method gains or loses, for the analysis."""
+    from cpift.training.evaluate import evaluate
+
+    work, recipe = Path(work), Path(main_recipe)
+    out = work / f"s{seed}" / "cpi_phases.json"
+    if out.exists():
+        return f"s{seed}/phases: done before"
+    start = time.perf_counter()
+    wd = work / f"s{seed}" / "cpi-ft"
+    rep = json.loads((wd / "report.json").read_text())
+    last = str(len(rep["stages"]))
+    models = {"base": Path(rep["settings"]["base"]), "backbone": wd / "stages" / last, "fused": wd / "fused",
+              "calibrated": wd / "calibrated" / last}
+    _write_json(out, {name: {t["name"]: evaluate(m, recipe.parent / t["eval"], device="cpu", batch_size=50,
+                                                 max_length=96, progress=False) for t in _tasks(recipe)}
+                      for name, m in models.items()})
+    return f"s{seed}/phases: {time.perf_counter() - start:.0f} s"

@@ -62,6 +62,13 @@ def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], met
                              "optimizer_steps": reps[seeds[0]]["optimizer_steps"],
                              "per_seed": {s: {"mean_normalized": norms[s][1], "tasks": reps[s]["tasks"]}
                                           for s in seeds}}
+    phases = {s: _load(p) for s in seeds if (p := work / f"s{s}" / "cpi_phases.json").exists()}
+    if phases:
+        ss = list(phases)
+        out["cpi_phases"] = {"seeds": ss, "phases": {
+            ph: {t: {"exact_match": _ms([phases[s][ph][t]["exact_match"] for s in ss]),
+                     "loss": _ms([phases[s][ph][t]["loss"] for s in ss])} for t in tasks}
+            for ph in phases[ss[0]]}}
     out["core_overlap"] = {s: _load(work / f"s{s}" / "cpi-ft" / "cluster.json") for s in seeds}
     out["forgetting"] = _forgetting(work, forget_seeds)
     out["sensitivity"] = _sensitivity(work, sensitivity, probes[0], tasks)
@@ -177,6 +184,15 @@ def write(res: dict, out: Path) -> None:
         mn = "n/a" if v["mean_normalized"] is None else f"{v['mean_normalized']:.3f}"
         md.append(f"| {n} | {v['p']:g} | {v['tau']:g} | {stages} | {v['mean_jaccard']:.3f} | {mn} | "
                   f"{v['mean_normalized_loss']:.3f} |")
+    if "cpi_phases" in res:
+        ph = res["cpi_phases"]
+        md += ["", f"## CPI-FT phase by phase: exact match (%), seeds {ph['seeds']}", "",
+               "`base`: the pre-trained model; `backbone`: after the staged SFT (earlier cores frozen); `fused`: "
+               "cores transplanted from the probes, the rest SLERP-merged; `calibrated`: the final model.", "",
+               "| phase | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        md.append("| single-task probes | " + " | ".join(_pm(pr[t]["exact_match"], 100) for t in tasks) + " |")
+        for name, per in ph["phases"].items():
+            md.append(f"| {name} | " + " | ".join(_pm(per[t]["exact_match"], 100) for t in tasks) + " |")
     md += ["", "## Core overlap (Jaccard, p = 1, seed 0)", ""]
     cl = res["core_overlap"][seeds[0]]
     md += ["| | " + " | ".join(cl["tasks"]) + " |", "|---|" + "---:|" * len(cl["tasks"])]

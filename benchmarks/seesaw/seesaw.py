@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     todo.sort(key=lambda j: (j[4] != "task-arithmetic", j[3]))
     todo += [(jobs.run_method, str(work), str(main_recipe), s, m) for m in ("ties", "cpi-ft") for s in cfg["seeds"]]
     todo += [(jobs.run_forgetting, str(work), str(main_recipe), str(forget_recipe), s) for s in cfg["forget_seeds"]]
+    todo += [(jobs.run_phases, str(work), str(main_recipe), s) for s in cfg["seeds"]]
     todo += [(jobs.run_sensitivity, str(work), str(main_recipe), str(sens_recipes[n]), 0, n) for n, _, _ in sens]
     say(f"{len(todo)} jobs on {args.jobs} workers; log: {work / 'log.txt'}")
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
