@@ -25,6 +25,7 @@ import torch
 from . import _mman
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from .errors import OutputError, ParameterError
+from .resume import Journal, inspect_partial
 
 # Files copied from the first model (or --copy-tokenizer-from) so the output loads as a model.
 SIDE_FILES = (
@@ -130,10 +131,15 @@ class ShardWriter:
     worker threads contend); ``release`` unmaps them once written (the page cache keeps the data).
     ``finish`` writes the index and side files and renames the directory into place; ``abort``
     removes the partial directory.
+
+    With a ``fingerprint`` the partial directory holds a manifest of finished shards (merge/resume.py):
+    call ``written`` after each tensor. With ``resume`` the shards an interrupted merge finished are
+    verified and kept (``kept``; ``pending`` filters them out of the work) and the others rewritten.
     """
 
     def __init__(self, out: str | os.PathLike, tensors: list[OutTensor], *, max_shard_size: int,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, fingerprint: dict | None = None,
+                 resume: bool = False):
         self.out = Path(out)
         self.tmp = partial_dir(self.out)
         self.shards = plan_shards(tensors, max_shard_size, metadata)
@@ -146,23 +152,53 @@ class ShardWriter:
                 offset += specs[name].nbytes
         self._maps: dict[int, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()  # the prefetch thread maps files too
+        self._left = [len(s.names) for s in self.shards]  # tensors still to write, per shard
+        self.journal: Journal | None = None
+        self.notes: list[str] = []
+        kept: dict[int, str] = {}
+        if resume:  # may refuse (OutputError) before anything is touched
+            kept, self.notes = inspect_partial(self.tmp, self.out, [(s.file, len(s.header) + s.nbytes)
+                                                                    for s in self.shards], fingerprint or {})
+        self.kept = set(kept)
         try:
-            if self.tmp.exists():
+            if not kept and self.tmp.exists():
                 shutil.rmtree(self.tmp)  # left by a merge that died; never a finished output
-            self.tmp.mkdir()
-            for shard in self.shards:
-                with open(self.tmp / shard.file, "wb") as f:
+            self.tmp.mkdir(exist_ok=True)
+            if fingerprint is not None:
+                self.journal = Journal(self.tmp, fingerprint, {self.shards[i].file: d for i, d in kept.items()})
+            for i, shard in enumerate(self.shards):
+                if i in self.kept:
+                    continue
+                with open(self.tmp / shard.file, "wb") as f:  # "wb" truncates a shard being rewritten
                     f.write(shard.header)
                     f.flush()
                     if shard.nbytes:
                         os.posix_fallocate(f.fileno(), 0, len(shard.header) + shard.nbytes)
         except OSError as e:
-            self.abort()
-            raise OutputError(f"{self.out}: cannot write the output: {e.strerror or e}") from None
+            self.abort(keep_partial=True)
+            raise OutputError(self._write_error(e)) from None
 
     @property
     def bytes_written(self) -> int:
-        return sum(len(s.header) + s.nbytes for s in self.shards)
+        """Bytes of the shards this run writes (a resume does not rewrite the shards it keeps)."""
+        return sum(len(s.header) + s.nbytes for i, s in enumerate(self.shards) if i not in self.kept)
+
+    def _write_error(self, e: OSError) -> str:
+        where = (f" (the finished part is kept in {self.tmp}: rerun with --resume to continue, or delete it)"
+                 if self.journal is not None and self.tmp.exists() else "")
+        return f"{self.out}: cannot write the output: {e.strerror or e}{where}"
+
+    def pending(self, names: list[str], specs: list[OutTensor]) -> tuple[list[str], list[OutTensor]]:
+        """The tensors still to compute: those outside the shards a resume kept."""
+        todo = [j for j, n in enumerate(names) if self._where[n][0] not in self.kept]
+        return [names[j] for j in todo], [specs[j] for j in todo]
+
+    def written(self, name: str) -> None:
+        """Tensor ``name`` holds its final bytes; the shard it completes is hashed into the manifest."""
+        i = self._where[name][0]
+        self._left[i] -= 1
+        if self._left[i] == 0 and self.journal is not None and i < len(self.shards) - 1:
+            self.journal.shard_done(self.shards[i].file)
 
     def _map(self, i: int) -> tuple[mmap.mmap, int]:
         with self._lock:
@@ -212,6 +248,8 @@ class ShardWriter:
         """Write index and side files, then rename the partial directory into place."""
         self._close_maps()
         try:
+            if self.journal is not None:
+                self.journal.close()  # the hashes still queued
             if len(self.shards) > 1:
                 total = sum(s.nbytes for s in self.shards)
                 weight_map = {n: s.file for s in self.shards for n in s.names}
@@ -224,20 +262,30 @@ class ShardWriter:
                         shutil.copyfile(src, self.tmp / fname)
             for fname, text in (extra_files or {}).items():
                 (self.tmp / fname).write_text(text)
+            trash = self.out.parent / f".{self.out.name}.cpift-old"
             if self.out.exists():
-                trash = self.out.parent / f".{self.out.name}.cpift-old"
                 if trash.exists():
                     shutil.rmtree(trash)
                 os.replace(self.out, trash)
-                os.replace(self.tmp, self.out)
+            if self.journal is not None:
+                # A finished output holds model files only; a crash from here to the rename costs
+                # a recompute on resume, nothing worse.
+                self.journal.remove()
+            os.replace(self.tmp, self.out)
+            if trash.exists():  # ours, or one left by a merge killed between the two renames
                 shutil.rmtree(trash)
-            else:
-                os.replace(self.tmp, self.out)
         except OSError as e:
-            raise OutputError(f"{self.out}: cannot write the output: {e.strerror or e}") from None
+            raise OutputError(self._write_error(e)) from None
         return self.out
 
-    def abort(self) -> None:
-        """Remove the partial directory (nothing finished-looking is left)."""
+    def abort(self, *, keep_partial: bool = False) -> None:
+        """Remove the partial directory (nothing finished-looking is left); with ``keep_partial`` and
+        a manifest, leave it for ``--resume`` (after a write error or an interrupt)."""
         self._close_maps()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.journal is not None:
+            try:
+                self.journal.close()  # record the shards already complete
+            except OSError:
+                pass
+        if not (keep_partial and self.journal is not None):
+            shutil.rmtree(self.tmp, ignore_errors=True)
