@@ -169,8 +169,11 @@ _dare_command("dare-ties", methods.dare_ties, "DARE drop-and-rescale, then TIES 
 
 @cli.command()
 @click.argument("config_file", type=click.Path())
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seed of every random choice (the DARE drop masks, as mergekit's --random-seed); "
+                   "default: the config's cpift.seed, else 0. The same seed gives byte-identical output.")
 @common_options
-def config(config_file, out, common):
+def config(config_file, seed, out, common):
     """Run a mergekit-style YAML config (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties).
 
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
@@ -179,7 +182,7 @@ def config(config_file, out, common):
 
     if click.get_current_context().get_parameter_source("max_shard_size").name == "DEFAULT":
         del common["max_shard_size"]  # the recipe's cpift.max_shard_size, else 5GB, applies
-    return run_config(config_file, out, **{k: v for k, v in common.items()
+    return run_config(config_file, out, seed=seed, **{k: v for k, v in common.items()
                                            if v is not None or k not in ("dtype", "out_dtype")})
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from typing import Callable, Sequence, Union
 
 from cpift.kernels.dare import tensor_seed
@@ -69,6 +70,25 @@ def _per_model(p: Param | Sequence[Param], n: int, field: str) -> list[Param]:
             raise ParameterError(f"{field}: got {len(p)} values for {n} models")
         return list(p)
     return [p] * n
+
+
+@contextmanager
+def serial_reductions():
+    """Run the enclosed torch CPU reductions on one thread, so their result does not depend on the
+    thread count. torch's (MKL's) dot and sum split a vector among threads and add the partial sums
+    in another order, so SLERP's norms and dot product, and through them its coefficients and some
+    output bits, would change with --threads. One thread is also faster here: the reduction reads
+    two vectors once, and thread barriers stall when another process holds a core (5x measured on
+    2 shared cores).
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _float_names(models) -> list[str]:
@@ -125,7 +145,8 @@ def slerp(model_a: PathLike, model_b: PathLike, out: PathLike, *, t: Param = 0.5
 
     def combine(name, xs, out_t):
         a, b = xs
-        aa, bb, ab = slerp_reduce(a, b)
+        with serial_reductions():
+            aa, bb, ab = slerp_reduce(a, b)
         ca, cb = slerp_coefficients(aa, bb, ab, _value(t, name, "t", lo=0.0, hi=1.0))
         slerp_blend(a, b, ca, cb, out=out_t)
 
