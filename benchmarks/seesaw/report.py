@@ -34,7 +34,7 @@ def normalized(scores: dict, probe: dict, tasks: list[str]) -> tuple[dict, float
 
 
 def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], methods, sensitivity: dict,
-              forget_seeds: list[int], base: str, settings: dict) -> dict:
+              forget_seeds: list[int], sens_seeds: list[int], base: str, settings: dict) -> dict:
     probes = {s: _load(work / f"s{s}" / "probe_eval.json") for s in seeds}
     out = {"scale": scale, "base": base, "settings": settings, "seeds": seeds, "tasks": tasks,
            "normalization": f"method EM / same-seed probe EM; tasks with probe EM < {MIN_PROBE_EM} are left out "
@@ -71,7 +71,7 @@ def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], met
             for ph in phases[ss[0]]}}
     out["core_overlap"] = {s: _load(work / f"s{s}" / "cpi-ft" / "cluster.json") for s in seeds}
     out["forgetting"] = _forgetting(work, forget_seeds)
-    out["sensitivity"] = _sensitivity(work, sensitivity, probes[0], tasks)
+    out["sensitivity"] = _sensitivity(work, sensitivity, probes, tasks, sens_seeds)
     return out
 
 
@@ -97,17 +97,26 @@ def _forgetting(work: Path, seeds: list[int]) -> dict:
     return res
 
 
-def _sensitivity(work: Path, configs: dict, probe: dict, tasks: list[str]) -> dict:
-    res = {"seed": 0, "runs": {}}
+def _sensitivity(work: Path, configs: dict, probes: dict, tasks: list[str], seeds: list[int]) -> dict:
+    res = {"seeds": seeds, "runs": {}}
     for name, pt in configs.items():
-        wd = work / "s0" / ("cpi-ft" if name == "main" else f"sens-{name}")
-        rep, cl = _load(wd / "report.json"), _load(wd / "cluster.json")
-        per, mean, by_loss = normalized(rep["tasks"], probe, tasks)
-        n = len(cl["tasks"])
-        off = [cl["jaccard"][i][j] for i in range(n) for j in range(n) if i < j]
-        res["runs"][name] = {**pt, "mean_normalized": mean, "mean_normalized_loss": by_loss,
-                             "exact_match": {t: rep["tasks"][t]["exact_match"] for t in tasks},
-                             "stages": rep["stages"], "mean_jaccard": statistics.fmean(off) if off else 0.0}
+        means, by_loss, jac, em, stages = [], [], [], {t: [] for t in tasks}, {}
+        for s in seeds:
+            wd = work / f"s{s}" / ("cpi-ft" if name == "main" else f"sens-{name}")
+            rep, cl = _load(wd / "report.json"), _load(wd / "cluster.json")
+            _, mean, loss = normalized(rep["tasks"], probes[s], tasks)
+            if mean is not None:
+                means.append(mean)
+            by_loss.append(loss)
+            n = len(cl["tasks"])
+            off = [cl["jaccard"][i][j] for i in range(n) for j in range(n) if i < j]
+            jac.append(statistics.fmean(off) if off else 0.0)
+            for t in tasks:
+                em[t].append(rep["tasks"][t]["exact_match"])
+            stages[s] = rep["stages"]
+        res["runs"][name] = {**pt, "mean_normalized": _ms(means) if means else None,
+                             "mean_normalized_loss": _ms(by_loss), "mean_jaccard": _ms(jac),
+                             "exact_match": {t: _ms(v) for t, v in em.items()}, "stages": stages}
     return res
 
 
@@ -176,14 +185,14 @@ def write(res: dict, out: Path) -> None:
         md.append(f"| {m} | " + " | ".join(_pm(v[k]) for k in ("A_after_A", "A_final", "drop_A", "B_after_A",
                                                                    "B_final", "gain_B")) +
                   f" | {_pm(v['A_loss_increase'], 1, '.3f')} |")
-    md += ["", f"## Sensitivity of CPI-FT (seed {res['sensitivity']['seed']})", "",
-           "| run | p | τ | stages | mean Jaccard | mean normalized (EM) | mean normalized (loss) |",
+    sv = res["sensitivity"]
+    md += ["", f"## Sensitivity of CPI-FT (seeds {sv['seeds']}; one parameter moved at a time from p = 1, τ = 0.1)",
+           "", "| run | p | τ | stages (seed 0) | mean Jaccard | mean normalized (EM) | mean normalized (loss) |",
            "|---|---:|---:|---|---:|---:|---:|"]
-    for n, v in res["sensitivity"]["runs"].items():
-        stages = " → ".join("{" + ",".join(g) + "}" for g in v["stages"])
-        mn = "n/a" if v["mean_normalized"] is None else f"{v['mean_normalized']:.3f}"
-        md.append(f"| {n} | {v['p']:g} | {v['tau']:g} | {stages} | {v['mean_jaccard']:.3f} | {mn} | "
-                  f"{v['mean_normalized_loss']:.3f} |")
+    for n, v in sv["runs"].items():
+        stages = " → ".join("{" + ",".join(g) + "}" for g in v["stages"][sv["seeds"][0]])
+        md.append(f"| {n} | {v['p']:g} | {v['tau']:g} | {stages} | {_pm(v['mean_jaccard'], 1, '.3f')} | "
+                  f"{_pm(v['mean_normalized'], 1, '.3f')} | {_pm(v['mean_normalized_loss'], 1, '.3f')} |")
     if "cpi_phases" in res:
         ph = res["cpi_phases"]
         md += ["", f"## CPI-FT phase by phase: exact match (%), seeds {ph['seeds']}", "",

@@ -34,10 +34,10 @@ HEURISTIC = [["math", "code"], ["logic", "instruct"], ["facts"]]  # numeric, sym
 
 SCALES = {
     "ci": {"seeds": [0], "n_train": 64, "n_eval": 12, "batch": 8, "lr": 2e-3, "probe_steps": 6, "steps_per_task": 6,
-           "cal_steps": 2, "cal_examples": 8, "sens_p": [1.0, 5.0], "sens_tau": [0.1, 0.3], "forget_seeds": [0]},
+           "cal_steps": 2, "cal_examples": 8, "sens_p": [1.0, 5.0], "sens_tau": [0.1, 0.3], "forget_seeds": [0], "sens_seeds": [0]},
     "full": {"seeds": [0, 1, 2], "n_train": 2000, "n_eval": 200, "batch": 16, "lr": 2e-3, "probe_steps": 150,
              "steps_per_task": 150, "cal_steps": 15, "cal_examples": 64, "sens_p": [0.1, 1.0, 5.0],
-             "sens_tau": [0.0, 0.05, 0.1, 0.3], "forget_seeds": [0, 1, 2]},
+             "sens_tau": [0.0, 0.05, 0.1, 0.3], "forget_seeds": [0, 1, 2], "sens_seeds": [0, 1, 2]},
 }
 P, TAU = 1.0, 0.1  # the paper's defaults: the main CPI-FT run
 FORGET = ("facts", "math")  # A (a recall task, the most exposed to overwriting), then B
@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     todo += [(jobs.run_method, str(work), str(main_recipe), s, m) for m in ("ties", "cpi-ft") for s in cfg["seeds"]]
     todo += [(jobs.run_forgetting, str(work), str(main_recipe), str(forget_recipe), s) for s in cfg["forget_seeds"]]
     todo += [(jobs.run_phases, str(work), str(main_recipe), s) for s in cfg["seeds"]]
-    todo += [(jobs.run_sensitivity, str(work), str(main_recipe), str(sens_recipes[n]), 0, n) for n, _, _ in sens]
+    todo += [(jobs.run_sensitivity, str(work), str(main_recipe), str(sens_recipes[n]), s, n) for s in cfg["sens_seeds"]
+             for n, _, _ in sens]
     say(f"{len(todo)} jobs on {args.jobs} workers; log: {work / 'log.txt'}")
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
         futures = [pool.submit(fn, *a) for fn, *a in todo]
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     results = report.aggregate(work, scale=args.scale, seeds=cfg["seeds"], tasks=list(files), methods=METHODS,
                                sensitivity={n: {"p": p, "tau": t} for n, p, t in
                                             [("main", P, TAU)] + sens},
-                               forget_seeds=cfg["forget_seeds"], base=str(base_dir), settings=cfg)
+                               forget_seeds=cfg["forget_seeds"], sens_seeds=cfg["sens_seeds"], base=str(base_dir), settings=cfg)
     report.write(results, out)
     say(f"results: {out / 'seesaw.json'}, {out / 'seesaw.md'}")
     return 0
