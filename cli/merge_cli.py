@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from cpift.cli.bench_cli import bench
 from cpift.merge import methods
 from cpift.merge.errors import CpiftError
 
@@ -196,6 +197,9 @@ def demo(workdir, size):
     from cpift.merge.demo import run_demo
 
     run_demo(workdir, size=size, echo=click.echo)
+
+
+cli.add_command(bench)  # cli/bench_cli.py
 
 
 @cli.command()

@@ -43,3 +43,7 @@ class DataError(CpiftError, ValueError):
 class HubError(CpiftError, OSError):
     """A Hugging Face Hub repo or revision is missing or inaccessible, or the Hub cannot be reached
     (offline without a cached copy)."""
+
+
+class BenchError(CpiftError, RuntimeError):
+    """A command that ``cpift-merge bench`` measures failed; the message names it and its last line."""

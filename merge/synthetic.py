@@ -8,6 +8,7 @@ perturbation, so deltas look like the small, dense updates of real fine-tuning.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +73,10 @@ PRESETS = {
     "small": LlamaShape(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=4, vocab=32000),
     # ≈0.97 GB in bf16: TinyLlama's widths with 8 layers.
     "1b": LlamaShape(hidden=2048, intermediate=5632, layers=8, heads=32, kv_heads=4, vocab=32000),
+    # Llama-2-7B and Llama-3-8B (13.5 and 16.1 GB in bf16); dataclasses.replace(shape, layers=4)
+    # keeps their tensor sizes with fewer layers (cpift-merge bench --synthetic 7b-layers:4).
+    "7b": LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+    "8b": LlamaShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
 }
 
 
@@ -87,29 +92,36 @@ def make_checkpoint(path: str | os.PathLike, shape: LlamaShape, *, dtype: torch.
     limit = parse_size(max_shard_size)
     base_gen = torch.Generator().manual_seed(seed if base_seed is None else base_seed)
     delta_gen = torch.Generator().manual_seed(seed) if base_seed is not None else None
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    # Shards planned from the shapes first, so each is generated and saved on its own: memory holds
+    # one shard, not the model (a 7b preset is 13.5 GB).
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shp in shape.tensors().items():
-        if name.endswith("norm.weight"):
-            w = 1.0 + 0.02 * torch.randn(shp, generator=base_gen)
-        else:
-            w = 0.02 * torch.randn(shp, generator=base_gen)
-        if delta_gen is not None:
-            w += (0.02 * delta_scale) * torch.randn(shp, generator=delta_gen)
-        w = w.to(dtype)
-        if shards[-1] and size + w.nbytes > limit:
-            shards.append({})
+        nbytes = math.prod(shp) * dtype.itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
             size = 0
-        shards[-1][name] = w
-        size += w.nbytes
-    n = len(shards)
+        groups[-1].append((name, shp))
+        size += nbytes
+    n = len(groups)
     weight_map = {}
-    for i, tensors in enumerate(shards):
+    total = 0
+    for i, group in enumerate(groups):
+        tensors = {}
+        for name, shp in group:
+            if name.endswith("norm.weight"):
+                w = 1.0 + 0.02 * torch.randn(shp, generator=base_gen)
+            else:
+                w = 0.02 * torch.randn(shp, generator=base_gen)
+            if delta_gen is not None:
+                w += (0.02 * delta_scale) * torch.randn(shp, generator=delta_gen)
+            tensors[name] = w.to(dtype)
+            total += tensors[name].nbytes
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file(tensors, str(path / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in tensors})
+        del tensors
     if n > 1:
-        total = sum(t.nbytes for s in shards for t in s.values())
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))

@@ -1,0 +1,74 @@
+"""``cpift-merge bench``: merge throughput against the I/O floor and mergekit (cpift.merge.bench)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cpift.merge.errors import ParameterError
+
+
+def _check_target(path: str | None, option: str) -> Path | None:
+    """Fail before the (long) measurement, not after it, if a result cannot be written."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise ParameterError(f"{option}: {p.parent} does not exist")
+    return p
+
+
+@click.command()
+@click.argument("models", nargs=-1, type=click.Path())
+@click.option("--synthetic", metavar="SHAPE", default=None,
+              help="Generate Llama-shaped base + two fine-tunes instead of MODELs: PRESET[-layers:N][:DTYPE] "
+                   "with PRESET one of tiny, small, 1b, 7b, 8b (e.g. 1b, 1b:bf16, 7b-layers:4, 8b-layers:2:fp16).")
+@click.option("--methods", default="slerp,ties,task-arithmetic", show_default=True,
+              help="Comma-separated: slerp, linear, task-arithmetic, ties, dare-linear, dare-ties, fuse "
+                   "(CPI fusion of the tasks into the base with p = 1 cores, computed once untimed).")
+@click.option("--compare-mergekit", is_flag=True,
+              help="Also run every method through mergekit-yaml ($CPIFT_MERGEKIT_YAML, else on PATH).")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per case (cases alternate); the median and the p20–p80 spread are reported.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw wall seconds per case into this PNG (needs matplotlib).")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the results table here (it is printed either way).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where synthetic models (kept and reused) and outputs go; default: a temporary directory.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size of the cpift runs.")
+@click.option("--cold", is_flag=True, help="One more run per case with the page cache dropped (root only).")
+@click.option("--note", default=None, help="Free text stored with the results, e.g. what else ran meanwhile.")
+def bench(models, synthetic, methods, compare_mergekit, repeat, json_path, plot_path, md_path, workdir,
+          max_shard_size, cold, note):
+    """Measure merge throughput: the floor (read every input byte, write one model), then each method.
+
+    MODEL arguments: the base model first, then task models; or --synthetic. Each case runs as its own
+    command; rows give wall and work seconds, GB/s of input, peak RSS and the ratio to the floor.
+
+    Example: cpift-merge bench --synthetic 1b --compare-mergekit --json bench.json --plot bench.png
+    """
+    from cpift.merge.bench import run_bench
+    from cpift.merge.bench_report import markdown, plot
+
+    targets = [_check_target(p, o) for p, o in ((json_path, "--json"), (plot_path, "--plot"), (md_path, "--markdown"))]
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ParameterError("--plot: needs matplotlib (pip install 'cpift[plot]')") from None
+    result = run_bench(models=list(models), synthetic=synthetic,
+                       methods=[m.strip() for m in methods.split(",") if m.strip()],
+                       compare_mergekit=compare_mergekit, repeat=repeat, workdir=workdir, cold=cold,
+                       max_shard_size=max_shard_size, note=note, echo=lambda s: click.echo(s, err=True))
+    json_target, plot_target, md_target = targets
+    if json_target is not None:
+        json_target.write_text(json.dumps(result, indent=2) + "\n")
+    if md_target is not None:
+        md_target.write_text(markdown(result))
+    if plot_target is not None:
+        plot(result, plot_target)
+    click.echo(markdown(result))

@@ -1,0 +1,132 @@
+"""The cases ``cpift-merge bench`` measures (merge/bench.py): the floor of each input set, each method
+through the cpift CLI and, where it has one, through mergekit with the equivalent YAML config."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .checkpoint import Checkpoint
+from .errors import ParameterError
+
+METHODS = ("slerp", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "fuse")
+DEFAULT_METHODS = ("slerp", "ties", "task-arithmetic")
+_MERGEKIT_NAMES = {"slerp": "slerp", "linear": "linear", "task-arithmetic": "task_arithmetic", "ties": "ties",
+                   "dare-linear": "dare_linear", "dare-ties": "dare_ties"}
+# The physical floor of a merge of some inputs: read every tensor of each with the safetensors
+# library, write the first one's tensors back, no math.
+FLOOR = """
+import sys, time
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+t0 = time.perf_counter()
+out = Path(sys.argv[1]); out.mkdir()
+for i, d in enumerate(sys.argv[2:]):
+    for f in sorted(Path(d).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        if i == 0:
+            save_file(tensors, str(out / f.name), metadata={"format": "pt"})
+        del tensors
+print(f"work_seconds={time.perf_counter() - t0:.4f}")
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # floor, or a method
+    provider: str  # floor-N, cpift, mergekit
+    cmd: tuple[str, ...]
+    inputs: tuple[Path, ...]
+    out: Path
+
+
+def _weights(n: int) -> list[float]:
+    return [1.0 if i % 2 == 0 else 0.5 for i in range(n)]
+
+
+def _cpift_args(method: str, base: Path, tasks: list[Path], pair: list[Path]) -> tuple[list[str], list[Path]]:
+    ws = ",".join(str(w) for w in _weights(len(tasks)))
+    args = {"slerp": ([*map(str, pair), "--t", "0.3"], pair),
+            "linear": ([*map(str, tasks), "--weights", ws], tasks),
+            "task-arithmetic": (["--base", str(base), *map(str, tasks), "--weights", ws], [base, *tasks]),
+            "ties": (["--base", str(base), *map(str, tasks), "--weights", ws, "--density", "0.3"], [base, *tasks]),
+            "dare-linear": (["--base", str(base), *map(str, tasks), "--weights", ws, "--density", "0.5"],
+                            [base, *tasks]),
+            "dare-ties": (["--base", str(base), *map(str, tasks), "--weights", ws, "--density", "0.5"],
+                          [base, *tasks])}
+    return args[method]
+
+
+def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path], dtype: str) -> str:
+    """The mergekit YAML of the same merge as ``cpift-merge METHOD`` with _cpift_args' parameters."""
+    mk = _MERGEKIT_NAMES[method]
+    if method == "slerp":
+        return (f"merge_method: slerp\nbase_model: {pair[0]}\nmodels:\n  - model: {pair[0]}\n  - model: {pair[1]}\n"
+                f"parameters:\n  t: 0.3\ndtype: {dtype}\n")
+    density = {"ties": "0.3", "dare-linear": "0.5", "dare-ties": "0.5"}.get(method)
+    lines = [f"merge_method: {mk}"] + ([f"base_model: {base}"] if method != "linear" else []) + ["models:"]
+    for t, w in zip(tasks, _weights(len(tasks))):
+        lines.append(f"  - model: {t}\n    parameters: {{weight: {w}" + (f", density: {density}}}" if density else "}"))
+    normalize = {"linear": "true", "task-arithmetic": "false", "ties": "true", "dare-linear": "false",
+                 "dare-ties": "true"}[method]
+    lines += [f"parameters:\n  normalize: {normalize}", f"dtype: {dtype}", ""]
+    return "\n".join(lines)
+
+
+def check_fuse() -> None:
+    try:
+        from .cores import compute_cores  # noqa: F401
+        from .fuse import fuse  # noqa: F401
+    except ImportError:
+        raise ParameterError("--methods: fuse is not available in this cpift (cpift.merge.fuse.fuse or "
+                             "cpift.merge.cores.compute_cores is missing); leave it out of --methods") from None
+
+
+def _fuse_args(base: Path, tasks: list[Path], outs: Path) -> list[str]:
+    """fuse needs each task's core mask: computed once here (p = 1, the paper's), outside the timing."""
+    from .cores import compute_cores
+
+    masks = outs / "masks"
+    named = [(f"t{i + 1}", t) for i, t in enumerate(tasks)]
+    if not all((masks / f"{n}.safetensors").is_file() for n, _ in named):
+        compute_cores(base, named, masks, p=1.0, overwrite=True, progress=False)
+    return ["--backbone", str(base), *[a for n, t in named for a in ("--task", f"{n}={t}:{masks / n}.safetensors")]]
+
+
+def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, mergekit: str | None,
+               max_shard_size: str) -> list[Case]:
+    """The floor of every distinct input set, then each method with cpift (and mergekit)."""
+    base, tasks = models[0], list(models[1:])
+    pair = tasks[:2] if len(tasks) >= 2 else [base, tasks[0]]
+    dtype = str(next(iter(Checkpoint(base).tensors.values())).dtype).removeprefix("torch.")
+    # Not `-m cpift.cli.merge_cli`: run as __main__, the module is imported a second time by the
+    # modules that register commands on its group (cli/cpi_cli.py), and their commands go missing.
+    cli = [sys.executable, "-c", "from cpift.cli.merge_cli import main; main()"]
+    cases: list[Case] = []
+    floors: dict[tuple[Path, ...], Case] = {}
+    for method in methods:
+        if method == "fuse":  # the CPI step; mergekit has no equivalent
+            args, inputs = _fuse_args(base, tasks, outs), [base, *tasks]
+        else:
+            args, inputs = _cpift_args(method, base, tasks, pair)
+        key = tuple(inputs)
+        if key not in floors:
+            name = f"floor-{len(inputs)}"  # input sets of one size coincide (slerp's pair, linear's tasks)
+            floors[key] = Case("floor", name, (sys.executable, "-c", FLOOR, str(outs / name), *map(str, inputs)),
+                               key, outs / name)
+            cases.append(floors[key])
+        out = outs / f"cpift-{method}"
+        cases.append(Case(method, "cpift", (*cli, method, *args, "-o", str(out), "-q", "--max-shard-size",
+                                            max_shard_size), key, out))
+        if mergekit is not None and method in _MERGEKIT_NAMES:
+            cfg = outs / f"mergekit-{method}.yml"
+            cfg.write_text(mergekit_config(method, base, tasks, pair, dtype))
+            out = outs / f"mergekit-{method}"
+            cases.append(Case(method, "mergekit", (mergekit, str(cfg), str(out), "--lazy-unpickle",
+                                                   "--no-copy-tokenizer", "--quiet", "--no-write-model-card"),
+                              key, out))
+    return cases
