@@ -48,13 +48,22 @@ def common_options(fn):
                   help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
                        "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
+    @click.option("--dry-run", is_flag=True,
+                  help="Validate every input and print the plan (tensors, bytes to read and write, output "
+                       "shards, expected peak memory); write nothing.")
+    @click.option("--resume", is_flag=True,
+                  help="Continue an interrupted merge into the same -o with the same inputs and options: "
+                       "the output shards it finished (SHA-256 checked) are kept, the rest computed.")
     @click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
                   help="After the merge, upload the output (with its model card) to this Hub model repo, "
                        "creating it if needed (as cpift-merge push).")
     @functools.wraps(fn)
     def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
-                copy_tokenizer_from, threads, quiet, push_to_hub, **kwargs):
+                copy_tokenizer_from, threads, quiet, push_to_hub, dry_run, resume, **kwargs):
         import torch
+
+        if dry_run and push_to_hub is not None:
+            raise click.UsageError("--push-to-hub: a --dry-run writes nothing to push")
 
         previous = torch.get_num_threads()
         if threads is not None:
@@ -62,6 +71,8 @@ def common_options(fn):
         common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                       allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
                       progress=not quiet)
+        # Only when asked: a command whose function takes no such keyword still runs without them.
+        common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume)) if on})
         try:
             result = fn(*args, out=out, common=common, **kwargs)
         finally:
@@ -237,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="cpift-merge", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("cpift-merge: aborted", err=True)
+        # click turns Ctrl-C into Abort; a merge leaves its finished shards for --resume.
+        click.echo("cpift-merge: aborted; no output was written (rerun with --resume to keep the output "
+                   "shards already finished)", err=True)
         sys.exit(130)
     except click.ClickException as e:
         click.echo(f"cpift-merge: error: {e.format_message()}", err=True)

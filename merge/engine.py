@@ -24,8 +24,10 @@ from cpift.kernels.finite import all_finite, first_nonfinite
 
 from .card import CardInput, card_files, roles_for
 from .checkpoint import DTYPE_NAMES, Checkpoint
-from .errors import MismatchError, NonFiniteError, ParameterError
-from .writer import OutTensor, ShardWriter, check_output, parse_size
+from .dryrun import MergePlan, plan_merge
+from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
+from .resume import fingerprint
+from .writer import OutTensor, ShardWriter, check_output, parse_size, plan_shards
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]
@@ -150,7 +152,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                  max_shard_size: int | str = "5GB", overwrite: bool = False,
                  allow_nonfinite: bool = False, copy_tokenizer_from: str | os.PathLike | None = None,
                  progress: bool = True, recipe: dict | None = None,
-                 notes: list[str] | None = None, params: dict | None = None) -> MergeResult:
+                 notes: list[str] | None = None, params: dict | None = None,
+                 dry_run: bool = False, resume: bool = False) -> MergeResult | MergePlan:
     """Run ``combine`` over every floating-point tensor of ``models`` and write the result to ``out``.
 
     Non-floating tensors (integer buffers) are copied from the first model. Everything that can be
@@ -158,6 +161,11 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     (README.md) listing ``params`` (the method's parameters) and the inputs, and ``cpift_recipe.yml``:
     ``recipe`` if given (e.g. the YAML config that asked for this merge), else one generated from
     ``params`` (merge/card.py).
+
+    ``dry_run``: validate everything, write nothing, return the MergePlan (merge/dryrun.py).
+    ``resume``: continue a merge into ``out`` that was interrupted, keeping the output shards it
+    finished (merge/resume.py); refused if its options or inputs differ from this call's. ``params``
+    must then name everything ``combine`` depends on: they are part of what is compared.
     """
     start = time.perf_counter()
     compute_dtype = parse_dtype(dtype, "dtype")
@@ -181,9 +189,21 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
         info = first.info(name)
         floating = info.dtype.is_floating_point
         plan.append(OutTensor(name, (store_dtype or info.dtype) if floating else info.dtype, info.shape))
-    total_in = sum(m.nbytes for m in models)
+    metadata = {"cpift_method": method}
+    fp = fingerprint(method=method, params=params, recipe=recipe, models=models,
+                     names=[s.name for s in plan if s.dtype.is_floating_point],
+                     options={"dtype": compute_dtype, "out_dtype": store_dtype, "max_shard_size": shard_bytes,
+                              "allow_nonfinite": allow_nonfinite},
+                     headers=[(s.file, s.header) for s in plan_shards(plan, shard_bytes, metadata)])
+    if dry_run:
+        return plan_merge(method=method, models=models, out=out, plan=plan, max_shard_size=shard_bytes,
+                          metadata=metadata, compute_dtype=compute_dtype, fingerprint=fp if resume else None,
+                          notes=notes)
 
-    writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata={"cpift_method": method})
+    writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata=metadata, fingerprint=fp, resume=resume)
+    names, plan = writer.pending(names, plan)  # a resume computes only the shards it does not keep
+    notes += writer.notes
+    total_in = sum(m.info(n).nbytes for n in names for m in models)
     prefetch = _Prefetcher(models, writer, names)
     bar = _progress(method, total_in, progress)
     bytes_read = 0
@@ -202,14 +222,16 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                     _explain_nonfinite(name, views, models, result, allow_nonfinite, notes)
             del views, result
             prefetch.done(j)
+            writer.written(name)
             nbytes = sum(m.info(name).nbytes for m in models)
             bytes_read += nbytes
             bar.update(nbytes)
         prefetch.stop()
         writer.finish(side_from, card)
-    except BaseException:
+    except BaseException as e:
         prefetch.stop()
-        writer.abort()
+        # A write error or an interrupt leaves the finished shards for --resume.
+        writer.abort(keep_partial=isinstance(e, (OutputError, KeyboardInterrupt)))
         raise
     finally:
         bar.close()

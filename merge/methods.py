@@ -177,7 +177,8 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
             raise ParameterError("density: --global-trim needs one constant density per model")
         from .global_trim import global_magnitude_cuts
 
-        global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds])
+        if not common.get("dry_run"):  # a dry run validates; the cuts cost a full pass over the inputs
+            global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds])
 
     def combine(name, xs, out_t):
         b, rest = xs[0], xs[1:]
