@@ -47,6 +47,13 @@ def common_options(fn):
     @click.option("--threads", type=click.IntRange(min=1), default=None,
                   help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
                        "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
+    @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
+                  help="Kernel implementation: triton (CUDA; on the CPU only under TRITON_INTERPRET=1, "
+                       "for testing), torch, or auto = triton for CUDA tensors, else torch. "
+                       "Default: $CPIFT_BACKEND, else auto.")
+    @click.option("--device", default="cpu", show_default=True,
+                  help="Where the math runs: cpu (straight from the memory-mapped files), or cuda / cuda:N "
+                       "(tensors are streamed through pinned host buffers, copy and compute overlapped).")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
     @click.option("--dry-run", is_flag=True,
                   help="Validate every input and print the plan (tensors, bytes to read and write, output "
@@ -59,7 +66,7 @@ def common_options(fn):
                        "creating it if needed (as cpift-merge push).")
     @functools.wraps(fn)
     def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
-                copy_tokenizer_from, threads, quiet, push_to_hub, dry_run, resume, **kwargs):
+                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, dry_run, resume, **kwargs):
         import torch
 
         if dry_run and push_to_hub is not None:
@@ -70,7 +77,7 @@ def common_options(fn):
             torch.set_num_threads(threads)
         common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                       allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
-                      progress=not quiet)
+                      progress=not quiet, backend=backend, device=device)
         # Only when asked: a command whose function takes no such keyword still runs without them.
         common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume)) if on})
         try:
@@ -186,14 +193,18 @@ _dare_command("dare-ties", methods.dare_ties, "DARE drop-and-rescale, then TIES 
                    "default: the config's cpift.seed, else 0. The same seed gives byte-identical output.")
 @common_options
 def config(config_file, seed, out, common):
-    """Run a mergekit-style YAML config (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties).
+    """Run a mergekit-style YAML config (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties),
+    or the cpift_recipe.yml of a cores or fuse output (its `cpift_step` key), to reproduce it.
 
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """
     from cpift.merge.config_plan import run_config
+    from cpift.merge.step_recipe import is_step_recipe, run_step_recipe
 
     if click.get_current_context().get_parameter_source("max_shard_size").name == "DEFAULT":
         del common["max_shard_size"]  # the recipe's cpift.max_shard_size, else 5GB, applies
+    if is_step_recipe(config_file):  # a cores or fuse recipe (cpift_step: ...)
+        return run_step_recipe(config_file, out, **common)
     return run_config(config_file, out, seed=seed, **{k: v for k, v in common.items()
                                            if v is not None or k not in ("dtype", "out_dtype")})
 
@@ -242,6 +253,9 @@ def push(directory, repo, private, revision):
         click.echo(f"note: {directory} has no README.md model card (cpift-merge writes one with every output)",
                    err=True)
     click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision)}")
+
+
+from . import cpi_cli  # noqa: E402,F401  registers cores, cluster and fuse on the group above
 
 
 def main(argv: list[str] | None = None) -> None:

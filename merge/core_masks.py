@@ -119,8 +119,6 @@ def save_core_mask(path: str | os.PathLike, packed: dict[str, torch.Tensor], sha
                    *, granularity: str, p: float, k: int, threshold: float, counts: dict[str, int],
                    base: dict | None = None, task: dict | None = None) -> Path:
     """Write a mask file atomically (sibling temp file, then rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     g = parse_granularity(granularity)
     for name, t in packed.items():
@@ -134,9 +132,30 @@ def save_core_mask(path: str | os.PathLike, packed: dict[str, torch.Tensor], sha
         "counts": json.dumps({n: int(counts.get(n, 0)) for n in packed}),
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({n: t.contiguous().cpu() for n, t in packed.items()}, str(tmp), metadata=meta)
+    _write_safetensors(tmp, {n: packed[n] for n in sorted(packed)}, meta)
     os.replace(tmp, path)
     return path
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A uint8-only safetensors file with a canonical header (sorted keys, tensors in name order).
+
+    safetensors' own writer orders the metadata by a randomly seeded hash map, so two runs would
+    give different bytes; the format (8-byte little-endian header length, JSON padded with spaces
+    to 8 bytes, then the data) is simple enough to write deterministically.
+    """
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [t.numel()], "data_offsets": [offset, offset + t.numel()]}
+        offset += t.numel()
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(t.contiguous().cpu().numpy().tobytes())
 
 
 class _LazyPacked(Mapping):

@@ -1,4 +1,5 @@
-"""``cpift-merge demo``: build a base and two fine-tunes, merge them with every method, report."""
+"""``cpift-merge demo``: build a base and two fine-tunes, merge them with every method, then run the
+CPI chain cores → cluster → fuse on them, and report."""
 
 from __future__ import annotations
 
@@ -47,8 +48,33 @@ def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], 
             r = run()
             echo("  " + r.summary())
             results.append(r)
+        results += _cpi_chain(root, base, {"task_a": task_a, "task_b": task_b}, echo)
         echo(f"outputs are Hugging Face checkpoints: AutoModelForCausalLM.from_pretrained('{out / 'slerp'}')")
         return results
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _cpi_chain(root: Path, base: Path, tasks: dict[str, Path], echo: Callable[[str], None]) -> list:
+    """cores → cluster → fuse, as a user would run them (the backbone here: task_a)."""
+    from .cluster import cluster_masks
+    from .cores import compute_cores
+    from .fuse import fuse
+
+    cores_dir = root / "cores"
+    echo("$ cpift-merge cores --base base " + " ".join(f"--model {n}={n}" for n in tasks) + " --p 1 -o cores")
+    cores = compute_cores(base, list(tasks.items()), cores_dir, p=1, progress=False, overwrite=True)
+    echo("\n".join("  " + line for line in cores.table().splitlines()))
+    echo("  " + cores.summary())
+    masks = [cores_dir / f"{n}.safetensors" for n in tasks]
+    echo("$ cpift-merge cluster " + " ".join(f"cores/{n}.safetensors" for n in tasks) + " --tau 0.1 --seed 0")
+    groups = cluster_masks(masks, tau=0.1, seed=0)
+    echo("\n".join("  " + line for line in groups.table().splitlines()))
+    order = [n for stage in groups.stages() for n in stage]
+    echo("$ cpift-merge fuse --backbone task_a " + " ".join(f"--task {n}={n}:cores/{n}.safetensors" for n in order)
+         + " -o merged/fused")
+    fused = fuse(tasks["task_a"], [(n, tasks[n], cores_dir / f"{n}.safetensors") for n in order],
+                 root / "merged" / "fused", progress=False, overwrite=True)
+    echo("  " + fused.summary())
+    return [fused]

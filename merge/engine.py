@@ -26,6 +26,7 @@ from .card import CardInput, card_files, roles_for
 from .checkpoint import DTYPE_NAMES, Checkpoint
 from .dryrun import MergePlan, plan_merge
 from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
+from .device import DeviceStager, parse_device
 from .resume import fingerprint
 from .writer import OutTensor, ShardWriter, check_output, parse_size, plan_shards
 
@@ -106,7 +107,7 @@ class _Prefetcher:
     """Maps the pages of the next ``depth`` tensors of every model, and of their outputs, from a
     background thread."""
 
-    def __init__(self, models: list[Checkpoint], writer: ShardWriter, names: list[str], depth: int = 2):
+    def __init__(self, models: list[Checkpoint], writer: ShardWriter | None, names: list[str], depth: int = 2):
         self.models, self.writer, self.names = models, writer, names
         self._ready = [threading.Event() for _ in names]
         self._slots = threading.Semaphore(depth)
@@ -123,7 +124,8 @@ class _Prefetcher:
                     return
                 for m in self.models:
                     m.populate(name)
-                self.writer.populate(name)
+                if self.writer is not None:
+                    self.writer.populate(name)
                 self._ready[j].set()
         except BaseException as e:  # re-raised in the main thread by wait()
             self._error = e
@@ -138,7 +140,8 @@ class _Prefetcher:
     def done(self, j: int) -> None:
         for m in self.models:
             m.release(self.names[j])
-        self.writer.release(self.names[j])
+        if self.writer is not None:
+            self.writer.release(self.names[j])
         self._slots.release()
 
     def stop(self) -> None:
@@ -153,21 +156,27 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                  allow_nonfinite: bool = False, copy_tokenizer_from: str | os.PathLike | None = None,
                  progress: bool = True, recipe: dict | None = None,
                  notes: list[str] | None = None, params: dict | None = None,
-                 dry_run: bool = False, resume: bool = False) -> MergeResult | MergePlan:
+                 backend: str | None = None, device: str | torch.device | None = None,
+                 dry_run: bool = False, resume: bool = False,
+                 roles: Sequence[str] | None = None) -> MergeResult | MergePlan:
     """Run ``combine`` over every floating-point tensor of ``models`` and write the result to ``out``.
 
     Non-floating tensors (integer buffers) are copied from the first model. Everything that can be
     checked is checked before the output directory is created. The output gets a model card
     (README.md) listing ``params`` (the method's parameters) and the inputs, and ``cpift_recipe.yml``:
     ``recipe`` if given (e.g. the YAML config that asked for this merge), else one generated from
-    ``params`` (merge/card.py).
+    ``params`` (merge/card.py). ``backend`` is the kernels' (the method's combine uses it; checked
+    here); ``device`` "cuda" computes on the GPU through pinned staging buffers (merge/device.py).
 
+    ``roles``: what each model is to the method, for the card (default: base/model).
     ``dry_run``: validate everything, write nothing, return the MergePlan (merge/dryrun.py).
     ``resume``: continue a merge into ``out`` that was interrupted, keeping the output shards it
     finished (merge/resume.py); refused if its options or inputs differ from this call's. ``params``
     must then name everything ``combine`` depends on: they are part of what is compared.
     """
     start = time.perf_counter()
+    dev = parse_device(device)
+    _check_backend(backend, dev)
     compute_dtype = parse_dtype(dtype, "dtype")
     store_dtype = parse_dtype(out_dtype, "out_dtype") or compute_dtype
     shard_bytes = parse_size(max_shard_size)
@@ -178,7 +187,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     notes = list(notes or []) + check_compatible(models)
     card = card_files(method=method, params=params or {}, recipe=recipe,
                       inputs=[CardInput(m.ref, m.path, role)
-                              for m, role in zip(models, roles_for(method, len(models)))],
+                              for m, role in zip(models, roles or roles_for(method, len(models)))],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from})
 
@@ -193,7 +202,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     fp = fingerprint(method=method, params=params, recipe=recipe, models=models,
                      names=[s.name for s in plan if s.dtype.is_floating_point],
                      options={"dtype": compute_dtype, "out_dtype": store_dtype, "max_shard_size": shard_bytes,
-                              "allow_nonfinite": allow_nonfinite},
+                              "allow_nonfinite": allow_nonfinite, "backend": backend,
+                              "device": None if dev is None else str(dev)},
                      headers=[(s.file, s.header) for s in plan_shards(plan, shard_bytes, metadata)])
     if dry_run:
         return plan_merge(method=method, models=models, out=out, plan=plan, max_shard_size=shard_bytes,
@@ -205,6 +215,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     notes += writer.notes
     total_in = sum(m.info(n).nbytes for n in names for m in models)
     prefetch = _Prefetcher(models, writer, names)
+    stager = DeviceStager(dev) if dev is not None else None
     bar = _progress(method, total_in, progress)
     bytes_read = 0
     try:
@@ -214,11 +225,23 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
             result = writer.tensor(name)
             if not spec.dtype.is_floating_point:
                 result.copy_(views[0])
-            else:
-                cast = [v.to(compute_dtype) if compute_dtype not in (None, v.dtype) else v for v in views]
-                combine(name, cast, result)
-                del cast
+            elif stager is None:
+                combine(name, _cast(views, compute_dtype), result)
                 if not all_finite(result):
+                    _explain_nonfinite(name, views, models, result, allow_nonfinite, notes)
+            else:
+                if j == 0 or not plan[j - 1].dtype.is_floating_point:
+                    stager.stage(j, views)
+                on_device = torch.empty(result.numel(), dtype=result.dtype, device=dev)
+                combine(name, _cast(stager.take(j), compute_dtype), on_device)
+                if j + 1 < len(names) and plan[j + 1].dtype.is_floating_point:
+                    # Upload the next tensor while this one's kernels run.
+                    prefetch.wait(j + 1)
+                    stager.stage(j + 1, [m.get(names[j + 1]).reshape(-1) for m in models])
+                finite = bool(torch.isfinite(on_device).all())
+                stager.store(on_device, result)
+                del on_device
+                if not finite:
                     _explain_nonfinite(name, views, models, result, allow_nonfinite, notes)
             del views, result
             prefetch.done(j)
@@ -239,6 +262,21 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
             m.close()
     return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
                        time.perf_counter() - start, notes)
+
+
+def _cast(views: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    return [v.to(dtype) if dtype not in (None, v.dtype) else v for v in views]
+
+
+def _check_backend(backend: str | None, device: torch.device | None) -> None:
+    """Fail before any output exists if the kernels cannot run as asked."""
+    from cpift.kernels._backend import resolve
+
+    probe = torch.empty(0, device=device) if device is not None and device.type == "cuda" else torch.empty(0)
+    try:
+        resolve(backend, probe)
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
 
 
 def _explain_nonfinite(name: str, views: list[torch.Tensor], models: list[Checkpoint], result: torch.Tensor,

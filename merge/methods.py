@@ -126,8 +126,10 @@ def linear(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Param
         if sum(_value(w, n, "weights") for w in ws) == 0:
             raise ParameterError(f"weights: sum to 0 for tensor '{n}' (a linear merge divides by it)")
 
+    be = common.get("backend")
+
     def combine(name, xs, out_t):
-        linear_kernel(xs, [_value(w, name, "weights") for w in ws], out=out_t)
+        linear_kernel(xs, [_value(w, name, "weights") for w in ws], out=out_t, backend=be)
 
     return stream_merge("linear", ckpts, out, combine, params={"weights": ws}, **common)
 
@@ -143,12 +145,14 @@ def slerp(model_a: PathLike, model_b: PathLike, out: PathLike, *, t: Param = 0.5
     ckpts = open_models([model_a, model_b])
     _check_all(t, _float_names(ckpts), "t", lo=0.0, hi=1.0)
 
+    be = common.get("backend")
+
     def combine(name, xs, out_t):
         a, b = xs
         with serial_reductions():
-            aa, bb, ab = slerp_reduce(a, b)
+            aa, bb, ab = slerp_reduce(a, b, backend=be)
         ca, cb = slerp_coefficients(aa, bb, ab, _value(t, name, "t", lo=0.0, hi=1.0))
-        slerp_blend(a, b, ca, cb, out=out_t)
+        slerp_blend(a, b, ca, cb, out=out_t, backend=be)
 
     return stream_merge("slerp", ckpts, out, combine, params={"t": t}, **common)
 
@@ -180,6 +184,8 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
         if not common.get("dry_run"):  # a dry run validates; the cuts cost a full pass over the inputs
             global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds])
 
+    be = common.get("backend")
+
     def combine(name, xs, out_t):
         b, rest = xs[0], xs[1:]
         w = [_value(p, name, "weights") for p in ws]
@@ -187,11 +193,11 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
         cuts = None
         if trim:
             cuts = (global_cuts[name] if global_cuts is not None else
-                    [magnitude_cut(x, b, math.floor(di * x.numel())) for x, di in zip(rest, d)])
+                    [magnitude_cut(x, b, math.floor(di * x.numel()), backend=be) for x, di in zip(rest, d)])
         delta_merge(b, rest, w, lam=lam, cuts=cuts, elect_sign=elect_sign, normalize=normalize,
                     drop_density=d if drop else None,
                     drop_seeds=[tensor_seed(seed, name, i) for i in range(len(rest))] if drop else None,
-                    out=out_t)
+                    out=out_t, backend=be)
 
     # What the card shows and the recipe reproduces: only the parameters this method uses.
     params = {"weights": ws, **({"density": ds} if trim or drop else {}), "lambda": lam,

@@ -1,0 +1,268 @@
+"""CPI-FT step 2 (DESIGN §1.2): each task's core region, the exact global top-p% of |θ_task − θ_base|.
+
+One global selection over every scored tensor of the model (not per tensor): k = floor(p·D/100)
+of the D mask entries (single parameters, or blocks / rows with ``granularity``), ties broken by
+tensor name order then lowest flat index, so exactly k entries are selected. The selection is
+kernels/topk.py's radix select: three streaming passes over the checkpoints (histogram of the high
+bits, histogram of the low bits inside the bin that holds the k-th largest, compare-and-pack),
+every task sharing each read of the base. Memory: two 512 KiB histograms per task, the tensors in
+flight, and the packed masks (D/8 bytes per task, written at the end).
+
+Output: DIR/NAME.safetensors per task in the mask format of DESIGN §4 (merge/core_masks.py), written
+into a hidden sibling directory that is renamed when every mask is complete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cpift.kernels.finite import all_finite, first_nonfinite
+from cpift.kernels.topk import GlobalTopK
+
+from .core_masks import block_size, mask_entries, parse_granularity, save_core_mask
+from .engine import _Prefetcher, _progress, check_compatible, open_models
+from .errors import NonFiniteError, OutputError, ParameterError
+from .writer import check_output, partial_dir
+
+PathLike = str | os.PathLike
+KINDS = ("attention", "mlp", "embeddings", "norms", "head", "other")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def tensor_kind(name: str) -> str:
+    """attention / mlp / embeddings / norms / head / other, from Hugging Face naming conventions."""
+    n = name.lower()
+    if "norm" in n or n.endswith(("ln_f.weight", "ln_f.bias")):
+        return "norms"
+    if "embed" in n or "wte" in n or "wpe" in n:
+        return "embeddings"
+    if "lm_head" in n or n.startswith("output.") or n.endswith("score.weight"):
+        return "head"
+    if any(s in n for s in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
+        return "attention"
+    if any(s in n for s in ("mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj")):
+        return "mlp"
+    return "other"
+
+
+@dataclass
+class TaskCore:
+    """One task's selection: k entries with score ≥ threshold, and where they lie."""
+
+    name: str
+    path: Path
+    k: int
+    threshold: float
+    counts: dict[str, int]  # per tensor
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CoresResult:
+    out: Path
+    p: float
+    granularity: str
+    entries: int  # D
+    entries_by_kind: dict[str, int]
+    tasks: list[TaskCore]
+    bytes_read: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """Share of each task's core by kind of tensor, and the share of that kind that is core."""
+        head = f"{'kind':<11} {'entries':>13} " + " ".join(f"{t.name[:18]:>18}" for t in self.tasks)
+        rows = [head, "-" * len(head)]
+        for kind in KINDS:
+            total = self.entries_by_kind.get(kind, 0)
+            if not total:
+                continue
+            cells = []
+            for t in self.tasks:
+                c = t.by_kind.get(kind, 0)
+                cells.append(f"{100 * c / max(t.k, 1):6.2f}% ({100 * c / total:5.2f}%)".rjust(18))
+            rows.append(f"{kind:<11} {total:>13,} " + " ".join(cells))
+        rows.append("cell: share of the task's core in this kind (share of this kind that is core)")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        ks = ", ".join(f"{t.name}: k={t.k:,} threshold={t.threshold:.6g}" for t in self.tasks)
+        return (f"cores: p={self.p}% of {self.entries:,} entries ({self.granularity}); {ks}; "
+                f"read {self.bytes_read / 1e9:.3f} GB in {self.seconds:.2f} s "
+                f"({self.bytes_read / max(self.seconds, 1e-9) / 1e9:.2f} GB/s) -> {self.out}")
+
+
+def check_task_names(names: Sequence[str], field_name: str = "model") -> None:
+    """Task names become file names and recipe keys: unique, and of letters, digits, '_', '.', '-'."""
+    seen = set()
+    for n in names:
+        if not _NAME.match(n):
+            raise ParameterError(f"{field_name}: task name '{n}' must start with a letter or digit and use only "
+                                 f"letters, digits, '_', '.', '-'")
+        if n in seen:
+            raise ParameterError(f"{field_name}: duplicate task name '{n}'")
+        seen.add(n)
+
+
+def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[str]:
+    chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, g) for g in include)]
+    chosen = [n for n in chosen if not exclude or not any(fnmatch.fnmatchcase(n, g) for g in exclude)]
+    return sorted(chosen)  # name order: the tie rule's order
+
+
+def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: PathLike, *, p: float = 1.0,
+                  granularity: str = "element", include: Sequence[str] | None = None,
+                  exclude: Sequence[str] | None = None, overwrite: bool = False, progress: bool = True,
+                  backend: str | None = None) -> CoresResult:
+    """Write each task's core mask (exact global top-p% of |θ_task − θ_base|) to ``out/NAME.safetensors``.
+
+    Args:
+        base: the pre-trained model directory (or Hub id).
+        tasks: (name, model) pairs, each a fine-tune of base.
+        out: output directory for the masks.
+        p: percentage of entries in the core, in (0, 100].
+        granularity: "element", "row" or "block:N" (a mask entry per parameter, row or N-block).
+        include, exclude: glob patterns over tensor names (default: every floating-point tensor).
+
+    Returns:
+        CoresResult with k, the threshold and the core's distribution per task.
+
+    Raises:
+        ParameterError, CheckpointError, MismatchError, NonFiniteError, OutputError.
+
+    Example:
+        >>> compute_cores("base", [("math", "math-probe"), ("code", "code-probe")], "cores", p=1)
+    """
+    start = time.perf_counter()
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        raise ParameterError(f"p: expected a number, got {p!r}") from None
+    if not (0.0 < p <= 100.0) or not math.isfinite(p):
+        raise ParameterError(f"p: {p} is outside (0, 100] (a percentage of the model's entries)")
+    if not tasks:
+        raise ParameterError("model: give at least one task as --model NAME=PATH")
+    check_task_names([n for n, _ in tasks])
+    granularity = parse_granularity(granularity)
+    out = check_output(out, overwrite=overwrite)
+    models = open_models([base, *[path for _, path in tasks]])
+    check_compatible(models)
+    first = models[0]
+    names = _scored([n for n in first.names() if first.info(n).dtype.is_floating_point], include, exclude)
+    if not names:
+        raise ParameterError("include/exclude: no floating-point tensor is left to score")
+    shapes = {n: first.info(n).shape for n in names}
+    blocks = {n: block_size(granularity, shapes[n]) for n in names}
+    entries = {n: mask_entries(granularity, shapes[n]) for n in names}
+    total = sum(entries.values())
+    ks = [math.floor(p * total / 100)] * len(tasks)
+
+    top = GlobalTopK(len(tasks), backend=backend)
+    pass_bytes = sum(m.info(n).nbytes for m in models for n in names)
+    bar = _progress("cores", 3 * pass_bytes, progress)
+    packed: list[dict[str, torch.Tensor]] = [{} for _ in tasks]
+    counts: list[dict[str, int]] = [{} for _ in tasks]
+
+    def check_finite(name: str, views: list[torch.Tensor]) -> None:
+        for m, v in zip(models, views):
+            if not all_finite(v):
+                i = first_nonfinite(v)
+                raise NonFiniteError(f"tensor '{name}' in {m.path} holds a non-finite value ({v[i].item()}) "
+                                     f"at flat index {i}; scores need finite weights")
+
+    def run_pass(step) -> None:
+        prefetch = _Prefetcher(models, None, names)
+        try:
+            for j, name in enumerate(names):
+                prefetch.wait(j)
+                views = [m.get(name).reshape(-1) for m in models]
+                step(name, views)
+                del views
+                prefetch.done(j)
+                bar.update(sum(m.info(name).nbytes for m in models))
+        finally:
+            prefetch.stop()
+
+    def count(name, views):
+        check_finite(name, views)
+        top.count(views[0], views[1:], blocks[name])
+
+    def pack(name, views):
+        for i, (bits, c) in enumerate(top.pack(views[0], views[1:], blocks[name])):
+            packed[i][name] = bits.cpu()
+            counts[i][name] = c
+
+    try:
+        run_pass(count)
+        top.fix(ks)
+        run_pass(lambda name, views: top.refine(views[0], views[1:], blocks[name]))
+        thresholds = top.finish_refine()
+        run_pass(pack)
+    finally:
+        bar.close()
+        for m in models:
+            m.close()
+
+    from .card import CardInput, input_hash
+
+    # The recipe's form of each model (absolute path, or Hub id pinned to its commit): a replay of
+    # the recipe records the same identity, so its mask files are byte-identical.
+    identity = [{"model": CardInput(os.fspath(m.ref), m.path).recipe_ref, "sha256": input_hash(m.path)}
+                for m in models]
+    tmp = partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    results = []
+    try:
+        for i, (task_name, task_path) in enumerate(tasks):
+            t = thresholds[i]
+            save_core_mask(tmp / f"{task_name}.safetensors", packed[i], shapes, granularity=granularity, p=p,
+                           k=t.k, threshold=t.value if t.k else math.inf, counts=counts[i],
+                           base=identity[0], task=identity[i + 1])
+            by_kind: dict[str, int] = {}
+            for n, c in counts[i].items():
+                by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
+            results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k,
+                                    t.value if t.k else math.inf, counts[i], by_kind))
+        for fname, text in _card(models, tasks, p, granularity, include, exclude, results).items():
+            (tmp / fname).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)  # overwrite was checked by check_output
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{out}: cannot write the masks ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kinds: dict[str, int] = {}
+    for n in names:
+        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + entries[n]
+    return CoresResult(out, p, granularity, total, kinds, results, 3 * pass_bytes, time.perf_counter() - start)
+
+
+def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore]) -> dict[str, str]:
+    """README.md and cpift_recipe.yml of a masks directory (merge/card.py, merge/step_recipe.py)."""
+    from .card import CardInput, card_files
+    from .step_recipe import cores_recipe
+
+    inputs = [CardInput(os.fspath(m.ref), m.path, role) for m, role in
+              zip(models, ["base", *[f"task {n}" for n, _ in tasks]])]
+    params = {"p": p, "granularity": granularity, "include": list(include or []) or "all floating-point tensors",
+              "exclude": list(exclude or []) or "none",
+              **{f"{t.name}: k, threshold": f"{t.k:,}, {t.threshold:.9g}" for t in results}}
+    recipe = cores_recipe(models[0].ref, [(n, m.ref) for (n, _), m in zip(tasks, models[1:])], p=p,
+                          granularity=granularity, include=include, exclude=exclude)
+    return card_files(method="cores", params=params, inputs=inputs, recipe=recipe,
+                      definition="each task's core mask, the exact global top-p% of |θ_task − θ_base| "
+                                 "(DESIGN §1.2, mask format §4)")

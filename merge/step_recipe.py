@@ -1,0 +1,105 @@
+"""Recipes of the CPI steps (``cores``, ``fuse``), which mergekit's YAML cannot express.
+
+A step recipe is a YAML mapping with ``cpift_step: cores | fuse`` and that step's arguments, with
+absolute paths, recorded as ``cpift_recipe.yml`` in the step's output; ``cpift-merge config
+cpift_recipe.yml -o OUT`` runs it again (the same function, the same arguments). Unknown keys and
+missing fields are ConfigErrors naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+STEP_KEY = "cpift_step"
+_FIELDS = {
+    "cores": {"required": ("base", "models", "p"), "optional": ("granularity", "include", "exclude")},
+    "fuse": {"required": ("backbone", "tasks"),
+             "optional": ("overlap", "base", "omega", "dtype", "out_dtype", "max_shard_size")},
+}
+
+
+def _abs(p: str | os.PathLike) -> str:
+    from .hub import is_hub_ref
+
+    return os.fspath(p) if not os.path.exists(p) and is_hub_ref(p) else os.path.abspath(p)
+
+
+def cores_recipe(base, tasks, *, p, granularity, include, exclude) -> dict[str, Any]:
+    return {STEP_KEY: "cores", "base": _abs(base), "models": [{"name": n, "model": _abs(m)} for n, m in tasks],
+            "p": p, "granularity": granularity, "include": list(include or []), "exclude": list(exclude or [])}
+
+
+def fuse_recipe(backbone, tasks, *, overlap, base, omega, settings: dict[str, Any]) -> dict[str, Any]:
+    recipe = {STEP_KEY: "fuse", "backbone": _abs(backbone),
+              "tasks": [{"name": n, "model": _abs(m), "mask": _abs(k)} for n, m, k in tasks], "overlap": overlap}
+    if base is not None:
+        recipe["base"] = _abs(base)
+    if omega is not None:
+        recipe["omega"] = omega
+    recipe.update({k: v for k, v in settings.items() if v is not None})
+    return recipe
+
+
+def is_step_recipe(path: str | os.PathLike) -> bool:
+    """True when the YAML file is a step recipe (has a top-level cpift_step key)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the mergekit loader reports the problem with its own message
+    return isinstance(data, dict) and STEP_KEY in data
+
+
+def _load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    step = data.get(STEP_KEY)
+    if step not in _FIELDS:
+        raise ConfigError(f"{path}: {STEP_KEY}: {step!r} is not a step (use cores or fuse)")
+    spec = _FIELDS[step]
+    for key in data:
+        if key != STEP_KEY and key not in spec["required"] + spec["optional"]:
+            raise ConfigError(f"{path}: {key}: unknown field for {STEP_KEY} {step} (known: "
+                              f"{', '.join(spec['required'] + spec['optional'])})")
+    for key in spec["required"]:
+        if key not in data:
+            raise ConfigError(f"{path}: {key}: missing (required for {STEP_KEY} {step})")
+    return data
+
+
+def _entries(data: dict, path: Path, field: str, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+    items = data[field]
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{path}: {field}: expected a non-empty list of mappings with {', '.join(keys)}")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != set(keys):
+            raise ConfigError(f"{path}: {field}[{i}]: expected exactly the keys {', '.join(keys)}")
+        out.append(tuple(str(item[k]) for k in keys))
+    return out
+
+
+def run_step_recipe(path: str | os.PathLike, out: str | os.PathLike, **common):
+    """Run the step a recipe describes into ``out``; ``common`` as for any merge command."""
+    path = Path(path)
+    data = _load(path)
+    if data[STEP_KEY] == "cores":
+        from .cores import compute_cores
+
+        return compute_cores(data["base"], _entries(data, path, "models", ("name", "model")), out, p=data["p"],
+                             granularity=data.get("granularity", "element"),
+                             include=data.get("include") or None, exclude=data.get("exclude") or None,
+                             overwrite=common.get("overwrite", False), progress=common.get("progress", True),
+                             backend=common.get("backend"))
+    from .fuse import fuse
+
+    settings = {k: data[k] for k in ("dtype", "out_dtype", "max_shard_size") if k in data}
+    merged = {**settings, **{k: v for k, v in common.items() if v is not None or k not in settings}}
+    return fuse(data["backbone"], _entries(data, path, "tasks", ("name", "model", "mask")), out,
+                overlap=data.get("overlap", "last"), base=data.get("base"), omega=data.get("omega"), **merged)
