@@ -173,3 +173,19 @@ def run_phases(work: str, main_recipe: str, seed: int) -> str:
                                                  max_length=96, progress=False) for t in _tasks(recipe)}
                       for name, m in models.items()})
     return f"s{seed}/phases: {time.perf_counter() - start:.0f} s"
+
+
+def run_calibration(work: str, main_recipe: str, recipe: str, seed: int, name: str) -> str:
+    """CPI-FT with a longer calibration only: every earlier step (probes, cores, cluster, staged backbone,
+    fusion) is linked from the seed's main CPI-FT run, which that recipe reproduces bit for bit."""
+    work, recipe = Path(work), Path(recipe)
+    start = time.perf_counter()
+    main = work / f"s{seed}" / "cpi-ft"
+    wd = work / f"s{seed}" / f"calib-{name}"
+    if not (wd / "report.json").exists():
+        n = len(json.loads((main / "report.json").read_text())["stages"])
+        for rel in ["cores", "cluster.json", "fused", *(f"stages/{i}" for i in range(1, n + 1)),
+                    *(f"probes/{t['name']}" for t in _tasks(recipe))]:
+            link(main / rel, wd / rel)
+        _pipeline(recipe, wd, "cpi-ft", seed, work)
+    return f"s{seed}/calib-{name}: {time.perf_counter() - start:.0f} s"

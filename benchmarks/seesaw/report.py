@@ -34,7 +34,8 @@ def normalized(scores: dict, probe: dict, tasks: list[str]) -> tuple[dict, float
 
 
 def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], methods, sensitivity: dict,
-              forget_seeds: list[int], sens_seeds: list[int], base: str, settings: dict) -> dict:
+              forget_seeds: list[int], sens_seeds: list[int], cal_sweep: list[int], base: str,
+              settings: dict) -> dict:
     probes = {s: _load(work / f"s{s}" / "probe_eval.json") for s in seeds}
     out = {"scale": scale, "base": base, "settings": settings, "seeds": seeds, "tasks": tasks,
            "normalization": f"method EM / same-seed probe EM; tasks with probe EM < {MIN_PROBE_EM} are left out "
@@ -72,6 +73,7 @@ def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], met
     out["core_overlap"] = {s: _load(work / f"s{s}" / "cpi-ft" / "cluster.json") for s in seeds}
     out["forgetting"] = _forgetting(work, forget_seeds)
     out["sensitivity"] = _sensitivity(work, sensitivity, probes, tasks, sens_seeds)
+    out["calibration_budget"] = _calibration(work, cal_sweep, probes, tasks, seeds)
     return out
 
 
@@ -117,6 +119,24 @@ def _sensitivity(work: Path, configs: dict, probes: dict, tasks: list[str], seed
         res["runs"][name] = {**pt, "mean_normalized": _ms(means) if means else None,
                              "mean_normalized_loss": _ms(by_loss), "mean_jaccard": _ms(jac),
                              "exact_match": {t: _ms(v) for t, v in em.items()}, "stages": stages}
+    return res
+
+
+def _calibration(work: Path, steps: list[int], probes: dict, tasks: list[str], seeds: list[int]) -> dict:
+    """CPI-FT's final score against its calibration steps per task (the first entry is the main run)."""
+    res = {"seeds": seeds, "runs": {}}
+    for i, n in enumerate(steps):
+        means, by_loss, em = [], [], {t: [] for t in tasks}
+        for s in seeds:
+            rep = _load(work / f"s{s}" / ("cpi-ft" if i == 0 else f"calib-{n}") / "report.json")
+            _, mean, loss = normalized(rep["tasks"], probes[s], tasks)
+            if mean is not None:
+                means.append(mean)
+            by_loss.append(loss)
+            for t in tasks:
+                em[t].append(rep["tasks"][t]["exact_match"])
+        res["runs"][str(n)] = {"steps_per_task": n, "mean_normalized": _ms(means) if means else None,
+                               "mean_normalized_loss": _ms(by_loss), "exact_match": {t: _ms(v) for t, v in em.items()}}
     return res
 
 
@@ -193,6 +213,13 @@ def write(res: dict, out: Path) -> None:
         stages = " → ".join("{" + ",".join(g) + "}" for g in v["stages"][sv["seeds"][0]])
         md.append(f"| {n} | {v['p']:g} | {v['tau']:g} | {stages} | {_pm(v['mean_jaccard'], 1, '.3f')} | "
                   f"{_pm(v['mean_normalized'], 1, '.3f')} | {_pm(v['mean_normalized_loss'], 1, '.3f')} |")
+    cb = res["calibration_budget"]
+    md += ["", f"## CPI-FT calibration budget (seeds {cb['seeds']}; everything before calibration shared)", "",
+           "| calibration steps per task | " + " | ".join(tasks) + " | mean normalized (EM) | mean normalized (loss) |",
+           "|---:|" + "---:|" * (len(tasks) + 2)]
+    for n, v in cb["runs"].items():
+        md.append(f"| {n} | " + " | ".join(_pm(v["exact_match"][t], 100) for t in tasks) +
+                  f" | {_pm(v['mean_normalized'], 1, '.3f')} | {_pm(v['mean_normalized_loss'], 1, '.3f')} |")
     if "cpi_phases" in res:
         ph = res["cpi_phases"]
         md += ["", f"## CPI-FT phase by phase: exact match (%), seeds {ph['seeds']}", "",

@@ -34,10 +34,12 @@ HEURISTIC = [["math", "code"], ["logic", "instruct"], ["facts"]]  # numeric, sym
 
 SCALES = {
     "ci": {"seeds": [0], "n_train": 64, "n_eval": 12, "batch": 8, "lr": 2e-3, "probe_steps": 6, "steps_per_task": 6,
-           "cal_steps": 2, "cal_examples": 8, "sens_p": [1.0, 5.0], "sens_tau": [0.1, 0.3], "forget_seeds": [0], "sens_seeds": [0]},
+           "cal_steps": 2, "cal_examples": 8, "sens_p": [1.0, 5.0], "sens_tau": [0.1, 0.3], "forget_seeds": [0], "sens_seeds": [0],
+           "cal_sweep": [4]},
     "full": {"seeds": [0, 1, 2], "n_train": 2000, "n_eval": 200, "batch": 16, "lr": 2e-3, "probe_steps": 150,
              "steps_per_task": 150, "cal_steps": 15, "cal_examples": 64, "sens_p": [0.1, 1.0, 5.0],
-             "sens_tau": [0.0, 0.05, 0.1, 0.3], "forget_seeds": [0, 1, 2], "sens_seeds": [0, 1, 2]},
+             "sens_tau": [0.0, 0.05, 0.1, 0.3], "forget_seeds": [0, 1, 2], "sens_seeds": [0, 1, 2],
+             "cal_sweep": [60, 150]},
 }
 P, TAU = 1.0, 0.1  # the paper's defaults: the main CPI-FT run
 FORGET = ("facts", "math")  # A (a recall task, the most exposed to overwriting), then B
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
                                                               groups=[[a], [b]], order="given"))
     sens = [(f"p{p:g}", p, TAU) for p in cfg["sens_p"] if p != P] + \
            [(f"tau{t:g}", P, t) for t in cfg["sens_tau"] if t != TAU]
+    cal_recipes = {f"{n}": _write_recipe(rdir / f"calib-{n}.yml", recipe(base_dir, files, {**cfg, "cal_steps": n}))
+                   for n in cfg["cal_sweep"]}
     sens_recipes = {n: _write_recipe(rdir / f"sens-{n}.yml", recipe(base_dir, files, cfg, p=p, tau=t))
                     for n, p, t in sens}
 
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
     todo.sort(key=lambda j: (j[4] != "task-arithmetic", j[3]))
     todo += [(jobs.run_method, str(work), str(main_recipe), s, m) for m in ("ties", "cpi-ft") for s in cfg["seeds"]]
     todo += [(jobs.run_forgetting, str(work), str(main_recipe), str(forget_recipe), s) for s in cfg["forget_seeds"]]
+    todo += [(jobs.run_calibration, str(work), str(main_recipe), str(cal_recipes[n]), s, n) for s in cfg["seeds"]
+             for n in cal_recipes]
     todo += [(jobs.run_phases, str(work), str(main_recipe), s) for s in cfg["seeds"]]
     todo += [(jobs.run_sensitivity, str(work), str(main_recipe), str(sens_recipes[n]), s, n) for s in cfg["sens_seeds"]
              for n, _, _ in sens]
@@ -130,7 +136,8 @@ def main(argv=None) -> int:
     results = report.aggregate(work, scale=args.scale, seeds=cfg["seeds"], tasks=list(files), methods=METHODS,
                                sensitivity={n: {"p": p, "tau": t} for n, p, t in
                                             [("main", P, TAU)] + sens},
-                               forget_seeds=cfg["forget_seeds"], sens_seeds=cfg["sens_seeds"], base=str(base_dir), settings=cfg)
+                               forget_seeds=cfg["forget_seeds"], sens_seeds=cfg["sens_seeds"],
+                               cal_sweep=[cfg["cal_steps"], *cfg["cal_sweep"]], base=str(base_dir), settings=cfg)
     report.write(results, out)
     say(f"results: {out / 'seesaw.json'}, {out / 'seesaw.md'}")
     return 0
