@@ -71,7 +71,9 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, backen
               help='Write {"tasks", "jaccard", "groups", "order"} to this file.')
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a Jaccard heatmap with the groups outlined to this PNG (needs matplotlib).")
-def cluster(masks, tau, order, seed, json_path, plot):
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
+              help="Popcount implementation (default: $CPIFT_BACKEND, else auto: torch for masks in host memory).")
+def cluster(masks, tau, order, seed, json_path, plot, backend):
     """Group tasks by core overlap: Jaccard matrix (popcount on the packed masks), connected components.
 
     MASKS are files written by `cpift-merge cores`; the task name is the file name without
@@ -79,7 +81,7 @@ def cluster(masks, tau, order, seed, json_path, plot):
     """
     from cpift.merge.cluster import cluster_masks, plot_heatmap, write_json
 
-    result = cluster_masks(list(masks), tau=tau, order=order, seed=seed)
+    result = cluster_masks(list(masks), tau=tau, order=order, seed=seed, backend=backend)
     click.echo(result.table())
     if json_path:
         write_json(result, json_path)
