@@ -189,3 +189,53 @@ def run_calibration(work: str, main_recipe: str, recipe: str, seed: int, name: s
             link(main / rel, wd / rel)
         _pipeline(recipe, wd, "cpi-ft", seed, work)
     return f"s{seed}/calib-{name}: {time.perf_counter() - start:.0f} s"
+
+
+def run_transplant(work: str, main_recipe: str, seed: int) -> str:
+    """Where does a probe's skill live? For each task and core size p: the base with only the probe's core
+    entries (``core_only``), and the probe with its core reset to the base (``without_core``), scored on
+    that task. Cores come from the seed's CPI-FT runs at p = 1 and, when present, the p sensitivity runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cpift.merge.core_masks import load_core_mask
+    from cpift.merge.cores import tensor_kind
+    from cpift.training.data import load_dataset
+    from cpift.training.evaluate import evaluate_model, load_model, load_tokenizer
+
+    work, recipe = Path(work), Path(main_recipe)
+    sd = work / f"s{seed}"
+    out = sd / "core_transplant.json"
+    if out.exists():
+        return f"s{seed}/transplant: done before"
+    start = time.perf_counter()
+    base_dir = Path(json.loads((sd / "cpi-ft" / "report.json").read_text())["settings"]["base"])
+    tok = load_tokenizer(base_dir)
+    net, _ = load_model(base_dir, torch.device("cpu"))
+    theta0 = {k: v.float() for k, v in load_file(str(base_dir / "model.safetensors")).items()}
+    runs = {"1": sd / "cpi-ft" / "cores", "0.1": sd / "sens-p0.1" / "cores", "5": sd / "sens-p5" / "cores"}
+    result: dict = {}
+    for p, cores in runs.items():
+        if not cores.exists():
+            continue
+        result[p] = {}
+        for t in _tasks(recipe):
+            name = t["name"]
+            probe = {k: v.float() for k, v in load_file(str(sd / "task-arithmetic" / "probes" / name /
+                                                             "model.safetensors")).items()}
+            mask = load_core_mask(cores / f"{name}.safetensors")
+            data = load_dataset(recipe.parent / t["eval"], tok, max_length=96, for_eval=True)
+            scores = {}
+            for variant, (inside, outside) in {"core_only": (probe, theta0), "without_core": (theta0, probe)}.items():
+                state = {}
+                for k in theta0:
+                    m = mask.element_mask(k) if k in mask.shapes else torch.zeros_like(theta0[k], dtype=torch.bool)
+                    state[k] = torch.where(m, inside[k], outside[k])
+                net.load_state_dict(state, strict=False)
+                scores[variant] = evaluate_model(net, tok, data, batch_size=50, progress=False)
+            kinds: dict[str, int] = {}
+            for k, c in mask.counts.items():
+                kinds[tensor_kind(k)] = kinds.get(tensor_kind(k), 0) + c
+            result[p][name] = {**scores, "where": {k: c / max(1, sum(kinds.values())) for k, c in kinds.items()}}
+    _write_json(out, result)
+    return f"s{seed}/transplant: {time.perf_counter() - start:.0f} s"

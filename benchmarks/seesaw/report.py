@@ -70,6 +70,14 @@ def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], met
             ph: {t: {"exact_match": _ms([phases[s][ph][t]["exact_match"] for s in ss]),
                      "loss": _ms([phases[s][ph][t]["loss"] for s in ss])} for t in tasks}
             for ph in phases[ss[0]]}}
+    tr = {s: _load(p) for s in seeds if (p := work / f"s{s}" / "core_transplant.json").exists()}
+    if tr:
+        ss = list(tr)
+        out["core_transplant"] = {"seeds": ss, "p": {
+            p: {t: {v: {"exact_match": _ms([tr[s][p][t][v]["exact_match"] for s in ss if p in tr[s]]),
+                        "loss": _ms([tr[s][p][t][v]["loss"] for s in ss if p in tr[s]])}
+                    for v in ("core_only", "without_core")} | {"where": tr[ss[0]][p][t]["where"]} for t in tasks}
+            for p in tr[ss[0]]}}
     out["core_overlap"] = {s: _load(work / f"s{s}" / "cpi-ft" / "cluster.json") for s in seeds}
     out["forgetting"] = _forgetting(work, forget_seeds)
     out["sensitivity"] = _sensitivity(work, sensitivity, probes, tasks, sens_seeds)
@@ -229,6 +237,27 @@ def write(res: dict, out: Path) -> None:
         md.append("| single-task probes | " + " | ".join(_pm(pr[t]["exact_match"], 100) for t in tasks) + " |")
         for name, per in ph["phases"].items():
             md.append(f"| {name} | " + " | ".join(_pm(per[t]["exact_match"], 100) for t in tasks) + " |")
+    if "core_transplant" in res:
+        ct = res["core_transplant"]
+        base_row = res.get("cpi_phases", {}).get("phases", {}).get("base")
+        md += ["", f"## Where a probe's skill lives: its core alone vs the probe without its core (seeds {ct['seeds']})",
+               "", "Exact match (%) on the probe's own task. `core only`: the base with the probe's core entries "
+               "transplanted (the rest at the base); `without core`: the probe with its core entries reset to the "
+               "base. If the core held the skill, `core only` would approach the probe and `without core` the base.",
+               "", "| p | model | " + " | ".join(tasks) + " |", "|---:|---|" + "---:|" * len(tasks)]
+        md.append("| | single-task probe | " + " | ".join(_pm(pr[t]["exact_match"], 100) for t in tasks) + " |")
+        if base_row:
+            md.append("| | base | " + " | ".join(_pm(base_row[t]["exact_match"], 100) for t in tasks) + " |")
+        for p, per in ct["p"].items():
+            for v in ("core_only", "without_core"):
+                md.append(f"| {p} | {v.replace('_', ' ')} | " +
+                          " | ".join(_pm(per[t][v]["exact_match"], 100) for t in tasks) + " |")
+        kinds = sorted({k for t in tasks for k in ct["p"]["1"][t]["where"]})
+        md += ["", f"Where the p = 1 cores lie (share of the core's entries by tensor kind, seed {ct['seeds'][0]}):",
+               "", "| task | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        for t in tasks:
+            w = ct["p"]["1"][t]["where"]
+            md.append(f"| {t} | " + " | ".join(f"{100 * w.get(k, 0):.0f}%" for k in kinds) + " |")
     md += ["", "## Core overlap (Jaccard, p = 1, seed 0)", ""]
     cl = res["core_overlap"][seeds[0]]
     md += ["| | " + " | ".join(cl["tasks"]) + " |", "|---|" + "---:|" * len(cl["tasks"])]
