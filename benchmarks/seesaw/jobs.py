@@ -54,6 +54,13 @@ def _pipeline(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> dic
                         log=lambda line: _log(work, f"{tag}: {line}"))
 
 
+def _run_once(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> None:
+    """Run one pipeline WORKDIR unless finished; a job that needs it while another job runs it waits."""
+    with _lock(wd.parent / f".{wd.name}.lock"):
+        if not (wd / "report.json").exists():
+            _pipeline(recipe, wd, method, seed, work)
+
+
 def _tasks(recipe: Path) -> list[dict]:
     import yaml
 
@@ -92,8 +99,7 @@ def run_method(work: str, recipe: str, seed: int, method: str) -> str:
         probes = ensure_probes(work, recipe, seed)
         for t in _tasks(recipe):
             link(probes / t["name"], wd / "probes" / t["name"])
-    if not (wd / "report.json").exists():
-        _pipeline(recipe, wd, method, seed, work)
+    _run_once(recipe, wd, method, seed, work)
     return f"s{seed}/{method}: {time.perf_counter() - start:.0f} s"
 
 
@@ -105,8 +111,7 @@ def run_sensitivity(work: str, main_recipe: str, recipe: str, seed: int, name: s
     wd = work / f"s{seed}" / f"sens-{name}"
     for t in _tasks(recipe):
         link(probes / t["name"], wd / "probes" / t["name"])
-    if not (wd / "report.json").exists():
-        _pipeline(recipe, wd, "cpi-ft", seed, work)
+    _run_once(recipe, wd, "cpi-ft", seed, work)
     return f"s{seed}/sens-{name}: {time.perf_counter() - start:.0f} s"
 
 
@@ -133,14 +138,12 @@ def run_forgetting(work: str, main_recipe: str, recipe: str, seed: int) -> str:
     for t in tasks:
         link(probes / t["name"], cpi / "probes" / t["name"])
     sd.mkdir(parents=True, exist_ok=True)
-    if not (cpi / "report.json").exists():
-        _pipeline(recipe, cpi, "cpi-ft", seed, work)
+    _run_once(recipe, cpi, "cpi-ft", seed, work)
     plan = json.loads((cpi / "report.json").read_text())["stages"]
     if plan != [[a], [b]]:
         raise RuntimeError(f"forgetting: expected the stages [[{a}], [{b}]] from τ = 1, got {plan}")
     link(cpi / "stages" / "1", seq / "stages" / "1")
-    if not (seq / "report.json").exists():
-        _pipeline(recipe, seq, "multistage-heuristic", seed, work)
+    _run_once(recipe, seq, "multistage-heuristic", seed, work)
 
     def scores(model: Path) -> dict:
         return {t["name"]: evaluate(model, recipe.parent / t["eval"], device="cpu", batch_size=50, max_length=96,
@@ -164,6 +167,7 @@ def run_phases(work: str, main_recipe: str, seed: int) -> str:
     if out.exists():
         return f"s{seed}/phases: done before"
     start = time.perf_counter()
+    run_method(str(work), main_recipe, seed, "cpi-ft")
     wd = work / f"s{seed}" / "cpi-ft"
     rep = json.loads((wd / "report.json").read_text())
     last = str(len(rep["stages"]))
@@ -180,6 +184,7 @@ def run_calibration(work: str, main_recipe: str, recipe: str, seed: int, name: s
     fusion) is linked from the seed's main CPI-FT run, which that recipe reproduces bit for bit."""
     work, recipe = Path(work), Path(recipe)
     start = time.perf_counter()
+    run_method(str(work), main_recipe, seed, "cpi-ft")  # done before, or waits for / runs it
     main = work / f"s{seed}" / "cpi-ft"
     wd = work / f"s{seed}" / f"calib-{name}"
     if not (wd / "report.json").exists():
@@ -191,10 +196,10 @@ def run_calibration(work: str, main_recipe: str, recipe: str, seed: int, name: s
     return f"s{seed}/calib-{name}: {time.perf_counter() - start:.0f} s"
 
 
-def run_transplant(work: str, main_recipe: str, seed: int) -> str:
+def run_transplant(work: str, main_recipe: str, seed: int, p_runs: dict[str, str]) -> str:
     """Where does a probe's skill live? For each task and core size p: the base with only the probe's core
     entries (``core_only``), and the probe with its core reset to the base (``without_core``), scored on
-    that task. Cores come from the seed's CPI-FT runs at p = 1 and, when present, the p sensitivity runs."""
+    that task. Cores come from the seed's CPI-FT run at p = 1 and the p sensitivity runs (run here if not done)."""
     import torch
     from safetensors.torch import load_file
 
@@ -209,15 +214,16 @@ def run_transplant(work: str, main_recipe: str, seed: int) -> str:
     if out.exists():
         return f"s{seed}/transplant: done before"
     start = time.perf_counter()
+    run_method(str(work), main_recipe, seed, "cpi-ft")
+    for name, p_recipe in p_runs.items():  # the p sensitivity runs: {"p0.1": recipe, ...}
+        run_sensitivity(str(work), main_recipe, p_recipe, seed, name)
     base_dir = Path(json.loads((sd / "cpi-ft" / "report.json").read_text())["settings"]["base"])
     tok = load_tokenizer(base_dir)
     net, _ = load_model(base_dir, torch.device("cpu"))
     theta0 = {k: v.float() for k, v in load_file(str(base_dir / "model.safetensors")).items()}
-    runs = {"1": sd / "cpi-ft" / "cores", "0.1": sd / "sens-p0.1" / "cores", "5": sd / "sens-p5" / "cores"}
+    runs = {"1": sd / "cpi-ft" / "cores", **{n.removeprefix("p"): sd / f"sens-{n}" / "cores" for n in p_runs}}
     result: dict = {}
     for p, cores in runs.items():
-        if not cores.exists():
-            continue
         result[p] = {}
         for t in _tasks(recipe):
             name = t["name"]

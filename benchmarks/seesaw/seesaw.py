@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     todo += [(jobs.run_phases, str(work), str(main_recipe), s) for s in cfg["seeds"]]
     todo += [(jobs.run_sensitivity, str(work), str(main_recipe), str(sens_recipes[n]), s, n) for s in cfg["sens_seeds"]
              for n, _, _ in sens]
-    todo += [(jobs.run_transplant, str(work), str(main_recipe), s) for s in cfg["seeds"]]  # after the p runs
+    p_runs = {n: str(sens_recipes[n]) for n, _, _ in sens if n.startswith("p")}
+    todo += [(jobs.run_transplant, str(work), str(main_recipe), s, p_runs if s in cfg["sens_seeds"] else {})
+             for s in cfg["seeds"]]
     say(f"{len(todo)} jobs on {args.jobs} workers; log: {work / 'log.txt'}")
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
         futures = [pool.submit(fn, *a) for fn, *a in todo]
