@@ -6,13 +6,13 @@ User errors (bad paths, shapes, parameters) print one line on stderr and exit wi
 from __future__ import annotations
 
 import functools
-import sys
 
 import click
 
 from cpift.cli.bench_cli import bench
 from cpift.merge import methods
-from cpift.merge.errors import CpiftError
+
+from ._run import run
 
 SIZE_HELP = "Largest output shard, in bytes or with a suffix: 500MB, 2GB (10^9), 1GiB (2^30)."
 
@@ -259,23 +259,9 @@ from . import cpi_cli  # noqa: E402,F401  registers cores, cluster and fuse on t
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        code = cli.main(args=argv, prog_name="cpift-merge", standalone_mode=False)
-    except click.exceptions.Abort:
-        # click turns Ctrl-C into Abort; a merge leaves its finished shards for --resume.
-        click.echo("cpift-merge: aborted; no output was written (rerun with --resume to keep the output "
-                   "shards already finished)", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"cpift-merge: error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except CpiftError as e:
-        click.echo(f"cpift-merge: error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("cpift-merge: interrupted; no output was written", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    # A merge stopped by Ctrl-C leaves its finished shards for --resume.
+    run(cli, "cpift-merge", argv, aborted="aborted; no output was written (rerun with --resume to keep the "
+                                          "output shards already finished)")
 
 
 if __name__ == "__main__":

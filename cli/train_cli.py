@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
-from cpift.merge.errors import CpiftError
+from ._run import run
 
 
 def _threads(threads: int | None) -> None:
@@ -149,26 +148,7 @@ def pipeline(recipe, workdir, method, stages, seed, device, threads, quiet):
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        code = cli.main(args=argv, prog_name="cpift-train", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("cpift-train: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"cpift-train: error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except CpiftError as e:
-        click.echo(f"cpift-train: error: {e}", err=True)
-        sys.exit(2)
-    except ModuleNotFoundError as e:
-        if e.name != "transformers":
-            raise
-        click.echo("cpift-train: error: training needs transformers: pip install 'cpift[train]'", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("cpift-train: interrupted; no output was written", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    run(cli, "cpift-train", argv, missing={"transformers": "training needs transformers: pip install 'cpift[train]'"})
 
 
 if __name__ == "__main__":
