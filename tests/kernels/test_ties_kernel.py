@@ -42,7 +42,8 @@ def _options(mode: dict, base: torch.Tensor, xs: list[torch.Tensor]) -> dict:
     if "trim" in mode:
         opts["cuts"] = [magnitude_cut(x, base, int(mode["trim"] * base.numel())) for x in xs]
     if "density" in mode:
-        opts["drop_density"] = mode["density"]
+        density = mode["density"]
+        opts["drop_density"] = density[:len(xs)] if isinstance(density, list) else density
         opts["drop_seeds"] = [tensor_seed(17, "layer.weight", i) for i in range(len(xs))]
     return opts
 

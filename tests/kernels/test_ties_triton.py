@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_close_to_ref, assert_exact, nonzero_randn
+from test_ties_kernel import _models, _options
 
 from cpift.kernels._backend import HAS_TRITON
 from cpift.kernels.dare import keep_mask, tensor_seed
@@ -37,24 +38,6 @@ MODES = {
     "ties_sum": dict(elect_sign=True, trim=0.3, normalize=False),
     "trim_drop_sum": dict(elect_sign=True, trim=0.5, density=0.5, normalize=False),
 }
-
-
-def _models(n: int, dtype: torch.dtype, count: int = 3):
-    base = nonzero_randn(n, dtype)
-    xs = [(base.double() + nonzero_randn(n, torch.float64, scale=0.05, offset=0.01)).to(dtype)
-          for _ in range(count)]
-    return base, xs
-
-
-def _options(mode: dict, base: torch.Tensor, xs: list[torch.Tensor]) -> dict:
-    opts: dict = {"elect_sign": mode["elect_sign"], "lam": 0.9, "normalize": mode.get("normalize", True)}
-    if "trim" in mode:
-        opts["cuts"] = [magnitude_cut(x, base, int(mode["trim"] * base.numel())) for x in xs]
-    if "density" in mode:
-        density = mode["density"]
-        opts["drop_density"] = density[:len(xs)] if isinstance(density, list) else density
-        opts["drop_seeds"] = [tensor_seed(17, "layer.weight", i) for i in range(len(xs))]
-    return opts
 
 
 def _both(base, xs, weights, opts, out_dtype=None):
