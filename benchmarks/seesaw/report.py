@@ -176,12 +176,12 @@ def verdict(res: dict) -> list[str]:
     return lines
 
 
-def write(res: dict, out: Path) -> None:
+def write(res: dict, out: Path, name: str = "seesaw") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "seesaw.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     tasks, seeds = res["tasks"], res["seeds"]
     st = res["settings"]
-    md = [f"# Seesaw benchmark ({res['scale']} scale)", "",
+    md = [f"# Seesaw benchmark ({res['scale']} scale{', variant ' + name.removeprefix('seesaw-') if name != 'seesaw' else ''})", "",
           f"Base `{Path(res['base']).name}`; tasks {', '.join(tasks)} ({st['n_train']} train / {st['n_eval']} eval "
           f"each); seeds {seeds}; probe {st['probe_steps']} steps, main training {st['steps_per_task']} steps per "
           f"task, calibration {st['cal_steps']} steps per task on {st['cal_examples']} examples, batch "
@@ -235,8 +235,8 @@ def write(res: dict, out: Path) -> None:
                "cores transplanted from the probes, the rest SLERP-merged; `calibrated`: the final model.", "",
                "| phase | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         md.append("| single-task probes | " + " | ".join(_pm(pr[t]["exact_match"], 100) for t in tasks) + " |")
-        for name, per in ph["phases"].items():
-            md.append(f"| {name} | " + " | ".join(_pm(per[t]["exact_match"], 100) for t in tasks) + " |")
+        for phase, per in ph["phases"].items():
+            md.append(f"| {phase} | " + " | ".join(_pm(per[t]["exact_match"], 100) for t in tasks) + " |")
     if "core_transplant" in res:
         ct = res["core_transplant"]
         base_row = res.get("cpi_phases", {}).get("phases", {}).get("base")
@@ -263,15 +263,15 @@ def write(res: dict, out: Path) -> None:
     md += ["| | " + " | ".join(cl["tasks"]) + " |", "|---|" + "---:|" * len(cl["tasks"])]
     md += [f"| {t} | " + " | ".join(f"{x:.3f}" for x in row) + " |" for t, row in zip(cl["tasks"], cl["jaccard"])]
     md += ["", "## Verdict (computed)", "", *verdict(res), "",
-           "![per-task exact match](seesaw_tasks.png)", "", "![forgetting](seesaw_forgetting.png)", ""]
-    notes = Path(__file__).with_name(f"analysis_{res['scale']}.md")
+           f"![per-task exact match]({name}_tasks.png)", "", f"![forgetting]({name}_forgetting.png)", ""]
+    notes = Path(__file__).with_name(f"analysis_{res['scale']}{name.removeprefix('seesaw')}.md")
     if notes.exists():
         md += [notes.read_text()]
-    (out / "seesaw.md").write_text("\n".join(md) + "\n")
-    charts(res, out)
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    charts(res, out, name)
 
 
-def charts(res: dict, out: Path) -> None:
+def charts(res: dict, out: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,7 +290,7 @@ def charts(res: dict, out: Path) -> None:
     ax.set_title(f"Seesaw ({res['scale']}): per-task exact match, mean ± std over seeds {res['seeds']}")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
-    fig.savefig(out / "seesaw_tasks.png", dpi=110)
+    fig.savefig(out / f"{name}_tasks.png", dpi=110)
     plt.close(fig)
 
     f = res["forgetting"]
@@ -305,5 +305,5 @@ def charts(res: dict, out: Path) -> None:
     ax.set_title("Sequential A → B: forgetting and gain")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "seesaw_forgetting.png", dpi=110)
+    fig.savefig(out / f"{name}_forgetting.png", dpi=110)
     plt.close(fig)

@@ -83,13 +83,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results for "
                     "full, WORK/SCALE/results otherwise)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--lr", type=float, help="a variant: peak learning rate of every SFT (calibration: 0.3 ×)")
+    ap.add_argument("--steps", type=int, help="a variant: probe steps and main-training steps per task")
+    ap.add_argument("--sens-seeds", help="comma-separated seeds of the sensitivity runs (default: the scale's)")
+    ap.add_argument("--cal-sweep", help="comma-separated calibration steps per task to compare ('' for none)")
+    ap.add_argument("--tag", help="name of a variant: runs in WORK/SCALE-TAG, results named seesaw-TAG.*")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = SCALES[args.scale]
-    work = (args.work / args.scale).resolve()
+    cfg = dict(SCALES[args.scale])
+    if (args.lr or args.steps or args.sens_seeds or args.cal_sweep is not None) and not args.tag:
+        raise SystemExit("--lr/--steps/--sens-seeds/--cal-sweep make a variant: name it with --tag")
+    if args.lr:
+        cfg["lr"] = args.lr
+    if args.steps:
+        cfg["probe_steps"] = cfg["steps_per_task"] = args.steps
+    if args.sens_seeds:
+        cfg["sens_seeds"] = [int(x) for x in args.sens_seeds.split(",")]
+    if args.cal_sweep is not None:
+        cfg["cal_sweep"] = [int(x) for x in args.cal_sweep.split(",") if x]
+    name = f"seesaw-{args.tag}" if args.tag else "seesaw"
+    work = (args.work / (f"{args.scale}-{args.tag}" if args.tag else args.scale)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or (HERE.parent / "results" if args.scale == "full" else work / "results")
     t0 = time.perf_counter()
@@ -141,8 +157,8 @@ def main(argv=None) -> int:
                                             [("main", P, TAU)] + sens},
                                forget_seeds=cfg["forget_seeds"], sens_seeds=cfg["sens_seeds"],
                                cal_sweep=[cfg["cal_steps"], *cfg["cal_sweep"]], base=str(base_dir), settings=cfg)
-    report.write(results, out)
-    say(f"results: {out / 'seesaw.json'}, {out / 'seesaw.md'}")
+    report.write(results, out, name=name)
+    say(f"results: {out / (name + '.json')}, {out / (name + '.md')}")
     return 0
 
 
