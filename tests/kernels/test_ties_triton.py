@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_close_to_ref, assert_exact, nonzero_randn
-from test_ties_kernel import _models, _options
+from test_ties_kernel import MODES, WEIGHTS, _models, _options
 
 from cpift.kernels._backend import HAS_TRITON
 from cpift.kernels.dare import keep_mask, tensor_seed
@@ -25,19 +25,8 @@ if HAS_TRITON:
 else:
     BLOCK = 1
 
-# Dyadic weights and densities (see test_ties_kernel.py): elected signs then agree with float64.
-WEIGHTS = [0.5, 0.25, 0.625]
-MODES = {
-    "task_arithmetic": dict(elect_sign=False),
-    "ties": dict(elect_sign=True, trim=0.3),
-    "ties_no_trim": dict(elect_sign=True),
-    "dare_linear": dict(elect_sign=False, density=0.375),
-    "dare_ties": dict(elect_sign=True, density=0.5),
-    "trim_drop_elect": dict(elect_sign=True, trim=0.5, density=0.25),
-    "dare_ties_per_model": dict(elect_sign=True, density=[0.5, 0.25, 1.0]),
-    "ties_sum": dict(elect_sign=True, trim=0.3, normalize=False),
-    "trim_drop_sum": dict(elect_sign=True, trim=0.5, density=0.5, normalize=False),
-}
+# The torch tests' modes (dyadic weights, see test_ties_kernel.py) plus trim + drop without normalising.
+MODES = {**MODES, "trim_drop_sum": dict(elect_sign=True, trim=0.5, density=0.5, normalize=False)}
 
 
 def _both(base, xs, weights, opts, out_dtype=None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,19 +17,11 @@ from cpift.merge import methods
 from cpift.merge.resume import MANIFEST
 
 from kill_helpers import digest, killed_run
-from test_bad_input import run_cli
+from test_bad_input import run_cli, work  # noqa: F401  (work: a fixture)
 
 SHARD = "30KB"
 
 
-@pytest.fixture
-def work(llama, tmp_path):
-    """Private copies of the tiny llama family (some tests change an input)."""
-    out = {}
-    for name, path in llama.items():
-        out[name] = tmp_path / "in" / name
-        shutil.copytree(path, out[name])
-    return out
 
 
 def argv_of(method: str, m: dict, out: Path, *extra) -> list:
