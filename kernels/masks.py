@@ -73,13 +73,14 @@ def _pack_into(mask: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out: torch.Tensor | None = None,
-             backend: str | None = None) -> tuple[torch.Tensor, int]:
+             count_ties: bool = True, backend: str | None = None) -> tuple[torch.Tensor, int]:
     """Packed mask of the entries a Cut selects among the scores |x − base|, and the tie count.
 
     Args:
         x, base: 1-D tensors of one length (base None: the scores are |x|, e.g. block scores).
         cut: the selection; its last_tie is a flat index into x.
         out: uint8[ceil(n / 8)] to write into, or None.
+        count_ties: count the scores equal to cut.value (torch backend: skipped when False, and 0 returned).
     Returns:
         (packed, number of scores equal to cut.value), the latter for splitting ties across tensors.
     """
@@ -97,7 +98,8 @@ def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out
     ties = 0
     for s, e in chunks(n):  # CHUNK is a multiple of 8: chunk s starts at byte s // 8
         scores = magnitude_scores(x, base, s, e)
-        ties += int((scores == cut.value).sum())
+        if count_ties:
+            ties += int((scores == cut.value).sum())
         _pack_into(cut_mask(scores, cut, s, out=scratch("masks.sel", e - s, torch.bool)), out[s // 8:])
     return out, ties
 

@@ -19,6 +19,8 @@
 # (imported only when it runs); it counts with relaxed atomics into an int32 histogram per call.
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ._backend import resolve
@@ -70,20 +72,38 @@ def _span(block: int) -> int:
     return max(block, CHUNK // block * block)
 
 
+def _halves(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(low, high) 16-bit halves of contiguous float32 scores as strided int16 views: no arithmetic.
+    Non-negative floats have high halves in [0, 0x7F80], valid int16 bin numbers. None on big-endian."""
+    if sys.byteorder != "little" or not scores.is_contiguous():
+        return None
+    halves = scores.view(torch.int16)
+    return halves[0::2], halves[1::2]
+
+
 def add_high_counts(hist: torch.Tensor, scores: torch.Tensor) -> None:
     """hist[bits >> 16] += 1 over 1-D non-negative float32 scores."""
-    high = scratch("scores.high", scores.numel(), torch.int32)
-    torch.bitwise_right_shift(scores.view(torch.int32), 16, out=high)
+    halves = _halves(scores)
+    if halves is not None:
+        high = halves[1]  # bincount reads the strided view: 1.5x faster than shifting first
+    else:
+        high = scratch("scores.high", scores.numel(), torch.int32)
+        torch.bitwise_right_shift(scores.view(torch.int32), 16, out=high)
     hist += torch.bincount(high, minlength=BINS)
 
 
 def add_low_counts(hist: torch.Tensor, scores: torch.Tensor, high_bin: int) -> None:
     """hist[bits & 0xFFFF] += 1 over the scores with bits >> 16 == high_bin."""
-    bits = scores.view(torch.int32)
-    high = scratch("scores.high", bits.numel(), torch.int32)
-    torch.bitwise_right_shift(bits, 16, out=high)
-    # Usually a small fraction of the chunk falls in the bin: gather it, then count.
-    low = bits[high == high_bin].bitwise_and_(0xFFFF)
+    halves = _halves(scores)
+    if halves is not None:
+        low_half, high = halves
+        # Usually a small fraction of the chunk falls in the bin: gather it, then count.
+        low = low_half[high == high_bin].to(torch.int32).bitwise_and_(0xFFFF)
+    else:
+        bits = scores.view(torch.int32)
+        high = scratch("scores.high", bits.numel(), torch.int32)
+        torch.bitwise_right_shift(bits, 16, out=high)
+        low = bits[high == high_bin].bitwise_and_(0xFFFF)
     hist += torch.bincount(low, minlength=BINS)
 
 

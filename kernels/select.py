@@ -147,8 +147,10 @@ def cut_mask(
     """Bool mask of the entries a Cut selects, for a score chunk whose first flat index is start."""
     if scores.dtype != torch.float32:
         scores = scores.float()  # the cut's value is a float32 score: compare like with like
-    mask = torch.gt(scores, cut.value, out=out) if out is not None else torch.gt(scores, cut.value)
     m = min(scores.numel(), cut.last_tie - start + 1)
+    if m == scores.numel() and m > 0:  # every tie in the chunk is selected: one compare
+        return torch.ge(scores, cut.value, out=out) if out is not None else torch.ge(scores, cut.value)
+    mask = torch.gt(scores, cut.value, out=out) if out is not None else torch.gt(scores, cut.value)
     if m > 0:
         tie = scratch("select.tie", m, torch.bool)
         torch.eq(scores[:m], cut.value, out=tie)

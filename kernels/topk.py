@@ -118,8 +118,10 @@ class GlobalTopK:
             sx, sb = self._inputs(base, x, block)
             n = sx.numel()
             value = t.value if t.k else math.inf
-            packed, ties = pack_cut(sx, sb, cut=Cut(value, n), backend=self.backend)
-            if ties > self._ties_left[i]:
+            # Ties need counting only when some, not all, of them are selected (rare with real deltas).
+            split = t.k and t.k - t.above < t.equal
+            packed, ties = pack_cut(sx, sb, cut=Cut(value, n), count_ties=bool(split), backend=self.backend)
+            if split and ties > self._ties_left[i]:
                 # The tie budget runs out inside this tensor: keep only its first ties.
                 last = tie_index(sx, sb, value, self._ties_left[i])
                 packed, _ = pack_cut(sx, sb, cut=Cut(value, last), out=packed, backend=self.backend)
