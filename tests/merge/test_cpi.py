@@ -268,3 +268,23 @@ def test_cores_and_fuse_recipes_reproduce_their_outputs(families, tmp_path, caps
     assert_user_error(capsys, ["config", recipe, "-o", tmp_path / "x"], "colour", "unknown field")
     assert_user_error(capsys, ["fuse", "--backbone", m["base"], "--task", f"a={m['task1']}:{tmp_path}/cores/a.safetensors",
                                "--base", m["base"], "-o", tmp_path / "x"], "--overlap largest")
+
+
+def test_cores_and_fuse_are_byte_identical_across_runs_and_thread_counts(families, tmp_path, capsys):
+    m = families[("llama", torch.float32)]
+    outs = []
+    for threads in ("1", "2", "1"):
+        d = tmp_path / f"t{threads}-{len(outs)}"
+        d.mkdir()
+        code, _, err = run_cli(capsys, "cores", "--base", m["base"], "--model", f"a={m['task1']}", "--model",
+                               f"b={m['task2']}", "--p", "5", "--granularity", "block:7", "-o", d / "cores",
+                               "--threads", threads, "-q")
+        assert code == 0, err
+        code, _, err = run_cli(capsys, "fuse", "--backbone", m["base"], "--task", f"a={m['task1']}:{d}/cores/a.safetensors",
+                               "--task", f"b={m['task2']}:{d}/cores/b.safetensors", "-o", d / "fused",
+                               "--threads", threads, "-q")
+        assert code == 0, err
+        outs.append(d)
+    for d in outs[1:]:
+        for f in ("cores/a.safetensors", "cores/b.safetensors", "fused/model.safetensors"):
+            assert (d / f).read_bytes() == (outs[0] / f).read_bytes(), (d.name, f)
