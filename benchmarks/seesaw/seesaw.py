@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, help="a variant: peak learning rate of every SFT (calibration: 0.3 ×)")
     ap.add_argument("--steps", type=int, help="a variant: probe steps and main-training steps per task")
     ap.add_argument("--sens-seeds", help="comma-separated seeds of the sensitivity runs (default: the scale's)")
+    ap.add_argument("--sens-ps", help="comma-separated p values of the sensitivity runs ('' for none)")
+    ap.add_argument("--sens-taus", help="comma-separated τ values of the sensitivity runs ('' for none)")
     ap.add_argument("--cal-sweep", help="comma-separated calibration steps per task to compare ('' for none)")
     ap.add_argument("--tag", help="name of a variant: runs in WORK/SCALE-TAG, results named seesaw-TAG.*")
     return ap.parse_args(argv)
@@ -94,8 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = dict(SCALES[args.scale])
-    if (args.lr or args.steps or args.sens_seeds or args.cal_sweep is not None) and not args.tag:
-        raise SystemExit("--lr/--steps/--sens-seeds/--cal-sweep make a variant: name it with --tag")
+    variant = (args.lr, args.steps, args.sens_seeds, args.sens_ps, args.sens_taus, args.cal_sweep)
+    if any(v is not None for v in variant) and not args.tag:
+        raise SystemExit("--lr/--steps/--sens-*/--cal-sweep make a variant: name it with --tag")
+    for key, value in (("sens_p", args.sens_ps), ("sens_tau", args.sens_taus)):
+        if value is not None:
+            cfg[key] = [float(x) for x in value.split(",") if x]
     if args.lr:
         cfg["lr"] = args.lr
     if args.steps:
