@@ -40,10 +40,13 @@ def _check_target(path: str | None, option: str) -> Path | None:
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where synthetic models (kept and reused) and outputs go; default: a temporary directory.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size of the cpift runs.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads of the cpift and mergekit runs (default: each tool's own, one per core); "
+                   "1 on a machine shared with other work, where thread barriers stall.")
 @click.option("--cold", is_flag=True, help="One more run per case with the page cache dropped (root only).")
 @click.option("--note", default=None, help="Free text stored with the results, e.g. what else ran meanwhile.")
 def bench(models, synthetic, methods, compare_mergekit, repeat, json_path, plot_path, md_path, workdir,
-          max_shard_size, cold, note):
+          max_shard_size, threads, cold, note):
     """Measure merge throughput: the floor (read every input byte, write one model), then each method.
 
     MODEL arguments: the base model first, then task models; or --synthetic. Each case runs as its own
@@ -63,7 +66,7 @@ def bench(models, synthetic, methods, compare_mergekit, repeat, json_path, plot_
     result = run_bench(models=list(models), synthetic=synthetic,
                        methods=[m.strip() for m in methods.split(",") if m.strip()],
                        compare_mergekit=compare_mergekit, repeat=repeat, workdir=workdir, cold=cold,
-                       max_shard_size=max_shard_size, note=note, echo=lambda s: click.echo(s, err=True))
+                       max_shard_size=max_shard_size, threads=threads, note=note, echo=lambda s: click.echo(s, err=True))
     json_target, plot_target, md_target = targets
     if json_target is not None:
         json_target.write_text(json.dumps(result, indent=2) + "\n")

@@ -170,8 +170,8 @@ def mergekit_version(path: str) -> str:
 def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None = None,
               methods: Sequence[str] = DEFAULT_METHODS, compare_mergekit: bool = False,
               mergekit: str | None = None, repeat: int = 3, workdir: str | os.PathLike | None = None,
-              cold: bool = False, max_shard_size: str = "5GB", note: str | None = None,
-              echo: Callable[[str], None] = print) -> dict:
+              cold: bool = False, max_shard_size: str = "5GB", threads: int | None = None,
+              note: str | None = None, echo: Callable[[str], None] = print) -> dict:
     """Measure the floor and each method (with mergekit if asked) on ``models`` or a synthetic preset.
 
     Args:
@@ -184,6 +184,7 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         repeat: runs per case, alternating cases.
         workdir: models and outputs (default: a temporary directory, removed at the end).
         cold: one more run per case with the page cache dropped first (needs root).
+        threads: torch threads of cpift and mergekit (default: each tool's own choice).
         note: free text recorded in the results (e.g. what else ran on the machine).
 
     Returns:
@@ -196,6 +197,8 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         raise ParameterError("bench: give MODEL arguments (base first) or --synthetic PRESET, not both or neither")
     if repeat < 1:
         raise ParameterError(f"--repeat: must be at least 1, got {repeat}")
+    if threads is not None and threads < 1:
+        raise ParameterError(f"--threads: must be at least 1, got {threads}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ParameterError(f"--methods: unknown method '{unknown[0] if unknown else ''}' (use some of {', '.join(METHODS)})")
@@ -225,9 +228,12 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
             source = "models: " + ", ".join(map(str, paths))
         outs = root / "out"
         outs.mkdir(exist_ok=True)
-        cases = plan_cases(paths, methods, outs, mergekit=mergekit, max_shard_size=max_shard_size)
-        return _measure(cases, paths, repeat=repeat, cold=cold, source=source, mergekit=mergekit, note=note,
-                        echo=echo)
+        cases = plan_cases(paths, methods, outs, mergekit=mergekit, max_shard_size=max_shard_size,
+                           threads=threads)
+        result = _measure(cases, paths, repeat=repeat, cold=cold, source=source, mergekit=mergekit, note=note,
+                          echo=echo)
+        result["threads"] = threads
+        return result
     finally:
         if own_tmp:
             shutil.rmtree(root, ignore_errors=True)

@@ -98,8 +98,9 @@ def _fuse_args(base: Path, tasks: list[Path], outs: Path) -> list[str]:
 
 
 def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, mergekit: str | None,
-               max_shard_size: str) -> list[Case]:
-    """The floor of every distinct input set, then each method with cpift (and mergekit)."""
+               max_shard_size: str, threads: int | None = None) -> list[Case]:
+    """The floor of every distinct input set, then each method with cpift (and mergekit); ``threads``
+    sets both tools' torch threads (cpift --threads, mergekit -j)."""
     base, tasks = models[0], list(models[1:])
     pair = tasks[:2] if len(tasks) >= 2 else [base, tasks[0]]
     dtype = str(next(iter(Checkpoint(base).tensors.values())).dtype).removeprefix("torch.")
@@ -121,12 +122,14 @@ def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, me
             cases.append(floors[key])
         out = outs / f"cpift-{method}"
         cases.append(Case(method, "cpift", (*cli, method, *args, "-o", str(out), "-q", "--max-shard-size",
-                                            max_shard_size), key, out))
+                                            max_shard_size, *(["--threads", str(threads)] if threads else [])),
+                          key, out))
         if mergekit is not None and method in _MERGEKIT_NAMES:
             cfg = outs / f"mergekit-{method}.yml"
             cfg.write_text(mergekit_config(method, base, tasks, pair, dtype))
             out = outs / f"mergekit-{method}"
             cases.append(Case(method, "mergekit", (mergekit, str(cfg), str(out), "--lazy-unpickle",
-                                                   "--no-copy-tokenizer", "--quiet", "--no-write-model-card"),
+                                                   "--no-copy-tokenizer", "--quiet", "--no-write-model-card",
+                                                   *(["-j", str(threads)] if threads else [])),
                               key, out))
     return cases

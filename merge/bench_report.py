@@ -47,7 +47,9 @@ def markdown(r: dict) -> str:
     lines = [f"# Merge throughput ({r['date']})", "",
              f"Machine: {r['machine']['cpus']} CPUs, {r['machine']['platform']}, torch {r['machine']['torch']}. "
              f"Model: {r['model']}. Median of {r['repeat']} runs, cases alternating, warm page cache; wall = the "
-             f"whole command including interpreter start-up, work = the time the tool itself reports.", ""]
+             f"whole command including interpreter start-up, work = the time the tool itself reports"
+             + (f"; both tools with {r['threads']} torch thread{'s' if r['threads'] != 1 else ''}." if r.get("threads")
+                else "; each tool with its default torch threads."), ""]
     if load:
         lines += [f"Load: other processes used {load['others_cpu_share_p50'] * 100:.0f}% of the CPUs during the "
                   f"median run (load average {load['loadavg_start'][0]:.2f} at the start, "

@@ -45,7 +45,7 @@ def check_rows(result: dict, inputs: dict[str, list[Path]]) -> None:
 
 def test_bench_synthetic_writes_json_png_markdown(capsys, tmp_path):
     methods = "slerp,ties" + (",fuse" if _fuse_available() else "")
-    argv = ["bench", "--synthetic", "tiny", "--methods", methods, "--repeat", "2", "--workdir", tmp_path / "w",
+    argv = ["bench", "--synthetic", "tiny", "--methods", methods, "--repeat", "2", "--threads", "2", "--workdir", tmp_path / "w",
             "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png", "--markdown", tmp_path / "r.md"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
@@ -57,7 +57,7 @@ def test_bench_synthetic_writes_json_png_markdown(capsys, tmp_path):
     base, a, b = models / "base", models / "task_a", models / "task_b"
     check_rows(result, {"floor-2": [a, b], "slerp": [a, b], "floor-3": [base, a, b], "ties": [base, a, b],
                         "fuse": [base, a, b]})
-    assert result["model"].startswith("synthetic tiny") and result["dtype"] == "BF16"
+    assert result["model"].startswith("synthetic tiny") and result["dtype"] == "BF16" and result["threads"] == 2
     assert json.loads((models / "base" / "config.json").read_text())["hidden_size"] == 64
     # one run per case per repeat, alternating
     runs = [line.split()[1:4] for line in err.splitlines() if line.startswith("run ")]
@@ -81,6 +81,21 @@ def test_bench_on_given_models(capsys, llama, tmp_path):
     check_rows(result, {"floor-3": [base, t1, t2], "task-arithmetic": [base, t1, t2], "floor-2": [t1, t2],
                         "linear": [t1, t2]})
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the default workdir is temporary
+
+
+def test_bench_threads_reach_both_tools(tmp_path):
+    """--threads N goes to cpift (--threads) and mergekit (-j) alike, and into the results."""
+    from cpift.merge.bench_cases import plan_cases
+    from cpift.merge.synthetic import PRESETS, make_checkpoint
+
+    models = [make_checkpoint(tmp_path / n, PRESETS["tiny"], seed=i, base_seed=None if i == 0 else 0)
+              for i, n in enumerate(["base", "a", "b"])]
+    cases = plan_cases(models, ["ties"], tmp_path, mergekit="mergekit-yaml", max_shard_size="5GB", threads=1)
+    cmds = {c.provider: c.cmd for c in cases}
+    assert cmds["cpift"][-2:] == ("--threads", "1") and cmds["mergekit"][-2:] == ("-j", "1")
+    assert "--threads" not in cmds["floor-3"]
+    yml = (tmp_path / "mergekit-ties.yml").read_text()
+    assert "merge_method: ties" in yml and f"base_model: {models[0]}" in yml and "density: 0.3" in yml
 
 
 @pytest.mark.skipif(find_mergekit() is None, reason="mergekit-yaml not found (set CPIFT_MERGEKIT_YAML)")
