@@ -290,7 +290,8 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, s
                "peak_rss_bytes": max(s["rss"] for s in samples[case]),
                "ratio_to_floor_wall": med[case] / med[floor],
                "ratio_to_floor_work": work[case] / work[floor] if work[case] and work[floor] else None,
-               "others_cpu_share_p50": statistics.median(s["others_cpu_share"] for s in samples[case])}
+               "others_cpu_share_p50": statistics.median(s["others_cpu_share"] for s in samples[case]),
+               "others_cpu_share_all": [s["others_cpu_share"] for s in samples[case]]}
         mk = by_key.get((case.op, "mergekit"))
         if case.provider == "cpift" and mk is not None:
             row["speedup_vs_mergekit_wall"] = med[mk] / med[case]
@@ -305,6 +306,7 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, s
         "model_bytes": {str(p): n for p, n in size.items()}, "repeat": repeat,
         "mergekit": mergekit and mergekit_version(mergekit), "slerp_parity_vs_mergekit": par,
         "load": {"loadavg_start": load_start, "loadavg_end": load_end,
-                 "others_cpu_share_p50": statistics.median(r["others_cpu_share_p50"] for r in rows)},
+                 "others_cpu_share_p50": statistics.median(r["others_cpu_share_p50"] for r in rows),
+                 "others_cpu_share_max": max(max(r["others_cpu_share_all"]) for r in rows)},
         "note": note, "cold_cache": cold_state, "rows": rows,
     }

@@ -51,8 +51,11 @@ def markdown(r: dict) -> str:
              + (f"; both tools with {r['threads']} torch thread{'s' if r['threads'] != 1 else ''}." if r.get("threads")
                 else "; each tool with its default torch threads."), ""]
     if load:
+        worst = max(r["rows"], key=lambda x: max(x.get("others_cpu_share_all", [0])))
+        peak = (f", at most {load['others_cpu_share_max'] * 100:.0f}% (during a run of {worst['provider']} {worst['op']})"
+                if "others_cpu_share_max" in load else "")
         lines += [f"Load: other processes used {load['others_cpu_share_p50'] * 100:.0f}% of the CPUs during the "
-                  f"median run (load average {load['loadavg_start'][0]:.2f} at the start, "
+                  f"median run{peak} (load average {load['loadavg_start'][0]:.2f} at the start, "
                   f"{load['loadavg_end'][0]:.2f} at the end)." + (f" {r['note']}" if r.get("note") else ""), ""]
     lines += ["| op | provider | inputs | wall s (p50) | p20–p80 | work s | GB/s input (wall) | peak RSS GB "
               "| × floor (wall) | × floor (work) | speed-up vs mergekit | others' CPU |",
