@@ -265,4 +265,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the package module's main: cli/cpi_cli.py registers cores, cluster and fuse on
+    # cpift.cli.merge_cli's group, which under `python -m` is a second copy of this module.
+    from cpift.cli.merge_cli import main as package_main
+
+    package_main()
