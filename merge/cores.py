@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from cpift.kernels.finite import all_finite, first_nonfinite
+from cpift.kernels.finite import first_nonfinite
 from cpift.kernels.topk import GlobalTopK
 
 from .core_masks import block_size, mask_entries, parse_granularity, save_core_mask
@@ -102,6 +102,23 @@ class CoresResult:
                 f"({self.bytes_read / max(self.seconds, 1e-9) / 1e9:.2f} GB/s) -> {self.out}")
 
 
+# Scores of +inf and NaN have float32 bit patterns ≥ 0x7F800000: pass 1's histograms already show
+# whether any input entry is non-finite, so no separate finiteness pass over the inputs is needed.
+_NONFINITE_BINS = 0x7F80
+
+
+def _explain_nonfinite(models, names: list[str]) -> None:
+    """Some score is NaN/Inf: name the input entry that makes it (rare path, a second look)."""
+    for name in names:
+        for m in models:
+            v = m.get(name).reshape(-1)
+            i = first_nonfinite(v)
+            if i is not None:
+                raise NonFiniteError(f"tensor '{name}' in {m.path} holds a non-finite value ({v[i].item()}) "
+                                     f"at flat index {i}; scores need finite weights")
+    raise NonFiniteError("|task − base| overflows float32 for some entry (the inputs are finite)")
+
+
 def check_task_names(names: Sequence[str], field_name: str = "model") -> None:
     """Task names become file names and recipe keys: unique, and of letters, digits, '_', '.', '-'."""
     seen = set()
@@ -173,13 +190,6 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     packed: list[dict[str, torch.Tensor]] = [{} for _ in tasks]
     counts: list[dict[str, int]] = [{} for _ in tasks]
 
-    def check_finite(name: str, views: list[torch.Tensor]) -> None:
-        for m, v in zip(models, views):
-            if not all_finite(v):
-                i = first_nonfinite(v)
-                raise NonFiniteError(f"tensor '{name}' in {m.path} holds a non-finite value ({v[i].item()}) "
-                                     f"at flat index {i}; scores need finite weights")
-
     def run_pass(step) -> None:
         prefetch = _Prefetcher(models, None, names)
         try:
@@ -194,7 +204,6 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
             prefetch.stop()
 
     def count(name, views):
-        check_finite(name, views)
         top.count(views[0], views[1:], blocks[name])
 
     def pack(name, views):
@@ -204,6 +213,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
 
     try:
         run_pass(count)
+        if any(int(rs.high[_NONFINITE_BINS:].sum()) for rs in top.selects):
+            _explain_nonfinite(models, names)
         top.fix(ks)
         run_pass(lambda name, views: top.refine(views[0], views[1:], blocks[name]))
         thresholds = top.finish_refine()

@@ -288,3 +288,25 @@ def test_cores_and_fuse_are_byte_identical_across_runs_and_thread_counts(familie
     for d in outs[1:]:
         for f in ("cores/a.safetensors", "cores/b.safetensors", "fused/model.safetensors"):
             assert (d / f).read_bytes() == (outs[0] / f).read_bytes(), (d.name, f)
+
+
+def test_cores_refuses_nonfinite_inputs(families, tmp_path, capsys):
+    """A NaN or Inf in the base or a task: one line naming tensor, file and index; inputs untouched, no output."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    m = families[("llama", torch.float32)]
+    for where, value in (("task", float("nan")), ("base", float("inf"))):
+        bad = tmp_path / f"bad-{where}"
+        shutil.copytree(m["task1" if where == "task" else "base"], bad)
+        shard = sorted(bad.glob("*.safetensors"))[1]
+        part = load_file(str(shard))
+        name = sorted(k for k in part if part[k].is_floating_point())[0]
+        part[name].reshape(-1)[5] = value
+        save_file(part, str(shard), metadata={"format": "pt"})
+        base, task = (m["base"], bad) if where == "task" else (bad, m["task1"])
+        err = assert_user_error(capsys, ["cores", "--base", base, "--model", f"a={task}", "-o", tmp_path / "out"],
+                                f"tensor '{name}'", "non-finite", "flat index 5", inputs=[bad])
+        assert str(bad) in err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
