@@ -19,13 +19,19 @@ import sys
 from pathlib import Path
 
 KILLER = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 point, arg, need = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import cpift.merge.resume as resume
 import cpift.merge.writer as writer
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
+
+def recorded(journal):
+    try:
+        return json.loads((journal.tmp / resume.MANIFEST).read_text())["shards"]
+    except (OSError, ValueError):
+        return {}
 
 if point == "shard":
     record = resume.Journal.record
@@ -41,7 +47,8 @@ elif point in ("tensor", "sigint"):
         written(self, name)
         count[0] += 1
         if count[0] == arg:
-            while len(self.journal.data["shards"]) < need:  # the hash thread records asynchronously
+            # The hash thread records asynchronously, and the record counts once it is on disk.
+            while len(recorded(self.journal)) < need:
                 time.sleep(0.01)
             if point == "sigint":
                 os.kill(os.getpid(), signal.SIGINT)
