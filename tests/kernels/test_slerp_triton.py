@@ -53,7 +53,8 @@ def test_triton_blend_keep_mask_and_rounding(dtype: torch.dtype) -> None:
 def test_backend_resolution(monkeypatch) -> None:
     x = torch.zeros(3)
     assert resolve("torch", x) == "torch"
-    assert resolve(None, x) == "torch"  # auto on CPU tensors
+    assert resolve(None, x) == "cpu"  # auto on CPU tensors: the fused CPU kernels (numba is a dependency)
+    assert resolve("cpu", x) == "cpu"
     monkeypatch.setenv("CPIFT_BACKEND", "triton")
     assert resolve(None, x) == "triton"  # the interpreter is on in tests
     monkeypatch.delenv("TRITON_INTERPRET")

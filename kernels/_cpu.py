@@ -1,0 +1,142 @@
+# Shared pieces of the fused CPU kernels (the `_*_cpu.py` files beside each operation), compiled by
+# numba. Imported lazily by the kernels that run on the CPU backend, never at package import: numba's
+# own import costs ~0.3 s that a run on another backend should not pay.
+#
+# Storage: a tensor reaches a kernel as a 1-D numpy view of its bytes (no copy) plus a `kind` code:
+# float32 as float32, bfloat16 and float16 as uint16 bit patterns (numba has no bfloat16 type and no
+# CPU float16 arithmetic). `load` widens one entry to float32, `store` rounds a float32 once into the
+# storage dtype, both inlined into the caller's loop, so a kernel reads each input byte once and
+# writes each output byte once with no temporaries.
+#   bfloat16 → float32: the 16 bits shifted into the high half (exact).
+#   float32 → bfloat16: round to nearest even on the bits (bits + 0x7FFF + lowest kept bit, >> 16),
+#       as torch's c10::BFloat16 does; NaN becomes the quiet NaN 0x7FC0 (its payload is not kept;
+#       torch's vectorised CPU path writes other NaN bits, so NaN entries compare as NaN, not by bits).
+#   float16 ↔ float32: LLVM's fpext / fptrunc on a half value (IEEE round to nearest even), the same
+#       results as torch's conversions.
+# Threads: kernels split their work into fixed blocks of BLOCK entries and run them in a `prange`
+# over blocks, so reductions are per-block partial sums folded in block order on the host:
+# deterministic for any thread count. The thread count follows torch's (`sync_threads`).
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import get_num_threads, njit, set_num_threads, types
+from numba.extending import intrinsic
+
+F32, BF16, F16 = 0, 1, 2
+# Entries per work block: large enough to amortise scheduling, small enough for many blocks per
+# thread (a busy core then delays one block, not half the tensor).
+BLOCK = 1 << 16
+
+_KINDS = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
+
+
+def supports(*tensors: torch.Tensor | None) -> bool:
+    """True when every given tensor is a contiguous CPU tensor of a dtype the fused kernels handle."""
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype in _KINDS and t.is_contiguous()) for t in tensors
+    )
+
+
+def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A 1-D numpy view of t's storage (no copy) and its kind code (F32, BF16 or F16)."""
+    kind = _KINDS[t.dtype]
+    flat = t.reshape(-1)
+    if kind == F32:
+        return flat.numpy(), kind
+    return flat.view(torch.uint16).numpy(), kind
+
+
+def sync_threads() -> None:
+    """Run numba's parallel loops on as many threads as torch's (the --threads option sets torch's)."""
+    n = max(1, min(torch.get_num_threads(), 64))
+    if get_num_threads() != n:
+        set_num_threads(n)
+
+
+def blocks(n: int) -> int:
+    """The number of BLOCK-sized work blocks covering n entries."""
+    return (n + BLOCK - 1) // BLOCK
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, x):
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_f16_bits(typingctx, x):
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def f32_bits(v):
+    """The IEEE bits of a float32 as uint32."""
+    return _f32_as_u32(np.float32(v))
+
+
+@njit(inline="always", cache=True)
+def bits_f32(u):
+    """The float32 whose IEEE bits are the uint32 u."""
+    return _u32_as_f32(np.uint32(u))
+
+
+@njit(inline="always", cache=True)
+def bf16_round(v):
+    """float32 → bfloat16 bits, round to nearest even; NaN → 0x7FC0."""
+    u = _f32_as_u32(np.float32(v))
+    if v != v:
+        return np.uint16(0x7FC0)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(inline="always", cache=True)
+def load(x, i, kind):
+    """Entry i of storage array x (of kind F32, BF16 or F16) as float32."""
+    if kind == BF16:
+        return _u32_as_f32(np.uint32(x[i]) << np.uint32(16))
+    if kind == F16:
+        return _f16_bits_to_f32(np.uint16(x[i]))
+    return np.float32(x[i])
+
+
+@njit(inline="always", cache=True)
+def store(out, i, v, kind):
+    """Round the float32 v once into entry i of storage array out (of kind F32, BF16 or F16)."""
+    if kind == BF16:
+        out[i] = bf16_round(v)
+    elif kind == F16:
+        out[i] = _f32_to_f16_bits(np.float32(v))
+    else:
+        out[i] = np.float32(v)
