@@ -1,0 +1,58 @@
+"""cpift: model merging and CPI-FT with a streaming tensor core.
+
+The subpackages live in the repository's top-level folders and are mapped into this namespace by
+setup.py (``cpift.kernels`` = ``kernels/``, ``cpift.merge`` = ``merge/``, ``cpift.training`` =
+``training/``, ``cpift.cli`` = ``cli/``); this file lives under ``src/`` so that a regular install run
+from the repository root is not shadowed by a bare ``cpift/`` folder.
+
+The names below are the public facade: the typed functions behind every command, imported on first
+use (``import cpift`` itself loads neither torch nor triton). Example::
+
+    import cpift
+    result = cpift.ties("base", ["math", "code"], "merged", density=0.3)
+    print(result.summary())
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_FACADE = {
+    "linear": "cpift.merge.methods",
+    "slerp": "cpift.merge.methods",
+    "task_arithmetic": "cpift.merge.methods",
+    "ties": "cpift.merge.methods",
+    "dare_linear": "cpift.merge.methods",
+    "dare_ties": "cpift.merge.methods",
+    "compute_cores": "cpift.merge.cores",
+    "cluster_masks": "cpift.merge.cluster",
+    "fuse": "cpift.merge.fuse",
+    "pull": "cpift.merge.hub",
+    "push": "cpift.merge.hub",
+}
+
+__all__ = ["__version__", *_FACADE]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily (PEP 562)
+    from cpift.merge.cluster import cluster_masks
+    from cpift.merge.cores import compute_cores
+    from cpift.merge.fuse import fuse
+    from cpift.merge.hub import pull, push
+    from cpift.merge.methods import dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
+
+
+def __getattr__(name: str) -> Any:
+    module = _FACADE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cpift' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
