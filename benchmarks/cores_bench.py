@@ -3,7 +3,7 @@
 Three ways, each in a fresh process (peak RSS = that process's ru_maxrss), alternating, on a warm
 page cache:
   floor      one plain read pass over every byte of base + task (os.readv into a reused buffer)
-  cpift      cpift.merge.cores.compute_cores (three streaming passes, radix select, packed masks)
+  cpift      cpift.merge.cpi.cores.compute_cores (three streaming passes, radix select, packed masks)
   in-memory  Localize-and-Stitch's way: load both models, concatenate |Δ| in float32, torch.topk
 Targets (issue 4): cpift ≤ 2.5× the floor; cpift peak RSS ≤ 2 × largest tensor + 1 GB.
 
@@ -47,7 +47,7 @@ def run_floor(base: Path, task: Path, p: float) -> dict:
 
 
 def run_cpift(base: Path, task: Path, p: float) -> dict:
-    from cpift.merge.cores import compute_cores
+    from cpift.merge.cpi.cores import compute_cores
 
     with tempfile.TemporaryDirectory() as tmp:
         r = compute_cores(base, [("task", task)], Path(tmp) / "cores", p=p, progress=False)
@@ -107,7 +107,7 @@ def main() -> None:
     if args.child:
         _child(args.child, str(args.base), str(args.task), args.p, args.threads)
         return
-    from cpift.merge.checkpoint import Checkpoint
+    from cpift.merge.io.checkpoint import Checkpoint
 
     ck = Checkpoint(args.base)
     largest = max(ck.info(n).nbytes for n in ck.names())

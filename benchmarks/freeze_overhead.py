@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cpift.kernels.masks import pack_bits
-from cpift.merge.core_masks import save_core_mask
+from cpift.merge.cpi.masks import save_core_mask
 from cpift.training.evaluate import response_loss_sum
 from cpift.training.freeze import Freezer, load_freezer
 

@@ -1,4 +1,4 @@
-"""Merge throughput: the I/O floor, cpift and mergekit side by side (a wrapper of cpift.merge.bench).
+"""Merge throughput: the I/O floor, cpift and mergekit side by side (a wrapper of cpift.merge.tools.bench).
 
     python benchmarks/merge_throughput.py [--preset 1b] [--repeat 3] [--mergekit PATH/TO/mergekit-yaml]
 
@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from cpift.merge.bench import DEFAULT_METHODS, find_mergekit, run_bench
-from cpift.merge.bench_report import markdown
+from cpift.merge.tools.bench import DEFAULT_METHODS, find_mergekit, run_bench
+from cpift.merge.tools.bench_report import markdown
 
 HERE = Path(__file__).resolve().parent
 

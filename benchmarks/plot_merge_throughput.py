@@ -1,11 +1,11 @@
-"""Draw benchmarks/results/merge_throughput.png from merge_throughput.json (cpift.merge.bench_report.plot)."""
+"""Draw benchmarks/results/merge_throughput.png from merge_throughput.json (cpift.merge.tools.bench_report.plot)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from cpift.merge.bench_report import plot
+from cpift.merge.tools.bench_report import plot
 
 HERE = Path(__file__).resolve().parent / "results"
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cpift.merge.errors import CpiftError
+from cpift.errors import CpiftError
 
 
 def run(group: click.Group, prog: str, argv: list[str] | None, *, aborted: str = "aborted",

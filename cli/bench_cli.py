@@ -1,4 +1,4 @@
-"""``cpift-merge bench``: merge throughput against the I/O floor and mergekit (cpift.merge.bench)."""
+"""``cpift-merge bench``: merge throughput against the I/O floor and mergekit (cpift.merge.tools.bench)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cpift.merge.errors import ParameterError
+from cpift.errors import ParameterError
 
 
 def _check_target(path: str | None, option: str) -> Path | None:
@@ -54,8 +54,8 @@ def bench(models, synthetic, methods, compare_mergekit, repeat, json_path, plot_
 
     Example: cpift-merge bench --synthetic 1b --compare-mergekit --json bench.json --plot bench.png
     """
-    from cpift.merge.bench import run_bench
-    from cpift.merge.bench_report import markdown, plot
+    from cpift.merge.tools.bench import run_bench
+    from cpift.merge.tools.bench_report import markdown, plot
 
     targets = [_check_target(p, o) for p, o in ((json_path, "--json"), (plot_path, "--plot"), (md_path, "--markdown"))]
     if plot_path is not None:

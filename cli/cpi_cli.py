@@ -1,12 +1,12 @@
-"""The CPI-FT steps of ``cpift-merge``: ``cores``, ``cluster``, ``fuse`` (registered on its group)."""
+"""The CPI-FT steps of ``cpift-merge``: ``cores``, ``cluster``, ``fuse`` (cli/merge_cli.py adds them to its group)."""
 
 from __future__ import annotations
 
 import click
 
-from cpift.merge.errors import ParameterError
+from cpift.errors import ParameterError
 
-from .merge_cli import cli, common_options
+from ._options import common_options, compute_options, out_option, overwrite_option, torch_threads
 
 
 def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
@@ -19,48 +19,41 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
     return out
 
 
-@cli.command()
+@click.command()
 @click.option("--base", required=True, help="The pre-trained model the tasks were fine-tuned from (directory or org/name).")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
               help="A task's fine-tuned model; repeat for each task (they share each read of the base).")
 @click.option("--p", "p", type=float, default=1.0, show_default=True,
               help="Core size: percentage of all scored entries, in (0, 100] (the paper: 1).")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
-              help="Directory for the masks, one NAME.safetensors per task (DESIGN §4 format).")
+@out_option("Directory for the masks, one NAME.safetensors per task (DESIGN §4 format).")
 @click.option("--granularity", default="element", show_default=True,
               help="What one mask entry covers: element (one parameter), row (a row of the last dimension) "
                    "or block:N (N consecutive parameters; score = mean |Δ| over the block).")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Score only tensors whose name matches (repeatable; default: every floating-point tensor).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Do not score tensors whose name matches (repeatable).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
-              help="Kernel implementation (default: $CPIFT_BACKEND, else auto: triton on CUDA, torch on the CPU).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch compute threads (default: one per core). Use 1 when other work shares the CPU.")
+@overwrite_option
+@compute_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the summary line only.")
-def cores(base, models, p, out, granularity, include, exclude, overwrite, backend, threads, quiet):
+def cores(base, models, p, out, granularity, include, exclude, overwrite, threads, backend, device, quiet):
     """Each task's core region: the exact global top-p% of |θ_task − θ_base| over the whole model.
 
     Three streaming passes (radix select), memory independent of model size; ties at the threshold go
     to the tensor first in name order, then the lowest flat index, so exactly floor(p·D/100) entries
     are selected.
     """
-    import torch
+    from cpift.merge.cpi.cores import compute_cores
 
-    from cpift.merge.cores import compute_cores
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    result = compute_cores(base, _named(models, "--model"), out, p=p, granularity=granularity,
-                           include=list(include) or None, exclude=list(exclude) or None, overwrite=overwrite,
-                           progress=not quiet, backend=backend)
+    with torch_threads(threads):
+        result = compute_cores(base, _named(models, "--model"), out, p=p, granularity=granularity,
+                               include=list(include) or None, exclude=list(exclude) or None, overwrite=overwrite,
+                               progress=not quiet, backend=backend, device=device)
     if not quiet:
         click.echo(result.table())
     click.echo(result.summary())
 
 
-@cli.command()
+@click.command()
 @click.argument("masks", nargs=-1, required=True, type=click.Path())
 @click.option("--tau", type=float, default=0.1, show_default=True,
               help="Link two tasks when the Jaccard overlap of their cores is ≥ τ, in [0, 1] (the paper: 0.1).")
@@ -71,17 +64,17 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, backen
               help='Write {"tasks", "jaccard", "groups", "order"} to this file.')
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a Jaccard heatmap with the groups outlined to this PNG (needs matplotlib).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
-              help="Popcount implementation (default: $CPIFT_BACKEND, else auto: torch for masks in host memory).")
-def cluster(masks, tau, order, seed, json_path, plot, backend):
+@compute_options
+def cluster(masks, tau, order, seed, json_path, plot, threads, backend, device):
     """Group tasks by core overlap: Jaccard matrix (popcount on the packed masks), connected components.
 
     MASKS are files written by `cpift-merge cores`; the task name is the file name without
     .safetensors.
     """
-    from cpift.merge.cluster import cluster_masks, plot_heatmap, write_json
+    from cpift.merge.cpi.cluster import cluster_masks, plot_heatmap, write_json
 
-    result = cluster_masks(list(masks), tau=tau, order=order, seed=seed, backend=backend)
+    with torch_threads(threads):
+        result = cluster_masks(list(masks), tau=tau, order=order, seed=seed, backend=backend, device=device)
     click.echo(result.table())
     if json_path:
         write_json(result, json_path)
@@ -91,7 +84,7 @@ def cluster(masks, tau, order, seed, json_path, plot, backend):
         click.echo(f"wrote {plot}")
 
 
-@cli.command()
+@click.command()
 @click.option("--backbone", required=True, help="The model to fuse into (the paper: the last stage of staged SFT).")
 @click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=MODEL:MASK",
               help="A task's model and core mask; repeat in stage order (later tasks win overlapping cores "
@@ -106,7 +99,7 @@ def cluster(masks, tau, order, seed, json_path, plot, backend):
 def fuse(backbone, tasks, overlap, base, omega, out, common):
     """Fuse task models into the backbone: incremental SLERP of non-core entries, then each task's core
     transplanted unchanged (DESIGN §1.4, §2)."""
-    from cpift.merge.fuse import fuse as fuse_models, parse_task
+    from cpift.merge.cpi.fuse import fuse as fuse_models, parse_task
 
     return fuse_models(backbone, [parse_task(t) for t in tasks], out, overlap=overlap, base=base, omega=omega,
                        **common)

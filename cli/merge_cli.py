@@ -5,95 +5,14 @@ User errors (bad paths, shapes, parameters) print one line on stderr and exit wi
 
 from __future__ import annotations
 
-import functools
-
 import click
 
 from cpift.cli.bench_cli import bench
 from cpift.merge import methods
 
+from ._options import common_options, floats
 from ._run import run
-
-SIZE_HELP = "Largest output shard, in bytes or with a suffix: 500MB, 2GB (10^9), 1GiB (2^30)."
-
-
-def _floats(value: str | None, option: str) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers like 1,0.5,2; got '{value}'",
-                                 param_hint=option) from None
-
-
-def common_options(fn):
-    """Options every merge command takes, passed on as keyword arguments of the library function."""
-
-    @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False),
-                  help="Output model directory; written to a hidden sibling and renamed when complete.")
-    @click.option("--dtype", default=None,
-                  help="Cast inputs to this dtype before merging (float32, bfloat16, float16, float64); "
-                       "default: keep each input's dtype. Math is float32 either way (float64 for float64).")
-    @click.option("--out-dtype", default=None,
-                  help="Dtype of the output tensors; default: --dtype, else the first model's dtype.")
-    @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
-    @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
-    @click.option("--allow-nonfinite", is_flag=True,
-                  help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
-    @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
-                  help="Directory to copy config.json, tokenizer and chat-template files from "
-                       "(default: the first model).")
-    @click.option("--threads", type=click.IntRange(min=1), default=None,
-                  help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
-                       "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
-    @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
-                  help="Kernel implementation: triton (CUDA; on the CPU only under TRITON_INTERPRET=1, "
-                       "for testing), torch, or auto = triton for CUDA tensors, else torch. "
-                       "Default: $CPIFT_BACKEND, else auto.")
-    @click.option("--device", default="cpu", show_default=True,
-                  help="Where the math runs: cpu (straight from the memory-mapped files), or cuda / cuda:N "
-                       "(tensors are streamed through pinned host buffers, copy and compute overlapped).")
-    @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
-    @click.option("--dry-run", is_flag=True,
-                  help="Validate every input and print the plan (tensors, bytes to read and write, output "
-                       "shards, expected peak memory); write nothing.")
-    @click.option("--resume", is_flag=True,
-                  help="Continue an interrupted merge into the same -o with the same inputs and options: "
-                       "the output shards it finished (SHA-256 checked) are kept, the rest computed.")
-    @click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
-                  help="After the merge, upload the output (with its model card) to this Hub model repo, "
-                       "creating it if needed (as cpift-merge push).")
-    @functools.wraps(fn)
-    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
-                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, dry_run, resume, **kwargs):
-        import torch
-
-        if dry_run and push_to_hub is not None:
-            raise click.UsageError("--push-to-hub: a --dry-run writes nothing to push")
-
-        previous = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                      allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
-                      progress=not quiet, backend=backend, device=device)
-        # Only when asked: a command whose function takes no such keyword still runs without them.
-        common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume)) if on})
-        try:
-            result = fn(*args, out=out, common=common, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
-        if not quiet:
-            for note in result.notes:
-                click.echo(note, err=True)
-        click.echo(result.summary())
-        if push_to_hub is not None:
-            from cpift.merge.hub import push
-
-            click.echo(f"pushed {result.out} to {push_to_hub}: {push(result.out, push_to_hub)}")
-
-    return wrapper
+from .cpi_cli import cluster, cores, fuse
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -126,7 +45,7 @@ def slerp(model_a, model_b, t, out, common):
 @common_options
 def linear(models, weights, out, common):
     """Weighted average Σ w_i x_i / Σ w_i of two or more models."""
-    return methods.linear(list(models), out, weights=_floats(weights, "--weights"), **common)
+    return methods.linear(list(models), out, weights=floats(weights, "--weights"), **common)
 
 
 def delta_options(fn):
@@ -144,7 +63,7 @@ def density_option(default: float | None, text: str):
 
 
 def _density(value: str | None):
-    d = _floats(value, "--density")
+    d = floats(value, "--density")
     return d[0] if d and len(d) == 1 else d
 
 
@@ -153,7 +72,7 @@ def _density(value: str | None):
 @common_options
 def task_arithmetic(models, base, weights, lam, out, common):
     """b + λ Σ w_i (x_i − b)."""
-    return methods.task_arithmetic(base, list(models), out, weights=_floats(weights, "--weights"), lam=lam, **common)
+    return methods.task_arithmetic(base, list(models), out, weights=floats(weights, "--weights"), lam=lam, **common)
 
 
 @cli.command()
@@ -164,7 +83,7 @@ def task_arithmetic(models, base, weights, lam, out, common):
 @common_options
 def ties(models, base, weights, lam, density, global_trim, out, common):
     """TIES: trim deltas by magnitude, elect a sign per entry, average the agreeing deltas."""
-    return methods.ties(base, list(models), out, weights=_floats(weights, "--weights"), lam=lam,
+    return methods.ties(base, list(models), out, weights=floats(weights, "--weights"), lam=lam,
                         density=_density(density), global_trim=global_trim, **common)
 
 
@@ -176,7 +95,7 @@ def _dare_command(name: str, fn, doc: str):
                   help="Seed of the drop mask; the same seed gives byte-identical output.")
     @common_options
     def command(models, base, weights, lam, density, seed, out, common):
-        return fn(base, list(models), out, weights=_floats(weights, "--weights"), lam=lam,
+        return fn(base, list(models), out, weights=floats(weights, "--weights"), lam=lam,
                   density=_density(density), seed=seed, **common)
 
     return command
@@ -198,8 +117,8 @@ def config(config_file, seed, out, common):
 
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """
-    from cpift.merge.config_plan import run_config
-    from cpift.merge.step_recipe import is_step_recipe, run_step_recipe
+    from cpift.merge.mergekit.plan import run_config
+    from cpift.merge.cpi.recipes import is_step_recipe, run_step_recipe
 
     if click.get_current_context().get_parameter_source("max_shard_size").name == "DEFAULT":
         del common["max_shard_size"]  # the recipe's cpift.max_shard_size, else 5GB, applies
@@ -216,12 +135,13 @@ def config(config_file, seed, out, common):
               help="tiny: ~2 MB models; small: ~100 MB bf16 Llama-shaped models.")
 def demo(workdir, size):
     """Build small Llama-shaped checkpoints, merge them with every method, print what happened."""
-    from cpift.merge.demo import run_demo
+    from cpift.merge.tools.demo import run_demo
 
     run_demo(workdir, size=size, echo=click.echo)
 
 
-cli.add_command(bench)  # cli/bench_cli.py
+for command in (bench, cores, cluster, fuse):  # cli/bench_cli.py, cli/cpi_cli.py
+    cli.add_command(command)
 
 
 @cli.command()
@@ -255,9 +175,6 @@ def push(directory, repo, private, revision):
     click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision)}")
 
 
-from . import cpi_cli  # noqa: E402,F401  registers cores, cluster and fuse on the group above
-
-
 def main(argv: list[str] | None = None) -> None:
     # A merge stopped by Ctrl-C leaves its finished shards for --resume.
     run(cli, "cpift-merge", argv, aborted="aborted; no output was written (rerun with --resume to keep the "
@@ -265,8 +182,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the package module's main: cli/cpi_cli.py registers cores, cluster and fuse on
-    # cpift.cli.merge_cli's group, which under `python -m` is a second copy of this module.
-    from cpift.cli.merge_cli import main as package_main
-
-    package_main()
+    main()

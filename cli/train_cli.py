@@ -104,7 +104,7 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
     """Mean response loss (nats per token) and exact match of greedy generation, printed as JSON."""
     from pathlib import Path
 
-    from cpift.merge.errors import OutputError
+    from cpift.errors import OutputError
     from cpift.training.evaluate import evaluate
 
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():

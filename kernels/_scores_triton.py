@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting
+from .backend import interpreting
 from ._triton_utils import abs_delta
 
 BINS = 1 << 16

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting
+from .backend import interpreting
 from ._triton_utils import bf16_bits_rne
 from .select import Cut
 

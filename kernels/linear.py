@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import resolve
+from .backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from ._backend import resolve
+from .backend import resolve
 from ._scratch import CHUNK, check_flat, chunks, scratch
 from .select import Cut, cut_mask, magnitude_scores
 

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from ._backend import resolve
+from .backend import resolve
 from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
 
 BINS = 1 << 16

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import resolve
+from .backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 from .scores import BINS, add_high_counts, add_low_counts, score_histogram
 

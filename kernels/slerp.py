@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._backend import resolve
+from .backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 
 DOT_THRESHOLD = 0.9995

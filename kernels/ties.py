@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import resolve
+from .backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 from .dare import keep_factor, keep_mask
 from .select import Cut, cut_keep, cut_mask

@@ -11,8 +11,6 @@ input and two output tensors (finished ones are unmapped), independent of model 
 from __future__ import annotations
 
 import os
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +20,14 @@ import torch
 
 from cpift.kernels.finite import all_finite, first_nonfinite
 
-from .card import CardInput, card_files, roles_for
-from .checkpoint import DTYPE_NAMES, Checkpoint
-from .dryrun import MergePlan, plan_merge
-from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
-from .device import DeviceStager, parse_device
-from .resume import fingerprint
-from .writer import OutTensor, ShardWriter, check_output, parse_size, plan_shards
+from cpift.merge.card import CardInput, card_files, roles_for
+from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
+from cpift.merge.io.dryrun import MergePlan, plan_merge
+from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
+from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.io.resume import fingerprint
+from cpift.merge.io.stream import TensorStream, progress_bar
+from cpift.merge.io.writer import OutTensor, ShardWriter, check_output, parse_size, plan_shards
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]
@@ -72,7 +71,7 @@ class MergeResult:
 
 def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
     """Open every model argument; a Hub id (``org/name[@rev]``) that is no local path is pulled first."""
-    from .hub import resolve_model
+    from cpift.merge.hub import resolve_model
 
     return [Checkpoint(resolve_model(p), ref=os.fspath(p)) for p in paths]
 
@@ -103,53 +102,6 @@ def check_compatible(models: list[Checkpoint]) -> list[str]:
     return notes
 
 
-class _Prefetcher:
-    """Maps the pages of the next ``depth`` tensors of every model, and of their outputs, from a
-    background thread."""
-
-    def __init__(self, models: list[Checkpoint], writer: ShardWriter | None, names: list[str], depth: int = 2):
-        self.models, self.writer, self.names = models, writer, names
-        self._ready = [threading.Event() for _ in names]
-        self._slots = threading.Semaphore(depth)
-        self._stop = False
-        self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="cpift-prefetch", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for j, name in enumerate(self.names):
-                self._slots.acquire()
-                if self._stop:
-                    return
-                for m in self.models:
-                    m.populate(name)
-                if self.writer is not None:
-                    self.writer.populate(name)
-                self._ready[j].set()
-        except BaseException as e:  # re-raised in the main thread by wait()
-            self._error = e
-            for ev in self._ready:
-                ev.set()
-
-    def wait(self, j: int) -> None:
-        self._ready[j].wait()
-        if self._error is not None:
-            raise self._error
-
-    def done(self, j: int) -> None:
-        for m in self.models:
-            m.release(self.names[j])
-        if self.writer is not None:
-            self.writer.release(self.names[j])
-        self._slots.release()
-
-    def stop(self) -> None:
-        self._stop = True
-        self._slots.release()
-        self.thread.join()
-
-
 def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,
                  dtype: str | torch.dtype | None = None, out_dtype: str | torch.dtype | None = None,
                  max_shard_size: int | str = "5GB", overwrite: bool = False,
@@ -176,7 +128,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     """
     start = time.perf_counter()
     dev = parse_device(device)
-    _check_backend(backend, dev)
+    check_backend(backend, dev)
     compute_dtype = parse_dtype(dtype, "dtype")
     store_dtype = parse_dtype(out_dtype, "out_dtype") or compute_dtype
     shard_bytes = parse_size(max_shard_size)
@@ -214,50 +166,42 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     names, plan = writer.pending(names, plan)  # a resume computes only the shards it does not keep
     notes += writer.notes
     total_in = sum(m.info(n).nbytes for n in names for m in models)
-    prefetch = _Prefetcher(models, writer, names)
-    stager = DeviceStager(dev) if dev is not None else None
-    bar = _progress(method, total_in, progress)
+    floating = {s.name for s in plan if s.dtype.is_floating_point}
+    stream = TensorStream(models, names, writer=writer, device=dev, bar=progress_bar(method, total_in, progress),
+                          staged=floating.__contains__)
     bytes_read = 0
     try:
-        for j, (name, spec) in enumerate(zip(names, plan)):
-            prefetch.wait(j)
-            views = [m.get(name).reshape(-1) for m in models]
+        for item in stream:
+            name = item.name
             result = writer.tensor(name)
-            if not spec.dtype.is_floating_point:
-                result.copy_(views[0])
-            elif stager is None:
-                combine(name, _cast(views, compute_dtype), result)
+            if name not in floating:
+                result.copy_(item.views[0])
+            elif not stream.staging:
+                combine(name, _cast(item.inputs, compute_dtype), result)
                 if not all_finite(result):
-                    _explain_nonfinite(name, views, models, result, allow_nonfinite, notes)
+                    _explain_nonfinite(name, item.views, models, result, allow_nonfinite, notes)
             else:
-                if j == 0 or not plan[j - 1].dtype.is_floating_point:
-                    stager.stage(j, views)
                 on_device = torch.empty(result.numel(), dtype=result.dtype, device=dev)
-                combine(name, _cast(stager.take(j), compute_dtype), on_device)
-                if j + 1 < len(names) and plan[j + 1].dtype.is_floating_point:
-                    # Upload the next tensor while this one's kernels run.
-                    prefetch.wait(j + 1)
-                    stager.stage(j + 1, [m.get(names[j + 1]).reshape(-1) for m in models])
+                combine(name, _cast(item.inputs, compute_dtype), on_device)
+                stream.stage_next(item)  # upload the next tensor while this one's kernels run
                 finite = bool(torch.isfinite(on_device).all())
-                stager.store(on_device, result)
+                stream.store(on_device, result)
                 del on_device
                 if not finite:
-                    _explain_nonfinite(name, views, models, result, allow_nonfinite, notes)
-            del views, result
-            prefetch.done(j)
+                    _explain_nonfinite(name, item.views, models, result, allow_nonfinite, notes)
+            del result
+            bytes_read += item.nbytes
+            stream.done(item)
             writer.written(name)
-            nbytes = sum(m.info(name).nbytes for m in models)
-            bytes_read += nbytes
-            bar.update(nbytes)
-        prefetch.stop()
+        stream.close()
         writer.finish(side_from, card)
     except BaseException as e:
-        prefetch.stop()
+        stream.close()
         # A write error or an interrupt leaves the finished shards for --resume.
         writer.abort(keep_partial=isinstance(e, (OutputError, KeyboardInterrupt)))
         raise
     finally:
-        bar.close()
+        stream.bar.close()
         for m in models:
             m.close()
     return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
@@ -266,17 +210,6 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
 
 def _cast(views: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
     return [v.to(dtype) if dtype not in (None, v.dtype) else v for v in views]
-
-
-def _check_backend(backend: str | None, device: torch.device | None) -> None:
-    """Fail before any output exists if the kernels cannot run as asked."""
-    from cpift.kernels._backend import resolve
-
-    probe = torch.empty(0, device=device) if device is not None and device.type == "cuda" else torch.empty(0)
-    try:
-        resolve(backend, probe)
-    except ValueError as e:
-        raise ParameterError(str(e)) from None
 
 
 def _explain_nonfinite(name: str, views: list[torch.Tensor], models: list[Checkpoint], result: torch.Tensor,
@@ -298,19 +231,3 @@ def _explain_nonfinite(name: str, views: list[torch.Tensor], models: list[Checkp
     if not allow:
         raise NonFiniteError(msg + " (pass --allow-nonfinite to merge anyway)")
     notes.append("note: " + msg + "; merged anyway (--allow-nonfinite)")
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(desc: str, total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs, pipes).
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
-

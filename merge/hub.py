@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import HubError, ParameterError
+from cpift.errors import HubError, ParameterError
 
 # What a merge reads: weights, config/index/tokenizer JSON, and the other tokenizer formats that
 # writer.SIDE_FILES copies into the output.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cpift.merge.errors import DataError
+from cpift.errors import DataError
 
 IGNORE = -100  # label of tokens the loss skips (torch.nn.functional.cross_entropy's ignore_index)
 

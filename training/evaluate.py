@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cpift.merge.errors import CheckpointError, ParameterError
+from cpift.errors import CheckpointError, ParameterError
 
 from .data import IGNORE, Dataset, collate, load_dataset
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cpift.merge.core_masks import load_core_mask
+from cpift.merge.cpi.masks import load_core_mask
 
 
 class Freezer:

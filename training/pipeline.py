@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cpift.merge.errors import ConfigError, ParameterError
+from cpift.errors import ConfigError, ParameterError
 
 from .recipe import Recipe, load_recipe
 
@@ -235,9 +235,9 @@ def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike,
 
 
 def _cpi_ft(run: _Run, r: Recipe, calibration_n: int) -> tuple[Path, list[list[str]]]:
-    from cpift.merge.cluster import cluster_masks, write_json
-    from cpift.merge.cores import compute_cores
-    from cpift.merge.fuse import fuse
+    from cpift.merge.cpi.cluster import cluster_masks, write_json
+    from cpift.merge.cpi.cores import compute_cores
+    from cpift.merge.cpi.fuse import fuse
 
     wd = run.wd
     probes = run.probes()

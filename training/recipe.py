@@ -37,7 +37,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cpift.merge.errors import ConfigError, ParameterError
+from cpift.errors import ConfigError, ParameterError
 
 SFT_KEYS = ("lr", "weight_decay", "batch_size", "grad_accum", "max_length", "warmup", "max_grad_norm")
 SFT_DEFAULTS = {"lr": 2e-5, "weight_decay": 0.0, "batch_size": 8, "grad_accum": 1, "max_length": 1024,
@@ -183,7 +183,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             if key not in f.raw:
                 f.fail(key, "missing")
         name = f.raw["name"]
-        from cpift.merge.cores import check_task_names
+        from cpift.merge.cpi.names import check_task_names
 
         try:
             check_task_names([str(name)], "name")
@@ -198,7 +198,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     r.seed = top.num("seed", 0, integer=True)
     r.probe = _sft(file, "probe", top.raw.get("probe"), "steps")
     r.p = top.num("p", 1.0, lo=0, lo_open=True, hi=100)
-    from cpift.merge.core_masks import parse_granularity
+    from cpift.merge.cpi.masks import parse_granularity
 
     try:
         r.granularity = parse_granularity(top.raw.get("granularity", "element"))

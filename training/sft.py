@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cpift.merge.errors import OutputError, ParameterError
-from cpift.merge.writer import check_output, partial_dir
+from cpift.errors import OutputError, ParameterError
+from cpift.merge.io.writer import check_output, partial_dir
 
 from .data import Dataset, collate, load_dataset
 from .evaluate import (autocast, evaluate_model, load_model, load_tokenizer, pad_id, pick_device,

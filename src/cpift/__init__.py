@@ -22,15 +22,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _FACADE = {
-    "linear": "cpift.merge.methods",
-    "slerp": "cpift.merge.methods",
-    "task_arithmetic": "cpift.merge.methods",
-    "ties": "cpift.merge.methods",
-    "dare_linear": "cpift.merge.methods",
-    "dare_ties": "cpift.merge.methods",
-    "compute_cores": "cpift.merge.cores",
-    "cluster_masks": "cpift.merge.cluster",
-    "fuse": "cpift.merge.fuse",
+    "linear": "cpift.merge.methods.average",
+    "slerp": "cpift.merge.methods.spherical",
+    "task_arithmetic": "cpift.merge.methods.delta",
+    "ties": "cpift.merge.methods.delta",
+    "dare_linear": "cpift.merge.methods.delta",
+    "dare_ties": "cpift.merge.methods.delta",
+    "compute_cores": "cpift.merge.cpi.cores",
+    "cluster_masks": "cpift.merge.cpi.cluster",
+    "fuse": "cpift.merge.cpi.fuse",
     "pull": "cpift.merge.hub",
     "push": "cpift.merge.hub",
 }
@@ -38,11 +38,13 @@ _FACADE = {
 __all__ = ["__version__", *_FACADE]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily (PEP 562)
-    from cpift.merge.cluster import cluster_masks
-    from cpift.merge.cores import compute_cores
-    from cpift.merge.fuse import fuse
+    from cpift.merge.cpi.cluster import cluster_masks
+    from cpift.merge.cpi.cores import compute_cores
+    from cpift.merge.cpi.fuse import fuse
     from cpift.merge.hub import pull, push
-    from cpift.merge.methods import dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
+    from cpift.merge.methods.average import linear
+    from cpift.merge.methods.delta import dare_linear, dare_ties, task_arithmetic, ties
+    from cpift.merge.methods.spherical import slerp
 
 
 def __getattr__(name: str) -> Any:

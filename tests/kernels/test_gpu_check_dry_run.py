@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 
 ROOT = Path(__file__).resolve().parents[2]
 

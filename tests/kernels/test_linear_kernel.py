@@ -7,7 +7,7 @@ import torch
 from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS,
                       assert_close_to_ref, assert_exact, nonzero_randn)
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 
 from cpift.kernels.linear import linear, linear_ref
 

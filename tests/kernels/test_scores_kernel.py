@@ -7,7 +7,7 @@ import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_close_to_ref, assert_exact, nonzero_randn
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels.scores import BINS, histogram_ref, score_count, score_deltas, score_deltas_ref, score_histogram
 
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])

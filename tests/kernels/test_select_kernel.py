@@ -8,7 +8,7 @@ import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_exact, nonzero_randn
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels._scratch import CHUNK, chunks
 from cpift.kernels.select import (Cut, RadixSelect, cut_keep, cut_mask, magnitude_cut,
                                   magnitude_cut_ref, magnitude_mask_ref, magnitude_scores)

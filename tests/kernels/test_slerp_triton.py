@@ -6,7 +6,7 @@ import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, assert_close_to_ref, nonzero_randn
 
-from cpift.kernels._backend import HAS_TRITON, resolve
+from cpift.kernels.backend import HAS_TRITON, resolve
 from cpift.kernels.slerp import slerp, slerp_blend, slerp_coefficients, slerp_reduce, slerp_ref
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

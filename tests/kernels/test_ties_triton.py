@@ -11,7 +11,7 @@ import torch
 from _compare import DTYPE_IDS, DTYPES, assert_close_to_ref, assert_exact, nonzero_randn
 from test_ties_kernel import MODES, WEIGHTS, _models, _options
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels.dare import keep_mask, tensor_seed
 from cpift.kernels.select import Cut, cut_mask, magnitude_cut
 from cpift.kernels.ties import delta_merge, delta_merge_ref

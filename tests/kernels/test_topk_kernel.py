@@ -6,7 +6,7 @@ import pytest
 import torch
 from _compare import assert_exact
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels.masks import unpack_bits
 from cpift.kernels.scores import score_deltas
 from cpift.kernels.topk import GlobalTopK

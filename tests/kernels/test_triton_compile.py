@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

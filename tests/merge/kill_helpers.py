@@ -21,8 +21,8 @@ from pathlib import Path
 KILLER = """
 import json, os, signal, sys, time
 point, arg, need = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-import cpift.merge.resume as resume
-import cpift.merge.writer as writer
+import cpift.merge.io.resume as resume
+import cpift.merge.io.writer as writer
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from cpift.kernels._backend import HAS_TRITON
+from cpift.kernels.backend import HAS_TRITON
 
 from references import load_state
 from test_bad_input import assert_user_error, no_output, run_cli

@@ -114,7 +114,7 @@ def test_tensor_missing_in_one_model(capsys, work, tmp_path):
 
 
 def test_shape_mismatch(capsys, tmp_path):
-    from cpift.merge.synthetic import PRESETS, make_checkpoint
+    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
     from dataclasses import replace
 
     a = make_checkpoint(tmp_path / "a", PRESETS["tiny"])
@@ -171,7 +171,7 @@ def test_nonfinite_input(capsys, work, tmp_path, value, method):
 
 def test_overflow_is_reported(capsys, tmp_path):
     """Finite inputs whose merge overflows the output dtype: named as an overflow, not as bad input."""
-    from cpift.merge.synthetic import PRESETS, make_checkpoint
+    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
 
     a = make_checkpoint(tmp_path / "a", PRESETS["tiny"], dtype=torch.float32)
     b = make_checkpoint(tmp_path / "b", PRESETS["tiny"], dtype=torch.float32, seed=1)
@@ -224,7 +224,7 @@ def test_error_in_subprocess_has_no_traceback(tmp_path):
 SLOW_MERGE = """
 import sys, time
 import cpift.kernels.slerp as k
-import cpift.merge.methods as m
+import cpift.merge.methods.spherical as m
 blend = k.slerp_blend
 def slow(*a, **kw):
     time.sleep(0.05)

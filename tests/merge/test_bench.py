@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpift.merge.bench import find_mergekit, parse_synthetic
+from cpift.merge.tools.bench import find_mergekit, parse_synthetic
 
 from test_bad_input import assert_user_error, run_cli
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _fuse_available() -> bool:
     try:
-        from cpift.merge.fuse import fuse  # noqa: F401
+        from cpift.merge.cpi.fuse import fuse  # noqa: F401
     except ImportError:
         return False
     return True
@@ -85,8 +85,8 @@ def test_bench_on_given_models(capsys, llama, tmp_path):
 
 def test_bench_threads_reach_both_tools(tmp_path):
     """--threads N goes to cpift (--threads) and mergekit (-j) alike, and into the results."""
-    from cpift.merge.bench_cases import plan_cases
-    from cpift.merge.synthetic import PRESETS, make_checkpoint
+    from cpift.merge.tools.bench_cases import plan_cases
+    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
 
     models = [make_checkpoint(tmp_path / n, PRESETS["tiny"], seed=i, base_seed=None if i == 0 else 0)
               for i, n in enumerate(["base", "a", "b"])]

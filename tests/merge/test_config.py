@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpift.merge.config_plan import plan_call, run_config
-from cpift.merge.errors import ConfigError
+from cpift.merge.mergekit.plan import plan_call, run_config
+from cpift.errors import ConfigError
 
 from config_helpers import SLERP, L4, cfg_of, value, write
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cpift.merge.config import load_config
-from cpift.merge.config_plan import resolve_model, run_config
-from cpift.merge.errors import ConfigError
+from cpift.merge.mergekit.config import load_config
+from cpift.merge.mergekit.plan import resolve_model, run_config
+from cpift.errors import ConfigError
 
 from config_helpers import SLERP, write
 

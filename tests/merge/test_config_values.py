@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from cpift.merge.config_values import Conditional, param_fn, parse_setting, tensor_position
-from cpift.merge.errors import ConfigError
+from cpift.merge.mergekit.values import Conditional, param_fn, parse_setting, tensor_position
+from cpift.errors import ConfigError
 
 from config_helpers import L4, OUTSIDE
 

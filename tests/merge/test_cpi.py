@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from cpift.kernels.scores import score_deltas
-from cpift.merge.core_masks import block_size, load_core_mask
+from cpift.merge.cpi.masks import block_size, load_core_mask
 
 from references import load_state
 from test_bad_input import assert_user_error, run_cli

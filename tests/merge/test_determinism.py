@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cpift.merge.synthetic import LlamaShape, make_checkpoint
+from cpift.merge.tools.synthetic import LlamaShape, make_checkpoint
 
 from kill_helpers import digest
 from test_bad_input import run_cli

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cpift.merge import methods
-from cpift.merge.synthetic import LlamaShape, make_checkpoint
+from cpift.merge.tools.synthetic import LlamaShape, make_checkpoint
 
 from kill_helpers import digest, killed_run
 from test_bad_input import assert_user_error, run_cli
@@ -113,7 +113,7 @@ else:
 
 def test_peak_memory_estimate_bounds_the_real_peak(tmp_path):
     """The estimate is an upper bound of the real run's peak RSS, and not a loose one."""
-    from cpift.merge.bench import measure  # peak RSS of a child not inflated by pytest's own
+    from cpift.merge.tools.bench import measure  # peak RSS of a child not inflated by pytest's own
 
     shape = LlamaShape(hidden=256, intermediate=704, layers=2, heads=4, kv_heads=2, vocab=32000)
     models = [make_checkpoint(tmp_path / n, shape, seed=i, base_seed=None if i == 0 else 0)

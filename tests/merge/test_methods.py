@@ -164,7 +164,7 @@ def test_ties_global_trim(fam, tmp_path):
 def test_ties_global_trim_with_heavy_ties(tmp_path):
     """bf16 deltas drawn from four values: the global threshold falls inside a run of ties spanning
     tensors, so the tie placement across tensors is exercised."""
-    from cpift.merge.synthetic import PRESETS, make_checkpoint
+    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
     from safetensors.torch import save_file
 
     base = make_checkpoint(tmp_path / "base", PRESETS["tiny"])

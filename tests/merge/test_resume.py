@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cpift.merge import methods
-from cpift.merge.resume import MANIFEST
+from cpift.merge.io.resume import MANIFEST
 
 from kill_helpers import digest, killed_run
 from test_bad_input import run_cli, work  # noqa: F401  (work: a fixture)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpift.merge.errors import DataError
+from cpift.errors import DataError
 from cpift.training.data import IGNORE, collate, load_dataset
 
 from training_helpers import make_tokenizer, write_jsonl

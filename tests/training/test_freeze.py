@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpift.merge.errors import MismatchError
+from cpift.errors import MismatchError
 from cpift.training.freeze import Freezer, load_freezer
 from cpift.training.sft import sft
 

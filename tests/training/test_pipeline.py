@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cpift.cli.train_cli import main
-from cpift.merge.core_masks import load_core_mask
+from cpift.merge.cpi.masks import load_core_mask
 from cpift.training.evaluate import evaluate
 from cpift.training.pipeline import run_pipeline, split_stages
 

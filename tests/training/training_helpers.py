@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cpift.kernels.masks import pack_bits
-from cpift.merge.core_masks import block_size, mask_entries, save_core_mask
+from cpift.merge.cpi.masks import block_size, mask_entries, save_core_mask
 from cpift.training.evaluate import quiet_transformers
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +=?:.\n")

@@ -17,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from cpift.kernels.masks import overlap
 
-from .core_masks import CoreMask, load_core_mask
-from .cores import check_task_names
-from .errors import MismatchError, OutputError, ParameterError
+from cpift.merge.cpi.masks import CoreMask, load_core_mask
+from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.io.stream import TensorStream
+from cpift.merge.cpi.names import check_task_names
+from cpift.errors import MismatchError, OutputError, ParameterError
 
 PathLike = str | os.PathLike
 
@@ -66,23 +70,29 @@ def _check_same_layout(masks: list[CoreMask]) -> None:
                                     f"{first.path} has {list(first.shapes[name])}; the masks are for different models")
 
 
-def jaccard_matrix(masks: Sequence[CoreMask], *, backend: str | None = None) -> list[list[float]]:
-    """Pairwise Jaccard of packed masks, streamed one tensor at a time."""
+def jaccard_matrix(masks: Sequence[CoreMask], *, backend: str | None = None,
+                   device: torch.device | None = None) -> list[list[float]]:
+    """Pairwise Jaccard of packed masks, streamed one tensor at a time (on ``device`` if given)."""
     n = len(masks)
     inter = [[0] * n for _ in range(n)]
     union = [[0] * n for _ in range(n)]
-    for name in masks[0].names:
-        packed = [m.packed[name] for m in masks]
-        for i in range(n):
-            for j in range(i, n):
-                a, u = overlap(packed[i], packed[j], backend=backend)
-                inter[i][j] += a
-                union[i][j] += u
+    with TensorStream([m.packed for m in masks], masks[0].names, device=device, prefetch=False) as stream:
+        for item in stream:
+            _add_overlaps(item.inputs, inter, union, backend)
     out = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):
             out[i][j] = out[j][i] = inter[i][j] / union[i][j] if union[i][j] else 0.0
     return out
+
+
+def _add_overlaps(packed: list[torch.Tensor], inter: list[list[int]], union: list[list[int]],
+                  backend: str | None) -> None:
+    for i in range(len(packed)):
+        for j in range(i, len(packed)):
+            a, u = overlap(packed[i], packed[j], backend=backend)
+            inter[i][j] += a
+            union[i][j] += u
 
 
 def groups_of(jaccard: list[list[float]], tau: float) -> list[list[int]]:
@@ -107,7 +117,8 @@ def groups_of(jaccard: list[list[float]], tau: float) -> list[list[int]]:
 
 
 def cluster_masks(masks: Sequence[PathLike], *, tau: float = 0.1, order: str = "random", seed: int = 0,
-                  names: Sequence[str] | None = None, backend: str | None = None) -> ClusterResult:
+                  names: Sequence[str] | None = None, backend: str | None = None,
+                  device: str | torch.device | None = None) -> ClusterResult:
     """Jaccard matrix, groups and stage order of two or more core masks.
 
     Args:
@@ -115,6 +126,8 @@ def cluster_masks(masks: Sequence[PathLike], *, tau: float = 0.1, order: str = "
         tau: link threshold in [0, 1].
         order: "random" (seeded shuffle of the groups, the paper's choice) or "given".
         names: task names (default: the file stems).
+        backend, device: the popcount kernels' backend and where they run ("cuda": the packed masks
+            are staged on the GPU tensor by tensor).
 
     Example:
         >>> cluster_masks(["cores/math.safetensors", "cores/code.safetensors"], tau=0.1, seed=3).stages()
@@ -131,9 +144,11 @@ def cluster_masks(masks: Sequence[PathLike], *, tau: float = 0.1, order: str = "
         raise ParameterError(f"order: expected 'random' or 'given', got '{order}'")
     task_names = list(names) if names is not None else [Path(m).name.removesuffix(".safetensors") for m in masks]
     check_task_names(task_names, "masks")
+    dev = parse_device(device)
+    check_backend(backend, dev)
     loaded = [load_core_mask(m, lazy=True) for m in masks]
     _check_same_layout(loaded)
-    jac = jaccard_matrix(loaded, backend=backend)
+    jac = jaccard_matrix(loaded, backend=backend, device=dev)
     comps = groups_of(jac, tau)
     stage = list(range(len(comps)))
     if order == "random":

@@ -28,7 +28,7 @@ import torch
 
 from cpift.kernels.masks import packed_len, unpack_bits
 
-from .errors import CheckpointError, MismatchError, ParameterError
+from cpift.errors import CheckpointError, MismatchError, ParameterError
 
 FORMAT = "cpift-core-mask/1"
 

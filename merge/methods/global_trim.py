@@ -17,7 +17,7 @@ import torch
 from cpift.kernels._scratch import chunks
 from cpift.kernels.select import Cut, RadixSelect, magnitude_scores
 
-from .checkpoint import Checkpoint
+from cpift.merge.io.checkpoint import Checkpoint
 
 
 def _stream(base: Checkpoint, models: list[Checkpoint], names: list[str]) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:

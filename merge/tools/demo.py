@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from . import methods
-from .synthetic import PRESETS, describe, make_checkpoint
+from cpift.merge import methods
+from cpift.merge.tools.synthetic import PRESETS, describe, make_checkpoint
 
 
 def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], None] = print) -> list:
@@ -58,9 +58,9 @@ def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], 
 
 def _cpi_chain(root: Path, base: Path, tasks: dict[str, Path], echo: Callable[[str], None]) -> list:
     """cores → cluster → fuse, as a user would run them (the backbone here: task_a)."""
-    from .cluster import cluster_masks
-    from .cores import compute_cores
-    from .fuse import fuse
+    from cpift.merge.cpi.cluster import cluster_masks
+    from cpift.merge.cpi.cores import compute_cores
+    from cpift.merge.cpi.fuse import fuse
 
     cores_dir = root / "cores"
     echo("$ cpift-merge cores --base base " + " ".join(f"--model {n}={n}" for n in tasks) + " --p 1 -o cores")

@@ -36,10 +36,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, Checkpoint
-from .errors import BenchError, ParameterError
-from .bench_cases import DEFAULT_METHODS, METHODS, Case, check_fuse, plan_cases
-from .synthetic import PRESETS, LlamaShape, describe, make_checkpoint
+from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
+from cpift.errors import BenchError, ParameterError
+from cpift.merge.tools.bench_cases import DEFAULT_METHODS, METHODS, Case, check_fuse, plan_cases
+from cpift.merge.tools.synthetic import PRESETS, LlamaShape, describe, make_checkpoint
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -241,7 +241,7 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
 
 def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, source: str,
              mergekit: str | None, note: str | None, echo: Callable[[str], None]) -> dict:
-    from .bench_report import parity
+    from cpift.merge.tools.bench_report import parity
 
     size = {p: sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in paths}
     load_start = os.getloadavg()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .writer import parse_size
+from cpift.merge.io.writer import parse_size
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ParameterError
+from cpift.errors import ParameterError
 
 
 def parse_device(value: str | torch.device | None) -> torch.device | None:
@@ -39,6 +39,18 @@ def parse_device(value: str | torch.device | None) -> torch.device | None:
     elif device.type != "cpu":
         raise ParameterError(f"device: '{value}' is not supported (use cpu, cuda or cuda:N)")
     return device
+
+
+def check_backend(backend: str | None, device: torch.device | None) -> None:
+    """The one backend check of every entry point: fail before any output exists, in one line, if the
+    kernels cannot run as asked (e.g. --backend triton on a CPU-only machine without the interpreter)."""
+    from cpift.kernels.backend import resolve
+
+    probe = torch.empty(0, device=device) if device is not None and device.type == "cuda" else torch.empty(0)
+    try:
+        resolve(backend, probe)
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
 
 
 class DeviceStager:

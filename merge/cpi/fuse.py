@@ -24,12 +24,12 @@ import torch
 
 from cpift.kernels.slerp import slerp_blend, slerp_coefficients, slerp_reduce
 
-from .core_masks import load_core_mask
-from .cores import check_task_names
-from .engine import MergeResult, open_models, stream_merge
-from .errors import ParameterError
-from .methods import serial_reductions
-from .step_recipe import fuse_recipe
+from cpift.merge.cpi.masks import load_core_mask
+from cpift.merge.cpi.names import check_task_names
+from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.errors import ParameterError
+from cpift.kernels.threads import serial_reductions
+from cpift.merge.cpi.recipes import fuse_recipe
 
 PathLike = str | os.PathLike
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from . import _mman
-from .checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
-from .errors import OutputError, ParameterError
-from .resume import Journal, inspect_partial
+from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+from cpift.errors import OutputError, ParameterError
+from cpift.merge.io.resume import Journal, inspect_partial
 
 # Files copied from the first model (or --copy-tokenizer-from) so the output loads as a model.
 SIDE_FILES = (

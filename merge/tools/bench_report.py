@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import ParameterError
+from cpift.errors import ParameterError
 
 
 def parity(a: Path, b: Path) -> dict:

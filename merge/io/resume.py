@@ -35,8 +35,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint import INDEX_NAME, Checkpoint
-from .errors import OutputError
+from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
+from cpift.errors import OutputError
 
 MANIFEST = "cpift-resume.json"
 VERSION = 1

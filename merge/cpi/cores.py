@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,14 +28,16 @@ import torch
 from cpift.kernels.finite import first_nonfinite
 from cpift.kernels.topk import GlobalTopK
 
-from .core_masks import block_size, mask_entries, parse_granularity, save_core_mask
-from .engine import _Prefetcher, _progress, check_compatible, open_models
-from .errors import NonFiniteError, OutputError, ParameterError
-from .writer import check_output, partial_dir
+from cpift.merge.cpi.masks import block_size, mask_entries, parse_granularity, save_core_mask
+from cpift.merge.cpi.names import check_task_names
+from cpift.merge.engine import check_compatible, open_models
+from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.io.stream import TensorStream, progress_bar
+from cpift.errors import NonFiniteError, OutputError, ParameterError
+from cpift.merge.io.writer import check_output, partial_dir
 
 PathLike = str | os.PathLike
 KINDS = ("attention", "mlp", "embeddings", "norms", "head", "other")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def tensor_kind(name: str) -> str:
@@ -119,18 +120,6 @@ def _explain_nonfinite(models, names: list[str]) -> None:
     raise NonFiniteError("|task − base| overflows float32 for some entry (the inputs are finite)")
 
 
-def check_task_names(names: Sequence[str], field_name: str = "model") -> None:
-    """Task names become file names and recipe keys: unique, and of letters, digits, '_', '.', '-'."""
-    seen = set()
-    for n in names:
-        if not _NAME.match(n):
-            raise ParameterError(f"{field_name}: task name '{n}' must start with a letter or digit and use only "
-                                 f"letters, digits, '_', '.', '-'")
-        if n in seen:
-            raise ParameterError(f"{field_name}: duplicate task name '{n}'")
-        seen.add(n)
-
-
 def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[str]:
     chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, g) for g in include)]
     chosen = [n for n in chosen if not exclude or not any(fnmatch.fnmatchcase(n, g) for g in exclude)]
@@ -140,7 +129,7 @@ def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[s
 def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: PathLike, *, p: float = 1.0,
                   granularity: str = "element", include: Sequence[str] | None = None,
                   exclude: Sequence[str] | None = None, overwrite: bool = False, progress: bool = True,
-                  backend: str | None = None) -> CoresResult:
+                  backend: str | None = None, device: str | torch.device | None = None) -> CoresResult:
     """Write each task's core mask (exact global top-p% of |θ_task − θ_base|) to ``out/NAME.safetensors``.
 
     Args:
@@ -150,6 +139,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         p: percentage of entries in the core, in (0, 100].
         granularity: "element", "row" or "block:N" (a mask entry per parameter, row or N-block).
         include, exclude: glob patterns over tensor names (default: every floating-point tensor).
+        backend, device: the kernels' backend and where they run ("cuda": the tensors are staged on
+            the GPU, the scoring, radix-select and packing kernels run there; merge/io/stream.py).
 
     Returns:
         CoresResult with k, the threshold and the core's distribution per task.
@@ -171,6 +162,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         raise ParameterError("model: give at least one task as --model NAME=PATH")
     check_task_names([n for n, _ in tasks])
     granularity = parse_granularity(granularity)
+    dev = parse_device(device)
+    check_backend(backend, dev)
     out = check_output(out, overwrite=overwrite)
     models = open_models([base, *[path for _, path in tasks]])
     check_compatible(models)
@@ -184,24 +177,16 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     total = sum(entries.values())
     ks = [math.floor(p * total / 100)] * len(tasks)
 
-    top = GlobalTopK(len(tasks), backend=backend)
+    top = GlobalTopK(len(tasks), device=dev, backend=backend)
     pass_bytes = sum(m.info(n).nbytes for m in models for n in names)
-    bar = _progress("cores", 3 * pass_bytes, progress)
+    bar = progress_bar("cores", 3 * pass_bytes, progress)
     packed: list[dict[str, torch.Tensor]] = [{} for _ in tasks]
     counts: list[dict[str, int]] = [{} for _ in tasks]
 
     def run_pass(step) -> None:
-        prefetch = _Prefetcher(models, None, names)
-        try:
-            for j, name in enumerate(names):
-                prefetch.wait(j)
-                views = [m.get(name).reshape(-1) for m in models]
-                step(name, views)
-                del views
-                prefetch.done(j)
-                bar.update(sum(m.info(name).nbytes for m in models))
-        finally:
-            prefetch.stop()
+        with TensorStream(models, names, device=dev, bar=bar) as stream:
+            for item in stream:
+                step(item.name, item.inputs)
 
     def count(name, views):
         top.count(views[0], views[1:], blocks[name])
@@ -224,7 +209,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         for m in models:
             m.close()
 
-    from .card import CardInput, input_hash
+    from cpift.merge.card import CardInput, input_hash
 
     # The recipe's form of each model (absolute path, or Hub id pinned to its commit): a replay of
     # the recipe records the same identity, so its mask files are byte-identical.
@@ -264,8 +249,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
 
 def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore]) -> dict[str, str]:
     """README.md and cpift_recipe.yml of a masks directory (merge/card.py, merge/step_recipe.py)."""
-    from .card import CardInput, card_files
-    from .step_recipe import cores_recipe
+    from cpift.merge.card import CardInput, card_files
+    from cpift.merge.cpi.recipes import cores_recipe
 
     inputs = [CardInput(os.fspath(m.ref), m.path, role) for m, role in
               zip(models, ["base", *[f"task {n}" for n, _ in tasks]])]

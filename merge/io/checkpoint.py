@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import _mman
-from .errors import CheckpointError
+from cpift.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from .errors import ConfigError
+from cpift.errors import ConfigError
 
 Param = Union[float, Callable[[str], float]]
 
@@ -290,7 +290,7 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
                                   f"{method}")
             val = _boolean(val, fld, source)
         elif key == "max_shard_size":
-            from .writer import parse_size
+            from cpift.merge.io.writer import parse_size
 
             try:
                 if isinstance(val, bool) or not isinstance(val, (int, float, str)):

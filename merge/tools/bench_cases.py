@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import Checkpoint
-from .errors import ParameterError
+from cpift.merge.io.checkpoint import Checkpoint
+from cpift.errors import ParameterError
 
 METHODS = ("slerp", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "fuse")
 DEFAULT_METHODS = ("slerp", "ties", "task-arithmetic")
@@ -79,16 +79,16 @@ def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path]
 
 def check_fuse() -> None:
     try:
-        from .cores import compute_cores  # noqa: F401
-        from .fuse import fuse  # noqa: F401
+        from cpift.merge.cpi.cores import compute_cores  # noqa: F401
+        from cpift.merge.cpi.fuse import fuse  # noqa: F401
     except ImportError:
-        raise ParameterError("--methods: fuse is not available in this cpift (cpift.merge.fuse.fuse or "
-                             "cpift.merge.cores.compute_cores is missing); leave it out of --methods") from None
+        raise ParameterError("--methods: fuse is not available in this cpift (cpift.merge.cpi.fuse.fuse or "
+                             "cpift.merge.cpi.cores.compute_cores is missing); leave it out of --methods") from None
 
 
 def _fuse_args(base: Path, tasks: list[Path], outs: Path) -> list[str]:
     """fuse needs each task's core mask: computed once here (p = 1, the paper's), outside the timing."""
-    from .cores import compute_cores
+    from cpift.merge.cpi.cores import compute_cores
 
     masks = outs / "masks"
     named = [(f"t{i + 1}", t) for i, t in enumerate(tasks)]

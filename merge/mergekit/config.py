@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config_values import Setting, _is_constant, _where, parse_cpift_block, parse_setting
-from .errors import ConfigError
+from cpift.merge.mergekit.values import Setting, _is_constant, _where, parse_cpift_block, parse_setting
+from cpift.errors import ConfigError
 
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")

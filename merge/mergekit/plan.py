@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
-from .config import MergeConfig, ModelSpec, _first, load_config
-from .config_values import Param, Setting, _chain_param, _uses_position, _where
-from .errors import ConfigError
+from cpift.merge.mergekit.config import MergeConfig, ModelSpec, _first, load_config
+from cpift.merge.mergekit.values import Param, Setting, _chain_param, _uses_position, _where
+from cpift.errors import ConfigError
 
 # What mergekit 0.1.5 does by default, and what cpift's functions compute (merge/methods.py): linear
 # and ties divide by the (agreeing) weights; task_arithmetic and dare_linear do not; the DARE
@@ -194,8 +194,8 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None) -
     Raises:
         ConfigError: neither a path nor a Hub model that can be had; the message says why.
     """
-    from .errors import HubError
-    from .hub import pull, split_ref
+    from cpift.errors import HubError
+    from cpift.merge.hub import pull, split_ref
 
     if os.path.exists(ref):
         return Path(os.path.abspath(ref))
@@ -327,12 +327,12 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     if "copy_tokenizer_from" in cfg.cpift:
         donor = resolve_model(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
 
-    from . import methods  # the engine, only once the config is known to be good
+    from cpift.merge import methods  # the engine, only once the config is known to be good
 
     fn = getattr(methods, cfg.method)
     native = {k for k in ("normalize", "rescale") if k in inspect.signature(fn).parameters}
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
-    from .card import CardInput
+    from cpift.merge.card import CardInput
 
     hub_ids = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items() if CardInput(ref, p).hub_repo}
     call = plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native)
@@ -352,9 +352,9 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
 def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], settings: Mapping[str, Any]):
     """The recipe a config run records: None when the engine can generate it from the call's constant
     parameters (merge/card.py), else this config made runnable anywhere (gradients and filters kept)."""
-    from .card import CardInput, is_per_tensor, rewrite_config
-    from .engine import parse_dtype
-    from .writer import parse_size
+    from cpift.merge.card import CardInput, is_per_tensor, rewrite_config
+    from cpift.merge.engine import parse_dtype
+    from cpift.merge.io.writer import parse_size
 
     if not any(is_per_tensor(v) for v in call.kwargs.values()):
         return None

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from cpift.errors import ConfigError
 
 STEP_KEY = "cpift_step"
 _FIELDS = {
@@ -23,7 +23,7 @@ _FIELDS = {
 
 
 def _abs(p: str | os.PathLike) -> str:
-    from .hub import is_hub_ref
+    from cpift.merge.hub import is_hub_ref
 
     return os.fspath(p) if not os.path.exists(p) and is_hub_ref(p) else os.path.abspath(p)
 
@@ -90,14 +90,14 @@ def run_step_recipe(path: str | os.PathLike, out: str | os.PathLike, **common):
     path = Path(path)
     data = _load(path)
     if data[STEP_KEY] == "cores":
-        from .cores import compute_cores
+        from cpift.merge.cpi.cores import compute_cores
 
         return compute_cores(data["base"], _entries(data, path, "models", ("name", "model")), out, p=data["p"],
                              granularity=data.get("granularity", "element"),
                              include=data.get("include") or None, exclude=data.get("exclude") or None,
                              overwrite=common.get("overwrite", False), progress=common.get("progress", True),
                              backend=common.get("backend"))
-    from .fuse import fuse
+    from cpift.merge.cpi.fuse import fuse
 
     settings = {k: data[k] for k in ("dtype", "out_dtype", "max_shard_size") if k in data}
     merged = {**settings, **{k: v for k, v in common.items() if v is not None or k not in settings}}

@@ -1,0 +1,118 @@
+"""Options shared by the ``cpift-merge`` commands, defined once: every merge command takes
+``common_options``; ``cores`` and ``cluster`` take the compute options (threads, backend, device)
+and the output options they need from here too."""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+
+from cpift.kernels.backend import BACKENDS
+
+SIZE_HELP = "Largest output shard, in bytes or with a suffix: 500MB, 2GB (10^9), 1GiB (2^30)."
+
+
+def floats(value: str | None, option: str) -> list[float] | None:
+    """'1,0.5,2' -> [1.0, 0.5, 2.0]; a click usage error naming ``option`` otherwise."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 1,0.5,2; got '{value}'",
+                                 param_hint=option) from None
+
+
+def out_option(help_text: str):
+    return click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help=help_text)
+
+
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Replace an existing output directory (atomically, at the end).")
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
+         "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
+backend_option = click.option(
+    "--backend", type=click.Choice(list(BACKENDS)), default=None,
+    help="Kernel implementation: triton (CUDA; on the CPU only under TRITON_INTERPRET=1, "
+         "for testing), cpu (the fused CPU kernels), torch (the reference), or auto = triton for CUDA "
+         "tensors, else cpu. Default: $CPIFT_BACKEND, else auto.")
+device_option = click.option(
+    "--device", default="cpu", show_default=True,
+    help="Where the math runs: cpu (straight from the memory-mapped files), or cuda / cuda:N "
+         "(tensors are streamed through pinned host buffers, copy and compute overlapped).")
+
+
+def compute_options(fn):
+    """--threads, --backend, --device."""
+    return threads_option(backend_option(device_option(fn)))
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the enclosed work on ``threads`` torch threads (None: leave torch's choice)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def common_options(fn):
+    """Options every merge command takes, passed on as keyword arguments of the library function."""
+
+    @out_option("Output model directory; written to a hidden sibling and renamed when complete.")
+    @click.option("--dtype", default=None,
+                  help="Cast inputs to this dtype before merging (float32, bfloat16, float16, float64); "
+                       "default: keep each input's dtype. Math is float32 either way (float64 for float64).")
+    @click.option("--out-dtype", default=None,
+                  help="Dtype of the output tensors; default: --dtype, else the first model's dtype.")
+    @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
+    @overwrite_option
+    @click.option("--allow-nonfinite", is_flag=True,
+                  help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
+    @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
+                  help="Directory to copy config.json, tokenizer and chat-template files from "
+                       "(default: the first model).")
+    @compute_options
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
+    @click.option("--dry-run", is_flag=True,
+                  help="Validate every input and print the plan (tensors, bytes to read and write, output "
+                       "shards, expected peak memory); write nothing.")
+    @click.option("--resume", is_flag=True,
+                  help="Continue an interrupted merge into the same -o with the same inputs and options: "
+                       "the output shards it finished (SHA-256 checked) are kept, the rest computed.")
+    @click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
+                  help="After the merge, upload the output (with its model card) to this Hub model repo, "
+                       "creating it if needed (as cpift-merge push).")
+    @functools.wraps(fn)
+    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
+                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, dry_run, resume, **kwargs):
+        if dry_run and push_to_hub is not None:
+            raise click.UsageError("--push-to-hub: a --dry-run writes nothing to push")
+
+        common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                      allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
+                      progress=not quiet, backend=backend, device=device)
+        # Only when asked: a command whose function takes no such keyword still runs without them.
+        common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume)) if on})
+        with torch_threads(threads):
+            result = fn(*args, out=out, common=common, **kwargs)
+        if not quiet:
+            for note in result.notes:
+                click.echo(note, err=True)
+        click.echo(result.summary())
+        if push_to_hub is not None:
+            from cpift.merge.hub import push
+
+            click.echo(f"pushed {result.out} to {push_to_hub}: {push(result.out, push_to_hub)}")
+
+    return wrapper

@@ -1,0 +1,201 @@
+"""The one stream every step iterates: the tensors of N inputs, in order, prefetched and staged.
+
+A ``TensorStream`` walks a list of tensor names over N sources (checkpoints, or anything with
+``get(name)``) and yields, per name, the flat zero-copy host views of every source and the same
+tensors where the math runs. Around that loop it does what every step needs:
+
+- prefetch: a background thread maps (and, on a cold cache, reads) the pages of the next ``depth``
+  tensors of every source, and of the optional writer's output, while the current one computes;
+  page faults taken by torch's worker threads contend (0.85 GB/s measured), which is why pages are
+  mapped ahead from one thread. Pages are released once the caller is done with a tensor.
+- device staging: with a device, the tensors go host → device through pinned buffers on a side
+  stream (merge/io/device.py); ``stage_next`` starts the next upload while this tensor's kernels run.
+- progress: a tqdm bar in bytes read, with its rate (GB/s), off when stderr is no terminal.
+
+``stream_merge`` (merge/engine.py), the three passes of ``cores``, global trim and ``cluster``
+all iterate it, so each runs on the device and backend asked for.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from .device import DeviceStager
+
+
+class Source(Protocol):
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class Bar(Protocol):
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(desc: str, total: int, enabled: bool) -> Bar:
+    """A byte-counting tqdm bar on stderr (rate in GB/s), or a silent one."""
+    if not enabled:
+        return NoBar()
+    from tqdm import tqdm
+
+    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs, pipes).
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
+
+
+class Prefetcher:
+    """Maps the pages of the next ``depth`` tensors of every source, and of their outputs, from a
+    background thread. Sources without ``populate`` / ``release`` (packed masks) are skipped."""
+
+    def __init__(self, sources: Sequence[Source], writer, names: list[str], depth: int = 2):
+        self.sources = [s for s in sources if hasattr(s, "populate")]
+        self.writer, self.names = writer, names
+        self._ready = [threading.Event() for _ in names]
+        self._slots = threading.Semaphore(depth)
+        self._stop = False
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="cpift-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for j, name in enumerate(self.names):
+                self._slots.acquire()
+                if self._stop:
+                    return
+                for s in self.sources:
+                    s.populate(name)
+                if self.writer is not None:
+                    self.writer.populate(name)
+                self._ready[j].set()
+        except BaseException as e:  # re-raised in the main thread by wait()
+            self._error = e
+            for ev in self._ready:
+                ev.set()
+
+    def wait(self, j: int) -> None:
+        self._ready[j].wait()
+        if self._error is not None:
+            raise self._error
+
+    def done(self, j: int) -> None:
+        for s in self.sources:
+            s.release(self.names[j])
+        if self.writer is not None:
+            self.writer.release(self.names[j])
+        self._slots.release()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._slots.release()
+        self.thread.join()
+
+
+@dataclass
+class StreamItem:
+    """One tensor of every source: ``views`` on the host (flat, zero-copy), ``inputs`` where the math
+    runs (the views themselves without a device, or for a name that is not staged)."""
+
+    index: int
+    name: str
+    views: list[torch.Tensor]
+    inputs: list[torch.Tensor]
+    nbytes: int
+
+
+class TensorStream:
+    """Iterate ``names`` over ``sources``; use as a context manager (``close`` stops the prefetch).
+
+    Args:
+        sources: checkpoints (or anything with ``get(name)``; ``populate``/``release`` when prefetched).
+        names: tensor names, in the order they are visited.
+        writer: an output whose pages are prefetched with the inputs (``populate``/``release``).
+        device: where ``inputs`` live (None: the host views themselves; merge/io/device.py).
+        bar: progress, advanced by each tensor's input bytes when it is done.
+        staged: which names go to the device (default: all); the others' inputs are the host views.
+        prefetch: map pages ahead from a background thread.
+
+    Example:
+        with TensorStream(models, names, device=dev) as stream:
+            for item in stream:
+                top.count(item.inputs[0], item.inputs[1:])
+    """
+
+    def __init__(self, sources: Sequence[Source], names: Sequence[str], *, writer=None,
+                 device: torch.device | None = None, bar: Bar | None = None,
+                 staged: Callable[[str], bool] | None = None, prefetch: bool = True) -> None:
+        self.sources, self.names = list(sources), list(names)
+        self.bar = bar or NoBar()
+        self.stager = DeviceStager(device) if device is not None else None
+        self._staged = staged or (lambda name: True)
+        self._prefetch = Prefetcher(self.sources, writer, self.names) if prefetch else None
+        self._uploaded: set[int] = set()
+        self._done: set[int] = set()
+
+    @property
+    def staging(self) -> bool:
+        return self.stager is not None
+
+    def _views(self, j: int) -> list[torch.Tensor]:
+        if self._prefetch is not None:
+            self._prefetch.wait(j)
+        return [s.get(self.names[j]).reshape(-1) for s in self.sources]
+
+    def __iter__(self) -> Iterator[StreamItem]:
+        for j, name in enumerate(self.names):
+            views = self._views(j)
+            inputs = views
+            if self.stager is not None and self._staged(name):
+                if j not in self._uploaded:
+                    self.stager.stage(j, views)
+                inputs = self.stager.take(j)
+            item = StreamItem(j, name, views, inputs, sum(v.numel() * v.element_size() for v in views))
+            del views, inputs  # only the item holds them: done() drops them before the pages go
+            yield item
+            self.done(item)
+
+    def stage_next(self, item: StreamItem) -> None:
+        """Start the upload of the next tensor now, while this one's kernels run."""
+        j = item.index + 1
+        if self.stager is None or j >= len(self.names) or not self._staged(self.names[j]):
+            return
+        self.stager.stage(j, self._views(j))
+        self._uploaded.add(j)
+
+    def store(self, result: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy a result computed on the device into the (memory-mapped) host output."""
+        if self.stager is None:
+            out.copy_(result)
+        else:
+            self.stager.store(result, out)
+
+    def done(self, item: StreamItem) -> None:
+        """Release the tensor's pages and count its bytes (again: nothing)."""
+        if item.index in self._done:
+            return
+        self._done.add(item.index)
+        item.views = item.inputs = []
+        if self._prefetch is not None:
+            self._prefetch.done(item.index)
+        self.bar.update(item.nbytes)
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.stop()
+            self._prefetch = None
+
+    def __enter__(self) -> TensorStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

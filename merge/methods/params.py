@@ -1,0 +1,57 @@
+"""Parameters of the merge methods: a number, or a function of the tensor name (mergekit-style
+gradients and filters come in as functions from cpift.merge.mergekit), validated before anything is
+written; each error names the field and, for a per-tensor value, the tensor."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Sequence, Union
+
+from cpift.errors import ParameterError
+
+Param = Union[float, Callable[[str], float]]
+PathLike = Union[str, os.PathLike]
+
+
+def value(p: Param, name: str, field: str, *, lo: float = -math.inf, hi: float = math.inf,
+          lo_open: bool = False) -> float:
+    """Resolve a parameter for one tensor and range-check it; the error names field and tensor."""
+    v = p(name) if callable(p) else p
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{field}: expected a number, got {v!r}") from None
+    bad_lo = v <= lo if lo_open else v < lo
+    if not math.isfinite(v) or bad_lo or v > hi:
+        lo_s = "(" if lo_open else "["
+        where = f" for tensor '{name}'" if callable(p) else ""
+        raise ParameterError(f"{field}: {v} is outside {lo_s}{lo}, {hi}]{where}")
+    return v
+
+
+def check_all(p: Param, names: list[str], field: str, **kw) -> None:
+    """Validate a parameter for every tensor before the merge starts."""
+    for n in names if callable(p) else names[:1]:
+        value(p, n, field, **kw)
+
+
+def weights_for(weights: Sequence[Param] | None, n: int) -> list[Param]:
+    if weights is None:
+        return [1.0] * n
+    weights = list(weights)
+    if len(weights) != n:
+        raise ParameterError(f"weights: got {len(weights)} values for {n} models")
+    return weights
+
+
+def per_model(p: Param | Sequence[Param], n: int, field: str) -> list[Param]:
+    if isinstance(p, (list, tuple)):
+        if len(p) != n:
+            raise ParameterError(f"{field}: got {len(p)} values for {n} models")
+        return list(p)
+    return [p] * n
+
+
+def float_names(models) -> list[str]:
+    return [n for n in models[0].names() if models[0].info(n).dtype.is_floating_point] or ["<none>"]
