@@ -2,7 +2,7 @@
 
     python benchmarks/merge_throughput.py [--preset 1b] [--repeat 3] [--mergekit PATH/TO/mergekit-yaml]
 
-The measuring code is ``cpift-merge bench`` (merge/bench.py: cases, timing, peak RSS, parity); this
+The measuring code is ``cpift-merge bench`` (merge/tools/bench.py: cases, timing, peak RSS, parity); this
 script keeps the repository's defaults: models built once under bench-work/, mergekit compared when
 found, results in benchmarks/results/merge_throughput.{json,md} (the PNG: plot_merge_throughput.py).
 """

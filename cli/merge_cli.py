@@ -1,4 +1,5 @@
-"""``cpift-merge``: each command is a thin layer over a function of ``cpift.merge``.
+"""``cpift-merge``: each command is a thin layer over a function of ``cpift.merge``; the merge
+methods' commands are built from the method registry (cli/methods_cli.py).
 
 User errors (bad paths, shapes, parameters) print one line on stderr and exit with code 2.
 """
@@ -8,14 +9,14 @@ from __future__ import annotations
 import click
 
 from cpift.cli.bench_cli import bench
-from cpift.merge import methods
 
-from ._options import common_options, floats
+from ._options import common_options
 from ._run import run
 from .cpi_cli import cluster, cores, fuse
+from .methods_cli import MethodGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+@click.group(cls=MethodGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
              no_args_is_help=True)
 @click.version_option(package_name="cpift")
 def cli() -> None:
@@ -26,83 +27,6 @@ def cli() -> None:
     Inputs are never modified; the output appears only when complete, with a model card (README.md)
     and cpift_recipe.yml, which `cpift-merge config` runs to reproduce it.
     """
-
-
-@cli.command()
-@click.argument("model_a", type=click.Path())
-@click.argument("model_b", type=click.Path())
-@click.option("--t", "t", type=float, default=0.5, show_default=True,
-              help="Interpolation factor in [0, 1]: 0 gives MODEL_A, 1 gives MODEL_B.")
-@common_options
-def slerp(model_a, model_b, t, out, common):
-    """Spherical interpolation of two models, tensor by tensor (each tensor one vector)."""
-    return methods.slerp(model_a, model_b, out, t=t, **common)
-
-
-@cli.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--weights", default=None, help="Comma-separated weight per model (default: all 1).")
-@common_options
-def linear(models, weights, out, common):
-    """Weighted average Σ w_i x_i / Σ w_i of two or more models."""
-    return methods.linear(list(models), out, weights=floats(weights, "--weights"), **common)
-
-
-def delta_options(fn):
-    fn = click.option("--lambda", "lam", type=float, default=1.0, show_default=True,
-                      help="Scale λ of the combined delta added to the base.")(fn)
-    fn = click.option("--weights", default=None,
-                      help="Comma-separated weight per model, base excluded (default: all 1).")(fn)
-    fn = click.option("--base", required=True, type=click.Path(), help="Base model the deltas are taken from.")(fn)
-    return click.argument("models", nargs=-1, required=True, type=click.Path())(fn)
-
-
-def density_option(default: float | None, text: str):
-    return click.option("--density", default=None if default is None else str(default), show_default=True,
-                        help=text + " One value, or comma-separated per model, each in (0, 1].")
-
-
-def _density(value: str | None):
-    d = floats(value, "--density")
-    return d[0] if d and len(d) == 1 else d
-
-
-@cli.command("task-arithmetic")
-@delta_options
-@common_options
-def task_arithmetic(models, base, weights, lam, out, common):
-    """b + λ Σ w_i (x_i − b)."""
-    return methods.task_arithmetic(base, list(models), out, weights=floats(weights, "--weights"), lam=lam, **common)
-
-
-@cli.command()
-@delta_options
-@density_option(1.0, "Share of each delta kept by magnitude (k = floor(density × numel)).")
-@click.option("--global-trim", is_flag=True,
-              help="Trim with one magnitude threshold over the whole model (TIES paper) instead of per tensor.")
-@common_options
-def ties(models, base, weights, lam, density, global_trim, out, common):
-    """TIES: trim deltas by magnitude, elect a sign per entry, average the agreeing deltas."""
-    return methods.ties(base, list(models), out, weights=floats(weights, "--weights"), lam=lam,
-                        density=_density(density), global_trim=global_trim, **common)
-
-
-def _dare_command(name: str, fn, doc: str):
-    @cli.command(name, help=doc)
-    @delta_options
-    @density_option(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density).")
-    @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                  help="Seed of the drop mask; the same seed gives byte-identical output.")
-    @common_options
-    def command(models, base, weights, lam, density, seed, out, common):
-        return fn(base, list(models), out, weights=floats(weights, "--weights"), lam=lam,
-                  density=_density(density), seed=seed, **common)
-
-    return command
-
-
-_dare_command("dare-linear", methods.dare_linear, "DARE drop-and-rescale, then task arithmetic.")
-_dare_command("dare-ties", methods.dare_ties, "DARE drop-and-rescale, then TIES sign election.")
 
 
 @cli.command()
@@ -118,11 +42,14 @@ def config(config_file, seed, out, common):
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """
     from cpift.merge.mergekit.plan import run_config
-    from cpift.merge.cpi.recipes import is_step_recipe, run_step_recipe
+    from cpift.merge.cpi.recipes import is_step_recipe
+    from cpift.merge.cpi.replay import run_step_recipe
 
     if click.get_current_context().get_parameter_source("max_shard_size").name == "DEFAULT":
         del common["max_shard_size"]  # the recipe's cpift.max_shard_size, else 5GB, applies
     if is_step_recipe(config_file):  # a cores or fuse recipe (cpift_step: ...)
+        if seed is not None:
+            raise click.UsageError("--seed: a cores or fuse recipe makes no random choice; drop --seed")
         return run_step_recipe(config_file, out, **common)
     return run_config(config_file, out, seed=seed, **{k: v for k, v in common.items()
                                            if v is not None or k not in ("dtype", "out_dtype")})

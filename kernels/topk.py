@@ -11,7 +11,10 @@
 #   count   radix select pass 1: a 2^16-bin histogram of the scores' high 16 bits per task;
 #   refine  pass 2: the low 16 bits of the scores inside the bin that holds the k-th largest →
 #           the exact threshold v, #(s > v) and #(s == v) (kernels/select.py RadixSelect);
-#   pack    pass 3: packed masks of s > v plus the first r = k − #(s > v) ties in stream order.
+#   pack    pass 3: packed masks of s > v plus the first r = k − #(s > v) ties in stream order;
+#   cuts    or, for a selection applied as cuts (TIES's global trim, single entries), one Cut per
+#           tensor: after pass 2 it is known for every task whose ties are all in or all out
+#           (fixed_cut), and pass 3 (cuts) is needed only for a task whose tie budget splits.
 #           Each tensor is packed with all its ties selected (kernels/masks.py pack_cut, which also
 #           counts them); only in the tensor where the tie budget runs out is it packed again
 #           with its local last tie index: usually one tensor, usually none re-packed twice.
@@ -128,4 +131,38 @@ class GlobalTopK:
                 ties = self._ties_left[i]
             self._ties_left[i] -= ties
             out.append((packed, overlap(packed, packed, backend=self.backend)[0]))
+        return out
+
+    def fixed_cut(self, task: int, n: int) -> Cut | None:
+        """After pass 2: task's Cut of the next tensor (n entries) when it needs no look at its scores,
+        else None (its ties are split and some are still to place: see ``cuts``)."""
+        t = self.thresholds[task]
+        if t.k == 0:
+            return Cut.none()
+        if t.k == self.selects[task].total:
+            return Cut.all()
+        if t.k - t.above == t.equal:
+            return Cut(t.value, n - 1)
+        return Cut(t.value, -1) if self._ties_left[task] == 0 else None
+
+    def cuts(self, base: torch.Tensor | None, xs: Sequence[torch.Tensor]) -> list[Cut]:
+        """Pass 3 for one tensor of single-entry scores: one Cut per task (the first ties in stream
+        order go to the tensors first in it, lowest flat index first)."""
+        self._check(xs)
+        if self.thresholds is None:
+            self.finish_refine()
+        out = []
+        for i, x in enumerate(xs):
+            n = x.numel()
+            cut = self.fixed_cut(i, n)
+            if cut is None:
+                value, left = self.thresholds[i].value, self._ties_left[i]
+                _, ties = pack_cut(x, base, cut=Cut(value, n), count_ties=True, backend=self.backend)
+                if ties >= left:
+                    cut = Cut(value, tie_index(x, base, value, left))
+                    ties = left
+                else:
+                    cut = Cut(value, n - 1)
+                self._ties_left[i] -= ties
+            out.append(cut)
         return out

@@ -9,7 +9,7 @@ calls it the same way, with its own parameters and input roles, and passes the r
 Recipe: a mergekit-style YAML that ``cpift-merge config cpift_recipe.yml -o OUT2`` runs to write the
 same bytes. For the six mergekit methods it is generated from the call's parameters; what mergekit
 has no spelling for (DARE seed, TIES global trim, shard size, tokenizer donor) goes under ``cpift:``
-(validated by config_values.parse_cpift_block). Local inputs are written as absolute paths and Hub
+(validated by values.parse_cpift_block). Local inputs are written as absolute paths and Hub
 inputs as ``org/name@<commit>`` of the snapshot that was read, so the recipe means the same from any
 directory. A parameter that is a Python function of the tensor name (a gradient or filter from a
 config, or a library caller's) has no generated form: a config run passes its own config, rewritten
@@ -37,24 +37,12 @@ from typing import Any, Mapping, Sequence
 from cpift.merge.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from cpift.errors import CheckpointError
 from cpift.merge.hub import snapshot_commit, split_ref
+from cpift.merge.methods.registry import METHODS, mergekit_methods
 
 SAMPLE_BYTES = 65536
 CARD_NAME = "README.md"
 RECIPE_NAME = "cpift_recipe.yml"
-MERGEKIT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-_DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-
-_DEFINITIONS = {
-    "linear": "Σ w_i x_i / Σ w_i",
-    "slerp": "spherical interpolation, each tensor one vector; t = 0 gives the first model",
-    "task_arithmetic": "b + λ Σ w_i (x_i − b)",
-    "ties": "trim each delta to its largest-magnitude share (density), elect a sign per entry, "
-            "combine the agreeing deltas",
-    "dare_linear": "drop each delta entry with probability 1 − density, rescale by 1/density, "
-                   "then task arithmetic",
-    "dare_ties": "drop each delta entry with probability 1 − density, rescale by 1/density, "
-                 "then TIES sign election",
-}
+MERGEKIT_METHODS = mergekit_methods()  # as registered at import (merge/methods/registry.py)
 
 
 @dataclass(frozen=True)
@@ -92,7 +80,8 @@ class CardInput:
 
 def roles_for(method: str, n: int) -> list[str]:
     """Input roles of the six mergekit methods: the delta methods take the base first."""
-    return ["base" if i == 0 and method in _DELTA_METHODS else "model" for i in range(n)]
+    spec = METHODS.get(method)
+    return ["base" if i == 0 and spec is not None and spec.has_base else "model" for i in range(n)]
 
 
 def input_hash(path: str | os.PathLike) -> str:
@@ -138,7 +127,7 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
     per non-base input); ``lambda``; ``normalize``; ``global_trim``; ``seed``. ``settings``: ``dtype``,
     ``out_dtype``, ``max_shard_size`` (bytes), ``copy_tokenizer_from`` (None: the first input).
     """
-    if method not in MERGEKIT_METHODS:
+    if method not in mergekit_methods():
         return None, f"cpift has no generated recipe for '{method}'"
     fns = [k for k, v in params.items() if is_per_tensor(v)]
     if fns:
@@ -147,11 +136,12 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
     if len(set(refs)) < len(refs):
         return None, "the same model is given twice, which a mergekit config cannot express"
     cfg: dict[str, Any] = {"merge_method": method}
-    if method == "slerp":
+    spec = METHODS[method]
+    if spec.roles == ("model_a", "model_b"):
         cfg["base_model"] = refs[0]
         cfg["models"] = [{"model": r} for r in refs]
-        cfg["parameters"] = {"t": float(params["t"])}
-    elif method == "linear":
+        cfg["parameters"] = {p.mergekit: float(params[p.name]) for p in spec.params if p.mergekit}
+    elif spec.roles == ("models",):
         cfg["models"] = [{"model": r, "parameters": {"weight": float(w)}}
                          for r, w in zip(refs, params["weights"])]
     else:
@@ -278,7 +268,7 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
     lines = ["---", _dump(front).rstrip("\n"), "---", "",
              f"# {method} merge of {len(inputs)} models", "",
              f"Made with cpift (`cpift-merge`), method **{method}**"
-             + (f": {definition or _DEFINITIONS[method]}." if definition or method in _DEFINITIONS else "."),
+             + (f": {definition or METHODS[method].definition}." if definition or method in METHODS else "."),
              "", "## Parameters", "", "| parameter | value |", "|---|---|"]
     lines += [f"| {k} | {_value(v)} |" for k, v in params.items()]
     shown = {k: _dtype_name(v) if "dtype" in k else _value(v) for k, v in settings.items()

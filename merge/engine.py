@@ -118,12 +118,12 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     (README.md) listing ``params`` (the method's parameters) and the inputs, and ``cpift_recipe.yml``:
     ``recipe`` if given (e.g. the YAML config that asked for this merge), else one generated from
     ``params`` (merge/card.py). ``backend`` is the kernels' (the method's combine uses it; checked
-    here); ``device`` "cuda" computes on the GPU through pinned staging buffers (merge/device.py).
+    here); ``device`` "cuda" computes on the GPU through pinned staging buffers (merge/io/device.py).
 
     ``roles``: what each model is to the method, for the card (default: base/model).
-    ``dry_run``: validate everything, write nothing, return the MergePlan (merge/dryrun.py).
+    ``dry_run``: validate everything, write nothing, return the MergePlan (merge/io/dryrun.py).
     ``resume``: continue a merge into ``out`` that was interrupted, keeping the output shards it
-    finished (merge/resume.py); refused if its options or inputs differ from this call's. ``params``
+    finished (merge/io/resume.py); refused if its options or inputs differ from this call's. ``params``
     must then name everything ``combine`` depends on: they are part of what is compared.
     """
     start = time.perf_counter()

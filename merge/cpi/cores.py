@@ -8,7 +8,7 @@ bits, histogram of the low bits inside the bin that holds the k-th largest, comp
 every task sharing each read of the base. Memory: two 512 KiB histograms per task, the tensors in
 flight, and the packed masks (D/8 bytes per task, written at the end).
 
-Output: DIR/NAME.safetensors per task in the mask format of DESIGN §4 (merge/core_masks.py), written
+Output: DIR/NAME.safetensors per task in the mask format of DESIGN §4 (merge/cpi/masks.py), written
 into a hidden sibling directory that is renamed when every mask is complete.
 """
 
@@ -248,7 +248,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
 
 
 def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore]) -> dict[str, str]:
-    """README.md and cpift_recipe.yml of a masks directory (merge/card.py, merge/step_recipe.py)."""
+    """README.md and cpift_recipe.yml of a masks directory (merge/card.py, merge/cpi/recipes.py)."""
     from cpift.merge.card import CardInput, card_files
     from cpift.merge.cpi.recipes import cores_recipe
 

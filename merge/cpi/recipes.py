@@ -2,8 +2,9 @@
 
 A step recipe is a YAML mapping with ``cpift_step: cores | fuse`` and that step's arguments, with
 absolute paths, recorded as ``cpift_recipe.yml`` in the step's output; ``cpift-merge config
-cpift_recipe.yml -o OUT`` runs it again (the same function, the same arguments). Unknown keys and
-missing fields are ConfigErrors naming the file and the field.
+cpift_recipe.yml -o OUT`` runs it again (merge/cpi/replay.py: the same function, the same arguments).
+Unknown keys and missing fields are ConfigErrors naming the file and the field. This module only
+builds and loads recipes; it imports none of the steps.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def is_step_recipe(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and STEP_KEY in data
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_step_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The recipe's mapping, its fields checked: unknown keys and missing fields are ConfigErrors."""
     import yaml
 
+    path = Path(path)
     data = yaml.safe_load(path.read_text())
     step = data.get(STEP_KEY)
     if step not in _FIELDS:
@@ -73,7 +76,8 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def _entries(data: dict, path: Path, field: str, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+def recipe_entries(data: dict, path: str | os.PathLike, field: str, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The list ``field`` of a recipe as tuples of ``keys`` (models of cores, tasks of fuse)."""
     items = data[field]
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{path}: {field}: expected a non-empty list of mappings with {', '.join(keys)}")
@@ -83,23 +87,3 @@ def _entries(data: dict, path: Path, field: str, keys: tuple[str, ...]) -> list[
             raise ConfigError(f"{path}: {field}[{i}]: expected exactly the keys {', '.join(keys)}")
         out.append(tuple(str(item[k]) for k in keys))
     return out
-
-
-def run_step_recipe(path: str | os.PathLike, out: str | os.PathLike, **common):
-    """Run the step a recipe describes into ``out``; ``common`` as for any merge command."""
-    path = Path(path)
-    data = _load(path)
-    if data[STEP_KEY] == "cores":
-        from cpift.merge.cpi.cores import compute_cores
-
-        return compute_cores(data["base"], _entries(data, path, "models", ("name", "model")), out, p=data["p"],
-                             granularity=data.get("granularity", "element"),
-                             include=data.get("include") or None, exclude=data.get("exclude") or None,
-                             overwrite=common.get("overwrite", False), progress=common.get("progress", True),
-                             backend=common.get("backend"))
-    from cpift.merge.cpi.fuse import fuse
-
-    settings = {k: data[k] for k in ("dtype", "out_dtype", "max_shard_size") if k in data}
-    merged = {**settings, **{k: v for k, v in common.items() if v is not None or k not in settings}}
-    return fuse(data["backbone"], _entries(data, path, "tasks", ("name", "model", "mask")), out,
-                overlap=data.get("overlap", "last"), base=data.get("base"), omega=data.get("omega"), **merged)

@@ -132,7 +132,7 @@ class ShardWriter:
     ``finish`` writes the index and side files and renames the directory into place; ``abort``
     removes the partial directory.
 
-    With a ``fingerprint`` the partial directory holds a manifest of finished shards (merge/resume.py):
+    With a ``fingerprint`` the partial directory holds a manifest of finished shards (merge/io/resume.py):
     call ``written`` after each tensor. With ``resume`` the shards an interrupted merge finished are
     verified and kept (``kept``; ``pending`` filters them out of the work) and the others rewritten.
     """

@@ -1,16 +1,13 @@
 """mergekit-compatible YAML configs: ``cpift-merge config FILE.yml -o OUT`` runs a mergekit user's
-config unchanged for ``linear``, ``slerp``, ``task_arithmetic``, ``ties``, ``dare_linear`` and
-``dare_ties``, with the semantics of mergekit 0.1.5; anything cpift cannot compute the same way is
+config unchanged for the registered methods (merge/methods/registry.py: linear, slerp, task_arithmetic,
+ties, dare_linear, dare_ties), with mergekit 0.1.5's semantics; anything cpift cannot compute so is
 refused with a ConfigError naming the file and the field, before any tensor is read.
 
-Pipeline: ``load_config`` (YAML → validated MergeConfig, this module) → ``plan_call`` (MergeConfig →
-one call of a ``cpift.merge.methods`` function) → ``run_config`` (resolve paths, run the call), both in
-config_plan.py. Parameter values (numbers, gradients, filters) are parsed in config_values.py.
+Pipeline: ``load_config`` (YAML → validated MergeConfig, this module) → ``plan_call`` and ``run_config``
+(plan.py: one ``cpift.merge.methods`` call, run); values (numbers, gradients, filters): values.py.
 
-Defaults (mergekit 0.1.5, checked in its source): ``weight`` has no default for any of these methods
-(a model without one is an error, as in mergekit); ``density`` 1; ``lambda`` 1; ``normalize`` true for
-linear and ties, false for task_arithmetic, dare_linear and dare_ties; ``rescale`` true for the DARE
-methods only; ``t`` is required for slerp.
+Defaults (mergekit 0.1.5, checked in its source; the registry's MergekitSpec): ``weight`` and slerp's
+``t`` have none (a model without one is an error, as in mergekit); ``density`` 1; ``lambda`` 1.
 
 Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models``)
     linear           linear(models, weights) — a base_model missing from ``models`` is added as the last
@@ -40,9 +37,7 @@ cpift's own settings, which mergekit has no spelling for, go in a top-level ``cp
 recipes cpift writes use it): ``seed``, ``global_trim``, ``max_shard_size``, ``copy_tokenizer_from``.
 
 Value ranges are checked up front: t ∈ [0, 1], density ∈ (0, 1], weight and lambda finite, and for a
-linear merge with constant weights their sum non-zero.
-
-Known differences that no config can remove: DARE's random drop masks come from cpift's counter-based
+linear merge with constant weights their sum non-zero. Known differences that no config can remove: DARE's random drop masks come from cpift's counter-based
 RNG (``seed``), and its rescale is 1/density where mergekit rescales to keep the delta's L1 norm.
 """
 
@@ -53,21 +48,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cpift.merge.mergekit.values import Setting, _is_constant, _where, parse_cpift_block, parse_setting
+from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
+from cpift.merge.mergekit.values import Setting, is_constant, located, parse_cpift_block, parse_setting
 from cpift.errors import ConfigError
 
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+# The methods a config can name and mergekit 0.1.5's parameters of each (per model, whole merge)
+# are the registry's (merge/methods/registry.py), read when a config is loaded.
+METHODS = mergekit_methods()  # as registered at import
 
-# mergekit 0.1.5's parameters per method: (per-model parameters, global-only parameters).
-# int8_mask is accepted for every method; it never changes float results.
-_INPUT_PARAMS = {"linear": ("weight",), "slerp": ()}
-_SHARED_PARAMS = {"linear": ("normalize", "int8_mask"), "slerp": ("t", "int8_mask")}
-for _m in DELTA_METHODS:
-    _INPUT_PARAMS[_m] = ("weight", "density")
-    _SHARED_PARAMS[_m] = ("lambda", "normalize", "rescale", "int8_mask")
-del _m
+
+def _input_params(method: str) -> tuple[str, ...]:
+    return REGISTRY[method].mergekit.inputs
+
+
+def _shared_params(method: str) -> tuple[str, ...]:
+    return REGISTRY[method].mergekit.shared
 
 _TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "cpift")
@@ -107,7 +103,7 @@ class MergeConfig:
     tokenizer_source: str | None = None  # None, "base" or a model reference
     name: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    cpift: Mapping[str, Any] = field(default_factory=dict)  # config_values.parse_cpift_block
+    cpift: Mapping[str, Any] = field(default_factory=dict)  # values.parse_cpift_block
 
 
 def _read_yaml(path: Path) -> Any:
@@ -134,19 +130,19 @@ def _mapping(raw: Any, fld: str, source, what: str) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_where(source, fld)}: expected {what}, got {raw!r}")
+        raise ConfigError(f"{located(source, fld)}: expected {what}, got {raw!r}")
     return raw
 
 
 def _model_ref(raw: Any, fld: str, source) -> str:
     if not isinstance(raw, str) or not raw.strip():
-        raise ConfigError(f"{_where(source, fld)}: expected a model directory or Hugging Face repo id, "
+        raise ConfigError(f"{located(source, fld)}: expected a model directory or Hugging Face repo id, "
                           f"got {raw!r}")
     if "+" in raw:
-        raise ConfigError(f"{_where(source, fld)}: '{raw}' names a LoRA adapter (model+lora), which cpift "
+        raise ConfigError(f"{located(source, fld)}: '{raw}' names a LoRA adapter (model+lora), which cpift "
                           f"does not merge in; merge the adapter into the model first")
     if raw.count("@") > 1:
-        raise ConfigError(f"{_where(source, fld)}: '{raw}' has more than one '@' (path@revision)")
+        raise ConfigError(f"{located(source, fld)}: '{raw}' has more than one '@' (path@revision)")
     return raw
 
 
@@ -157,14 +153,14 @@ def _parse_params(raw: Any, fld: str, source, method: str, allowed: tuple[str, .
     for key, val in params.items():
         kfld = f"{fld}.{key}"
         if key not in allowed:
-            if per_model and key in _SHARED_PARAMS[method]:
-                raise ConfigError(f"{_where(source, kfld)}: '{key}' applies to the whole merge in "
+            if per_model and key in _shared_params(method):
+                raise ConfigError(f"{located(source, kfld)}: '{key}' applies to the whole merge in "
                                   f"{method} (mergekit ignores it here); move it to the top-level parameters")
             known = ", ".join(allowed) or "none"
             scope = "per-model parameters" if per_model else "parameters"
-            raise ConfigError(f"{_where(source, kfld)}: unknown parameter for {method} ({scope}: {known})")
+            raise ConfigError(f"{located(source, kfld)}: unknown parameter for {method} ({scope}: {known})")
         if key == "lambda" and (isinstance(val, (list, dict))):
-            raise ConfigError(f"{_where(source, kfld)}: expected one number; a per-tensor lambda is not "
+            raise ConfigError(f"{located(source, kfld)}: expected one number; a per-tensor lambda is not "
                               f"supported by cpift")
         out[key] = parse_setting(val, key, kfld, source)
     return out
@@ -173,61 +169,61 @@ def _parse_params(raw: Any, fld: str, source, method: str, allowed: tuple[str, .
 def _parse_model(raw: Any, fld: str, source, method: str, slice_form: bool) -> tuple[ModelSpec, Any]:
     keys = ("model", "parameters", "layer_range") if slice_form else ("model", "parameters")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_where(source, fld)}: expected a mapping with a 'model' key, got {raw!r}")
+        raise ConfigError(f"{located(source, fld)}: expected a mapping with a 'model' key, got {raw!r}")
     for key in raw:
         if key not in keys:
             hint = " (layer_range belongs to slices: sources)" if key == "layer_range" else ""
-            raise ConfigError(f"{_where(source, f'{fld}.{key}')}: unknown key{hint}")
+            raise ConfigError(f"{located(source, f'{fld}.{key}')}: unknown key{hint}")
     if "model" not in raw:
-        raise ConfigError(f"{_where(source, f'{fld}.model')}: missing")
+        raise ConfigError(f"{located(source, f'{fld}.model')}: missing")
     ref = _model_ref(raw["model"], f"{fld}.model", source)
     params = _parse_params(raw.get("parameters"), f"{fld}.parameters", source, method,
-                           _INPUT_PARAMS[method], per_model=True)
+                           _input_params(method), per_model=True)
     return ModelSpec(ref, params, fld), raw.get("layer_range")
 
 
 def _parse_slices(raw: Any, source, method: str):
     if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"{_where(source, 'slices')}: expected a non-empty list of slices")
+        raise ConfigError(f"{located(source, 'slices')}: expected a non-empty list of slices")
     if len(raw) != 1:
-        raise ConfigError(f"{_where(source, 'slices')}: {len(raw)} slices stack layer ranges into a new "
+        raise ConfigError(f"{located(source, 'slices')}: {len(raw)} slices stack layer ranges into a new "
                           f"model; cpift merges whole models, so only one slice covering every layer is "
                           f"supported (or use models:)")
     sl = _mapping(raw[0], "slices[0]", source, "a mapping with 'sources'")
     for key in sl:
         if key not in ("sources", "base_model", "parameters", "residual_weight"):
-            raise ConfigError(f"{_where(source, f'slices[0].{key}')}: unknown key")
+            raise ConfigError(f"{located(source, f'slices[0].{key}')}: unknown key")
     if sl.get("residual_weight") is not None:
-        raise ConfigError(f"{_where(source, 'slices[0].residual_weight')}: not supported by cpift")
+        raise ConfigError(f"{located(source, 'slices[0].residual_weight')}: not supported by cpift")
     sources = sl.get("sources")
     if not isinstance(sources, list) or not sources:
-        raise ConfigError(f"{_where(source, 'slices[0].sources')}: expected a non-empty list of "
+        raise ConfigError(f"{located(source, 'slices[0].sources')}: expected a non-empty list of "
                           f"{{model, layer_range}}")
     models, ranges = [], []
     for i, s in enumerate(sources):
         fld = f"slices[0].sources[{i}]"
         spec, lr = _parse_model(s, fld, source, method, slice_form=True)
         if lr is None:
-            raise ConfigError(f"{_where(source, f'{fld}.layer_range')}: missing")
+            raise ConfigError(f"{located(source, f'{fld}.layer_range')}: missing")
         if (not isinstance(lr, list) or len(lr) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-            raise ConfigError(f"{_where(source, f'{fld}.layer_range')}: expected [start, end] integers, "
+            raise ConfigError(f"{located(source, f'{fld}.layer_range')}: expected [start, end] integers, "
                               f"got {lr!r}")
         if lr[0] != 0 or lr[1] <= 0:
-            raise ConfigError(f"{_where(source, f'{fld}.layer_range')}: {lr} is a partial layer range; "
+            raise ConfigError(f"{located(source, f'{fld}.layer_range')}: {lr} is a partial layer range; "
                               f"partial layer ranges are not supported (cpift merges whole models: use "
                               f"[0, num_hidden_layers], or models:)")
         models.append(spec)
         ranges.append(tuple(lr))
     for i, lr in enumerate(ranges):
         if lr != ranges[0]:
-            raise ConfigError(f"{_where(source, f'slices[0].sources[{i}].layer_range')}: {list(lr)} differs "
+            raise ConfigError(f"{located(source, f'slices[0].sources[{i}].layer_range')}: {list(lr)} differs "
                               f"from {list(ranges[0])}; partial layer ranges are not supported")
     base = sl.get("base_model")
     if base is not None:
         base = _model_ref(base, "slices[0].base_model", source)
     params = _parse_params(sl.get("parameters"), "slices[0].parameters", source, method,
-                           _INPUT_PARAMS[method] + _SHARED_PARAMS[method], per_model=False)
+                           _input_params(method) + _shared_params(method), per_model=False)
     return models, ranges[0], base, params
 
 
@@ -236,7 +232,7 @@ def _dtype(raw: Any, fld: str, source) -> str | None:
         return None
     name = raw.removeprefix("torch.") if isinstance(raw, str) else raw
     if name not in _DTYPES:
-        raise ConfigError(f"{_where(source, fld)}: expected one of {', '.join(_DTYPES)}, got {raw!r}")
+        raise ConfigError(f"{located(source, fld)}: expected one of {', '.join(_DTYPES)}, got {raw!r}")
     return name
 
 
@@ -246,22 +242,22 @@ def _tokenizer_source(data: dict, source) -> str | None:
     fld = "tokenizer_source"
     if tok is not None:
         if src is not None:
-            raise ConfigError(f"{_where(source, 'tokenizer')}: give tokenizer or tokenizer_source, not both")
+            raise ConfigError(f"{located(source, 'tokenizer')}: give tokenizer or tokenizer_source, not both")
         tok = _mapping(tok, "tokenizer", source, "a mapping")
         for key in tok:
             if key == "source":
                 continue
             if key in ("tokens", "pad_to_multiple_of"):
                 if tok[key] is not None:
-                    raise ConfigError(f"{_where(source, f'tokenizer.{key}')}: not supported (cpift does not "
+                    raise ConfigError(f"{located(source, f'tokenizer.{key}')}: not supported (cpift does not "
                                       f"edit vocabularies or embeddings)")
                 continue
-            raise ConfigError(f"{_where(source, f'tokenizer.{key}')}: unknown key")
+            raise ConfigError(f"{located(source, f'tokenizer.{key}')}: unknown key")
         src, fld = tok.get("source", "union"), "tokenizer.source"
     if src is None:
         return None
     if src == "union":
-        raise ConfigError(f"{_where(source, fld)}: 'union' builds a new vocabulary and remaps embeddings, "
+        raise ConfigError(f"{located(source, fld)}: 'union' builds a new vocabulary and remaps embeddings, "
                           f"which cpift does not do; use 'base', a model path, or leave it out")
     if src == "base":
         return "base"
@@ -274,35 +270,35 @@ def _check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
     names = [m.model for m in models]
     for i, n in enumerate(names):
         if n in names[:i]:
-            raise ConfigError(f"{_where(source, models[i].field + '.model')}: '{n}' is listed twice")
+            raise ConfigError(f"{located(source, models[i].field + '.model')}: '{n}' is listed twice")
     listed_base = base is not None and base in names
     if slice_form and base is not None and not listed_base and method != "linear":
-        raise ConfigError(f"{_where(source, 'slices[0].sources')}: base_model '{base}' must be one of the "
+        raise ConfigError(f"{located(source, 'slices[0].sources')}: base_model '{base}' must be one of the "
                           f"sources (in slices form mergekit does not add it)")
     # In models form mergekit adds an unlisted base_model as one more input (linear too).
     inputs = len(models) + (0 if listed_base or base is None or slice_form else 1)
-    if method == "slerp":
+    if REGISTRY[method].roles == ("model_a", "model_b"):
         if base is None:
-            raise ConfigError(f"{_where(source, 'base_model')}: missing; slerp needs it (t = 0 gives it)")
+            raise ConfigError(f"{located(source, 'base_model')}: missing; slerp needs it (t = 0 gives it)")
         if inputs != 2:
-            raise ConfigError(f"{_where(source, 'models')}: slerp merges exactly two models, base_model and "
+            raise ConfigError(f"{located(source, 'models')}: slerp merges exactly two models, base_model and "
                               f"one other; got {inputs}")
-    elif method in DELTA_METHODS:
+    elif REGISTRY[method].has_base:
         if base is None:
-            raise ConfigError(f"{_where(source, 'base_model')}: missing; {method} merges deltas from it")
+            raise ConfigError(f"{located(source, 'base_model')}: missing; {method} merges deltas from it")
         if inputs - 1 < 1:
-            raise ConfigError(f"{_where(source, 'models')}: {method} needs at least one model besides "
+            raise ConfigError(f"{located(source, 'models')}: {method} needs at least one model besides "
                               f"base_model")
     elif inputs < 2:
-        raise ConfigError(f"{_where(source, 'models')}: linear needs at least two models, got {inputs}")
+        raise ConfigError(f"{located(source, 'models')}: linear needs at least two models, got {inputs}")
 
     # Required parameters must have a value in some scope.
     # (A value that covers only some tensors is caught per tensor when the merge validates its inputs.)
     def covered(spec: ModelSpec | None, key: str) -> bool:
-        return _first(spec, key, slice_params, params) is not None
+        return first_setting(spec, key, slice_params, params) is not None
 
     if method == "slerp" and not covered(None, "t"):
-        raise ConfigError(f"{_where(source, 'parameters.t')}: missing; slerp needs t in [0, 1] "
+        raise ConfigError(f"{located(source, 'parameters.t')}: missing; slerp needs t in [0, 1] "
                           f"(0 gives base_model)")
     weighted = [] if method == "slerp" else [m for m in models if method == "linear" or m.model != base]
     if method == "linear" and base is not None and not listed_base and not slice_form:
@@ -312,17 +308,17 @@ def _check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
             fld = "parameters.weight" if m.field == "base_model" else f"{m.field}.parameters.weight"
             why = (" (as in mergekit, a base_model missing from models is an input of a linear merge, and "
                    "it takes the top-level weight)" if m.field == "base_model" else "")
-            raise ConfigError(f"{_where(source, fld)}: missing; {method} needs a weight for every model "
+            raise ConfigError(f"{located(source, fld)}: missing; {method} needs a weight for every model "
                               f"(mergekit has no default){why}; set it for this model or under the "
                               f"top-level parameters")
     if method == "linear":
-        ws = [_first(m, "weight", slice_params, params) for m in weighted]
-        if all(w is not None and _is_constant(w) for w in ws) and sum(ws) == 0:
-            raise ConfigError(f"{_where(source, 'models')}: the weights sum to 0 (a linear merge divides "
+        ws = [first_setting(m, "weight", slice_params, params) for m in weighted]
+        if all(w is not None and is_constant(w) for w in ws) and sum(ws) == 0:
+            raise ConfigError(f"{located(source, 'models')}: the weights sum to 0 (a linear merge divides "
                               f"by their sum)")
 
 
-def _first(spec: ModelSpec | None, key: str, slice_params: Mapping, params: Mapping) -> Setting | None:
+def first_setting(spec: ModelSpec | None, key: str, slice_params: Mapping, params: Mapping) -> Setting | None:
     for scope in ((spec.parameters if spec else {}), slice_params, params):
         if key in scope:
             return scope[key]
@@ -357,10 +353,10 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
             raise ConfigError(f"{source}: {key}: unknown key (known: {', '.join(_TOP_KEYS)})")
     method = data.get("merge_method")
     if method is None:
-        raise ConfigError(f"{source}: merge_method: missing (one of {', '.join(METHODS)})")
-    if method not in METHODS:
+        raise ConfigError(f"{source}: merge_method: missing (one of {', '.join(mergekit_methods())})")
+    if method not in mergekit_methods():
         raise ConfigError(f"{source}: merge_method: {method!r} is not supported by cpift (supported: "
-                          f"{', '.join(METHODS)})")
+                          f"{', '.join(mergekit_methods())})")
     if data.get("modules"):
         raise ConfigError(f"{source}: modules: multi-module configs are not supported; use models:")
     if data.get("chat_template") is not None:
@@ -393,7 +389,7 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
                                   f"top-level base_model '{base}'")
             base = slice_base
     params = _parse_params(data.get("parameters"), "parameters", source, method,
-                           _INPUT_PARAMS[method] + _SHARED_PARAMS[method], per_model=False)
+                           _input_params(method) + _shared_params(method), per_model=False)
     _check_values(method, models, base, params, slice_params, source, slice_form=has_slices)
     return MergeConfig(method=method, models=models, base_model=base, parameters=params,
                        dtype=_dtype(data.get("dtype"), "dtype", source),

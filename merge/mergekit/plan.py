@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
-from cpift.merge.mergekit.config import MergeConfig, ModelSpec, _first, load_config
-from cpift.merge.mergekit.values import Param, Setting, _chain_param, _uses_position, _where
+from cpift.merge.methods.registry import METHODS
+from cpift.merge.mergekit.config import MergeConfig, ModelSpec, first_setting, load_config
+from cpift.merge.mergekit.values import Param, Setting, chain_param, uses_position, located
 from cpift.errors import ConfigError
 
-# What mergekit 0.1.5 does by default, and what cpift's functions compute (merge/methods.py): linear
-# and ties divide by the (agreeing) weights; task_arithmetic and dare_linear do not; the DARE
-# functions always rescale kept entries, ties never does.
-_DEFAULT_NORMALIZE = {"linear": True, "slerp": None, "task_arithmetic": False, "ties": True,
-                      "dare_linear": False, "dare_ties": False}
-_DEFAULT_RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
-_CPIFT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False,
-                    "dare_ties": True}
-_CPIFT_RESCALE = {"ties": False, "dare_linear": True, "dare_ties": True}
+# What mergekit 0.1.5 does by default, and what cpift's functions compute, are each method's
+# MergekitSpec in the registry (merge/methods/registry.py): e.g. linear and ties divide by the
+# (agreeing) weights, task_arithmetic and dare_linear do not; the DARE functions always rescale.
 
 # --------------------------------------------------------------------------------------------------
 # From a config to one call of cpift.merge.methods
@@ -29,7 +23,7 @@ _CPIFT_RESCALE = {"ties": False, "dare_linear": True, "dare_ties": True}
 
 @dataclass
 class MethodCall:
-    """``getattr(cpift.merge.methods, function)(*args, out, **kwargs, **common)``, plus notes."""
+    """``METHODS[function].function(*args, out, **kwargs, **common)`` (the registry's), plus notes."""
 
     function: str
     args: tuple
@@ -38,7 +32,7 @@ class MethodCall:
 
 
 def _shared(cfg: MergeConfig, key: str, default: Any) -> Any:
-    s = _first(None, key, cfg.slice_parameters, cfg.parameters)
+    s = first_setting(None, key, cfg.slice_parameters, cfg.parameters)
     return default if s is None else s
 
 
@@ -96,7 +90,7 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
     if num_layers is None:
         settings = [*cfg.parameters.values(), *cfg.slice_parameters.values(),
                     *(s for m in cfg.models for s in m.parameters.values())]
-        if any(not isinstance(s, bool) and _uses_position(s) for s in settings):
+        if any(not isinstance(s, bool) and uses_position(s) for s in settings):
             raise ConfigError(f"{src}: a gradient (list of values) needs the models' num_hidden_layers, "
                               f"which was not found in the first model's config.json")
 
@@ -105,22 +99,23 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         return [s[key] for s in scopes if key in s]
 
     def param(spec: ModelSpec | None, key: str, default: float | None, fld: str) -> Param:
-        return _chain_param(chain(spec, key), num_layers, default=default, fld=fld, source=src)
+        return chain_param(chain(spec, key), num_layers, default=default, fld=fld, source=src)
 
     def fld_of(spec: ModelSpec, key: str) -> str:
         if key in spec.parameters:
             return f"{spec.field}.parameters.{key}"
         return f"slices[0].parameters.{key}" if key in cfg.slice_parameters else f"parameters.{key}"
 
-    normalize = _shared(cfg, "normalize", _DEFAULT_NORMALIZE[method])
+    mk = METHODS[method].mergekit
+    normalize = _shared(cfg, "normalize", mk.normalize)
     # int8_mask needs nothing: mergekit uses it only as the dtype of the TIES sign mask.
 
-    if method == "slerp":
+    if METHODS[method].roles == ("model_a", "model_b"):
         others = [m for m in cfg.models if path(m.model) != base_key]
         t = param(None, "t", None, "parameters.t")
-        return MethodCall("slerp", (path(cfg.base_model), path(others[0].model)), {"t": t}, notes)
+        return MethodCall(method, (path(cfg.base_model), path(others[0].model)), {"t": t}, notes)
 
-    if method == "linear":
+    if METHODS[method].roles == ("models",):
         specs = list(cfg.models)
         if cfg.base_model is not None and not base_listed and cfg.layer_range is None:
             specs.append(ModelSpec(cfg.base_model, {}, "base_model"))
@@ -137,7 +132,7 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
                                   f"the weights are constants summing to 1 (cpift's linear always divides "
                                   f"by the sum of the weights); got "
                                   f"{'per-tensor weights' if total is None else f'a sum of {total:g}'}")
-        return MethodCall("linear", (tuple(path(m.model) for m in specs),), kwargs, notes)
+        return MethodCall(method, (tuple(path(m.model) for m in specs),), kwargs, notes)
 
     # task_arithmetic, ties, dare_linear, dare_ties
     specs = [m for m in cfg.models if path(m.model) != base_key]
@@ -156,23 +151,23 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
                          f"ties and dare_linear sparsify")
     else:
         kwargs["density"] = [param(m, "density", 1.0, fld_of(m, "density")) for m in specs]
-        rescale = _shared(cfg, "rescale", _DEFAULT_RESCALE[method])
+        rescale = _shared(cfg, "rescale", mk.rescale)
         if "rescale" in native:
             kwargs["rescale"] = rescale
-        elif rescale != _CPIFT_RESCALE[method]:
-            what = ("rescales kept delta entries by 1/density" if _CPIFT_RESCALE[method]
+        elif rescale != mk.cpift_rescale:
+            what = ("rescales kept delta entries by 1/density" if mk.cpift_rescale
                     else "does not rescale the trimmed deltas")
             raise ConfigError(f"{src}: parameters.rescale: {str(rescale).lower()} is not supported for "
                               f"{method} (cpift's {method} always {what})")
     if "normalize" in native:
         kwargs["normalize"] = normalize
-    elif normalize != _CPIFT_NORMALIZE[method]:
-        if normalize and method in ("task_arithmetic", "dare_linear"):
+    elif normalize != mk.cpift_normalize:
+        if normalize and not mk.cpift_normalize:
             ws = _normalize_weights(ws)
             notes.append("note: normalize: true: the weights are divided by their sum (mergekit divides the "
                          "summed delta instead; equal up to rounding)")
         else:
-            default = " (mergekit's default for dare_ties)" if method == "dare_ties" and not normalize else ""
+            default = f" (mergekit's default for {method})" if normalize == mk.normalize else ""
             does = ("divides by the sum of the agreeing weights (TIES disjoint mean)" if normalize is False
                     else "does not divide")
             raise ConfigError(f"{src}: parameters.normalize: {str(normalize).lower()}{default} is not "
@@ -201,14 +196,14 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None) -
         return Path(os.path.abspath(ref))
     repo, _, rev = ref.partition("@")
     if os.path.exists(repo) and rev:
-        raise ConfigError(f"{_where(source, fld)}: '{ref}': a revision applies to Hub models only")
+        raise ConfigError(f"{located(source, fld)}: '{ref}': a revision applies to Hub models only")
     hub = "nor a Hub model id (org/name[@revision])"
     if split_ref(ref) is not None:
         try:
             return pull(ref)
         except HubError as e:
             hub = f"and as a Hub model: {str(e).removeprefix(ref + ': ')}"
-    raise ConfigError(f"{_where(source, fld)}: '{ref}' is not a directory (relative paths are relative to "
+    raise ConfigError(f"{located(source, fld)}: '{ref}' is not a directory (relative paths are relative to "
                       f"the current directory, {os.getcwd()}, as in mergekit) {hub}")
 
 
@@ -327,16 +322,15 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     if "copy_tokenizer_from" in cfg.cpift:
         donor = resolve_model(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
 
-    from cpift.merge import methods  # the engine, only once the config is known to be good
-
-    fn = getattr(methods, cfg.method)
-    native = {k for k in ("normalize", "rescale") if k in inspect.signature(fn).parameters}
+    spec = METHODS[cfg.method]
+    fn = spec.function  # the engine, imported only once the config is known to be good
+    native = set(spec.native)
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
     from cpift.merge.card import CardInput
 
     hub_ids = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items() if CardInput(ref, p).hub_repo}
     call = plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native)
-    if cfg.method in ("dare_linear", "dare_ties"):
+    if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):
         call.kwargs["global_trim"] = True

@@ -53,19 +53,19 @@ class Conditional:
 Setting = Union[float, bool, tuple]
 
 
-def _where(source: str | os.PathLike | None, fld: str) -> str:
+def located(source: str | os.PathLike | None, fld: str) -> str:
     return f"{source}: {fld}" if source else fld
 
 
 def _number(raw: Any, fld: str, source, what: str = "a number or a list of numbers") -> float:
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ConfigError(f"{_where(source, fld)}: expected {what}, got {raw!r}")
+        raise ConfigError(f"{located(source, fld)}: expected {what}, got {raw!r}")
     try:
         v = float(raw.strip()) if isinstance(raw, str) else float(raw)
     except ValueError:
-        raise ConfigError(f"{_where(source, fld)}: expected {what}, got {raw!r}") from None
+        raise ConfigError(f"{located(source, fld)}: expected {what}, got {raw!r}") from None
     if not math.isfinite(v):
-        raise ConfigError(f"{_where(source, fld)}: expected a finite number, got {raw!r}")
+        raise ConfigError(f"{located(source, fld)}: expected a finite number, got {raw!r}")
     return v
 
 
@@ -77,15 +77,15 @@ def _boolean(raw: Any, fld: str, source) -> bool:
     if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
         return raw.strip().lower() in _TRUE
     extra = " (per-tensor values are not supported for it)" if isinstance(raw, (list, dict)) else ""
-    raise ConfigError(f"{_where(source, fld)}: expected true or false, got {raw!r}{extra}")
+    raise ConfigError(f"{located(source, fld)}: expected true or false, got {raw!r}{extra}")
 
 
 def _check_range(name: str, v: float, fld: str, source) -> float:
     if name == "t" and not 0.0 <= v <= 1.0:
-        raise ConfigError(f"{_where(source, fld)}: {v:g} is outside [0, 1] (t = 0 gives base_model, "
+        raise ConfigError(f"{located(source, fld)}: {v:g} is outside [0, 1] (t = 0 gives base_model, "
                           f"1 the other model)")
     if name == "density" and not 0.0 < v <= 1.0:
-        raise ConfigError(f"{_where(source, fld)}: {v:g} is outside (0, 1] (the share of each delta "
+        raise ConfigError(f"{located(source, fld)}: {v:g} is outside (0, 1] (the share of each delta "
                           f"that is kept)")
     return v
 
@@ -94,7 +94,7 @@ def _scalar_or_gradient(raw: Any, name: str, fld: str, source) -> float | tuple[
     if isinstance(raw, list):
         if any(isinstance(e, (list, dict)) for e in raw):
             bad = next(i for i, e in enumerate(raw) if isinstance(e, (list, dict)))
-            raise ConfigError(f"{_where(source, f'{fld}[{bad}]')}: expected a number, got {raw[bad]!r}")
+            raise ConfigError(f"{located(source, f'{fld}[{bad}]')}: expected a number, got {raw[bad]!r}")
         return tuple(_check_range(name, _number(e, f"{fld}[{i}]", source, "a number"),
                                   f"{fld}[{i}]", source) for i, e in enumerate(raw))
     return _check_range(name, _number(raw, fld, source), fld, source)
@@ -124,22 +124,22 @@ def parse_setting(raw: Any, name: str, fld: str, source: str | os.PathLike | Non
         for i, e in enumerate(entries):
             efld = fld if isinstance(raw, dict) else f"{fld}[{i}]"
             if not isinstance(e, dict):
-                raise ConfigError(f"{_where(source, efld)}: expected a {{filter, value}} mapping like the "
+                raise ConfigError(f"{located(source, efld)}: expected a {{filter, value}} mapping like the "
                                   f"first entry, got {e!r}")
             unknown = sorted(set(e) - {"filter", "value"})
             if unknown:
-                raise ConfigError(f"{_where(source, f'{efld}.{unknown[0]}')}: unknown key (a conditional "
+                raise ConfigError(f"{located(source, f'{efld}.{unknown[0]}')}: unknown key (a conditional "
                                   f"value has only 'filter' and 'value')")
             if "value" not in e:
-                raise ConfigError(f"{_where(source, f'{efld}.value')}: missing (each conditional needs a "
+                raise ConfigError(f"{located(source, f'{efld}.value')}: missing (each conditional needs a "
                                   f"value; leave out 'filter' for the default)")
             flt = e.get("filter")
             if flt is not None and not isinstance(flt, str):
-                raise ConfigError(f"{_where(source, f'{efld}.filter')}: expected a substring of tensor "
+                raise ConfigError(f"{located(source, f'{efld}.filter')}: expected a substring of tensor "
                                   f"names, got {flt!r}")
             val = e["value"]
             if isinstance(val, dict) or (isinstance(val, list) and any(isinstance(v, dict) for v in val)):
-                raise ConfigError(f"{_where(source, f'{efld}.value')}: expected a number or a list of "
+                raise ConfigError(f"{located(source, f'{efld}.value')}: expected a number or a list of "
                                   f"numbers (conditionals do not nest), got {val!r}")
             conds.append(Conditional(flt, _scalar_or_gradient(val, name, f"{efld}.value", source)))
         return tuple(conds)
@@ -182,42 +182,42 @@ def evaluate(setting: Setting, tensor: str, t: float) -> float | bool | None:
     return _interpolate(setting, t) if setting else None
 
 
-def _is_constant(s: Setting) -> bool:
+def is_constant(s: Setting) -> bool:
     return isinstance(s, (bool, float, int))
 
 
-def _uses_position(s: Setting) -> bool:
-    if _is_constant(s):
+def uses_position(s: Setting) -> bool:
+    if is_constant(s):
         return False
     if s and isinstance(s[0], Conditional):
-        return any(not _is_constant(c.value) for c in s)
+        return any(not is_constant(c.value) for c in s)
     return True
 
 
-def _chain_param(chain: list[Setting], num_layers: int | None, *, default: float | None, fld: str,
+def chain_param(chain: list[Setting], num_layers: int | None, *, default: float | None, fld: str,
                  source) -> Param:
     """One Param from settings in precedence order: a constant when the first one is, else a function."""
-    if chain and _is_constant(chain[0]):
+    if chain and is_constant(chain[0]):
         return float(chain[0])
     if not chain:
         if default is None:
-            raise ConfigError(f"{_where(source, fld)}: missing")
+            raise ConfigError(f"{located(source, fld)}: missing")
         return default
     chain = tuple(chain)
 
     def value(tensor: str) -> float:
         t = None
         for s in chain:
-            if t is None and _uses_position(s):
+            if t is None and uses_position(s):
                 try:
                     t = tensor_position(tensor, num_layers)
                 except ConfigError as e:
-                    raise ConfigError(f"{_where(source, fld)}: {e}") from None
+                    raise ConfigError(f"{located(source, fld)}: {e}") from None
             v = evaluate(s, tensor, t if t is not None else 0.0)
             if v is not None:
                 return v
         if default is None:
-            raise ConfigError(f"{_where(source, fld)}: no value for tensor '{tensor}' (no filter matches "
+            raise ConfigError(f"{located(source, fld)}: no value for tensor '{tensor}' (no filter matches "
                               f"it and there is no default entry or top-level value)")
         return default
 
@@ -247,7 +247,7 @@ def param_fn(value: Any, num_layers: int | None, *, name: str = "value",
     """
     if not isinstance(value, tuple):
         value = parse_setting(value, name, name, source)
-    return _chain_param([value], num_layers, default=None, fld=name, source=source)
+    return chain_param([value], num_layers, default=None, fld=name, source=source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,23 +270,23 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_where(source, 'cpift')}: expected a mapping of cpift settings "
+        raise ConfigError(f"{located(source, 'cpift')}: expected a mapping of cpift settings "
                           f"({', '.join(CPIFT_KEYS)}), got {raw!r}")
     out: dict[str, Any] = {}
     for key, val in raw.items():
         fld = f"cpift.{key}"
         if key not in CPIFT_KEYS:
             known = "; ".join(f"{k}: {v}" for k, v in CPIFT_KEYS.items())
-            raise ConfigError(f"{_where(source, fld)}: unknown key (known: {known})")
+            raise ConfigError(f"{located(source, fld)}: unknown key (known: {known})")
         if key == "seed":
             if method not in ("dare_linear", "dare_ties"):
-                raise ConfigError(f"{_where(source, fld)}: only dare_linear and dare_ties draw random "
+                raise ConfigError(f"{located(source, fld)}: only dare_linear and dare_ties draw random "
                                   f"masks; remove it for {method}")
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ConfigError(f"{_where(source, fld)}: expected a non-negative integer, got {val!r}")
+                raise ConfigError(f"{located(source, fld)}: expected a non-negative integer, got {val!r}")
         elif key == "global_trim":
             if method != "ties":
-                raise ConfigError(f"{_where(source, fld)}: only ties trims by magnitude; remove it for "
+                raise ConfigError(f"{located(source, fld)}: only ties trims by magnitude; remove it for "
                                   f"{method}")
             val = _boolean(val, fld, source)
         elif key == "max_shard_size":
@@ -297,9 +297,9 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
                     raise ValueError
                 val = parse_size(val)
             except ValueError:  # ParameterError included
-                raise ConfigError(f"{_where(source, fld)}: expected a positive size in bytes or like 500MB, "
+                raise ConfigError(f"{located(source, fld)}: expected a positive size in bytes or like 500MB, "
                                   f"2GB, 1GiB; got {val!r}") from None
         elif not isinstance(val, str) or not val.strip():
-            raise ConfigError(f"{_where(source, fld)}: expected a model directory or Hub id, got {val!r}")
+            raise ConfigError(f"{located(source, fld)}: expected a model directory or Hub id, got {val!r}")
         out[key] = val
     return out

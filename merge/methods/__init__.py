@@ -1,8 +1,24 @@
-"""The merge methods, one file per family (linear, slerp, the delta methods), each a typed function
-over model directories; ``cpift.merge.methods.ties`` etc. are the functions themselves."""
+"""The merge methods, one file per family (average: linear; spherical: slerp; delta: task_arithmetic,
+ties, dare_linear, dare_ties), all listed in the registry (registry.py). ``cpift.merge.methods.ties``
+etc. are the functions themselves, loaded on first use from the registry, so importing the registry
+(as the card and the mergekit planner do) loads no method."""
 
-from .delta import dare_linear, dare_ties, task_arithmetic, ties
-from .average import linear
-from .spherical import slerp
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .registry import METHODS
 
 __all__ = ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+
+if TYPE_CHECKING:
+    from .average import linear
+    from .delta import dare_linear, dare_ties, task_arithmetic, ties
+    from .spherical import slerp
+
+
+def __getattr__(name: str) -> Any:
+    spec = METHODS.get(name)
+    if spec is None:
+        raise AttributeError(f"module 'cpift.merge.methods' has no attribute {name!r}")
+    return spec.function

@@ -17,6 +17,8 @@ from cpift.kernels.dare import tensor_seed
 from cpift.kernels.select import magnitude_cut
 from cpift.kernels.ties import delta_merge
 from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.methods.global_trim import global_magnitude_cuts
 
 from .params import Param, PathLike, check_all, float_names, per_model, value, weights_for
 
@@ -39,16 +41,15 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
         check_all(d, names, field, lo=0.0, hi=1.0, lo_open=True)
     if not isinstance(seed, int) or seed < 0:
         raise ParameterError(f"seed: expected a non-negative integer, got {seed!r}")
+    be = common.get("backend")
     global_cuts = None
     if trim and global_trim:
         if any(callable(d) for d in ds):
             raise ParameterError("density: --global-trim needs one constant density per model")
-        from cpift.merge.methods.global_trim import global_magnitude_cuts
-
+        dev = parse_device(common.get("device"))
+        check_backend(be, dev)
         if not common.get("dry_run"):  # a dry run validates; the cuts cost a full pass over the inputs
-            global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds])
-
-    be = common.get("backend")
+            global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds], device=dev, backend=be)
 
     def combine(name, xs, out_t):
         b, rest = xs[0], xs[1:]

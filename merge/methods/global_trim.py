@@ -1,99 +1,48 @@
 """TIES with ``global_trim``: one magnitude threshold per model over the whole model (the TIES paper).
 
 For model i, keep exactly k_i = floor(density_i · D) entries of |x_i − b| over all D floating-point
-entries. The k-th largest comes from the radix select of kernels/select.py streamed over every tensor
-(two passes, each reading the base once and every model once); ties at the threshold go to the lowest
-flat index with tensors in name order, found in a third pass only when some but not all ties are kept.
-The result is one Cut per (tensor, model), which the merge pass applies like a per-tensor trim.
+entries, ties at the threshold to the lowest flat index with tensors in name order. The selection is
+kernels/topk.py's GlobalTopK streamed over every tensor (merge/io/stream.py: on the device asked for,
+with the backend asked for): two passes, each reading the base once and every model once, and a
+third only when some but not all ties are kept. The result is one Cut per (tensor, model), which
+the merge pass applies like a per-tensor trim.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 
-from cpift.kernels._scratch import chunks
-from cpift.kernels.select import Cut, RadixSelect, magnitude_scores
-
+from cpift.kernels.select import Cut
+from cpift.kernels.topk import GlobalTopK
 from cpift.merge.io.checkpoint import Checkpoint
+from cpift.merge.io.stream import TensorStream
 
 
-def _stream(base: Checkpoint, models: list[Checkpoint], names: list[str]) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
-    """(name, base tensor, model tensors), flat zero-copy views, unmapped once the caller moves on."""
-    for name in names:
-        everyone = [base, *models]
-        for c in everyone:
-            c.populate(name)
-        yield name, base.get(name).reshape(-1), [m.get(name).reshape(-1) for m in models]
-        for c in everyone:
-            c.release(name)
-
-
-def global_magnitude_cuts(base: Checkpoint, models: list[Checkpoint],
-                          densities: list[float]) -> dict[str, list[Cut]]:
+def global_magnitude_cuts(base: Checkpoint, models: list[Checkpoint], densities: list[float], *,
+                          device: torch.device | None = None, backend: str | None = None) -> dict[str, list[Cut]]:
     """For every floating-point tensor name, one Cut per model selecting that model's global top-k."""
     names = sorted(n for n in base.tensors if base.info(n).dtype.is_floating_point)
     total = sum(base.info(n).numel for n in names)
-    ks = [math.floor(d * total) for d in densities]
-    selects = [RadixSelect() for _ in models]
-    for _, b, xs in _stream(base, models, names):
-        for rs, x in zip(selects, xs):
-            for s, e in chunks(x.numel()):
-                rs.add_high(magnitude_scores(x, b, s, e))
-    for rs, k in zip(selects, ks):
-        rs.select_bin(k)
-    for _, b, xs in _stream(base, models, names):
-        for rs, x in zip(selects, xs):
-            for s, e in chunks(x.numel()):
-                rs.add_low(magnitude_scores(x, b, s, e))
-
-    cuts: dict[str, list[Cut]] = {n: [] for n in names}
-    partial: dict[int, tuple[float, int]] = {}  # model -> (value, ties still to place)
-    for i, (rs, k) in enumerate(zip(selects, ks)):
-        value, greater, equal = rs.threshold()
-        if k == 0 or k == total or k - greater == equal:
-            cut = Cut.none() if k == 0 else Cut.all() if k == total else None
-            for n in names:
-                cuts[n].append(cut or Cut(value, base.info(n).numel - 1))
-        else:
-            partial[i] = (value, k - greater)
-            for n in names:
-                cuts[n].append(Cut.none())  # placeholder, set in the third pass
-    if partial:
-        _place_ties(base, models, names, partial, cuts)
+    top = GlobalTopK(len(models), device=device, backend=backend)
+    everyone = [base, *models]
+    with TensorStream(everyone, names, device=device) as stream:
+        for item in stream:
+            top.count(item.inputs[0], item.inputs[1:])
+    top.fix([math.floor(d * total) for d in densities])
+    with TensorStream(everyone, names, device=device) as stream:
+        for item in stream:
+            top.refine(item.inputs[0], item.inputs[1:])
+    top.finish_refine()
+    cuts: dict[str, list[Cut]] = {}
+    if any(top.fixed_cut(i, 0) is None for i in range(len(models))):  # some task's ties split
+        with TensorStream(everyone, names, device=device) as stream:
+            for item in stream:
+                if all(top.fixed_cut(i, 0) is not None for i in range(len(models))):
+                    break  # every tie is placed: the later tensors need no reading
+                cuts[item.name] = top.cuts(item.inputs[0], item.inputs[1:])
+    for n in names:
+        if n not in cuts:
+            cuts[n] = [top.fixed_cut(i, base.info(n).numel) for i in range(len(models))]
     return cuts
-
-
-def _place_ties(base: Checkpoint, models: list[Checkpoint], names: list[str],
-                partial: dict[int, tuple[float, int]], cuts: dict[str, list[Cut]]) -> None:
-    """Third pass: the tensors before the last kept tie keep all their ties, the one holding it up to
-    its index, the ones after none."""
-    remaining = {i: r for i, (_, r) in partial.items()}
-    for name, b, xs in _stream(base, models, names):
-        for i, (value, _) in partial.items():
-            r = remaining[i]
-            if r == 0:
-                cuts[name][i] = Cut(value, -1)
-                continue
-            count = 0
-            x = xs[i]
-            for s, e in chunks(x.numel()):
-                eq = magnitude_scores(x, b, s, e) == value
-                c = int(eq.sum())
-                if count + c >= r:
-                    idx = s + int(eq.nonzero()[r - count - 1])
-                    cuts[name][i] = Cut(value, idx)
-                    count = r
-                    break
-                count += c
-            remaining[i] = r - count
-            if remaining[i] > 0:
-                cuts[name][i] = Cut(value, x.numel() - 1)
-        if not any(remaining.values()):
-            # every later tensor keeps no ties: fill and stop reading
-            for later in names[names.index(name) + 1:]:
-                for i, (value, _) in partial.items():
-                    cuts[later][i] = Cut(value, -1)
-            return

@@ -38,7 +38,7 @@ import torch
 
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.errors import BenchError, ParameterError
-from cpift.merge.tools.bench_cases import DEFAULT_METHODS, METHODS, Case, check_fuse, plan_cases
+from cpift.merge.tools.bench_cases import DEFAULT_METHODS, Case, bench_methods, check_fuse, plan_cases
 from cpift.merge.tools.synthetic import PRESETS, LlamaShape, describe, make_checkpoint
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -179,7 +179,7 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
             models (or the base and the only task).
         synthetic: a preset ``PRESET[-layers:N][:DTYPE]`` (see ``parse_synthetic``) instead of models;
             built under ``workdir`` once and reused.
-        methods: among ``METHODS``.
+        methods: among ``bench_methods()`` (the registered methods and fuse).
         compare_mergekit: also run each method through ``mergekit`` (default: ``find_mergekit()``).
         repeat: runs per case, alternating cases.
         workdir: models and outputs (default: a temporary directory, removed at the end).
@@ -199,9 +199,10 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         raise ParameterError(f"--repeat: must be at least 1, got {repeat}")
     if threads is not None and threads < 1:
         raise ParameterError(f"--threads: must be at least 1, got {threads}")
-    unknown = [m for m in methods if m not in METHODS]
+    known = bench_methods()
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise ParameterError(f"--methods: unknown method '{unknown[0] if unknown else ''}' (use some of {', '.join(METHODS)})")
+        raise ParameterError(f"--methods: unknown method '{unknown[0] if unknown else ''}' (use some of {', '.join(known)})")
     if "fuse" in methods:
         check_fuse()
     if compare_mergekit:

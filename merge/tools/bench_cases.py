@@ -1,4 +1,4 @@
-"""The cases ``cpift-merge bench`` measures (merge/bench.py): the floor of each input set, each method
+"""The cases ``cpift-merge bench`` measures (merge/tools/bench.py): the floor of each input set, each method
 through the cpift CLI and, where it has one, through mergekit with the equivalent YAML config."""
 
 from __future__ import annotations
@@ -9,12 +9,18 @@ from pathlib import Path
 from typing import Sequence
 
 from cpift.merge.io.checkpoint import Checkpoint
+from cpift.merge.methods.registry import METHODS as REGISTRY, by_cli
 from cpift.errors import ParameterError
 
-METHODS = ("slerp", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "fuse")
+
+
+def bench_methods() -> tuple[str, ...]:
+    """The commands the bench can time: every registered method's, and fuse (the CPI step)."""
+    return (*(s.cli for s in REGISTRY.values()), "fuse")
+
+
+METHODS = bench_methods()  # as registered at import
 DEFAULT_METHODS = ("slerp", "ties", "task-arithmetic")
-_MERGEKIT_NAMES = {"slerp": "slerp", "linear": "linear", "task-arithmetic": "task_arithmetic", "ties": "ties",
-                   "dare-linear": "dare_linear", "dare-ties": "dare_ties"}
 # The physical floor of a merge of some inputs: read every tensor of each with the safetensors
 # library, write the first one's tensors back, no math.
 FLOOR = """
@@ -48,31 +54,36 @@ def _weights(n: int) -> list[float]:
     return [1.0 if i % 2 == 0 else 0.5 for i in range(n)]
 
 
-def _cpift_args(method: str, base: Path, tasks: list[Path], pair: list[Path]) -> tuple[list[str], list[Path]]:
-    ws = ",".join(str(w) for w in _weights(len(tasks)))
-    args = {"slerp": ([*map(str, pair), "--t", "0.3"], pair),
-            "linear": ([*map(str, tasks), "--weights", ws], tasks),
-            "task-arithmetic": (["--base", str(base), *map(str, tasks), "--weights", ws], [base, *tasks]),
-            "ties": (["--base", str(base), *map(str, tasks), "--weights", ws, "--density", "0.3"], [base, *tasks]),
-            "dare-linear": (["--base", str(base), *map(str, tasks), "--weights", ws, "--density", "0.5"],
-                            [base, *tasks]),
-            "dare-ties": (["--base", str(base), *map(str, tasks), "--weights", ws, "--density", "0.5"],
-                          [base, *tasks])}
-    return args[method]
+def cpift_args(method: str, base: Path, tasks: list[Path], pair: list[Path]) -> tuple[list[str], list[Path]]:
+    """Arguments of ``cpift-merge METHOD`` for the bench (the inputs its roles take, weights, the
+    registry's bench parameters) and the inputs it reads."""
+    spec = by_cli(method)
+    if spec.roles == ("model_a", "model_b"):
+        args, inputs = [*map(str, pair)], list(pair)
+    elif spec.has_base:
+        args, inputs = ["--base", str(base), *map(str, tasks)], [base, *tasks]
+    else:
+        args, inputs = [*map(str, tasks)], list(tasks)
+    if spec.param("weights") is not None:
+        args += ["--weights", ",".join(str(w) for w in _weights(len(tasks)))]
+    for option, value in spec.bench.items():
+        args += [option, value]
+    return args, inputs
 
 
 def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path], dtype: str) -> str:
-    """The mergekit YAML of the same merge as ``cpift-merge METHOD`` with _cpift_args' parameters."""
-    mk = _MERGEKIT_NAMES[method]
-    if method == "slerp":
-        return (f"merge_method: slerp\nbase_model: {pair[0]}\nmodels:\n  - model: {pair[0]}\n  - model: {pair[1]}\n"
-                f"parameters:\n  t: 0.3\ndtype: {dtype}\n")
-    density = {"ties": "0.3", "dare-linear": "0.5", "dare-ties": "0.5"}.get(method)
-    lines = [f"merge_method: {mk}"] + ([f"base_model: {base}"] if method != "linear" else []) + ["models:"]
+    """The mergekit YAML of the same merge as ``cpift-merge METHOD`` with cpift_args' parameters."""
+    spec = by_cli(method)
+    keys = {p.cli: p.mergekit for p in spec.params}
+    if spec.roles == ("model_a", "model_b"):
+        shared = "".join(f"  {keys[o]}: {v}\n" for o, v in spec.bench.items())
+        return (f"merge_method: {spec.name}\nbase_model: {pair[0]}\nmodels:\n  - model: {pair[0]}\n"
+                f"  - model: {pair[1]}\nparameters:\n{shared}dtype: {dtype}\n")
+    density = spec.bench.get("--density")
+    lines = [f"merge_method: {spec.name}"] + ([f"base_model: {base}"] if spec.has_base else []) + ["models:"]
     for t, w in zip(tasks, _weights(len(tasks))):
         lines.append(f"  - model: {t}\n    parameters: {{weight: {w}" + (f", density: {density}}}" if density else "}"))
-    normalize = {"linear": "true", "task-arithmetic": "false", "ties": "true", "dare-linear": "false",
-                 "dare-ties": "true"}[method]
+    normalize = str(spec.mergekit.cpift_normalize).lower()
     lines += [f"parameters:\n  normalize: {normalize}", f"dtype: {dtype}", ""]
     return "\n".join(lines)
 
@@ -104,16 +115,14 @@ def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, me
     base, tasks = models[0], list(models[1:])
     pair = tasks[:2] if len(tasks) >= 2 else [base, tasks[0]]
     dtype = str(next(iter(Checkpoint(base).tensors.values())).dtype).removeprefix("torch.")
-    # Not `-m cpift.cli.merge_cli`: run as __main__, the module is imported a second time by the
-    # modules that register commands on its group (cli/cpi_cli.py), and their commands go missing.
-    cli = [sys.executable, "-c", "from cpift.cli.merge_cli import main; main()"]
+    cli = [sys.executable, "-m", "cpift.cli.merge_cli"]
     cases: list[Case] = []
     floors: dict[tuple[Path, ...], Case] = {}
     for method in methods:
         if method == "fuse":  # the CPI step; mergekit has no equivalent
             args, inputs = _fuse_args(base, tasks, outs), [base, *tasks]
         else:
-            args, inputs = _cpift_args(method, base, tasks, pair)
+            args, inputs = cpift_args(method, base, tasks, pair)
         key = tuple(inputs)
         if key not in floors:
             name = f"floor-{len(inputs)}"  # input sets of one size coincide (slerp's pair, linear's tasks)
@@ -124,7 +133,7 @@ def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, me
         cases.append(Case(method, "cpift", (*cli, method, *args, "-o", str(out), "-q", "--max-shard-size",
                                             max_shard_size, *(["--threads", str(threads)] if threads else [])),
                           key, out))
-        if mergekit is not None and method in _MERGEKIT_NAMES:
+        if mergekit is not None and method != "fuse" and by_cli(method).mergekit is not None:
             cfg = outs / f"mergekit-{method}.yml"
             cfg.write_text(mergekit_config(method, base, tasks, pair, dtype))
             out = outs / f"mergekit-{method}"

@@ -1,4 +1,4 @@
-"""The results of ``cpift-merge bench`` (merge/bench.py) as a markdown table and a bar chart, and the
+"""The results of ``cpift-merge bench`` (merge/tools/bench.py) as a markdown table and a bar chart, and the
 SLERP parity check between cpift's and mergekit's outputs."""
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""One ``cpift-merge`` command per registered merge method, built from its MethodSpec
+(merge/methods/registry.py): its inputs become arguments, its parameters options, and the command
+calls the method's function with them and the common options (cli/_options.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cpift.merge.methods.registry import METHODS, MethodSpec, ParamSpec, by_cli
+
+from ._options import common_options, floats
+
+ROLE_ARGUMENTS = {
+    ("model_a", "model_b"): [click.argument("model_a", type=click.Path()), click.argument("model_b", type=click.Path())],
+    ("models",): [click.argument("models", nargs=-1, required=True, type=click.Path())],
+    ("base", "models"): [click.argument("models", nargs=-1, required=True, type=click.Path()),
+                         click.option("--base", required=True, type=click.Path(),
+                                      help="Base model the deltas are taken from.")],
+}
+
+
+def _option(spec: MethodSpec, p: ParamSpec):
+    if p.kind == "flag":
+        return click.option(p.cli, p.name, is_flag=True, help=p.help)
+    if p.kind == "seed":
+        return click.option(p.cli, p.name, type=click.IntRange(min=0), default=p.default, show_default=True,
+                            help=p.help)
+    if p.kind == "number":
+        return click.option(p.cli, p.name, type=float, default=p.default, show_default=True, help=p.help)
+    text = p.help.format(base=", base excluded" if spec.has_base else "")
+    return click.option(p.cli, p.name, default=None if p.default is None else str(p.default),
+                        show_default=p.default is not None, help=text)
+
+
+def _value(p: ParamSpec, raw: Any) -> Any:
+    if p.kind == "per_model":
+        return floats(raw, p.cli)
+    if p.kind == "number_or_per_model":
+        values = floats(raw, p.cli)
+        return values[0] if values and len(values) == 1 else values
+    return raw
+
+
+def method_command(spec: MethodSpec) -> click.Command:
+    """The click command of a registered method."""
+    if spec.roles not in ROLE_ARGUMENTS:
+        raise ValueError(f"method '{spec.name}': no command for inputs {spec.roles}")
+
+    def command(out, common, **given):
+        if spec.roles == ("model_a", "model_b"):
+            inputs = [given.pop("model_a"), given.pop("model_b")]
+        elif spec.roles == ("models",):
+            inputs = [list(given.pop("models"))]
+        else:
+            inputs = [given.pop("base"), list(given.pop("models"))]
+        kwargs = {p.name: _value(p, given.pop(p.name)) for p in spec.params}
+        return spec.function(*inputs, out, **kwargs, **common)
+
+    command.__name__ = spec.name
+    command.__doc__ = spec.summary
+    fn = common_options(command)
+    for p in reversed(spec.params):
+        fn = _option(spec, p)(fn)
+    for decorate in reversed(ROLE_ARGUMENTS[spec.roles]):
+        fn = decorate(fn)
+    return click.command(spec.cli, help=spec.summary)(fn)
+
+
+class MethodGroup(click.Group):
+    """A click group whose method commands come from the registry when asked for, so a method
+    registered later (a plug-in, a test) is a command too."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(s.cli for s in METHODS.values())})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        spec = by_cli(name)
+        return method_command(spec) if spec is not None else None

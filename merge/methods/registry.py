@@ -1,0 +1,182 @@
+"""The method registry: one MethodSpec per merge method, read by everything that lists methods.
+
+The ``cpift-merge`` command of each method (cli/merge_cli.py), YAML planning (merge/mergekit/),
+the model card's definition and recipe (merge/card.py), step recipes and the bench
+(merge/tools/bench_cases.py) derive from ``METHODS``; none of them names a method itself. Adding a
+method is one file in merge/methods/ (its typed function, built from kernels/) and one ``register``
+call here. This module is plain data: a spec names its function by module and attribute, loaded on
+first use, so the registry imports no method (nor torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# What a parameter's value is on the command line.
+KINDS = ("number", "per_model", "number_or_per_model", "flag", "seed")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a method.
+
+    ``name`` is the function's keyword, ``cli`` its option, ``kind`` one of KINDS (``per_model``: a
+    comma-separated list, one value per model; ``number_or_per_model``: one value or such a list).
+    ``lo``/``hi`` bound it (``lo_open``: lo excluded). ``mergekit``: the key of a mergekit config
+    that sets it, and ``mergekit_default`` mergekit's default (None: required there).
+    """
+
+    name: str
+    cli: str
+    kind: str
+    default: Any
+    help: str
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    mergekit: str | None = None
+    mergekit_default: Any = None
+
+    @property
+    def per_model(self) -> bool:
+        return self.kind in ("per_model", "number_or_per_model")
+
+
+@dataclass(frozen=True)
+class MergekitSpec:
+    """How a mergekit config of this method maps onto the cpift function: the keys mergekit 0.1.5
+    accepts per model (``inputs``) and for the whole merge (``shared``; ``int8_mask`` always, it
+    never changes float results), mergekit's default of ``normalize``/``rescale`` and what the cpift
+    function computes (None: the setting does not apply)."""
+
+    inputs: tuple[str, ...]
+    shared: tuple[str, ...]
+    normalize: bool | None
+    cpift_normalize: bool | None
+    rescale: bool | None = None
+    cpift_rescale: bool | None = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method: ``name`` (Python and mergekit), ``cli`` (command), where its function lives,
+    its input ``roles`` (``model_a``/``model_b``: two models; ``models``: two or more; ``base`` then
+    ``models``: the base and one or more fine-tunes), parameters, one-line definition and source."""
+
+    name: str
+    cli: str
+    module: str
+    roles: tuple[str, ...]
+    params: tuple[ParamSpec, ...]
+    definition: str
+    paper: str
+    summary: str
+    mergekit: MergekitSpec | None = None
+    native: tuple[str, ...] = ()  # mergekit settings the function takes as keywords (normalize)
+    bench: dict[str, str] = field(default_factory=dict)  # CLI option -> value for a bench run
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    @property
+    def has_base(self) -> bool:
+        return self.roles[0] == "base"
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method (its name and command must be new)."""
+    if spec.name in METHODS or any(s.cli == spec.cli for s in METHODS.values()):
+        raise ValueError(f"method '{spec.name}' (command '{spec.cli}') is already registered")
+    if any(p.kind not in KINDS for p in spec.params):
+        raise ValueError(f"method '{spec.name}': parameter kinds must be among {', '.join(KINDS)}")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def by_cli(command: str) -> MethodSpec | None:
+    return next((s for s in METHODS.values() if s.cli == command), None)
+
+
+def mergekit_methods() -> tuple[str, ...]:
+    return tuple(name for name, s in METHODS.items() if s.mergekit is not None)
+
+
+def delta_methods() -> tuple[str, ...]:
+    return tuple(name for name, s in METHODS.items() if s.has_base)
+
+
+WEIGHTS = ParamSpec("weights", "--weights", "per_model", None, "Comma-separated weight per model{base} (default: all 1).",
+                    mergekit="weight")
+LAMBDA = ParamSpec("lam", "--lambda", "number", 1.0, "Scale λ of the combined delta added to the base.",
+                   mergekit="lambda", mergekit_default=1.0)
+SEED = ParamSpec("seed", "--seed", "seed", 0, "Seed of the drop mask; the same seed gives byte-identical output.")
+
+
+def _density(default: float, text: str) -> ParamSpec:
+    return ParamSpec("density", "--density", "number_or_per_model", default,
+                     text + " One value, or comma-separated per model, each in (0, 1].",
+                     lo=0.0, hi=1.0, lo_open=True, mergekit="density", mergekit_default=1.0)
+
+
+_DELTA_INPUTS = ("weight", "density")  # mergekit reads density for task_arithmetic too (and ignores it)
+_DELTA_SHARED = ("lambda", "normalize", "rescale", "int8_mask")
+_DROP = "drop each delta entry with probability 1 − density, rescale by 1/density, then "
+_DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
+_TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
+
+register(MethodSpec(
+    "slerp", "slerp", "cpift.merge.methods.spherical", ("model_a", "model_b"),
+    (ParamSpec("t", "--t", "number", 0.5, "Interpolation factor in [0, 1]: 0 gives MODEL_A, 1 gives MODEL_B.",
+               lo=0.0, hi=1.0, mergekit="t"),),
+    "spherical interpolation, each tensor one vector; t = 0 gives the first model",
+    "Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
+    "Spherical interpolation of two models, tensor by tensor (each tensor one vector).",
+    MergekitSpec((), ("t", "int8_mask"), normalize=None, cpift_normalize=None), bench={"--t": "0.3"}))
+register(MethodSpec(
+    "linear", "linear", "cpift.merge.methods.average", ("models",), (WEIGHTS,),
+    "Σ w_i x_i / Σ w_i", "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+    "Weighted average Σ w_i x_i / Σ w_i of two or more models.",
+    MergekitSpec(("weight",), ("normalize", "int8_mask"), normalize=True, cpift_normalize=True)))
+register(MethodSpec(
+    "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", ("base", "models"), (WEIGHTS, LAMBDA),
+    "b + λ Σ w_i (x_i − b)", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+    "b + λ Σ w_i (x_i − b).",
+    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=False, rescale=False,
+                 cpift_rescale=None)))
+register(MethodSpec(
+    "ties", "ties", "cpift.merge.methods.delta", ("base", "models"),
+    (WEIGHTS, LAMBDA, _density(1.0, "Share of each delta kept by magnitude (k = floor(density × numel))."),
+     ParamSpec("global_trim", "--global-trim", "flag", False,
+               "Trim with one magnitude threshold over the whole model (TIES paper) instead of per tensor.")),
+    "trim each delta to its largest-magnitude share (density), elect a sign per entry, "
+    "combine the agreeing deltas", _TIES,
+    "TIES: trim deltas by magnitude, elect a sign per entry, average the agreeing deltas.",
+    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=True, cpift_normalize=True, rescale=False,
+                 cpift_rescale=False),
+    native=("normalize",), bench={"--density": "0.3"}))
+register(MethodSpec(
+    "dare_linear", "dare-linear", "cpift.merge.methods.delta", ("base", "models"),
+    (WEIGHTS, LAMBDA, _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density)."),
+     SEED),
+    _DROP + "task arithmetic", _DARE, "DARE drop-and-rescale, then task arithmetic.",
+    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=False, rescale=True,
+                 cpift_rescale=True),
+    bench={"--density": "0.5"}))
+register(MethodSpec(
+    "dare_ties", "dare-ties", "cpift.merge.methods.delta", ("base", "models"),
+    (WEIGHTS, LAMBDA, _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density)."),
+     SEED),
+    _DROP + "TIES sign election", _DARE, "DARE drop-and-rescale, then TIES sign election.",
+    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=True, rescale=True,
+                 cpift_rescale=True),
+    native=("normalize",), bench={"--density": "0.5"}))
