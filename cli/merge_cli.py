@@ -11,10 +11,10 @@ import click
 
 from cpift.cli.bench_cli import bench
 from cpift.merge import methods
+from cpift.merge.sizes import HELP as SIZE_HELP
 
 from ._run import run
 
-SIZE_HELP = "Largest output shard, in bytes or with a suffix: 500MB, 2GB (10^9), 1GiB (2^30)."
 
 
 def _floats(value: str | None, option: str) -> list[float] | None:

@@ -354,7 +354,7 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
     parameters (merge/card.py), else this config made runnable anywhere (gradients and filters kept)."""
     from .card import CardInput, is_per_tensor, rewrite_config
     from .engine import parse_dtype
-    from .writer import parse_size
+    from .sizes import parse_size
 
     if not any(is_per_tensor(v) for v in call.kwargs.values()):
         return None

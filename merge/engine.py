@@ -28,7 +28,8 @@ from .dryrun import MergePlan, plan_merge
 from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from .device import DeviceStager, parse_device
 from .resume import fingerprint
-from .writer import OutTensor, ShardWriter, check_output, parse_size, plan_shards
+from .sizes import parse_size
+from .writer import OutTensor, ShardWriter, check_output, plan_shards
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]

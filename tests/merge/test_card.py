@@ -40,7 +40,7 @@ def front_matter(readme: Path) -> dict:
 # (id, argv after the command name, input names in the order the method reads them, extra checks)
 CASES = [
     ("slerp", ["slerp", "task1", "task2", "--t", "0.3"], ["task1", "task2"], ["| t | 0.3 |"]),
-    ("linear", ["linear", "task1", "task2", "task3", "--weights", "1,2,0.5", "--max-shard-size", "30KB"],
+    ("linear", ["linear", "task1", "task2", "task3", "--weights", "1,2,0.5", "--max-shard-size", "30000"],
      ["task1", "task2", "task3"], ["| weights | 1.0, 2.0, 0.5 |"]),
     ("task-arithmetic", ["task-arithmetic", "--base", "base", "task1", "task2", "--weights", "0.5,0.7",
                          "--lambda", "0.8", "--dtype", "float32", "--out-dtype", "bfloat16"],
@@ -132,7 +132,7 @@ def test_library_call_with_a_function_parameter_gets_a_card_without_recipe(llama
 
 
 def test_config_shard_size_option_overrides_the_recipe_only_when_given(capsys, llama, tmp_path):
-    argv = ["slerp", llama["task1"], llama["task2"], "--max-shard-size", "30KB", "-q"]
+    argv = ["slerp", llama["task1"], llama["task2"], "--max-shard-size", "30000", "-q"]
     assert run_cli(capsys, *argv, "-o", tmp_path / "a")[0] == 0
     recipe = tmp_path / "a" / "cpift_recipe.yml"
     assert run_cli(capsys, "config", recipe, "-o", tmp_path / "b", "-q", "--max-shard-size", "5GB")[0] == 0

@@ -249,7 +249,7 @@ def test_cores_and_fuse_recipes_reproduce_their_outputs(families, tmp_path, caps
            "--granularity", "row", "--exclude", "*norm*")
     code, _, err = run_cli(capsys, "fuse", "--backbone", m["base"], "--task", f"a={m['task1']}:{tmp_path}/cores/a.safetensors",
                            "--task", f"b={m['task2']}:{tmp_path}/cores/b.safetensors", "--overlap", "largest",
-                           "--base", m["base"], "--omega", "0.4", "--max-shard-size", "30KB", "-o", tmp_path / "fused", "-q")
+                           "--base", m["base"], "--omega", "0.4", "--max-shard-size", "30000", "-o", tmp_path / "fused", "-q")
     assert code == 0, err
     for step, out in (("cores", tmp_path / "cores"), ("fuse", tmp_path / "fused")):
         card = (out / "README.md").read_text()

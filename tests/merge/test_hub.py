@@ -90,7 +90,7 @@ def publish(hub: FakeHub, repo: str, model_dir: Path) -> str:
 
 def test_push_uploads_every_file_with_the_card(hub, llama, tmp_path):
     out = tmp_path / "merged"
-    methods.ties(llama["base"], [llama["task1"], llama["task2"]], out, density=0.3, max_shard_size="30KB",
+    methods.ties(llama["base"], [llama["task1"], llama["task2"]], out, density=0.3, max_shard_size="30000",
                  progress=False)
     r = cpift_merge(tmp_path, hub, "push", out, "me/merged", "--private")
     assert r.returncode == 0, r.stderr
