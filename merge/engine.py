@@ -27,6 +27,7 @@ from .checkpoint import DTYPE_NAMES, Checkpoint
 from .dryrun import MergePlan, plan_merge
 from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from .device import DeviceStager, parse_device
+from .out_config import config_with_dtype
 from .resume import fingerprint
 from .sizes import parse_size
 from .writer import OutTensor, ShardWriter, check_output, plan_shards
@@ -191,6 +192,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                               for m, role in zip(models, roles or roles_for(method, len(models)))],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from})
+
+    card.update(config_with_dtype(side_from, store_dtype))  # replaces the copied config.json
 
     first = models[0]
     names = first.names()
