@@ -258,6 +258,7 @@ CPIFT_KEYS = {
     "global_trim": "TIES trim with one magnitude threshold over the whole model (ties)",
     "max_shard_size": "largest output shard, bytes or 500M / 1B (10^9) / 2GB / 1GiB",
     "copy_tokenizer_from": "model directory or Hub id to copy config.json and the tokenizer from",
+    "relative_to_recipe": "true: relative paths are relative to this file's directory (recipes cpift writes)",
 }
 
 
@@ -288,6 +289,8 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
             if method != "ties":
                 raise ConfigError(f"{_where(source, fld)}: only ties trims by magnitude; remove it for "
                                   f"{method}")
+            val = _boolean(val, fld, source)
+        elif key == "relative_to_recipe":
             val = _boolean(val, fld, source)
         elif key == "max_shard_size":
             from .sizes import parse_size, size_bytes

@@ -187,7 +187,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
     notes = list(notes or []) + check_compatible(models)
-    card = card_files(method=method, params=params or {}, recipe=recipe,
+    card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
                       inputs=[CardInput(m.ref, m.path, role)
                               for m, role in zip(models, roles or roles_for(method, len(models)))],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
