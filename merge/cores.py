@@ -245,7 +245,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
                 by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
             results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k,
                                     t.value if t.k else math.inf, counts[i], by_kind))
-        for fname, text in _card(models, tasks, p, granularity, include, exclude, results).items():
+        for fname, text in _card(models, tasks, p, granularity, include, exclude, results, out).items():
             (tmp / fname).write_text(text)
         if out.exists():
             shutil.rmtree(out)  # overwrite was checked by check_output
@@ -262,7 +262,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     return CoresResult(out, p, granularity, total, kinds, results, 3 * pass_bytes, time.perf_counter() - start)
 
 
-def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore]) -> dict[str, str]:
+def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore], out: Path) -> dict[str, str]:
     """README.md and cpift_recipe.yml of a masks directory (merge/card.py, merge/step_recipe.py)."""
     from .card import CardInput, card_files
     from .step_recipe import cores_recipe
@@ -273,7 +273,7 @@ def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCor
               "exclude": list(exclude or []) or "none",
               **{f"{t.name}: k, threshold": f"{t.k:,}, {t.threshold:.9g}" for t in results}}
     recipe = cores_recipe(models[0].ref, [(n, m.ref) for (n, _), m in zip(tasks, models[1:])], p=p,
-                          granularity=granularity, include=include, exclude=exclude)
-    return card_files(method="cores", params=params, inputs=inputs, recipe=recipe,
+                          granularity=granularity, include=include, exclude=exclude, out=out)
+    return card_files(method="cores", params=params, inputs=inputs, recipe=recipe, out=out, relation=None,
                       definition="each task's core mask, the exact global top-p% of |θ_task − θ_base| "
                                  "(DESIGN §1.2, mask format §4)")

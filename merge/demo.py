@@ -29,16 +29,18 @@ def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], 
         echo(f"built in {time.perf_counter() - t0:.1f} s")
         out = root / "merged"
         common = dict(progress=False, overwrite=True)
+        a, b, bs = f"{task_a}", f"{task_b}", f"--base {base}"
+        o = f"--overwrite -q --threads 1 -o {out}"  # what each run below does, as a command that runs as typed
         runs = [
-            ("cpift-merge slerp task_a task_b --t 0.3",
+            (f"cpift-merge slerp {a} {b} --t 0.3 {o}/slerp",
              lambda: methods.slerp(task_a, task_b, out / "slerp", t=0.3, **common)),
-            ("cpift-merge linear task_a task_b --weights 1,3",
-             lambda: methods.linear([task_a, task_b], out / "linear", weights=[1, 3], **common)),
-            ("cpift-merge task-arithmetic --base base task_a task_b --lambda 0.8",
+            (f"cpift-merge linear {a} {b} --weights 1,3 {o}/linear",
+             lambda: methods.linear([task_a, task_b], out / "linear", weights=[1.0, 3.0], **common)),
+            (f"cpift-merge task-arithmetic {bs} {a} {b} --lambda 0.8 {o}/task_arithmetic",
              lambda: methods.task_arithmetic(base, [task_a, task_b], out / "task_arithmetic", lam=0.8, **common)),
-            ("cpift-merge ties --base base task_a task_b --density 0.3",
+            (f"cpift-merge ties {bs} {a} {b} --density 0.3 {o}/ties",
              lambda: methods.ties(base, [task_a, task_b], out / "ties", density=0.3, **common)),
-            ("cpift-merge dare-ties --base base task_a task_b --density 0.5 --seed 0",
+            (f"cpift-merge dare-ties {bs} {a} {b} --density 0.5 --seed 0 {o}/dare_ties",
              lambda: methods.dare_ties(base, [task_a, task_b], out / "dare_ties", density=0.5, **common)),
         ]
         out.mkdir(exist_ok=True)
@@ -63,18 +65,20 @@ def _cpi_chain(root: Path, base: Path, tasks: dict[str, Path], echo: Callable[[s
     from .fuse import fuse
 
     cores_dir = root / "cores"
-    echo("$ cpift-merge cores --base base " + " ".join(f"--model {n}={n}" for n in tasks) + " --p 1 -o cores")
+    echo(f"$ cpift-merge cores --base {base} " + " ".join(f"--model {n}={p}" for n, p in tasks.items())
+         + f" --p 1 --overwrite -q --threads 1 -o {cores_dir}")
     cores = compute_cores(base, list(tasks.items()), cores_dir, p=1, progress=False, overwrite=True)
     echo("\n".join("  " + line for line in cores.table().splitlines()))
     echo("  " + cores.summary())
     masks = [cores_dir / f"{n}.safetensors" for n in tasks]
-    echo("$ cpift-merge cluster " + " ".join(f"cores/{n}.safetensors" for n in tasks) + " --tau 0.1 --seed 0")
+    echo("$ cpift-merge cluster " + " ".join(f"{cores_dir / n}.safetensors" for n in tasks) + " --tau 0.1 --seed 0")
     groups = cluster_masks(masks, tau=0.1, seed=0)
     echo("\n".join("  " + line for line in groups.table().splitlines()))
     order = [n for stage in groups.stages() for n in stage]
-    echo("$ cpift-merge fuse --backbone task_a " + " ".join(f"--task {n}={n}:cores/{n}.safetensors" for n in order)
-         + " -o merged/fused")
+    echo(f"$ cpift-merge fuse --backbone {tasks['task_a']} "
+         + " ".join(f"--task {n}={tasks[n]}:{cores_dir / n}.safetensors" for n in order)
+         + f" --overwrite -q --threads 1 -o {root / 'merged' / 'fused'}")
     fused = fuse(tasks["task_a"], [(n, tasks[n], cores_dir / f"{n}.safetensors") for n in order],
-                 root / "merged" / "fused", progress=False, overwrite=True)
+                 root / "merged" / "fused", progress=False, overwrite=True, max_shard_size="5GB")
     echo("  " + fused.summary())
     return [fused]

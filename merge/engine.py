@@ -27,8 +27,10 @@ from .checkpoint import DTYPE_NAMES, Checkpoint
 from .dryrun import MergePlan, plan_merge
 from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from .device import DeviceStager, parse_device
+from .out_config import config_with_dtype
 from .resume import fingerprint
-from .writer import OutTensor, ShardWriter, check_output, parse_size, plan_shards
+from .sizes import parse_size
+from .writer import OutTensor, ShardWriter, check_output, plan_shards
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]
@@ -185,11 +187,13 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
     notes = list(notes or []) + check_compatible(models)
-    card = card_files(method=method, params=params or {}, recipe=recipe,
+    card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
                       inputs=[CardInput(m.ref, m.path, role)
                               for m, role in zip(models, roles or roles_for(method, len(models)))],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from})
+
+    card.update(config_with_dtype(side_from, store_dtype))  # replaces the copied config.json
 
     first = models[0]
     names = first.names()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -33,29 +32,6 @@ SIDE_FILES = (
     "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from ``5GB`` (10^9), ``500MiB`` (2^20), ``123`` ...; transformers' convention."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        m = _SIZE.match(str(value))
-        unit = (m.group(2) or "").upper() if m else None
-        if unit is not None and unit and not unit.endswith("B"):
-            unit += "B"
-        if not m or unit not in _UNITS:
-            raise ParameterError(f"max_shard_size: cannot read '{value}' as a size "
-                                 f"(use bytes or a suffix like 500MB, 2GB, 1GiB)")
-        size = int(float(m.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ParameterError(f"max_shard_size: must be positive, got {value!r}")
-    return size
-
 
 @dataclass
 class Shard:

@@ -230,7 +230,7 @@ def slow(*a, **kw):
     time.sleep(0.05)
     return blend(*a, **kw)
 m.slerp_blend = slow
-m.slerp(sys.argv[1], sys.argv[2], sys.argv[3], t=0.5, max_shard_size="30KB", progress=False)
+m.slerp(sys.argv[1], sys.argv[2], sys.argv[3], t=0.5, max_shard_size="30000", progress=False)
 """
 
 
@@ -250,7 +250,7 @@ def test_killed_merge_leaves_no_finished_output(llama, tmp_path):
     # the rerun starts over and succeeds
     from cpift.merge import methods
 
-    methods.slerp(llama["task1"], llama["task2"], out, t=0.5, max_shard_size="30KB", progress=False)
+    methods.slerp(llama["task1"], llama["task2"], out, t=0.5, max_shard_size="30000", progress=False)
     assert (out / "model.safetensors.index.json").exists() and not partial.exists()
 
 
