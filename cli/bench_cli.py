@@ -10,13 +10,17 @@ import click
 from cpift.merge.errors import ParameterError
 
 
-def _check_target(path: str | None, models: tuple[str, ...]) -> Path | None:
+def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Path | None:
     """Fail before the (long) measurement, not after it, if a result cannot be written."""
     if path is None:
         return None
+    from cpift.merge.errors import OutputError
     from cpift.merge.publish import check_side_file
 
-    return check_side_file(path, inputs=models)
+    try:
+        return check_side_file(path, inputs=models)
+    except OutputError as e:
+        raise type(e)(f"{option}: {e}") from None
 
 
 @click.command()
@@ -56,7 +60,8 @@ def bench(models, synthetic, methods, compare_mergekit, repeat, json_path, plot_
     from cpift.merge.bench import run_bench
     from cpift.merge.bench_report import markdown, plot
 
-    targets = [_check_target(p, models) for p in (json_path, plot_path, md_path)]
+    targets = [_check_target(p, o, models) for p, o in ((json_path, "--json"), (plot_path, "--plot"),
+                                                          (md_path, "--markdown"))]
     if workdir is not None:
         from cpift.merge.publish import check_inputs, check_not_protected
 

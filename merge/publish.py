@@ -176,8 +176,8 @@ def check_side_file(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Path:
     if st is not None and not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)
         raise UnsafeOutputError(f"{path}: exists and is {kind}, not a regular file; choose another file name")
-    if not resolved(path).parent.is_dir():
-        raise OutputError(f"{path}: parent directory does not exist")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent} does not exist (the parent directory of {path})")
     return path
 
 
