@@ -275,26 +275,29 @@ def test_crash_between_aside_and_in_is_recoverable(capsys, own, tmp_path):
 
 
 SLOW = """
-import sys, time
+import os, sys, time
 import cpift.merge.writer as writer
+gate = sys.argv[1]
 written = writer.ShardWriter.written
-def slow(self, name):
+def held(self, name):
     written(self, name)
-    time.sleep(0.4)  # the merge takes ~15 s: long enough for the second process to start
-writer.ShardWriter.written = slow
+    while not os.path.exists(gate):  # the merge waits, lock held, until the test opens the gate
+        time.sleep(0.02)
+writer.ShardWriter.written = held
 from cpift.cli.merge_cli import main
-main(sys.argv[1:])
+main(sys.argv[2:])
 """
 
 
 def test_two_real_processes_on_one_output(own, tmp_path):
     out, partial = tmp_path / "out", tmp_path / ".out.cpift-partial"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    slow = subprocess.Popen([sys.executable, "-c", SLOW, "slerp", str(own["task1"]), str(own["task2"]), "--t", "0.3",
+    gate = tmp_path / "go"
+    slow = subprocess.Popen([sys.executable, "-c", SLOW, str(gate), "slerp", str(own["task1"]), str(own["task2"]), "--t", "0.3",
                              "-o", str(out), "-q", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 120
-    while not (partial / "model.safetensors").exists():  # the slow run holds the lock once its shards exist
+    while not (partial / "model.safetensors").exists():  # the first run holds the lock once its shards exist
         assert slow.poll() is None and time.monotonic() < deadline, slow.communicate()
         time.sleep(0.02)
     start = time.monotonic()
@@ -306,6 +309,7 @@ def test_two_real_processes_on_one_output(own, tmp_path):
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "in use by another cpift run" in lines[0] and str(out) in lines[0]
     assert "Traceback" not in second.stderr and time.monotonic() - start < 60
+    gate.write_text("")
     _, err = slow.communicate(timeout=300)
     assert slow.returncode == 0, err
     ref = tmp_path / "ref"
