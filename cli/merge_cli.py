@@ -38,7 +38,9 @@ def common_options(fn):
     @click.option("--out-dtype", default=None,
                   help="Dtype of the output tensors; default: --dtype, else the first model's dtype.")
     @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
-    @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+    @click.option("--overwrite", is_flag=True,
+                  help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
+                       "directory, atomically, once the new one is complete; any other existing path is refused."))
     @click.option("--allow-nonfinite", is_flag=True,
                   help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
     @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,

@@ -351,6 +351,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
                 **{k: cfg.cpift[k] for k in ("max_shard_size",) if k in cfg.cpift}}
     settings.update({k: v for k, v in common.items() if v is not None})
     settings["recipe"] = _recipe(cfg, call, paths, settings, out, here)
+    settings["inputs"] = [path, *settings.get("inputs", ())]  # -o may not be or hold the config file
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result

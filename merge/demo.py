@@ -3,6 +3,7 @@ CPI chain cores → cluster → fuse on them, and report."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -17,6 +18,11 @@ from .synthetic import PRESETS, describe, make_checkpoint
 
 def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], None] = print) -> list:
     """Build checkpoints in ``workdir`` (a temporary directory if None) and run each merge once."""
+    if workdir:
+        from .publish import check_not_protected
+
+        check_not_protected(workdir, what="workdir")
+        _check_demo_workdir(Path(workdir))
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="cpift-demo-"))
     shape = PRESETS[size]
     try:
@@ -56,6 +62,25 @@ def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], 
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_demo_workdir(root: Path) -> None:
+    """The demo writes models/, merged/ and cores/ in ``root``: refuse a non-directory, and any of those
+    three that already holds something no earlier demo wrote."""
+    from .errors import UnsafeOutputError
+    from .publish import is_cpift_output
+
+    if os.path.lexists(root) and (root.is_symlink() or not root.is_dir()):
+        raise UnsafeOutputError(f"{root}: the demo workdir exists and is not a directory; choose a new --workdir")
+    models = root / "models"
+    for sub in ("base", "task_a", "task_b"):
+        path = models / sub
+        if os.path.lexists(path) and not (path / "config.json").is_file():
+            raise UnsafeOutputError(f"{path}: exists and is not a demo checkpoint; choose a new --workdir")
+    for path in [root / "cores", *(root / "merged" / m for m in
+                                   ("slerp", "linear", "task_arithmetic", "ties", "dare_ties", "fused"))]:
+        if os.path.lexists(path) and not is_cpift_output(path):
+            raise UnsafeOutputError(f"{path}: exists and was not written by cpift; choose a new --workdir")
 
 
 def _cpi_chain(root: Path, base: Path, tasks: dict[str, Path], echo: Callable[[str], None]) -> list:

@@ -119,4 +119,6 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
                          omega=omega,
                          settings={k: common.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
     roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
-    return stream_merge("fuse", ckpts, out, combine, params=params, recipe=recipe, roles=roles, **common)
+    inputs = [*(t[2] for t in tasks), *common.pop("inputs", ())]  # -o may not be or hold a mask file
+    return stream_merge("fuse", ckpts, out, combine, params=params, recipe=recipe, roles=roles, inputs=inputs,
+                        **common)

@@ -104,11 +104,12 @@ def run_step_recipe(path: str | os.PathLike, out: str | os.PathLike, **common):
                              granularity=data.get("granularity", "element"),
                              include=data.get("include") or None, exclude=data.get("exclude") or None,
                              overwrite=common.get("overwrite", False), progress=common.get("progress", True),
-                             backend=common.get("backend"))
+                             backend=common.get("backend"), inputs=[path])
     from .fuse import fuse
 
     settings = {k: data[k] for k in ("dtype", "out_dtype", "max_shard_size") if k in data}
     merged = {**settings, **{k: v for k, v in common.items() if v is not None or k not in settings}}
+    merged["inputs"] = [path, *merged.get("inputs", ())]  # -o may not be or hold the recipe file
     return fuse(data["backbone"], _entries(data, path, "tasks", ("name", "model", "mask")), out,
                 overlap=data.get("overlap", "last"), base=data.get("base"), omega=data.get("omega"), **merged)
 

@@ -208,9 +208,10 @@ def test_output_exists(capsys, llama, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert_user_error(capsys, ["slerp", llama["task1"], llama["task2"], "-o", out], str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = run_cli(capsys, "slerp", llama["task1"], llama["task2"], "-o", out, "--overwrite", "-q")
-    assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces only what cpift wrote: the user's directory is refused and left as it was
+    assert_user_error(capsys, ["slerp", llama["task1"], llama["task2"], "-o", out, "--overwrite"], str(out),
+                      "cpift did not write")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

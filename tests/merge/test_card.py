@@ -155,7 +155,7 @@ def test_config_shard_size_option_overrides_the_recipe_only_when_given(capsys, l
     assert run_cli(capsys, *argv, "-o", tmp_path / "a")[0] == 0
     recipe = tmp_path / "a" / "cpift_recipe.yml"
     assert run_cli(capsys, "config", recipe, "-o", tmp_path / "b", "-q", "--max-shard-size", "5GB")[0] == 0
-    assert sorted(files_of(tmp_path / "b")) == ["README.md", "config.json", "cpift_recipe.yml",
+    assert sorted(files_of(tmp_path / "b")) == [".cpift-output", "README.md", "config.json", "cpift_recipe.yml",
                                                  "generation_config.json", "mergekit_config.yml",
                                                  "model.safetensors"]
     assert "model.safetensors.index.json" in files_of(tmp_path / "a")
