@@ -11,8 +11,7 @@ from typing import Iterator
 import click
 
 from cpift.kernels.backend import BACKENDS
-
-SIZE_HELP = "Largest output shard, in bytes or with a suffix: 500MB, 2GB (10^9), 1GiB (2^30)."
+from cpift.merge.io.sizes import HELP as SIZE_HELP
 
 
 def floats(value: str | None, option: str) -> list[float] | None:
@@ -30,8 +29,10 @@ def out_option(help_text: str):
     return click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help=help_text)
 
 
-overwrite_option = click.option("--overwrite", is_flag=True,
-                                help="Replace an existing output directory (atomically, at the end).")
+overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
+          "directory, atomically, once the new one is complete; any other existing path is refused."))
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None,
     help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
@@ -92,12 +93,21 @@ def common_options(fn):
                        "the output shards it finished (SHA-256 checked) are kept, the rest computed.")
     @click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
                   help="After the merge, upload the output (with its model card) to this Hub model repo, "
-                       "creating it if needed (as cpift-merge push).")
+                       "creating it if needed (as cpift-merge push). A new repo is public unless --private.")
+    @click.option("--private", is_flag=True,
+                  help="With --push-to-hub: create the repo private (default: public, the Hub's default; "
+                       "an existing repo keeps its visibility).")
+    @click.option("--commit-message", metavar="TEXT", default=None,
+                  help="With --push-to-hub: the commit message (default: Upload NAME with cpift).")
     @functools.wraps(fn)
     def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
-                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, dry_run, resume, **kwargs):
+                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, private, commit_message,
+                dry_run, resume, **kwargs):
         if dry_run and push_to_hub is not None:
             raise click.UsageError("--push-to-hub: a --dry-run writes nothing to push")
+        if push_to_hub is None and (private or commit_message is not None):
+            raise click.UsageError(f"{'--private' if private else '--commit-message'}: only applies with "
+                                   f"--push-to-hub ORG/NAME")
 
         common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                       allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
@@ -113,6 +123,7 @@ def common_options(fn):
         if push_to_hub is not None:
             from cpift.merge.hub import push
 
-            click.echo(f"pushed {result.out} to {push_to_hub}: {push(result.out, push_to_hub)}")
+            url = push(result.out, push_to_hub, private=private, commit_message=commit_message)
+            click.echo(f"pushed {result.out} to {push_to_hub}: {url}")
 
     return wrapper

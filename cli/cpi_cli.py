@@ -72,15 +72,19 @@ def cluster(masks, tau, order, seed, json_path, plot, threads, backend, device):
     .safetensors.
     """
     from cpift.merge.cpi.cluster import cluster_masks, plot_heatmap, write_json
+    from cpift.merge.io.publish import check_side_file
 
+    for target in (json_path, plot):  # refused before any work: never over a mask, never a directory
+        if target:
+            check_side_file(target, inputs=masks)
     with torch_threads(threads):
         result = cluster_masks(list(masks), tau=tau, order=order, seed=seed, backend=backend, device=device)
     click.echo(result.table())
     if json_path:
-        write_json(result, json_path)
+        write_json(result, json_path, inputs=masks)
         click.echo(f"wrote {json_path}")
     if plot:
-        plot_heatmap(result, plot)
+        plot_heatmap(result, plot, inputs=masks)
         click.echo(f"wrote {plot}")
 
 

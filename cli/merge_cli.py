@@ -87,10 +87,14 @@ def pull(repo):
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("repo", metavar="ORG/NAME")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--private", is_flag=True,
+              help="Create the repo private (default: public, the Hub's default; an existing repo keeps its "
+                   "visibility).")
 @click.option("--revision", metavar="BRANCH", default=None,
               help="Branch to commit to, created if missing (default: main).")
-def push(directory, repo, private, revision):
+@click.option("--commit-message", metavar="TEXT", default=None,
+              help="The commit message (default: Upload NAME with cpift).")
+def push(directory, repo, private, revision, commit_message):
     """Upload a model directory with its model card to a Hub model repo, creating the repo if needed."""
     from pathlib import Path
 
@@ -99,7 +103,7 @@ def push(directory, repo, private, revision):
     if Path(directory).is_dir() and not (Path(directory) / "README.md").is_file():
         click.echo(f"note: {directory} has no README.md model card (cpift-merge writes one with every output)",
                    err=True)
-    click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision)}")
+    click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision, commit_message=commit_message)}")
 
 
 def main(argv: list[str] | None = None) -> None:

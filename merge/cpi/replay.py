@@ -16,7 +16,7 @@ from typing import Any
 from cpift.errors import ParameterError
 from cpift.merge.cpi.recipes import STEP_KEY, load_step_recipe, recipe_entries
 
-CORES_OPTIONS = ("overwrite", "progress", "backend", "device")
+CORES_OPTIONS = ("overwrite", "progress", "backend", "device")  # and "inputs", read files -o may not hold
 # The command-line spelling of each option, for the refusal.
 FLAGS = {"dry_run": "--dry-run", "resume": "--resume", "allow_nonfinite": "--allow-nonfinite",
          "dtype": "--dtype", "out_dtype": "--out-dtype", "max_shard_size": "--max-shard-size",
@@ -25,7 +25,7 @@ FLAGS = {"dry_run": "--dry-run", "resume": "--resume", "allow_nonfinite": "--all
 
 def _refuse_unused(options: dict[str, Any], path: Path) -> None:
     for key, value in options.items():
-        if key not in CORES_OPTIONS and value not in (None, False):
+        if key not in (*CORES_OPTIONS, "inputs") and value not in (None, False):
             flag = FLAGS.get(key, key)
             raise ParameterError(f"{flag}: {path} is a cores recipe, which writes masks, not a model; "
                                  f"{flag} does not apply to it (drop {flag})")
@@ -42,10 +42,12 @@ def run_step_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: 
         return compute_cores(data["base"], recipe_entries(data, path, "models", ("name", "model")), out,
                              p=data["p"], granularity=data.get("granularity", "element"),
                              include=data.get("include") or None, exclude=data.get("exclude") or None,
+                             inputs=[path, *options.get("inputs", ())],
                              **{k: v for k, v in options.items() if k in CORES_OPTIONS})
     from cpift.merge.cpi.fuse import fuse
 
     settings = {k: data[k] for k in ("dtype", "out_dtype", "max_shard_size") if k in data}
     merged = {**settings, **{k: v for k, v in options.items() if v is not None or k not in settings}}
+    merged["inputs"] = [path, *merged.get("inputs", ())]  # -o may not be or hold the recipe file
     return fuse(data["backbone"], recipe_entries(data, path, "tasks", ("name", "model", "mask")), out,
                 overlap=data.get("overlap", "last"), base=data.get("base"), omega=data.get("omega"), **merged)

@@ -29,8 +29,9 @@ import torch
 
 from cpift.merge.io.checkpoint import Checkpoint
 from cpift.errors import OutputError
+from cpift.merge.io.publish import partial_dir
 from cpift.merge.io.resume import inspect_partial
-from cpift.merge.io.writer import OutTensor, partial_dir, plan_shards
+from cpift.merge.io.writer import OutTensor, plan_shards
 
 KERNEL_BUFFERS = 48 << 20  # kernels/_scratch.py's 1 MiB chunk buffers, a few per input, and slack
 KERNEL_BYTES_PER_ELEMENT = 3  # the trim's selection temporaries (see above)

@@ -16,8 +16,9 @@ from cpift.errors import ParameterError
 from cpift.kernels.dare import tensor_seed
 from cpift.kernels.select import magnitude_cut
 from cpift.kernels.ties import delta_merge
-from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.engine import MergeResult, model_paths, open_models, stream_merge
 from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.io.publish import check_output
 from cpift.merge.methods.global_trim import global_magnitude_cuts
 
 from .params import Param, PathLike, check_all, float_names, per_model, value, weights_for
@@ -48,6 +49,9 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
             raise ParameterError("density: --global-trim needs one constant density per model")
         dev = parse_device(common.get("device"))
         check_backend(be, dev)
+        # Refuse a bad -o before the full pass over the inputs, not after it (stream_merge checks again).
+        check_output(out, overwrite=common.get("overwrite", False),
+                     inputs=[*model_paths(ckpts), common.get("copy_tokenizer_from"), *common.get("inputs", ())])
         if not common.get("dry_run"):  # a dry run validates; the cuts cost a full pass over the inputs
             global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds], device=dev, backend=be)
 

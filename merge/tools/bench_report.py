@@ -3,11 +3,13 @@ SLERP parity check between cpift's and mergekit's outputs."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 
 from cpift.errors import ParameterError
+from cpift.merge.io.publish import write_atomic
 
 
 def parity(a: Path, b: Path) -> dict:
@@ -115,7 +117,9 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"Merging {gb:.2f} GB {r.get('dtype', '')} models, {r['machine']['cpus']} CPUs, warm cache "
                  f"({r['date'][:10]})", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return write_atomic(path, png.getvalue())
