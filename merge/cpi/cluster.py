@@ -9,7 +9,6 @@ union; their Jaccard is taken as 0 (no evidence of overlap).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from cpift.errors import MismatchError, ParameterError
 from cpift.merge.cpi.masks import CoreMask, load_core_mask
 from cpift.merge.cpi.names import check_task_names
 from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.io.png import write_png
 from cpift.merge.io.publish import write_atomic
 from cpift.merge.io.stream import TensorStream
 
@@ -194,9 +194,4 @@ def plot_heatmap(result: ClusterResult, path: PathLike, *, inputs: Sequence[Path
     ax.set_title(f"Core overlap (Jaccard); groups at τ = {result.tau}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    png = io.BytesIO()
-    try:
-        fig.savefig(png, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    write_atomic(path, png.getvalue(), inputs=inputs)
+    write_png(fig, path, dpi=120, inputs=inputs)

@@ -43,3 +43,14 @@ def advise(base: int, start: int, end: int, advice: int, *, outer: bool) -> bool
     else:
         start, end = -(-start // PAGE) * PAGE, end // PAGE * PAGE
     return end <= start or _madvise(base + start, end - start, advice) == 0
+
+
+def close_maps(maps: dict) -> None:
+    """Close every mmap of ``maps`` (values: (mmap, base address)) and forget them; a map a view still
+    uses closes when the view is freed."""
+    for mm, _ in maps.values():
+        try:
+            mm.close()
+        except BufferError:
+            pass
+    maps.clear()

@@ -237,12 +237,7 @@ class Checkpoint:
         self._advise(name, _mman.DONTNEED, False)
 
     def close(self) -> None:
-        for mm, _ in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a view is still alive somewhere; the map closes with it
-                pass
-        self._maps.clear()
+        _mman.close_maps(self._maps)
 
     def __enter__(self) -> "Checkpoint":
         return self

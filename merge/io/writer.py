@@ -209,12 +209,7 @@ class ShardWriter:
         self._advise(name, _mman.DONTNEED, False)
 
     def _close_maps(self) -> None:
-        for mm, _ in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a caller still holds a view; the map closes when it is freed
-                pass
-        self._maps.clear()
+        _mman.close_maps(self._maps)
 
     def finish(self, side_files_from: Path | None, extra_files: dict[str, str] | None = None) -> Path:
         """Write index and side files, then rename the partial directory into place."""

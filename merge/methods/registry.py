@@ -164,19 +164,17 @@ register(MethodSpec(
     MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=True, cpift_normalize=True, rescale=False,
                  cpift_rescale=False),
     native=("normalize",), bench={"--density": "0.3"}))
-register(MethodSpec(
-    "dare_linear", "dare-linear", "cpift.merge.methods.delta", ("base", "models"),
-    (WEIGHTS, LAMBDA, _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density)."),
-     SEED),
-    _DROP + "task arithmetic", _DARE, "DARE drop-and-rescale, then task arithmetic.",
-    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=False, rescale=True,
-                 cpift_rescale=True),
-    bench={"--density": "0.5"}))
-register(MethodSpec(
-    "dare_ties", "dare-ties", "cpift.merge.methods.delta", ("base", "models"),
-    (WEIGHTS, LAMBDA, _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density)."),
-     SEED),
-    _DROP + "TIES sign election", _DARE, "DARE drop-and-rescale, then TIES sign election.",
-    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=True, rescale=True,
-                 cpift_rescale=True),
-    native=("normalize",), bench={"--density": "0.5"}))
+
+
+def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...]) -> MethodSpec:
+    """DARE drop-and-rescale followed by ``then`` (task arithmetic or TIES sign election)."""
+    density = _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density).")
+    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.delta", ("base", "models"),
+                      (WEIGHTS, LAMBDA, density, SEED), _DROP + then, _DARE, f"DARE drop-and-rescale, then {then}.",
+                      MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=cpift_normalize,
+                                   rescale=True, cpift_rescale=True),
+                      native=native, bench={"--density": "0.5"})
+
+
+register(_dare("dare_linear", "task arithmetic", cpift_normalize=False, native=()))
+register(_dare("dare_ties", "TIES sign election", cpift_normalize=True, native=("normalize",)))

@@ -3,13 +3,12 @@ SLERP parity check between cpift's and mergekit's outputs."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
 
 from cpift.errors import ParameterError
-from cpift.merge.io.publish import write_atomic
+from cpift.merge.io.png import write_png
 
 
 def parity(a: Path, b: Path) -> dict:
@@ -117,9 +116,4 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"Merging {gb:.2f} GB {r.get('dtype', '')} models, {r['machine']['cpus']} CPUs, warm cache "
                  f"({r['date'][:10]})", fontsize=10)
     fig.tight_layout()
-    png = io.BytesIO()
-    try:
-        fig.savefig(png, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return write_atomic(path, png.getvalue())
+    return write_png(fig, path, dpi=110)

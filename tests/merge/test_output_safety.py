@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from cpift.merge import methods, publish
+from cpift.merge import methods
+from cpift.merge.io import publish
 from cpift.errors import OutputBusyError, OutputError, UnsafeOutputError
 from cpift.merge.io.publish import MARKER, Publication, check_output, check_side_file, write_atomic
 
