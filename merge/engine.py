@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, overload
 
 import torch
 
@@ -103,6 +103,14 @@ def check_compatible(models: list[Checkpoint]) -> list[str]:
                 notes.append(f"note: {other.path} stores {DTYPE_NAMES[o.dtype]} where {first.path} stores "
                              f"{DTYPE_NAMES[info.dtype]} (e.g. '{name}'); both are read as float32 for the math")
     return notes
+
+
+@overload
+def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,
+                 dry_run: Literal[True], **options: Any) -> MergePlan: ...
+@overload
+def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,
+                 dry_run: Literal[False] = False, **options: Any) -> MergeResult: ...
 
 
 def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,

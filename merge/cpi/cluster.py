@@ -147,7 +147,7 @@ def cluster_masks(masks: Sequence[PathLike], *, tau: float = 0.1, order: str = "
     task_names = list(names) if names is not None else [Path(m).name.removesuffix(".safetensors") for m in masks]
     check_task_names(task_names, "masks")
     dev = parse_device(device)
-    check_backend(backend, dev)
+    backend = check_backend(backend, dev)
     loaded = [load_core_mask(m, lazy=True) for m in masks]
     _check_same_layout(loaded)
     jac = jaccard_matrix(loaded, backend=backend, device=dev)

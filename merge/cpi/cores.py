@@ -166,7 +166,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     check_task_names([n for n, _ in tasks])
     granularity = parse_granularity(granularity)
     dev = parse_device(device)
-    check_backend(backend, dev)
+    backend = check_backend(backend, dev)
     models = open_models([base, *[path for _, path in tasks]])
     out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), *inputs])
     check_compatible(models)

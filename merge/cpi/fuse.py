@@ -18,18 +18,19 @@ checkpoint written by merge/engine.py.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from cpift.errors import ParameterError
 from cpift.kernels.slerp import slerp_blend, slerp_coefficients, slerp_reduce
-
+from cpift.kernels.threads import serial_reductions
 from cpift.merge.cpi.masks import load_core_mask
 from cpift.merge.cpi.names import check_task_names
-from cpift.merge.engine import MergeResult, open_models, stream_merge
-from cpift.errors import ParameterError
-from cpift.kernels.threads import serial_reductions
 from cpift.merge.cpi.recipes import fuse_recipe
+from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.io.dryrun import MergePlan
+from cpift.merge.options import MergeOptions, merge_options
 
 PathLike = str | os.PathLike
 
@@ -45,7 +46,7 @@ def parse_task(spec: str) -> tuple[str, str, str]:
 
 def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], out: PathLike, *,
          overlap: str = "last", base: PathLike | None = None, omega: float | None = None,
-         **common) -> MergeResult:
+         options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
     """Fuse task models into the backbone: SLERP of non-core entries, transplant of each task's core.
 
     Args:
@@ -55,7 +56,8 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
         overlap: "last" (later task wins where cores overlap) or "largest" (larger |θ_i − θ_0|; needs base).
         base: the pre-trained model θ_0 (only for overlap="largest").
         omega: constant SLERP factor in [0, 1]; default t_k = 1/(k+1).
-        **common: as every merge (dtype, out_dtype, max_shard_size, overwrite, ..., backend, device).
+        options, **overrides: as every merge (merge/options.py: dtype, out_dtype, max_shard_size,
+            overwrite, ..., backend, device, dry_run, resume).
 
     Example:
         >>> fuse("stage3", [("math", "probe-math", "cores/math.safetensors")], "fused")
@@ -79,7 +81,8 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
     for mask, (_, _, path) in zip(masks, tasks):
         mask.check_matches(shapes, ckpts[0].path)
     n_tasks = len(tasks)
-    be = common.get("backend")
+    opts = merge_options(options, overrides)
+    be = opts.backend
 
     def combine(name, xs, out_t):
         task_xs = xs[1:1 + n_tasks]
@@ -115,10 +118,10 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
 
     params = {"tasks": [t[0] for t in tasks], "masks": [os.fspath(t[2]) for t in tasks], "overlap": overlap,
               "omega": omega if omega is not None else "1/(k+1)"}
+    given = {**(options.as_kwargs() if options else {}), **overrides}  # the recipe records what was asked
     recipe = fuse_recipe(backbone, tasks, out=out, overlap=overlap, base=base if overlap == "largest" else None,
                          omega=omega,
-                         settings={k: common.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
+                         settings={k: given.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
     roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
-    inputs = [*(t[2] for t in tasks), *common.pop("inputs", ())]  # -o may not be or hold a mask file
-    return stream_merge("fuse", ckpts, out, combine, params=params, recipe=recipe, roles=roles, inputs=inputs,
-                        **common)
+    opts = opts.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *opts.inputs))  # -o may not hold a mask
+    return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, **opts.as_kwargs())

@@ -41,14 +41,16 @@ def parse_device(value: str | torch.device | None) -> torch.device | None:
     return device
 
 
-def check_backend(backend: str | None, device: torch.device | None) -> None:
-    """The one backend check of every entry point: fail before any output exists, in one line, if the
-    kernels cannot run as asked (e.g. --backend triton on a CPU-only machine without the interpreter)."""
+def check_backend(backend: str | None, device: torch.device | None) -> str:
+    """The one backend check of every entry point: the backend the kernels will run on ``device``'s
+    tensors ("torch", "cpu" or "triton"), resolved once; a ParameterError (one line, before any output
+    exists) if they cannot run as asked (e.g. --backend triton on a CPU-only machine without the
+    interpreter)."""
     from cpift.kernels.backend import resolve
 
     probe = torch.empty(0, device=device) if device is not None and device.type == "cuda" else torch.empty(0)
     try:
-        resolve(backend, probe)
+        return resolve(backend, probe)
     except ValueError as e:
         raise ParameterError(str(e)) from None
 

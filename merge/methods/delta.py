@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 from cpift.errors import ParameterError
 from cpift.kernels.dare import tensor_seed
@@ -18,8 +18,10 @@ from cpift.kernels.select import magnitude_cut
 from cpift.kernels.ties import delta_merge
 from cpift.merge.engine import MergeResult, model_paths, open_models, stream_merge
 from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.io.dryrun import MergePlan
 from cpift.merge.io.publish import check_output
 from cpift.merge.methods.global_trim import global_magnitude_cuts
+from cpift.merge.options import MergeOptions, merge_options
 
 from .params import Param, PathLike, check_all, float_names, per_model, value, weights_for
 
@@ -27,7 +29,7 @@ from .params import Param, PathLike, check_all, float_names, per_model, value, w
 def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *,
                   weights, lam: float, density=None, trim: bool, drop: bool, elect_sign: bool,
                   seed: int = 0, global_trim: bool = False, normalize: bool = True,
-                  **common) -> MergeResult:
+                  options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
     if len(models) < 1:
         raise ParameterError(f"models: {method} needs at least 1 model besides the base")
     lam = value(lam, "", "lambda")
@@ -42,17 +44,18 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
         check_all(d, names, field, lo=0.0, hi=1.0, lo_open=True)
     if not isinstance(seed, int) or seed < 0:
         raise ParameterError(f"seed: expected a non-negative integer, got {seed!r}")
-    be = common.get("backend")
+    opts = merge_options(options, overrides)
+    be = opts.backend
     global_cuts = None
     if trim and global_trim:
         if any(callable(d) for d in ds):
             raise ParameterError("density: --global-trim needs one constant density per model")
-        dev = parse_device(common.get("device"))
+        dev = parse_device(opts.device)
         check_backend(be, dev)
         # Refuse a bad -o before the full pass over the inputs, not after it (stream_merge checks again).
-        check_output(out, overwrite=common.get("overwrite", False),
-                     inputs=[*model_paths(ckpts), common.get("copy_tokenizer_from"), *common.get("inputs", ())])
-        if not common.get("dry_run"):  # a dry run validates; the cuts cost a full pass over the inputs
+        check_output(out, overwrite=opts.overwrite,
+                     inputs=[*model_paths(ckpts), opts.copy_tokenizer_from, *opts.inputs])
+        if not opts.dry_run:  # a dry run validates; the cuts cost a full pass over the inputs
             global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds], device=dev, backend=be)
 
     def combine(name, xs, out_t):
@@ -72,23 +75,25 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
     params = {"weights": ws, **({"density": ds} if trim or drop else {}), "lambda": lam,
               **({"normalize": normalize} if elect_sign else {}),
               **({"global_trim": global_trim} if trim else {}), **({"seed": seed} if drop else {})}
-    return stream_merge(method, ckpts, out, combine, params=params, **common)
+    return stream_merge(method, ckpts, out, combine, params=params, **opts.as_kwargs())
 
 
 def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
-                    weights: Sequence[Param] | None = None, lam: float = 1.0, **common) -> MergeResult:
+                    weights: Sequence[Param] | None = None, lam: float = 1.0, options: MergeOptions | None = None,
+        **overrides: Any) -> MergeResult | MergePlan:
     """b + λ Σ w_i (x_i − b).
 
     Example:
         >>> task_arithmetic("base", ["math", "code"], "out", weights=[0.5, 0.7], lam=0.8)
     """
     return _delta_method("task_arithmetic", base, models, out, weights=weights, lam=lam,
-                         trim=False, drop=False, elect_sign=False, **common)
+                         trim=False, drop=False, elect_sign=False, options=options, **overrides)
 
 
 def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
          weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 1.0,
-         lam: float = 1.0, global_trim: bool = False, normalize: bool = True, **common) -> MergeResult:
+         lam: float = 1.0, global_trim: bool = False, normalize: bool = True, options: MergeOptions | None = None,
+        **overrides: Any) -> MergeResult | MergePlan:
     """TIES: trim to the top-density share of |δ| (per tensor, or over the whole model with
     ``global_trim``), elect the sign, average the agreeing deltas (``normalize=False``: sum them).
 
@@ -97,24 +102,27 @@ def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     """
     return _delta_method("ties", base, models, out, weights=weights, lam=lam, density=density,
                          trim=True, drop=False, elect_sign=True, global_trim=global_trim,
-                         normalize=normalize, **common)
+                         normalize=normalize, options=options, **overrides)
 
 
 def dare_linear(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
                 weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 0.5,
-                lam: float = 1.0, seed: int = 0, **common) -> MergeResult:
+                lam: float = 1.0, seed: int = 0, options: MergeOptions | None = None,
+        **overrides: Any) -> MergeResult | MergePlan:
     """DARE then task arithmetic: each δ entry kept with probability density, rescaled by 1/density.
 
     The drop mask depends only on (seed, tensor name, model index, flat index).
     """
     return _delta_method("dare_linear", base, models, out, weights=weights, lam=lam, density=density,
-                         trim=False, drop=True, elect_sign=False, seed=seed, **common)
+                         trim=False, drop=True, elect_sign=False, seed=seed, options=options, **overrides)
 
 
 def dare_ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
               weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 0.5,
-              lam: float = 1.0, seed: int = 0, normalize: bool = True, **common) -> MergeResult:
+              lam: float = 1.0, seed: int = 0, normalize: bool = True, options: MergeOptions | None = None,
+        **overrides: Any) -> MergeResult | MergePlan:
     """DARE then TIES sign election and disjoint mean (``normalize=False``, mergekit's default for
     dare_ties: the agreeing deltas are summed, not averaged)."""
     return _delta_method("dare_ties", base, models, out, weights=weights, lam=lam, density=density,
-                         trim=False, drop=True, elect_sign=True, seed=seed, normalize=normalize, **common)
+                         trim=False, drop=True, elect_sign=True, seed=seed, normalize=normalize, options=options,
+                         **overrides)

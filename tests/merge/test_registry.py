@@ -86,3 +86,19 @@ def test_a_registered_method_derives_its_card_definition_and_bench_case(negate, 
     args, inputs = cpift_args("negated-slerp", tmp_path / "base", [tmp_path / "t1", tmp_path / "t2"],
                               [tmp_path / "t1", tmp_path / "t2"])
     assert args == [str(tmp_path / "t1"), str(tmp_path / "t2"), "--u", "0.7"] and len(inputs) == 2
+
+
+def test_merge_options_are_typed_checked_and_a_dry_run_returns_the_plan(llama, tmp_path):
+    from cpift.errors import ParameterError
+    from cpift.merge.io.dryrun import MergePlan
+    from cpift.merge.options import MergeOptions
+
+    with pytest.raises(ParameterError, match="progres: not an option"):
+        methods.slerp(llama["task1"], llama["task2"], tmp_path / "out", progres=False)
+    plan = methods.ties(llama["base"], [llama["task1"]], tmp_path / "out", density=0.3,
+                        options=MergeOptions(dry_run=True, progress=False))
+    assert isinstance(plan, MergePlan) and not (tmp_path / "out").exists()
+    # keywords beside options win over its fields
+    result = methods.slerp(llama["task1"], llama["task2"], tmp_path / "out", t=0.3,
+                           options=MergeOptions(dry_run=True), dry_run=False, progress=False)
+    assert result.out == tmp_path / "out" and (tmp_path / "out").is_dir()
