@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cpift.merge.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from cpift.errors import CheckpointError
 from cpift.merge.hub import snapshot_commit, split_ref
+from cpift.merge.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from cpift.merge.methods.registry import METHODS, mergekit_methods
 
 SAMPLE_BYTES = 65536

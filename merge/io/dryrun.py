@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from cpift.merge.io.checkpoint import Checkpoint
 from cpift.errors import OutputError
+from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.publish import partial_dir
 from cpift.merge.io.resume import inspect_partial
 from cpift.merge.io.writer import OutTensor, plan_shards

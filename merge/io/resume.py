@@ -35,8 +35,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
 from cpift.errors import OutputError
+from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
 from cpift.merge.io.publish import write_atomic
 
 MANIFEST = "cpift-resume.json"

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from . import _mman
-from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from cpift.errors import OutputError, ParameterError
+from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from cpift.merge.io.publish import Publication
 from cpift.merge.io.resume import Journal, inspect_partial
 

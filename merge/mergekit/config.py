@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
-from cpift.merge.mergekit.values import Setting, is_constant, located, parse_cpift_block, parse_setting
 from cpift.errors import ConfigError
+from cpift.merge.mergekit.values import Setting, is_constant, located, parse_cpift_block, parse_setting
+from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
 
 
 # The methods a config can name and mergekit 0.1.5's parameters of each (per model, whole merge)

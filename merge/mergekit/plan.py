@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
-from cpift.merge.methods.registry import METHODS
+from cpift.errors import ConfigError
 from cpift.merge.mergekit.config import MergeConfig, ModelSpec, first_setting, load_config
 from cpift.merge.mergekit.values import Param, Setting, chain_param, uses_position, located
-from cpift.errors import ConfigError
+from cpift.merge.methods.registry import METHODS
 
 # What mergekit 0.1.5 does by default, and what cpift's functions compute, are each method's
 # MergekitSpec in the registry (merge/methods/registry.py): e.g. linear and ties divide by the

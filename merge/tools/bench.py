@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.errors import BenchError, ParameterError
+from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.merge.tools.bench_cases import DEFAULT_METHODS, Case, bench_methods, check_fuse, plan_cases
 from cpift.merge.tools.synthetic import PRESETS, LlamaShape, describe, make_checkpoint
 

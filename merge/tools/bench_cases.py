@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from cpift.errors import ParameterError
 from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.methods.registry import METHODS as REGISTRY, by_cli
-from cpift.errors import ParameterError
 
 
 
