@@ -75,13 +75,13 @@ def load_json_bounded(text: str | bytes, *, source: str | os.PathLike, max_depth
             text = text.decode("utf-8")
         value = json.loads(text, parse_constant=_refuse_constant)
     except UnicodeDecodeError as e:
-        raise error(f"{source}: not UTF-8 text (byte {e.start})") from None
+        raise error(f"{source}: not valid UTF-8 (byte {e.start})") from None
     except RecursionError:
         raise error(f"{source}: JSON nested more than {max_depth} levels deep") from None
     except json.JSONDecodeError as e:
-        raise error(f"{source}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise error(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except ValueError as e:  # NaN / Infinity
-        raise error(f"{source}: invalid JSON ({e})") from None
+        raise error(f"{source}: not valid JSON ({e})") from None
     if _depth(value) > max_depth:
         raise error(f"{source}: JSON nested more than {max_depth} levels deep")
     return value
@@ -151,11 +151,11 @@ def load_yaml_bounded(text: str, *, source: str | os.PathLike, max_depth: int = 
     try:
         return loader.get_single_data()
     except RecursionError:
-        raise error(f"{source}: invalid YAML (nested more than {max_depth} levels deep)") from None
+        raise error(f"{source}: invalid YAML: nested more than {max_depth} levels deep") from None
     except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1} column {where.column + 1}" if where is not None else ""
-        what = getattr(e, "problem", None) or str(e)
-        raise error(f"{source}: invalid YAML ({' '.join(str(what).split())}{at})") from None
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+        raise error(f"{source}: {where}invalid YAML: {' '.join(str(what).split())}") from None
     finally:
         loader.dispose()
