@@ -71,6 +71,10 @@ def common_options(fn):
 
         if dry_run and push_to_hub is not None:
             raise click.UsageError("--push-to-hub: a --dry-run writes nothing to push")
+        if push_to_hub is not None:
+            from cpift.merge.hub import check_repo_id
+
+            check_repo_id(push_to_hub)  # before the merge, not after it
 
         previous = torch.get_num_threads()
         if threads is not None:

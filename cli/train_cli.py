@@ -7,7 +7,6 @@ Under ``torchrun --nproc-per-node N cpift-train sft ...`` (or ``python -m torch.
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
@@ -105,14 +104,15 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
     from pathlib import Path
 
     from cpift.merge.errors import OutputError
-    from cpift.training.evaluate import evaluate
+    from cpift.training.evaluate import evaluate, json_text, pick_device
 
+    pick_device(device)  # an unavailable --device fails before the model is read
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise OutputError(f"{json_path}: parent directory does not exist")
     _threads(threads)
     result = evaluate(model, data, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
                       device=device, progress=not quiet)
-    text = json.dumps(result)
+    text = json_text(result)
     if json_path is not None:
         path = Path(json_path)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -138,8 +138,11 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; one line per step and the table.")
 def pipeline(recipe, workdir, method, stages, seed, device, threads, quiet):
     """Run CPI-FT (probes, cores, cluster, staged SFT, fuse, calibration, eval) or a baseline from RECIPE.yml."""
+    from cpift.training.evaluate import pick_device
     from cpift.training.pipeline import run_pipeline
 
+    if device is not None:
+        pick_device(device)  # an unavailable --device fails before any step runs
     _threads(threads)
     run_pipeline(recipe, workdir, method=method, stages=stages, seed=seed, device=device, progress=not quiet,
                  log=click.echo)
