@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cpift.errors import ConfigError
+from cpift.merge.io.safe_parse import load_yaml_bounded
 
 STEP_KEY = "cpift_step"
 _FIELDS = {
@@ -52,11 +53,9 @@ def fuse_recipe(backbone, tasks, *, out, overlap, base, omega, settings: dict[st
 
 def is_step_recipe(path: str | os.PathLike) -> bool:
     """True when the YAML file is a step recipe (has a top-level cpift_step key)."""
-    import yaml
-
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = load_yaml_bounded(Path(path).read_text(encoding="utf-8"), source=path)
+    except (OSError, UnicodeDecodeError, ConfigError):
         return False  # the mergekit loader reports the problem with its own message
     return isinstance(data, dict) and STEP_KEY in data
 
@@ -64,10 +63,8 @@ def is_step_recipe(path: str | os.PathLike) -> bool:
 def load_step_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe's mapping, its fields checked (unknown keys and missing fields are ConfigErrors) and,
     with ``relative_to_recipe``, its local paths resolved from the recipe's directory."""
-    import yaml
-
     path = Path(path)
-    data = yaml.safe_load(path.read_text())
+    data = load_yaml_bounded(path.read_text(encoding="utf-8"), source=path)
     step = data.get(STEP_KEY)
     if step not in _FIELDS:
         raise ConfigError(f"{path}: {STEP_KEY}: {step!r} is not a step (use cores or fuse)")

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cpift.errors import ConfigError
+from cpift.merge.io.safe_parse import load_yaml_bounded
 from cpift.merge.mergekit.values import Setting, is_constant, located, parse_cpift_block, parse_setting
 from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
 
@@ -107,23 +108,13 @@ class MergeConfig:
 
 
 def _read_yaml(path: Path) -> Any:
-    import yaml
-
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = e.problem or e.context or "invalid YAML"
-        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return load_yaml_bounded(text, source=path)
 
 
 def _mapping(raw: Any, fld: str, source, what: str) -> dict:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
 from cpift.errors import ConfigError
+from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.mergekit.config import MergeConfig, ModelSpec, first_setting, load_config
-from cpift.merge.mergekit.values import Param, Setting, chain_param, uses_position, located
+from cpift.merge.mergekit.values import Param, Setting, chain_param, located, uses_position
 from cpift.merge.methods.registry import METHODS
 
 # What mergekit 0.1.5 does by default, and what cpift's functions compute, are each method's
@@ -214,10 +214,12 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *
 
 def _model_config(model_dir: Path) -> dict | None:
     f = model_dir / "config.json"
-    try:
-        return json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError):
-        raise ConfigError(f"{f}: not readable JSON") from None
+    if not f.is_file():
+        return None
+    conf = load_json_bounded(f.read_bytes(), source=f)
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{f}: not a model config (expected a JSON object)")
+    return conf
 
 
 def _num_layers(conf: dict | None) -> int | None:
@@ -237,7 +239,7 @@ def _vocabulary(model_dir: Path) -> dict[str, int] | None:
     if not f.is_file():
         return None
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
+        data = load_json_bounded(f.read_bytes(), source=f)
         vocab = data["model"]["vocab"]
         out = (dict(vocab) if isinstance(vocab, dict)
                else {entry[0]: i for i, entry in enumerate(vocab)})

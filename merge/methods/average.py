@@ -10,7 +10,7 @@ from cpift.merge.engine import MergeResult, open_models, stream_merge
 from cpift.merge.io.dryrun import MergePlan
 from cpift.merge.options import MergeOptions, merge_options
 
-from .params import Param, PathLike, check_all, float_names, value, weights_for
+from .params import Param, PathLike, check_all, check_scale, float_names, value, weights_for
 
 
 def linear(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Param] | None = None,
@@ -42,6 +42,7 @@ def linear(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Param
     names = float_names(ckpts)
     for i, w in enumerate(ws):
         check_all(w, names, f"weights[{i}]")
+    check_scale(ws, names)
     for n in names if any(callable(w) for w in ws) else names[:1]:
         if sum(value(w, n, "weights") for w in ws) == 0:
             raise ParameterError(f"weights: sum to 0 for tensor '{n}' (a linear merge divides by it)")

@@ -23,7 +23,7 @@ from cpift.merge.io.publish import check_output
 from cpift.merge.methods.global_trim import global_magnitude_cuts
 from cpift.merge.options import MergeOptions, merge_options
 
-from .params import Param, PathLike, check_all, float_names, per_model, value, weights_for
+from .params import Param, PathLike, check_all, check_scale, float_names, per_model, value, weights_for
 
 
 def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *,
@@ -38,6 +38,7 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
     names = float_names(ckpts)
     for i, w in enumerate(ws):
         check_all(w, names, f"weights[{i}]")
+    check_scale(ws, names, lam=lam)
     ds = per_model(density if density is not None else 1.0, len(models), "density")
     for i, d in enumerate(ds):
         field = f"density[{i}]" if isinstance(density, (list, tuple)) else "density"
