@@ -79,10 +79,11 @@ def test_cores_and_cluster_run_the_triton_kernels_bit_identical_to_torch(llama, 
     assert _mask_bytes(tmp_path / "triton") == _mask_bytes(tmp_path / "torch")
 
     masks = [tmp_path / "torch" / "a.safetensors", tmp_path / "torch" / "b.safetensors"]
+    before = triton_calls["overlap"]  # the triton cores counted each mask's bits with it
     want = cluster_masks(masks, backend="torch")
-    assert triton_calls["overlap"] == 0
+    assert triton_calls["overlap"] == before
     have = cluster_masks(masks, backend="triton", device="cpu+staging")
-    assert triton_calls["overlap"] > 0
+    assert triton_calls["overlap"] > before
     assert have.jaccard == want.jaccard and have.groups == want.groups
 
 
