@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cpift.merge import methods
+from cpift.merge.engine import open_models
 from cpift.merge.io.resume import MANIFEST
 
 from kill_helpers import digest, killed_run
@@ -67,7 +68,7 @@ def test_resume_after_first_shard(capsys, llama, tmp_path):
     stdout, err = resume(capsys, argv_of("slerp", llama, out))
     n_kept, n = kept(err)
     assert n_kept == 1
-    total = len(methods.open_models([llama["task1"]])[0].names())
+    total = len(open_models([llama["task1"]])[0].names())
     assert f"slerp: {total - shard_plan(llama, tmp_path)[0].tensors} tensors" in stdout  # shard 1 not recomputed
     assert digest(out) == want and not partial.exists()
 
