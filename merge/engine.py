@@ -151,6 +151,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     side_from = Path(copy_tokenizer_from) if copy_tokenizer_from is not None else models[0].dir
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
+    check_config_json(side_from)  # copied into the output: refused before anything is written
     notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models)
     card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
                       inputs=[CardInput(m.ref, m.path, role)
@@ -159,7 +160,6 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from})
 
     card.update(config_with_dtype(side_from, store_dtype))  # replaces the copied config.json
-    check_config_json(side_from)  # copied into the output: refused before anything is written
 
     first = models[0]
     names = first.names()

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from cpift.errors import CheckpointError
-from cpift.merge.io.safe_parse import load_json_bounded
 
 CONFIG_NAME = "config.json"
 
@@ -34,8 +33,8 @@ def config_with_dtype(source_dir: str | Path, dtype: torch.dtype | None) -> dict
     if dtype is None or not path.is_file():
         return {}
     try:
-        cfg = load_json_bounded(path.read_bytes(), source=path, error=CheckpointError)
-    except (OSError, CheckpointError) as e:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read it to set its dtype to {dtype} ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, so its dtype can be set to {dtype}")
