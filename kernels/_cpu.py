@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import get_num_threads, njit, set_num_threads, types
+from numba import config, get_num_threads, njit, set_num_threads, types
 from numba.extending import intrinsic
 
 F32, BF16, F16 = 0, 1, 2
@@ -49,9 +49,17 @@ def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
 
 
 def sync_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch's (the --threads option sets torch's)."""
-    n = max(1, min(torch.get_num_threads(), 64))
-    if get_num_threads() != n:
+    """Run numba's parallel loops on as many threads as torch's (the --threads option sets torch's).
+
+    At most numba's pool size (NUMBA_NUM_THREADS, the core count by default): torch accepts more.
+    Starting the pool (the first get_num_threads) resets the OpenMP thread count that torch reads to
+    the pool size, so torch's count is read before and put back after."""
+    n = torch.get_num_threads()
+    current = get_num_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    n = max(1, min(n, config.NUMBA_NUM_THREADS, 64))
+    if current != n:
         set_num_threads(n)
 
 

@@ -124,3 +124,29 @@ def test_dispatch(monkeypatch):
     assert_exact(score_deltas(x, base, backend="torch"), auto)
     x64, b64 = x.double(), base.double()
     assert_exact(score_deltas(x64, b64, backend="cpu"), score_deltas_ref(x64, b64).float())
+
+
+def test_more_torch_threads_than_cores():
+    """--threads above the core count (torch accepts it): numba's pool is capped at its size, not an error."""
+    import numba
+
+    x, base = _inputs(3 * (1 << 16) + 5, torch.float32)
+    with threads(numba.config.NUMBA_NUM_THREADS + 1):
+        got = score_deltas(x, base, backend="cpu")
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    assert_exact(got, score_deltas(x, base, backend="torch"))
+
+
+def test_first_kernel_keeps_torchs_thread_count():
+    """Starting numba's OpenMP pool resets the thread count torch reads; the kernels put it back, so
+    --threads 1 still holds after the first fused kernel (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, numba\n"
+            "torch.set_num_threads(1)\n"
+            "from cpift.kernels.scores import score_deltas\n"
+            "score_deltas(torch.ones(10), torch.zeros(10), backend='cpu')\n"
+            "print(torch.get_num_threads(), numba.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
