@@ -41,15 +41,24 @@ def _pack_cut_kernel(x, xk, b, bk, has_base, n, value, last_tie, out, ties, nwor
             e0 = w * BLOCK
             e1 = min(n, e0 + BLOCK)
             count = 0
-            for byte in range(e0 // 8, (e1 + 7) // 8):
+            full = e0 // 8 + (e1 - e0) // 8  # bytes of 8 entries; the tensor's last byte may be partial
+            for byte in range(e0 // 8, full):
                 packed = 0
-                for j in range(min(8, n - byte * 8)):
+                for j in range(8):  # a fixed trip count: unrolled, no branch
                     i = byte * 8 + j
                     s = abs_delta(x, xk, b, bk, has_base, i)
                     tie = s == value
                     count += np.int64(tie)
                     packed |= np.int64((s > value) | (tie & (i <= last_tie))) << j
                 out[byte] = packed
+            if e1 > full * 8:
+                packed = 0
+                for i in range(full * 8, e1):
+                    s = abs_delta(x, xk, b, bk, has_base, i)
+                    tie = s == value
+                    count += np.int64(tie)
+                    packed |= np.int64((s > value) | (tie & (i <= last_tie))) << (i - full * 8)
+                out[full] = packed
             ties[w] = count
 
 
