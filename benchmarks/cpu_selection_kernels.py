@@ -71,7 +71,11 @@ def main() -> None:
     cases = _cases(args.n)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    rows = []
+    rows: list[dict] = []
+    history = json.loads(args.out.read_text()) if args.out.exists() else []
+    report = {"date": date, "machine": machine, "load_average_at_start": load_start, "rows": rows}
+    history.append(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for op, nbytes, fn in cases:
@@ -88,12 +92,8 @@ def main() -> None:
                              "date": date, "machine": machine})
                 print(f"{op:22s} {provider:12s} {threads} thread(s): {p50:6.2f} GB/s (p20 {p20:.2f}, p80 {p80:.2f})",
                       flush=True)
-    report = {"date": date, "machine": machine, "load_average_at_start": load_start,
-              "load_average_at_end": os.getloadavg()[0], "rows": rows}
-    history = json.loads(args.out.read_text()) if args.out.exists() else []
-    history.append(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(history, indent=1) + "\n")
+                report["load_average_at_end"] = os.getloadavg()[0]
+                args.out.write_text(json.dumps(history, indent=1) + "\n")  # row by row: a cut-short run keeps its rows
     print(f"load average {load_start:.1f} at the start, {report['load_average_at_end']:.1f} at the end; "
           f"wrote {args.out}")
 
