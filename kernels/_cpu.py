@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, set_num_threads, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 F32, BF16, F16 = 0, 1, 2
@@ -140,3 +141,113 @@ def store(out, i, v, kind):
         out[i] = _f32_to_f16_bits(np.float32(v))
     else:
         out[i] = np.float32(v)
+
+
+# --- Raw-address access (the element-wise merge kernels) -------------------------------------------
+# Inputs reach those kernels as int64 data addresses with per-tensor kind codes, not as numpy arrays:
+# one compiled specialisation serves every mix of storage dtypes and any number of models (arrays of
+# float32 and uint16 would compile one version per combination). The caller keeps the tensors alive
+# for the call. `fma` is LLVM's fused multiply-add: torch's add_(x, alpha=w) on the CPU is one fused
+# multiply-add per entry (Vectorized fmadd, tails included; checked on this AVX-512 build), and numba
+# never contracts a*b + c by itself (no fastmath), so the kernels spell those steps as fma.
+
+
+def address(t: torch.Tensor) -> int:
+    """The data address of a contiguous CPU tensor (0 for an empty one)."""
+    return t.data_ptr() if t.numel() else 0
+
+
+def addresses(tensors) -> tuple[np.ndarray, np.ndarray]:
+    """int64 arrays of the data addresses and kind codes of the given tensors (see `supports`)."""
+    return (np.array([address(t) for t in tensors], dtype=np.int64),
+            np.array([_KINDS[t.dtype] for t in tensors], dtype=np.int64))
+
+
+@intrinsic
+def _peek16(typingctx, addr, i):
+    sig = types.uint16(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(16).as_pointer())
+        return builder.load(builder.gep(ptr, [args[1]]))
+
+    return sig, codegen
+
+
+@intrinsic
+def _peek32(typingctx, addr, i):
+    sig = types.float32(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.FloatType().as_pointer())
+        return builder.load(builder.gep(ptr, [args[1]]))
+
+    return sig, codegen
+
+
+@intrinsic
+def _poke16(typingctx, addr, i, v):
+    sig = types.void(types.int64, types.int64, types.uint16)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(16).as_pointer())
+        builder.store(args[2], builder.gep(ptr, [args[1]]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _poke32(typingctx, addr, i, v):
+    sig = types.void(types.int64, types.int64, types.float32)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.FloatType().as_pointer())
+        builder.store(args[2], builder.gep(ptr, [args[1]]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def fma(a, b, c):
+    """a·b + c in float32 with one rounding."""
+    return _fma32(np.float32(a), np.float32(b), np.float32(c))
+
+
+@njit(inline="always", cache=True)
+def load_at(addr, i, kind):
+    """Entry i of the tensor at address addr (of kind F32, BF16 or F16) as float32."""
+    if kind == BF16:
+        return _u32_as_f32(np.uint32(_peek16(addr, i)) << np.uint32(16))
+    if kind == F16:
+        return _f16_bits_to_f32(_peek16(addr, i))
+    return _peek32(addr, i)
+
+
+@njit(inline="always", cache=True)
+def store_at(addr, i, v, kind):
+    """Round the float32 v once into entry i of the tensor at addr; return 1 if the stored value is
+    NaN or ±inf (an overflow on store included), else 0."""
+    if kind == BF16:
+        h = bf16_round(v)
+        _poke16(addr, i, h)
+        return np.int64((h & np.uint16(0x7F80)) == np.uint16(0x7F80))
+    if kind == F16:
+        h = _f32_to_f16_bits(np.float32(v))
+        _poke16(addr, i, h)
+        return np.int64((h & np.uint16(0x7C00)) == np.uint16(0x7C00))
+    _poke32(addr, i, np.float32(v))
+    return np.int64((_f32_as_u32(np.float32(v)) & np.uint32(0x7F800000)) == np.uint32(0x7F800000))

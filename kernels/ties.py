@@ -36,6 +36,7 @@ import torch
 from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 from .dare import keep_factor, keep_mask
+from .finite import note_written
 from .select import Cut, cut_keep, cut_mask
 
 
@@ -99,7 +100,20 @@ def delta_merge(
     dt = compute_dtype(base, *xs)
     # DARE's 1/p_i rescale is folded into the numerator weights; the TIES denominator keeps w_i.
     num_w = [float(w) / (densities[i] if densities else 1.0) for i, w in enumerate(weights)]
-    if resolve(backend, base, *xs, out) == "triton" and dt == torch.float32:
+    be = resolve(backend, base, *xs, out)
+    if be == "cpu" and dt == torch.float32:
+        from ._cpu import supports
+
+        if supports(base, *xs, out):
+            from ._ties_cpu import delta_merge_cpu
+
+            finite = delta_merge_cpu(base, list(xs), [float(w) for w in weights], num_w, lam=lam,
+                                     cuts=None if cuts is None else list(cuts), densities=densities,
+                                     drop_seeds=None if drop_seeds is None else list(drop_seeds),
+                                     elect_sign=elect_sign, normalize=normalize, out=out)
+            note_written(out, finite)
+            return out
+    if be == "triton" and dt == torch.float32:
         from ._ties_triton import delta_merge_triton
 
         return delta_merge_triton(base, list(xs), [float(w) for w in weights], num_w, lam=lam,
