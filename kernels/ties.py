@@ -26,6 +26,10 @@
 # delta_merge_ref is the float64 oracle (a `precision` argument gives the naive float32 variant).
 # Triton path (backend="triton", default on CUDA): one fused kernel in _ties_triton.py, imported only
 # when it runs; the same float32 operations in the same order, bit-identical to this torch path.
+# Fused CPU path (backend="cpu", default on CPU tensors when numba imports): _ties_cpu.py, one pass,
+# (N + 1)·s bytes read and s written per entry (s the storage size), the DARE Philox stream and the
+# trim recomputed in the kernel; the same float32 operations in the same order, bit-identical to this
+# torch path; it tests each stored entry for NaN/±inf and records the answer (kernels/finite.py).
 # float64 inputs always take the torch path (the oracle's precision, not a GPU workload).
 from __future__ import annotations
 
@@ -91,8 +95,8 @@ def delta_merge(
 ) -> torch.Tensor:
     """Write base + λ·(merged, optionally trimmed/dropped/sign-elected task deltas) into out.
 
-    ``backend``: 'torch', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on CUDA);
-    float64 inputs run on the torch path whatever the backend.
+    ``backend``: 'torch', 'cpu', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on
+    CUDA, the fused CPU kernel on the CPU); float64 inputs run on the torch path whatever the backend.
     """
     densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds)
     n = base.numel()

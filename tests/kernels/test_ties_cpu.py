@@ -41,9 +41,11 @@ def _options(mode: dict, base: torch.Tensor, xs: list[torch.Tensor]) -> dict:
     if "trim" in mode:
         opts["cuts"] = [magnitude_cut(x, base, int(mode["trim"] * base.numel()), backend="torch") for x in xs]
     if "density" in mode:
-        opts["drop_density"] = mode["density"]
-        # One seed above 2^63: the key's high word uses all 32 bits.
-        opts["drop_seeds"] = [tensor_seed(17, "w", 0), (1 << 64) - 1, tensor_seed(17, "w", 2) | (1 << 63)]
+        density = mode["density"]
+        opts["drop_density"] = density[:len(xs)] if isinstance(density, list) else density
+        # Seeds above 2^63: the key's high word uses all 32 bits.
+        seeds = [tensor_seed(17, "w", 0), (1 << 64) - 1, tensor_seed(17, "w", 2) | (1 << 63)]
+        opts["drop_seeds"] = seeds[:len(xs)]
     return opts
 
 
