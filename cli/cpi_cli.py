@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cpift.merge.engine import BACKENDS
 from cpift.merge.errors import ParameterError
 
 from .merge_cli import cli, common_options
@@ -34,8 +35,9 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
               help="Score only tensors whose name matches (repeatable; default: every floating-point tensor).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Do not score tensors whose name matches (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
-              help="Kernel implementation (default: $CPIFT_BACKEND, else auto: triton on CUDA, torch on the CPU).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Kernel implementation (default: $CPIFT_BACKEND, else auto: triton on CUDA, the fused cpu "
+                   "kernels on the CPU where they exist, else torch).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch compute threads (default: one per core). Use 1 when other work shares the CPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the summary line only.")
@@ -71,7 +73,7 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, backen
               help='Write {"tasks", "jaccard", "groups", "order"} to this file.')
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a Jaccard heatmap with the groups outlined to this PNG (needs matplotlib).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Popcount implementation (default: $CPIFT_BACKEND, else auto: torch for masks in host memory).")
 def cluster(masks, tau, order, seed, json_path, plot, backend):
     """Group tasks by core overlap: Jaccard matrix (popcount on the packed masks), connected components.
