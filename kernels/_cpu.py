@@ -18,9 +18,12 @@
 # deterministic for any thread count. The thread count follows torch's (`sync_threads`).
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from llvmlite import ir
+from numba import config as numba_config
 from numba import get_num_threads, njit, set_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -251,3 +254,18 @@ def store_at(addr, i, v, kind):
         return np.int64((h & np.uint16(0x7C00)) == np.uint16(0x7C00))
     _poke32(addr, i, np.float32(v))
     return np.int64((_f32_as_u32(np.float32(v)) & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+
+
+# --- Threading layer ------------------------------------------------------------------------------
+# Measured with benchmarks/cpu_kernels.py --busy (2026-12-02, the 2-core shared machine, load average
+# 10-15 from other work throughout): the fused 3-model TIES kernel on 20M bf16 entries x 3 models,
+# 2 threads, GB/s of input+output, median of 3, alone -> beside two `while True: pass` processes:
+#   workqueue  BLOCK 2^14: 0.25 -> 0.15   2^16: 0.29 -> 0.14   2^18: 0.31 -> 0.18
+#   omp        BLOCK 2^14: 0.52 -> 0.18   2^16: 0.37 -> 0.12   2^18: 0.29 -> 0.14
+#   tbb        not installable here (no tbb package in this environment).
+# The machine's own load swamps the differences between layers and block sizes; omp was as fast or
+# faster alone, and unlike workqueue it is safe when two Python threads launch kernels at once
+# (workqueue aborts the process). So: omp first, then tbb, then workqueue as the last resort;
+# BLOCK stays 2^16 (no size won consistently). NUMBA_THREADING_LAYER still overrides this.
+if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    numba_config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
