@@ -54,7 +54,9 @@ def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
 
 def sync_threads() -> None:
     """Run numba's parallel loops on as many threads as torch's (the --threads option sets torch's)."""
-    n = max(1, min(torch.get_num_threads(), 64))
+    # numba cannot run more threads than its pool (NUMBA_NUM_THREADS, the core count by default):
+    # --threads 3 on a 2-core machine runs numba's loops on 2.
+    n = max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS))
     if get_num_threads() != n:
         set_num_threads(n)
 
