@@ -214,7 +214,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     if dry_run:
         return plan_merge(method=method, models=models, out=out, plan=plan, max_shard_size=shard_bytes,
                           metadata=metadata, compute_dtype=compute_dtype, fingerprint=fp if resume else None,
-                          notes=notes)
+                          notes=notes, fused_cpu=used == "cpu")
 
     writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata=metadata, fingerprint=fp, resume=resume)
     names, plan = writer.pending(names, plan)  # a resume computes only the shards it does not keep
