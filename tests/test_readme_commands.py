@@ -121,13 +121,15 @@ def session_env(root: Path, hub: FakeHub) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sessions(tmp_path_factory):
-    """Every block's session started at once (each in its own empty directory, one Hub for all), so
-    their interpreter start-ups overlap; each test then waits for its own."""
+def sessions(tmp_path_factory, request):
+    """The selected blocks' sessions started at once (each in its own empty directory, one Hub for all),
+    so their interpreter start-ups overlap; each test then waits for its own."""
+    selected = {item.callspec.params["block"].line for item in request.session.items
+                if "block" in getattr(getattr(item, "callspec", None), "params", {})}
     hub = FakeHub()
     started = {}
     for block in BLOCKS:
-        if block.skip:
+        if block.skip or block.line not in selected:
             continue
         root = tmp_path_factory.mktemp(f"readme-line{block.line}")
         (root / "work").mkdir()
