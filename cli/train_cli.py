@@ -154,7 +154,7 @@ def example(workdir):
     """Write a tiny character-level Llama (tiny-llama/) and example data to try the commands on.
 
     sums.jsonl (512) and sums-test.jsonl (64): single-digit sums; add, cat, rev .jsonl (256 each) and
-    -test.jsonl (32 each) with recipe.yml: a `cpift-train pipeline` example. A few MB, a few seconds.
+    -test.jsonl (32 each) with recipe.yml: a `cpift-train pipeline` example. Under 1 MB, a few seconds.
     """
     from cpift.training.tiny import write_example
 
