@@ -124,8 +124,8 @@ def session_env(root: Path, hub: FakeHub) -> dict[str, str]:
 def sessions(tmp_path_factory, request):
     """The selected blocks' sessions started at once (each in its own empty directory, one Hub for all),
     so their interpreter start-ups overlap; each test then waits for its own."""
-    selected = {item.callspec.params["block"].line for item in request.session.items
-                if "block" in getattr(getattr(item, "callspec", None), "params", {})}
+    params = (getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items)
+    selected = {p["block"].line for p in params if isinstance(p.get("block"), Block)}  # other files have "block" too
     hub = FakeHub()
     started = {}
     for block in BLOCKS:
