@@ -286,11 +286,17 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
                color=[color[i] for i in range(len(quiet)) if rows[i] is not None])
         for xpos, v in zip(xs, p50):
             ax.text(xpos, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    from matplotlib.patches import Patch
+
+    seen = dict.fromkeys(_COLORS.get(x["provider"], _COLORS.get(x["provider"].split("-")[0])) for x in quiet)
+    names = {v: k for k, v in _COLORS.items()}
+    ax.legend(handles=[Patch(color=c, label=names.get(c, "other")) for c in seen if c], fontsize=7, loc="upper left")
     labels = [f"{x['op']}\n{x['provider']}" for x in quiet]
     ax.set_xticks(range(len(quiet)), labels, fontsize=7, rotation=90)
     ax.set_ylabel("wall s (median, p20–p80)")
     gb = max(r["model_bytes"].values()) / 1e9
-    ax.set_title(f"Merging {gb:.2f} GB {r.get('dtype', '')} models, {r['machine']['cpus']} CPUs, warm cache, "
+    ax.set_title(f"Merging {gb:.2f} GB {r.get('dtype', '')} models, {r['machine']['cpus']} CPUs "
+                 f"({r['machine'].get('cpu_model', '')}), warm cache,\n"
                  + (f"plain: quiet, hatched: {busy and r['busy']['competitors']} competing processes " if busy else "")
                  + f"({r['date'][:16]})", fontsize=9)
     cp = [x for x in quiet if x["provider"].startswith("cpift") and _floor_ratio(x)]
