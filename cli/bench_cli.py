@@ -10,14 +10,17 @@ import click
 from cpift.merge.errors import ParameterError
 
 
-def _check_target(path: str | None, option: str) -> Path | None:
+def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Path | None:
     """Fail before the (long) measurement, not after it, if a result cannot be written."""
     if path is None:
         return None
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise ParameterError(f"{option}: {p.parent} does not exist")
-    return p
+    from cpift.merge.errors import OutputError
+    from cpift.merge.publish import check_side_file
+
+    try:
+        return check_side_file(path, inputs=models)
+    except OutputError as e:
+        raise type(e)(f"{option}: {e}") from None
 
 
 @click.command()
@@ -72,7 +75,13 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
     from cpift.merge.bench import run_bench
     from cpift.merge.bench_report import markdown, plot
 
-    targets = [_check_target(p, o) for p, o in ((json_path, "--json"), (plot_path, "--plot"), (md_path, "--markdown"))]
+    targets = [_check_target(p, o, models) for p, o in ((json_path, "--json"), (plot_path, "--plot"),
+                                                          (md_path, "--markdown"))]
+    if workdir is not None:
+        from cpift.merge.publish import check_inputs, check_not_protected
+
+        check_not_protected(workdir, what="workdir")
+        check_inputs(workdir, models, what="workdir")
     if plot_path is not None:
         try:
             import matplotlib  # noqa: F401
@@ -87,10 +96,12 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
                        workdir=workdir, cold=cold, max_shard_size=max_shard_size, threads=threads, note=note,
                        echo=lambda s: click.echo(s, err=True))
     json_target, plot_target, md_target = targets
+    from cpift.merge.publish import write_atomic
+
     if json_target is not None:
-        json_target.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(json_target, json.dumps(result, indent=2) + "\n", inputs=models)
     if md_target is not None:
-        md_target.write_text(markdown(result))
+        write_atomic(md_target, markdown(result), inputs=models)
     if plot_target is not None:
         plot(result, plot_target)
     click.echo(markdown(result))

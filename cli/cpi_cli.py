@@ -33,7 +33,9 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Score only tensors whose name matches (repeatable; default: every floating-point tensor).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Do not score tensors whose name matches (repeatable).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+@click.option("--overwrite", is_flag=True,
+              help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
+                   "directory, atomically, once the new one is complete; any other existing path is refused."))
 @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
               help="Kernel implementation (default: $CPIFT_BACKEND, else auto: triton on CUDA, torch on the CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -80,14 +82,18 @@ def cluster(masks, tau, order, seed, json_path, plot, backend):
     .safetensors.
     """
     from cpift.merge.cluster import cluster_masks, plot_heatmap, write_json
+    from cpift.merge.publish import check_side_file
 
+    for target in (json_path, plot):  # refused before any work: never over a mask, never a directory
+        if target:
+            check_side_file(target, inputs=masks)
     result = cluster_masks(list(masks), tau=tau, order=order, seed=seed, backend=backend)
     click.echo(result.table())
     if json_path:
-        write_json(result, json_path)
+        write_json(result, json_path, inputs=masks)
         click.echo(f"wrote {json_path}")
     if plot:
-        plot_heatmap(result, plot)
+        plot_heatmap(result, plot, inputs=masks)
         click.echo(f"wrote {plot}")
 
 

@@ -11,10 +11,10 @@ import click
 
 from cpift.cli.bench_cli import bench
 from cpift.merge import methods
+from cpift.merge.sizes import HELP as SIZE_HELP
 
 from ._run import run
 
-SIZE_HELP = "Largest output shard, in bytes or with a suffix: 500MB, 2GB (10^9), 1GiB (2^30)."
 
 
 def _floats(value: str | None, option: str) -> list[float] | None:
@@ -38,7 +38,9 @@ def common_options(fn):
     @click.option("--out-dtype", default=None,
                   help="Dtype of the output tensors; default: --dtype, else the first model's dtype.")
     @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
-    @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+    @click.option("--overwrite", is_flag=True,
+                  help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
+                       "directory, atomically, once the new one is complete; any other existing path is refused."))
     @click.option("--allow-nonfinite", is_flag=True,
                   help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
     @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
@@ -63,14 +65,23 @@ def common_options(fn):
                        "the output shards it finished (SHA-256 checked) are kept, the rest computed.")
     @click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
                   help="After the merge, upload the output (with its model card) to this Hub model repo, "
-                       "creating it if needed (as cpift-merge push).")
+                       "creating it if needed (as cpift-merge push). A new repo is public unless --private.")
+    @click.option("--private", is_flag=True,
+                  help="With --push-to-hub: create the repo private (default: public, the Hub's default; "
+                       "an existing repo keeps its visibility).")
+    @click.option("--commit-message", metavar="TEXT", default=None,
+                  help="With --push-to-hub: the commit message (default: Upload NAME with cpift).")
     @functools.wraps(fn)
     def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
-                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, dry_run, resume, **kwargs):
+                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, private, commit_message,
+                dry_run, resume, **kwargs):
         import torch
 
         if dry_run and push_to_hub is not None:
             raise click.UsageError("--push-to-hub: a --dry-run writes nothing to push")
+        if push_to_hub is None and (private or commit_message is not None):
+            raise click.UsageError(f"{'--private' if private else '--commit-message'}: only applies with "
+                                   f"--push-to-hub ORG/NAME")
 
         previous = torch.get_num_threads()
         if threads is not None:
@@ -91,7 +102,8 @@ def common_options(fn):
         if push_to_hub is not None:
             from cpift.merge.hub import push
 
-            click.echo(f"pushed {result.out} to {push_to_hub}: {push(result.out, push_to_hub)}")
+            url = push(result.out, push_to_hub, private=private, commit_message=commit_message)
+            click.echo(f"pushed {result.out} to {push_to_hub}: {url}")
 
     return wrapper
 
@@ -240,10 +252,14 @@ def pull(repo):
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("repo", metavar="ORG/NAME")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--private", is_flag=True,
+              help="Create the repo private (default: public, the Hub's default; an existing repo keeps its "
+                   "visibility).")
 @click.option("--revision", metavar="BRANCH", default=None,
               help="Branch to commit to, created if missing (default: main).")
-def push(directory, repo, private, revision):
+@click.option("--commit-message", metavar="TEXT", default=None,
+              help="The commit message (default: Upload NAME with cpift).")
+def push(directory, repo, private, revision, commit_message):
     """Upload a model directory with its model card to a Hub model repo, creating the repo if needed."""
     from pathlib import Path
 
@@ -252,7 +268,7 @@ def push(directory, repo, private, revision):
     if Path(directory).is_dir() and not (Path(directory) / "README.md").is_file():
         click.echo(f"note: {directory} has no README.md model card (cpift-merge writes one with every output)",
                    err=True)
-    click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision)}")
+    click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision, commit_message=commit_message)}")
 
 
 from . import cpi_cli  # noqa: E402,F401  registers cores, cluster and fuse on the group above

@@ -68,7 +68,9 @@ def cli() -> None:
 @click.option("--freeze", multiple=True, type=click.Path(),
               help="Core-mask file (cpift core-mask safetensors); every entry set in it stays bit-identical. "
                    "Repeat for several masks.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+@click.option("--overwrite", is_flag=True,
+              help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
+                   "directory, atomically, once the new one is complete; any other existing path is refused."))
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; the summary line only.")
@@ -91,7 +93,7 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
 @click.option("--data", required=True, type=click.Path(),
               help="JSONL; each conversation must end with the assistant turn that generation is compared with.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the result to this JSON file (atomically).")
+              help="Also write the result to this JSON file (atomically; never over the model or --data).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward / generation batch.")
 @click.option("--max-length", type=int, default=1024, show_default=True,
               help="Tokens kept per example (the first ones) for the loss.")
@@ -102,22 +104,17 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens, device, threads, quiet):
     """Mean response loss (nats per token) and exact match of greedy generation, printed as JSON."""
-    from pathlib import Path
-
-    from cpift.merge.errors import OutputError
+    from cpift.merge.publish import check_side_file, write_atomic
     from cpift.training.evaluate import evaluate
 
-    if json_path is not None and not Path(json_path).resolve().parent.is_dir():
-        raise OutputError(f"{json_path}: parent directory does not exist")
+    if json_path is not None:  # refused before any work: never over the model or the data file
+        check_side_file(json_path, inputs=[model, data])
     _threads(threads)
     result = evaluate(model, data, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
                       device=device, progress=not quiet)
     text = json.dumps(result)
     if json_path is not None:
-        path = Path(json_path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        write_atomic(json_path, text + "\n", inputs=[model, data])
     click.echo(text)
 
 

@@ -3,6 +3,7 @@ and a bar chart drawn from them, and the SLERP parity check between cpift's and 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import platform
@@ -10,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from .errors import ParameterError
+from .publish import write_atomic
 
 
 def machine() -> dict:
@@ -307,7 +309,9 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
     ax2.set_ylabel("work / floor work (physical;\ncores: read pass), quiet")
     ax2.axhline(1.0, color="#999999", lw=0.8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return write_atomic(path, png.getvalue())

@@ -41,6 +41,7 @@ from .hub import snapshot_commit, split_ref
 SAMPLE_BYTES = 65536
 CARD_NAME = "README.md"
 RECIPE_NAME = "cpift_recipe.yml"
+MERGEKIT_NAME = "mergekit_config.yml"  # the name mergekit gives the config it writes into an output
 MERGEKIT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 _DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 
@@ -80,14 +81,37 @@ class CardInput:
         return split_ref(self.ref)[0] if self.commit else None
 
     @property
-    def name(self) -> str:
-        """How the card's base_model lists it: the Hub id, else the absolute path."""
-        return self.hub_repo or os.path.abspath(self.path)
-
-    @property
     def recipe_ref(self) -> str:
-        """How a recipe names it: the Hub id pinned to the commit read, else the absolute path."""
+        """Its identity anywhere on this machine: the Hub id pinned to the commit read, else the
+        absolute path (core-mask metadata records this)."""
         return f"{self.hub_repo}@{self.commit}" if self.hub_repo else os.path.abspath(self.path)
+
+    def shown(self, out: str | os.PathLike | None) -> str:
+        """How the card and the recipe of output ``out`` name it: the Hub id pinned to the commit read,
+        else its path relative to ``out`` (``local_ref``)."""
+        return f"{self.hub_repo}@{self.commit}" if self.hub_repo else local_ref(self.path, out)
+
+
+def local_ref(path: str | os.PathLike, out: str | os.PathLike | None) -> str:
+    """A local path as an output's card and recipe record it: relative to the output directory ``out``
+    (a recipe marked ``relative_to_recipe`` resolves it from its own directory), so no absolute path
+    or home directory name is published. Where the relative path would spell the home directory's name
+    (the input under it, the output outside it) or there is no ``out``, the base name only."""
+    src = os.path.abspath(path)
+    if out is None:
+        return os.path.basename(src)
+    dst = os.path.abspath(out)
+    home = os.path.expanduser("~")
+
+    def under(p: str) -> bool:
+        return home not in ("", "/") and (p == home or p.startswith(home.rstrip(os.sep) + os.sep))
+
+    if under(src) and not under(dst):
+        return os.path.basename(src)
+    try:
+        return os.path.relpath(src, dst)
+    except ValueError:  # another drive (Windows)
+        return os.path.basename(src)
 
 
 def roles_for(method: str, n: int) -> list[str]:
@@ -131,21 +155,23 @@ def _dtype_name(d: Any) -> str | None:
 
 
 def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardInput],
-                    settings: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+                    settings: Mapping[str, Any], out: str | os.PathLike | None = None
+                    ) -> tuple[dict | None, str | None]:
     """The config that reproduces a merge of one of the six methods, or (None, why not).
 
     ``params`` as the methods pass them: ``t``; ``weights`` (one per non-base input); ``density`` (one
     per non-base input); ``lambda``; ``normalize``; ``global_trim``; ``seed``. ``settings``: ``dtype``,
     ``out_dtype``, ``max_shard_size`` (bytes), ``copy_tokenizer_from`` (None: the first input).
+    ``out``: the output directory local paths are written relative to (``local_ref``).
     """
     if method not in MERGEKIT_METHODS:
         return None, f"cpift has no generated recipe for '{method}'"
     fns = [k for k, v in params.items() if is_per_tensor(v)]
     if fns:
         return None, f"'{fns[0]}' is a per-tensor Python function, which a recipe cannot spell"
-    refs = [i.recipe_ref for i in inputs]
-    if len(set(refs)) < len(refs):
+    if len({i.recipe_ref for i in inputs}) < len(inputs):
         return None, "the same model is given twice, which a mergekit config cannot express"
+    refs = [i.shown(out) for i in inputs]
     cfg: dict[str, Any] = {"merge_method": method}
     if method == "slerp":
         cfg["base_model"] = refs[0]
@@ -168,12 +194,12 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
     for key in ("dtype", "out_dtype"):
         if settings.get(key) is not None:
             cfg[key] = _dtype_name(settings[key])
-    cfg["cpift"] = _cpift_block(params, inputs, settings)
+    cfg["cpift"] = _cpift_block(params, inputs, settings, out)
     return cfg, None
 
 
 def _cpift_block(params: Mapping[str, Any], inputs: Sequence[CardInput],
-                 settings: Mapping[str, Any]) -> dict[str, Any]:
+                 settings: Mapping[str, Any], out: str | os.PathLike | None) -> dict[str, Any]:
     block: dict[str, Any] = {}
     if "seed" in params:
         block["seed"] = int(params["seed"])
@@ -181,20 +207,22 @@ def _cpift_block(params: Mapping[str, Any], inputs: Sequence[CardInput],
         block["global_trim"] = True
     if settings.get("max_shard_size") is not None:
         block["max_shard_size"] = int(settings["max_shard_size"])
-    donor = _donor(inputs, settings)
+    donor = _donor(inputs, settings, out)
     if donor is not None:
         block["copy_tokenizer_from"] = donor
+    if out is not None and (donor is not None or not all(i.hub_repo for i in inputs)):
+        block["relative_to_recipe"] = True
     return block
 
 
-def _donor(inputs: Sequence[CardInput], settings: Mapping[str, Any]) -> str | None:
+def _donor(inputs: Sequence[CardInput], settings: Mapping[str, Any], out: str | os.PathLike | None) -> str | None:
     """The tokenizer donor as a recipe names it, or None when it is the first input (a config run's
     default: base_model, else the first model, which is inputs[0] in a generated recipe)."""
     donor = settings.get("copy_tokenizer_from")
     if donor is None or os.path.abspath(donor) == os.path.abspath(inputs[0].path):
         return None
     same = [i for i in inputs if os.path.abspath(i.path) == os.path.abspath(donor)]
-    return same[0].recipe_ref if same else os.path.abspath(donor)
+    return same[0].shown(out) if same else local_ref(donor, out)
 
 
 def rewrite_config(raw: Mapping[str, Any], refs: Mapping[str, str], *, top: Mapping[str, Any] = {},
@@ -242,8 +270,15 @@ def _dump(data: Any) -> str:
 
 def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardInput],
                settings: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None,
-               definition: str | None = None) -> dict[str, str]:
-    """README.md and, when the merge can be reproduced, cpift_recipe.yml for one merge output.
+               definition: str | None = None, out: str | os.PathLike | None = None,
+               relation: str | None = "merge") -> dict[str, str]:
+    """README.md and, when the merge can be reproduced, cpift_recipe.yml for one merge output; for a
+    merge mergekit can express, also mergekit_config.yml (mergekit's own record, which Hub tools read).
+
+    The front matter lists under ``base_model`` only the inputs pulled from the Hub (their commits are
+    in the body and the recipe), with ``base_model_relation`` (the Hub's spelling: ``merge``); with no
+    Hub input it has no ``base_model``. Local inputs appear in the body and the recipe only, relative
+    to ``out`` (``local_ref``): no absolute path or home directory name is published.
 
     Args:
         method: the method or step name (``ties``, ``fuse``, ...).
@@ -255,6 +290,8 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
         recipe: a reproducing config to record as is (a config run, or a step of its own); default:
             generated for the six mergekit methods.
         definition: one line saying what the method computes (default: known for the six methods).
+        out: the output directory (local inputs are named relative to it).
+        relation: the front matter's ``base_model_relation`` (None: left out, e.g. for core masks).
 
     Returns:
         ``{file name: text}`` for ``ShardWriter.finish``.
@@ -272,9 +309,12 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
     settings = dict(settings or {})
     why = None
     if recipe is None:
-        recipe, why = mergekit_recipe(method=method, params=params, inputs=inputs, settings=settings)
-    front = {"base_model": list(dict.fromkeys(i.name for i in inputs)), "tags": ["cpift", "merge"],
-             "library_name": "transformers"}
+        recipe, why = mergekit_recipe(method=method, params=params, inputs=inputs, settings=settings, out=out)
+    hub = list(dict.fromkeys(i.hub_repo for i in inputs if i.hub_repo))
+    front: dict[str, Any] = {"base_model": hub} if hub else {}
+    if hub and relation is not None:
+        front["base_model_relation"] = relation
+    front.update({"tags": ["cpift", "merge"], "library_name": "transformers"})
     lines = ["---", _dump(front).rstrip("\n"), "---", "",
              f"# {method} merge of {len(inputs)} models", "",
              f"Made with cpift (`cpift-merge`), method **{method}**"
@@ -283,11 +323,12 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
     lines += [f"| {k} | {_value(v)} |" for k, v in params.items()]
     shown = {k: _dtype_name(v) if "dtype" in k else _value(v) for k, v in settings.items()
              if v is not None and k != "copy_tokenizer_from"}
-    if _donor(inputs, settings) is not None:
-        shown["copy_tokenizer_from"] = _donor(inputs, settings)
+    if _donor(inputs, settings, out) is not None:
+        shown["copy_tokenizer_from"] = _donor(inputs, settings, out)
     lines += [f"| {k} | {v} |" for k, v in shown.items()]
     lines += ["", "## Inputs", "", "| role | model | Hub commit | fingerprint (sha256) |", "|---|---|---|---|"]
-    lines += [f"| {i.role} | `{i.name}` | {i.commit or '–'} | `{input_hash(i.path)}` |" for i in inputs]
+    lines += [f"| {i.role} | `{i.hub_repo or local_ref(i.path, out)}` | {i.commit or '–'} | `{input_hash(i.path)}` |"
+              for i in inputs]
     lines += ["", "Fingerprint: SHA-256 of the index JSON (or the single file's safetensors header) and the "
                   f"first {SAMPLE_BYTES // 1024} KiB of tensor data of each shard; a Hub commit pins all "
                   "the weights.", "", "## Reproduce", ""]
@@ -295,6 +336,10 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
     if recipe is not None:
         text = f"# Reproduce with: cpift-merge config {RECIPE_NAME} -o OUT\n" + _dump(dict(recipe))
         files[RECIPE_NAME] = text
+        if "merge_method" in recipe:  # a mergekit config, not a cpift step
+            files[MERGEKIT_NAME] = (f"# mergekit's record of this merge (cpift adds {RECIPE_NAME}); local paths "
+                                    f"are relative to this directory\n"
+                                    + _dump({k: v for k, v in recipe.items() if k != "cpift"}))
         lines += [f"```bash\ncpift-merge config {RECIPE_NAME} -o OUT\n```", "",
                   f"with `{RECIPE_NAME}` (in this directory):", "", "```yaml", text.rstrip("\n"), "```"]
     else:

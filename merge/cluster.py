@@ -9,6 +9,7 @@ union; their Jaccard is taken as 0 (no evidence of overlap).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from cpift.kernels.masks import overlap
 
 from .core_masks import CoreMask, load_core_mask
 from .cores import check_task_names
-from .errors import MismatchError, OutputError, ParameterError
+from .errors import MismatchError, ParameterError
+from .publish import write_atomic
 
 PathLike = str | os.PathLike
 
@@ -141,18 +143,14 @@ def cluster_masks(masks: Sequence[PathLike], *, tau: float = 0.1, order: str = "
     return ClusterResult(task_names, jac, [[task_names[i] for i in g] for g in comps], stage, tau)
 
 
-def write_json(result: ClusterResult, path: PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+def write_json(result: ClusterResult, path: PathLike, *, inputs: Sequence[PathLike] = ()) -> None:
+    """Write the result's JSON atomically; never over (or as a directory holding) one of ``inputs``."""
+    write_atomic(path, json.dumps(result.to_json(), indent=2) + "\n", inputs=inputs)
 
 
-def plot_heatmap(result: ClusterResult, path: PathLike) -> None:
-    """Jaccard heatmap with each group outlined (needs matplotlib: pip install cpift[plot])."""
+def plot_heatmap(result: ClusterResult, path: PathLike, *, inputs: Sequence[PathLike] = ()) -> None:
+    """Jaccard heatmap with each group outlined (needs matplotlib: pip install cpift[plot]), written
+    atomically; never over one of ``inputs``."""
     try:
         import matplotlib
 
@@ -181,9 +179,9 @@ def plot_heatmap(result: ClusterResult, path: PathLike) -> None:
     ax.set_title(f"Core overlap (Jaccard); groups at τ = {result.tau}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
+    png = io.BytesIO()
     try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+        fig.savefig(png, format="png", dpi=120)
     finally:
         plt.close(fig)
+    write_atomic(path, png.getvalue(), inputs=inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -186,10 +187,12 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
 # Running it
 
 
-def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None) -> Path:
+def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *,
+                  base_dir: str | os.PathLike | None = None) -> Path:
     """A model reference as mergekit reads it: an existing path, relative to the *current working
     directory* (not to the config file), else a Hugging Face repo id (``org/name[@revision]``), pulled
-    into the Hub cache (merge/hub.py: offline, only the cache is looked at).
+    into the Hub cache (merge/hub.py: offline, only the cache is looked at). With ``base_dir`` (a
+    recipe marked ``cpift.relative_to_recipe``: its directory), a relative path is looked for there.
 
     Raises:
         ConfigError: neither a path nor a Hub model that can be had; the message says why.
@@ -197,6 +200,8 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None) -
     from .errors import HubError
     from .hub import pull, split_ref
 
+    if base_dir is not None and not os.path.isabs(ref) and os.path.exists(os.path.join(base_dir, ref)):
+        return Path(os.path.abspath(os.path.join(base_dir, ref)))
     if os.path.exists(ref):
         return Path(os.path.abspath(ref))
     repo, _, rev = ref.partition("@")
@@ -302,9 +307,11 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     """
     cfg = load_config(path)
     src = cfg.source
-    paths = {m.model: resolve_model(m.model, f"{m.field}.model", src) for m in cfg.models}
+    here = os.path.dirname(os.path.abspath(src)) if cfg.cpift.get("relative_to_recipe") else None
+    resolve = functools.partial(resolve_model, base_dir=here)
+    paths = {m.model: resolve(m.model, f"{m.field}.model", src) for m in cfg.models}
     if cfg.base_model is not None and cfg.base_model not in paths:
-        paths[cfg.base_model] = resolve_model(cfg.base_model, "base_model", src)
+        paths[cfg.base_model] = resolve(cfg.base_model, "base_model", src)
     first = paths[cfg.models[0].model]
     num_layers = _num_layers(_model_config(first))
     if cfg.layer_range is not None:
@@ -321,11 +328,11 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     if cfg.tokenizer_source is not None:
         tok = (donor if cfg.tokenizer_source == "base"
                else paths.get(cfg.tokenizer_source)
-               or resolve_model(cfg.tokenizer_source, "tokenizer_source", src))
+               or resolve(cfg.tokenizer_source, "tokenizer_source", src))
         _check_tokenizer(cfg, tok, list(dict.fromkeys(paths.values())), first)
         donor = tok
     if "copy_tokenizer_from" in cfg.cpift:
-        donor = resolve_model(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
+        donor = resolve(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
 
     from . import methods  # the engine, only once the config is known to be good
 
@@ -343,39 +350,43 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     settings = {"dtype": cfg.dtype, "out_dtype": cfg.out_dtype or cfg.dtype, "copy_tokenizer_from": donor,
                 **{k: cfg.cpift[k] for k in ("max_shard_size",) if k in cfg.cpift}}
     settings.update({k: v for k, v in common.items() if v is not None})
-    settings["recipe"] = _recipe(cfg, call, paths, settings)
+    settings["recipe"] = _recipe(cfg, call, paths, settings, out, here)
+    settings["inputs"] = [path, *settings.get("inputs", ())]  # -o may not be or hold the config file
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result
 
 
-def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], settings: Mapping[str, Any]):
+def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], settings: Mapping[str, Any],
+            out, here: str | None):
     """The recipe a config run records: None when the engine can generate it from the call's constant
-    parameters (merge/card.py), else this config made runnable anywhere (gradients and filters kept)."""
-    from .card import CardInput, is_per_tensor, rewrite_config
+    parameters (merge/card.py), else this config with its paths relative to ``out`` and marked so
+    (gradients and filters kept)."""
+    from .card import CardInput, is_per_tensor, local_ref, rewrite_config
     from .engine import parse_dtype
-    from .writer import parse_size
+    from .sizes import parse_size
 
     if not any(is_per_tensor(v) for v in call.kwargs.values()):
         return None
-    refs = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items()}
+    refs = {ref: CardInput(ref, p).shown(out) for ref, p in paths.items()}
     tok = cfg.tokenizer_source
     if tok not in (None, "base") and tok not in refs:
-        refs[tok] = os.path.abspath(resolve_model(tok, "tokenizer_source", cfg.source))
+        refs[tok] = local_ref(resolve_model(tok, "tokenizer_source", cfg.source, base_dir=here), out)
     # The dtypes in effect (the command line may override the config's), spelled as a config does.
     top = {k: str(parse_dtype(settings[k], k)).removeprefix("torch.") for k in ("dtype", "out_dtype")
            if settings.get(k) is not None}
     cpift = {"seed": call.kwargs["seed"]} if "seed" in call.kwargs else {}
     cpift["max_shard_size"] = parse_size(settings.get("max_shard_size", "5GB"))
-    if "copy_tokenizer_from" in cfg.cpift or settings["copy_tokenizer_from"] != _default_donor(cfg, paths):
+    if "copy_tokenizer_from" in cfg.cpift or settings["copy_tokenizer_from"] != _default_donor(cfg, paths, here):
         donor = os.path.abspath(settings["copy_tokenizer_from"])
         cpift["copy_tokenizer_from"] = next((refs[r] for r, p in paths.items()
-                                             if os.path.abspath(p) == donor), donor)
+                                             if os.path.abspath(p) == donor), local_ref(donor, out))
+    cpift["relative_to_recipe"] = True
     return rewrite_config(cfg.raw, refs, top=top, cpift=cpift)
 
 
-def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path]) -> Path:
+def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path], here: str | None) -> Path:
     if cfg.tokenizer_source not in (None, "base"):
         return paths.get(cfg.tokenizer_source) or resolve_model(cfg.tokenizer_source, "tokenizer_source",
-                                                                cfg.source)
+                                                                cfg.source, base_dir=here)
     return paths[cfg.base_model] if cfg.base_model is not None else paths[cfg.models[0].model]

@@ -256,8 +256,9 @@ def param_fn(value: Any, num_layers: int | None, *, name: str = "value",
 CPIFT_KEYS = {
     "seed": "seed of the DARE drop masks (dare_linear, dare_ties)",
     "global_trim": "TIES trim with one magnitude threshold over the whole model (ties)",
-    "max_shard_size": "largest output shard, bytes or 500MB / 2GB / 1GiB",
+    "max_shard_size": "largest output shard, bytes or 500M / 1B (10^9) / 2GB / 1GiB",
     "copy_tokenizer_from": "model directory or Hub id to copy config.json and the tokenizer from",
+    "relative_to_recipe": "true: relative paths are relative to this file's directory (recipes cpift writes)",
 }
 
 
@@ -289,16 +290,22 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
                 raise ConfigError(f"{_where(source, fld)}: only ties trims by magnitude; remove it for "
                                   f"{method}")
             val = _boolean(val, fld, source)
+        elif key == "relative_to_recipe":
+            val = _boolean(val, fld, source)
         elif key == "max_shard_size":
-            from .writer import parse_size
+            from .sizes import parse_size, size_bytes
 
             try:
                 if isinstance(val, bool) or not isinstance(val, (int, float, str)):
                     raise ValueError
-                val = parse_size(val)
+                size_bytes(val)
             except ValueError:  # ParameterError included
-                raise ConfigError(f"{_where(source, fld)}: expected a positive size in bytes or like 500MB, "
-                                  f"2GB, 1GiB; got {val!r}") from None
+                raise ConfigError(f"{_where(source, fld)}: expected a positive size in bytes or like 500M, "
+                                  f"1B, 2GB, 1GiB; got {val!r}") from None
+            try:
+                val = parse_size(val)
+            except ValueError as e:  # under 1 MB with a suffix
+                raise ConfigError(f"{_where(source, fld)}: {str(e).split(': ', 1)[1]}") from None
         elif not isinstance(val, str) or not val.strip():
             raise ConfigError(f"{_where(source, fld)}: expected a model directory or Hub id, got {val!r}")
         out[key] = val

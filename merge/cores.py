@@ -18,7 +18,6 @@ import fnmatch
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,9 @@ from cpift.kernels.finite import first_nonfinite
 from cpift.kernels.topk import GlobalTopK
 
 from .core_masks import block_size, mask_entries, parse_granularity, save_core_mask
-from .engine import _Prefetcher, _progress, check_compatible, open_models
+from .engine import _Prefetcher, _progress, check_compatible, model_paths, open_models
 from .errors import NonFiniteError, OutputError, ParameterError
-from .writer import check_output, partial_dir
+from .publish import check_output, publish_dir
 
 PathLike = str | os.PathLike
 KINDS = ("attention", "mlp", "embeddings", "norms", "head", "other")
@@ -140,7 +139,7 @@ def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[s
 def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: PathLike, *, p: float = 1.0,
                   granularity: str = "element", include: Sequence[str] | None = None,
                   exclude: Sequence[str] | None = None, overwrite: bool = False, progress: bool = True,
-                  backend: str | None = None) -> CoresResult:
+                  backend: str | None = None, inputs: Sequence[PathLike] = ()) -> CoresResult:
     """Write each task's core mask (exact global top-p% of |θ_task − θ_base|) to ``out/NAME.safetensors``.
 
     Args:
@@ -150,6 +149,9 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         p: percentage of entries in the core, in (0, 100].
         granularity: "element", "row" or "block:N" (a mask entry per parameter, row or N-block).
         include, exclude: glob patterns over tensor names (default: every floating-point tensor).
+        overwrite: replace an earlier cpift output (or an empty directory) at ``out``, once the new
+            masks are complete; any other existing path is refused (merge/publish.py).
+        inputs: files read besides the models (a recipe): ``out`` may not be, hold or lie inside them.
 
     Returns:
         CoresResult with k, the threshold and the core's distribution per task.
@@ -171,8 +173,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         raise ParameterError("model: give at least one task as --model NAME=PATH")
     check_task_names([n for n, _ in tasks])
     granularity = parse_granularity(granularity)
-    out = check_output(out, overwrite=overwrite)
     models = open_models([base, *[path for _, path in tasks]])
+    out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), *inputs])
     check_compatible(models)
     first = models[0]
     names = _scored([n for n in first.names() if first.info(n).dtype.is_floating_point], include, exclude)
@@ -230,39 +232,32 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     # the recipe records the same identity, so its mask files are byte-identical.
     identity = [{"model": CardInput(os.fspath(m.ref), m.path).recipe_ref, "sha256": input_hash(m.path)}
                 for m in models]
-    tmp = partial_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     results = []
     try:
-        for i, (task_name, task_path) in enumerate(tasks):
-            t = thresholds[i]
-            save_core_mask(tmp / f"{task_name}.safetensors", packed[i], shapes, granularity=granularity, p=p,
-                           k=t.k, threshold=t.value if t.k else math.inf, counts=counts[i],
-                           base=identity[0], task=identity[i + 1])
-            by_kind: dict[str, int] = {}
-            for n, c in counts[i].items():
-                by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
-            results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k,
-                                    t.value if t.k else math.inf, counts[i], by_kind))
-        for fname, text in _card(models, tasks, p, granularity, include, exclude, results).items():
-            (tmp / fname).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)  # overwrite was checked by check_output
-        os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{out}: cannot write the masks ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with publish_dir(out, overwrite=overwrite) as tmp:  # locked; renamed into place when complete
+            for i, (task_name, task_path) in enumerate(tasks):
+                t = thresholds[i]
+                save_core_mask(tmp / f"{task_name}.safetensors", packed[i], shapes, granularity=granularity,
+                               p=p, k=t.k, threshold=t.value if t.k else math.inf, counts=counts[i],
+                               base=identity[0], task=identity[i + 1])
+                by_kind: dict[str, int] = {}
+                for n, c in counts[i].items():
+                    by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
+                results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k,
+                                        t.value if t.k else math.inf, counts[i], by_kind))
+            for fname, text in _card(models, tasks, p, granularity, include, exclude, results, out).items():
+                (tmp / fname).write_text(text)
+    except OutputError:
         raise
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write the masks ({e.strerror or e})") from None
     kinds: dict[str, int] = {}
     for n in names:
         kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + entries[n]
     return CoresResult(out, p, granularity, total, kinds, results, 3 * pass_bytes, time.perf_counter() - start)
 
 
-def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore]) -> dict[str, str]:
+def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore], out: Path) -> dict[str, str]:
     """README.md and cpift_recipe.yml of a masks directory (merge/card.py, merge/step_recipe.py)."""
     from .card import CardInput, card_files
     from .step_recipe import cores_recipe
@@ -273,7 +268,7 @@ def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCor
               "exclude": list(exclude or []) or "none",
               **{f"{t.name}: k, threshold": f"{t.k:,}, {t.threshold:.9g}" for t in results}}
     recipe = cores_recipe(models[0].ref, [(n, m.ref) for (n, _), m in zip(tasks, models[1:])], p=p,
-                          granularity=granularity, include=include, exclude=exclude)
-    return card_files(method="cores", params=params, inputs=inputs, recipe=recipe,
+                          granularity=granularity, include=include, exclude=exclude, out=out)
+    return card_files(method="cores", params=params, inputs=inputs, recipe=recipe, out=out, relation=None,
                       definition="each task's core mask, the exact global top-p% of |θ_task − θ_base| "
                                  "(DESIGN §1.2, mask format §4)")

@@ -3,6 +3,7 @@ CPI chain cores → cluster → fuse on them, and report."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -17,6 +18,11 @@ from .synthetic import PRESETS, describe, make_checkpoint
 
 def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], None] = print) -> list:
     """Build checkpoints in ``workdir`` (a temporary directory if None) and run each merge once."""
+    if workdir:
+        from .publish import check_not_protected
+
+        check_not_protected(workdir, what="workdir")
+        _check_demo_workdir(Path(workdir))
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="cpift-demo-"))
     shape = PRESETS[size]
     try:
@@ -29,16 +35,18 @@ def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], 
         echo(f"built in {time.perf_counter() - t0:.1f} s")
         out = root / "merged"
         common = dict(progress=False, overwrite=True)
+        a, b, bs = f"{task_a}", f"{task_b}", f"--base {base}"
+        o = f"--overwrite -q --threads 1 -o {out}"  # what each run below does, as a command that runs as typed
         runs = [
-            ("cpift-merge slerp task_a task_b --t 0.3",
+            (f"cpift-merge slerp {a} {b} --t 0.3 {o}/slerp",
              lambda: methods.slerp(task_a, task_b, out / "slerp", t=0.3, **common)),
-            ("cpift-merge linear task_a task_b --weights 1,3",
-             lambda: methods.linear([task_a, task_b], out / "linear", weights=[1, 3], **common)),
-            ("cpift-merge task-arithmetic --base base task_a task_b --lambda 0.8",
+            (f"cpift-merge linear {a} {b} --weights 1,3 {o}/linear",
+             lambda: methods.linear([task_a, task_b], out / "linear", weights=[1.0, 3.0], **common)),
+            (f"cpift-merge task-arithmetic {bs} {a} {b} --lambda 0.8 {o}/task_arithmetic",
              lambda: methods.task_arithmetic(base, [task_a, task_b], out / "task_arithmetic", lam=0.8, **common)),
-            ("cpift-merge ties --base base task_a task_b --density 0.3",
+            (f"cpift-merge ties {bs} {a} {b} --density 0.3 {o}/ties",
              lambda: methods.ties(base, [task_a, task_b], out / "ties", density=0.3, **common)),
-            ("cpift-merge dare-ties --base base task_a task_b --density 0.5 --seed 0",
+            (f"cpift-merge dare-ties {bs} {a} {b} --density 0.5 --seed 0 {o}/dare_ties",
              lambda: methods.dare_ties(base, [task_a, task_b], out / "dare_ties", density=0.5, **common)),
         ]
         out.mkdir(exist_ok=True)
@@ -56,6 +64,25 @@ def run_demo(workdir: str | None, *, size: str = "small", echo: Callable[[str], 
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _check_demo_workdir(root: Path) -> None:
+    """The demo writes models/, merged/ and cores/ in ``root``: refuse a non-directory, and any of those
+    three that already holds something no earlier demo wrote."""
+    from .errors import UnsafeOutputError
+    from .publish import is_cpift_output
+
+    if os.path.lexists(root) and (root.is_symlink() or not root.is_dir()):
+        raise UnsafeOutputError(f"{root}: the demo workdir exists and is not a directory; choose a new --workdir")
+    models = root / "models"
+    for sub in ("base", "task_a", "task_b"):
+        path = models / sub
+        if os.path.lexists(path) and not (path / "config.json").is_file():
+            raise UnsafeOutputError(f"{path}: exists and is not a demo checkpoint; choose a new --workdir")
+    for path in [root / "cores", *(root / "merged" / m for m in
+                                   ("slerp", "linear", "task_arithmetic", "ties", "dare_ties", "fused"))]:
+        if os.path.lexists(path) and not is_cpift_output(path):
+            raise UnsafeOutputError(f"{path}: exists and was not written by cpift; choose a new --workdir")
+
+
 def _cpi_chain(root: Path, base: Path, tasks: dict[str, Path], echo: Callable[[str], None]) -> list:
     """cores → cluster → fuse, as a user would run them (the backbone here: task_a)."""
     from .cluster import cluster_masks
@@ -63,18 +90,20 @@ def _cpi_chain(root: Path, base: Path, tasks: dict[str, Path], echo: Callable[[s
     from .fuse import fuse
 
     cores_dir = root / "cores"
-    echo("$ cpift-merge cores --base base " + " ".join(f"--model {n}={n}" for n in tasks) + " --p 1 -o cores")
+    echo(f"$ cpift-merge cores --base {base} " + " ".join(f"--model {n}={p}" for n, p in tasks.items())
+         + f" --p 1 --overwrite -q --threads 1 -o {cores_dir}")
     cores = compute_cores(base, list(tasks.items()), cores_dir, p=1, progress=False, overwrite=True)
     echo("\n".join("  " + line for line in cores.table().splitlines()))
     echo("  " + cores.summary())
     masks = [cores_dir / f"{n}.safetensors" for n in tasks]
-    echo("$ cpift-merge cluster " + " ".join(f"cores/{n}.safetensors" for n in tasks) + " --tau 0.1 --seed 0")
+    echo("$ cpift-merge cluster " + " ".join(f"{cores_dir / n}.safetensors" for n in tasks) + " --tau 0.1 --seed 0")
     groups = cluster_masks(masks, tau=0.1, seed=0)
     echo("\n".join("  " + line for line in groups.table().splitlines()))
     order = [n for stage in groups.stages() for n in stage]
-    echo("$ cpift-merge fuse --backbone task_a " + " ".join(f"--task {n}={n}:cores/{n}.safetensors" for n in order)
-         + " -o merged/fused")
+    echo(f"$ cpift-merge fuse --backbone {tasks['task_a']} "
+         + " ".join(f"--task {n}={tasks[n]}:{cores_dir / n}.safetensors" for n in order)
+         + f" --overwrite -q --threads 1 -o {root / 'merged' / 'fused'}")
     fused = fuse(tasks["task_a"], [(n, tasks[n], cores_dir / f"{n}.safetensors") for n in order],
-                 root / "merged" / "fused", progress=False, overwrite=True)
+                 root / "merged" / "fused", progress=False, overwrite=True, max_shard_size="5GB")
     echo("  " + fused.summary())
     return [fused]

@@ -29,8 +29,9 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import OutputError
+from .publish import partial_dir
 from .resume import inspect_partial
-from .writer import OutTensor, partial_dir, plan_shards
+from .writer import OutTensor, plan_shards
 
 KERNEL_BUFFERS = 48 << 20  # kernels/_scratch.py's 1 MiB chunk buffers, a few per input, and slack
 KERNEL_BYTES_PER_ELEMENT = 3  # the trim's selection temporaries (see above)

@@ -27,8 +27,11 @@ from .checkpoint import DTYPE_NAMES, Checkpoint
 from .dryrun import MergePlan, plan_merge
 from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from .device import DeviceStager, parse_device
+from .out_config import config_with_dtype
+from .publish import check_output
 from .resume import fingerprint
-from .writer import OutTensor, ShardWriter, check_output, parse_size, plan_shards
+from .sizes import parse_size
+from .writer import OutTensor, ShardWriter, plan_shards
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]
@@ -158,7 +161,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                  notes: list[str] | None = None, params: dict | None = None,
                  backend: str | None = None, device: str | torch.device | None = None,
                  dry_run: bool = False, resume: bool = False,
-                 roles: Sequence[str] | None = None) -> MergeResult | MergePlan:
+                 roles: Sequence[str] | None = None,
+                 inputs: Sequence[str | os.PathLike] = ()) -> MergeResult | MergePlan:
     """Run ``combine`` over every floating-point tensor of ``models`` and write the result to ``out``.
 
     Non-floating tensors (integer buffers) are copied from the first model. Everything that can be
@@ -169,6 +173,9 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     here); ``device`` "cuda" computes on the GPU through pinned staging buffers (merge/device.py).
 
     ``roles``: what each model is to the method, for the card (default: base/model).
+    ``inputs``: files read besides the models (masks, the config or recipe file): ``out`` may not be,
+    hold or lie inside any of them, nor any model, shard or ``copy_tokenizer_from`` (merge/publish.py);
+    ``overwrite`` replaces only an earlier cpift output or an empty directory.
     ``dry_run``: validate everything, write nothing, return the MergePlan (merge/dryrun.py).
     ``resume``: continue a merge into ``out`` that was interrupted, keeping the output shards it
     finished (merge/resume.py); refused if its options or inputs differ from this call's. ``params``
@@ -180,16 +187,18 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     compute_dtype = parse_dtype(dtype, "dtype")
     store_dtype = parse_dtype(out_dtype, "out_dtype") or compute_dtype
     shard_bytes = parse_size(max_shard_size)
-    out = check_output(out, overwrite=overwrite)
+    out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), copy_tokenizer_from, *inputs])
     side_from = Path(copy_tokenizer_from) if copy_tokenizer_from is not None else models[0].dir
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
     notes = list(notes or []) + check_compatible(models)
-    card = card_files(method=method, params=params or {}, recipe=recipe,
+    card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
                       inputs=[CardInput(m.ref, m.path, role)
                               for m, role in zip(models, roles or roles_for(method, len(models)))],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from})
+
+    card.update(config_with_dtype(side_from, store_dtype))  # replaces the copied config.json
 
     first = models[0]
     names = first.names()
@@ -210,7 +219,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                           metadata=metadata, compute_dtype=compute_dtype, fingerprint=fp if resume else None,
                           notes=notes)
 
-    writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata=metadata, fingerprint=fp, resume=resume)
+    writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata=metadata, fingerprint=fp, resume=resume,
+                         overwrite=overwrite)
     names, plan = writer.pending(names, plan)  # a resume computes only the shards it does not keep
     notes += writer.notes
     total_in = sum(m.info(n).nbytes for n in names for m in models)
@@ -262,6 +272,11 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
             m.close()
     return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
                        time.perf_counter() - start, notes)
+
+
+def model_paths(models: Sequence[Checkpoint]) -> list[Path]:
+    """Every path a merge reads of its models: each directory and shard file (a Hub snapshot's blobs too)."""
+    return [p for m in models for p in (m.dir, *sorted({info.file for info in m.tensors.values()}))]
 
 
 def _cast(views: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:

@@ -47,3 +47,12 @@ class HubError(CpiftError, OSError):
 
 class BenchError(CpiftError, RuntimeError):
     """A command that ``cpift-merge bench`` measures failed; the message names it and its last line."""
+
+
+class UnsafeOutputError(OutputError):
+    """The output would replace or lie inside something cpift did not write: an input, a user's
+    directory, a file, FIFO or device, ``/``, the current or the home directory (merge/publish.py)."""
+
+
+class OutputBusyError(OutputError):
+    """Another cpift run is writing the same output right now (its partial directory is locked)."""

@@ -115,7 +115,10 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
 
     params = {"tasks": [t[0] for t in tasks], "masks": [os.fspath(t[2]) for t in tasks], "overlap": overlap,
               "omega": omega if omega is not None else "1/(k+1)"}
-    recipe = fuse_recipe(backbone, tasks, overlap=overlap, base=base if overlap == "largest" else None, omega=omega,
+    recipe = fuse_recipe(backbone, tasks, out=out, overlap=overlap, base=base if overlap == "largest" else None,
+                         omega=omega,
                          settings={k: common.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
     roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
-    return stream_merge("fuse", ckpts, out, combine, params=params, recipe=recipe, roles=roles, **common)
+    inputs = [*(t[2] for t in tasks), *common.pop("inputs", ())]  # -o may not be or hold a mask file
+    return stream_merge("fuse", ckpts, out, combine, params=params, recipe=recipe, roles=roles, inputs=inputs,
+                        **common)

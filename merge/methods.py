@@ -26,7 +26,7 @@ from cpift.kernels.select import magnitude_cut
 from cpift.kernels.slerp import slerp_blend, slerp_coefficients, slerp_reduce
 from cpift.kernels.ties import delta_merge
 
-from .engine import MergeResult, open_models, stream_merge
+from .engine import MergeResult, model_paths, open_models, stream_merge
 from .errors import ParameterError
 
 Param = Union[float, Callable[[str], float]]
@@ -180,7 +180,11 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
         if any(callable(d) for d in ds):
             raise ParameterError("density: --global-trim needs one constant density per model")
         from .global_trim import global_magnitude_cuts
+        from .publish import check_output
 
+        # Refuse a bad -o before the full pass over the inputs, not after it (stream_merge checks again).
+        check_output(out, overwrite=common.get("overwrite", False),
+                     inputs=[*model_paths(ckpts), common.get("copy_tokenizer_from"), *common.get("inputs", ())])
         if not common.get("dry_run"):  # a dry run validates; the cuts cost a full pass over the inputs
             global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds])
 

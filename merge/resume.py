@@ -37,6 +37,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, Checkpoint
 from .errors import OutputError
+from .publish import write_atomic
 
 MANIFEST = "cpift-resume.json"
 VERSION = 1
@@ -195,9 +196,7 @@ class Journal:
 
     def save(self) -> None:
         """Replace the manifest atomically: a reader sees the old one or the new one, never a torn one."""
-        part = self.tmp / (MANIFEST + ".tmp")
-        part.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(part, self.tmp / MANIFEST)
+        write_atomic(self.tmp / MANIFEST, json.dumps(self.data, indent=1) + "\n")
 
     def shard_done(self, file: str) -> None:
         """Hash ``file`` (complete in the page cache) in the background and record it."""

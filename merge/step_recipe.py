@@ -1,7 +1,9 @@
 """Recipes of the CPI steps (``cores``, ``fuse``), which mergekit's YAML cannot express.
 
 A step recipe is a YAML mapping with ``cpift_step: cores | fuse`` and that step's arguments, with
-absolute paths, recorded as ``cpift_recipe.yml`` in the step's output; ``cpift-merge config
+local paths relative to the step's output (``relative_to_recipe: true``: resolved from the recipe's
+own directory; merge/card.py ``local_ref``) and Hub ids as given, recorded as ``cpift_recipe.yml`` in
+the step's output; ``cpift-merge config
 cpift_recipe.yml -o OUT`` runs it again (the same function, the same arguments). Unknown keys and
 missing fields are ConfigErrors naming the file and the field.
 """
@@ -16,28 +18,32 @@ from .errors import ConfigError
 
 STEP_KEY = "cpift_step"
 _FIELDS = {
-    "cores": {"required": ("base", "models", "p"), "optional": ("granularity", "include", "exclude")},
+    "cores": {"required": ("base", "models", "p"),
+              "optional": ("granularity", "include", "exclude", "relative_to_recipe")},
     "fuse": {"required": ("backbone", "tasks"),
-             "optional": ("overlap", "base", "omega", "dtype", "out_dtype", "max_shard_size")},
+             "optional": ("overlap", "base", "omega", "dtype", "out_dtype", "max_shard_size", "relative_to_recipe")},
 }
 
 
-def _abs(p: str | os.PathLike) -> str:
+def _ref(p: str | os.PathLike, out: str | os.PathLike) -> str:
+    from .card import local_ref
     from .hub import is_hub_ref
 
-    return os.fspath(p) if not os.path.exists(p) and is_hub_ref(p) else os.path.abspath(p)
+    return os.fspath(p) if not os.path.exists(p) and is_hub_ref(p) else local_ref(p, out)
 
 
-def cores_recipe(base, tasks, *, p, granularity, include, exclude) -> dict[str, Any]:
-    return {STEP_KEY: "cores", "base": _abs(base), "models": [{"name": n, "model": _abs(m)} for n, m in tasks],
+def cores_recipe(base, tasks, *, p, granularity, include, exclude, out) -> dict[str, Any]:
+    return {STEP_KEY: "cores", "relative_to_recipe": True, "base": _ref(base, out),
+            "models": [{"name": n, "model": _ref(m, out)} for n, m in tasks],
             "p": p, "granularity": granularity, "include": list(include or []), "exclude": list(exclude or [])}
 
 
-def fuse_recipe(backbone, tasks, *, overlap, base, omega, settings: dict[str, Any]) -> dict[str, Any]:
-    recipe = {STEP_KEY: "fuse", "backbone": _abs(backbone),
-              "tasks": [{"name": n, "model": _abs(m), "mask": _abs(k)} for n, m, k in tasks], "overlap": overlap}
+def fuse_recipe(backbone, tasks, *, out, overlap, base, omega, settings: dict[str, Any]) -> dict[str, Any]:
+    recipe = {STEP_KEY: "fuse", "relative_to_recipe": True, "backbone": _ref(backbone, out),
+              "tasks": [{"name": n, "model": _ref(m, out), "mask": _ref(k, out)} for n, m, k in tasks],
+              "overlap": overlap}
     if base is not None:
-        recipe["base"] = _abs(base)
+        recipe["base"] = _ref(base, out)
     if omega is not None:
         recipe["omega"] = omega
     recipe.update({k: v for k, v in settings.items() if v is not None})
@@ -89,6 +95,8 @@ def run_step_recipe(path: str | os.PathLike, out: str | os.PathLike, **common):
     """Run the step a recipe describes into ``out``; ``common`` as for any merge command."""
     path = Path(path)
     data = _load(path)
+    if data.get("relative_to_recipe") is True:  # local paths are relative to the recipe's directory
+        data = _from_recipe_dir(data, path.parent)
     if data[STEP_KEY] == "cores":
         from .cores import compute_cores
 
@@ -96,10 +104,29 @@ def run_step_recipe(path: str | os.PathLike, out: str | os.PathLike, **common):
                              granularity=data.get("granularity", "element"),
                              include=data.get("include") or None, exclude=data.get("exclude") or None,
                              overwrite=common.get("overwrite", False), progress=common.get("progress", True),
-                             backend=common.get("backend"))
+                             backend=common.get("backend"), inputs=[path])
     from .fuse import fuse
 
     settings = {k: data[k] for k in ("dtype", "out_dtype", "max_shard_size") if k in data}
     merged = {**settings, **{k: v for k, v in common.items() if v is not None or k not in settings}}
+    merged["inputs"] = [path, *merged.get("inputs", ())]  # -o may not be or hold the recipe file
     return fuse(data["backbone"], _entries(data, path, "tasks", ("name", "model", "mask")), out,
                 overlap=data.get("overlap", "last"), base=data.get("base"), omega=data.get("omega"), **merged)
+
+
+def _from_recipe_dir(data: dict, here: Path) -> dict:
+    """The recipe with each relative path that exists beside it made absolute (Hub ids stay)."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, str) and not os.path.isabs(v) and os.path.exists(here / v):
+            return os.path.abspath(here / v)
+        return v
+
+    out = dict(data)
+    for key in ("base", "backbone"):
+        if key in out:
+            out[key] = fix(out[key])
+    for key in ("models", "tasks"):
+        if isinstance(out.get(key), list):
+            out[key] = [{k: fix(v) if k in ("model", "mask") else v for k, v in item.items()}
+                        if isinstance(item, dict) else item for item in out[key]]
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .writer import parse_size
+from .sizes import size_bytes
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def make_checkpoint(path: str | os.PathLike, shape: LlamaShape, *, dtype: torch.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    limit = parse_size(max_shard_size)
+    limit = size_bytes(max_shard_size)
     base_gen = torch.Generator().manual_seed(seed if base_seed is None else base_seed)
     delta_gen = torch.Generator().manual_seed(seed) if base_seed is not None else None
     # Shards planned from the shapes first, so each is generated and saved on its own: memory holds

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from . import _mman
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from .errors import OutputError, ParameterError
+from .publish import Publication
 from .resume import Journal, inspect_partial
 
 # Files copied from the first model (or --copy-tokenizer-from) so the output loads as a model.
@@ -33,29 +33,6 @@ SIDE_FILES = (
     "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from ``5GB`` (10^9), ``500MiB`` (2^20), ``123`` ...; transformers' convention."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        m = _SIZE.match(str(value))
-        unit = (m.group(2) or "").upper() if m else None
-        if unit is not None and unit and not unit.endswith("B"):
-            unit += "B"
-        if not m or unit not in _UNITS:
-            raise ParameterError(f"max_shard_size: cannot read '{value}' as a size "
-                                 f"(use bytes or a suffix like 500MB, 2GB, 1GiB)")
-        size = int(float(m.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ParameterError(f"max_shard_size: must be positive, got {value!r}")
-    return size
-
 
 @dataclass
 class Shard:
@@ -106,20 +83,6 @@ def plan_shards(tensors: list[OutTensor], max_shard_size: int,
     return shards
 
 
-def partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.cpift-partial"
-
-
-def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Fail early (before any work) if the output exists and overwrite is off."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: output already exists (pass --overwrite / overwrite=True to replace it)")
-    if not out.parent.exists():
-        raise OutputError(f"{out.parent}: parent directory of the output does not exist")
-    return out
-
-
 class ShardWriter:
     """Lays out the planned shards and hands out each output tensor as a writable view of them.
 
@@ -129,8 +92,10 @@ class ShardWriter:
     through write(2), no writer thread competing with the math for memory bandwidth. ``populate``
     maps a tensor's pages ahead of time (from the prefetch thread: page faults taken by torch's
     worker threads contend); ``release`` unmaps them once written (the page cache keeps the data).
-    ``finish`` writes the index and side files and renames the directory into place; ``abort``
-    removes the partial directory.
+    ``finish`` writes the index and side files and publishes the directory; ``abort`` removes the
+    partial directory. Both go through merge/publish.py: the partial directory is locked from
+    construction to the end (a second run on the same output is refused), and ``overwrite`` lets
+    ``finish`` replace an earlier cpift output, only once the new one is complete.
 
     With a ``fingerprint`` the partial directory holds a manifest of finished shards (merge/resume.py):
     call ``written`` after each tensor. With ``resume`` the shards an interrupted merge finished are
@@ -139,9 +104,10 @@ class ShardWriter:
 
     def __init__(self, out: str | os.PathLike, tensors: list[OutTensor], *, max_shard_size: int,
                  metadata: dict[str, str] | None = None, fingerprint: dict | None = None,
-                 resume: bool = False):
+                 resume: bool = False, overwrite: bool = False):
         self.out = Path(out)
-        self.tmp = partial_dir(self.out)
+        self.pub = Publication(self.out, overwrite=overwrite)
+        self.tmp = self.pub.tmp
         self.shards = plan_shards(tensors, max_shard_size, metadata)
         self._where: dict[str, tuple[int, int, OutTensor]] = {}  # name -> (shard, file offset, spec)
         specs = {t.name: t for t in tensors}
@@ -156,14 +122,20 @@ class ShardWriter:
         self.journal: Journal | None = None
         self.notes: list[str] = []
         kept: dict[int, str] = {}
-        if resume:  # may refuse (OutputError) before anything is touched
-            kept, self.notes = inspect_partial(self.tmp, self.out, [(s.file, len(s.header) + s.nbytes)
-                                                                    for s in self.shards], fingerprint or {})
+        self.pub.begin(keep=True)  # locked: a second run on this output is refused here
+        if resume and self.pub.created:
+            self.notes = [f"note: --resume: no unfinished merge at {self.tmp}; starting from the beginning"]
+        elif resume:  # may refuse (OutputError) before anything is touched
+            try:
+                kept, self.notes = inspect_partial(self.tmp, self.out, [(s.file, len(s.header) + s.nbytes)
+                                                                        for s in self.shards], fingerprint or {})
+            except BaseException:
+                self.pub.abort(keep_partial=True)
+                raise
         self.kept = set(kept)
         try:
-            if not kept and self.tmp.exists():
-                shutil.rmtree(self.tmp)  # left by a merge that died; never a finished output
-            self.tmp.mkdir(exist_ok=True)
+            if not kept:
+                self.pub.clear()  # left by a merge that died; never a finished output
             if fingerprint is not None:
                 self.journal = Journal(self.tmp, fingerprint, {self.shards[i].file: d for i, d in kept.items()})
             for i, shard in enumerate(self.shards):
@@ -262,20 +234,12 @@ class ShardWriter:
                         shutil.copyfile(src, self.tmp / fname)
             for fname, text in (extra_files or {}).items():
                 (self.tmp / fname).write_text(text)
-            trash = self.out.parent / f".{self.out.name}.cpift-old"
-            if self.out.exists():
-                if trash.exists():
-                    shutil.rmtree(trash)
-                os.replace(self.out, trash)
-            if self.journal is not None:
-                # A finished output holds model files only; a crash from here to the rename costs
-                # a recompute on resume, nothing worse.
-                self.journal.remove()
-            os.replace(self.tmp, self.out)
-            if trash.exists():  # ours, or one left by a merge killed between the two renames
-                shutil.rmtree(trash)
         except OSError as e:
             raise OutputError(self._write_error(e)) from None
+        # Old output aside, new one in, old one removed (merge/publish.py); raises OutputError. A
+        # finished output holds model files only: the manifest goes right before the rename, so a
+        # crash from there to the rename costs a recompute on resume, nothing worse.
+        self.pub.commit(before_rename=self.journal.remove if self.journal is not None else None)
         return self.out
 
     def abort(self, *, keep_partial: bool = False) -> None:
@@ -287,5 +251,4 @@ class ShardWriter:
                 self.journal.close()  # record the shards already complete
             except OSError:
                 pass
-        if not (keep_partial and self.journal is not None):
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.pub.abort(keep_partial=keep_partial and self.journal is not None)

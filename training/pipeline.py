@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cpift.merge.errors import ConfigError, ParameterError
+from cpift.merge.publish import check_inputs, check_not_protected, write_atomic
 
 from .recipe import Recipe, load_recipe
 
@@ -37,9 +38,7 @@ METHODS = ("cpi-ft", "full-sft", "multistage-random", "multistage-heuristic", "t
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _lines(path: Path) -> list[str]:
@@ -149,6 +148,26 @@ def _stage_plan(r: Recipe, method: str) -> list[list[str]] | None:
     return None
 
 
+def check_workdir(workdir: Path, inputs: list) -> None:
+    """Refuse a WORKDIR that is protected (/, cwd, home), is, holds or lies inside an input, is not a
+    directory, or is a non-empty directory that no pipeline run made (it has no pipeline.json).
+
+    Raises:
+        UnsafeOutputError, ConfigError: before anything is written.
+    """
+    from cpift.merge.errors import UnsafeOutputError
+
+    check_not_protected(workdir, what="WORKDIR")
+    check_inputs(workdir, inputs, what="WORKDIR")
+    if os.path.lexists(workdir) and (workdir.is_symlink() or not workdir.is_dir()):
+        raise UnsafeOutputError(f"{workdir}: the WORKDIR exists and is not a directory; choose a new -o WORKDIR")
+    if workdir.is_dir() and not (workdir / "pipeline.json").is_file() and any(workdir.iterdir()):
+        raise UnsafeOutputError(f"{workdir}: not a pipeline WORKDIR (no pipeline.json) and not empty; "
+                                f"choose a new -o WORKDIR")
+    if not workdir.parent.exists():
+        raise ConfigError(f"{workdir.parent}: parent directory of the WORKDIR does not exist")
+
+
 def _claim(workdir: Path, stamp: dict) -> None:
     """Record what this WORKDIR is for, or refuse a rerun whose recipe or method differ."""
     path = workdir / "pipeline.json"
@@ -203,8 +222,7 @@ def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike,
     plan = _stage_plan(r, method)
     calibration_n = _check_data(r)
     wd = Path(workdir)
-    if not wd.parent.exists():
-        raise ConfigError(f"{wd.parent}: parent directory of the WORKDIR does not exist")
+    check_workdir(wd, [r.path, r.base, *(f for t in r.tasks for f in (t.train, t.eval))])
     _claim(wd, {"method": method, "recipe": r.to_json()})
 
     run = _Run(r, wd, device=device, progress=progress, log=log)

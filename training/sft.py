@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +43,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cpift.merge.errors import OutputError, ParameterError
-from cpift.merge.writer import check_output, partial_dir
+from cpift.merge.errors import ParameterError
+from cpift.merge.publish import Publication, check_output
 
 from .data import Dataset, collate, load_dataset
 from .evaluate import (autocast, evaluate_model, load_model, load_tokenizer, pad_id, pick_device,
@@ -133,21 +132,6 @@ def _dist_env() -> tuple[int, int, int]:
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to ``out``, replacing an old output only now."""
-    try:
-        if out.exists():
-            trash = out.parent / f".{out.name}.cpift-old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write the output: {e.strerror or e}") from None
-
-
 def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLike, *,
         eval: str | os.PathLike | None = None, steps: int | None = None, epochs: float | None = None,
         lr: float = 2e-5, weight_decay: float = 0.0, batch_size: int = 8, grad_accum: int = 1,
@@ -159,7 +143,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     Args:
         model: Hugging Face model directory (safetensors weights and tokenizer).
         train: JSONL training data (see training/data.py for the line formats).
-        out: output directory, written atomically; must not exist unless ``overwrite``.
+        out: output directory, written atomically; must not exist unless ``overwrite``, and may not be,
+            hold or lie inside the model, a data file or a mask (cpift.merge.publish).
         eval: JSONL data evaluated after training (loss and exact match, in metrics.json).
         steps: optimizer steps. Default: ``epochs`` worth of steps.
         epochs: passes over the training set (may be fractional); default 1 when ``steps`` is not given.
@@ -172,7 +157,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
         max_grad_norm: clip the global gradient L2 norm to this; 0 or None: no clipping.
         seed: data order and dropout.
         freeze: core-mask files; every entry set in any of them stays bit-identical.
-        overwrite: replace an existing ``out`` (only once the new one is complete).
+        overwrite: replace an earlier cpift output (or an empty directory) at ``out``, only once the new
+            one is complete; any other existing path is refused.
         device: default CUDA when available (cuda:LOCAL_RANK under torchrun), else the CPU.
         progress: show a tqdm bar with loss and tokens/s (rank 0 only).
 
@@ -188,7 +174,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     """
     world, rank, local_rank = _dist_env()
     _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm, world)
-    out = check_output(out, overwrite=overwrite)
+    out = check_output(out, overwrite=overwrite, inputs=[model, train, eval, *freeze])
     dev = pick_device(device)
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
@@ -208,7 +194,10 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
         torch.cuda.set_device(dev)  # NCCL binds each rank to its current device
     if own_group:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    tmp = partial_dir(out)
+    pub = Publication(out, overwrite=overwrite)
+    tmp = pub.tmp
+    if rank == 0:
+        pub.begin()  # locked until published: a second run on this output is refused now, not after training
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -218,7 +207,6 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
                             progress=progress and rank == 0)
         result.out, result.truncated = out, data.truncated
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died; never a finished output
             with quiet_transformers():
                 net.to(stored_dtype).save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
@@ -235,12 +223,11 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
                        "tokens": result.tokens, "seconds": result.seconds, "train_loss": result.train_loss,
                        "lr": result.lr, "grad_norm": result.grad_norm, "eval": result.eval}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            _publish(tmp, out)
+            pub.commit()
         if world > 1:
             dist.barrier()
     except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        pub.abort()
         raise
     finally:
         if own_group:

@@ -8,8 +8,12 @@ Served, as the client (huggingface_hub 2.x) calls them:
     POST /api/models/ORG/NAME/preupload/REV         upload modes: every file "regular" (inline in
                                                     the commit), so no LFS/xet transfer is needed
     POST /api/models/ORG/NAME/commit/REV            the NDJSON commit: header, then base64 files
-    POST /api/validate-yaml                         README.md front matter check (YAML that parses
-                                                    to a mapping; ``reject_yaml`` makes it refuse)
+    POST /api/validate-yaml                         README.md front matter check, as the Hub's: the
+                                                    YAML parses to a mapping, base_model is a repo id
+                                                    or a list of them (huggingface_hub's
+                                                    validate_repo_id rules), base_model_relation one
+                                                    of the Hub's four, tags a list of strings; else
+                                                    400 (``reject_yaml`` makes it refuse anyway)
     GET  /api/models/ORG/NAME/revision/REV          repo_info (commit sha, file list)
     GET  /api/models/ORG/NAME/tree/REV              list_repo_tree
     HEAD/GET /ORG/NAME/resolve/REV/PATH             file metadata and content
@@ -43,11 +47,38 @@ def git_blob_sha(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")  # the Hub's model-card spec
+
+
+def card_metadata_error(meta) -> str | None:
+    """Why the Hub would refuse this README.md front matter, or None (the checks cpift's cards meet)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(meta, dict):
+        return "Invalid metadata: the front matter is not a YAML mapping"
+    if "base_model" in meta:
+        ids = meta["base_model"] if isinstance(meta["base_model"], list) else [meta["base_model"]]
+        for i in ids:
+            try:
+                if not isinstance(i, str):
+                    raise HFValidationError("not a string")
+                validate_repo_id(i)
+            except HFValidationError:
+                return f'Invalid metadata in README.md: "base_model" with value "{i}" is not a valid model id'
+    if "base_model_relation" in meta and meta["base_model_relation"] not in BASE_MODEL_RELATIONS:
+        return (f'Invalid metadata in README.md: "base_model_relation" must be one of '
+                f'{", ".join(BASE_MODEL_RELATIONS)}')
+    if "tags" in meta and not (isinstance(meta["tags"], list) and all(isinstance(t, str) for t in meta["tags"])):
+        return 'Invalid metadata in README.md: "tags" must be an array of strings'
+    return None
+
+
 class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.reject_yaml: str | None = None  # an error message validate-yaml answers with, when set
+        self.validated: list[str] = []  # every README.md content validate-yaml was asked about
         self._lock = threading.Lock()
         hub = self
 
@@ -157,8 +188,12 @@ class FakeHub:
         error = self.reject_yaml
         if error is None:
             head = content.split("---\n")
-            meta = yaml.safe_load(head[1]) if content.startswith("---\n") and len(head) > 2 else None
-            error = None if isinstance(meta, dict) else "front matter is not a YAML mapping"
+            try:
+                meta = yaml.safe_load(head[1]) if content.startswith("---\n") and len(head) > 2 else None
+            except yaml.YAMLError as e:
+                meta, error = None, f"Invalid YAML in the metadata: {str(e).splitlines()[0]}"
+            error = error or card_metadata_error(meta)
+        self.validated.append(content)
         if error is not None:
             return self._send(h, 400, {"errors": [{"message": error}]})
         self._send(h, 200, {"errors": [], "warnings": []})

@@ -208,9 +208,10 @@ def test_output_exists(capsys, llama, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert_user_error(capsys, ["slerp", llama["task1"], llama["task2"], "-o", out], str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = run_cli(capsys, "slerp", llama["task1"], llama["task2"], "-o", out, "--overwrite", "-q")
-    assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces only what cpift wrote: the user's directory is refused and left as it was
+    assert_user_error(capsys, ["slerp", llama["task1"], llama["task2"], "-o", out, "--overwrite"], str(out),
+                      "cpift did not write")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -230,7 +231,7 @@ def slow(*a, **kw):
     time.sleep(0.05)
     return blend(*a, **kw)
 m.slerp_blend = slow
-m.slerp(sys.argv[1], sys.argv[2], sys.argv[3], t=0.5, max_shard_size="30KB", progress=False)
+m.slerp(sys.argv[1], sys.argv[2], sys.argv[3], t=0.5, max_shard_size="30000", progress=False)
 """
 
 
@@ -250,7 +251,7 @@ def test_killed_merge_leaves_no_finished_output(llama, tmp_path):
     # the rerun starts over and succeeds
     from cpift.merge import methods
 
-    methods.slerp(llama["task1"], llama["task2"], out, t=0.5, max_shard_size="30KB", progress=False)
+    methods.slerp(llama["task1"], llama["task2"], out, t=0.5, max_shard_size="30000", progress=False)
     assert (out / "model.safetensors.index.json").exists() and not partial.exists()
 
 

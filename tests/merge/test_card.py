@@ -40,7 +40,7 @@ def front_matter(readme: Path) -> dict:
 # (id, argv after the command name, input names in the order the method reads them, extra checks)
 CASES = [
     ("slerp", ["slerp", "task1", "task2", "--t", "0.3"], ["task1", "task2"], ["| t | 0.3 |"]),
-    ("linear", ["linear", "task1", "task2", "task3", "--weights", "1,2,0.5", "--max-shard-size", "30KB"],
+    ("linear", ["linear", "task1", "task2", "task3", "--weights", "1,2,0.5", "--max-shard-size", "30000"],
      ["task1", "task2", "task3"], ["| weights | 1.0, 2.0, 0.5 |"]),
     ("task-arithmetic", ["task-arithmetic", "--base", "base", "task1", "task2", "--weights", "0.5,0.7",
                          "--lambda", "0.8", "--dtype", "float32", "--out-dtype", "bfloat16"],
@@ -69,14 +69,22 @@ def test_recipe_reproduces_every_method_byte_for_byte(capsys, llama, tmp_path, m
     out = tmp_path / "out"
     assert (out / "README.md").is_file() and (out / "cpift_recipe.yml").is_file()
 
-    meta = front_matter(out / "README.md")
-    assert meta["base_model"] == [str(llama[n]) for n in inputs]
-    assert meta["tags"] == ["cpift", "merge"] and meta["library_name"] == "transformers"
+    # Local inputs only: no base_model (the Hub accepts repo ids only there), no absolute path anywhere.
+    assert front_matter(out / "README.md") == {"tags": ["cpift", "merge"], "library_name": "transformers"}
     card = (out / "README.md").read_text()
     for text in shows:
         assert text in card, (text, card)
     for n in inputs:
         assert input_hash(llama[n]) in card
+        assert f"`{os.path.relpath(llama[n], out)}`" in card
+    assert str(models) not in card and str(tmp_path) not in card
+    recipe = yaml.safe_load((out / "cpift_recipe.yml").read_text())
+    assert recipe["cpift"]["relative_to_recipe"] is True
+    named = [recipe["base_model"]] if "base_model" in recipe and method_has_base(recipe) else []
+    named += [m["model"] for m in recipe["models"]]
+    assert named == [os.path.relpath(llama[n], out) for n in inputs]
+    mk = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert mk == {k: v for k, v in recipe.items() if k != "cpift"}
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -84,7 +92,12 @@ def test_recipe_reproduces_every_method_byte_for_byte(capsys, llama, tmp_path, m
     code, _, err = run_cli(capsys, "config", out / "cpift_recipe.yml", "-o", tmp_path / "again", "-q",
                            "--threads", "1")
     assert code == 0, err
-    assert files_of(tmp_path / "again") == files_of(out)
+    assert files_of(tmp_path / "again") == files_of(out)  # a sibling: the same relative paths
+
+
+def method_has_base(recipe: dict) -> bool:
+    """slerp's base_model is also its first model; the delta methods' base is separate."""
+    return recipe["merge_method"] != "slerp"
 
 
 def test_recipe_parameters_matter(capsys, llama, tmp_path):
@@ -92,8 +105,9 @@ def test_recipe_parameters_matter(capsys, llama, tmp_path):
     base = ["dare-ties", "--base", llama["base"], llama["task1"], llama["task2"], "--density", "0.5", "-q"]
     assert run_cli(capsys, *base, "--seed", "11", "-o", tmp_path / "a")[0] == 0
     recipe = (tmp_path / "a" / "cpift_recipe.yml").read_text()
-    (tmp_path / "edited.yml").write_text(recipe.replace("seed: 11", "seed: 12"))
-    assert run_cli(capsys, "config", tmp_path / "edited.yml", "-o", tmp_path / "b", "-q")[0] == 0
+    (tmp_path / "e").mkdir()  # beside the output: the recipe's paths are relative to its directory
+    (tmp_path / "e" / "edited.yml").write_text(recipe.replace("seed: 11", "seed: 12"))
+    assert run_cli(capsys, "config", tmp_path / "e" / "edited.yml", "-o", tmp_path / "b", "-q")[0] == 0
     assert run_cli(capsys, *base, "--seed", "12", "-o", tmp_path / "c", "-q")[0] == 0
     a, b, c = (files_of(tmp_path / d) for d in "abc")
     shards = [k for k in a if k.endswith(".safetensors")]
@@ -101,9 +115,10 @@ def test_recipe_parameters_matter(capsys, llama, tmp_path):
     assert {k: b[k] for k in shards} == {k: c[k] for k in shards}
 
 
-def test_config_with_gradients_records_itself_with_absolute_paths(capsys, llama, tmp_path, monkeypatch):
+def test_config_with_gradients_records_itself_with_relative_paths(capsys, llama, tmp_path, monkeypatch):
     """A per-tensor t (filters, gradients) has no generated form: the config itself is the recipe, with
-    its model paths made absolute, and it reproduces the output from another directory."""
+    its model paths relative to the output (and marked so), and it reproduces the output from another
+    directory."""
     monkeypatch.chdir(llama["base"].parent)
     cfg = tmp_path / "slerp.yml"
     cfg.write_text(f"merge_method: slerp\nbase_model: {llama['task1'].name}\n"
@@ -112,10 +127,13 @@ def test_config_with_gradients_records_itself_with_absolute_paths(capsys, llama,
                    "dtype: float32\n")
     assert run_cli(capsys, "config", cfg, "-o", tmp_path / "out", "-q")[0] == 0
     recipe = yaml.safe_load((tmp_path / "out" / "cpift_recipe.yml").read_text())
-    assert recipe["base_model"] == str(llama["task1"])
-    assert [m["model"] for m in recipe["models"]] == [str(llama["task1"]), str(llama["task2"])]
+    rel = {n: os.path.relpath(llama[n], tmp_path / "out") for n in ("task1", "task2")}
+    assert recipe["base_model"] == rel["task1"]
+    assert [m["model"] for m in recipe["models"]] == [rel["task1"], rel["task2"]]
     assert recipe["parameters"]["t"][0] == {"filter": "self_attn", "value": [0, 0.5, 1]}
-    assert recipe["cpift"] == {"max_shard_size": 5 * 10**9}
+    assert recipe["cpift"] == {"max_shard_size": 5 * 10**9, "relative_to_recipe": True}
+    assert yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text()) == \
+        {k: v for k, v in recipe.items() if k != "cpift"}
     assert "| t | per tensor" in (tmp_path / "out" / "README.md").read_text()
     monkeypatch.chdir(tmp_path)
     assert run_cli(capsys, "config", tmp_path / "out" / "cpift_recipe.yml", "-o", tmp_path / "again", "-q")[0] == 0
@@ -128,34 +146,59 @@ def test_library_call_with_a_function_parameter_gets_a_card_without_recipe(llama
     assert not (tmp_path / "out" / "cpift_recipe.yml").exists()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "No recipe: 'weights' is a per-tensor Python function" in card
-    assert front_matter(tmp_path / "out" / "README.md")["base_model"] == [str(llama["task1"]), str(llama["task2"])]
+    assert front_matter(tmp_path / "out" / "README.md") == {"tags": ["cpift", "merge"], "library_name": "transformers"}
+    assert not (tmp_path / "out" / "mergekit_config.yml").exists()
 
 
 def test_config_shard_size_option_overrides_the_recipe_only_when_given(capsys, llama, tmp_path):
-    argv = ["slerp", llama["task1"], llama["task2"], "--max-shard-size", "30KB", "-q"]
+    argv = ["slerp", llama["task1"], llama["task2"], "--max-shard-size", "30000", "-q"]
     assert run_cli(capsys, *argv, "-o", tmp_path / "a")[0] == 0
     recipe = tmp_path / "a" / "cpift_recipe.yml"
     assert run_cli(capsys, "config", recipe, "-o", tmp_path / "b", "-q", "--max-shard-size", "5GB")[0] == 0
-    assert sorted(files_of(tmp_path / "b")) == ["README.md", "config.json", "cpift_recipe.yml",
-                                                 "generation_config.json", "model.safetensors"]
+    assert sorted(files_of(tmp_path / "b")) == [".cpift-output", "README.md", "config.json", "cpift_recipe.yml",
+                                                 "generation_config.json", "mergekit_config.yml",
+                                                 "model.safetensors"]
     assert "model.safetensors.index.json" in files_of(tmp_path / "a")
 
 
 def test_card_lists_hub_inputs_by_id_and_pins_the_commit_in_the_recipe(tmp_path, llama):
-    """A Hub input: base_model gives the repo id, the recipe org/name@<commit read>."""
+    """A Hub input: base_model gives the repo id (the local one is left out of the front matter), with
+    base_model_relation: merge; the recipe names it org/name@<commit read>, the local one relative to
+    the output."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     snap = tmp_path / "hub" / "models--org--base" / "snapshots" / commit
     snap.parent.mkdir(parents=True)
     os.symlink(llama["base"], snap)
     inputs = [CardInput("org/base@main", snap, "base"), CardInput(str(llama["task1"]), llama["task1"])]
+    out = tmp_path / "out"
     files = card_files(method="task_arithmetic", params={"weights": [1.0], "lambda": 1.0}, inputs=inputs,
-                       settings={"max_shard_size": 10**9})
-    meta = yaml.safe_load(files["README.md"].split("---\n")[1])
-    assert meta["base_model"] == ["org/base", str(llama["task1"])]
+                       settings={"max_shard_size": 10**9}, out=out)
+    assert files["README.md"].startswith("---\nbase_model:\n- org/base\nbase_model_relation: merge\ntags:\n"
+                                         "- cpift\n- merge\nlibrary_name: transformers\n---\n")
     assert f"| base | `org/base` | {commit} |" in files["README.md"]
+    assert str(llama["task1"]) not in files["README.md"]
     recipe = yaml.safe_load(files["cpift_recipe.yml"])
     assert recipe["base_model"] == f"org/base@{commit}"
-    assert recipe["models"] == [{"model": str(llama["task1"]), "parameters": {"weight": 1.0}}]
+    rel = os.path.relpath(llama["task1"], out)
+    assert recipe["models"] == [{"model": rel, "parameters": {"weight": 1.0}}]
+    assert yaml.safe_load(files["mergekit_config.yml"])["models"] == recipe["models"]
+
+
+def test_card_names_no_home_directory(tmp_path, llama, monkeypatch):
+    """An input under the home directory and an output outside it: the relative path would spell the
+    home directory's name, so the card and recipe give the input's base name only."""
+    home = tmp_path / "home" / "alice"
+    (home / "models").mkdir(parents=True)
+    os.symlink(llama["task1"], home / "models" / "m1")
+    monkeypatch.setenv("HOME", str(home))
+    files = card_files(method="slerp", params={"t": 0.5},
+                       inputs=[CardInput(str(home / "models" / "m1"), home / "models" / "m1"),
+                               CardInput(str(llama["task2"]), llama["task2"])],
+                       out=tmp_path / "srv" / "out")
+    assert all("alice" not in text and "home" not in text for text in files.values())
+    assert yaml.safe_load(files["cpift_recipe.yml"])["models"][0] == {"model": "m1"}
+    assert yaml.safe_load(files["cpift_recipe.yml"])["models"][1] == \
+        {"model": os.path.relpath(llama["task2"], tmp_path / "srv" / "out")}
 
 
 def test_fingerprint_tells_fine_tunes_apart_and_is_stable(llama, tmp_path):

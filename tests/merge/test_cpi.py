@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -249,13 +250,18 @@ def test_cores_and_fuse_recipes_reproduce_their_outputs(families, tmp_path, caps
            "--granularity", "row", "--exclude", "*norm*")
     code, _, err = run_cli(capsys, "fuse", "--backbone", m["base"], "--task", f"a={m['task1']}:{tmp_path}/cores/a.safetensors",
                            "--task", f"b={m['task2']}:{tmp_path}/cores/b.safetensors", "--overlap", "largest",
-                           "--base", m["base"], "--omega", "0.4", "--max-shard-size", "30KB", "-o", tmp_path / "fused", "-q")
+                           "--base", m["base"], "--omega", "0.4", "--max-shard-size", "30000", "-o", tmp_path / "fused", "-q")
     assert code == 0, err
     for step, out in (("cores", tmp_path / "cores"), ("fuse", tmp_path / "fused")):
         card = (out / "README.md").read_text()
         front = yaml.safe_load(card.split("---")[1])
-        assert front["tags"] == ["cpift", "merge"] and str(Path(m["task1"]).resolve()) in front["base_model"]
-        assert yaml.safe_load((out / "cpift_recipe.yml").read_text())["cpift_step"] == step
+        # local inputs: no base_model (Hub repo ids only), no absolute path in the card or the recipe
+        assert front == {"tags": ["cpift", "merge"], "library_name": "transformers"}
+        assert f"`{os.path.relpath(m['task1'], out)}`" in card and str(m["task1"].parent) not in card
+        recipe = yaml.safe_load((out / "cpift_recipe.yml").read_text())
+        assert recipe["cpift_step"] == step and recipe["relative_to_recipe"] is True
+        assert str(tmp_path) not in (out / "cpift_recipe.yml").read_text()
+        assert not (out / "mergekit_config.yml").exists()  # mergekit has no cores or fuse
         code, _, err = run_cli(capsys, "config", out / "cpift_recipe.yml", "-o", tmp_path / f"{step}-again", "-q")
         assert code == 0, err
         files = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "config.json")

@@ -47,7 +47,7 @@ def test_identical_across_runs_and_thread_counts(capsys, odd, tmp_path, method):
     for i, threads in enumerate(["1", "2", "3", "2"]):
         out = tmp_path / f"out{i}"
         code, _, err = run_cli(capsys, *fill(CASES[method], odd), "-o", out, "--threads", threads,
-                               "--max-shard-size", "300KB", "-q")
+                               "--max-shard-size", "300000", "-q")
         assert code == 0, err
         digests.append(digest(out))
     assert len(digests[0]) > 3  # shards, index, config, card

@@ -31,7 +31,7 @@ CASES = {
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_dry_run_writes_nothing_and_counts_match(capsys, llama, tmp_path, method):
-    argv = [*CASES[method](llama), "-o", tmp_path / "out", "--max-shard-size", "40KB"]
+    argv = [*CASES[method](llama), "-o", tmp_path / "out", "--max-shard-size", "40000"]
     before = snapshot(tmp_path), {k: snapshot(v) for k, v in llama.items()}
     code, out, err = run_cli(capsys, *argv, "--dry-run")
     assert code == 0, err
@@ -63,12 +63,12 @@ def _kwargs(fn: str, m: dict) -> tuple[tuple, dict]:
 
 def _library_plan(fn, m, tmp_path):
     args, kw = _kwargs(fn, m)
-    return getattr(methods, fn)(*args, tmp_path / "real", max_shard_size="40KB", dry_run=True, progress=False, **kw)
+    return getattr(methods, fn)(*args, tmp_path / "real", max_shard_size="40000", dry_run=True, progress=False, **kw)
 
 
 def _library_result(fn, m, tmp_path):
     args, kw = _kwargs(fn, m)
-    return getattr(methods, fn)(*args, tmp_path / "real", max_shard_size="40KB", progress=False, **kw)
+    return getattr(methods, fn)(*args, tmp_path / "real", max_shard_size="40000", progress=False, **kw)
 
 
 def test_dry_run_validates_like_a_real_run(capsys, llama, tmp_path):
@@ -87,15 +87,15 @@ def test_dry_run_validates_like_a_real_run(capsys, llama, tmp_path):
 
 def test_dry_run_of_a_resume_reports_kept_shards(capsys, llama, tmp_path):
     out, partial = tmp_path / "out", tmp_path / ".out.cpift-partial"
-    argv = ["slerp", llama["task1"], llama["task2"], "-o", out, "--max-shard-size", "30KB"]
+    argv = ["slerp", llama["task1"], llama["task2"], "-o", out, "--max-shard-size", "30000"]
     killed_run(argv, "shard", 2)
     before = digest(partial)
-    plan = methods.slerp(llama["task1"], llama["task2"], out, max_shard_size="30KB", dry_run=True, resume=True)
+    plan = methods.slerp(llama["task1"], llama["task2"], out, max_shard_size="30000", dry_run=True, resume=True)
     assert digest(partial) == before and not out.exists()
     assert len(plan.kept) == 2
     code, stdout, err = run_cli(capsys, *argv, "--dry-run", "--resume")
     assert code == 0 and "2 kept from the interrupted merge" in stdout and "(kept)" in stdout, stdout
-    result = methods.slerp(llama["task1"], llama["task2"], out, max_shard_size="30KB", resume=True, progress=False)
+    result = methods.slerp(llama["task1"], llama["task2"], out, max_shard_size="30000", resume=True, progress=False)
     assert (result.bytes_written, result.bytes_read, result.tensors) == (plan.bytes_written, plan.bytes_read,
                                                                           plan.tensors)
 

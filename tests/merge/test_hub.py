@@ -90,7 +90,7 @@ def publish(hub: FakeHub, repo: str, model_dir: Path) -> str:
 
 def test_push_uploads_every_file_with_the_card(hub, llama, tmp_path):
     out = tmp_path / "merged"
-    methods.ties(llama["base"], [llama["task1"], llama["task2"]], out, density=0.3, max_shard_size="30KB",
+    methods.ties(llama["base"], [llama["task1"], llama["task2"]], out, density=0.3, max_shard_size="30000",
                  progress=False)
     r = cpift_merge(tmp_path, hub, "push", out, "me/merged", "--private")
     assert r.returncode == 0, r.stderr
@@ -104,8 +104,12 @@ def test_push_uploads_every_file_with_the_card(hub, llama, tmp_path):
     assert len([k for k in local if k.endswith(".safetensors")]) > 1
     card = arrived["README.md"].decode()
     meta = yaml.safe_load(card.split("---\n")[1])
-    assert meta == {"base_model": [str(llama[n]) for n in ("base", "task1", "task2")],
-                    "tags": ["cpift", "merge"], "library_name": "transformers"}
+    # local inputs: no base_model (the Hub takes repo ids only), and no absolute path in what is published
+    assert meta == {"tags": ["cpift", "merge"], "library_name": "transformers"}
+    assert hub.validated == [card]
+    assert all(str(tmp_path) not in v.decode() and str(llama["base"].parent) not in v.decode()
+               for k, v in arrived.items() if k.endswith((".md", ".yml")))
+    assert "mergekit_config.yml" in arrived
     assert "method **ties**" in card and "| density | 0.3, 0.3 |" in card
     calls = [c for c in hub.requests if c[0] == "POST"]
     assert calls == [("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"),
@@ -126,14 +130,44 @@ def test_push_to_a_new_branch_of_an_existing_repo(hub, llama, tmp_path):
 def test_merge_with_push_to_hub(hub, llama, tmp_path):
     out = tmp_path / "m"
     r = cpift_merge(tmp_path, hub, "linear", llama["task1"], llama["task2"], "--weights", "1,3", "-o", out,
-                    "--push-to-hub", "me/linear", "-q")
+                    "--push-to-hub", "me/linear", "--private", "--commit-message", "linear 1:3", "-q")
     assert r.returncode == 0, r.stderr
+    repo = hub.repos["me/linear"]
+    assert repo.private and repo.messages[repo.branches["main"]] == "linear 1:3"
     assert r.stdout.splitlines()[0].startswith("linear: ")
     assert r.stdout.splitlines()[1].startswith(f"pushed {out} to me/linear: {hub.url}/me/linear/commit/")
     arrived = hub.files("me/linear")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {k: v for k, v in arrived.items()
                                                                 if k != ".gitattributes"}
     assert b"| weights | 1.0, 3.0 |" in arrived["README.md"]
+
+
+def test_push_to_hub_is_public_by_default_and_options_need_it(hub, llama, tmp_path):
+    out = tmp_path / "m"
+    r = cpift_merge(tmp_path, hub, "slerp", llama["task1"], llama["task2"], "-o", out, "--push-to-hub", "me/pub", "-q")
+    assert r.returncode == 0, r.stderr
+    repo = hub.repos["me/pub"]
+    assert not repo.private and repo.messages[repo.branches["main"]] == "Upload m with cpift"
+    r = cpift_merge(tmp_path, hub, "push", out, "me/pub2", "--commit-message", "by hand")
+    assert r.returncode == 0 and hub.repos["me/pub2"].messages[hub.repos["me/pub2"].branches["main"]] == "by hand"
+    for flag in (["--private"], ["--commit-message", "x"]):
+        r = cpift_merge(tmp_path, hub, "slerp", llama["task1"], llama["task2"], "-o", tmp_path / "n", *flag)
+        assert r.returncode == 2 and "only applies with --push-to-hub" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "n").exists()
+
+
+def test_the_hub_refuses_a_card_with_local_paths(hub, llama, tmp_path):
+    """What a card with a local path in base_model (as cpift wrote before) gets from the Hub: 400,
+    a one-line error, nothing committed."""
+    out = tmp_path / "m"
+    methods.slerp(llama["task1"], llama["task2"], out, progress=False)
+    text = (out / "README.md").read_text()
+    (out / "README.md").write_text(text.replace("---\n", f"---\nbase_model:\n- {llama['task1']}\n", 1))
+    r = cpift_merge(tmp_path, hub, "push", out, "me/bad")
+    one_line_error(r, "me/bad: the Hub refused the upload", "base_model", "is not a valid model id")
+    assert set(hub.files("me/bad")) == {".gitattributes"}
+    (out / "README.md").write_text(text.replace("---\n", "---\nbase_model_relation: blend\n", 1))
+    one_line_error(cpift_merge(tmp_path, hub, "push", out, "me/bad"), "base_model_relation")
 
 
 def test_pull_then_merge_hub_models_offline_and_reproduce(hub, llama, tmp_path):
@@ -162,7 +196,9 @@ def test_pull_then_merge_hub_models_offline_and_reproduce(hub, llama, tmp_path):
     assert len(hub.requests) == n_requests, "offline runs must not reach the Hub"
 
     card = (out / "README.md").read_text()
-    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == ["org/base", "org/task1"]
+    assert card.startswith("---\nbase_model:\n- org/base\n- org/task1\nbase_model_relation: merge\n"
+                           "tags:\n- cpift\n- merge\nlibrary_name: transformers\n---\n")
+    assert str(tmp_path) not in card
     assert f"| base | `org/base` | {commits['base']} |" in card
     recipe = yaml.safe_load((out / "cpift_recipe.yml").read_text())
     assert recipe["base_model"] == f"org/base@{commits['base']}"
@@ -171,6 +207,12 @@ def test_pull_then_merge_hub_models_offline_and_reproduce(hub, llama, tmp_path):
     assert {p.name: sha(p) for p in out.iterdir()} == {p.name: sha(p) for p in (tmp_path / "again").iterdir()}
     methods.task_arithmetic(llama["base"], [llama["task1"]], tmp_path / "local", lam=0.7, progress=False)
     assert sha(out / "model.safetensors") == sha(tmp_path / "local" / "model.safetensors")
+    # the Hub accepts this card: a merge of pulled models pushed back
+    r = cpift_merge(tmp_path, hub, "push", out, "me/ta")
+    assert r.returncode == 0, r.stderr
+    assert hub.files("me/ta")["README.md"] == card.encode()
+    mk = yaml.safe_load(hub.files("me/ta")["mergekit_config.yml"])
+    assert mk["base_model"] == f"org/base@{commits['base']}" and mk["merge_method"] == "task_arithmetic"
 
 
 def test_pull_from_a_hand_built_cache_offline(tmp_path, llama):

@@ -118,7 +118,7 @@ def test_output_layout_and_loading(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    methods.slerp(llama["task1"], llama["task2"], out, t=0.5, max_shard_size="30KB", progress=False)
+    methods.slerp(llama["task1"], llama["task2"], out, t=0.5, max_shard_size="30000", progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     n = len(files)

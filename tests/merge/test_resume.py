@@ -19,7 +19,7 @@ from cpift.merge.resume import MANIFEST
 from kill_helpers import digest, killed_run
 from test_bad_input import run_cli, work  # noqa: F401  (work: a fixture)
 
-SHARD = "30KB"
+SHARD = "30000"
 
 
 
@@ -148,7 +148,7 @@ def test_tampered_shard_is_rewritten(capsys, llama, tmp_path):
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--t", "0.4"], "option 'params.t' changed (0.3 then, 0.4 now)"),
-    (["--max-shard-size", "40KB"], "option 'max_shard_size' changed"),
+    (["--max-shard-size", "40000"], "option 'max_shard_size' changed"),
     (["--out-dtype", "float32"], "option 'out_dtype' changed"),
 ], ids=["t", "shard-size", "out-dtype"])
 def test_changed_options_refuse(capsys, llama, tmp_path, extra, fragment):
