@@ -87,6 +87,7 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
             import matplotlib  # noqa: F401
         except ImportError:
             raise ParameterError("--plot: needs matplotlib (pip install 'cpift[plot]')") from None
+
     def items(text: str | None) -> list[str] | None:
         return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
 
