@@ -133,7 +133,9 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> dict:
 
 
 # A competitor: one CPU-bound Python loop, not pinned to a core (the scheduler moves it as it likes).
-COMPETITOR = "while True: pass"
+# It also ends by itself once its parent is gone (a bench killed by a signal runs no finally block):
+# a parent check every 10^6 iterations (some 30 ms) costs one getppid call, nothing measurable.
+COMPETITOR = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1000000): pass"
 
 
 @contextmanager

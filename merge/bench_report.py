@@ -195,9 +195,10 @@ def markdown(r: dict) -> str:
     load, busy = r.get("load", {}), r.get("busy", {})
     lines = [f"# Merge throughput ({r['date']})", "", _conditions(r), "",
              "Floors: floor-physical = every input byte read with 8 MiB sequential reads and one model's bytes "
-             "written to a new file (page cache, no fsync), as cat/dd would; floor-python = every tensor read "
-             "with safetensors' get_tensor and one model written with save_file; floor-read = the read pass "
-             "alone (the floor of cores, whose masks are small).", ""]
+             "written to a new file (page cache, no fsync), as cat/dd would; floor-python = every tensor opened "
+             "with safetensors' get_tensor and one model written with save_file (get_tensor maps the file without "
+             "copying, so only the written model's bytes are touched); floor-read = the read pass alone (the floor "
+             "of cores, whose masks are small).", ""]
     if load:
         lines += [f"Load: other processes (not the bench's competitors) used {load['others_cpu_share_p50'] * 100:.0f}% "
                   f"of the CPUs during the median run, at most {load['others_cpu_share_max'] * 100:.0f}% (during "
@@ -217,8 +218,9 @@ def markdown(r: dict) -> str:
             f"{x['others_cpu_share_p50'] * 100:.0f}% |")
     busy_rows = [x for x in r["rows"] if x.get("condition", "quiet") != "quiet"]
     if busy_rows:
-        lines += ["", f"With {busy['competitors']} competing CPU-bound processes (`python -S -c \"{busy['command']}\"`, "
-                  f"not pinned, started before and killed after each round; {busy['repeat']} rounds; mergekit not run):", "",
+        lines += ["", f"With {busy['competitors']} competing CPU-bound processes (`python -S -c` of a pure-Python "
+                  f"busy loop, not pinned, started before and killed after each round; {busy['repeat']} "
+                  f"round{'s' if busy['repeat'] != 1 else ''}; mergekit not run):", "",
                   "| op | provider | wall s p50 (p20–p80) | work s p50 (p20–p80) | busy/quiet (wall) | busy/quiet (work) "
                   "| × floor-physical or -read (work) | peak RSS GB | others' CPU | competitors' CPU |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

@@ -123,6 +123,16 @@ def test_bench_synthetic_writes_json_png_markdown(capsys, tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "r.png").shape[0] > 300
+    # the issue's targets are read from the JSON: one work-ratio, one RSS and one busy line per cpift case
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_targets.py"), str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    targets = (tmp_path / "bench_targets.md").read_text()
+    assert targets == r.stdout.rstrip("\n") + "\n"
+    for c in cpift:
+        assert f"| work / floor work | slerp | {c} |" in targets and f"| work / floor work | cores | {c} |" in targets
+        assert f"| busy/quiet wall (1 competitors) | cores | {c} |" in targets
+        assert f"| peak RSS GB (≤ 2 × largest tensor + 1 GB) | cores | {c} |" in targets
 
 
 def test_competitors_are_killed_when_the_block_fails():
@@ -133,6 +143,32 @@ def test_competitors_are_killed_when_the_block_fails():
             assert len(procs) == len(pids) == 2 and all(_alive(pid) for pid in pids)
             raise RuntimeError("a case failed")
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
+ORPHAN = """
+import sys
+from cpift.merge.bench import competing
+with competing(2, pids=(pids := [])):
+    print(*pids, flush=True)
+    sys.stdin.read()  # until the test kills this process
+"""
+
+
+def test_competitors_end_when_the_bench_is_killed():
+    """A bench killed by SIGKILL runs no cleanup: its competitors notice the lost parent and exit."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
 
 
 def test_physical_floor_reads_every_byte_and_writes_one_model(tmp_path):
