@@ -82,6 +82,10 @@ def common_options(fn):
         if push_to_hub is None and (private or commit_message is not None):
             raise click.UsageError(f"{'--private' if private else '--commit-message'}: only applies with "
                                    f"--push-to-hub ORG/NAME")
+        if push_to_hub is not None:
+            from cpift.merge.hub import check_repo_id
+
+            check_repo_id(push_to_hub)  # before the merge, not after it
 
         previous = torch.get_num_threads()
         if threads is not None:

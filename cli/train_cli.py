@@ -7,7 +7,6 @@ Under ``torchrun --nproc-per-node N cpift-train sft ...`` (or ``python -m torch.
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
@@ -105,14 +104,15 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
 def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens, device, threads, quiet):
     """Mean response loss (nats per token) and exact match of greedy generation, printed as JSON."""
     from cpift.merge.publish import check_side_file, write_atomic
-    from cpift.training.evaluate import evaluate
+    from cpift.training.evaluate import evaluate, json_text, pick_device
 
+    pick_device(device)  # an unavailable --device fails before the model is read
     if json_path is not None:  # refused before any work: never over the model or the data file
         check_side_file(json_path, inputs=[model, data])
     _threads(threads)
     result = evaluate(model, data, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
                       device=device, progress=not quiet)
-    text = json.dumps(result)
+    text = json_text(result)
     if json_path is not None:
         write_atomic(json_path, text + "\n", inputs=[model, data])
     click.echo(text)
@@ -135,8 +135,11 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; one line per step and the table.")
 def pipeline(recipe, workdir, method, stages, seed, device, threads, quiet):
     """Run CPI-FT (probes, cores, cluster, staged SFT, fuse, calibration, eval) or a baseline from RECIPE.yml."""
+    from cpift.training.evaluate import pick_device
     from cpift.training.pipeline import run_pipeline
 
+    if device is not None:
+        pick_device(device)  # an unavailable --device fails before any step runs
     _threads(threads)
     run_pipeline(recipe, workdir, method=method, stages=stages, seed=seed, device=device, progress=not quiet,
                  log=click.echo)

@@ -139,6 +139,13 @@ def overlap(p: torch.Tensor, q: torch.Tensor, *, backend: str | None = None) -> 
     return inter, union
 
 
+def popcount(packed: torch.Tensor) -> int:
+    """Set bits of a packed uint8 mask (padding bits of the last byte included)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"popcount: expected a 1-D uint8 tensor, got {packed.dtype}{list(packed.shape)}")
+    return sum(_popcount(packed[s:e].contiguous()) for s, e in chunks(packed.numel()))
+
+
 def _popcount(b: torch.Tensor) -> int:
     """Set bits of a contiguous uint8 chunk: SWAR on int64 words (3x faster than a byte table), table for the tail."""
     words = b.numel() // 8

@@ -76,9 +76,15 @@ def parse_synthetic(spec: str) -> tuple[str, LlamaShape, torch.dtype]:
     return label, shape, dtype
 
 
+# Files that mark what the bench built, so that it only ever removes its own models and outputs.
+SYNTHETIC_MARKER = ".cpift-bench-model"
+OUT_MARKER = ".cpift-bench-out"
+
+
 def synthetic_models(workdir: Path, spec: str, *, echo: Callable[[str], None] = print) -> list[Path]:
     """base, task_a, task_b of a synthetic preset under ``workdir/models-LABEL``; built once, reused
-    when their config.json matches."""
+    when their config.json matches. A stale model is rebuilt only if the bench built it (it carries
+    the SYNTHETIC_MARKER file); anything else at that path is refused, never removed."""
     label, shape, dtype = parse_synthetic(spec)
     root = workdir / f"models-{label}"
     out = []
@@ -86,10 +92,14 @@ def synthetic_models(workdir: Path, spec: str, *, echo: Callable[[str], None] = 
         path = root / name
         cfg = path / "config.json"
         if not (cfg.is_file() and json.loads(cfg.read_text()) == shape.config(dtype)):
-            if path.exists():
+            if path.exists() or path.is_symlink():
+                if not (path.is_dir() and (path / SYNTHETIC_MARKER).is_file()):
+                    raise BenchError(f"{path}: exists and was not built by cpift-merge bench; move it away "
+                                     f"or pick another --workdir")
                 shutil.rmtree(path)
             echo(f"building {path}: {describe(shape, dtype)}")
             make_checkpoint(path, shape, dtype=dtype, seed=i, base_seed=None if i == 0 else 0, max_shard_size="500MB")
+            (path / SYNTHETIC_MARKER).write_text("built by cpift-merge bench\n")
         out.append(path)
     return out
 
@@ -270,7 +280,11 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
                 Checkpoint(p).close()  # validated before anything runs
             source = "models: " + ", ".join(map(str, paths))
         outs = root / "out"
+        if outs.exists() and not (outs / OUT_MARKER).is_file() and (not outs.is_dir() or any(outs.iterdir())):
+            raise BenchError(f"{outs}: exists and was not made by cpift-merge bench (its runs replace what "
+                             f"is there); move it away or pick another --workdir")
         outs.mkdir(exist_ok=True)
+        (outs / OUT_MARKER).write_text("cpift-merge bench writes and removes its runs' outputs here\n")
         cases = plan_cases(paths, methods, outs, mergekit=mergekit, max_shard_size=max_shard_size,
                            threads=threads, backends=backends, mergekit_methods=mergekit_methods)
         caches = Path(tempfile.mkdtemp(prefix="numba-caches-", dir=root))  # ours: removed at the end

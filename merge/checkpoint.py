@@ -1,10 +1,11 @@
 """Read Hugging Face safetensors checkpoints one tensor at a time, zero-copy.
 
 A model directory holds ``model.safetensors`` or ``model.safetensors.index.json`` plus its shards.
-We parse the safetensors headers ourselves (8-byte little-endian length, then JSON) so every shard
-is validated before the first byte of output is written: a missing shard, an index naming a file
+We parse the safetensors headers ourselves (merge/st_header.py: as strictly as the safetensors
+library, offsets contiguous and covering the file exactly) so every shard is validated before the first byte of output is written: a missing shard, an index naming a file
 that is not there, a truncated file or a tensor the index promises but the shard lacks all fail
-here, with the file named.
+here, with the file named. With both ``model.safetensors`` and an index present, the single file
+is read, as transformers does (a note says so).
 
 Tensors are zero-copy views of a read-only shared memory map of each shard: no copy, no memory
 bandwidth spent on reading. A prefetch thread maps the next tensors' pages with
@@ -17,10 +18,8 @@ buffers 5.5 GB/s but its copies compete with the math for memory bandwidth and c
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -30,17 +29,13 @@ import torch
 
 from . import _mman
 from .errors import CheckpointError
+from .safe_parse import load_json_bounded
+from .st_header import DTYPE_NAMES, DTYPES, header_entries, read_header
+
+__all__ = ["DTYPES", "DTYPE_NAMES", "INDEX_NAME", "SINGLE_NAME", "Checkpoint", "TensorInfo", "check_config_json"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -65,53 +60,25 @@ class TensorInfo:
         return n
 
 
-def read_header(file: Path) -> tuple[dict, int]:
-    """Parse one safetensors header; return (header dict, offset where tensor data begins)."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000 or 8 + n > size:
-                raise CheckpointError(f"{file}: truncated or not a safetensors file "
-                                      f"(header of {n} bytes, file of {size})")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: shard file is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{file}: not a safetensors file (header is not JSON)") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{file}: is a directory, expected a safetensors file") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: not a safetensors file (header is not a JSON object)")
-    return header, 8 + n
-
-
 def _shard_tensors(file: Path) -> dict[str, TensorInfo]:
     header, data_start = read_header(file)
-    size = file.stat().st_size
-    out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[meta["dtype"]]
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: tensor '{name}' has a malformed or unsupported header entry "
-                                  f"{meta!r}") from None
-        info = TensorInfo(name, dtype, shape, file, data_start + begin, data_start + end)
-        if info.nbytes != info.numel * dtype.itemsize:
-            raise CheckpointError(f"{file}: tensor '{name}' spans {info.nbytes} bytes but its shape "
-                                  f"{list(shape)} and dtype need {info.numel * dtype.itemsize}")
-        if info.end > size:
-            raise CheckpointError(f"{file}: truncated: tensor '{name}' ends at byte {info.end} "
-                                  f"but the file has {size} bytes")
-        out[name] = info
-    return out
+    entries = header_entries(file, header, file.stat().st_size - data_start)
+    return {e.name: TensorInfo(e.name, e.dtype, e.shape, file, data_start + e.begin, data_start + e.end)
+            for e in entries}
+
+
+def check_config_json(directory: str | os.PathLike) -> None:
+    """A ``config.json`` in ``directory``, if any, must be a JSON object (it is copied to outputs).
+
+    Raises:
+        CheckpointError: naming the file.
+    """
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        return
+    value = load_json_bounded(file.read_bytes(), source=file, error=CheckpointError)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: not a model config (expected a JSON object, got {type(value).__name__})")
 
 
 class Checkpoint:
@@ -133,6 +100,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike, *, ref: str | None = None):
         self.path = Path(path)
         self.ref = ref if ref is not None else os.fspath(path)
+        self.notes: list[str] = []  # one-line notes for the user (e.g. which files were read)
         if self.path.is_file() and self.path.suffix == ".safetensors":
             files = [self.path]
             self.dir = self.path.parent
@@ -154,27 +122,41 @@ class Checkpoint:
     _index: dict[str, str] | None = None
 
     def _shard_files(self) -> list[Path]:
-        index = self.dir / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise CheckpointError(f"{index}: malformed index (expected a JSON object with a "
-                                      f"'weight_map' object)") from None
-            self._index = weight_map
-            files = []
-            for fname in dict.fromkeys(weight_map.values()):
-                file = self.dir / fname
-                if not file.is_file():
-                    raise CheckpointError(f"{index}: names shard '{fname}', which is missing from {self.dir}")
-                files.append(file)
-            return files
-        single = self.dir / SINGLE_NAME
+        index, single = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
         if single.is_file():
+            # transformers' from_pretrained loads model.safetensors before looking for an index
+            # (modeling_utils._get_resolved_checkpoint_files); merge what it would load.
+            if index.is_file():
+                self.notes.append(f"note: {self.dir} holds both {SINGLE_NAME} and {INDEX_NAME}; using "
+                                  f"{SINGLE_NAME}, as transformers does")
             return [single]
-        raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
+        if not index.is_file():
+            raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
+        data = load_json_bounded(index.read_bytes(), source=index, error=CheckpointError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed index (expected a JSON object with a "
+                                  f"'weight_map' object of tensor name -> shard file name)")
+        self._index = weight_map
+        return [self._shard_path(index, fname) for fname in dict.fromkeys(weight_map.values())]
+
+    def _shard_path(self, index: Path, fname: str) -> Path:
+        """A weight_map value must be a plain file name inside the model directory."""
+        file = self.dir / fname
+        if (not fname or "/" in fname or "\\" in fname or fname in (".", "..")
+                or Path(fname).is_absolute() or "\0" in fname):
+            raise CheckpointError(f"{index}: shard name {fname!r} is not a plain file name in {self.dir}")
+        if file.is_symlink():
+            # A Hub cache snapshot links each file to ../../blobs/<sha>; any other target must stay inside.
+            roots = [self.dir.resolve()]
+            if self.dir.parent.name == "snapshots":
+                roots.append((self.dir.parent.parent / "blobs").resolve())
+            target = file.resolve()
+            if not any(target.is_relative_to(r) for r in roots):
+                raise CheckpointError(f"{index}: shard '{fname}' is a link to {target}, outside {self.dir}")
+        if not file.is_file():
+            raise CheckpointError(f"{index}: names shard '{fname}', which is missing from {self.dir}")
+        return file
 
     def _check_index(self) -> None:
         for name, fname in self._index.items():

@@ -55,6 +55,7 @@ from typing import Any, Mapping
 
 from .config_values import Setting, _is_constant, _where, parse_cpift_block, parse_setting
 from .errors import ConfigError
+from .safe_parse import load_yaml_bounded
 
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -111,23 +112,13 @@ class MergeConfig:
 
 
 def _read_yaml(path: Path) -> Any:
-    import yaml
-
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = e.problem or e.context or "invalid YAML"
-        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return load_yaml_bounded(text, source=path)
 
 
 def _mapping(raw: Any, fld: str, source, what: str) -> dict:

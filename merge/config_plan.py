@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Callable, Collection, Mapping
 from .config import MergeConfig, ModelSpec, _first, load_config
 from .config_values import Param, Setting, _chain_param, _uses_position, _where
 from .errors import ConfigError
+from .safe_parse import load_json_bounded
 
 # What mergekit 0.1.5 does by default, and what cpift's functions compute (merge/methods.py): linear
 # and ties divide by the (agreeing) weights; task_arithmetic and dare_linear do not; the DARE
@@ -219,10 +219,12 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *
 
 def _model_config(model_dir: Path) -> dict | None:
     f = model_dir / "config.json"
-    try:
-        return json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError):
-        raise ConfigError(f"{f}: not readable JSON") from None
+    if not f.is_file():
+        return None
+    conf = load_json_bounded(f.read_bytes(), source=f)
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{f}: not a model config (expected a JSON object)")
+    return conf
 
 
 def _num_layers(conf: dict | None) -> int | None:
@@ -242,7 +244,7 @@ def _vocabulary(model_dir: Path) -> dict[str, int] | None:
     if not f.is_file():
         return None
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
+        data = load_json_bounded(f.read_bytes(), source=f)
         vocab = data["model"]["vocab"]
         out = (dict(vocab) if isinstance(vocab, dict)
                else {entry[0]: i for i, entry in enumerate(vocab)})

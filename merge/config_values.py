@@ -34,6 +34,7 @@ Param = Union[float, Callable[[str], float]]
 _BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
 _TRUE = ("1", "on", "t", "true", "y", "yes")
 _FALSE = ("0", "off", "f", "false", "n", "no")
+_F32_MAX = 3.4028234663852886e38  # largest finite float32: the merge math is float32
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +67,9 @@ def _number(raw: Any, fld: str, source, what: str = "a number or a list of numbe
         raise ConfigError(f"{_where(source, fld)}: expected {what}, got {raw!r}") from None
     if not math.isfinite(v):
         raise ConfigError(f"{_where(source, fld)}: expected a finite number, got {raw!r}")
+    if abs(v) > _F32_MAX:
+        raise ConfigError(f"{_where(source, fld)}: {v:g} overflows float32, in which the merge computes "
+                          f"(|value| must be at most {_F32_MAX:.7g})")
     return v
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from cpift.kernels.masks import packed_len, unpack_bits
+from cpift.kernels.masks import packed_len, popcount, unpack_bits
 
 from .errors import CheckpointError, MismatchError, ParameterError
+from .safe_parse import load_json_bounded
 
 FORMAT = "cpift-core-mask/1"
 
@@ -196,7 +197,7 @@ def load_core_mask(path: str | os.PathLike, *, lazy: bool = False) -> CoreMask:
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not a cpift core mask (metadata format is "
                                       f"{meta.get('format')!r}, expected '{FORMAT}')")
-            shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+            shapes = {n: tuple(s) for n, s in _meta_map(path, meta, "shapes", _is_shape).items()}
             if lazy:
                 packed = _LazyPacked(path, list(f.keys()))
                 sizes = {n: f.get_slice(n) for n in f.keys()}
@@ -206,8 +207,8 @@ def load_core_mask(path: str | os.PathLike, *, lazy: bool = False) -> CoreMask:
                      for n, t in sizes.items()}
             mask = CoreMask(path=path, granularity=parse_granularity(meta["granularity"]), p=float(meta["p"]),
                             k=int(meta["k"]), threshold=float(meta["threshold"]), shapes=shapes,
-                            counts={n: int(c) for n, c in json.loads(meta["counts"]).items()},
-                            base=json.loads(meta["base"]), task=json.loads(meta["task"]), packed=packed)
+                            counts=_meta_map(path, meta, "counts", _is_count), base=_meta_map(path, meta, "base"),
+                            task=_meta_map(path, meta, "task"), packed=packed)
     except CheckpointError:
         raise
     except (KeyError, ValueError, OSError, SafetensorError) as e:
@@ -218,4 +219,36 @@ def load_core_mask(path: str | os.PathLike, *, lazy: bool = False) -> CoreMask:
         want = packed_len(mask.entries(name))
         if dtype not in (torch.uint8, "U8") or shape != [want]:
             raise CheckpointError(f"{path}: mask tensor '{name}' should be uint8[{want}], got {dtype}{shape}")
+    _check_counts(mask)
     return mask
+
+
+def _is_shape(v: object) -> bool:
+    return isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)
+
+
+def _is_count(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _meta_map(path: Path, meta: dict, key: str, valid=None) -> dict:
+    """A JSON object held in one metadata string (bounded parse), each value checked by ``valid``."""
+    value = load_json_bounded(meta[key], source=f"{path}: metadata '{key}'", error=CheckpointError)
+    if not isinstance(value, dict) or (valid is not None and not all(valid(v) for v in value.values())):
+        raise CheckpointError(f"{path}: malformed core mask (metadata '{key}' is not the expected JSON object)")
+    return value
+
+
+def _check_counts(mask: CoreMask) -> None:
+    """The recorded counts must be what the bits say: per tensor (popcount) and in total (k)."""
+    if set(mask.counts) != set(mask.shapes):
+        raise CheckpointError(f"{mask.path}: malformed core mask (metadata 'counts' and 'shapes' name "
+                              f"different tensors)")
+    for name in mask.names:
+        bits = popcount(mask.packed[name])
+        if bits != mask.counts[name]:
+            raise CheckpointError(f"{mask.path}: mask tensor '{name}' has {bits} selected entries but its "
+                                  f"recorded count is {mask.counts[name]}; the file is corrupt")
+    if sum(mask.counts.values()) != mask.k:
+        raise CheckpointError(f"{mask.path}: the per-tensor counts add up to {sum(mask.counts.values())} "
+                              f"but k is {mask.k}; the file is corrupt")

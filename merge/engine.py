@@ -23,7 +23,7 @@ import torch
 from cpift.kernels.finite import all_finite, first_nonfinite
 
 from .card import CardInput, card_files, roles_for
-from .checkpoint import DTYPE_NAMES, Checkpoint
+from .checkpoint import DTYPE_NAMES, Checkpoint, check_config_json
 from .dryrun import MergePlan, plan_merge
 from .errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from .device import DeviceStager, parse_device
@@ -191,7 +191,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     side_from = Path(copy_tokenizer_from) if copy_tokenizer_from is not None else models[0].dir
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
-    notes = list(notes or []) + check_compatible(models)
+    check_config_json(side_from)  # copied into the output: refused before anything is written
+    notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models)
     card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
                       inputs=[CardInput(m.ref, m.path, role)
                               for m, role in zip(models, roles or roles_for(method, len(models)))],

@@ -45,6 +45,10 @@ class HubError(CpiftError, OSError):
     (offline without a cached copy)."""
 
 
+class TrainingError(CpiftError, ArithmeticError):
+    """Training diverged: a non-finite loss, gradient or weight; the message names the step."""
+
+
 class BenchError(CpiftError, RuntimeError):
     """A command that ``cpift-merge bench`` measures failed; the message names it and its last line."""
 

@@ -192,6 +192,21 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
     return str(info.commit_url)
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Raise ParameterError unless ``repo_id`` is an ``org/name`` that huggingface_hub accepts
+    (its ``validate_repo_id``: letters, digits, ``-_.``, no ``--`` or ``..``, at most 96 characters)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    parts = split_ref(repo_id)
+    try:
+        if parts is None or parts[1] is not None:
+            raise ValueError("expected org/name")
+        validate_repo_id(repo_id)
+    except ValueError as e:
+        raise ParameterError(f"--push-to-hub: '{repo_id}' is not a Hub repo id org/name "
+                             f"({_first_line(e)})") from None
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__

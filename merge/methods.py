@@ -32,6 +32,10 @@ from .errors import ParameterError
 Param = Union[float, Callable[[str], float]]
 PathLike = Union[str, os.PathLike]
 
+# Largest finite float32: the kernels compute in float32, so a parameter (or a sum of weights, or
+# lambda times them) beyond it would turn into inf there and the merge into NaN.
+F32_MAX = 3.4028234663852886e38
+
 
 def _value(p: Param, name: str, field: str, *, lo: float = -math.inf, hi: float = math.inf,
            lo_open: bool = False) -> float:
@@ -46,7 +50,23 @@ def _value(p: Param, name: str, field: str, *, lo: float = -math.inf, hi: float 
         lo_s = "(" if lo_open else "["
         where = f" for tensor '{name}'" if callable(p) else ""
         raise ParameterError(f"{field}: {v} is outside {lo_s}{lo}, {hi}]{where}")
+    if abs(v) > F32_MAX:
+        where = f" for tensor '{name}'" if callable(p) else ""
+        raise ParameterError(f"{field}: {v:g} overflows float32, in which the merge computes "
+                             f"(|value| must be at most {F32_MAX:.7g}){where}")
     return v
+
+
+def _check_scale(ws: list[Param], names: list[str], *, lam: float = 1.0) -> None:
+    """Σ|w_i| (and λ·Σ|w_i|) must stay finite in float32 for every tensor."""
+    for n in names if any(callable(w) for w in ws) else names[:1]:
+        total = sum(abs(_value(w, n, "weights")) for w in ws)
+        if total > F32_MAX:
+            raise ParameterError(f"weights: their magnitudes sum to {total:g}, which overflows float32 "
+                                 f"(at most {F32_MAX:.7g})")
+        if abs(lam) * total > F32_MAX:
+            raise ParameterError(f"lambda: {lam:g} times the weights' sum {total:g} overflows float32 "
+                                 f"(at most {F32_MAX:.7g})")
 
 
 def _check_all(p: Param, names: list[str], field: str, **kw) -> None:
@@ -122,6 +142,7 @@ def linear(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Param
     names = _float_names(ckpts)
     for i, w in enumerate(ws):
         _check_all(w, names, f"weights[{i}]")
+    _check_scale(ws, names)
     for n in names if any(callable(w) for w in ws) else names[:1]:
         if sum(_value(w, n, "weights") for w in ws) == 0:
             raise ParameterError(f"weights: sum to 0 for tensor '{n}' (a linear merge divides by it)")
@@ -169,6 +190,7 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
     names = _float_names(ckpts)
     for i, w in enumerate(ws):
         _check_all(w, names, f"weights[{i}]")
+    _check_scale(ws, names, lam=lam)
     ds = _per_model(density if density is not None else 1.0, len(models), "density")
     for i, d in enumerate(ds):
         field = f"density[{i}]" if isinstance(density, (list, tuple)) else "density"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .safe_parse import load_yaml_bounded
 
 STEP_KEY = "cpift_step"
 _FIELDS = {
@@ -52,19 +53,15 @@ def fuse_recipe(backbone, tasks, *, out, overlap, base, omega, settings: dict[st
 
 def is_step_recipe(path: str | os.PathLike) -> bool:
     """True when the YAML file is a step recipe (has a top-level cpift_step key)."""
-    import yaml
-
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = load_yaml_bounded(Path(path).read_text(encoding="utf-8"), source=path)
+    except (OSError, UnicodeDecodeError, ConfigError):
         return False  # the mergekit loader reports the problem with its own message
     return isinstance(data, dict) and STEP_KEY in data
 
 
 def _load(path: Path) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(path.read_text())
+    data = load_yaml_bounded(path.read_text(encoding="utf-8"), source=path)
     step = data.get(STEP_KEY)
     if step not in _FIELDS:
         raise ConfigError(f"{path}: {STEP_KEY}: {step!r} is not a step (use cores or fuse)")

@@ -20,7 +20,6 @@ is counted; an example with no response token left is an error naming its file:l
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cpift.merge.errors import DataError
+from cpift.merge.safe_parse import load_json_bounded
 
 IGNORE = -100  # label of tokens the loss skips (torch.nn.functional.cross_entropy's ignore_index)
 
@@ -116,10 +116,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
                 raise DataError(f"{where}: not valid UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))  # so the column is within this line
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            obj = load_json_bounded(line.rstrip("\r\n"), source=where, error=DataError)
             records.append(Record(where, _turns(obj, where)))
     if not records:
         raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")

@@ -14,6 +14,8 @@ Precision: weights upcast to float32; on CUDA the forward runs under bf16 autoca
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cpift.merge.device import parse_device
 from cpift.merge.errors import CheckpointError, ParameterError
 
 from .data import IGNORE, Dataset, collate, load_dataset
@@ -44,10 +47,25 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value, *, indent: int | None = None) -> str:
+    """Strict JSON of ``value``: NaN and ±Inf (a diverged loss) become null, never the invalid NaN token."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
-    """The given device, else CUDA when available, else the CPU."""
+    """The given device (checked to exist: ParameterError otherwise), else CUDA when available, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        return parse_device(device) or torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

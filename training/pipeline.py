@@ -184,6 +184,20 @@ def _claim(workdir: Path, stamp: dict) -> None:
     _write_atomic(path, json.dumps(stamp, indent=2) + "\n")
 
 
+def claim_workdir(recipe: Recipe, workdir: str | os.PathLike, *, method: str) -> Path:
+    """Check ``workdir`` (check_workdir) and record in its pipeline.json what it is for, as run_pipeline
+    does first; a caller may then seed it with finished step outputs (the seesaw benchmark links shared
+    probes into several WORKDIRs) before run_pipeline resumes it.
+
+    Raises:
+        UnsafeOutputError, ConfigError: the WORKDIR cannot be used; nothing written.
+    """
+    wd = Path(workdir)
+    check_workdir(wd, [recipe.path, recipe.base, *(f for t in recipe.tasks for f in (t.train, t.eval))])
+    _claim(wd, {"method": method, "recipe": recipe.to_json()})
+    return wd
+
+
 def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike, *, method: str = "cpi-ft",
                  stages: int | None = None, seed: int | None = None, device: str | None = None,
                  progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
@@ -221,9 +235,7 @@ def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike,
     log = log or (lambda line: None)
     plan = _stage_plan(r, method)
     calibration_n = _check_data(r)
-    wd = Path(workdir)
-    check_workdir(wd, [r.path, r.base, *(f for t in r.tasks for f in (t.train, t.eval))])
-    _claim(wd, {"method": method, "recipe": r.to_json()})
+    wd = claim_workdir(r, workdir, method=method)
 
     run = _Run(r, wd, device=device, progress=progress, log=log)
     if method == "cpi-ft":

@@ -32,7 +32,6 @@ How FSDP2 would shard the masks: see training/freeze.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -43,11 +42,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cpift.merge.errors import ParameterError
+from cpift.merge.errors import ParameterError, TrainingError
 from cpift.merge.publish import Publication, check_output
 
 from .data import Dataset, collate, load_dataset
-from .evaluate import (autocast, evaluate_model, load_model, load_tokenizer, pad_id, pick_device,
+from .evaluate import (autocast, evaluate_model, json_text, load_model, load_tokenizer, pad_id, pick_device,
                        quiet_transformers, response_loss_sum)
 from .freeze import load_freezer
 
@@ -174,8 +173,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     """
     world, rank, local_rank = _dist_env()
     _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm, world)
+    dev = pick_device(device)  # an unavailable device fails before anything is read
     out = check_output(out, overwrite=overwrite, inputs=[model, train, eval, *freeze])
-    dev = pick_device(device)
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
 
@@ -222,7 +221,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
                        "examples": result.examples, "truncated": result.truncated, "frozen_entries": result.frozen,
                        "tokens": result.tokens, "seconds": result.seconds, "train_loss": result.train_loss,
                        "lr": result.lr, "grad_norm": result.grad_norm, "eval": result.eval}
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (tmp / "metrics.json").write_text(json_text(metrics, indent=2) + "\n")
             pub.commit()
         if world > 1:
             dist.barrier()
@@ -277,6 +276,9 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
         freezer.mask_grads()
         # max_norm = inf still returns the norm and scales by exactly 1
         run.grad_norm.append(float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)))
+        if not math.isfinite(run.grad_norm[-1]):
+            raise TrainingError(f"step {step + 1}: the gradient norm is {run.grad_norm[-1]} (training diverged; "
+                                f"lower --lr, now {lr:g}); nothing was written")
         opt.step()
         opt.zero_grad(set_to_none=True)
         freezer.restore()
@@ -287,9 +289,16 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
             dist.all_reduce(reduced)
             stats = reduced.cpu()
         run.train_loss.append(float(stats[0]) / targets)
+        if not math.isfinite(run.train_loss[-1]):
+            raise TrainingError(f"step {step + 1}: the training loss is {run.train_loss[-1]} (training diverged; "
+                                f"lower --lr, now {lr:g}); nothing was written")
         run.tokens += int(stats[1])
         run.seconds = time.perf_counter() - start
         bar.set_postfix(loss=f"{run.train_loss[-1]:.4f}", tok_s=f"{run.tokens / run.seconds:,.0f}")
         bar.update()
     bar.close()
+    bad = next((n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise TrainingError(f"step {steps}: parameter '{bad}' holds NaN or Inf after the last update (training "
+                            f"diverged; lower --lr, now {lr:g}); nothing was written")
     return run

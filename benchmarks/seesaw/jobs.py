@@ -54,6 +54,15 @@ def _pipeline(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> dic
                         log=lambda line: _log(work, f"{tag}: {line}"))
 
 
+def _claim(recipe: Path, wd: Path, method: str, seed: int) -> None:
+    from cpift.training.pipeline import claim_workdir
+    from cpift.training.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    r.seed = seed
+    claim_workdir(r, wd, method=method)
+
+
 def _run_once(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> None:
     """Run one pipeline WORKDIR unless finished; a job that needs it while another job runs it waits."""
     with _lock(wd.parent / f".{wd.name}.lock"):
@@ -97,6 +106,7 @@ def run_method(work: str, recipe: str, seed: int, method: str) -> str:
     wd = work / f"s{seed}" / method
     if method in ("cpi-ft", "ties", "task-arithmetic"):
         probes = ensure_probes(work, recipe, seed)
+        _claim(recipe, wd, method, seed)  # a pipeline WORKDIR before the shared probes are linked in
         for t in _tasks(recipe):
             link(probes / t["name"], wd / "probes" / t["name"])
     _run_once(recipe, wd, method, seed, work)
@@ -109,6 +119,7 @@ def run_sensitivity(work: str, main_recipe: str, recipe: str, seed: int, name: s
     start = time.perf_counter()
     probes = ensure_probes(work, Path(main_recipe), seed)
     wd = work / f"s{seed}" / f"sens-{name}"
+    _claim(recipe, wd, "cpi-ft", seed)
     for t in _tasks(recipe):
         link(probes / t["name"], wd / "probes" / t["name"])
     _run_once(recipe, wd, "cpi-ft", seed, work)
@@ -135,13 +146,15 @@ def run_forgetting(work: str, main_recipe: str, recipe: str, seed: int) -> str:
     out = sd / "forgetting.json"
     if out.exists():
         return f"s{seed}/forget: done before"
+    sd.mkdir(parents=True, exist_ok=True)
+    _claim(recipe, cpi, "cpi-ft", seed)
     for t in tasks:
         link(probes / t["name"], cpi / "probes" / t["name"])
-    sd.mkdir(parents=True, exist_ok=True)
     _run_once(recipe, cpi, "cpi-ft", seed, work)
     plan = json.loads((cpi / "report.json").read_text())["stages"]
     if plan != [[a], [b]]:
         raise RuntimeError(f"forgetting: expected the stages [[{a}], [{b}]] from τ = 1, got {plan}")
+    _claim(recipe, seq, "multistage-heuristic", seed)
     link(cpi / "stages" / "1", seq / "stages" / "1")
     _run_once(recipe, seq, "multistage-heuristic", seed, work)
 
@@ -189,6 +202,7 @@ def run_calibration(work: str, main_recipe: str, recipe: str, seed: int, name: s
     wd = work / f"s{seed}" / f"calib-{name}"
     if not (wd / "report.json").exists():
         n = len(json.loads((main / "report.json").read_text())["stages"])
+        _claim(recipe, wd, "cpi-ft", seed)
         for rel in ["cores", "cluster.json", "fused", *(f"stages/{i}" for i in range(1, n + 1)),
                     *(f"probes/{t['name']}" for t in _tasks(recipe))]:
             link(main / rel, wd / rel)

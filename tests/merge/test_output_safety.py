@@ -333,3 +333,31 @@ def test_commit_refuses_an_output_published_meanwhile(tmp_path):
         pub.commit()
     assert (out / "user.txt").read_text() == "mine" and (tmp / "a").read_text() == "new"
     assert publish.is_cpift_output(tmp)
+
+
+def test_bench_workdir_never_removes_what_it_did_not_build(tmp_path):
+    """A stale model or an output folder in --workdir that the bench did not make is refused, not removed."""
+    from cpift.merge.bench import OUT_MARKER, SYNTHETIC_MARKER, run_bench, synthetic_models
+    from cpift.merge.errors import BenchError
+
+    work = tmp_path / "work"
+    user_model = work / "models-tiny" / "base"
+    user_model.mkdir(parents=True)
+    (user_model / "notes.txt").write_text("mine")
+    with pytest.raises(BenchError, match="not built by cpift-merge bench"):
+        synthetic_models(work, "tiny", echo=lambda s: None)
+    assert (user_model / "notes.txt").read_text() == "mine"
+
+    work2 = tmp_path / "work2"
+    built = synthetic_models(work2, "tiny", echo=lambda s: None)
+    assert all((p / SYNTHETIC_MARKER).is_file() for p in built)
+    (built[0] / "config.json").write_text("{}")  # stale: rebuilt, since the bench built it
+    again = synthetic_models(work2, "tiny", echo=lambda s: None)
+    assert again == built and (built[0] / "config.json").read_text() != "{}"
+
+    (work2 / "out").mkdir()
+    (work2 / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(BenchError, match="not made by cpift-merge bench"):
+        run_bench(synthetic="tiny", workdir=work2, methods=["slerp"], repeat=1, echo=lambda s: None)
+    assert (work2 / "out" / "keep.txt").read_text() == "mine"
+    assert not (work2 / "out" / OUT_MARKER).exists()

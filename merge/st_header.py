@@ -1,0 +1,146 @@
+"""Parse and validate a safetensors header as strictly as the safetensors library does.
+
+The rules, as huggingface/safetensors ``safetensors/src/tensor.rs`` (``SafeTensors::read_metadata``,
+``Metadata::validate``) and its serde types apply them:
+
+1. The first 8 bytes are the header length N (u64, little-endian); a file shorter than 8 bytes is
+   refused (HeaderTooSmall), N > 100_000_000 is refused (HeaderTooLarge) and 8 + N must lie inside
+   the file (InvalidHeaderLength).
+2. The header is UTF-8 (InvalidHeader) holding one JSON object (serde_json: no NaN/Infinity, no
+   trailing characters but whitespace, at most 127 nested levels under its recursion limit of 128).
+3. ``__metadata__`` is absent, null, or an object of string -> string.
+4. Every other entry is an object with ``dtype`` (a known name), ``shape`` (non-negative integers)
+   and ``data_offsets`` (exactly two non-negative integers); unknown extra fields are ignored.
+5. Sorted by their offsets, the tensors start at 0 and each begins where the previous one ended, with
+   begin <= end (InvalidOffset): no gap, no overlap.
+6. numel * itemsize, computed in u64 without overflow (ValidationOverflow), equals end - begin
+   (TensorInvalidInfo).
+7. The last end equals the size of the data section, the file's size - 8 - N (MetadataIncompleteBuffer):
+   a truncated file and trailing bytes are both refused.
+
+cpift reads a subset of the library's dtypes; a header with another one (C64, F4, ...) is refused
+as unsupported, with its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .safe_parse import load_json_bounded
+
+HEADER_MAX_BYTES = 100_000_000  # the library's MAX_HEADER_SIZE
+HEADER_MAX_DEPTH = 127  # serde_json's recursion limit 128: 127 nested levels parse, 128 do not
+_USIZE = 1 << 64
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor of a validated header: offsets relative to the start of the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """Parse one safetensors header (rules 1-2); return (header object, offset where data begins)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+            n = int.from_bytes(raw, "little")
+            if n > HEADER_MAX_BYTES:
+                raise CheckpointError(f"{file}: not a safetensors file (header length {n} is over the "
+                                      f"{HEADER_MAX_BYTES} bytes safetensors allows)")
+            if 8 + n > size:
+                raise CheckpointError(f"{file}: truncated or not a safetensors file "
+                                      f"(header of {n} bytes, file of {size})")
+            text = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: shard file is missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{file}: is a directory, expected a safetensors file") from None
+    header = load_json_bounded(text, source=f"{file}: not a safetensors file: header",
+                               max_depth=HEADER_MAX_DEPTH, max_bytes=HEADER_MAX_BYTES, error=CheckpointError)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (header is not a JSON object)")
+    return header, 8 + n
+
+
+def _usize(v: object) -> bool:
+    return type(v) is int and 0 <= v < _USIZE
+
+
+def _entry(file: Path, name: str, meta: object) -> HeaderEntry:
+    """Rule 4 for one tensor."""
+    bad = f"{file}: tensor '{name}' has a malformed header entry"
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+        raise CheckpointError(f"{bad} (expected an object with dtype, shape and data_offsets)")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{bad} (dtype {dtype!r} is unknown or not supported; cpift reads "
+                              f"{', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_usize(d) for d in shape):
+        raise CheckpointError(f"{bad} (shape {shape!r} is not a list of non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(x) for x in offsets):
+        raise CheckpointError(f"{bad} (data_offsets {offsets!r} is not two non-negative integers)")
+    return HeaderEntry(name, DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
+
+
+def header_entries(file: Path, header: dict, data_size: int) -> list[HeaderEntry]:
+    """Validate a parsed header against a data section of ``data_size`` bytes (rules 3-7).
+
+    Returns:
+        The tensors in offset order.
+
+    Raises:
+        CheckpointError: naming ``file`` and the tensor or field that breaks a rule.
+    """
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{file}: malformed header: __metadata__ must be an object of strings")
+    entries = sorted((_entry(file, n, m) for n, m in header.items() if n != "__metadata__"),
+                     key=lambda e: (e.begin, e.end))
+    start = 0
+    for e in entries:
+        if e.begin != start or e.end < e.begin:
+            why = ("overlaps the previous tensor" if e.begin < start else
+                   "leaves a gap after the previous tensor" if e.begin > start else "ends before it begins")
+            raise CheckpointError(f"{file}: tensor '{e.name}' has invalid data_offsets [{e.begin}, {e.end}]: "
+                                  f"it {why} (expected to begin at {start})")
+        start = e.end
+        numel = 1
+        for d in e.shape:  # as the library: the element count, then the bytes, each within u64
+            numel *= d
+            if numel >= _USIZE:
+                break
+        nbytes = numel * e.dtype.itemsize
+        if nbytes >= _USIZE:
+            raise CheckpointError(f"{file}: tensor '{e.name}': shape {list(e.shape)} overflows "
+                                  f"the byte count")
+        if e.end - e.begin != nbytes:
+            raise CheckpointError(f"{file}: tensor '{e.name}' spans {e.end - e.begin} bytes but its shape "
+                                  f"{list(e.shape)} and dtype need {nbytes}")
+    if start > data_size:
+        raise CheckpointError(f"{file}: truncated: its tensors need {start} bytes of data but the file "
+                              f"holds {data_size}")
+    if start < data_size:
+        raise CheckpointError(f"{file}: malformed: {data_size - start} bytes after the last tensor's "
+                              f"data (safetensors requires the tensors to cover the file exactly)")
+    return entries
