@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import get_num_threads, njit, set_num_threads, types
+from numba import config, get_num_threads, njit, set_num_threads, types
 from numba.extending import intrinsic
 
 F32, BF16, F16 = 0, 1, 2
@@ -49,9 +49,17 @@ def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
 
 
 def sync_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch's (the --threads option sets torch's)."""
-    n = max(1, min(torch.get_num_threads(), 64))
-    if get_num_threads() != n:
+    """Run numba's parallel loops on as many threads as torch's (the --threads option sets torch's).
+
+    At most numba's pool size (NUMBA_NUM_THREADS, the core count by default): torch accepts more.
+    Starting the pool (the first get_num_threads) resets the OpenMP thread count that torch reads to
+    the pool size, so torch's count is read before and put back after."""
+    n = torch.get_num_threads()
+    current = get_num_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    n = max(1, min(n, config.NUMBA_NUM_THREADS, 64))
+    if current != n:
         set_num_threads(n)
 
 
@@ -140,3 +148,32 @@ def store(out, i, v, kind):
         out[i] = _f32_to_f16_bits(np.float32(v))
     else:
         out[i] = np.float32(v)
+
+
+# Dynamic scheduling: numba's `prange` hands each thread one fixed share of the iterations (the omp
+# layer schedules statically, whatever the chunk size), so a kernel runs `prange(workers)` and each
+# worker claims work blocks from a shared counter until none is left: a core another process takes
+# then delays the one block it holds, not half the tensor. Results never depend on which worker ran
+# a block (partials are kept per block, integer counts per worker), so they stay deterministic.
+@intrinsic
+def _fetch_add(typingctx, counter):
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", ary.data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def claim(counter):
+    """Atomically take the next work-block number from counter[0] (an int64 array); returns the old value."""
+    return _fetch_add(counter)
+
+
+def workers(nblocks: int) -> int:
+    """How many workers to start for nblocks work blocks: numba's thread count, at most one per block."""
+    return max(1, min(get_num_threads(), nblocks))

@@ -11,7 +11,10 @@
 # inputs and writes 1/8 (the bool mask never exists).
 #
 # The torch functions work in chunks of CHUNK bytes through reused scratch (no fresh large tensors);
-# the Triton kernels (kernels/_masks_triton.py, imported only when they run) do the same per block.
+# the Triton kernels (kernels/_masks_triton.py) do the same per block. Backend "cpu" runs pack_cut and
+# overlap as fused numba kernels (kernels/_masks_cpu.py: one pass, per-block tie / popcount partials;
+# float64 inputs stay on torch); pack_bits and unpack_bits (not on the selection path) run on torch.
+# Every backend gives the same bytes and counts. Fused kernels are imported only when they run.
 from __future__ import annotations
 
 import sys
@@ -29,6 +32,15 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 
 def packed_len(n: int) -> int:
     return (n + 7) // 8
+
+
+def _fused(*tensors: torch.Tensor | None) -> bool:
+    """Whether the fused CPU kernels take these tensors: contiguous on the CPU, float32/bf16/fp16 or uint8."""
+    from ._cpu import supports
+
+    data = [t for t in tensors if t is not None and t.dtype != torch.uint8]
+    packed = [t for t in tensors if t is not None and t.dtype == torch.uint8]
+    return supports(*data) and all(t.device.type == "cpu" and t.is_contiguous() for t in packed)
 
 
 def pack_bits(mask: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -80,7 +92,7 @@ def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out
         x, base: 1-D tensors of one length (base None: the scores are |x|, e.g. block scores).
         cut: the selection; its last_tie is a flat index into x.
         out: uint8[ceil(n / 8)] to write into, or None.
-        count_ties: count the scores equal to cut.value (torch backend: skipped when False, and 0 returned).
+        count_ties: count the scores equal to cut.value (torch and cpu backends: 0 returned when False).
     Returns:
         (packed, number of scores equal to cut.value), the latter for splitting ties across tensors.
     """
@@ -91,10 +103,16 @@ def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out
     if out is None:
         out = torch.empty(packed_len(n), dtype=torch.uint8, device=x.device)
     check_flat("out", out, packed_len(n))
-    if resolve(backend, x, base) == "triton":
+    be = resolve(backend, x, base)
+    if be == "triton":
         from ._masks_triton import pack_cut_triton
 
         return out, pack_cut_triton(x, base, float(cut.value), int(cut.last_tie), out)
+    if be == "cpu" and _fused(x, base, out):
+        from ._masks_cpu import pack_cut_cpu
+
+        ties = pack_cut_cpu(x, base, float(cut.value), int(cut.last_tie), out)
+        return out, ties if count_ties else 0
     ties = 0
     for s, e in chunks(n):  # CHUNK is a multiple of 8: chunk s starts at byte s // 8
         scores = magnitude_scores(x, base, s, e)
@@ -125,10 +143,15 @@ def overlap(p: torch.Tensor, q: torch.Tensor, *, backend: str | None = None) -> 
     if p.dtype != torch.uint8 or q.dtype != torch.uint8 or p.shape != q.shape or p.dim() != 1:
         raise ValueError(f"overlap: expected two uint8 tensors of one length, got {p.dtype}{list(p.shape)} "
                          f"and {q.dtype}{list(q.shape)}")
-    if resolve(backend, p, q) == "triton":
+    be = resolve(backend, p, q)
+    if be == "triton":
         from ._masks_triton import overlap_triton
 
         return overlap_triton(p, q)
+    if be == "cpu" and _fused(p, q):
+        from ._masks_cpu import overlap_cpu
+
+        return overlap_cpu(p, q)
     inter = union = 0
     for s, e in chunks(p.numel()):
         both = scratch("masks.and", e - s, torch.uint8)

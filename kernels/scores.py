@@ -5,8 +5,9 @@
 # block may be shorter, its mean is over the entries it has),
 #   s_j = fl32( mean_{e in block j} |x_e − base_e| )        (base None: |x_e|)
 # computed in float32 (float64 for float64 inputs) and rounded once to float32. For B = 1 this is
-# exactly kernels/select.py's score, so both backends give bit-identical element scores; block means
-# are sums in different orders on the two backends (a few float32 ulps apart).
+# exactly kernels/select.py's score, so every backend gives bit-identical element scores; block means
+# are sums in different orders on the backends (a few float32 ulps apart; the cpu backend's are
+# within 2^-22 relative of the exact mean, kernels/_scores_cpu.py).
 #
 # Histograms (radix select, kernels/select.py): a non-negative float32 orders like its bits read as
 # an unsigned integer, so the k-th largest of a stream of scores is found from
@@ -15,8 +16,11 @@
 # Both are accumulated into a caller-owned int64[65536] across calls (tensors, tasks, ranks).
 #
 # Bytes per entry: reads the two inputs (2× the storage size), writes 4/B (scores, when asked) and
-# nothing else; the 512 KiB histogram stays in cache. Triton kernel: kernels/_scores_triton.py
-# (imported only when it runs); it counts with relaxed atomics into an int32 histogram per call.
+# nothing else; the 512 KiB histogram stays in cache. Backends: "torch" works in CHUNK-sized scratch
+# (several eager ops per entry); "cpu" runs the fused numba kernel kernels/_scores_cpu.py (one pass,
+# per-worker int64 histograms added on the host: exact, no atomics; float64 inputs stay on torch);
+# "triton" kernels/_scores_triton.py counts with relaxed atomics into an int32 histogram per call.
+# Both fused kernels are imported only when they run.
 from __future__ import annotations
 
 import sys
@@ -42,6 +46,13 @@ def _check(x: torch.Tensor, base: torch.Tensor | None, block: int, hist: torch.T
         raise ValueError(f"block: expected an integer ≥ 1, got {block!r}")
     if hist is not None and (hist.dtype != torch.int64 or hist.shape != (BINS,)):
         raise ValueError(f"hist: expected int64[{BINS}], got {hist.dtype}{list(hist.shape)}")
+
+
+def _fused(x: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None, hist: torch.Tensor | None) -> bool:
+    """Whether the fused CPU kernel takes these tensors (float64 inputs keep the torch path)."""
+    from ._cpu import supports
+
+    return supports(x, base, out) and (hist is None or (hist.device.type == "cpu" and hist.is_contiguous()))
 
 
 def _chunk_scores(x: torch.Tensor, base: torch.Tensor | None, block: int, s: int, e: int) -> torch.Tensor:
@@ -125,10 +136,16 @@ def score_deltas(x: torch.Tensor, base: torch.Tensor | None = None, *, block: in
     if out is None:
         out = torch.empty(m, dtype=torch.float32, device=x.device)
     check_flat("out", out, m)
-    if resolve(backend, x, base) == "triton":
+    be = resolve(backend, x, base)
+    if be == "triton":
         from ._scores_triton import score_triton
 
         score_triton(x, base, block, out=out, hist=hist, high_bin=None)
+        return out
+    if be == "cpu" and _fused(x, base, out, hist):
+        from ._scores_cpu import score_cpu
+
+        score_cpu(x, base, block, out=out, hist=hist, high_bin=None)
         return out
     for s, e in chunks(x.numel(), _span(block)):
         scores = _chunk_scores(x, base, block, s, e)
@@ -146,10 +163,16 @@ def score_histogram(x: torch.Tensor, base: torch.Tensor | None = None, *, block:
     high_bin b:    hist[bits & 0xFFFF] += 1 for the scores with bits >> 16 == b (pass 2).
     """
     _check(x, base, block, hist)
-    if resolve(backend, x, base) == "triton":
+    be = resolve(backend, x, base)
+    if be == "triton":
         from ._scores_triton import score_triton
 
         score_triton(x, base, block, out=None, hist=hist, high_bin=high_bin)
+        return
+    if be == "cpu" and _fused(x, base, None, hist):
+        from ._scores_cpu import score_cpu
+
+        score_cpu(x, base, block, out=None, hist=hist, high_bin=high_bin)
         return
     for s, e in chunks(x.numel(), _span(block)):
         scores = _chunk_scores(x, base, block, s, e)

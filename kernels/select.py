@@ -22,6 +22,11 @@
 # Each pass reads every input element once and writes nothing but 512 KiB of counts. The
 # histograms add across ranks (DESIGN §6: an all-reduce per round).
 #
+# Backends of magnitude_cut: "torch" first tries a sampled bracket (one pass, below) and falls back to
+# radix select; "cpu" (fused numba, kernels/_scores_cpu.py's histograms and kernels/_select_cpu.py's
+# tie search: bytes read per entry 2× the storage size per pass, nothing written; float64 inputs stay
+# on torch) and "triton" run the two radix passes, plus the tie pass when needed. All give the same Cut.
+#
 # Scores must be finite and non-negative (|·| gives +0.0, never −0.0): NaN would rank above +inf
 # in the histograms but is never selected by a Cut. Callers check finiteness first.
 from __future__ import annotations
@@ -234,7 +239,8 @@ def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
 def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend: str | None = None) -> Cut:
     """The Cut selecting exactly the k largest |x − base| of a 1-D tensor (lowest index wins ties).
 
-    The Triton backend runs radix select with the fused scoring kernels (two passes on the device).
+    The Triton and cpu backends run radix select with their fused scoring kernels (two passes, plus
+    a tie pass when the k-th largest's ties are split); torch brackets the k-th largest by a sample.
     """
     n = x.numel()
     check_flat("x", x)
@@ -246,12 +252,15 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
         return Cut.none()
     if k == n:
         return Cut.all()
-    if resolve(backend, x, base) == "triton":
+    be = resolve(backend, x, base)
+    if be == "cpu" and not _fused(x, base):
+        be = "torch"  # float64 inputs: the oracle precision stays on the torch path
+    if be in ("triton", "cpu"):
         rs = RadixSelect(x.device)
-        score_histogram(x, base, hist=rs.high, backend="triton")
+        score_histogram(x, base, hist=rs.high, backend=be)
         rs.total = n
         rs.select_bin(k)
-        score_histogram(x, base, hist=rs.low, high_bin=rs.bin, backend="triton")
+        score_histogram(x, base, hist=rs.low, high_bin=rs.bin, backend=be)
         found = rs.threshold()
     else:
         bracket = _bracket(x, base, k, n)
@@ -268,14 +277,28 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     ties = k - greater
     if ties == equal:
         return Cut(value=value, last_tie=n - 1)
-    return Cut(value=value, last_tie=tie_index(x, base, value, ties))
+    return Cut(value=value, last_tie=tie_index(x, base, value, ties, backend=be))
 
 
-def tie_index(x: torch.Tensor, base: torch.Tensor | None, value: float, r: int) -> int:
+def _fused(x: torch.Tensor, base: torch.Tensor | None) -> bool:
+    from ._cpu import supports
+
+    return supports(x, base)
+
+
+def tie_index(x: torch.Tensor, base: torch.Tensor | None, value: float, r: int, *,
+              backend: str | None = None) -> int:
     """Flat index of the r-th (1-based, lowest index first) score |x − base| equal to value; −1 for r = 0."""
     seen = 0
     if r <= 0:
         return -1
+    if resolve(backend, x, base) == "cpu" and _fused(x, base):
+        from ._select_cpu import tie_index_cpu
+
+        index, seen = tie_index_cpu(x, base, value, r)
+        if index >= 0:
+            return index
+        raise ValueError(f"tie_index: only {seen} scores equal {value}, asked for the {r}-th (input modified?)")
     for s, e in chunks(x.numel()):
         scores = magnitude_scores(x, base, s, e)
         count = _count_equal(scores, value)

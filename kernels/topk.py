@@ -17,7 +17,9 @@
 #           with its local last tie index: usually one tensor, usually none re-packed twice.
 # Element scores are recomputed from the inputs in each pass (nothing of size n is kept); block
 # scores (n / B floats) are computed per tensor and per pass and then treated as the inputs.
-# Memory: two 512 KiB histograms per task, plus the packed output of the tensor at hand.
+# Memory: two 512 KiB histograms per task, plus the packed output of the tensor at hand. Every pass
+# runs on the backend given (scores, pack_cut, overlap, tie_index): on CPU tensors "auto" and "cpu"
+# are the fused numba kernels, bit-identical to "torch".
 from __future__ import annotations
 
 import math
@@ -123,7 +125,7 @@ class GlobalTopK:
             packed, ties = pack_cut(sx, sb, cut=Cut(value, n), count_ties=bool(split), backend=self.backend)
             if split and ties > self._ties_left[i]:
                 # The tie budget runs out inside this tensor: keep only its first ties.
-                last = tie_index(sx, sb, value, self._ties_left[i])
+                last = tie_index(sx, sb, value, self._ties_left[i], backend=self.backend)
                 packed, _ = pack_cut(sx, sb, cut=Cut(value, last), out=packed, backend=self.backend)
                 ties = self._ties_left[i]
             self._ties_left[i] -= ties

@@ -21,7 +21,7 @@ from typing import Sequence
 from cpift.kernels.masks import overlap
 
 from .core_masks import CoreMask, load_core_mask
-from .cores import check_task_names
+from .cores import check_task_names, kernel_backend
 from .errors import MismatchError, ParameterError
 from .publish import write_atomic
 
@@ -133,6 +133,7 @@ def cluster_masks(masks: Sequence[PathLike], *, tau: float = 0.1, order: str = "
         raise ParameterError(f"order: expected 'random' or 'given', got '{order}'")
     task_names = list(names) if names is not None else [Path(m).name.removesuffix(".safetensors") for m in masks]
     check_task_names(task_names, "masks")
+    backend = kernel_backend(backend)
     loaded = [load_core_mask(m, lazy=True) for m in masks]
     _check_same_layout(loaded)
     jac = jaccard_matrix(loaded, backend=backend)

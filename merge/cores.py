@@ -130,6 +130,20 @@ def check_task_names(names: Sequence[str], field_name: str = "model") -> None:
         seen.add(n)
 
 
+def kernel_backend(backend: str | None) -> str:
+    """The kernels' backend for CPU tensors, resolved once ("auto": the fused CPU kernels when numba imports).
+
+    Raises:
+        ParameterError: an unknown backend, or one that cannot run here.
+    """
+    from cpift.kernels._backend import resolve
+
+    try:
+        return resolve(backend, torch.empty(0))
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
+
+
 def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[str]:
     chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, g) for g in include)]
     chosen = [n for n in chosen if not exclude or not any(fnmatch.fnmatchcase(n, g) for g in exclude)]
@@ -173,6 +187,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         raise ParameterError("model: give at least one task as --model NAME=PATH")
     check_task_names([n for n, _ in tasks])
     granularity = parse_granularity(granularity)
+    backend = kernel_backend(backend)
     models = open_models([base, *[path for _, path in tasks]])
     out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), *inputs])
     check_compatible(models)

@@ -28,9 +28,9 @@ def _mask(x: torch.Tensor, base: torch.Tensor | None, cut: Cut) -> torch.Tensor:
     return out
 
 
-def _check(x: torch.Tensor, base: torch.Tensor | None, ks: list[int]) -> None:
+def _check(x: torch.Tensor, base: torch.Tensor | None, ks: list[int], backend: str | None = None) -> None:
     for k in ks:
-        cut = magnitude_cut(x, base, k)
+        cut = magnitude_cut(x, base, k, backend=backend)
         assert cut == magnitude_cut_ref(x, base, k), f"k={k}"
         mask = _mask(x, base, cut)
         assert int(mask.sum()) == k, f"k={k}"
@@ -159,8 +159,8 @@ BIG = 8 * (1 << 16) + 4099  # above the sampled-bracket threshold, not a multipl
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_bracket_path_is_exact_and_taken(monkeypatch, dtype: torch.dtype) -> None:
-    """Large random tensors take the sampled-bracket path (radix select must not run) and still
-    select exactly what the stable sort does, at several quantiles."""
+    """Large random tensors take the torch backend's sampled-bracket path (radix select must not run)
+    and still select exactly what the stable sort does, at several quantiles."""
     import cpift.kernels.select as sel
 
     class NoRadix:
@@ -170,19 +170,19 @@ def test_bracket_path_is_exact_and_taken(monkeypatch, dtype: torch.dtype) -> Non
     monkeypatch.setattr(sel, "RadixSelect", NoRadix)
     x = nonzero_randn(BIG, dtype)
     base = nonzero_randn(BIG, dtype)
-    _check(x, base, [BIG // 20, BIG // 3, BIG // 2, (9 * BIG) // 10])
+    _check(x, base, [BIG // 20, BIG // 3, BIG // 2, (9 * BIG) // 10], backend="torch")
 
 
 def test_bracket_with_heavy_ties_and_adversarial_sample() -> None:
     """Ties everywhere (bracket bounds equal) and a periodic pattern the strided sample sees only one
-    side of: both must fall back or resolve exactly."""
+    side of: the torch backend must fall back or resolve exactly."""
     values = torch.tensor([-1.0, -0.25, 0.25, 1.0, 2.0])
     x = values[torch.randint(0, 5, (BIG,))].to(torch.bfloat16)
-    _check(x, None, [BIG // 3, BIG // 2 + 7, BIG - BIG // 9])
+    _check(x, None, [BIG // 3, BIG // 2 + 7, BIG - BIG // 9], backend="torch")
     stride = BIG // (1 << 16)
     periodic = torch.full((BIG,), 0.5)
     periodic[::stride] = 1.0  # every sampled entry is 1.0, almost no other entry is
-    _check(periodic, None, [BIG // 4, BIG // 2])
+    _check(periodic, None, [BIG // 4, BIG // 2], backend="torch")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
