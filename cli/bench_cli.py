@@ -59,10 +59,14 @@ def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Pat
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads of the cpift and mergekit runs (default: each tool's own, one per core); "
                    "1 on a machine shared with other work, where thread barriers stall.")
+@click.option("--case-timeout", type=float, default=None, metavar="SECONDS",
+              help="Kill a run still going after this long and record it as timed out (its wall time a lower "
+                   "bound), so one stalled case cannot hold up the bench.")
 @click.option("--cold", is_flag=True, help="One more run per case with the page cache dropped (root only).")
 @click.option("--note", default=None, help="Free text stored with the results, e.g. what else ran meanwhile.")
 def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_mergekit, mergekit_methods,
-          mergekit_repeat, repeat, json_path, plot_path, md_path, workdir, max_shard_size, threads, cold, note):
+          mergekit_repeat, repeat, json_path, plot_path, md_path, workdir, max_shard_size, threads, case_timeout, cold,
+          note):
     """Measure merge throughput: the floors (read every input byte, write one model), then each method
     on each backend, quiet and (with --busy) beside competing processes.
 
@@ -94,7 +98,8 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
     result = run_bench(models=list(models), synthetic=synthetic, methods=items(methods), backends=items(backends),
                        busy=busy, busy_repeat=busy_repeat, compare_mergekit=compare_mergekit,
                        mergekit_methods=items(mergekit_methods), mergekit_repeat=mergekit_repeat, repeat=repeat,
-                       workdir=workdir, cold=cold, max_shard_size=max_shard_size, threads=threads, note=note,
+                       workdir=workdir, cold=cold, max_shard_size=max_shard_size, threads=threads, case_timeout=case_timeout,
+                       note=note,
                        echo=lambda s: click.echo(s, err=True))
     json_target, plot_target, md_target = targets
     from cpift.merge.publish import write_atomic

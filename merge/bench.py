@@ -120,9 +120,12 @@ def _busy_cpu() -> float:
 # process: Linux keeps the peak RSS of the memory a process had before exec in its ru_maxrss, and a
 # child forked from a process holding torch (or pytest's fixtures) would report at least that.
 _LAUNCHER = """
-import os, sys, time
+import os, signal, sys, time
 t0 = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+pid = os.posix_spawnp(sys.argv[3], sys.argv[3:], os.environ)
+if float(sys.argv[2]) > 0:  # a time limit: the child is killed when it runs past it
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(pid, signal.SIGKILL))
+    signal.setitimer(signal.ITIMER_REAL, float(sys.argv[2]))
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
     f.write(f"{time.perf_counter() - t0} {os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} "
@@ -130,16 +133,19 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> dict:
-    """Run ``cmd`` (in ``env``, default this process's): its wall seconds, exit code, peak RSS (bytes),
-    CPU seconds and output (stdout and stderr together)."""
+def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
+    """Run ``cmd`` (in ``env``, default this process's; killed after ``timeout`` seconds): its wall
+    seconds, exit code, whether it was killed for its time, peak RSS (bytes), CPU seconds and output
+    (stdout and stderr together)."""
     with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile("r") as res:
-        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, res.name, *cmd], stdout=log,
+        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, res.name, str(timeout or 0), *cmd], stdout=log,
                        stderr=subprocess.STDOUT, check=True, env=env)
         wall, code, rss, cpu = res.read().split()
         log.seek(0)
         text = log.read().decode(errors="replace")
-    return {"wall": float(wall), "code": int(code), "rss": int(rss) * 1024, "cpu": float(cpu), "output": text}
+    timed_out = timeout is not None and int(code) == -9 and float(wall) >= timeout
+    return {"wall": float(wall), "code": int(code), "timed_out": timed_out, "rss": int(rss) * 1024, "cpu": float(cpu),
+            "output": text}
 
 
 # A competitor: one CPU-bound Python loop, not pinned to a core (the scheduler moves it as it likes).
@@ -180,19 +186,21 @@ def _cpu_of(procs: Sequence[subprocess.Popen]) -> float:
     return total
 
 
-def run_case(case: Case, *, env: dict[str, str] | None = None,
-             competitors: Sequence[subprocess.Popen] = ()) -> dict:
+def run_case(case: Case, *, env: dict[str, str] | None = None, competitors: Sequence[subprocess.Popen] = (),
+             timeout: float | None = None) -> dict:
     """Run one case; wall and work seconds, peak RSS, and the shares of the machine that other
-    processes and the bench's own competitors used."""
+    processes and the bench's own competitors used. A run killed at ``timeout`` has no work seconds
+    and ``timed_out`` set (its wall time is a lower bound)."""
     t0, busy0, comp0 = time.perf_counter(), _busy_cpu(), _cpu_of(competitors)
-    m = measure(case.cmd, env=env)
+    m = measure(case.cmd, env=env, timeout=timeout)
     busy, comp = _busy_cpu() - busy0, _cpu_of(competitors) - comp0
     span = (time.perf_counter() - t0) * (os.cpu_count() or 1)  # the CPU time the machine had meanwhile
-    if m["code"] != 0:
+    if m["code"] != 0 and not m["timed_out"]:
         last = (m["output"].strip().splitlines() or ["(no output)"])[-1]
         raise BenchError(f"{case.provider} {case.op}: {case.cmd[0]} exited with {m['code']}: {last}")
     w = re.search(r"work_seconds=([\d.]+)", m["output"]) or re.search(r" in ([\d.]+) s \(", m["output"])
-    return {"wall": m["wall"], "work": float(w.group(1)) if w else None, "rss": m["rss"],
+    return {"wall": m["wall"], "work": float(w.group(1)) if w and not m["timed_out"] else None, "rss": m["rss"],
+            "timed_out": m["timed_out"],
             "others_cpu_share": min(1.0, max(0.0, busy - m["cpu"] - comp) / span),
             "competitors_cpu_share": min(1.0, comp / span)}
 
@@ -226,7 +234,8 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
               cold: bool = False, max_shard_size: str = "5GB", threads: int | None = None,
               backends: Sequence[str] = BENCH_BACKENDS, busy: int = 0, busy_repeat: int | None = None,
               mergekit_methods: Sequence[str] | None = None, mergekit_repeat: int | None = None,
-              note: str | None = None, echo: Callable[[str], None] = print) -> dict:
+              case_timeout: float | None = None, note: str | None = None,
+              echo: Callable[[str], None] = print) -> dict:
     """Measure the floors and each method on each backend (with mergekit if asked), quiet and busy.
 
     Args:
@@ -244,6 +253,8 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         backends: cpift's kernel backends, each case run on each (``torch``, ``cpu``).
         busy: with N > 0, each of the first ``busy_repeat`` (default all) repeats is run again while N
             CPU-bound competing processes run (mergekit's cases excepted).
+        case_timeout: a run still going after this many seconds is killed and recorded as timed out
+            (no work seconds; its wall time a lower bound), so a stalled case cannot stall the bench.
         note: free text recorded in the results (e.g. what else ran on the machine).
 
     Returns:
@@ -255,6 +266,8 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
     """
     if bool(models) == bool(synthetic):
         raise ParameterError("bench: give MODEL arguments (base first) or --synthetic PRESET, not both or neither")
+    if case_timeout is not None and case_timeout <= 0:
+        raise ParameterError(f"--case-timeout: must be a positive number of seconds, got {case_timeout}")
     check_arguments(methods, backends, repeat, threads, busy, {"--busy-repeat": busy_repeat, "--mergekit-repeat": mergekit_repeat})
     if compare_mergekit:
         mergekit = mergekit or find_mergekit()
@@ -289,7 +302,7 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
                            threads=threads, backends=backends, mergekit_methods=mergekit_methods)
         caches = Path(tempfile.mkdtemp(prefix="numba-caches-", dir=root))  # ours: removed at the end
         result = _measure(cases, paths, repeat=repeat, cold=cold, busy=busy, busy_repeat=busy_repeat or repeat,
-                          mergekit_repeat=mergekit_repeat or repeat, caches=caches, echo=echo)
+                          mergekit_repeat=mergekit_repeat or repeat, caches=caches, echo=echo, timeout=case_timeout)
         result.update(model=source, mergekit=mergekit and mergekit_version(mergekit), note=note, threads=threads,
                       backends=list(backends))
         result["versions"]["mergekit"] = result["mergekit"]
@@ -310,7 +323,7 @@ def _env(case: Case, caches: Path) -> dict[str, str] | None:
     return env
 
 
-def _compile(cases: list[Case], caches: Path, echo: Callable[[str], None]) -> dict[Case, dict]:
+def _compile(cases: list[Case], caches: Path, echo: Callable[[str], None], timeout: float | None) -> dict[Case, dict]:
     """One run of each fused-backend case with its numba cache empty (a fresh directory)."""
     runs = {}
     for case in cases:
@@ -320,40 +333,40 @@ def _compile(cases: list[Case], caches: Path, echo: Callable[[str], None]) -> di
         shutil.rmtree(env["NUMBA_CACHE_DIR"], ignore_errors=True)
         Path(env["NUMBA_CACHE_DIR"]).mkdir(parents=True)
         _clean(case.out)
-        runs[case] = run_case(case, env=env)
+        runs[case] = run_case(case, env=env, timeout=timeout)
         echo(f"cold-compile {case.provider:12s} {case.op:16s} wall {runs[case]['wall']:7.2f} s  work "
-             f"{runs[case]['work'] or 0:.2f} s (empty numba cache)")
+             f"{runs[case]['work'] or 0:.2f} s (empty numba cache)" + ("  TIMED OUT (killed)" if runs[case]["timed_out"] else ""))
     return runs
 
 
 def _round(cases: list[Case], condition: str, r: int, repeat: int, caches: Path,
            samples: dict[tuple[Case, str], list[dict]], echo: Callable[[str], None],
-           competitors: Sequence[subprocess.Popen] = ()) -> None:
+           competitors: Sequence[subprocess.Popen] = (), timeout: float | None = None) -> None:
     for case in cases:
         _clean(case.out)
-        s = run_case(case, env=_env(case, caches), competitors=competitors)
+        s = run_case(case, env=_env(case, caches), competitors=competitors, timeout=timeout)
         samples.setdefault((case, condition), []).append(s)
         echo(f"run {r + 1}/{repeat} {condition:6s} {case.provider:17s} {case.op:16s} wall {s['wall']:7.2f} s  work "
              f"{'-' if s['work'] is None else format(s['work'], '.2f')} s  others used "
-             f"{s['others_cpu_share'] * 100:.0f}% of the CPUs")
+             f"{s['others_cpu_share'] * 100:.0f}% of the CPUs" + ("  TIMED OUT (killed)" if s["timed_out"] else ""))
 
 
 def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, busy: int, busy_repeat: int,
-             mergekit_repeat: int, caches: Path, echo: Callable[[str], None]) -> dict:
+             mergekit_repeat: int, caches: Path, echo: Callable[[str], None], timeout: float | None = None) -> dict:
     from .bench_report import machine, parity, summarize, versions
 
     size = {p: sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in paths}
     load_start = os.getloadavg()
-    compile_runs = _compile(cases, caches, echo)
+    compile_runs = _compile(cases, caches, echo, timeout)
     samples: dict[tuple[Case, str], list[dict]] = {}
     pids: list[int] = []
     for r in range(repeat):
         _round([c for c in cases if c.provider != "mergekit" or r < mergekit_repeat], "quiet", r, repeat, caches,
-               samples, echo)
+               samples, echo, timeout=timeout)
         if busy and r < busy_repeat:
             with competing(busy, pids=pids) as procs:
                 _round([c for c in cases if c.provider != "mergekit"], f"busy-{busy}", r, busy_repeat, caches,
-                       samples, echo, competitors=procs)
+                       samples, echo, competitors=procs, timeout=timeout)
     par = None
     by_key = {(c.op, c.provider): c for c in cases}
     slerp_cpift = by_key.get(("slerp", "cpift-cpu")) or by_key.get(("slerp", "cpift-torch"))
@@ -368,7 +381,7 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, b
             if not drop_caches():
                 cold_state = "skipped: cannot write /proc/sys/vm/drop_caches (not root or not permitted here)"
                 break
-            cold_walls[case] = run_case(case, env=_env(case, caches))["wall"]
+            cold_walls[case] = run_case(case, env=_env(case, caches), timeout=timeout)["wall"]
             echo(f"cold {case.provider:17s} {case.op:16s} wall {cold_walls[case]:.2f} s")
         else:
             cold_state = "dropped before each cold run: see rows' cold_wall_s"
@@ -385,7 +398,7 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, b
         "repeat": repeat, "mergekit_repeat": mergekit_repeat, "slerp_parity_vs_mergekit": par,
         "busy": {"competitors": busy, "repeat": busy_repeat if busy else 0, "command": COMPETITOR,
                  "pids": pids, "pinned": False},
-        "cold_cache": cold_state,
+        "cold_cache": cold_state, "case_timeout_s": timeout,
     }
     for m in models:
         m.close()

@@ -67,6 +67,7 @@ def _row(case, condition: str, runs: list[dict], in_bytes: int, *, date: str, ma
             "gbps_input_wall": _stats([in_bytes / w / 1e9 for w in walls]),
             "gbps_input_work": _stats([in_bytes / w / 1e9 for w in works]) if _stats(works) else None,
             "peak_rss_bytes": max(s["rss"] for s in runs),
+            "timed_out_runs": sum(bool(s.get("timed_out")) for s in runs),
             "others_cpu_share_p50": statistics.median(s["others_cpu_share"] for s in runs),
             "others_cpu_share_all": [s["others_cpu_share"] for s in runs],
             "competitors_cpu_share_p50": statistics.median(s["competitors_cpu_share"] for s in runs),
@@ -161,8 +162,11 @@ def _f(v: float | None, spec: str = ".2f") -> str:
     return "" if v is None else format(v, spec)
 
 
-def _spread(st: dict | None) -> str:
-    return "" if st is None else f"{st['p50']:.2f} ({st['p20']:.2f}–{st['p80']:.2f})"
+def _spread(st: dict | None, x: dict | None = None) -> str:
+    out = "" if st is None else f"{st['p50']:.2f} ({st['p20']:.2f}–{st['p80']:.2f})"
+    if x is not None and x.get("timed_out_runs"):
+        out += f" {x['timed_out_runs']} killed at the time limit"
+    return out
 
 
 def _x(v: float | None, spec: str = ".2f") -> str:
@@ -211,7 +215,7 @@ def markdown(r: dict) -> str:
     for x in quiet:
         ratios = x.get("ratios", {})
         lines.append(
-            f"| {x['op']} | {x['provider']} | {x['inputs']} | {_spread(x['wall_s'])} | {_spread(x['work_s'])} | "
+            f"| {x['op']} | {x['provider']} | {x['inputs']} | {_spread(x['wall_s'], x)} | {_spread(x['work_s'])} | "
             f"{_f(x['gbps_input_work'] and x['gbps_input_work']['p50'])} | {x['peak_rss_bytes'] / 1e9:.2f} | "
             f"{_x(_floor_ratio(x))} | {_x(ratios.get('floor-python', {}).get('work'))} | "
             f"{_x(ratios.get('floor-physical', {}).get('wall'))} | {_x(x.get('speedup_vs_mergekit_wall'), '.1f')} | "
@@ -226,7 +230,7 @@ def markdown(r: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for x in busy_rows:
             slow = x.get("slowdown_vs_quiet", {})
-            lines.append(f"| {x['op']} | {x['provider']} | {_spread(x['wall_s'])} | {_spread(x['work_s'])} | "
+            lines.append(f"| {x['op']} | {x['provider']} | {_spread(x['wall_s'], x)} | {_spread(x['work_s'])} | "
                          f"{_x(slow.get('wall'))} | {_x(slow.get('work'))} | {_x(_floor_ratio(x))} | "
                          f"{x['peak_rss_bytes'] / 1e9:.2f} | {x['others_cpu_share_p50'] * 100:.0f}% | "
                          f"{x['competitors_cpu_share_p50'] * 100:.0f}% |")
