@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cpift.merge.engine import BACKENDS
 from cpift.merge.errors import ParameterError
 
 from .merge_cli import cli, common_options
@@ -36,9 +37,9 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
 @click.option("--overwrite", is_flag=True,
               help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
                    "directory, atomically, once the new one is complete; any other existing path is refused."))
-@click.option("--backend", type=click.Choice(["auto", "torch", "cpu", "triton"]), default=None,
-              help="Kernel implementation (default: $CPIFT_BACKEND, else auto: the fused CPU kernels (cpu, numba) "
-                   "when numba is installed, else torch).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Kernel implementation (default: $CPIFT_BACKEND, else auto: triton on CUDA, the fused CPU "
+                   "kernels (cpu, numba) on the CPU when numba is installed, else torch).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch compute threads (default: one per core). Use 1 when other work shares the CPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the summary line only.")
@@ -74,7 +75,7 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, backen
               help='Write {"tasks", "jaccard", "groups", "order"} to this file.')
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a Jaccard heatmap with the groups outlined to this PNG (needs matplotlib).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "cpu", "triton"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Popcount implementation (default: $CPIFT_BACKEND, else auto: the fused CPU kernel (cpu, numba) "
                    "when numba is installed, else torch).")
 def cluster(masks, tau, order, seed, json_path, plot, backend):

@@ -12,6 +12,7 @@ import click
 from cpift.cli.bench_cli import bench
 from cpift.merge import methods
 from cpift.merge.sizes import HELP as SIZE_HELP
+from cpift.merge.engine import BACKENDS
 
 from ._run import run
 
@@ -49,9 +50,10 @@ def common_options(fn):
     @click.option("--threads", type=click.IntRange(min=1), default=None,
                   help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
                        "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
-    @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default=None,
-                  help="Kernel implementation: triton (CUDA; on the CPU only under TRITON_INTERPRET=1, "
-                       "for testing), torch, or auto = triton for CUDA tensors, else torch. "
+    @click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                  help="Kernel implementation: cpu (fused CPU kernels, needs numba), triton (CUDA; on the "
+                       "CPU only under TRITON_INTERPRET=1, for testing), torch (the reference), or auto = "
+                       "triton for CUDA tensors, else cpu (torch without numba). "
                        "Default: $CPIFT_BACKEND, else auto.")
     @click.option("--device", default="cpu", show_default=True,
                   help="Where the math runs: cpu (straight from the memory-mapped files), or cuda / cuda:N "

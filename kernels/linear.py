@@ -6,6 +6,10 @@
 # round once into out.dtype. linear_ref is the float64 oracle. The Triton backend runs the
 # equivalent x_0 + Σ_{i≥1} w_i (x_i − x_0) through the delta kernel (kernels/ties.py): one pass,
 # rounding a few float32 ulps apart from the torch order, one rounding on store.
+# The "cpu" backend (default on CPU tensors when numba imports) runs the fused kernel of
+# _linear_cpu.py: one pass, N·s bytes read and s written per entry (s the storage size), the torch
+# path's operations in its order (x_0·w_0, then fused multiply-adds), so bit-identical to it; it tests
+# each stored entry for NaN/±inf and records the answer (kernels/finite.py). float64 stays on torch.
 from __future__ import annotations
 
 import math
@@ -15,6 +19,7 @@ import torch
 
 from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
+from .finite import note_written
 
 
 def _normalised(weights: Sequence[float], count: int) -> list[float]:
@@ -36,7 +41,16 @@ def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], *, out: torch.T
     for i, x in enumerate(xs):
         check_flat(f"xs[{i}]", x, n)
     check_flat("out", out, n)
-    if resolve(backend, *xs) == "triton":
+    be = resolve(backend, *xs, out)
+    if be == "cpu":
+        from ._cpu import supports
+
+        if supports(*xs, out):
+            from ._linear_cpu import linear_cpu
+
+            note_written(out, linear_cpu(list(xs), ws, out=out))
+            return out
+    if be == "triton":
         if len(xs) == 1:
             return out.copy_(xs[0])
         # Σ w_i x_i = x_0 + Σ_{i≥1} w_i (x_i − x_0) for normalised weights: the delta kernel's pass.

@@ -17,6 +17,11 @@
 #
 # The Triton kernels of both passes live in _slerp_triton.py, imported only when the Triton backend
 # runs: importing triton costs ~0.2 s, which every CPU-only cpift-merge call would otherwise pay.
+# The "cpu" backend (default on CPU tensors when numba imports) runs _slerp_cpu.py's fused passes:
+# the same bytes per element as above; the reduction sums exact float64 products in float64 per
+# block (deterministic for any thread count, more accurate than the float32 torch.dot partials, so it
+# agrees with them to their float32 error, not bit for bit); the blend is bit-identical to the torch
+# path and records whether every stored entry is finite (kernels/finite.py). float64 stays on torch.
 #
 # Precision: storage dtype (bf16/fp16/fp32) → float32 per chunk, compute, cast once on store;
 # float64 inputs compute in float64. slerp_ref is the float64 oracle, written independently.
@@ -30,9 +35,18 @@ import torch
 
 from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
+from .finite import note_written
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
+
+
+def _fused_cpu(*tensors: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """True when the fused CPU kernels take these tensors (float64 ones stay on the torch path)."""
+    from ._cpu import supports
+
+    return supports(*tensors) and (mask is None or (mask.dtype == torch.bool and mask.device.type == "cpu"
+                                                    and mask.is_contiguous()))
 
 
 def slerp_reduce(
@@ -40,8 +54,8 @@ def slerp_reduce(
 ) -> tuple[float, float, float]:
     """Return (‖a‖², ‖b‖², ⟨a,b⟩), leaving out entries where the bool tensor `exclude` is True.
 
-    ``backend``: 'torch', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on CUDA).
-    float64 inputs always take the torch path (the Triton kernels compute in float32).
+    ``backend``: 'torch', 'cpu', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on
+    CUDA, the fused CPU kernels on the CPU). float64 inputs always take the torch path.
     """
     n = a.numel()
     check_flat("a", a)
@@ -49,7 +63,12 @@ def slerp_reduce(
     if exclude is not None:
         check_flat("exclude", exclude, n)
     dt = compute_dtype(a, b)
-    if dt == torch.float32 and resolve(backend, a, b) == "triton":
+    be = resolve(backend, a, b)
+    if be == "cpu" and _fused_cpu(a, b, mask=exclude):
+        from ._slerp_cpu import slerp_reduce_cpu
+
+        return slerp_reduce_cpu(a, b, exclude=exclude)
+    if dt == torch.float32 and be == "triton":
         from ._slerp_triton import slerp_reduce_triton
 
         return slerp_reduce_triton(a, b, exclude=exclude)
@@ -110,7 +129,13 @@ def slerp_blend(
     if keep is not None:
         check_flat("keep", keep, n)
     dt = compute_dtype(a, b)
-    if dt == torch.float32 and out.dtype != torch.float64 and resolve(backend, a, b, out) == "triton":
+    be = resolve(backend, a, b, out)
+    if be == "cpu" and _fused_cpu(a, b, out, mask=keep):
+        from ._slerp_cpu import slerp_blend_cpu
+
+        note_written(out, slerp_blend_cpu(a, b, ca, cb, out=out, keep=keep))
+        return out
+    if dt == torch.float32 and out.dtype != torch.float64 and be == "triton":
         from ._slerp_triton import slerp_blend_triton
 
         return slerp_blend_triton(a, b, ca, cb, out=out, keep=keep)

@@ -26,6 +26,10 @@
 # delta_merge_ref is the float64 oracle (a `precision` argument gives the naive float32 variant).
 # Triton path (backend="triton", default on CUDA): one fused kernel in _ties_triton.py, imported only
 # when it runs; the same float32 operations in the same order, bit-identical to this torch path.
+# Fused CPU path (backend="cpu", default on CPU tensors when numba imports): _ties_cpu.py, one pass,
+# (N + 1)·s bytes read and s written per entry (s the storage size), the DARE Philox stream and the
+# trim recomputed in the kernel; the same float32 operations in the same order, bit-identical to this
+# torch path; it tests each stored entry for NaN/±inf and records the answer (kernels/finite.py).
 # float64 inputs always take the torch path (the oracle's precision, not a GPU workload).
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import torch
 from ._backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 from .dare import keep_factor, keep_mask
+from .finite import note_written
 from .select import Cut, cut_keep, cut_mask
 
 
@@ -90,8 +95,8 @@ def delta_merge(
 ) -> torch.Tensor:
     """Write base + λ·(merged, optionally trimmed/dropped/sign-elected task deltas) into out.
 
-    ``backend``: 'torch', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on CUDA);
-    float64 inputs run on the torch path whatever the backend.
+    ``backend``: 'torch', 'cpu', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on
+    CUDA, the fused CPU kernel on the CPU); float64 inputs run on the torch path whatever the backend.
     """
     densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds)
     n = base.numel()
@@ -99,7 +104,20 @@ def delta_merge(
     dt = compute_dtype(base, *xs)
     # DARE's 1/p_i rescale is folded into the numerator weights; the TIES denominator keeps w_i.
     num_w = [float(w) / (densities[i] if densities else 1.0) for i, w in enumerate(weights)]
-    if resolve(backend, base, *xs, out) == "triton" and dt == torch.float32:
+    be = resolve(backend, base, *xs, out)
+    if be == "cpu" and dt == torch.float32:
+        from ._cpu import supports
+
+        if supports(base, *xs, out):
+            from ._ties_cpu import delta_merge_cpu
+
+            finite = delta_merge_cpu(base, list(xs), [float(w) for w in weights], num_w, lam=lam,
+                                     cuts=None if cuts is None else list(cuts), densities=densities,
+                                     drop_seeds=None if drop_seeds is None else list(drop_seeds),
+                                     elect_sign=elect_sign, normalize=normalize, out=out)
+            note_written(out, finite)
+            return out
+    if be == "triton" and dt == torch.float32:
         from ._ties_triton import delta_merge_triton
 
         return delta_merge_triton(base, list(xs), [float(w) for w in weights], num_w, lam=lam,

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from cpift.kernels._backend import BACKENDS  # noqa: F401  (the CLIs' --backend choices)
 from cpift.kernels.finite import all_finite, first_nonfinite
 
 from .card import CardInput, card_files, roles_for
@@ -62,6 +63,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    backend: str | None = None  # the kernels that ran: "cpu" (fused), "torch" or "triton"
 
     @property
     def gbps(self) -> float:
@@ -70,7 +72,8 @@ class MergeResult:
     def summary(self) -> str:
         return (f"{self.method}: {self.tensors} tensors, read {self.bytes_read / 1e9:.3f} GB, "
                 f"wrote {self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s "
-                f"({self.gbps:.2f} GB/s of input) -> {self.out}")
+                f"({self.gbps:.2f} GB/s of input{f', {self.backend} kernels' if self.backend else ''}) "
+                f"-> {self.out}")
 
 
 def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
@@ -183,8 +186,10 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     """
     start = time.perf_counter()
     dev = parse_device(device)
-    _check_backend(backend, dev)
+    used = _check_backend(backend, dev)
     compute_dtype = parse_dtype(dtype, "dtype")
+    if compute_dtype == torch.float64:
+        used = "torch"  # float64 math always runs the torch kernels (the oracle precision)
     store_dtype = parse_dtype(out_dtype, "out_dtype") or compute_dtype
     shard_bytes = parse_size(max_shard_size)
     out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), copy_tokenizer_from, *inputs])
@@ -197,7 +202,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                       inputs=[CardInput(m.ref, m.path, role)
                               for m, role in zip(models, roles or roles_for(method, len(models)))],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
-                                "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from})
+                                "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
+                                "backend": used})
 
     card.update(config_with_dtype(side_from, store_dtype))  # replaces the copied config.json
 
@@ -218,7 +224,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     if dry_run:
         return plan_merge(method=method, models=models, out=out, plan=plan, max_shard_size=shard_bytes,
                           metadata=metadata, compute_dtype=compute_dtype, fingerprint=fp if resume else None,
-                          notes=notes)
+                          notes=notes, fused_cpu=used == "cpu")
 
     writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata=metadata, fingerprint=fp, resume=resume,
                          overwrite=overwrite)
@@ -272,7 +278,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
         for m in models:
             m.close()
     return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
-                       time.perf_counter() - start, notes)
+                       time.perf_counter() - start, notes, backend=used)
 
 
 def model_paths(models: Sequence[Checkpoint]) -> list[Path]:
@@ -284,13 +290,14 @@ def _cast(views: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Te
     return [v.to(dtype) if dtype not in (None, v.dtype) else v for v in views]
 
 
-def _check_backend(backend: str | None, device: torch.device | None) -> None:
-    """Fail before any output exists if the kernels cannot run as asked."""
+def _check_backend(backend: str | None, device: torch.device | None) -> str:
+    """The kernels that will run ('cpu', 'torch' or 'triton'); fail before any output exists if they
+    cannot run as asked."""
     from cpift.kernels._backend import resolve
 
     probe = torch.empty(0, device=device) if device is not None and device.type == "cuda" else torch.empty(0)
     try:
-        resolve(backend, probe)
+        return resolve(backend, probe)
     except ValueError as e:
         raise ParameterError(str(e)) from None
 
