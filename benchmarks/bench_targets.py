@@ -26,12 +26,15 @@ def checks(r: dict) -> list[tuple[str, str, str, float, float, bool, str]]:
     quiet = [x for x in r["rows"] if x["condition"] == "quiet" and x["provider"].startswith("cpift")]
     for x in quiet:
         ratios = x["ratios"]
-        floor = ratios.get("floor-read") or ratios["floor-physical"]
+        floor = ratios["floor-read" if x["op"] == "cores" else "floor-physical"]
         limit = WORK_LIMITS.get(x["op"])
-        if limit and floor["work"] is not None:
+        if limit and x.get("timed_out_runs"):
+            out.append(("work / floor work", x["op"], x["provider"], float("nan"),
+                        limit, False, f"killed at the {r['case_timeout_s']:.0f} s time limit: no work time"))
+        elif limit and floor["work"] is not None:
             py = ratios.get("floor-python", {}).get("work")
             out.append(("work / floor work", x["op"], x["provider"], floor["work"], limit, floor["work"] <= limit,
-                        f"python floor: {py:.2f}×" if py else "floor-read"))
+                        "floor-read" if x["op"] == "cores" else f"python floor: {py:.2f}×" if py else ""))
         if x["op"] == "cores":
             cap = 2 * r["largest_tensor_bytes"] + GB
             out.append(("peak RSS GB (≤ 2 × largest tensor + 1 GB)", "cores", x["provider"], x["peak_rss_bytes"] / GB,
@@ -42,12 +45,17 @@ def checks(r: dict) -> list[tuple[str, str, str, float, float, bool, str]]:
                         cap / GB, x["peak_rss_bytes"] <= cap, ""))
         if x["op"] in MERGEKIT_LIMITS and "speedup_vs_mergekit_wall" in x:
             s, limit = x["speedup_vs_mergekit_wall"], MERGEKIT_LIMITS[x["op"]]
-            out.append(("speed-up vs mergekit (wall)", x["op"], x["provider"], s, limit, s >= limit, "at least"))
+            mk = next(m for m in r["rows"] if (m["op"], m["provider"], m["condition"]) == (x["op"], "mergekit", "quiet"))
+            note = "mergekit killed at the time limit: a lower bound" if mk.get("timed_out_runs") else ""
+            out.append(("speed-up vs mergekit (wall)", x["op"], x["provider"], s, limit, s >= limit, note))
     for x in r["rows"]:
         if x["condition"] != "quiet" and x["provider"].startswith("cpift"):
-            s = x["slowdown_vs_quiet"]
+            s = x.get("slowdown_vs_quiet", {"wall": None, "work": None})
+            if s["wall"] is None:
+                continue
+            killed = " (a run killed at the time limit)" if x.get("timed_out_runs") else ""
             out.append((f"busy/quiet wall ({r['busy']['competitors']} competitors)", x["op"], x["provider"], s["wall"],
-                        BUSY_LIMIT, s["wall"] <= BUSY_LIMIT, f"work: {s['work']:.2f}×" if s["work"] else ""))
+                        BUSY_LIMIT, s["wall"] <= BUSY_LIMIT, (f"work: {s['work']:.2f}×" if s["work"] else "") + killed))
     return out
 
 
@@ -58,8 +66,9 @@ def table(r: dict) -> str:
              "| target | op | provider | measured | limit | met | measured / limit | note |",
              "|---|---|---|---|---|---|---|---|"]
     for target, op, provider, got, limit, met, note in checks(r):
-        lines.append(f"| {target} | {op} | {provider} | {got:.2f} | {limit:.2f} | {'met' if met else '**not met**'} | "
-                     f"{got / limit:.2f} | {note} |")
+        shown = ("–", "–") if got != got else (f"{got:.2f}", f"{got / limit:.2f}")  # NaN: not measured
+        lines.append(f"| {target} | {op} | {provider} | {shown[0]} | {limit:.2f} | {'met' if met else '**not met**'} | "
+                     f"{shown[1]} | {note} |")
     return "\n".join(lines) + "\n"
 
 

@@ -99,7 +99,7 @@ def summarize(cases: list, samples: dict, compile_runs: dict, size: dict, cold_w
                 continue
             if case.op != "floor":
                 row["ratios"] = {}
-                for kind in ("physical", "python", "read"):
+                for kind in (("read",) if case.op == "cores" else ("physical", "python")):
                     floor = by.get(("floor", f"floor-{kind}-{len(case.inputs)}", case.inputs, condition))
                     if floor is not None:
                         row["ratios"][f"floor-{kind}"] = {"wall": _ratio(row["wall_s"], floor["wall_s"]),
@@ -174,8 +174,7 @@ def _x(v: float | None, spec: str = ".2f") -> str:
 
 
 def _floor_ratio(x: dict) -> float | None:
-    ratios = x.get("ratios", {})
-    hit = ratios.get("floor-physical") or ratios.get("floor-read")
+    hit = x.get("ratios", {}).get("floor-read" if x["op"] == "cores" else "floor-physical")
     return hit and hit["work"]
 
 

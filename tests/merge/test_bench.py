@@ -171,6 +171,27 @@ def test_competitors_end_when_the_bench_is_killed():
     assert not any(_alive(pid) for pid in pids)
 
 
+def test_a_run_past_the_case_timeout_is_killed_and_marked(tmp_path):
+    """--case-timeout: the command is killed at the limit (not left running) and its sample says so."""
+    from cpift.merge.bench import run_case
+    from cpift.merge.bench_cases import Case
+
+    flag = tmp_path / "finished"
+    slow = Case("floor", "floor-read-1", (sys.executable, "-c", f"import time; time.sleep(30); open({str(flag)!r}, 'w')"),
+                (tmp_path,), tmp_path / "out")
+    s = run_case(slow, timeout=1.0)
+    assert s["timed_out"] and s["work"] is None and 1.0 <= s["wall"] < 25
+    quick = Case("floor", "floor-read-1", (sys.executable, "-c", "print('work_seconds=0.5')"), (tmp_path,), tmp_path / "o")
+    s = run_case(quick, timeout=20.0)
+    assert not s["timed_out"] and s["work"] == 0.5
+    failing = Case("floor", "floor-read-1", (sys.executable, "-c", "raise SystemExit(3)"), (tmp_path,), tmp_path / "o")
+    from cpift.merge.errors import BenchError
+
+    with pytest.raises(BenchError, match="exited with 3"):
+        run_case(failing, timeout=20.0)
+    assert not flag.exists()
+
+
 def test_physical_floor_reads_every_byte_and_writes_one_model(tmp_path):
     """The physical floor copies the first input's files byte for byte and reads all of the others;
     with '-' it only reads."""
@@ -267,6 +288,7 @@ def test_bench_compares_mergekit(capsys, tmp_path):
     (["bench", "--synthetic", "tiny", "--busy", "-1"], "--busy"),
     (["bench", "--synthetic", "tiny", "--busy", "2", "--busy-repeat", "4"], "--busy-repeat: must be between 1 and --repeat (3)"),
     (["bench", "--synthetic", "tiny", "--mergekit-repeat", "0"], "--mergekit-repeat"),
+    (["bench", "--synthetic", "tiny", "--case-timeout", "0"], "--case-timeout: must be a positive number"),
     (["bench", "--synthetic", "tiny", "--json", "/nonexistent-dir/r.json"], "--json: /nonexistent-dir does not exist"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bench_bad_arguments(capsys, llama, tmp_path, monkeypatch, argv, fragment):
