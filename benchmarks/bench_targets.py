@@ -46,14 +46,23 @@ def checks(r: dict) -> list[tuple[str, str, str, float, float, bool, str]]:
         if x["op"] in MERGEKIT_LIMITS and "speedup_vs_mergekit_wall" in x:
             s, limit = x["speedup_vs_mergekit_wall"], MERGEKIT_LIMITS[x["op"]]
             mk = next(m for m in r["rows"] if (m["op"], m["provider"], m["condition"]) == (x["op"], "mergekit", "quiet"))
-            note = "mergekit killed at the time limit: a lower bound" if mk.get("timed_out_runs") else ""
-            out.append(("speed-up vs mergekit (wall)", x["op"], x["provider"], s, limit, s >= limit, note))
+            if x.get("timed_out_runs"):
+                s, met, note = float("nan"), None, "both killed at the time limit: not measured"
+            elif mk.get("timed_out_runs"):
+                met, note = (True if s >= limit else None), "mergekit killed at the time limit: a lower bound"
+            else:
+                met, note = s >= limit, ""
+            out.append(("speed-up vs mergekit (wall)", x["op"], x["provider"], s, limit, met, note))
     for x in r["rows"]:
         if x["condition"] != "quiet" and x["provider"].startswith("cpift"):
             s = x.get("slowdown_vs_quiet", {"wall": None, "work": None})
             if s["wall"] is None:
                 continue
-            killed = " (a run killed at the time limit)" if x.get("timed_out_runs") else ""
+            if x.get("timed_out_runs"):
+                out.append((f"busy/quiet wall ({r['busy']['competitors']} competitors)", x["op"], x["provider"],
+                            float("nan"), BUSY_LIMIT, None, "killed at the time limit: not measured"))
+                continue
+            killed = ""
             out.append((f"busy/quiet wall ({r['busy']['competitors']} competitors)", x["op"], x["provider"], s["wall"],
                         BUSY_LIMIT, s["wall"] <= BUSY_LIMIT, (f"work: {s['work']:.2f}×" if s["work"] else "") + killed))
     return out
@@ -67,7 +76,7 @@ def table(r: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for target, op, provider, got, limit, met, note in checks(r):
         shown = ("–", "–") if got != got else (f"{got:.2f}", f"{got / limit:.2f}")  # NaN: not measured
-        lines.append(f"| {target} | {op} | {provider} | {shown[0]} | {limit:.2f} | {'met' if met else '**not met**'} | "
+        lines.append(f"| {target} | {op} | {provider} | {shown[0]} | {limit:.2f} | {'met' if met else 'unknown' if met is None else '**not met**'} | "
                      f"{shown[1]} | {note} |")
     return "\n".join(lines) + "\n"
 

@@ -108,7 +108,7 @@ def summarize(cases: list, samples: dict, compile_runs: dict, size: dict, cold_w
             if case.provider.startswith("cpift") and mk is not None:
                 row["speedup_vs_mergekit_wall"] = _ratio(mk["wall_s"], row["wall_s"])
             quiet = by.get((case.op, case.provider, case.inputs, "quiet"))
-            if condition != "quiet" and quiet is not None:
+            if condition != "quiet" and quiet is not None and not (row["timed_out_runs"] or quiet["timed_out_runs"]):
                 row["slowdown_vs_quiet"] = {"wall": _ratio(row["wall_s"], quiet["wall_s"]),
                                             "work": _ratio(row["work_s"], quiet["work_s"])}
             if condition == "quiet" and case in cold_walls:
@@ -212,12 +212,12 @@ def markdown(r: dict) -> str:
               "| × floor-physical or -read (work) | × floor-python (work) | × floor-physical (wall) | vs mergekit (wall) "
               "| others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in quiet:
-        ratios = x.get("ratios", {})
+        ratios, merge = x.get("ratios", {}), x["op"] == "cores"  # cores: against its read pass only
         lines.append(
             f"| {x['op']} | {x['provider']} | {x['inputs']} | {_spread(x['wall_s'], x)} | {_spread(x['work_s'])} | "
             f"{_f(x['gbps_input_work'] and x['gbps_input_work']['p50'])} | {x['peak_rss_bytes'] / 1e9:.2f} | "
-            f"{_x(_floor_ratio(x))} | {_x(ratios.get('floor-python', {}).get('work'))} | "
-            f"{_x(ratios.get('floor-physical', {}).get('wall'))} | {_x(x.get('speedup_vs_mergekit_wall'), '.1f')} | "
+            f"{_x(_floor_ratio(x))} | {_x(None if merge else ratios.get('floor-python', {}).get('work'))} | "
+            f"{_x(None if merge else ratios.get('floor-physical', {}).get('wall'))} | {_x(x.get('speedup_vs_mergekit_wall'), '.1f')} | "
             f"{x['others_cpu_share_p50'] * 100:.0f}% |")
     busy_rows = [x for x in r["rows"] if x.get("condition", "quiet") != "quiet"]
     if busy_rows:
@@ -228,7 +228,7 @@ def markdown(r: dict) -> str:
                   "| × floor-physical or -read (work) | peak RSS GB | others' CPU | competitors' CPU |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for x in busy_rows:
-            slow = x.get("slowdown_vs_quiet", {})
+            slow = {} if x.get("timed_out_runs") else x.get("slowdown_vs_quiet", {})  # killed: not measured
             lines.append(f"| {x['op']} | {x['provider']} | {_spread(x['wall_s'], x)} | {_spread(x['work_s'])} | "
                          f"{_x(slow.get('wall'))} | {_x(slow.get('work'))} | {_x(_floor_ratio(x))} | "
                          f"{x['peak_rss_bytes'] / 1e9:.2f} | {x['others_cpu_share_p50'] * 100:.0f}% | "
