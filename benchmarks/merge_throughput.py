@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--preset", default="1b", help="synthetic shape PRESET[-layers:N][:DTYPE] (1b ≈ 0.97 GB bf16)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
+    ap.add_argument("--backends", default="torch,cpu", help="cpift kernel backends, each method run on each")
+    ap.add_argument("--busy", type=int, default=0, help="also run beside N CPU-bound competing processes")
     ap.add_argument("--workdir", type=Path, default=Path("bench-work"), help="models and outputs go here")
     ap.add_argument("--mergekit", default=find_mergekit(), help="path of mergekit-yaml (default: found on PATH)")
     ap.add_argument("--cold", action="store_true", help="also run once per case with the page cache dropped")
@@ -45,7 +47,7 @@ def main() -> None:
         print(f"prefaulted {args.prefault_gib} GiB in {time.perf_counter() - t0:.1f} s", flush=True)
     result = run_bench(synthetic=args.preset, methods=args.methods.split(","), compare_mergekit=bool(args.mergekit),
                        mergekit=args.mergekit, repeat=args.repeat, workdir=args.workdir, cold=args.cold,
-                       note=args.note)
+                       backends=args.backends.split(","), busy=args.busy, note=args.note)
     result["prefault_gib"] = args.prefault_gib
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "merge_throughput.json").write_text(json.dumps(result, indent=2) + "\n")

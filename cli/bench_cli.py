@@ -30,9 +30,22 @@ def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Pat
                    "with PRESET one of tiny, small, 1b, 7b, 8b (e.g. 1b, 1b:bf16, 7b-layers:4, 8b-layers:2:fp16).")
 @click.option("--methods", default="slerp,ties,task-arithmetic", show_default=True,
               help="Comma-separated: slerp, linear, task-arithmetic, ties, dare-linear, dare-ties, fuse "
-                   "(CPI fusion of the tasks into the base with p = 1 cores, computed once untimed).")
+                   "(CPI fusion of the tasks into the base with p = 1 cores, computed once untimed), cores "
+                   "(p = 1 masks of the tasks, against one read pass of base and tasks).")
+@click.option("--backends", default="torch,cpu", show_default=True,
+              help="cpift kernel backends, each method run on each: torch (the reference), cpu (the fused "
+                   "CPU kernels; their cold-compile time is measured once with an empty numba cache).")
+@click.option("--busy", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Repeat the runs while N CPU-bound competing processes (not pinned; started by the bench, "
+                   "killed after) share the machine, and report the slowdown busy/quiet.")
+@click.option("--busy-repeat", type=click.IntRange(min=1), default=None,
+              help="How many of the --repeat rounds get a busy run too (default: all).")
 @click.option("--compare-mergekit", is_flag=True,
               help="Also run every method through mergekit-yaml ($CPIFT_MERGEKIT_YAML, else on PATH).")
+@click.option("--mergekit-methods", default=None,
+              help="Comma-separated: the methods run through mergekit too (default: all of --methods it has).")
+@click.option("--mergekit-repeat", type=click.IntRange(min=1), default=None,
+              help="Runs of each mergekit case, in the first rounds (default: --repeat).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="Runs per case (cases alternate); the median and the p20–p80 spread are reported.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
@@ -46,14 +59,20 @@ def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Pat
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads of the cpift and mergekit runs (default: each tool's own, one per core); "
                    "1 on a machine shared with other work, where thread barriers stall.")
+@click.option("--case-timeout", type=float, default=None, metavar="SECONDS",
+              help="Kill a run still going after this long and record it as timed out (its wall time a lower "
+                   "bound), so one stalled case cannot hold up the bench.")
 @click.option("--cold", is_flag=True, help="One more run per case with the page cache dropped (root only).")
 @click.option("--note", default=None, help="Free text stored with the results, e.g. what else ran meanwhile.")
-def bench(models, synthetic, methods, compare_mergekit, repeat, json_path, plot_path, md_path, workdir,
-          max_shard_size, threads, cold, note):
-    """Measure merge throughput: the floor (read every input byte, write one model), then each method.
+def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_mergekit, mergekit_methods,
+          mergekit_repeat, repeat, json_path, plot_path, md_path, workdir, max_shard_size, threads, case_timeout, cold,
+          note):
+    """Measure merge throughput: the floors (read every input byte, write one model), then each method
+    on each backend, quiet and (with --busy) beside competing processes.
 
     MODEL arguments: the base model first, then task models; or --synthetic. Each case runs as its own
-    command; rows give wall and work seconds, GB/s of input, peak RSS and the ratio to the floor.
+    command; rows give wall and work seconds, GB/s of input, peak RSS, the ratios to the floors, to
+    mergekit and busy/quiet; the fused kernels' cold-compile time is reported apart.
 
     Example: cpift-merge bench --synthetic 1b --compare-mergekit --json bench.json --plot bench.png
     """
@@ -72,10 +91,16 @@ def bench(models, synthetic, methods, compare_mergekit, repeat, json_path, plot_
             import matplotlib  # noqa: F401
         except ImportError:
             raise ParameterError("--plot: needs matplotlib (pip install 'cpift[plot]')") from None
-    result = run_bench(models=list(models), synthetic=synthetic,
-                       methods=[m.strip() for m in methods.split(",") if m.strip()],
-                       compare_mergekit=compare_mergekit, repeat=repeat, workdir=workdir, cold=cold,
-                       max_shard_size=max_shard_size, threads=threads, note=note, echo=lambda s: click.echo(s, err=True))
+
+    def items(text: str | None) -> list[str] | None:
+        return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+    result = run_bench(models=list(models), synthetic=synthetic, methods=items(methods), backends=items(backends),
+                       busy=busy, busy_repeat=busy_repeat, compare_mergekit=compare_mergekit,
+                       mergekit_methods=items(mergekit_methods), mergekit_repeat=mergekit_repeat, repeat=repeat,
+                       workdir=workdir, cold=cold, max_shard_size=max_shard_size, threads=threads, case_timeout=case_timeout,
+                       note=note,
+                       echo=lambda s: click.echo(s, err=True))
     json_target, plot_target, md_target = targets
     from cpift.merge.io.publish import write_atomic
 

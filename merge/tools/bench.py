@@ -3,19 +3,24 @@
 Every case is one command run as a child process, so each is measured as a user would run it
 (interpreter start-up included) and its peak RSS is its own (``wait4``'s rusage):
 
-- floor-N: read every tensor of the N inputs with the safetensors library and write one model's
-  tensors with it, no math: what any merge of those inputs must at least do;
-- cpift METHOD: ``python -m cpift.cli.merge_cli METHOD ... -q``; its summary line gives the time of
-  the work itself;
+- floor-physical-N: every input byte read with large sequential reads and one model's bytes written
+  to a file, as ``cat``/``dd`` would (no fsync); floor-python-N: every tensor read with the
+  safetensors library and one model's tensors written with it; floor-read-N: the read pass alone
+  (the floor of ``cores``). No math: what any merge of those inputs must at least do;
+- cpift-BACKEND METHOD: ``python -m cpift.cli.merge_cli METHOD ... -q`` with ``$CPIFT_BACKEND`` set
+  to ``torch`` (the reference kernels) or ``cpu`` (the fused kernels); its summary line gives the
+  time of the work itself;
 - mergekit METHOD: ``mergekit-yaml`` on the equivalent config (``--compare-mergekit``).
 
-Cases alternate within each repeat (floor, cpift, mergekit, floor, ...), so a slow phase of the
-machine spreads over all of them instead of landing on one. Each output is removed and ``sync``-ed
-before the next run, so no run pays for the previous one's write-back. Rows report wall seconds
-(median, p20, p80, every run), work seconds, GB/s of input, peak RSS, the ratio to the floor of the
-same inputs and, with mergekit, cpift's speed-up over it. Each run also records how much of the
-machine other processes used meanwhile (``others_cpu_share``, from /proc/stat minus the child's own
-CPU time): on a shared machine that is the noise behind a slow run.
+Cases alternate within each repeat (floors, cpift on each backend, mergekit, ...), so a slow phase of
+the machine spreads over all of them instead of landing on one. With ``busy=N`` each repeat is run a
+second time while N CPU-bound competitors (plain Python loops, not pinned, started here and killed
+after) share the machine. Before the repeats, each fused-backend case runs once with an empty numba
+cache (``NUMBA_CACHE_DIR`` a fresh directory): its compile cost, reported apart from the warm runs.
+Each output is removed and ``sync``-ed before the next run, so no run pays for the previous one's
+write-back. Each run also records how much of the machine other processes used meanwhile
+(``others_cpu_share``, from /proc/stat minus the child's and the competitors' own CPU time): on a
+shared machine that is the noise behind a slow run.
 """
 
 from __future__ import annotations
@@ -25,50 +30,21 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from cpift.errors import BenchError, ParameterError
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
-from cpift.merge.tools.bench_cases import DEFAULT_METHODS, Case, bench_methods, check_fuse, plan_cases
-from cpift.merge.tools.synthetic import PRESETS, LlamaShape, describe, make_checkpoint
-
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
-
-def parse_synthetic(spec: str) -> tuple[str, LlamaShape, torch.dtype]:
-    """``PRESET[-layers:N][:DTYPE]`` (``1b``, ``7b-layers:4``, ``1b:bf16``) → (label, shape, dtype).
-
-    Raises:
-        ParameterError: unknown preset or dtype, or a bad layer count.
-    """
-    parts = spec.strip().split(":")
-    name, layers = parts[0], None
-    if name.endswith("-layers"):
-        name = name.removesuffix("-layers")
-        if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
-            raise ParameterError(f"--synthetic: '{spec}': expected a layer count after '-layers:' (e.g. 7b-layers:4)")
-        layers, parts = int(parts[1]), parts[1:]
-    if name not in PRESETS or len(parts) > 2:
-        raise ParameterError(f"--synthetic: '{spec}' is not PRESET[-layers:N][:DTYPE] with a preset among "
-                             f"{', '.join(PRESETS)} (e.g. 1b, 1b:bf16, 7b-layers:4)")
-    dtype_name = parts[1].lower() if len(parts) == 2 else "bf16"
-    if dtype_name not in _DTYPES:
-        raise ParameterError(f"--synthetic: '{spec}': unknown dtype '{parts[1]}' (use bf16, fp16 or fp32)")
-    dtype = _DTYPES[dtype_name]
-    shape = PRESETS[name] if layers is None else replace(PRESETS[name], layers=layers)
-    label = name + (f"-layers{layers}" if layers is not None else "") + \
-        ("" if dtype == torch.bfloat16 else "-" + str(dtype).removeprefix("torch."))
-    return label, shape, dtype
-
+from cpift.errors import BenchError, ParameterError
+from cpift.merge.tools.bench_cases import BENCH_BACKENDS, DEFAULT_METHODS, Case, check_arguments, plan_cases
+from cpift.merge.tools.synthetic import describe, make_checkpoint, parse_synthetic
 
 # Files that mark what the bench built, so that it only ever removes its own models and outputs.
 SYNTHETIC_MARKER = ".cpift-bench-model"
@@ -114,9 +90,12 @@ def _busy_cpu() -> float:
 # process: Linux keeps the peak RSS of the memory a process had before exec in its ru_maxrss, and a
 # child forked from a process holding torch (or pytest's fixtures) would report at least that.
 _LAUNCHER = """
-import os, sys, time
+import os, signal, sys, time
 t0 = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+pid = os.posix_spawnp(sys.argv[3], sys.argv[3:], os.environ)
+if float(sys.argv[2]) > 0:  # a time limit: the child is killed when it runs past it
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(pid, signal.SIGKILL))
+    signal.setitimer(signal.ITIMER_REAL, float(sys.argv[2]))
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
     f.write(f"{time.perf_counter() - t0} {os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} "
@@ -124,29 +103,76 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def measure(cmd: Sequence[str]) -> dict:
-    """Run ``cmd``: its wall seconds, exit code, peak RSS (bytes), CPU seconds and output (stdout and
-    stderr together)."""
+def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
+    """Run ``cmd`` (in ``env``, default this process's; killed after ``timeout`` seconds): its wall
+    seconds, exit code, whether it was killed for its time, peak RSS (bytes), CPU seconds and output
+    (stdout and stderr together)."""
     with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile("r") as res:
-        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, res.name, *cmd], stdout=log,
-                       stderr=subprocess.STDOUT, check=True)
+        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, res.name, str(timeout or 0), *cmd], stdout=log,
+                       stderr=subprocess.STDOUT, check=True, env=env)
         wall, code, rss, cpu = res.read().split()
         log.seek(0)
         text = log.read().decode(errors="replace")
-    return {"wall": float(wall), "code": int(code), "rss": int(rss) * 1024, "cpu": float(cpu), "output": text}
+    timed_out = timeout is not None and int(code) == -9 and float(wall) >= timeout
+    return {"wall": float(wall), "code": int(code), "timed_out": timed_out, "rss": int(rss) * 1024, "cpu": float(cpu),
+            "output": text}
 
 
-def run_case(case: Case) -> dict:
-    """Run one case; wall and work seconds, peak RSS, and the share of the machine others used."""
-    busy0 = _busy_cpu()
-    m = measure(case.cmd)
-    busy = _busy_cpu() - busy0
-    if m["code"] != 0:
+# A competitor: one CPU-bound Python loop, not pinned to a core (the scheduler moves it as it likes).
+# It also ends by itself once its parent is gone (a bench killed by a signal runs no finally block):
+# a parent check every 10^6 iterations (some 30 ms) costs one getppid call, nothing measurable.
+COMPETITOR = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1000000): pass"
+
+
+@contextmanager
+def competing(n: int, *, pids: list[int] | None = None) -> Iterator[list[subprocess.Popen]]:
+    """N CPU-bound competitor processes while the block runs; killed and reaped when it ends, however
+    it ends. Their pids are appended to ``pids``."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-S", "-c", COMPETITOR], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            if pids is not None:
+                pids.append(procs[-1].pid)
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def _cpu_of(procs: Sequence[subprocess.Popen]) -> float:
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = psutil.Process(p.pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # exited: its time is no longer counted anywhere
+            pass
+    return total
+
+
+def run_case(case: Case, *, env: dict[str, str] | None = None, competitors: Sequence[subprocess.Popen] = (),
+             timeout: float | None = None) -> dict:
+    """Run one case; wall and work seconds, peak RSS, and the shares of the machine that other
+    processes and the bench's own competitors used. A run killed at ``timeout`` has no work seconds
+    and ``timed_out`` set (its wall time is a lower bound)."""
+    t0, busy0, comp0 = time.perf_counter(), _busy_cpu(), _cpu_of(competitors)
+    m = measure(case.cmd, env=env, timeout=timeout)
+    busy, comp = _busy_cpu() - busy0, _cpu_of(competitors) - comp0
+    span = (time.perf_counter() - t0) * (os.cpu_count() or 1)  # the CPU time the machine had meanwhile
+    if m["code"] != 0 and not m["timed_out"]:
         last = (m["output"].strip().splitlines() or ["(no output)"])[-1]
         raise BenchError(f"{case.provider} {case.op}: {case.cmd[0]} exited with {m['code']}: {last}")
     w = re.search(r"work_seconds=([\d.]+)", m["output"]) or re.search(r" in ([\d.]+) s \(", m["output"])
-    return {"wall": m["wall"], "work": float(w.group(1)) if w else None, "rss": m["rss"],
-            "others_cpu_share": max(0.0, busy - m["cpu"]) / (m["wall"] * (os.cpu_count() or 1))}
+    return {"wall": m["wall"], "work": float(w.group(1)) if w and not m["timed_out"] else None, "rss": m["rss"],
+            "timed_out": m["timed_out"],
+            "others_cpu_share": min(1.0, max(0.0, busy - m["cpu"] - comp) / span),
+            "competitors_cpu_share": min(1.0, comp / span)}
 
 
 def _clean(path: Path) -> None:
@@ -163,11 +189,6 @@ def drop_caches() -> bool:
         return False
 
 
-def _q(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def mergekit_version(path: str) -> str:
     pip = Path(path).with_name("pip")
     try:
@@ -181,40 +202,43 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
               methods: Sequence[str] = DEFAULT_METHODS, compare_mergekit: bool = False,
               mergekit: str | None = None, repeat: int = 3, workdir: str | os.PathLike | None = None,
               cold: bool = False, max_shard_size: str = "5GB", threads: int | None = None,
-              note: str | None = None, echo: Callable[[str], None] = print) -> dict:
-    """Measure the floor and each method (with mergekit if asked) on ``models`` or a synthetic preset.
+              backends: Sequence[str] = BENCH_BACKENDS, busy: int = 0, busy_repeat: int | None = None,
+              mergekit_methods: Sequence[str] | None = None, mergekit_repeat: int | None = None,
+              case_timeout: float | None = None, note: str | None = None,
+              echo: Callable[[str], None] = print) -> dict:
+    """Measure the floors and each method on each backend (with mergekit if asked), quiet and busy.
 
     Args:
         models: base model first, then task models (at least one); slerp merges the first two task
             models (or the base and the only task).
         synthetic: a preset ``PRESET[-layers:N][:DTYPE]`` (see ``parse_synthetic``) instead of models;
             built under ``workdir`` once and reused.
-        methods: among ``bench_methods()`` (the registered methods and fuse).
-        compare_mergekit: also run each method through ``mergekit`` (default: ``find_mergekit()``).
+        methods: among ``METHODS`` (``cores``: the CPI step, against one read pass of its inputs).
+        compare_mergekit: also run each method mergekit has through ``mergekit`` (default:
+            ``find_mergekit()``); ``mergekit_methods`` limits which, ``mergekit_repeat`` how many runs.
         repeat: runs per case, alternating cases.
         workdir: models and outputs (default: a temporary directory, removed at the end).
         cold: one more run per case with the page cache dropped first (needs root).
-        threads: torch threads of cpift and mergekit (default: each tool's own choice).
+        threads: threads of cpift and mergekit (default: each tool's own choice).
+        backends: cpift's kernel backends, each case run on each (``torch``, ``cpu``).
+        busy: with N > 0, each of the first ``busy_repeat`` (default all) repeats is run again while N
+            CPU-bound competing processes run (mergekit's cases excepted).
+        case_timeout: a run still going after this many seconds is killed and recorded as timed out
+            (no work seconds; its wall time a lower bound), so a stalled case cannot stall the bench.
         note: free text recorded in the results (e.g. what else ran on the machine).
 
     Returns:
-        The results as a JSON-ready dict: machine, model, rows (one per case), SLERP parity with mergekit.
+        The results as a JSON-ready dict: machine, versions, model, rows (one per case and condition),
+        compile (cold numba cache against warm), SLERP parity with mergekit.
 
     Raises:
-        ParameterError: bad arguments, mergekit not found; BenchError: a measured command failed.
+        ParameterError: bad arguments, mergekit or numba not found; BenchError: a measured command failed.
     """
     if bool(models) == bool(synthetic):
         raise ParameterError("bench: give MODEL arguments (base first) or --synthetic PRESET, not both or neither")
-    if repeat < 1:
-        raise ParameterError(f"--repeat: must be at least 1, got {repeat}")
-    if threads is not None and threads < 1:
-        raise ParameterError(f"--threads: must be at least 1, got {threads}")
-    known = bench_methods()
-    unknown = [m for m in methods if m not in known]
-    if unknown or not methods:
-        raise ParameterError(f"--methods: unknown method '{unknown[0] if unknown else ''}' (use some of {', '.join(known)})")
-    if "fuse" in methods:
-        check_fuse()
+    if case_timeout is not None and case_timeout <= 0:
+        raise ParameterError(f"--case-timeout: must be a positive number of seconds, got {case_timeout}")
+    check_arguments(methods, backends, repeat, threads, busy, {"--busy-repeat": busy_repeat, "--mergekit-repeat": mergekit_repeat})
     if compare_mergekit:
         mergekit = mergekit or find_mergekit()
         if mergekit is None or shutil.which(mergekit) is None:
@@ -224,6 +248,7 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         mergekit = None
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="cpift-bench-") if own_tmp else workdir)
+    caches: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         if synthetic:
@@ -244,35 +269,80 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         outs.mkdir(exist_ok=True)
         (outs / OUT_MARKER).write_text("cpift-merge bench writes and removes its runs' outputs here\n")
         cases = plan_cases(paths, methods, outs, mergekit=mergekit, max_shard_size=max_shard_size,
-                           threads=threads)
-        result = _measure(cases, paths, repeat=repeat, cold=cold, source=source, mergekit=mergekit, note=note,
-                          echo=echo)
-        result["threads"] = threads
+                           threads=threads, backends=backends, mergekit_methods=mergekit_methods)
+        caches = Path(tempfile.mkdtemp(prefix="numba-caches-", dir=root))  # ours: removed at the end
+        result = _measure(cases, paths, repeat=repeat, cold=cold, busy=busy, busy_repeat=busy_repeat or repeat,
+                          mergekit_repeat=mergekit_repeat or repeat, caches=caches, echo=echo, timeout=case_timeout)
+        result.update(model=source, mergekit=mergekit and mergekit_version(mergekit), note=note, threads=threads,
+                      backends=list(backends))
+        result["versions"]["mergekit"] = result["mergekit"]
         return result
     finally:
         if own_tmp:
             shutil.rmtree(root, ignore_errors=True)
+        elif caches is not None:
+            shutil.rmtree(caches, ignore_errors=True)
 
 
-def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, source: str,
-             mergekit: str | None, note: str | None, echo: Callable[[str], None]) -> dict:
-    from cpift.merge.tools.bench_report import parity
+def _env(case: Case, caches: Path) -> dict[str, str] | None:
+    if case.backend is None:
+        return None
+    env = {**os.environ, "CPIFT_BACKEND": case.backend}
+    if case.backend == "cpu":  # each case its own numba cache: empty for its cold run, then warm
+        env["NUMBA_CACHE_DIR"] = str(caches / case.provider / case.op)
+    return env
+
+
+def _compile(cases: list[Case], caches: Path, echo: Callable[[str], None], timeout: float | None) -> dict[Case, dict]:
+    """One run of each fused-backend case with its numba cache empty (a fresh directory)."""
+    runs = {}
+    for case in cases:
+        if case.backend != "cpu":
+            continue
+        env = _env(case, caches)
+        shutil.rmtree(env["NUMBA_CACHE_DIR"], ignore_errors=True)
+        Path(env["NUMBA_CACHE_DIR"]).mkdir(parents=True)
+        _clean(case.out)
+        runs[case] = run_case(case, env=env, timeout=timeout)
+        echo(f"cold-compile {case.provider:12s} {case.op:16s} wall {runs[case]['wall']:7.2f} s  work "
+             f"{runs[case]['work'] or 0:.2f} s (empty numba cache)" + ("  TIMED OUT (killed)" if runs[case]["timed_out"] else ""))
+    return runs
+
+
+def _round(cases: list[Case], condition: str, r: int, repeat: int, caches: Path,
+           samples: dict[tuple[Case, str], list[dict]], echo: Callable[[str], None],
+           competitors: Sequence[subprocess.Popen] = (), timeout: float | None = None) -> None:
+    for case in cases:
+        _clean(case.out)
+        s = run_case(case, env=_env(case, caches), competitors=competitors, timeout=timeout)
+        samples.setdefault((case, condition), []).append(s)
+        echo(f"run {r + 1}/{repeat} {condition:6s} {case.provider:17s} {case.op:16s} wall {s['wall']:7.2f} s  work "
+             f"{'-' if s['work'] is None else format(s['work'], '.2f')} s  others used "
+             f"{s['others_cpu_share'] * 100:.0f}% of the CPUs" + ("  TIMED OUT (killed)" if s["timed_out"] else ""))
+
+
+def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, busy: int, busy_repeat: int,
+             mergekit_repeat: int, caches: Path, echo: Callable[[str], None], timeout: float | None = None) -> dict:
+    from cpift.merge.tools.bench_report import machine, parity, summarize, versions
 
     size = {p: sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in paths}
     load_start = os.getloadavg()
-    samples: dict[Case, list[dict]] = {c: [] for c in cases}
+    compile_runs = _compile(cases, caches, echo, timeout)
+    samples: dict[tuple[Case, str], list[dict]] = {}
+    pids: list[int] = []
     for r in range(repeat):
-        for case in cases:
-            _clean(case.out)
-            s = run_case(case)
-            samples[case].append(s)
-            echo(f"run {r + 1}/{repeat} {case.provider:9s} {case.op:16s} wall {s['wall']:7.2f} s  work "
-                 f"{'-' if s['work'] is None else format(s['work'], '.2f')} s  others used "
-                 f"{s['others_cpu_share'] * 100:.0f}% of the CPUs")
+        _round([c for c in cases if c.provider != "mergekit" or r < mergekit_repeat], "quiet", r, repeat, caches,
+               samples, echo, timeout=timeout)
+        if busy and r < busy_repeat:
+            with competing(busy, pids=pids) as procs:
+                _round([c for c in cases if c.provider != "mergekit"], f"busy-{busy}", r, busy_repeat, caches,
+                       samples, echo, competitors=procs, timeout=timeout)
     par = None
     by_key = {(c.op, c.provider): c for c in cases}
-    if ("slerp", "cpift") in by_key and ("slerp", "mergekit") in by_key:
-        par = parity(by_key[("slerp", "cpift")].out, by_key[("slerp", "mergekit")].out)
+    slerp_cpift = by_key.get(("slerp", "cpift-cpu")) or by_key.get(("slerp", "cpift-torch"))
+    if slerp_cpift is not None and ("slerp", "mergekit") in by_key:  # each case's last output is still there
+        par = parity(slerp_cpift.out, by_key[("slerp", "mergekit")].out)
+        par["cpift"] = slerp_cpift.provider
     cold_walls: dict[Case, float] = {}
     cold_state = "not run (cold=True needs root)"
     if cold:
@@ -281,47 +351,28 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, s
             if not drop_caches():
                 cold_state = "skipped: cannot write /proc/sys/vm/drop_caches (not root or not permitted here)"
                 break
-            cold_walls[case] = run_case(case)["wall"]
-            echo(f"cold {case.provider:9s} {case.op:16s} wall {cold_walls[case]:.2f} s")
+            cold_walls[case] = run_case(case, env=_env(case, caches), timeout=timeout)["wall"]
+            echo(f"cold {case.provider:17s} {case.op:16s} wall {cold_walls[case]:.2f} s")
         else:
             cold_state = "dropped before each cold run: see rows' cold_wall_s"
     for case in cases:
         _clean(case.out)
-    load_end = os.getloadavg()
-
-    med = {c: statistics.median(s["wall"] for s in v) for c, v in samples.items()}
-    work = {c: (statistics.median(s["work"] for s in v) if v[0]["work"] is not None else None)
-            for c, v in samples.items()}
-    floor_of = {c.inputs: c for c in cases if c.op == "floor"}
-    rows = []
-    for case in cases:
-        walls = [s["wall"] for s in samples[case]]
-        floor = floor_of[case.inputs]
-        in_bytes = sum(size[p] for p in case.inputs)
-        row = {"op": case.op, "provider": case.provider, "inputs": len(case.inputs), "input_bytes": in_bytes,
-               "wall_s": {"p50": med[case], "p20": _q(walls, 0.2), "p80": _q(walls, 0.8), "all": walls},
-               "work_s_p50": work[case], "gbps_input_wall": in_bytes / med[case] / 1e9,
-               "gbps_input_work": in_bytes / work[case] / 1e9 if work[case] else None,
-               "peak_rss_bytes": max(s["rss"] for s in samples[case]),
-               "ratio_to_floor_wall": med[case] / med[floor],
-               "ratio_to_floor_work": work[case] / work[floor] if work[case] and work[floor] else None,
-               "others_cpu_share_p50": statistics.median(s["others_cpu_share"] for s in samples[case]),
-               "others_cpu_share_all": [s["others_cpu_share"] for s in samples[case]]}
-        mk = by_key.get((case.op, "mergekit"))
-        if case.provider == "cpift" and mk is not None:
-            row["speedup_vs_mergekit_wall"] = med[mk] / med[case]
-        if case in cold_walls:
-            row["cold_wall_s"] = cold_walls[case]
-        rows.append(row)
-    return {
+    models = [Checkpoint(p) for p in paths]
+    result = {
         "benchmark": "merge_throughput", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "model": source, "dtype": DTYPE_NAMES[next(iter(Checkpoint(paths[0]).tensors.values())).dtype],
-        "model_bytes": {str(p): n for p, n in size.items()}, "repeat": repeat,
-        "mergekit": mergekit and mergekit_version(mergekit), "slerp_parity_vs_mergekit": par,
-        "load": {"loadavg_start": load_start, "loadavg_end": load_end,
-                 "others_cpu_share_p50": statistics.median(r["others_cpu_share_p50"] for r in rows),
-                 "others_cpu_share_max": max(max(r["others_cpu_share_all"]) for r in rows)},
-        "note": note, "cold_cache": cold_state, "rows": rows,
+        "machine": machine(), "versions": versions(), "device": "cpu",
+        "dtype": DTYPE_NAMES[next(iter(models[0].tensors.values())).dtype],
+        "model_bytes": {str(p): n for p, n in size.items()},
+        "largest_tensor_bytes": max(t.nbytes for m in models for t in m.tensors.values()),
+        "largest_shard_bytes": max(f.stat().st_size for p in paths for f in p.glob("*.safetensors")),
+        "repeat": repeat, "mergekit_repeat": mergekit_repeat, "slerp_parity_vs_mergekit": par,
+        "busy": {"competitors": busy, "repeat": busy_repeat if busy else 0, "command": COMPETITOR,
+                 "pids": pids, "pinned": False},
+        "cold_cache": cold_state, "case_timeout_s": timeout,
     }
+    for m in models:
+        m.close()
+    result.update(summarize(cases, samples, compile_runs, size, cold_walls, date=result["date"],
+                            machine=result["machine"]))
+    result["load"].update(loadavg_start=load_start, loadavg_end=os.getloadavg())
+    return result

@@ -1,8 +1,10 @@
-"""The cases ``cpift-merge bench`` measures (merge/tools/bench.py): the floor of each input set, each method
-through the cpift CLI and, where it has one, through mergekit with the equivalent YAML config."""
+"""The cases ``cpift-merge bench`` measures (merge/tools/bench.py): the floors of each input set, each method
+through the cpift CLI on each backend and, where it has one, through mergekit with the equivalent YAML
+config; ``cores`` against one read pass of its inputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +17,16 @@ from cpift.merge.methods.registry import METHODS as REGISTRY, by_cli
 
 
 def bench_methods() -> tuple[str, ...]:
-    """The commands the bench can time: every registered method's, and fuse (the CPI step)."""
-    return (*(s.cli for s in REGISTRY.values()), "fuse")
+    """The commands the bench can time: every registered method's, fuse and cores (the CPI steps)."""
+    return (*(s.cli for s in REGISTRY.values()), "fuse", "cores")
 
 
 METHODS = bench_methods()  # as registered at import
 DEFAULT_METHODS = ("slerp", "ties", "task-arithmetic")
-# The physical floor of a merge of some inputs: read every tensor of each with the safetensors
+# torch: the reference kernels; cpu: the fused CPU kernels (numba). Chosen per child through
+# $CPIFT_BACKEND, which every command (merges, fuse, cores) reads when no --backend is given.
+BENCH_BACKENDS = ("torch", "cpu")
+# The python floor of a merge of some inputs: read every tensor of each with the safetensors
 # library, write the first one's tensors back, no math.
 FLOOR = """
 import sys, time
@@ -39,15 +44,47 @@ for i, d in enumerate(sys.argv[2:]):
         del tensors
 print(f"work_seconds={time.perf_counter() - t0:.4f}")
 """
+# The physical floor, as `cat` and `dd` would do it: every input file read with large sequential
+# reads into one reused 8 MiB buffer, and the first input's bytes written to new files in the output
+# directory (write(2) into the page cache, no fsync: the merges do not fsync either); with "-" as the
+# output, the read pass alone (the floor of `cores`, whose masks are small).
+PHYSICAL = """
+import os, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+out = None if sys.argv[1] == "-" else Path(sys.argv[1])
+if out is not None:
+    out.mkdir()
+buf = memoryview(bytearray(8 << 20))
+nread = nwritten = 0
+for i, d in enumerate(sys.argv[2:]):
+    for f in sorted(Path(d).glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        wfd = os.open(out / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) if out and i == 0 else -1
+        try:
+            while n := os.readv(fd, [buf]):
+                nread += n
+                done = 0
+                while wfd >= 0 and done < n:
+                    done += os.write(wfd, buf[done:n])
+                nwritten += done
+        finally:
+            os.close(fd)
+            if wfd >= 0:
+                os.close(wfd)
+print(f"work_seconds={time.perf_counter() - t0:.4f} read_bytes={nread} written_bytes={nwritten}")
+"""
 
 
 @dataclass(frozen=True)
 class Case:
     op: str  # floor, or a method
-    provider: str  # floor-N, cpift, mergekit
+    provider: str  # floor-physical-N, floor-python-N, floor-read-N, cpift-torch, cpift-cpu, mergekit
     cmd: tuple[str, ...]
     inputs: tuple[Path, ...]
     out: Path
+    backend: str | None = None  # cpift cases: the kernels' backend ($CPIFT_BACKEND of the child)
+    params: str = ""  # the method's parameters, as the results' config shows them
 
 
 def _weights(n: int) -> list[float]:
@@ -93,8 +130,36 @@ def check_fuse() -> None:
         from cpift.merge.cpi.cores import compute_cores  # noqa: F401
         from cpift.merge.cpi.fuse import fuse  # noqa: F401
     except ImportError:
-        raise ParameterError("--methods: fuse is not available in this cpift (cpift.merge.cpi.fuse.fuse or "
-                             "cpift.merge.cpi.cores.compute_cores is missing); leave it out of --methods") from None
+        raise ParameterError("--methods: fuse is not available in this cpift (cpift.merge.fuse.fuse or "
+                             "cpift.merge.cores.compute_cores is missing); leave it out of --methods") from None
+
+
+def check_arguments(methods: Sequence[str], backends: Sequence[str], repeat: int, threads: int | None, busy: int,
+                    counts: dict[str, int | None]) -> None:
+    """Refuse bad bench arguments before anything runs (``counts``: option name → a run count)."""
+    if repeat < 1:
+        raise ParameterError(f"--repeat: must be at least 1, got {repeat}")
+    if threads is not None and threads < 1:
+        raise ParameterError(f"--threads: must be at least 1, got {threads}")
+    if busy < 0:
+        raise ParameterError(f"--busy: must be 0 or more competing processes, got {busy}")
+    for option, n in counts.items():
+        if n is not None and not 1 <= n <= repeat:
+            raise ParameterError(f"{option}: must be between 1 and --repeat ({repeat}), got {n}")
+    known = bench_methods()
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise ParameterError(f"--methods: unknown method '{unknown[0] if unknown else ''}' (use some of {', '.join(known)})")
+    bad = [b for b in backends if b not in BENCH_BACKENDS]
+    if bad or not backends or len(set(backends)) != len(backends):
+        raise ParameterError(f"--backends: '{','.join(backends)}' is not a list of distinct backends among "
+                             f"{', '.join(BENCH_BACKENDS)} (e.g. torch,cpu)")
+    if "cpu" in backends:
+        if importlib.util.find_spec("numba") is None:
+            raise ParameterError("--backends: cpu (the fused CPU kernels) needs numba (pip install numba), "
+                                 "or use --backends torch")
+    if "fuse" in methods:
+        check_fuse()
 
 
 def _fuse_args(base: Path, tasks: list[Path], outs: Path) -> list[str]:
@@ -108,37 +173,63 @@ def _fuse_args(base: Path, tasks: list[Path], outs: Path) -> list[str]:
     return ["--backbone", str(base), *[a for n, t in named for a in ("--task", f"{n}={t}:{masks / n}.safetensors")]]
 
 
+def _method_args(method: str, base: Path, tasks: list[Path], pair: list[Path],
+                 outs: Path) -> tuple[list[str], list[Path], str]:
+    """cpift's arguments of ``method`` (output and threads aside), its inputs and its parameters."""
+    if method == "cores":  # one task per mask, p = 1 (the paper's); the masks are small: no shards
+        named = [a for i, t in enumerate(tasks) for a in ("--model", f"t{i + 1}={t}")]
+        return ["--base", str(base), *named, "--p", "1"], [base, *tasks], "p=1"
+    if method == "fuse":  # the CPI step; mergekit has no equivalent
+        args, inputs = _fuse_args(base, tasks, outs), [base, *tasks]
+        params = "p=1 cores, overlap=last, t_k=1/(k+1)"
+    else:
+        args, inputs = cpift_args(method, base, tasks, pair)
+        params = " ".join(a.removeprefix("--") + "=" + b for a, b in zip(args, args[1:]) if a.startswith("--")
+                          and a != "--base")
+    return args, inputs, params
+
+
 def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, mergekit: str | None,
-               max_shard_size: str, threads: int | None = None) -> list[Case]:
-    """The floor of every distinct input set, then each method with cpift (and mergekit); ``threads``
-    sets both tools' torch threads (cpift --threads, mergekit -j)."""
+               max_shard_size: str, threads: int | None = None, backends: Sequence[str] = BENCH_BACKENDS,
+               mergekit_methods: Sequence[str] | None = None) -> list[Case]:
+    """The floors of every distinct input set (physical and python; one read pass for ``cores``), then
+    each method with cpift on each of ``backends`` and with mergekit (for ``mergekit_methods``, default
+    all it has); ``threads`` sets both tools' threads (cpift --threads, mergekit -j)."""
     base, tasks = models[0], list(models[1:])
     pair = tasks[:2] if len(tasks) >= 2 else [base, tasks[0]]
     dtype = str(next(iter(Checkpoint(base).tensors.values())).dtype).removeprefix("torch.")
-    cli = [sys.executable, "-m", "cpift.cli.merge_cli"]
+    # Not `-m cpift.cli.merge_cli`: run as __main__, the module is imported a second time by the
+    # modules that register commands on its group (cli/cpi_cli.py), and their commands go missing.
+    cli = [sys.executable, "-c", "from cpift.cli.merge_cli import main; main()"]
+    thread_args = ["--threads", str(threads)] if threads else []
     cases: list[Case] = []
-    floors: dict[tuple[Path, ...], Case] = {}
+    floors: set[tuple[str, tuple[Path, ...]]] = set()
+
+    def floor(kind: str, inputs: tuple[Path, ...]) -> None:
+        name = f"floor-{kind}-{len(inputs)}"  # input sets of one size coincide (slerp's pair, linear's tasks)
+        if (kind, inputs) not in floors:
+            floors.add((kind, inputs))
+            script, out = (FLOOR, outs / name) if kind == "python" else (PHYSICAL, outs / name)
+            target = "-" if kind == "read" else str(out)
+            cases.append(Case("floor", name, (sys.executable, "-c", script, target, *map(str, inputs)), inputs, out))
+
     for method in methods:
-        if method == "fuse":  # the CPI step; mergekit has no equivalent
-            args, inputs = _fuse_args(base, tasks, outs), [base, *tasks]
-        else:
-            args, inputs = cpift_args(method, base, tasks, pair)
+        args, inputs, params = _method_args(method, base, tasks, pair, outs)
         key = tuple(inputs)
-        if key not in floors:
-            name = f"floor-{len(inputs)}"  # input sets of one size coincide (slerp's pair, linear's tasks)
-            floors[key] = Case("floor", name, (sys.executable, "-c", FLOOR, str(outs / name), *map(str, inputs)),
-                               key, outs / name)
-            cases.append(floors[key])
-        out = outs / f"cpift-{method}"
-        cases.append(Case(method, "cpift", (*cli, method, *args, "-o", str(out), "-q", "--max-shard-size",
-                                            max_shard_size, *(["--threads", str(threads)] if threads else [])),
-                          key, out))
-        if mergekit is not None and method != "fuse" and by_cli(method).mergekit is not None:
+        for kind in (("read",) if method == "cores" else ("physical", "python")):
+            floor(kind, key)
+        if method != "cores":
+            args = [*args, "--max-shard-size", max_shard_size]
+        for backend in backends:
+            out = outs / f"cpift-{backend}-{method}"
+            cases.append(Case(method, f"cpift-{backend}", (*cli, method, *args, "-o", str(out), "-q", *thread_args),
+                              key, out, backend=backend, params=params))
+        if mergekit is not None and method not in ("fuse", "cores") and by_cli(method).mergekit is not None and (mergekit_methods is None or method in mergekit_methods):
             cfg = outs / f"mergekit-{method}.yml"
             cfg.write_text(mergekit_config(method, base, tasks, pair, dtype))
             out = outs / f"mergekit-{method}"
             cases.append(Case(method, "mergekit", (mergekit, str(cfg), str(out), "--lazy-unpickle",
                                                    "--no-copy-tokenizer", "--quiet", "--no-write-model-card",
                                                    *(["-j", str(threads)] if threads else [])),
-                              key, out))
+                              key, out, params=params))
     return cases

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from cpift.errors import ParameterError
 from cpift.merge.io.sizes import size_bytes
 
 
@@ -131,3 +132,34 @@ def make_checkpoint(path: str | os.PathLike, shape: LlamaShape, *, dtype: torch.
 def describe(shape: LlamaShape, dtype: torch.dtype) -> str:
     gb = shape.numel() * dtype.itemsize / 1e9
     return f"Llama-shaped {asdict(shape)}, {shape.numel() / 1e6:.1f}M parameters, {gb:.2f} GB in {dtype}"
+
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_synthetic(spec: str) -> tuple[str, LlamaShape, torch.dtype]:
+    """``PRESET[-layers:N][:DTYPE]`` (``1b``, ``7b-layers:4``, ``1b:bf16``) → (label, shape, dtype).
+
+    Raises:
+        ParameterError: unknown preset or dtype, or a bad layer count.
+    """
+    parts = spec.strip().split(":")
+    name, layers = parts[0], None
+    if name.endswith("-layers"):
+        name = name.removesuffix("-layers")
+        if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
+            raise ParameterError(f"--synthetic: '{spec}': expected a layer count after '-layers:' (e.g. 7b-layers:4)")
+        layers, parts = int(parts[1]), parts[1:]
+    if name not in PRESETS or len(parts) > 2:
+        raise ParameterError(f"--synthetic: '{spec}' is not PRESET[-layers:N][:DTYPE] with a preset among "
+                             f"{', '.join(PRESETS)} (e.g. 1b, 1b:bf16, 7b-layers:4)")
+    dtype_name = parts[1].lower() if len(parts) == 2 else "bf16"
+    if dtype_name not in _DTYPES:
+        raise ParameterError(f"--synthetic: '{spec}': unknown dtype '{parts[1]}' (use bf16, fp16 or fp32)")
+    dtype = _DTYPES[dtype_name]
+    shape = PRESETS[name] if layers is None else replace(PRESETS[name], layers=layers)
+    label = name + (f"-layers{layers}" if layers is not None else "") + \
+        ("" if dtype == torch.bfloat16 else "-" + str(dtype).removeprefix("torch."))
+    return label, shape, dtype

@@ -39,7 +39,7 @@ def test_cli_config_card_and_bench_list_the_registered_methods(capsys):
     for spec in METHODS.values():
         assert spec.cli in out
     assert set(CONFIG_METHODS) == set(MERGEKIT_METHODS) == SIX
-    assert set(BENCH_METHODS) == {s.cli for s in METHODS.values()} | {"fuse"}
+    assert set(BENCH_METHODS) == {s.cli for s in METHODS.values()} | {"fuse", "cores"}
 
 
 @pytest.fixture
