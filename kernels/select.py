@@ -35,6 +35,7 @@ import math
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .backend import resolve
@@ -65,9 +66,15 @@ def _bits_to_float(bits: int) -> float:
 
 
 def _rank_in(hist: torch.Tensor, rank: int) -> tuple[int, int]:
-    """(bin, count in higher bins) of the rank-th largest (1-based) entry of a histogram."""
-    from_top = hist.flip(0).cumsum(0)  # from_top[i] = count in bins ≥ BINS-1-i
-    i = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype)).item())
+    """(bin, count in higher bins) of the rank-th largest (1-based) entry of a histogram.
+
+    Runs in numpy over a reversed view into a reused buffer: no flip copy and no fresh tensor
+    per call (both cost page faults once per tensor).
+    """
+    counts = hist.numpy() if hist.device.type == "cpu" else hist.cpu().numpy()
+    from_top = scratch("select.rank", BINS, torch.int64).numpy()
+    np.cumsum(counts[::-1], out=from_top)  # from_top[i] = count in bins ≥ BINS-1-i
+    i = int(np.searchsorted(from_top, rank))
     return BINS - 1 - i, (int(from_top[i - 1]) if i > 0 else 0)
 
 
@@ -80,10 +87,17 @@ class RadixSelect:
     the latter only for scores in bin `bin`, and add their score count to `total`.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, *, reuse: bool = False) -> None:
         self.total = 0
-        self.high = torch.zeros(BINS, dtype=torch.int64, device=device)
-        self.low = torch.zeros(BINS, dtype=torch.int64, device=device)
+        if reuse and torch.device(device or "cpu").type == "cpu":
+            # One select at a time per thread (magnitude_cut): this thread's histograms, zeroed.
+            self.high = scratch("select.high", BINS, torch.int64)
+            self.low = scratch("select.low", BINS, torch.int64)
+            self.high.numpy().fill(0)  # numpy: torch's zero_ pays a thread barrier per call
+            self.low.numpy().fill(0)
+        else:
+            self.high = torch.zeros(BINS, dtype=torch.int64, device=device)
+            self.low = torch.zeros(BINS, dtype=torch.int64, device=device)
         self.bin = -1  # -1 matches no bin: a pass 2 for k = 0 counts nothing
         self._k: int | None = None
         self._above = 0
@@ -256,7 +270,7 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     if be == "cpu" and not _fused(x, base):
         be = "torch"  # float64 inputs: the oracle precision stays on the torch path
     if be in ("triton", "cpu"):
-        rs = RadixSelect(x.device)
+        rs = RadixSelect(x.device, reuse=True)
         score_histogram(x, base, hist=rs.high, backend=be)
         rs.total = n
         rs.select_bin(k)
@@ -266,7 +280,7 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
         bracket = _bracket(x, base, k, n)
         found = _bracket_select(x, base, k, n, *bracket) if bracket is not None else None
     if found is None:
-        rs = RadixSelect()
+        rs = RadixSelect(reuse=True)
         for s, e in chunks(n):
             rs.add_high(magnitude_scores(x, base, s, e))
         rs.select_bin(k)
