@@ -73,9 +73,46 @@ def _philox(q, k0, k1, u, at):
     u[at + 3] = _uniform(c3)
 
 
+@njit(inline="always", cache=True)
+def _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, lane, lam, out, out_kind,
+           i, g, d, has_cut, has_drop, elect, normalize):
+    # One output entry i (global index g): trim, drop (uniforms u[4k + lane]), elect, combine, store.
+    b = load_at(base, i, base_kind)
+    acc = _ZERO
+    for k in range(xs.shape[0]):
+        dk = load_at(xs[k], i, kinds[k]) - b
+        if has_cut:
+            score = abs(dk)
+            if g <= last_tie[k]:
+                dk = dk * (_ONE - _sign(_clamp0(cut_v[k] - score)))
+            else:
+                dk = dk * _sign(_clamp0(score - cut_v[k]))
+        if has_drop:
+            dk = dk * _sign(_clamp0(dens[k] - u[4 * k + lane]))
+        acc = fma(dk, num_w[k], acc)
+        d[k] = dk
+    if elect:
+        sg = _sign(acc)
+        num = _ZERO
+        den = _ZERO
+        for k in range(xs.shape[0]):
+            t = _clamp0(d[k] * sg)
+            num = fma(t, num_w[k], num)
+            if normalize:
+                den = fma(_sign(t), w[k], den)
+        if normalize:
+            nz = _sign(abs(den))
+            den = den + (_ONE - nz)
+            acc = num * sg / den * nz
+        else:
+            acc = num * sg
+    return store_at(out, i, fma(acc, lam, b), out_kind)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind,
-                  n, start, has_cut, has_drop, elect, normalize, bad):
+                  n, start, has_cut, elect, normalize, bad):
+    # With DARE drops: entries in quads, one Philox evaluation per model and quad.
     m = xs.shape[0]
     for blk in prange(bad.shape[0]):
         s = blk * BLOCK
@@ -86,44 +123,31 @@ def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, k
         g0 = start + s
         g1 = start + e
         for q in range(g0 >> 2, ((g1 - 1) >> 2) + 1):
-            if has_drop:
-                for k in range(m):
-                    _philox(np.uint64(q), keys[2 * k], keys[2 * k + 1], u, 4 * k)
+            for k in range(m):
+                _philox(np.uint64(q), keys[2 * k], keys[2 * k + 1], u, 4 * k)
             for lane in range(4):
                 g = 4 * q + lane
                 if g < g0 or g >= g1:
                     continue
-                i = g - start
-                b = load_at(base, i, base_kind)
-                acc = _ZERO
-                for k in range(m):
-                    dk = load_at(xs[k], i, kinds[k]) - b
-                    if has_cut:
-                        score = abs(dk)
-                        if g <= last_tie[k]:
-                            dk = dk * (_ONE - _sign(_clamp0(cut_v[k] - score)))
-                        else:
-                            dk = dk * _sign(_clamp0(score - cut_v[k]))
-                    if has_drop:
-                        dk = dk * _sign(_clamp0(dens[k] - u[4 * k + lane]))
-                    acc = fma(dk, num_w[k], acc)
-                    d[k] = dk
-                if elect:
-                    sg = _sign(acc)
-                    num = _ZERO
-                    den = _ZERO
-                    for k in range(m):
-                        t = _clamp0(d[k] * sg)
-                        num = fma(t, num_w[k], num)
-                        if normalize:
-                            den = fma(_sign(t), w[k], den)
-                    if normalize:
-                        nz = _sign(abs(den))
-                        den = den + (_ONE - nz)
-                        acc = num * sg / den * nz
-                    else:
-                        acc = num * sg
-                flag |= store_at(out, i, fma(acc, lam, b), out_kind)
+                flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, lane, lam, out,
+                               out_kind, g - start, g, d, has_cut, True, elect, normalize)
+        bad[blk] = flag
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _plain_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, lam, out, out_kind,
+                  n, start, has_cut, elect, normalize, bad):
+    # No drops (task arithmetic, TIES): one straight loop per block, ~1.2x faster than the quad loop.
+    m = xs.shape[0]
+    for blk in prange(bad.shape[0]):
+        s = blk * BLOCK
+        e = min(s + BLOCK, n)
+        d = np.empty(m, dtype=np.float32)
+        u = np.zeros(4, dtype=np.float32)
+        flag = 0
+        for i in range(s, e):
+            flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, 0, lam, out,
+                           out_kind, i, start + i, d, has_cut, False, elect, normalize)
         bad[blk] = flag
 
 
@@ -159,7 +183,11 @@ def delta_merge_cpu(
     bad = np.zeros(blocks(n), dtype=np.int64)
     (b_ptr,), (b_kind,) = addresses([base])
     (o_ptr,), (o_kind,) = addresses([out])
-    _delta_kernel(b_ptr, b_kind, ptrs, kinds, np.array(num_weights, dtype=f32), np.array(weights, dtype=f32),
-                  cut_v, last_tie, dens, keys, f32(lam), o_ptr, o_kind, n, start,
-                  cuts is not None, densities is not None, bool(elect_sign), bool(normalize), bad)
+    nw, ws = np.array(num_weights, dtype=f32), np.array(weights, dtype=f32)
+    if densities is not None:
+        _delta_kernel(b_ptr, b_kind, ptrs, kinds, nw, ws, cut_v, last_tie, dens, keys, f32(lam), o_ptr, o_kind,
+                      n, start, cuts is not None, bool(elect_sign), bool(normalize), bad)
+    else:
+        _plain_kernel(b_ptr, b_kind, ptrs, kinds, nw, ws, cut_v, last_tie, dens, f32(lam), o_ptr, o_kind,
+                      n, start, cuts is not None, bool(elect_sign), bool(normalize), bad)
     return not bad.any()
