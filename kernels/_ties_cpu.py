@@ -111,8 +111,7 @@ def _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, lane,
 
 @njit(parallel=True, cache=True, nogil=True)
 def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind,
-                  n, start, has_cut, elect, normalize, bad):
-    # With DARE drops: entries in quads, one Philox evaluation per model and quad.
+                  n, start, has_cut, has_drop, elect, normalize, bad):
     m = xs.shape[0]
     for blk in prange(bad.shape[0]):
         s = blk * BLOCK
@@ -120,34 +119,23 @@ def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, k
         d = np.empty(m, dtype=np.float32)
         u = np.zeros(4 * m, dtype=np.float32)
         flag = 0
-        g0 = start + s
-        g1 = start + e
-        for q in range(g0 >> 2, ((g1 - 1) >> 2) + 1):
-            for k in range(m):
-                _philox(np.uint64(q), keys[2 * k], keys[2 * k + 1], u, 4 * k)
-            for lane in range(4):
-                g = 4 * q + lane
-                if g < g0 or g >= g1:
-                    continue
-                flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, lane, lam, out,
-                               out_kind, g - start, g, d, has_cut, True, elect, normalize)
-        bad[blk] = flag
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _plain_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, lam, out, out_kind,
-                  n, start, has_cut, elect, normalize, bad):
-    # No drops (task arithmetic, TIES): one straight loop per block, ~1.2x faster than the quad loop.
-    m = xs.shape[0]
-    for blk in prange(bad.shape[0]):
-        s = blk * BLOCK
-        e = min(s + BLOCK, n)
-        d = np.empty(m, dtype=np.float32)
-        u = np.zeros(4, dtype=np.float32)
-        flag = 0
-        for i in range(s, e):
-            flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, 0, lam, out,
-                           out_kind, i, start + i, d, has_cut, False, elect, normalize)
+        if not has_drop:
+            # Task arithmetic, TIES: a straight loop (~1.2x faster than the quad loop below).
+            for i in range(s, e):
+                flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, 0, lam, out,
+                               out_kind, i, start + i, d, has_cut, False, elect, normalize)
+        else:
+            # DARE drops: entries in quads, one Philox evaluation per model and quad.
+            g0 = start + s
+            g1 = start + e
+            for q in range(g0 >> 2, ((g1 - 1) >> 2) + 1):
+                for k in range(m):
+                    _philox(np.uint64(q), keys[2 * k], keys[2 * k + 1], u, 4 * k)
+                for lane in range(4):
+                    g = 4 * q + lane
+                    if g0 <= g < g1:
+                        flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, lane, lam,
+                                       out, out_kind, g - start, g, d, has_cut, True, elect, normalize)
         bad[blk] = flag
 
 
@@ -183,11 +171,7 @@ def delta_merge_cpu(
     bad = np.zeros(blocks(n), dtype=np.int64)
     (b_ptr,), (b_kind,) = addresses([base])
     (o_ptr,), (o_kind,) = addresses([out])
-    nw, ws = np.array(num_weights, dtype=f32), np.array(weights, dtype=f32)
-    if densities is not None:
-        _delta_kernel(b_ptr, b_kind, ptrs, kinds, nw, ws, cut_v, last_tie, dens, keys, f32(lam), o_ptr, o_kind,
-                      n, start, cuts is not None, bool(elect_sign), bool(normalize), bad)
-    else:
-        _plain_kernel(b_ptr, b_kind, ptrs, kinds, nw, ws, cut_v, last_tie, dens, f32(lam), o_ptr, o_kind,
-                      n, start, cuts is not None, bool(elect_sign), bool(normalize), bad)
+    _delta_kernel(b_ptr, b_kind, ptrs, kinds, np.array(num_weights, dtype=f32), np.array(weights, dtype=f32),
+                  cut_v, last_tie, dens, keys, f32(lam), o_ptr, o_kind, n, start,
+                  cuts is not None, densities is not None, bool(elect_sign), bool(normalize), bad)
     return not bad.any()
