@@ -96,16 +96,16 @@ def _fold(hists, nworkers, hist):
 
 
 def _worker_hists(nworkers: int, n: int) -> np.ndarray:
-    """Reused per-worker histograms (one set per calling thread): allocated once, zeroed by the kernel.
-
-    int32 counts while a worker cannot count 2^31 entries (256 KiB per worker, which stays in L2
-    where the random increments land; int64 halves that), int64 beyond."""
+    """Reused per-worker histograms (one set per calling thread and count type): allocated once, zeroed
+    by the kernel, folded into the caller's int64 histogram. int32 counts while a worker cannot reach
+    2^31 (256 KiB per worker, which stays in L2 where the random increments land), int64 beyond."""
     dtype = np.int32 if n < (1 << 31) else np.int64
-    name = "hists32" if dtype is np.int32 else "hists64"
-    buf = getattr(_local, name, None)
+    held = getattr(_local, "hists", None)
+    if held is None:
+        held = _local.hists = {}
+    buf = held.get(dtype)
     if buf is None or buf.shape[0] < nworkers:
-        buf = np.empty((nworkers, BINS), dtype=dtype)
-        setattr(_local, name, buf)
+        buf = held[dtype] = np.empty((nworkers, BINS), dtype=dtype)
     return buf
 
 
@@ -123,12 +123,9 @@ def score_cpu(x: torch.Tensor, base: torch.Tensor | None, block: int, *, out: to
     nwork = (m + per - 1) // per
     nworkers = workers(nwork)
     mode = 0 if hist is None else (1 if high_bin is None else 2)
-    if mode and nworkers == 1 and n >= (1 << 31):
-        hists, zero = hist.numpy().reshape(1, BINS), False  # one worker counts straight into hist
-    else:
-        hists, zero = _worker_hists(nworkers, n), mode != 0
+    hists, zero = _worker_hists(nworkers, n), mode != 0
     _score_kernel(xa, xk, ba, bk, base is not None, n, block, per, nwork, nworkers,
                   out.numpy() if out is not None else _NO_OUT, out is not None, hists, zero, mode,
                   -1 if high_bin is None else int(high_bin), np.zeros(1, dtype=np.int64))
-    if mode and zero:
+    if mode:
         _fold(hists, nworkers, hist.numpy())

@@ -90,7 +90,8 @@ class RadixSelect:
     def __init__(self, device: torch.device | str | None = None, *, reuse: bool = False) -> None:
         self.total = 0
         if reuse and torch.device(device or "cpu").type == "cpu":
-            # One select at a time per thread (magnitude_cut): this thread's histograms, zeroed.
+            # This thread's histograms, zeroed: only for a select that ends before the next one with
+            # reuse starts in the same thread (magnitude_cut); GlobalTopK holds several and allocates.
             self.high = scratch("select.high", BINS, torch.int64)
             self.low = scratch("select.low", BINS, torch.int64)
             self.high.numpy().fill(0)  # numpy: torch's zero_ pays a thread barrier per call
