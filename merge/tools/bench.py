@@ -120,8 +120,11 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: f
 
 # A competitor: one CPU-bound Python loop, not pinned to a core (the scheduler moves it as it likes).
 # It also ends by itself once its parent is gone (a bench killed by a signal runs no finally block):
-# a parent check every 10^6 iterations (some 30 ms) costs one getppid call, nothing measurable.
-COMPETITOR = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1000000): pass"
+# a parent check every 10^6 iterations (some 30 ms) costs one getppid call, nothing measurable. The
+# parent's pid comes as the argument, not from getppid() at start: a bench killed before the child's
+# interpreter is up would otherwise leave it recording init as its parent and looping forever.
+COMPETITOR = ("import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n"
+              "    for _ in range(1000000): pass")
 
 
 @contextmanager
@@ -131,7 +134,7 @@ def competing(n: int, *, pids: list[int] | None = None) -> Iterator[list[subproc
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(n):
-            procs.append(subprocess.Popen([sys.executable, "-S", "-c", COMPETITOR], stdin=subprocess.DEVNULL,
+            procs.append(subprocess.Popen([sys.executable, "-S", "-c", COMPETITOR, str(os.getpid())], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             if pids is not None:
                 pids.append(procs[-1].pid)

@@ -171,6 +171,15 @@ def test_competitors_end_when_the_bench_is_killed():
     assert not any(_alive(pid) for pid in pids)
 
 
+def test_a_competitor_whose_bench_died_before_it_started_exits():
+    """The race of a bench killed before its competitor's interpreter is up: the competitor is told its
+    parent's pid, finds another parent (init), and exits at once instead of looping forever."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is no competitor's parent any more
+    done = subprocess.run([sys.executable, "-S", "-c", COMPETITOR, str(gone.pid)], timeout=60)
+    assert done.returncode == 0
+
+
 def test_a_run_past_the_case_timeout_is_killed_and_marked(tmp_path):
     """--case-timeout: the command is killed at the limit (not left running) and its sample says so."""
     from cpift.merge.tools.bench import run_case
