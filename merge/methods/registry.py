@@ -178,3 +178,14 @@ def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...
 
 register(_dare("dare_linear", "task arithmetic", cpift_normalize=False, native=()))
 register(_dare("dare_ties", "TIES sign election", cpift_normalize=True, native=("normalize",)))
+register(MethodSpec(
+    "model_stock", "model-stock", "cpift.merge.methods.model_stock", ("base", "models"),
+    (ParamSpec("filter_wise", "--filter-wise", "flag", False,
+               "One t per row of the last dimension instead of one per tensor (torch ops, not fused).",
+               mergekit="filter_wise", mergekit_default=False),),
+    "c = mean pairwise cosine of the deltas x_i − b, t = N·c / (1 + (N−1)·c), "
+    "t·mean x_i + (1 − t)·b (t = 0 where 1 + (N−1)·c ≈ 0)",
+    "Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models (arXiv:2403.19522)",
+    "Model Stock: move from the base towards the fine-tunes' average by a ratio set by their deltas' angle.",
+    MergekitSpec((), ("filter_wise",), normalize=None, cpift_normalize=None),
+    bench={}))  # no parameter to set: the bench runs it with its defaults

@@ -1,0 +1,153 @@
+# Model Stock (Jang et al. 2024; mergekit 0.1.5's `model_stock`) of N ≥ 2 flattened task tensors x_i
+# over a base b, built from the existing reduction and delta kernels.
+#
+# Maths (mergekit's, checked in its merge_methods/model_stock.py):
+#   δ_i = x_i − b
+#   cos_ij = ⟨δ_i, δ_j⟩ / max(‖δ_i‖·‖δ_j‖, 1e-6), clamped to [−1, 1];  c = mean over pairs i < j
+#   t = N·c / (1 + (N−1)·c)        (N = number of task tensors, the base not counted)
+#   out = t·mean_i x_i + (1−t)·b = b + t·mean_i δ_i
+#   t = 0 (out = b) where |1 + (N−1)·c| < 1e-6 (mergekit 0.1.5's guard, e.g. N = 2 with δ_2 = −δ_1).
+# t is not clamped to [0, 1], as in mergekit: c < 0 gives t < 0 (a step away from the average).
+# One difference: mergekit computes in the config's dtype (bf16 math for `dtype: bfloat16`); cpift
+# in float32 whatever the storage, as for every method.
+#
+# Whole tensor (mergekit's default), two passes like SLERP's:
+#   1. delta_gram: the N×N Gram matrix ⟨δ_i, δ_j⟩. Per chunk the N float32 deltas are formed in
+#      reused scratch buffers (on the tensors' device), and kernels/slerp.slerp_reduce runs on each
+#      pair (fused CPU: exact float64 products summed in float64 per block; Triton: float32 block
+#      partials; torch: float32 torch.dot partials), partials folded on the host in float64.
+#      Reads N + 1 elements per entry, writes nothing; the pair reductions re-read float32 chunks
+#      that are still in cache.
+#   2. stock_ratio on the host (float64), then kernels/ties.delta_merge with λ = t and w_i = 1/N:
+#      out = b + t·Σ δ_i / N, the fused CPU / Triton / torch kernel of task arithmetic. Reads N + 1
+#      elements per entry, writes 1. t = 0 gives b bit for bit.
+# Rows (mergekit's `filter_wise: true`): cosines and t per row of the last dimension (a 1-D tensor is
+#   one row, i.e. the whole-tensor case). model_stock_rows does both steps per block of rows in one
+#   pass of torch operations on the tensors' device (float32 row dots): there is no fused CPU or
+#   Triton kernel for the per-row form yet.
+# Precision: storage dtype → float32 (float64 if any input is float64), one rounding on store.
+# model_stock_ref is the float64 oracle.
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
+from .backend import resolve
+from .slerp import slerp_reduce
+from .ties import delta_merge
+
+EPS = 1e-6  # mergekit's clamp of the norm product
+GUARD = 1e-6  # |1 + (N−1)·c| below this: t = 0 (mergekit's guard)
+_CUDA_CHUNK = 1 << 24  # elements per chunk on a GPU: fewer host round trips of the pair reductions
+
+
+def _buffer(slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A working buffer: the cached scratch on the CPU, the caching allocator's memory elsewhere."""
+    if device.type == "cpu":
+        return scratch(slot, n, dtype)
+    return torch.empty(n, dtype=dtype, device=device)
+
+
+def _check(base: torch.Tensor, xs: Sequence[torch.Tensor]) -> int:
+    if len(xs) < 2:
+        raise ValueError(f"model_stock: need at least 2 task tensors besides the base, got {len(xs)}")
+    n = base.numel()
+    check_flat("base", base)
+    for i, x in enumerate(xs):
+        check_flat(f"xs[{i}]", x, n)
+    return n
+
+
+def delta_gram(base: torch.Tensor, xs: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
+    """The N×N float64 (CPU) matrix of ⟨x_i − b, x_j − b⟩ over same-length 1-D tensors."""
+    n = _check(base, xs)
+    k = len(xs)
+    dt = compute_dtype(base, *xs)
+    be = resolve(backend, base, *xs)
+    g = [[0.0] * k for _ in range(k)]
+    for s, e in chunks(n, _CUDA_CHUNK if base.is_cuda else CHUNK):
+        fb = _buffer("stock.base", e - s, dt, base.device).copy_(base[s:e])
+        ds = [_buffer(f"stock.d{i}", e - s, dt, base.device).copy_(x[s:e]).sub_(fb) for i, x in enumerate(xs)]
+        for i in range(k):
+            for j in range(i + 1, k):
+                aa, bb, ab = slerp_reduce(ds[i], ds[j], backend=be)
+                g[i][j] += ab
+                if i == 0:  # each squared norm taken once: ‖δ_0‖², ‖δ_1‖² from pair (0, 1), ‖δ_j‖² from (0, j)
+                    g[j][j] += bb
+                    if j == 1:
+                        g[0][0] += aa
+    for i in range(k):
+        for j in range(i):
+            g[i][j] = g[j][i]
+    return torch.tensor(g, dtype=torch.float64)
+
+
+def stock_ratio(gram: torch.Tensor) -> torch.Tensor:
+    """t of every Gram matrix in ``gram`` (shape (..., N, N)): the mean pairwise cosine c, then
+    N·c / (1 + (N−1)·c), 0 where the denominator is within GUARD of 0. Returns shape (...)."""
+    k = gram.shape[-1]
+    g = gram.double()
+    norms = g.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt()
+    i, j = torch.triu_indices(k, k, 1, device=g.device)
+    cos = (g[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=EPS)).clamp(-1.0, 1.0).mean(-1)
+    den = 1.0 + (k - 1) * cos
+    singular = den.abs() < GUARD
+    return torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, den))
+
+
+def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], *, out: torch.Tensor,
+                backend: str | None = None) -> float:
+    """Write the Model Stock merge of the whole tensors into out; return its t."""
+    n = _check(base, xs)
+    check_flat("out", out, n)
+    t = float(stock_ratio(delta_gram(base, xs, backend=backend)))
+    delta_merge(base, xs, [1.0 / len(xs)] * len(xs), lam=t, elect_sign=False, out=out, backend=backend)
+    return t
+
+
+def model_stock_rows(base: torch.Tensor, xs: Sequence[torch.Tensor], cols: int, *, out: torch.Tensor) -> None:
+    """Model Stock per row of ``cols`` entries (mergekit's filter_wise) in torch ops on the tensors'
+    device: one pass, a block of about CHUNK entries at a time."""
+    n = _check(base, xs)
+    check_flat("out", out, n)
+    if n == 0:
+        return
+    if cols <= 0 or n % cols:
+        raise ValueError(f"model_stock_rows: {n} entries are not rows of {cols}")
+    k = len(xs)
+    dt = compute_dtype(base, *xs)
+    per = max(1, CHUNK // cols)
+    for r0 in range(0, n // cols, per):
+        s, e = r0 * cols, min(n, (r0 + per) * cols)
+        rows = (e - s) // cols
+        fb = _buffer("stock.base", e - s, dt, base.device).copy_(base[s:e]).view(rows, cols)
+        ds = [_buffer(f"stock.d{i}", e - s, dt, base.device).copy_(x[s:e]).view(rows, cols).sub_(fb)
+              for i, x in enumerate(xs)]
+        gram = torch.empty(rows, k, k, dtype=torch.float64, device=base.device)
+        for i in range(k):
+            for j in range(i, k):
+                gram[:, i, j] = gram[:, j, i] = torch.linalg.vecdot(ds[i], ds[j])
+        t = stock_ratio(gram)
+        acc = ds[0]
+        for d in ds[1:]:
+            acc.add_(d)
+        fb.addcmul_(acc, (t / k).to(dt).unsqueeze(-1))  # b + t·Σδ/N
+        out[s:e].copy_(fb.view(-1))
+
+
+def model_stock_ref(base: torch.Tensor, xs: Sequence[torch.Tensor], *, cols: int | None = None) -> torch.Tensor:
+    """float64 oracle (whole tensor, or per row of ``cols`` entries); returns a flat float64 tensor."""
+    b = base.double().reshape(-1, base.numel() if cols is None else cols)
+    ds = [x.double().reshape(b.shape) - b for x in xs]
+    k = len(ds)
+    cos = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            norm = (ds[i].norm(dim=-1) * ds[j].norm(dim=-1)).clamp(min=EPS)
+            cos.append(((ds[i] * ds[j]).sum(-1) / norm).clamp(-1.0, 1.0))
+    c = torch.stack(cos).mean(0)
+    den = 1.0 + (k - 1) * c
+    t = torch.where(den.abs() < GUARD, 0.0, k * c / den).unsqueeze(-1)
+    return (b + t * sum(ds) / k).reshape(-1)
