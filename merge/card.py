@@ -7,13 +7,13 @@ calls it the same way, with its own parameters and input roles, and passes the r
 ``ShardWriter.finish``.
 
 Recipe: a mergekit-style YAML that ``cpift-merge config cpift_recipe.yml -o OUT2`` runs to write the
-same bytes. For the six mergekit methods it is generated from the call's parameters; what mergekit
-has no spelling for (DARE seed, TIES global trim, shard size, tokenizer donor) goes under ``cpift:``
-(validated by values.parse_cpift_block). Local inputs are written as absolute paths and Hub
+same bytes. For the registered mergekit methods it is generated from the call's parameters; what
+mergekit has no spelling for (DARE seed, TIES global trim, shard size, tokenizer donor) goes under
+``cpift:`` (validated by values.parse_cpift_block). Local inputs are written as absolute paths and Hub
 inputs as ``org/name@<commit>`` of the snapshot that was read, so the recipe means the same from any
 directory. A parameter that is a Python function of the tensor name (a gradient or filter from a
 config, or a library caller's) has no generated form: a config run passes its own config, rewritten
-by ``rewrite_config``; otherwise the card says why there is no recipe. A method other than the six
+by ``rewrite_config``; otherwise the card says why there is no recipe. A method other than those
 passes ``recipe=`` itself or gets none.
 
 Fingerprint of an input (the card's sha256): SHA-256 over the bytes of model.safetensors.index.json
@@ -103,7 +103,7 @@ def local_ref(path: str | os.PathLike, out: str | os.PathLike | None) -> str:
 
 
 def roles_for(method: str, n: int) -> list[str]:
-    """Input roles of the six mergekit methods: the delta methods take the base first."""
+    """Input roles of the registered methods: those with a base take it first."""
     spec = METHODS.get(method)
     return ["base" if i == 0 and spec is not None and spec.has_base else "model" for i in range(n)]
 
@@ -146,10 +146,10 @@ def _dtype_name(d: Any) -> str | None:
 def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardInput],
                     settings: Mapping[str, Any], out: str | os.PathLike | None = None
                     ) -> tuple[dict | None, str | None]:
-    """The config that reproduces a merge of one of the six methods, or (None, why not).
+    """The config that reproduces a merge of one of the registered methods, or (None, why not).
 
     ``params`` as the methods pass them: ``t``; ``weights`` (one per non-base input); ``density`` (one
-    per non-base input); ``lambda``; ``normalize``; ``global_trim``; ``seed``. ``settings``: ``dtype``,
+    per non-base input); ``lambda``; ``normalize``; ``global_trim``; ``seed``; ``filter_wise``. ``settings``: ``dtype``,
     ``out_dtype``, ``max_shard_size`` (bytes), ``copy_tokenizer_from`` (None: the first input).
     ``out``: the output directory local paths are written relative to (``local_ref``).
     """
@@ -170,6 +170,10 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
     elif spec.roles == ("models",):
         cfg["models"] = [{"model": r, "parameters": {"weight": float(w)}}
                          for r, w in zip(refs, params["weights"])]
+    elif "weights" not in params:  # model_stock: the fine-tunes and the method's flags
+        cfg["base_model"] = refs[0]
+        cfg["models"] = [{"model": r} for r in refs[1:]]
+        cfg["parameters"] = {p.mergekit: bool(params[p.name]) for p in spec.params if p.mergekit}
     else:
         cfg["base_model"] = refs[0]
         cfg["models"] = []
@@ -272,14 +276,14 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
 
     Args:
         method: the method or step name (``ties``, ``fuse``, ...).
-        params: its parameters, shown in the card; for the six mergekit methods they also make the
-            recipe (see ``mergekit_recipe``). Values may be numbers, strings, booleans, lists, or
+        params: its parameters, shown in the card; for the registered mergekit methods they also make
+            the recipe (see ``mergekit_recipe``). Values may be numbers, strings, booleans, lists, or
             callables (shown as per-tensor).
         inputs: every input, in the order the method read them.
         settings: output settings: ``dtype``, ``out_dtype``, ``max_shard_size``, ``copy_tokenizer_from``.
         recipe: a reproducing config to record as is (a config run, or a step of its own); default:
-            generated for the six mergekit methods.
-        definition: one line saying what the method computes (default: known for the six methods).
+            generated for the registered mergekit methods.
+        definition: one line saying what the method computes (default: the registry's).
         out: the output directory (local inputs are named relative to it).
         relation: the front matter's ``base_model_relation`` (None: left out, e.g. for core masks).
 

@@ -1,6 +1,6 @@
 """mergekit-compatible YAML configs: ``cpift-merge config FILE.yml -o OUT`` runs a mergekit user's
 config unchanged for the registered methods (merge/methods/registry.py: linear, slerp, task_arithmetic,
-ties, dare_linear, dare_ties), with mergekit 0.1.5's semantics; anything cpift cannot compute so is
+ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; anything cpift cannot compute so is
 refused with a ConfigError naming the file and the field, before any tensor is read.
 
 Pipeline: ``load_config`` (YAML → validated MergeConfig, this module) → ``plan_call`` and ``run_config``
@@ -16,6 +16,8 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
     task_arithmetic, ties, dare_linear, dare_ties
                      fn(base, others, weights, density, lam) — the base's own delta is zero, so it is
                      dropped from ``models`` (its per-model parameters have no effect; a note says so).
+    model_stock      model_stock(base, others, filter_wise) — base_model and at least two others; no
+                     per-model parameters (mergekit 0.1.5 has none for it).
 
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``tokenizer.tokens``, ``chat_template``, LoRA references
@@ -277,9 +279,11 @@ def _check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
     elif REGISTRY[method].has_base:
         if base is None:
             raise ConfigError(f"{located(source, 'base_model')}: missing; {method} merges deltas from it")
-        if inputs - 1 < 1:
-            raise ConfigError(f"{located(source, 'models')}: {method} needs at least one model besides "
-                              f"base_model")
+        need = REGISTRY[method].min_models
+        if inputs - 1 < need:
+            raise ConfigError(f"{located(source, 'models')}: {method} needs at least "
+                              f"{'one model' if need == 1 else f'{need} models'} besides base_model, "
+                              f"got {inputs - 1}")
     elif inputs < 2:
         raise ConfigError(f"{located(source, 'models')}: linear needs at least two models, got {inputs}")
 
@@ -291,7 +295,8 @@ def _check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
     if method == "slerp" and not covered(None, "t"):
         raise ConfigError(f"{located(source, 'parameters.t')}: missing; slerp needs t in [0, 1] "
                           f"(0 gives base_model)")
-    weighted = [] if method == "slerp" else [m for m in models if method == "linear" or m.model != base]
+    weighted = ([] if "weight" not in _input_params(method)
+                else [m for m in models if method == "linear" or m.model != base])
     if method == "linear" and base is not None and not listed_base and not slice_form:
         weighted.append(ModelSpec(base, {}, "base_model"))
     for m in weighted:

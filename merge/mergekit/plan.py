@@ -135,8 +135,13 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
                                   f"{'per-tensor weights' if total is None else f'a sum of {total:g}'}")
         return MethodCall(method, (tuple(path(m.model) for m in specs),), kwargs, notes)
 
-    # task_arithmetic, ties, dare_linear, dare_ties
     specs = [m for m in cfg.models if path(m.model) != base_key]
+    if "weight" not in mk.inputs:  # model_stock: the fine-tunes and the shared settings, nothing per model
+        kwargs = {p.name: _shared(cfg, p.mergekit, p.mergekit_default) for p in METHODS[method].params
+                  if p.mergekit}
+        return MethodCall(method, (path(cfg.base_model), tuple(path(m.model) for m in specs)), kwargs, notes)
+
+    # task_arithmetic, ties, dare_linear, dare_ties
     for m in cfg.models:
         if path(m.model) == base_key and m.parameters:
             notes.append(f"note: {m.field}.parameters ({', '.join(m.parameters)}) have no effect: "

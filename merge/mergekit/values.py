@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from cpift.errors import ConfigError
+from cpift.merge.methods.registry import mergekit_flags
 
 Param = Union[float, Callable[[str], float]]
 
-_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
+_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")  # and the registry's flags (mergekit_flags)
 _TRUE = ("1", "on", "t", "true", "y", "yes")
 _FALSE = ("0", "off", "f", "false", "n", "no")
 _F32_MAX = 3.4028234663852886e38  # largest finite float32: the merge math is float32
@@ -50,7 +51,7 @@ class Conditional:
 
 
 # A parsed value: a number, a gradient (tuple of numbers, possibly empty), a tuple of Conditionals,
-# or a bool (normalize / rescale / int8_mask, which take plain true/false only).
+# or a bool (normalize / rescale / int8_mask / filter_wise, which take plain true/false only).
 Setting = Union[float, bool, tuple]
 
 
@@ -120,7 +121,7 @@ def parse_setting(raw: Any, name: str, fld: str, source: str | os.PathLike | Non
     Raises:
         ConfigError: naming ``source`` and ``fld``.
     """
-    if name in _BOOL_PARAMS:
+    if name in _BOOL_PARAMS or name in mergekit_flags():
         return _boolean(raw, fld, source)
     if isinstance(raw, dict) or (isinstance(raw, list) and raw and isinstance(raw[0], dict)):
         entries = [raw] if isinstance(raw, dict) else raw

@@ -1,5 +1,5 @@
 """The merge methods, one file per family (average: linear; spherical: slerp; delta: task_arithmetic,
-ties, dare_linear, dare_ties), all listed in the registry (registry.py). ``cpift.merge.methods.ties``
+ties, dare_linear, dare_ties; model_stock), all listed in the registry (registry.py). ``cpift.merge.methods.ties``
 etc. are the functions themselves, loaded on first use from the registry, so importing the registry
 (as the card and the mergekit planner do) loads no method."""
 
@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from .registry import METHODS
 
-__all__ = ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+__all__ = ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock"]
 
 if TYPE_CHECKING:
     from .average import linear
     from .delta import dare_linear, dare_ties, task_arithmetic, ties
+    from .model_stock import model_stock
     from .spherical import slerp
 
 

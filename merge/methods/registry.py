@@ -77,6 +77,7 @@ class MethodSpec:
     mergekit: MergekitSpec | None = None
     native: tuple[str, ...] = ()  # mergekit settings the function takes as keywords (normalize)
     bench: dict[str, str] = field(default_factory=dict)  # CLI option -> value for a bench run
+    min_models: int = 1  # for a method with a base: the fine-tunes it needs besides the base
 
     @property
     def function(self) -> Callable[..., Any]:
@@ -113,6 +114,12 @@ def mergekit_methods() -> tuple[str, ...]:
 
 def delta_methods() -> tuple[str, ...]:
     return tuple(name for name, s in METHODS.items() if s.has_base)
+
+
+def mergekit_flags() -> tuple[str, ...]:
+    """The mergekit keys of the methods' true/false parameters (``filter_wise``)."""
+    return tuple(dict.fromkeys(p.mergekit for s in METHODS.values() for p in s.params
+                               if p.kind == "flag" and p.mergekit))
 
 
 WEIGHTS = ParamSpec("weights", "--weights", "per_model", None, "Comma-separated weight per model{base} (default: all 1).",
@@ -188,4 +195,4 @@ register(MethodSpec(
     "Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models (arXiv:2403.19522)",
     "Model Stock: move from the base towards the fine-tunes' average by a ratio set by their deltas' angle.",
     MergekitSpec((), ("filter_wise",), normalize=None, cpift_normalize=None),
-    bench={}))  # no parameter to set: the bench runs it with its defaults
+    bench={}, min_models=2))  # no parameter to set: the bench runs it with its defaults
