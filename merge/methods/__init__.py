@@ -1,7 +1,8 @@
 """The merge methods, one file per family (average: linear; spherical: slerp; delta: task_arithmetic,
-ties, dare_linear, dare_ties; model_stock), all listed in the registry (registry.py). ``cpift.merge.methods.ties``
-etc. are the functions themselves, loaded on first use from the registry, so importing the registry
-(as the card and the mergekit planner do) loads no method."""
+ties, dare_linear, dare_ties; stock: model_stock), all listed in the registry (registry.py).
+``cpift.merge.methods.ties`` etc. are the functions themselves, loaded on first use from the registry,
+so importing the registry (as the card and the mergekit planner do) loads no method. (A family file
+is never named like one of its functions: the submodule would shadow the function.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ __all__ = ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ti
 if TYPE_CHECKING:
     from .average import linear
     from .delta import dare_linear, dare_ties, task_arithmetic, ties
-    from .model_stock import model_stock
+    from .stock import model_stock
     from .spherical import slerp
 
 

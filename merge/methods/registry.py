@@ -186,7 +186,7 @@ def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...
 register(_dare("dare_linear", "task arithmetic", cpift_normalize=False, native=()))
 register(_dare("dare_ties", "TIES sign election", cpift_normalize=True, native=("normalize",)))
 register(MethodSpec(
-    "model_stock", "model-stock", "cpift.merge.methods.model_stock", ("base", "models"),
+    "model_stock", "model-stock", "cpift.merge.methods.stock", ("base", "models"),
     (ParamSpec("filter_wise", "--filter-wise", "flag", False,
                "One t per row of the last dimension instead of one per tensor (torch ops, not fused).",
                mergekit="filter_wise", mergekit_default=False),),

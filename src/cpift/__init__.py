@@ -28,7 +28,7 @@ _FACADE = {
     "ties": "cpift.merge.methods.delta",
     "dare_linear": "cpift.merge.methods.delta",
     "dare_ties": "cpift.merge.methods.delta",
-    "model_stock": "cpift.merge.methods.model_stock",
+    "model_stock": "cpift.merge.methods.stock",
     "compute_cores": "cpift.merge.cpi.cores",
     "cluster_masks": "cpift.merge.cpi.cluster",
     "fuse": "cpift.merge.cpi.fuse",
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from cpift.merge.hub import pull, push
     from cpift.merge.methods.average import linear
     from cpift.merge.methods.delta import dare_linear, dare_ties, task_arithmetic, ties
-    from cpift.merge.methods.model_stock import model_stock
+    from cpift.merge.methods.stock import model_stock
     from cpift.merge.methods.spherical import slerp
 
 

@@ -1,4 +1,4 @@
-"""model_stock: Model Stock over a base b and N ≥ 2 fine-tunes x_i (mergekit's ``model_stock``).
+"""stock: model_stock, Model Stock over a base b and N ≥ 2 fine-tunes x_i (mergekit's ``model_stock``).
 
 Per tensor, δ_i = x_i − b; c = the mean over pairs i < j of cos(δ_i, δ_j); t = N·c / (1 + (N−1)·c);
 out = t·mean_i x_i + (1−t)·b (t = 0 where the denominator is within 1e-6 of 0, as in mergekit).
