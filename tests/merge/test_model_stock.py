@@ -5,6 +5,7 @@ itself where `CPIFT_MERGEKIT_YAML` names a mergekit-yaml."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -282,17 +283,19 @@ def test_bench_config_for_mergekit_is_accepted(tmp_path):
 # Parity with mergekit itself
 
 
-def ulps(x: torch.Tensor, y: torch.Tensor) -> int:
-    """The largest distance in units in the last place between same-dtype tensors (0: identical)."""
-    if x.dtype == torch.float32:
-        ix, iy = x.view(torch.int32).long(), y.view(torch.int32).long()
-    else:
-        ix, iy = x.view(torch.int16).long(), y.view(torch.int16).long()
-    # ordered integer images of the floats, so the difference counts representable values
-    big = 1 << (31 if x.dtype == torch.float32 else 15)
-    ox, oy = torch.where(ix < 0, -(ix + big), ix), torch.where(iy < 0, -(iy + big), iy)
-    return int((ox - oy).abs().max())
+def scale_ulps(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x − y| in units in the last place of the tensor's scale (its largest magnitude), as the
+    SLERP parity test measures: entries that cancel to near 0 carry the rounding of the inputs'
+    magnitude, so a per-entry ulp count would measure that cancellation, not a disagreement."""
+    scale = float(x.double().abs().max())
+    ulp = 2.0 ** math.floor(math.log2(scale)) * torch.finfo(x.dtype).eps if scale > 0 else torch.finfo(x.dtype).tiny
+    return float((x.double() - y.double()).abs().max()) / ulp
 
+
+# Measured with mergekit 0.1.5 (2026-12-02): float32 math on both sides, max 2.00 ulp of the tensor's
+# scale, ~46% of entries bit-identical; bf16 models with `dtype: float32, out_dtype: bfloat16`: 99.99%
+# bit-identical, max 0.5; `dtype: bfloat16` (mergekit's math in bf16): max 2.00, ~50% identical.
+F32_MATH_ULPS, BF16_MATH_ULPS = 3, 4
 
 # (models' dtype, config dtype, out_dtype): cpift always computes in float32; mergekit in `dtype`.
 PARITY = [(torch.float32, "float32", None), (torch.bfloat16, "float32", "bfloat16"),
@@ -317,10 +320,11 @@ def test_agrees_with_mergekit(stock, tmp_path, models, dtype, out_dtype, filter_
     run_config(tmp_path / "stock.yml", tmp_path / "cpift", progress=False)
     ours, theirs = load_state(tmp_path / "cpift"), load_state(tmp_path / "mk")
     assert set(ours) == set(theirs)
-    worst = {name: ulps(x, theirs[name]) for name, x in ours.items()}
-    same = sum(int(torch.equal(x, theirs[x_name])) for x_name, x in ours.items())
-    print(f"parity {models} dtype={dtype} filter_wise={filter_wise}: {same}/{len(ours)} tensors identical, "
-          f"max {max(worst.values())} ulp ({max(worst, key=worst.get)})")
-    # float32 math on both sides: rounding-order differences only. bf16 math (mergekit's, for dtype:
-    # bfloat16) rounds the deltas' products, average and blend to bf16: a few bf16 ulps.
-    assert max(worst.values()) <= (4 if dtype == "float32" else 8), worst
+    worst = {name: scale_ulps(x, theirs[name]) for name, x in ours.items()}
+    same = sum(int((x == theirs[name]).sum()) for name, x in ours.items()) / sum(x.numel() for x in ours.values())
+    top = max(worst, key=worst.get)
+    print(f"parity {models} dtype={dtype} filter_wise={filter_wise}: {100 * same:.2f}% of entries bit-identical, "
+          f"max {worst[top]:.2f} ulp of the tensor's scale ({top})")
+    # float32 math on both sides (mergekit: t·mean x + (1−t)·b; cpift: b + t·mean δ): rounding only.
+    # mergekit's bf16 math (dtype: bfloat16) rounds the deltas' products, the mean and the blend to bf16.
+    assert worst[top] <= (F32_MATH_ULPS if dtype == "float32" else BF16_MATH_ULPS), worst
