@@ -328,3 +328,21 @@ def test_agrees_with_mergekit(stock, tmp_path, models, dtype, out_dtype, filter_
     # float32 math on both sides (mergekit: t·mean x + (1−t)·b; cpift: b + t·mean δ): rounding only.
     # mergekit's bf16 math (dtype: bfloat16) rounds the deltas' products, the mean and the blend to bf16.
     assert worst[top] <= (F32_MATH_ULPS if dtype == "float32" else BF16_MATH_ULPS), worst
+
+
+@pytest.mark.skipif(not MERGEKIT, reason="CPIFT_MERGEKIT_YAML is not set to a mergekit-yaml")
+def test_bench_mergekit_config_runs_in_mergekit(stock, tmp_path, capsys):
+    """The config `cpift-merge bench` gives mergekit for model-stock runs there and merges the same."""
+    from cpift.merge.tools.bench_cases import cpift_args, mergekit_config
+
+    fam = stock[torch.bfloat16]
+    tasks = [fam["ft1"], fam["ft2"], fam["ft3"]]
+    (tmp_path / "mk.yml").write_text(mergekit_config("model-stock", fam["base"], tasks, tasks, "bfloat16"))
+    subprocess.run([MERGEKIT, str(tmp_path / "mk.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet",
+                    "--no-write-model-card"], check=True, capture_output=True)
+    args, _ = cpift_args("model-stock", fam["base"], tasks, tasks)
+    code, _, err = run_cli(capsys, "model-stock", *args, "-o", tmp_path / "cpift", "-q", "--threads", "1")
+    assert code == 0, err
+    ours, theirs = load_state(tmp_path / "cpift"), load_state(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    assert max(scale_ulps(x, theirs[n]) for n, x in ours.items()) <= BF16_MATH_ULPS
