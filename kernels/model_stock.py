@@ -36,6 +36,7 @@ import torch
 from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
 from .backend import resolve
 from .slerp import slerp_reduce
+from .threads import serial_reductions
 from .ties import delta_merge
 
 EPS = 1e-6  # mergekit's clamp of the norm product
@@ -102,7 +103,9 @@ def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], *, out: torch.Te
     """Write the Model Stock merge of the whole tensors into out; return its t."""
     n = _check(base, xs)
     check_flat("out", out, n)
-    t = float(stock_ratio(delta_gram(base, xs, backend=backend)))
+    with serial_reductions():  # the same t whatever the thread count (torch's dot splits among threads)
+        gram = delta_gram(base, xs, backend=backend)
+    t = float(stock_ratio(gram))
     delta_merge(base, xs, [1.0 / len(xs)] * len(xs), lam=t, elect_sign=False, out=out, backend=backend)
     return t
 

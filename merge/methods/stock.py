@@ -53,11 +53,11 @@ def model_stock(base: PathLike, models: Sequence[PathLike], out: PathLike, *, fi
     def combine(name, xs, out_t):
         b, rest = xs[0], xs[1:]
         shape = shapes[name]
-        with serial_reductions():  # the same t whatever --threads is
-            if filter_wise and len(shape) > 1:
+        if filter_wise and len(shape) > 1:
+            with serial_reductions():  # the same t per row whatever --threads is
                 model_stock_rows(b, rest, shape[-1], out=out_t)
-            else:
-                stock_kernel(b, rest, out=out_t, backend=be)
+        else:
+            stock_kernel(b, rest, out=out_t, backend=be)  # reduction serial inside, blend threaded
 
     notes = (["note: filter_wise: the per-row cosines and blend run as torch operations "
               "(no fused kernel for them yet)"] if filter_wise else [])
