@@ -292,6 +292,15 @@ def test_one_model_is_a_one_line_error(capsys, stock, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
 
+def test_dry_run_and_the_facade(stock, tmp_path):
+    import cpift
+    from cpift.merge.io.dryrun import MergePlan
+
+    fam = stock[torch.float32]
+    plan = cpift.model_stock(fam["base"], [fam["ft1"], fam["ft2"]], tmp_path / "out", dry_run=True, progress=False)
+    assert isinstance(plan, MergePlan) and not (tmp_path / "out").exists()
+
+
 def test_bench_config_for_mergekit_is_accepted(tmp_path):
     from cpift.merge.mergekit.config import load_config
     from cpift.merge.tools.bench_cases import cpift_args, mergekit_config
