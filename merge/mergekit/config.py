@@ -1,7 +1,7 @@
 """mergekit-compatible YAML configs: ``cpift-merge config FILE.yml -o OUT`` runs a mergekit user's
 config unchanged for the registered methods (merge/methods/registry.py: linear, slerp, task_arithmetic,
-ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; anything cpift cannot compute so is
-refused with a ConfigError naming the file and the field, before any tensor is read.
+ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; anything cpift cannot
+compute so is refused with a ConfigError naming the file and the field, before any tensor is read.
 
 Pipeline: ``load_config`` (YAML → validated MergeConfig, this module) → ``plan_call`` and ``run_config``
 (plan.py: one ``cpift.merge.methods`` call, run); values (numbers, gradients, filters): values.py.

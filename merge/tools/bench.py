@@ -43,7 +43,8 @@ import torch
 
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.errors import BenchError, ParameterError
-from cpift.merge.tools.bench_cases import BENCH_BACKENDS, DEFAULT_METHODS, Case, check_arguments, plan_cases
+from cpift.merge.tools.bench_cases import (BENCH_BACKENDS, DEFAULT_METHODS, Case, check_arguments, check_task_count,
+                                           plan_cases)
 from cpift.merge.tools.synthetic import describe, make_checkpoint, parse_synthetic
 
 # Files that mark what the bench built, so that it only ever removes its own models and outputs.
@@ -265,6 +266,7 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
             for p in paths:
                 Checkpoint(p).close()  # validated before anything runs
             source = "models: " + ", ".join(map(str, paths))
+        check_task_count(methods, len(paths) - 1)
         outs = root / "out"
         if outs.exists() and not (outs / OUT_MARKER).is_file() and (not outs.is_dir() or any(outs.iterdir())):
             raise BenchError(f"{outs}: exists and was not made by cpift-merge bench (its runs replace what "

@@ -128,6 +128,15 @@ def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path]
     return "\n".join(lines)
 
 
+def check_task_count(methods: Sequence[str], tasks: int) -> None:
+    """Refuse a method that needs more task models than the bench was given (model-stock needs 2)."""
+    for m in methods:
+        spec = by_cli(m)
+        if spec is not None and spec.has_base and tasks < spec.min_models:
+            raise ParameterError(f"--methods: {m} needs at least {spec.min_models} task models besides the "
+                                 f"base, got {tasks}")
+
+
 def check_fuse() -> None:
     try:
         from cpift.merge.cpi.cores import compute_cores  # noqa: F401

@@ -292,6 +292,13 @@ def test_one_model_is_a_one_line_error(capsys, stock, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
 
+def test_bench_refuses_model_stock_with_one_task_model(capsys, stock, tmp_path):
+    fam = stock[torch.float32]
+    assert_user_error(capsys, ["bench", fam["base"], fam["ft1"], "--methods", "model-stock", "--workdir",
+                               tmp_path / "w"], "--methods: model-stock needs at least 2 task models besides the base, got 1",
+                      inputs=list(fam.values()))
+
+
 def test_dry_run_and_the_facade(stock, tmp_path):
     import cpift
     from cpift.merge.io.dryrun import MergePlan
