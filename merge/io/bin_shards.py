@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -38,17 +39,17 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since 1.6 is a zip arch
 COPIED_SHARDS = 2  # legacy-format shards held in memory at once: the one in use and the next
 
 
-def _one_line(e: BaseException) -> str:
+def _first_sentence(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
+    return lines[0].split(". ")[0].rstrip(".")[:200] if lines else type(e).__name__
 
 
-def _refusal(e: pickle.UnpicklingError) -> str:
-    """The reason weights_only gave, without torch's paragraphs of advice."""
-    for line in str(e).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0].rstrip(".")
-    return _one_line(e)
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """The reason the weights-only unpickler gave, without torch's paragraphs of advice around it."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    return " ".join(text.split()).split(". ")[0].rstrip(".") or type(e).__name__
 
 
 def load_shard(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -66,19 +67,23 @@ def load_shard(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
     if not magic:
         raise CheckpointError(f"{file}: empty file, not a PyTorch checkpoint")
     mapped = magic == ZIP_MAGIC
+    if mapped and not zipfile.is_zipfile(file):
+        raise CheckpointError(f"{file}: truncated or corrupt: the zip archive torch.save writes has no end "
+                              f"record (the file was cut short or damaged)")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "WeightsUnpickler" in str(e):
+        reason = _unpickler_reason(e)
+        if "global" in reason.lower():
             raise CheckpointError(f"{file}: refused: the pickle holds an object that torch.load(weights_only=True) "
-                                  f"does not allow ({_refusal(e)}); cpift reads only tensors from .bin files "
+                                  f"does not allow ({reason}); cpift reads only tensors from .bin files "
                                   f"(convert a checkpoint you trust to safetensors)") from None
-        raise CheckpointError(f"{file}: corrupt or not a PyTorch checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{file}: corrupt or not a PyTorch checkpoint ({reason})") from None
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - torch's zip reader and unpickler raise many types
         raise CheckpointError(f"{file}: truncated, corrupt or not a PyTorch checkpoint "
-                              f"({type(e).__name__}: {_one_line(e)[:200]})") from None
+                              f"({type(e).__name__}: {_first_sentence(e)})") from None
     return _checked(file, state), mapped
 
 
@@ -91,7 +96,7 @@ def _checked(file: Path, state: object) -> dict[str, torch.Tensor]:
         if not isinstance(name, str):
             raise CheckpointError(f"{file}: not a state dict (key {name!r} is not a tensor name)")
         if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{file}: entry '{name}' is a {type(t).__name__}, not a tensor (expected a flat "
+            raise CheckpointError(f"{file}: entry '{name}' is of type {type(t).__name__}, not a tensor (expected a flat "
                                   f"dict of tensor name -> tensor)")
         if t.layout != torch.strided or t.is_quantized:
             raise CheckpointError(f"{file}: tensor '{name}' is {'quantized' if t.is_quantized else t.layout}; "
