@@ -6,7 +6,8 @@ mmap maps the zip file torch.save writes (torch >= 1.6) instead of reading it, s
 are read only when used, shared with the page cache, like a safetensors shard's. The mapping is
 private (MAP_PRIVATE): nothing written through it reaches the file, so inputs cannot be modified.
 The legacy format (torch.save with ``_use_new_zipfile_serialization=False``, torch < 1.6) cannot be
-mapped; such a shard is loaded into memory, at most two at a time (a note says so).
+mapped, and a zip saved big-endian is byte-swapped in place as it loads; such a shard is loaded into
+memory, at most two at a time (a note says so).
 
 Every shard is loaded once when the checkpoint is opened, to validate it before any output is
 written: a flat dict of names to dense CPU tensors of a dtype cpift reads, or a one-line
@@ -52,6 +53,19 @@ def _unpickler_reason(e: pickle.UnpicklingError) -> str:
     return " ".join(text.split()).split(". ")[0].rstrip(".") or type(e).__name__
 
 
+def _little_endian_zip(file: Path) -> bool:
+    """Whether torch may map this zip as is: a shard saved big-endian is byte-swapped in place when
+    loaded, and releasing swapped pages of a private map would bring back the file's bytes, so such a
+    shard is loaded into memory instead."""
+    try:
+        with zipfile.ZipFile(file) as zf:
+            order = next((zf.read(n) for n in zf.namelist() if n.endswith("/byteorder")), b"little")
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{file}: truncated or corrupt: not a readable zip archive, which torch.save "
+                              f"writes (the file was cut short or damaged: {_first_sentence(e)})") from None
+    return order.strip() != b"big"
+
+
 def load_shard(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """``torch.load`` one shard safely; return (name -> tensor, whether it is memory-mapped).
 
@@ -66,10 +80,7 @@ def load_shard(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise CheckpointError(f"{file}: cannot read this .bin checkpoint ({e.strerror or e})") from None
     if not magic:
         raise CheckpointError(f"{file}: empty file, not a PyTorch checkpoint")
-    mapped = magic == ZIP_MAGIC
-    if mapped and not zipfile.is_zipfile(file):
-        raise CheckpointError(f"{file}: truncated or corrupt: the zip archive torch.save writes has no end "
-                              f"record (the file was cut short or damaged)")
+    mapped = magic == ZIP_MAGIC and _little_endian_zip(file)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
@@ -140,8 +151,8 @@ class BinShards:
             self.entries[file] = entries
         legacy = [f.name for f in files if f not in self._mapped]
         if legacy:
-            self.notes.append(f"note: {', '.join(legacy)} in {files[0].parent} use torch.save's legacy format, "
-                              f"which cannot be memory-mapped: each is loaded into memory when it is read")
+            self.notes.append(f"note: {', '.join(legacy)} in {files[0].parent} cannot be memory-mapped (torch.save's "
+                              f"legacy format, or big-endian): each is loaded into memory when it is read")
 
     def _load(self, file: Path) -> dict[str, torch.Tensor]:
         with self._lock:
