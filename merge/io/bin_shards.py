@@ -37,20 +37,18 @@ __all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "BinShards"]
 BIN_SINGLE_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since 1.6 is a zip archive
-COPIED_SHARDS = 2  # legacy-format shards held in memory at once: the one in use and the next
+COPIED_SHARDS = 2  # shards that cannot be mapped held in memory at once: the one in use and the next
+UNPICKLER = "WeightsUnpickler error:"  # where torch's weights_only message says what it refused
 
 
-def _first_sentence(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0].split(". ")[0].rstrip(".")[:200] if lines else type(e).__name__
-
-
-def _unpickler_reason(e: pickle.UnpicklingError) -> str:
-    """The reason the weights-only unpickler gave, without torch's paragraphs of advice around it."""
+def _reason(e: BaseException) -> str:
+    """The first sentence of an error: of what the weights-only unpickler refused, else of its first
+    line, without the paragraphs of advice torch puts around them."""
     text = str(e)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
-    return " ".join(text.split()).split(". ")[0].rstrip(".") or type(e).__name__
+    if UNPICKLER in text:
+        text = " ".join(text.split(UNPICKLER, 1)[1].split("Check the documentation")[0].split())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0].split(". ")[0].rstrip(".")[:200] if lines else type(e).__name__
 
 
 def _little_endian_zip(file: Path) -> bool:
@@ -61,8 +59,8 @@ def _little_endian_zip(file: Path) -> bool:
         with zipfile.ZipFile(file) as zf:
             order = next((zf.read(n) for n in zf.namelist() if n.endswith("/byteorder")), b"little")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{file}: truncated or corrupt: not a readable zip archive, which torch.save "
-                              f"writes (the file was cut short or damaged: {_first_sentence(e)})") from None
+        raise CheckpointError(f"{file}: truncated or corrupt: the zip archive torch.save writes cannot be "
+                              f"read ({_reason(e)}); the file was cut short or damaged") from None
     return order.strip() != b"big"
 
 
@@ -84,7 +82,7 @@ def load_shard(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
-        reason = _unpickler_reason(e)
+        reason = _reason(e)
         if "global" in reason.lower():
             raise CheckpointError(f"{file}: refused: the pickle holds an object that torch.load(weights_only=True) "
                                   f"does not allow ({reason}); cpift reads only tensors from .bin files "
@@ -94,7 +92,7 @@ def load_shard(file: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise
     except Exception as e:  # noqa: BLE001 - torch's zip reader and unpickler raise many types
         raise CheckpointError(f"{file}: truncated, corrupt or not a PyTorch checkpoint "
-                              f"({type(e).__name__}: {_first_sentence(e)})") from None
+                              f"({type(e).__name__}: {_reason(e)})") from None
     return _checked(file, state), mapped
 
 

@@ -223,7 +223,7 @@ def _not_a_tensor(tmp_path, states) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    (_truncated, "truncated or corrupt: not a readable zip archive"),
+    (_truncated, "truncated or corrupt: the zip archive torch.save writes cannot be read"),
     (_missing_shard, "names shard 'pytorch_model-00002-of-00003.bin', which is missing"),
     (_refused_pickle, "does not allow (Unsupported global: GLOBAL datetime.datetime"),
     (_not_a_tensor, "entry 'step' is of type int, not a tensor"),
