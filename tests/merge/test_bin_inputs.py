@@ -16,10 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from cpift.merge.io.checkpoint import Checkpoint
 
-from fake_hub import FakeHub
 from references import load_state
 from test_bad_input import assert_user_error, digest, run_cli
-from test_hub import cpift_merge_each
+from test_hub import cpift_merge_each, hub  # noqa: F401 - hub: the loopback Hub fixture
 
 SHAPES = {"model.embed_tokens.weight": (37, 24), "model.layers.0.self_attn.q_proj.weight": (24, 24),
           "model.layers.0.mlp.up_proj.weight": (41, 24), "model.layers.0.input_layernorm.weight": (24,),
@@ -235,13 +234,6 @@ def test_bad_bin_is_a_one_line_error(capsys, tmp_path, states, damage, fragment)
                             inputs=[good, bad])
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-
-
-@pytest.fixture
-def hub():
-    server = FakeHub()
-    yield server
-    server.close()
 
 
 def test_pull_a_bin_only_repo(hub, tmp_path, states, capsys):
