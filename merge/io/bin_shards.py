@@ -7,7 +7,8 @@ are read only when used, shared with the page cache, like a safetensors shard's.
 private (MAP_PRIVATE): nothing written through it reaches the file, so inputs cannot be modified.
 The legacy format (torch.save with ``_use_new_zipfile_serialization=False``, torch < 1.6) cannot be
 mapped, and a zip saved big-endian is byte-swapped in place as it loads; such a shard is loaded into
-memory, at most two at a time (a note says so).
+memory, at most two at a time (a note says so; read in the order of a model sharded otherwise,
+such a shard may be loaded more than once).
 
 Every shard is loaded once when the checkpoint is opened, to validate it before any output is
 written: a flat dict of names to dense CPU tensors of a dtype cpift reads, or a one-line

@@ -31,6 +31,10 @@ def make_state(seed: int) -> dict[str, torch.Tensor]:
     state = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in SHAPES.items()}
     state["model.norm.weight"] = state["model.norm.weight"].float()  # a second dtype
     state["model.rotary_emb.position_ids"] = torch.arange(7)  # an integer buffer: copied
+    # Storage shared under several names, as torch.save keeps it: tied, an offset slice, a transpose.
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"][12:]
+    state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].t()
     return state
 
 
