@@ -106,8 +106,8 @@ def _checked(file: Path, state: object) -> dict[str, torch.Tensor]:
         if not isinstance(name, str):
             raise CheckpointError(f"{file}: not a state dict (key {name!r} is not a tensor name)")
         if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{file}: entry '{name}' is of type {type(t).__name__}, not a tensor (expected a flat "
-                                  f"dict of tensor name -> tensor)")
+            raise CheckpointError(f"{file}: entry '{name}' is of type {type(t).__name__}, not a tensor "
+                                  f"(expected a flat dict of tensor name -> tensor)")
         if t.layout != torch.strided or t.is_quantized:
             raise CheckpointError(f"{file}: tensor '{name}' is {'quantized' if t.is_quantized else t.layout}; "
                                   f"cpift reads dense tensors")
