@@ -49,6 +49,8 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, thread
                                include=list(include) or None, exclude=list(exclude) or None, overwrite=overwrite,
                                progress=not quiet, backend=backend, device=device)
     if not quiet:
+        for note in result.notes:
+            click.echo(note, err=True)
         click.echo(result.table())
     click.echo(result.summary())
 

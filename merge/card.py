@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from cpift.errors import CheckpointError
 from cpift.merge.hub import snapshot_commit, split_ref
-from cpift.merge.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from cpift.merge.io.checkpoint import BIN_INDEX_NAME, BIN_SINGLE_NAME, INDEX_NAME, SINGLE_NAME
 from cpift.merge.methods.registry import METHODS, mergekit_methods
 
 SAMPLE_BYTES = 65536
@@ -110,19 +110,29 @@ def roles_for(method: str, n: int) -> list[str]:
 
 def input_hash(path: str | os.PathLike) -> str:
     """The fingerprint of an input (module docstring): its index JSON or single-file header, then the
-    first ``SAMPLE_BYTES`` of tensor data of each shard."""
+    first ``SAMPLE_BYTES`` of tensor data of each shard. A ``.bin`` input (read when no safetensors
+    file is there): its index JSON, if sharded, then the first and the last ``SAMPLE_BYTES`` of each
+    shard (a zip's end is its central directory, which holds the CRC-32 of every tensor's data)."""
     p = Path(path)
     h = hashlib.sha256()
+    pickled = p.suffix == ".bin" if p.is_file() else not any((p / n).is_file() for n in (SINGLE_NAME, INDEX_NAME))
+    single_name, index_name = (BIN_SINGLE_NAME, BIN_INDEX_NAME) if pickled else (SINGLE_NAME, INDEX_NAME)
     try:
-        sharded = p.is_dir() and (p / INDEX_NAME).is_file()
+        # Read what the checkpoint reader reads; for safetensors the index wins, as fingerprints always had it.
+        sharded = p.is_dir() and (p / index_name).is_file() and not (pickled and (p / single_name).is_file())
         if sharded:
-            raw = (p / INDEX_NAME).read_bytes()
+            raw = (p / index_name).read_bytes()
             h.update(raw)
             files = [p / f for f in sorted(set(json.loads(raw)["weight_map"].values()))]
         else:
-            files = [p if p.is_file() else p / SINGLE_NAME]
+            files = [p if p.is_file() else p / single_name]
         for file in files:
             with open(file, "rb") as f:
+                if pickled:
+                    h.update(f.read(SAMPLE_BYTES))
+                    f.seek(max(SAMPLE_BYTES, os.fstat(f.fileno()).st_size - SAMPLE_BYTES))
+                    h.update(f.read(SAMPLE_BYTES))
+                    continue
                 head = f.read(8)
                 header = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
                 if not sharded:

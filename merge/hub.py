@@ -4,7 +4,8 @@
 A model argument is a local path or a Hub reference ``org/name`` / ``org/name@revision``. An
 existing local path always wins, so a directory that happens to be called ``org/name`` is read from
 disk; otherwise a string of the repo-id form is a Hub reference. Pulls fetch only what a merge reads
-(safetensors, JSON, tokenizer and chat-template files) into the ordinary Hub cache, so HF_HOME /
+(safetensors, JSON, tokenizer and chat-template files; ``pytorch_model*.bin`` instead when the repo
+has no safetensors file, as transformers falls back to them) into the ordinary Hub cache, so HF_HOME /
 HF_HUB_CACHE and HF_HUB_OFFLINE apply as for any huggingface_hub user; the offline flag is also read
 when a pull is made, so setting it after huggingface_hub was imported still keeps cpift off the
 network.
@@ -25,6 +26,9 @@ from cpift.errors import HubError, ParameterError
 # writer.SIDE_FILES copies into the output.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "*.jinja"]
+# The PyTorch pickle weights transformers reads (pytorch_model.bin and its shards; the index is JSON),
+# fetched only when a snapshot has no safetensors file: not optimizer.bin or training_args.bin.
+BIN_PATTERNS = ["pytorch_model*.bin"]
 
 # The Hub's repo-id grammar (namespace/name, letters, digits, '-', '_', '.'), plus an optional
 # @revision (a branch, tag or commit; branches may contain '/').
@@ -97,8 +101,11 @@ def pull(ref: str, *, local_files_only: bool = False) -> Path:
 
     offline = local_files_only or _offline()
     try:
-        return Path(snapshot_download(repo, revision=rev, allow_patterns=ALLOW_PATTERNS,
-                                      local_files_only=offline))
+        snap = Path(snapshot_download(repo, revision=rev, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
+        if not any(snap.glob("*.safetensors")):  # a .bin-only repo: its weights, at the same commit
+            snap = Path(snapshot_download(repo, revision=snapshot_commit(snap) or rev, allow_patterns=BIN_PATTERNS,
+                                          local_files_only=offline))
+        return snap
     except GatedRepoError:
         raise HubError(f"{ref}: gated repository on the Hub; accept its terms on the model page and log in "
                        f"(hf auth login, or HF_TOKEN)") from None

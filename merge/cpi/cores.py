@@ -240,7 +240,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     kinds: dict[str, int] = {}
     for n in names:
         kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + entries[n]
-    return CoresResult(out, p, granularity, total, kinds, results, 3 * pass_bytes, time.perf_counter() - start)
+    return CoresResult(out, p, granularity, total, kinds, results, 3 * pass_bytes, time.perf_counter() - start,
+                       notes=[n for m in models for n in m.notes])
 
 
 def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore], out: Path) -> dict[str, str]:

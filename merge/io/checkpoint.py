@@ -1,11 +1,14 @@
-"""Read Hugging Face safetensors checkpoints one tensor at a time, zero-copy.
+"""Read Hugging Face checkpoints one tensor at a time, zero-copy.
 
-A model directory holds ``model.safetensors`` or ``model.safetensors.index.json`` plus its shards.
+A model directory holds ``model.safetensors`` or ``model.safetensors.index.json`` plus its shards;
+failing both, ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` plus its shards (PyTorch
+pickles, read with weights_only and mmap by merge/io/bin_shards.py, behind the same interface, with a
+note that safetensors is faster), in the order transformers looks for them.
 We parse the safetensors headers ourselves (merge/st_header.py: as strictly as the safetensors
 library, offsets contiguous and covering the file exactly) so every shard is validated before the first byte of output is written: a missing shard, an index naming a file
 that is not there, a truncated file or a tensor the index promises but the shard lacks all fail
-here, with the file named. With both ``model.safetensors`` and an index present, the single file
-is read, as transformers does (a note says so).
+here, with the file named. With both a single file and an index present, the single file is read,
+as transformers does (a note says so).
 
 Tensors are zero-copy views of a read-only shared memory map of each shard: no copy, no memory
 bandwidth spent on reading. A prefetch thread maps the next tensors' pages with
@@ -29,13 +32,18 @@ import torch
 
 from . import _mman
 from cpift.errors import CheckpointError
+from cpift.merge.io.bin_shards import BIN_INDEX_NAME, BIN_SINGLE_NAME, BinShards
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.io.st_header import DTYPE_NAMES, DTYPES, HeaderEntry, header_entries, read_header
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "INDEX_NAME", "SINGLE_NAME", "Checkpoint", "TensorInfo", "check_config_json"]
+__all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "DTYPES", "DTYPE_NAMES", "INDEX_NAME", "LAYOUTS", "SINGLE_NAME",
+           "Checkpoint", "TensorInfo", "check_config_json"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# (single file, index) of each format, in the order transformers' from_pretrained looks for them
+# (modeling_utils._get_resolved_checkpoint_files): safetensors first, then PyTorch pickles.
+LAYOUTS = ((SINGLE_NAME, INDEX_NAME), (BIN_SINGLE_NAME, BIN_INDEX_NAME))
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,10 @@ def check_config_json(directory: str | os.PathLike) -> None:
 
 
 class Checkpoint:
-    """A safetensors model directory (single file or sharded with an index), read lazily.
+    """A model directory (single file or sharded with an index; safetensors, else ``.bin``), read lazily.
 
     Args:
-        path: the model directory, or one ``.safetensors`` file.
+        path: the model directory, or one ``.safetensors`` or ``.bin`` file.
         ref: the model argument it was resolved from (a Hub id such as ``org/name@main``), for the
             model card; default: ``path``.
 
@@ -101,19 +109,32 @@ class Checkpoint:
         self.path = Path(path)
         self.ref = ref if ref is not None else os.fspath(path)
         self.notes: list[str] = []  # one-line notes for the user (e.g. which files were read)
-        if self.path.is_file() and self.path.suffix == ".safetensors":
+        self.index_name = INDEX_NAME  # the index file of this checkpoint's format
+        if self.path.is_file() and self.path.suffix in (".safetensors", ".bin"):
             files = [self.path]
             self.dir = self.path.parent
+            if self.path.suffix == ".bin":
+                self.index_name = BIN_INDEX_NAME
         elif not self.path.exists():
             raise CheckpointError(f"{self.path}: model directory does not exist")
         elif not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: expected a model directory or a .safetensors file")
+            raise CheckpointError(f"{self.path}: expected a model directory, a .safetensors or a .bin file")
         else:
             self.dir = self.path
             files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
-        for file in files:
-            self.tensors.update(_shard_tensors(file))
+        self._bin: BinShards | None = None
+        if self.index_name == BIN_INDEX_NAME:
+            self.notes.append(f"note: reading .bin checkpoints of {self.path} (slower than safetensors, "
+                              f"which needs no unpickling)")
+            self._bin = BinShards(files)
+            self.notes += self._bin.notes
+            for file, entries in self._bin.entries.items():
+                self.tensors.update({e.name: TensorInfo(e.name, e.dtype, e.shape, e.begin, e.end, file)
+                                     for e in entries})
+        else:
+            for file in files:
+                self.tensors.update(_shard_tensors(file))
         if self._index is not None:
             self._check_index()
         self._maps: dict[Path, tuple[mmap.mmap, int]] = {}
@@ -122,16 +143,22 @@ class Checkpoint:
     _index: dict[str, str] | None = None
 
     def _shard_files(self) -> list[Path]:
-        index, single = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
-        if single.is_file():
-            # transformers' from_pretrained loads model.safetensors before looking for an index
-            # (modeling_utils._get_resolved_checkpoint_files); merge what it would load.
+        for single_name, index_name in LAYOUTS:
+            index, single = self.dir / index_name, self.dir / single_name
+            self.index_name = index_name
+            if single.is_file():
+                # transformers' from_pretrained loads the single file before looking for an index
+                # (modeling_utils._get_resolved_checkpoint_files); merge what it would load.
+                if index.is_file():
+                    self.notes.append(f"note: {self.dir} holds both {single_name} and {index_name}; using "
+                                      f"{single_name}, as transformers does")
+                return [single]
             if index.is_file():
-                self.notes.append(f"note: {self.dir} holds both {SINGLE_NAME} and {INDEX_NAME}; using "
-                                  f"{SINGLE_NAME}, as transformers does")
-            return [single]
-        if not index.is_file():
-            raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
+                return self._index_files(index)
+        raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME} in this directory (nor "
+                              f"{BIN_SINGLE_NAME} or {BIN_INDEX_NAME})")
+
+    def _index_files(self, index: Path) -> list[Path]:
         data = load_json_bounded(index.read_bytes(), source=index, error=CheckpointError)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -162,7 +189,7 @@ class Checkpoint:
         for name, fname in self._index.items():
             info = self.tensors.get(name)
             if info is None or info.file.name != fname:
-                raise CheckpointError(f"{self.dir / INDEX_NAME}: tensor '{name}' is mapped to "
+                raise CheckpointError(f"{self.dir / self.index_name}: tensor '{name}' is mapped to "
                                       f"'{fname}' but that shard does not hold it")
 
     def names(self) -> list[str]:
@@ -193,6 +220,8 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """The tensor as a zero-copy, read-only view of the shard (never write into it)."""
         info = self.tensors[name]
+        if self._bin is not None:
+            return self._bin.get(info.file, name)
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         mm, _ = self._map(info.file)
@@ -211,15 +240,21 @@ class Checkpoint:
     def populate(self, name: str) -> None:
         """Map a tensor's pages now, reading them from disk if needed (blocks; call it from a
         prefetch thread: ctypes releases the GIL)."""
+        if self._bin is not None:
+            return self._bin.populate(self.tensors[name].file, name)
         if not self._advise(name, _mman.POPULATE_READ, True):  # kernels before 5.14
             self._advise(name, _mman.WILLNEED, True)
 
     def release(self, name: str) -> None:
         """Unmap a finished tensor's pages from this process (the page cache keeps them)."""
+        if self._bin is not None:
+            return self._bin.release(self.tensors[name].file, name)
         self._advise(name, _mman.DONTNEED, False)
 
     def close(self) -> None:
         _mman.close_maps(self._maps)
+        if self._bin is not None:
+            self._bin.close()
 
     def __enter__(self) -> "Checkpoint":
         return self

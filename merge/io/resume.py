@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from cpift.errors import OutputError
-from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
+from cpift.merge.io.checkpoint import BIN_INDEX_NAME, INDEX_NAME, Checkpoint
 from cpift.merge.io.publish import write_atomic
 
 MANIFEST = "cpift-resume.json"
@@ -78,7 +78,7 @@ def input_identity(model: Checkpoint) -> dict:
     """What resume compares of one input: index and config hashes, each shard's size and mtime."""
     files = sorted({info.file for info in model.tensors.values()})
     return {"path": os.path.abspath(model.path),
-            "index_sha256": _file_sha(model.dir / INDEX_NAME),
+            "index_sha256": _file_sha(model.dir / model.index_name),
             "config_sha256": _file_sha(model.dir / "config.json"),
             "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
 
@@ -123,7 +123,8 @@ def difference(old: Mapping, new: Mapping) -> str | None:
     for i, (a, b) in enumerate(zip(o_in, n_in)):
         if a.get("path") != b["path"]:
             return f"input {i + 1} was {a.get('path')}, now {b['path']}"
-        for key, fname in (("index_sha256", INDEX_NAME), ("config_sha256", "config.json")):
+        index = BIN_INDEX_NAME if any(f.endswith(".bin") for f in b["files"]) else INDEX_NAME
+        for key, fname in (("index_sha256", index), ("config_sha256", "config.json")):
             if a.get(key) != b[key]:
                 return f"{Path(b['path']) / fname} changed since the interrupted merge"
         for fname in dict.fromkeys([*b["files"], *a.get("files", {})]):
