@@ -3,8 +3,9 @@
 ``cpi-ft``: probe SFT per task (from the base, that task alone) → cores → cluster → staged SFT of
 the backbone (stage s trains on its group's mixed data from stage s−1's model, the cores of the
 groups before s frozen) → fuse (backbone = last stage, tasks in stage order with their probe models
-and masks) → calibration SFT (a balanced sample of each task, stage by stage, earlier groups' cores
-frozen) → eval of every task.
+and masks) → calibration SFT (stage by stage, earlier groups' cores frozen, each stage on a balanced
+mixed sample of every task, as the paper has it; ``calibration.data: group``: of its group only)
+→ eval of every task.
 
 Baselines on the same base, data and evaluation: ``full-sft`` (one stage of all tasks),
 ``multistage-random`` (tasks shuffled with the seed and cut into K stages), ``multistage-heuristic``
@@ -82,12 +83,14 @@ class _Run:
         self.log(f"{key}: {entry['seconds']:.1f} s, {optimizer_steps} optimizer steps -> {out}")
         return out
 
-    def sft(self, key: str, model: Path, data: Path, out: Path, cfg: dict, steps: int, freeze: list[Path]) -> Path:
+    def sft(self, key: str, model: Path, data: Path, out: Path, cfg: dict, steps: int, freeze: list[Path],
+            window: tuple[int, int] | None = None) -> Path:
         from .sft import sft
 
-        opts = {k: v for k, v in cfg.items() if k not in ("steps", "steps_per_task", "examples")}
+        opts = {k: v for k, v in cfg.items() if k not in ("steps", "steps_per_task", "examples", "data", "schedule")}
         return self.step(key, out, lambda: sft(model, data, out, steps=steps, seed=self.r.seed, freeze=freeze,
-                                               device=self.device, progress=self.progress, **opts),
+                                               device=self.device, progress=self.progress, schedule_window=window,
+                                               **opts),
                          optimizer_steps=steps)
 
     def data(self, name: str, lines: list[str]) -> Path:
@@ -103,20 +106,29 @@ class _Run:
                                  steps, []) for t in self.r.tasks}
 
     def staged(self, start: Path, stages: list[list[str]], folder: str, cfg: dict, *, masks: dict | None,
-               sample: int | None = None) -> Path:
-        """Sequential SFT, one stage per group; with ``masks`` the cores of earlier groups are frozen."""
+               sample: int | None = None, mixed: bool = False) -> Path:
+        """Sequential SFT, one stage per group; with ``masks`` the cores of earlier groups are frozen.
+
+        ``sample``: a balanced sample of that many lines per task instead of whole files, of the
+        stage's group, or with ``mixed`` of every task. ``cfg["schedule"] == "continue"``: one
+        learning-rate schedule over all stages (each stage continues where the last one stopped).
+        """
         model = start
         train = {t.name: t.train for t in self.r.tasks}
+        total = sum(len(g) for g in stages) * cfg["steps_per_task"]
+        first = 0
         for s, group in enumerate(stages, 1):
             if sample is None:
                 lines = [line for n in group for line in _lines(train[n])]
-            else:  # balanced: the same count from every task of the group, drawn with the seed
+            else:  # balanced: the same count from every task of the group (or all tasks), drawn with the seed
                 rng = random.Random(f"{self.r.seed}:{folder}:{s}")
-                lines = [line for n in group for line in rng.sample(_lines(train[n]), sample)]
+                lines = [line for n in (self.r.names if mixed else group) for line in rng.sample(_lines(train[n]), sample)]
             data = self.data(f"{folder}-{s}", lines)
             freeze = [masks[n] for g in stages[:s - 1] for n in g] if masks else []
-            model = self.sft(f"{folder}:{s}", model, data, self.wd / folder / str(s), cfg,
-                             len(group) * cfg["steps_per_task"], freeze)
+            steps = len(group) * cfg["steps_per_task"]
+            window = (first, total) if cfg.get("schedule") == "continue" else None
+            model = self.sft(f"{folder}:{s}", model, data, self.wd / folder / str(s), cfg, steps, freeze, window)
+            first += steps
         return model
 
 
@@ -285,7 +297,8 @@ def _cpi_ft(run: _Run, r: Recipe, calibration_n: int) -> tuple[Path, list[list[s
     run.step("fuse", fused, lambda: fuse(backbone, [(n, probes[n], masks[n]) for g in plan for n in g], fused,
                                          overlap=r.overlap, base=r.base if r.overlap == "largest" else None,
                                          omega=r.omega, progress=run.progress))
-    final = run.staged(fused, plan, "calibrated", r.calibration, masks=masks, sample=calibration_n)
+    final = run.staged(fused, plan, "calibrated", r.calibration, masks=masks, sample=calibration_n,
+                       mixed=r.calibration["data"] == "mixed")
     return final, plan
 
 

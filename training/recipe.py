@@ -11,8 +11,8 @@ Layout (paths relative to the recipe file; every key but ``base`` and ``tasks`` 
     granularity: element              # element | row | block:N
     tau: 0.1                          # Jaccard link threshold, in [0, 1]
     order: random                     # stage order: random (seeded) | given (groups by first task in the list)
-    train: {steps_per_task: 100, lr: 1.0e-5, batch_size: 8}  # staged / full SFT
-    calibration: {examples: 64, steps_per_task: 10, lr: 1.0e-6, batch_size: 8}
+    train: {steps_per_task: 100, lr: 1.0e-5, batch_size: 8, schedule: restart}  # staged / full SFT
+    calibration: {examples: 64, steps_per_task: 10, lr: 1.0e-6, batch_size: 8, data: mixed, schedule: restart}
     fuse: {overlap: last, omega: null}  # overlap: last | largest (|θ_i − θ_base| decides)
     baselines:
       stages: 2                       # K of multistage-random (--stages overrides)
@@ -22,7 +22,11 @@ Layout (paths relative to the recipe file; every key but ``base`` and ``tasks`` 
     eval: {batch_size: 8, max_length: 1024, max_new_tokens: null}
 
 SFT sections take sft()'s options: steps (probe) or steps_per_task (train, calibration), lr,
-weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm. A stage of g tasks runs
+weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm; train and calibration
+also take ``schedule``: ``restart`` (each stage warms up and decays on its own) or ``continue`` (one
+warm-up and cosine laid over all stages of the phase, each stage taking its share). Calibration
+``data``: ``mixed`` (the paper's: every stage trains on a balanced sample of all tasks) or ``group``
+(each stage on a balanced sample of its own group's tasks). A stage of g tasks runs
 g × steps_per_task optimizer steps, so every staged method (CPI-FT, full SFT, both multi-stage
 baselines) spends N × steps_per_task steps on its main training whatever its grouping: comparable
 budgets by construction.
@@ -43,6 +47,7 @@ from cpift.merge.io.safe_parse import load_yaml_bounded
 SFT_KEYS = ("lr", "weight_decay", "batch_size", "grad_accum", "max_length", "warmup", "max_grad_norm")
 SFT_DEFAULTS = {"lr": 2e-5, "weight_decay": 0.0, "batch_size": 8, "grad_accum": 1, "max_length": 1024,
                 "warmup": 0.03, "max_grad_norm": 1.0}
+SCHEDULES = ("restart", "continue")  # of a staged phase's learning rate: per stage, or one over all stages
 TOP_KEYS = ("base", "seed", "tasks", "probe", "p", "granularity", "tau", "order", "train", "calibration", "fuse",
             "baselines", "eval")
 
@@ -204,11 +209,15 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         top.fail("", str(e))
     r.tau = top.num("tau", 0.1, lo=0, hi=1)
     r.order = top.choice("order", "random", ("random", "given"))
-    r.train = _sft(file, "train", top.raw.get("train"), "steps_per_task")
-    r.calibration = _sft(file, "calibration", top.raw.get("calibration"), "steps_per_task", ("examples",))
-    r.calibration["examples"] = _Fields(file, "calibration", top.raw.get("calibration"),
-                                        ("steps_per_task", "examples", *SFT_KEYS)).num("examples", 16, lo=1,
-                                                                                       integer=True)
+    r.train = _sft(file, "train", top.raw.get("train"), "steps_per_task", ("schedule",))
+    r.train["schedule"] = _Fields(file, "train", top.raw.get("train"), ("steps_per_task", "schedule", *SFT_KEYS)
+                                  ).choice("schedule", "restart", SCHEDULES)
+    cal_keys = ("examples", "data", "schedule")
+    r.calibration = _sft(file, "calibration", top.raw.get("calibration"), "steps_per_task", cal_keys)
+    cal = _Fields(file, "calibration", top.raw.get("calibration"), ("steps_per_task", *cal_keys, *SFT_KEYS))
+    r.calibration["examples"] = cal.num("examples", 16, lo=1, integer=True)
+    r.calibration["data"] = cal.choice("data", "mixed", ("mixed", "group"))
+    r.calibration["schedule"] = cal.choice("schedule", "restart", SCHEDULES)
     fz = _Fields(file, "fuse", top.raw.get("fuse"), ("overlap", "omega"))
     r.overlap = fz.choice("overlap", "last", ("last", "largest"))
     r.omega = fz.num("omega", None, lo=0, hi=1, optional=True)

@@ -136,7 +136,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
         lr: float = 2e-5, weight_decay: float = 0.0, batch_size: int = 8, grad_accum: int = 1,
         max_length: int = 1024, warmup: float = 0.03, max_grad_norm: float | None = 1.0, seed: int = 0,
         freeze: Sequence[str | os.PathLike] = (), overwrite: bool = False,
-        device: str | torch.device | None = None, progress: bool = True) -> SFTResult:
+        schedule_window: tuple[int, int] | None = None, device: str | torch.device | None = None,
+        progress: bool = True) -> SFTResult:
     """Fine-tune a causal LM on JSONL prompt/response data, loss on response tokens only.
 
     Args:
@@ -158,6 +159,9 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
         freeze: core-mask files; every entry set in any of them stays bit-identical.
         overwrite: replace an earlier cpift output (or an empty directory) at ``out``, only once the new
             one is complete; any other existing path is refused.
+        schedule_window: ``(first, total)``: this run is steps first … first + steps − 1 of a schedule
+            of ``total`` steps (warm-up and cosine laid over the total), so stages run one after the
+            other continue one learning-rate schedule. Default: the schedule spans this run.
         device: default CUDA when available (cuda:LOCAL_RANK under torchrun), else the CPU.
         progress: show a tqdm bar with loss and tokens/s (rank 0 only).
 
@@ -173,6 +177,11 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     """
     world, rank, local_rank = _dist_env()
     _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm, world)
+    if schedule_window is not None:
+        first, total = schedule_window
+        if not (0 <= first and (steps is None or first + steps <= total)):
+            raise ParameterError(f"schedule_window: steps {first}..{first + (steps or 0) - 1} do not lie inside a "
+                                 f"schedule of {total} steps")
     dev = pick_device(device)  # an unavailable device fails before anything is read
     out = check_output(out, overwrite=overwrite, inputs=[model, train, eval, *freeze])
     if world > 1 and dev.type == "cuda" and dev.index is None:
@@ -203,7 +212,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
             result = _train(net, tokenizer, data, steps=steps, lr=lr, weight_decay=weight_decay,
                             batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                             max_grad_norm=max_grad_norm, seed=seed, freezer=freezer, world=world, rank=rank,
-                            progress=progress and rank == 0)
+                            progress=progress and rank == 0, window=schedule_window or (0, steps))
         result.out, result.truncated = out, data.truncated
         if rank == 0:
             with quiet_transformers():
@@ -217,6 +226,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
                                         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
                                         warmup=warmup, max_grad_norm=max_grad_norm, seed=seed,
                                         freeze=[str(f) for f in freeze], world_size=world, device=str(dev),
+                                        schedule_window=list(schedule_window) if schedule_window else None,
                                         saved_dtype=str(stored_dtype).removeprefix("torch.")),
                        "examples": result.examples, "truncated": result.truncated, "frozen_entries": result.frozen,
                        "tokens": result.tokens, "seconds": result.seconds, "train_loss": result.train_loss,
@@ -236,7 +246,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
 
 def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: float, weight_decay: float,
            batch_size: int, grad_accum: int, warmup: float, max_grad_norm: float | None, seed: int, freezer,
-           world: int, rank: int, progress: bool) -> SFTResult:
+           world: int, rank: int, progress: bool, window: tuple[int, int]) -> SFTResult:
     """The optimisation loop; returns per-step loss, lr and gradient norm, token count and time."""
     dev = next(net.parameters()).device
     model = net
@@ -247,7 +257,8 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
-    warm = round(warmup * steps)
+    first, total = window
+    warm = round(warmup * total)
     pad = pad_id(tokenizer)
     run = SFTResult(out=Path(), steps=steps, examples=len(data), truncated=0, frozen=freezer.frozen, tokens=0,
                     seconds=0.0)
@@ -256,7 +267,7 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
     bar = tqdm(total=steps, desc="sft", unit="step", disable=not progress)
     start = time.perf_counter()
     for step in range(steps):
-        run.lr.append(lr * lr_factor(step, steps, warm))
+        run.lr.append(lr * lr_factor(first + step, total, warm))
         for group in opt.param_groups:
             group["lr"] = run.lr[-1]
         chosen = [data.examples[i] for i in next(batches)]

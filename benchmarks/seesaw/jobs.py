@@ -16,6 +16,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def device() -> str:
+    """Where every SFT and eval of the benchmark runs: CPIFT_SEESAW_DEVICE (set by seesaw.py), default cpu."""
+    return os.environ.get("CPIFT_SEESAW_DEVICE", "cpu")
+
+
+def eval_options(recipe: Path) -> dict:
+    """The recipe's eval settings (batch size, max length), for the evaluations made outside the pipeline."""
+    import yaml
+
+    ev = yaml.safe_load(recipe.read_text()).get("eval") or {}
+    return {"batch_size": ev.get("batch_size", 50), "max_length": ev.get("max_length", 96)}
+
+
+def score(model: Path, recipe: Path, tasks: list[dict] | None = None) -> dict:
+    """Loss and exact match of ``model`` on every task of ``recipe`` (or the given ones)."""
+    from cpift.training.evaluate import evaluate
+
+
+    return {t["name"]: evaluate(model, recipe.parent / t["eval"], device=device(), progress=False,
+                                **eval_options(recipe)) for t in (tasks or tasks_of(recipe))}
+
+
 def init_worker() -> None:
     # torch's thread barriers stall when another process holds a core: one thread per worker
     import torch
@@ -25,7 +47,7 @@ def init_worker() -> None:
 
 
 @contextmanager
-def _lock(path: Path):
+def lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -35,7 +57,7 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
@@ -46,15 +68,15 @@ def _log(work: Path, line: str) -> None:
         f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
 
-def _pipeline(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> dict:
+def pipeline(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> dict:
     from cpift.training.pipeline import run_pipeline
 
     tag = f"s{seed}/{wd.name}"
-    return run_pipeline(recipe, wd, method=method, seed=seed, device="cpu",
+    return run_pipeline(recipe, wd, method=method, seed=seed, device=device(),
                         log=lambda line: _log(work, f"{tag}: {line}"))
 
 
-def _claim(recipe: Path, wd: Path, method: str, seed: int) -> None:
+def claim(recipe: Path, wd: Path, method: str, seed: int) -> None:
     from cpift.training.pipeline import claim_workdir
     from cpift.training.recipe import load_recipe
 
@@ -65,12 +87,12 @@ def _claim(recipe: Path, wd: Path, method: str, seed: int) -> None:
 
 def _run_once(recipe: Path, wd: Path, method: str, seed: int, work: Path) -> None:
     """Run one pipeline WORKDIR unless finished; a job that needs it while another job runs it waits."""
-    with _lock(wd.parent / f".{wd.name}.lock"):
+    with lock(wd.parent / f".{wd.name}.lock"):
         if not (wd / "report.json").exists():
-            _pipeline(recipe, wd, method, seed, work)
+            pipeline(recipe, wd, method, seed, work)
 
 
-def _tasks(recipe: Path) -> list[dict]:
+def tasks_of(recipe: Path) -> list[dict]:
     import yaml
 
     return yaml.safe_load(recipe.read_text())["tasks"]
@@ -78,18 +100,16 @@ def _tasks(recipe: Path) -> list[dict]:
 
 def ensure_probes(work: Path, recipe: Path, seed: int) -> Path:
     """Train the seed's probes (the task-arithmetic run) once, under a lock; evaluate each on its task."""
-    from cpift.training.evaluate import evaluate
 
     sd = work / f"s{seed}"
     wd = sd / "task-arithmetic"
-    with _lock(sd / ".probes.lock"):
+    with lock(sd / ".probes.lock"):
         if not (wd / "report.json").exists():
-            _pipeline(recipe, wd, "task-arithmetic", seed, work)
+            pipeline(recipe, wd, "task-arithmetic", seed, work)
         out = sd / "probe_eval.json"
         if not out.exists():
-            scores = {t["name"]: evaluate(wd / "probes" / t["name"], recipe.parent / t["eval"], device="cpu",
-                                          batch_size=50, max_length=96, progress=False) for t in _tasks(recipe)}
-            _write_json(out, scores)
+            write_json(out, {t["name"]: score(wd / "probes" / t["name"], recipe, [t])[t["name"]]
+                             for t in tasks_of(recipe)})
     return wd / "probes"
 
 
@@ -106,8 +126,8 @@ def run_method(work: str, recipe: str, seed: int, method: str) -> str:
     wd = work / f"s{seed}" / method
     if method in ("cpi-ft", "ties", "task-arithmetic"):
         probes = ensure_probes(work, recipe, seed)
-        _claim(recipe, wd, method, seed)  # a pipeline WORKDIR before the shared probes are linked in
-        for t in _tasks(recipe):
+        claim(recipe, wd, method, seed)  # a pipeline WORKDIR before the shared probes are linked in
+        for t in tasks_of(recipe):
             link(probes / t["name"], wd / "probes" / t["name"])
     _run_once(recipe, wd, method, seed, work)
     return f"s{seed}/{method}: {time.perf_counter() - start:.0f} s"
@@ -119,8 +139,8 @@ def run_sensitivity(work: str, main_recipe: str, recipe: str, seed: int, name: s
     start = time.perf_counter()
     probes = ensure_probes(work, Path(main_recipe), seed)
     wd = work / f"s{seed}" / f"sens-{name}"
-    _claim(recipe, wd, "cpi-ft", seed)
-    for t in _tasks(recipe):
+    claim(recipe, wd, "cpi-ft", seed)
+    for t in tasks_of(recipe):
         link(probes / t["name"], wd / "probes" / t["name"])
     _run_once(recipe, wd, "cpi-ft", seed, work)
     return f"s{seed}/sens-{name}: {time.perf_counter() - start:.0f} s"
@@ -134,12 +154,11 @@ def run_forgetting(work: str, main_recipe: str, recipe: str, seed: int) -> str:
     The sequential full SFT run (multistage-heuristic, groups [[A], [B]]) has a bit-identical stage 1
     (same data file, seed and settings, nothing frozen), so it links it and trains B with all parameters.
     """
-    from cpift.training.evaluate import evaluate
 
     work, recipe = Path(work), Path(recipe)
     start = time.perf_counter()
     probes = ensure_probes(work, Path(main_recipe), seed)
-    tasks = _tasks(recipe)
+    tasks = tasks_of(recipe)
     a, b = (t["name"] for t in tasks)
     sd = work / f"s{seed}" / "forget"
     cpi, seq = sd / "cpi-ft", sd / "sequential"
@@ -147,33 +166,28 @@ def run_forgetting(work: str, main_recipe: str, recipe: str, seed: int) -> str:
     if out.exists():
         return f"s{seed}/forget: done before"
     sd.mkdir(parents=True, exist_ok=True)
-    _claim(recipe, cpi, "cpi-ft", seed)
+    claim(recipe, cpi, "cpi-ft", seed)
     for t in tasks:
         link(probes / t["name"], cpi / "probes" / t["name"])
     _run_once(recipe, cpi, "cpi-ft", seed, work)
     plan = json.loads((cpi / "report.json").read_text())["stages"]
     if plan != [[a], [b]]:
         raise RuntimeError(f"forgetting: expected the stages [[{a}], [{b}]] from τ = 1, got {plan}")
-    _claim(recipe, seq, "multistage-heuristic", seed)
+    claim(recipe, seq, "multistage-heuristic", seed)
     link(cpi / "stages" / "1", seq / "stages" / "1")
     _run_once(recipe, seq, "multistage-heuristic", seed, work)
 
-    def scores(model: Path) -> dict:
-        return {t["name"]: evaluate(model, recipe.parent / t["eval"], device="cpu", batch_size=50, max_length=96,
-                                    progress=False) for t in tasks}
-
-    result = {"A": a, "B": b, "after_A": scores(cpi / "stages" / "1"),
+    result = {"A": a, "B": b, "after_A": score(cpi / "stages" / "1", recipe),
               "methods": {"full-sft": json.loads((seq / "report.json").read_text())["tasks"],
-                          "cpi-frozen-core": scores(cpi / "stages" / "2"),
+                          "cpi-frozen-core": score(cpi / "stages" / "2", recipe),
                           "cpi-ft": json.loads((cpi / "report.json").read_text())["tasks"]}}
-    _write_json(out, result)
+    write_json(out, result)
     return f"s{seed}/forget: {time.perf_counter() - start:.0f} s"
 
 
 def run_phases(work: str, main_recipe: str, seed: int) -> str:
     """Score CPI-FT after each phase (the base, the staged backbone, the fused model, the calibrated one)
     on every task: where the method gains or loses, for the analysis."""
-    from cpift.training.evaluate import evaluate
 
     work, recipe = Path(work), Path(main_recipe)
     out = work / f"s{seed}" / "cpi_phases.json"
@@ -186,9 +200,7 @@ def run_phases(work: str, main_recipe: str, seed: int) -> str:
     last = str(len(rep["stages"]))
     models = {"base": Path(rep["settings"]["base"]), "backbone": wd / "stages" / last, "fused": wd / "fused",
               "calibrated": wd / "calibrated" / last}
-    _write_json(out, {name: {t["name"]: evaluate(m, recipe.parent / t["eval"], device="cpu", batch_size=50,
-                                                 max_length=96, progress=False) for t in _tasks(recipe)}
-                      for name, m in models.items()})
+    write_json(out, {name: score(m, recipe) for name, m in models.items()})
     return f"s{seed}/phases: {time.perf_counter() - start:.0f} s"
 
 
@@ -202,11 +214,11 @@ def run_calibration(work: str, main_recipe: str, recipe: str, seed: int, name: s
     wd = work / f"s{seed}" / f"calib-{name}"
     if not (wd / "report.json").exists():
         n = len(json.loads((main / "report.json").read_text())["stages"])
-        _claim(recipe, wd, "cpi-ft", seed)
+        claim(recipe, wd, "cpi-ft", seed)
         for rel in ["cores", "cluster.json", "fused", *(f"stages/{i}" for i in range(1, n + 1)),
-                    *(f"probes/{t['name']}" for t in _tasks(recipe))]:
+                    *(f"probes/{t['name']}" for t in tasks_of(recipe))]:
             link(main / rel, wd / rel)
-        _pipeline(recipe, wd, "cpi-ft", seed, work)
+        pipeline(recipe, wd, "cpi-ft", seed, work)
     return f"s{seed}/calib-{name}: {time.perf_counter() - start:.0f} s"
 
 
@@ -233,18 +245,19 @@ def run_transplant(work: str, main_recipe: str, seed: int, p_runs: dict[str, str
         run_sensitivity(str(work), main_recipe, p_recipe, seed, name)
     base_dir = Path(json.loads((sd / "cpi-ft" / "report.json").read_text())["settings"]["base"])
     tok = load_tokenizer(base_dir)
-    net, _ = load_model(base_dir, torch.device("cpu"))
+    net, _ = load_model(base_dir, torch.device(device()))
     theta0 = {k: v.float() for k, v in load_file(str(base_dir / "model.safetensors")).items()}
     runs = {"1": sd / "cpi-ft" / "cores", **{n.removeprefix("p"): sd / f"sens-{n}" / "cores" for n in p_runs}}
     result: dict = {}
     for p, cores in runs.items():
         result[p] = {}
-        for t in _tasks(recipe):
+        for t in tasks_of(recipe):
             name = t["name"]
             probe = {k: v.float() for k, v in load_file(str(sd / "task-arithmetic" / "probes" / name /
                                                              "model.safetensors")).items()}
             mask = load_core_mask(cores / f"{name}.safetensors")
-            data = load_dataset(recipe.parent / t["eval"], tok, max_length=96, for_eval=True)
+            data = load_dataset(recipe.parent / t["eval"], tok, max_length=eval_options(recipe)["max_length"],
+                                for_eval=True)
             scores = {}
             for variant, (inside, outside) in {"core_only": (probe, theta0), "without_core": (theta0, probe)}.items():
                 state = {}
@@ -252,10 +265,11 @@ def run_transplant(work: str, main_recipe: str, seed: int, p_runs: dict[str, str
                     m = mask.element_mask(k) if k in mask.shapes else torch.zeros_like(theta0[k], dtype=torch.bool)
                     state[k] = torch.where(m, inside[k], outside[k])
                 net.load_state_dict(state, strict=False)
-                scores[variant] = evaluate_model(net, tok, data, batch_size=50, progress=False)
+                scores[variant] = evaluate_model(net, tok, data, batch_size=eval_options(recipe)["batch_size"],
+                                                 progress=False)
             kinds: dict[str, int] = {}
             for k, c in mask.counts.items():
                 kinds[tensor_kind(k)] = kinds.get(tensor_kind(k), 0) + c
             result[p][name] = {**scores, "where": {k: c / max(1, sum(kinds.values())) for k, c in kinds.items()}}
-    _write_json(out, result)
+    write_json(out, result)
     return f"s{seed}/transplant: {time.perf_counter() - start:.0f} s"

@@ -16,11 +16,11 @@ from pathlib import Path
 MIN_PROBE_EM = 0.05
 
 
-def _ms(xs: list[float]) -> dict:
+def mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-def _load(path: Path) -> dict:
+def load_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
@@ -36,49 +36,49 @@ def normalized(scores: dict, probe: dict, tasks: list[str]) -> tuple[dict, float
 def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], methods, sensitivity: dict,
               forget_seeds: list[int], sens_seeds: list[int], cal_sweep: list[int], base: str,
               settings: dict) -> dict:
-    probes = {s: _load(work / f"s{s}" / "probe_eval.json") for s in seeds}
+    probes = {s: load_json(work / f"s{s}" / "probe_eval.json") for s in seeds}
     out = {"scale": scale, "base": base, "settings": settings, "seeds": seeds, "tasks": tasks,
            "normalization": f"method EM / same-seed probe EM; tasks with probe EM < {MIN_PROBE_EM} are left out "
                             "of that seed's mean; mean_normalized_loss = mean of probe loss / method loss",
-           "probes": {"per_task": {t: {"exact_match": _ms([probes[s][t]["exact_match"] for s in seeds]),
-                                       "loss": _ms([probes[s][t]["loss"] for s in seeds])} for t in tasks}},
+           "probes": {"per_task": {t: {"exact_match": mean_std([probes[s][t]["exact_match"] for s in seeds]),
+                                       "loss": mean_std([probes[s][t]["loss"] for s in seeds])} for t in tasks}},
            "methods": {}}
     for m in methods:
-        reps = {s: _load(work / f"s{s}" / m / "report.json") for s in seeds}
+        reps = {s: load_json(work / f"s{s}" / m / "report.json") for s in seeds}
         per_task, means, by_loss, left_out = {}, [], [], {}
         norms = {s: normalized(reps[s]["tasks"], probes[s], tasks) for s in seeds}
         for t in tasks:
-            per_task[t] = {"exact_match": _ms([reps[s]["tasks"][t]["exact_match"] for s in seeds]),
-                           "loss": _ms([reps[s]["tasks"][t]["loss"] for s in seeds])}
+            per_task[t] = {"exact_match": mean_std([reps[s]["tasks"][t]["exact_match"] for s in seeds]),
+                           "loss": mean_std([reps[s]["tasks"][t]["loss"] for s in seeds])}
             ratios = [norms[s][0][t] for s in seeds if t in norms[s][0]]
-            per_task[t]["normalized"] = _ms(ratios) if ratios else None
+            per_task[t]["normalized"] = mean_std(ratios) if ratios else None
         for s in seeds:
             if norms[s][1] is not None:
                 means.append(norms[s][1])
             by_loss.append(norms[s][2])
             left_out[s] = [t for t in tasks if t not in norms[s][0]]
-        out["methods"][m] = {"per_task": per_task, "mean_normalized": _ms(means) if means else None,
-                             "mean_normalized_loss": _ms(by_loss), "tasks_left_out": left_out,
+        out["methods"][m] = {"per_task": per_task, "mean_normalized": mean_std(means) if means else None,
+                             "mean_normalized_loss": mean_std(by_loss), "tasks_left_out": left_out,
                              "stages": {s: reps[s]["stages"] for s in seeds},
                              "optimizer_steps": reps[seeds[0]]["optimizer_steps"],
                              "per_seed": {s: {"mean_normalized": norms[s][1], "tasks": reps[s]["tasks"]}
                                           for s in seeds}}
-    phases = {s: _load(p) for s in seeds if (p := work / f"s{s}" / "cpi_phases.json").exists()}
+    phases = {s: load_json(p) for s in seeds if (p := work / f"s{s}" / "cpi_phases.json").exists()}
     if phases:
         ss = list(phases)
         out["cpi_phases"] = {"seeds": ss, "phases": {
-            ph: {t: {"exact_match": _ms([phases[s][ph][t]["exact_match"] for s in ss]),
-                     "loss": _ms([phases[s][ph][t]["loss"] for s in ss])} for t in tasks}
+            ph: {t: {"exact_match": mean_std([phases[s][ph][t]["exact_match"] for s in ss]),
+                     "loss": mean_std([phases[s][ph][t]["loss"] for s in ss])} for t in tasks}
             for ph in phases[ss[0]]}}
-    tr = {s: _load(p) for s in seeds if (p := work / f"s{s}" / "core_transplant.json").exists()}
+    tr = {s: load_json(p) for s in seeds if (p := work / f"s{s}" / "core_transplant.json").exists()}
     if tr:
         ss = list(tr)
         out["core_transplant"] = {"seeds": ss, "p": {
-            p: {t: {v: {"exact_match": _ms([tr[s][p][t][v]["exact_match"] for s in ss if p in tr[s]]),
-                        "loss": _ms([tr[s][p][t][v]["loss"] for s in ss if p in tr[s]])}
+            p: {t: {v: {"exact_match": mean_std([tr[s][p][t][v]["exact_match"] for s in ss if p in tr[s]]),
+                        "loss": mean_std([tr[s][p][t][v]["loss"] for s in ss if p in tr[s]])}
                     for v in ("core_only", "without_core")} | {"where": tr[ss[0]][p][t]["where"]} for t in tasks}
             for p in tr[ss[0]]}}
-    out["core_overlap"] = {s: _load(work / f"s{s}" / "cpi-ft" / "cluster.json") for s in seeds}
+    out["core_overlap"] = {s: load_json(work / f"s{s}" / "cpi-ft" / "cluster.json") for s in seeds}
     out["forgetting"] = _forgetting(work, forget_seeds)
     out["sensitivity"] = _sensitivity(work, sensitivity, probes, tasks, sens_seeds)
     out["calibration_budget"] = _calibration(work, cal_sweep, probes, tasks, seeds)
@@ -86,7 +86,7 @@ def aggregate(work: Path, *, scale: str, seeds: list[int], tasks: list[str], met
 
 
 def _forgetting(work: Path, seeds: list[int]) -> dict:
-    runs = {s: _load(work / f"s{s}" / "forget" / "forgetting.json") for s in seeds}
+    runs = {s: load_json(work / f"s{s}" / "forget" / "forgetting.json") for s in seeds}
     a, b = runs[seeds[0]]["A"], runs[seeds[0]]["B"]
     res = {"A": a, "B": b, "seeds": seeds,
            "definition": "drop on A = EM_A after training A − EM_A at the end (points); gain on B = EM_B at the "
@@ -103,7 +103,7 @@ def _forgetting(work: Path, seeds: list[int]) -> dict:
             cols["B_final"].append(100 * after[b]["exact_match"])
             cols["gain_B"].append(100 * (after[b]["exact_match"] - before[b]["exact_match"]))
             cols["A_loss_increase"].append(after[a]["loss"] - before[a]["loss"])
-        res["methods"][m] = {k: _ms(v) for k, v in cols.items()}
+        res["methods"][m] = {k: mean_std(v) for k, v in cols.items()}
     return res
 
 
@@ -113,7 +113,7 @@ def _sensitivity(work: Path, configs: dict, probes: dict, tasks: list[str], seed
         means, by_loss, jac, em, stages = [], [], [], {t: [] for t in tasks}, {}
         for s in seeds:
             wd = work / f"s{s}" / ("cpi-ft" if name == "main" else f"sens-{name}")
-            rep, cl = _load(wd / "report.json"), _load(wd / "cluster.json")
+            rep, cl = load_json(wd / "report.json"), load_json(wd / "cluster.json")
             _, mean, loss = normalized(rep["tasks"], probes[s], tasks)
             if mean is not None:
                 means.append(mean)
@@ -124,9 +124,9 @@ def _sensitivity(work: Path, configs: dict, probes: dict, tasks: list[str], seed
             for t in tasks:
                 em[t].append(rep["tasks"][t]["exact_match"])
             stages[s] = rep["stages"]
-        res["runs"][name] = {**pt, "mean_normalized": _ms(means) if means else None,
-                             "mean_normalized_loss": _ms(by_loss), "mean_jaccard": _ms(jac),
-                             "exact_match": {t: _ms(v) for t, v in em.items()}, "stages": stages}
+        res["runs"][name] = {**pt, "mean_normalized": mean_std(means) if means else None,
+                             "mean_normalized_loss": mean_std(by_loss), "mean_jaccard": mean_std(jac),
+                             "exact_match": {t: mean_std(v) for t, v in em.items()}, "stages": stages}
     return res
 
 
@@ -136,15 +136,15 @@ def _calibration(work: Path, steps: list[int], probes: dict, tasks: list[str], s
     for i, n in enumerate(steps):
         means, by_loss, em = [], [], {t: [] for t in tasks}
         for s in seeds:
-            rep = _load(work / f"s{s}" / ("cpi-ft" if i == 0 else f"calib-{n}") / "report.json")
+            rep = load_json(work / f"s{s}" / ("cpi-ft" if i == 0 else f"calib-{n}") / "report.json")
             _, mean, loss = normalized(rep["tasks"], probes[s], tasks)
             if mean is not None:
                 means.append(mean)
             by_loss.append(loss)
             for t in tasks:
                 em[t].append(rep["tasks"][t]["exact_match"])
-        res["runs"][str(n)] = {"steps_per_task": n, "mean_normalized": _ms(means) if means else None,
-                               "mean_normalized_loss": _ms(by_loss), "exact_match": {t: _ms(v) for t, v in em.items()}}
+        res["runs"][str(n)] = {"steps_per_task": n, "mean_normalized": mean_std(means) if means else None,
+                               "mean_normalized_loss": mean_std(by_loss), "exact_match": {t: mean_std(v) for t, v in em.items()}}
     return res
 
 

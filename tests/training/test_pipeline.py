@@ -99,11 +99,13 @@ def test_cpi_ft_end_to_end(cpi, project):
         fresh = evaluate(cpi / "calibrated" / "3", project / f"{task}-eval.jsonl", batch_size=4, max_length=32,
                          progress=False)
         assert report["tasks"][task] == pytest.approx(fresh, rel=1e-6)
-    # calibration data: a balanced sample of each stage's task, lines of its training file
-    for s, group in enumerate(stages, 1):
-        sample = (cpi / "data" / f"calibrated-{s}.jsonl").read_text().splitlines()
-        source = Counter((project / f"{group[0]}.jsonl").read_text().splitlines())
-        assert len(sample) == 5 and not Counter(sample) - source  # drawn without replacement
+    # calibration data (the default, mixed): every stage a balanced sample of all tasks' training lines
+    for s in range(1, len(stages) + 1):
+        sample = Counter((cpi / "data" / f"calibrated-{s}.jsonl").read_text().splitlines())
+        for task in TASKS:
+            source = Counter((project / f"{task}.jsonl").read_text().splitlines())
+            assert sum((sample & source).values()) == 5  # five lines of each task, drawn without replacement
+        assert sum(sample.values()) == 5 * len(TASKS)
     md = (cpi / "report.md").read_text()
     assert "| task | eval loss | exact match | n |" in md and "| **total** |" in md
 
