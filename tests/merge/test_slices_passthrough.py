@@ -23,9 +23,9 @@ def _tiny(path, seed, dtype=torch.bfloat16, layers=4, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=24, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=53, max_position_embeddings=32,
-                      tie_word_embeddings=False, **kw)
+    cfg = LlamaConfig(**{**dict(hidden_size=24, intermediate_size=37, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=53,
+                         max_position_embeddings=32, tie_word_embeddings=False), **kw})
     model = LlamaForCausalLM(cfg).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
