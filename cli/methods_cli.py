@@ -14,6 +14,7 @@ from ._options import common_options, floats
 
 ROLE_ARGUMENTS = {
     ("model_a", "model_b"): [click.argument("model_a", type=click.Path()), click.argument("model_b", type=click.Path())],
+    ("model",): [click.argument("model", type=click.Path())],
     ("models",): [click.argument("models", nargs=-1, required=True, type=click.Path())],
     ("base", "models"): [click.argument("models", nargs=-1, required=True, type=click.Path()),
                          click.option("--base", required=True, type=click.Path(),
@@ -51,6 +52,8 @@ def method_command(spec: MethodSpec) -> click.Command:
     def command(out, common, **given):
         if spec.roles == ("model_a", "model_b"):
             inputs = [given.pop("model_a"), given.pop("model_b")]
+        elif spec.roles == ("model",):
+            inputs = [given.pop("model")]
         elif spec.roles == ("models",):
             inputs = [list(given.pop("models"))]
         else:

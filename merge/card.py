@@ -177,6 +177,10 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
         cfg["base_model"] = refs[0]
         cfg["models"] = [{"model": r} for r in refs]
         cfg["parameters"] = {p.mergekit: float(params[p.name]) for p in spec.params if p.mergekit}
+    elif spec.roles == ("model",):  # passthrough
+        cfg["models"] = [{"model": refs[0]}]
+        cfg["parameters"] = {p.mergekit: float(params[p.name]) for p in spec.params
+                             if p.mergekit and params.get(p.name) is not None}
     elif spec.roles == ("models",):
         cfg["models"] = [{"model": r, "parameters": {"weight": float(w)}}
                          for r, w in zip(refs, params["weights"])]

@@ -75,10 +75,10 @@ class MergeResult:
 
 
 def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
-    """Open every model argument; a Hub id (``org/name[@rev]``) that is no local path is pulled first."""
+    """Open every model argument (an open Checkpoint, e.g. a stacked layer view, is used as is); a Hub id (``org/name[@rev]``) that is no local path is pulled first."""
     from cpift.merge.hub import resolve_model
 
-    return [Checkpoint(resolve_model(p), ref=os.fspath(p)) for p in paths]
+    return [p if isinstance(p, Checkpoint) else Checkpoint(resolve_model(p), ref=os.fspath(p)) for p in paths]
 
 
 def check_compatible(models: list[Checkpoint]) -> list[str]:
@@ -123,7 +123,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                  notes: list[str] | None = None, params: dict | None = None,
                  backend: str | None = None, device: str | torch.device | None = None,
                  dry_run: bool = False, resume: bool = False,
-                 roles: Sequence[str] | None = None,
+                 roles: Sequence[str] | None = None, config_updates: dict | None = None,
                  inputs: Sequence[str | os.PathLike] = ()) -> MergeResult | MergePlan:
     """Run ``combine`` over every floating-point tensor of ``models`` and write the result to ``out``.
 
@@ -135,6 +135,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     here); ``device`` "cuda" computes on the GPU through pinned staging buffers (merge/io/device.py).
 
     ``roles``: what each model is to the method, for the card (default: base/model).
+    ``config_updates``: keys set in the output's config.json (a layer stack's ``num_hidden_layers``).
     ``inputs``: files read besides the models (masks, the config or recipe file): ``out`` may not be,
     hold or lie inside any of them, nor any model, shard or ``copy_tokenizer_from`` (merge/io/publish.py);
     ``overwrite`` replaces only an earlier cpift output or an empty directory.
@@ -164,7 +165,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
                                 "backend": used})
 
-    card.update(config_with_dtype(side_from, store_dtype))  # replaces the copied config.json
+    card.update(config_with_dtype(side_from, store_dtype, config_updates))  # replaces the copied config.json
 
     first = models[0]
     names = first.names()

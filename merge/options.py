@@ -37,6 +37,7 @@ class MergeOptions:
     resume: bool = False
     inputs: tuple[str | os.PathLike, ...] = ()  # files read besides the models (-o may not hold them)
     recipe: Mapping[str, Any] | None = None  # the config that asked for this merge, recorded as is
+    config_updates: Mapping[str, Any] | None = None  # keys set in the output config.json (num_hidden_layers)
 
     def replace(self, **changes: Any) -> MergeOptions:
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
@@ -19,18 +20,20 @@ from cpift.errors import CheckpointError
 CONFIG_NAME = "config.json"
 
 
-def config_with_dtype(source_dir: str | Path, dtype: torch.dtype | None) -> dict[str, str]:
+def config_with_dtype(source_dir: str | Path, dtype: torch.dtype | None,
+                      updates: Mapping[str, Any] | None = None) -> dict[str, str]:
     """``{"config.json": text}`` with the stored dtype set, or ``{}`` when there is nothing to change.
 
     Args:
         source_dir: the directory config.json is copied from.
         dtype: the dtype every floating-point output tensor is stored in; None keeps each input's.
+        updates: other keys to set (a layer stack's ``num_hidden_layers``).
 
     Raises:
         CheckpointError: config.json is not a JSON object (so its dtype cannot be set).
     """
     path = Path(source_dir) / CONFIG_NAME
-    if dtype is None or not path.is_file():
+    if (dtype is None and not updates) or not path.is_file():
         return {}
     try:
         cfg = json.loads(path.read_text())
@@ -38,9 +41,11 @@ def config_with_dtype(source_dir: str | Path, dtype: torch.dtype | None) -> dict
         raise CheckpointError(f"{path}: cannot read it to set its dtype to {dtype} ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, so its dtype can be set to {dtype}")
-    name = str(dtype).removeprefix("torch.")
-    keys = ["dtype", *(["torch_dtype"] if "torch_dtype" in cfg else [])]
-    if all(cfg.get(k) == name for k in keys):
+    new = dict(updates or {})
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        new.update({k: name for k in ["dtype", *(["torch_dtype"] if "torch_dtype" in cfg else [])]})
+    if all(cfg.get(k) == v for k, v in new.items()):
         return {}
-    cfg.update({k: name for k in keys})
+    cfg.update(new)
     return {CONFIG_NAME: json.dumps(cfg, indent=2, sort_keys=True) + "\n"}

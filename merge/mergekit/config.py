@@ -52,6 +52,7 @@ from typing import Any, Mapping
 
 from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_yaml_bounded
+from cpift.merge.mergekit.stack import StackSlice, parse_stack
 from cpift.merge.mergekit.values import Setting, is_constant, located, parse_cpift_block, parse_setting
 from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
 
@@ -107,6 +108,7 @@ class MergeConfig:
     name: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
     cpift: Mapping[str, Any] = field(default_factory=dict)  # values.parse_cpift_block
+    stack: tuple[StackSlice, ...] = ()  # passthrough slices (merge/mergekit/stack.py)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -270,7 +272,11 @@ def _check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
                           f"sources (in slices form mergekit does not add it)")
     # In models form mergekit adds an unlisted base_model as one more input (linear too).
     inputs = len(models) + (0 if listed_base or base is None or slice_form else 1)
-    if REGISTRY[method].roles == ("model_a", "model_b"):
+    if REGISTRY[method].roles == ("model",):
+        if inputs != 1 and not slice_form:  # a stack's slices are checked in stack.py
+            raise ConfigError(f"{located(source, 'models')}: {method} takes one model (with base_model, if "
+                              f"not listed, counted), got {inputs}; stack layer ranges with slices:")
+    elif REGISTRY[method].roles == ("model_a", "model_b"):
         if base is None:
             raise ConfigError(f"{located(source, 'base_model')}: missing; slerp needs it (t = 0 gives it)")
         if inputs != 2:
@@ -369,13 +375,20 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
     if base is not None:
         base = _model_ref(base, "base_model", source)
     slice_params: dict = {}
-    layer_range = None
+    layer_range, stack = None, ()
     if has_models:
         raw_models = data["models"]
         if not isinstance(raw_models, list) or not raw_models:
             raise ConfigError(f"{source}: models: expected a non-empty list of {{model, parameters}}")
         models = tuple(_parse_model(m, f"models[{i}]", source, method, slice_form=False)[0]
                        for i, m in enumerate(raw_models))
+    elif method == "passthrough":
+        if not isinstance(data["slices"], list) or not data["slices"]:
+            raise ConfigError(f"{located(source, 'slices')}: expected a non-empty list of slices")
+        stack = parse_stack(data["slices"], source, model_ref=_model_ref, parse_params=lambda raw, fld: _parse_params(
+            raw, fld, source, method, ("scale",), per_model=False))
+        models = tuple(ModelSpec(m, {}, f"slices[{i}].sources[0]") for m, i in
+                       {sl.model: i for i, sl in reversed(list(enumerate(stack)))}.items())
     else:
         listed, layer_range, slice_base, slice_params = _parse_slices(data["slices"], source, method)
         models = tuple(listed)
@@ -392,4 +405,4 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
                        out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
                        source=source, slice_parameters=slice_params, layer_range=layer_range,
                        tokenizer_source=_tokenizer_source(data, source), name=name, raw=data,
-                       cpift=parse_cpift_block(data.get("cpift"), method, source))
+                       cpift=parse_cpift_block(data.get("cpift"), method, source), stack=stack)

@@ -116,6 +116,12 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         t = param(None, "t", None, "parameters.t")
         return MethodCall(method, (path(cfg.base_model), path(others[0].model)), {"t": t}, notes)
 
+    if METHODS[method].roles == ("model",):  # passthrough of one whole model
+        spec = cfg.models[0] if cfg.models else ModelSpec(cfg.base_model, {}, "base_model")
+        scale = chain(spec, "scale")
+        kw = {"scale": param(spec, "scale", 1.0, fld_of(spec, "scale"))} if scale else {}
+        return MethodCall(method, (path(spec.model),), kw, notes)
+
     if METHODS[method].roles == ("models",):
         specs = list(cfg.models)
         if cfg.base_model is not None and not base_listed and cfg.layer_range is None:
@@ -343,7 +349,8 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     from cpift.merge.card import CardInput
 
     hub_ids = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items() if CardInput(ref, p).hub_repo}
-    call = plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native)
+    call = (MethodCall(cfg.method, (), {}) if cfg.stack
+            else plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native))
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):
@@ -353,6 +360,10 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     settings.update({k: v for k, v in common.items() if v is not None})
     settings["recipe"] = _recipe(cfg, call, paths, settings, out, here)
     settings["inputs"] = [path, *settings.get("inputs", ())]  # -o may not be or hold the config file
+    if cfg.stack:
+        from cpift.merge.mergekit.stack import run_stack
+
+        return run_stack(cfg, out, paths, **settings)
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result
@@ -367,7 +378,7 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
     from cpift.merge.engine import parse_dtype
     from cpift.merge.io.sizes import parse_size
 
-    if not any(is_per_tensor(v) for v in call.kwargs.values()):
+    if not cfg.stack and not any(is_per_tensor(v) for v in call.kwargs.values()):
         return None
     refs = {ref: CardInput(ref, p).shown(out) for ref, p in paths.items()}
     tok = cfg.tokenizer_source

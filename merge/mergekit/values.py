@@ -151,16 +151,25 @@ def parse_setting(raw: Any, name: str, fld: str, source: str | os.PathLike | Non
     return _scalar_or_gradient(raw, name, fld, source)
 
 
+def split_layer(name: str) -> tuple[str, int, str] | None:
+    """``(prefix, i, suffix)`` of a tensor of layer i (``model.layers.3.mlp.up_proj.weight`` →
+    ``("model.layers.", 3, ".mlp.up_proj.weight")``), None outside the layers."""
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return None
+    return name[:m.start(1)], int(m.group(1)), name[m.end(1):]
+
+
 def tensor_position(name: str, num_layers: int | None) -> float:
     """mergekit's gradient position of a tensor: i / (L − 1) in layer i of L, 0 outside the layers.
 
     Raises:
         ConfigError: the name holds a layer index but L is unknown or not above it.
     """
-    m = _LAYER_RE.search(name)
-    if m is None:
+    parts = split_layer(name)
+    if parts is None:
         return 0.0
-    i = int(m.group(1))
+    i = parts[1]
     if num_layers is None or i >= num_layers:
         raise ConfigError(f"tensor '{name}': layer {i} is outside the model's num_hidden_layers="
                           f"{num_layers} (config.json), so a gradient cannot place it")
@@ -200,8 +209,9 @@ def uses_position(s: Setting) -> bool:
 
 
 def chain_param(chain: list[Setting], num_layers: int | None, *, default: float | None, fld: str,
-                 source) -> Param:
-    """One Param from settings in precedence order: a constant when the first one is, else a function."""
+                 source, position: Callable[[str], float] | None = None) -> Param:
+    """One Param from settings in precedence order: a constant when the first one is, else a function.
+    ``position``: a tensor's gradient position (default: from its layer index, ``tensor_position``)."""
     if chain and is_constant(chain[0]):
         return float(chain[0])
     if not chain:
@@ -215,7 +225,7 @@ def chain_param(chain: list[Setting], num_layers: int | None, *, default: float 
         for s in chain:
             if t is None and uses_position(s):
                 try:
-                    t = tensor_position(tensor, num_layers)
+                    t = position(tensor) if position is not None else tensor_position(tensor, num_layers)
                 except ConfigError as e:
                     raise ConfigError(f"{located(source, fld)}: {e}") from None
             v = evaluate(s, tensor, t if t is not None else 0.0)

@@ -196,3 +196,11 @@ register(MethodSpec(
     "Model Stock: move from the base towards the fine-tunes' average by a ratio set by their deltas' angle.",
     MergekitSpec((), ("filter_wise",), normalize=None, cpift_normalize=None),
     bench={}, min_models=2))  # no parameter to set: the bench runs it with its defaults
+register(MethodSpec(
+    "passthrough", "passthrough", "cpift.merge.methods.passthrough", ("model",),
+    (ParamSpec("scale", "--scale", "number", None,
+               "Multiply every tensor by this (default: copy bit for bit).", mergekit="scale"),),
+    "x (or scale · x): one model's tensors; with mergekit slices, layer ranges of several models stacked",
+    "mergekit (Goddard et al. 2024, arXiv:2403.13257); SOLAR depth up-scaling (Kim et al. 2023, arXiv:2312.15166)",
+    "Copy one model (times --scale); stacking layer ranges (slices) runs from a mergekit YAML.",
+    MergekitSpec(("scale",), (), normalize=None, cpift_normalize=None)))  # no parameter to set: the bench runs it with its defaults
