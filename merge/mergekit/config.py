@@ -3,11 +3,10 @@ config unchanged for the registered methods (merge/methods/registry.py: linear, 
 ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; anything cpift cannot
 compute so is refused with a ConfigError naming the file and the field, before any tensor is read.
 
-Pipeline: ``load_config`` (YAML → validated MergeConfig, this module) → ``plan_call`` and ``run_config``
-(plan.py: one ``cpift.merge.methods`` call, run); values (numbers, gradients, filters): values.py.
+Pipeline: ``load_config`` (YAML → MergeConfig, here) → ``plan_call``, ``run_config`` (plan.py); values.py.
 
-Defaults (mergekit 0.1.5, checked in its source; the registry's MergekitSpec): ``weight`` and slerp's
-``t`` have none (a model without one is an error, as in mergekit); ``density`` 1; ``lambda`` 1.
+Defaults (mergekit 0.1.5's; the registry's MergekitSpec): none for ``weight`` and slerp's ``t`` (a
+model without one is an error), ``density`` 1, ``lambda`` 1.
 
 Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models``)
     linear           linear(models, weights) — a base_model missing from ``models`` is added as the last
@@ -16,31 +15,26 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
     task_arithmetic, ties, dare_linear, dare_ties
                      fn(base, others, weights, density, lam) — the base's own delta is zero, so it is
                      dropped from ``models`` (its per-model parameters have no effect; a note says so).
-    model_stock      model_stock(base, others, filter_wise) — base_model and at least two others; no
-                     per-model parameters (mergekit 0.1.5 has none for it).
+    model_stock      model_stock(base, others, filter_wise) — base_model and ≥ 2 others, no per-model keys.
 
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``tokenizer.tokens``, ``chat_template``, LoRA references
       (``model+lora``), ``residual_weight``;
-    * ``slices`` unless there is exactly one slice whose sources each span the whole model
-      ([0, num_hidden_layers]): anything else builds a different layer stack;
-    * ``tokenizer_source: union``, and ``base`` / a path unless every model's tokenizer.json holds the
-      same vocabulary whose size equals config.json's vocab_size (then mergekit's vocabulary remapping
-      is the identity and copying the tokenizer is exact);
-    * ``normalize`` / ``rescale`` values whose arithmetic cpift's function does not perform (e.g.
-      ``normalize: false`` for ties); ``normalize: true`` for task_arithmetic and dare_linear is done by
-      dividing the weights by their sum (mergekit divides the summed delta: equal up to rounding);
-      a ``normalize`` keyword of the cpift function, when it has one, is used directly;
-    * a per-tensor (gradient / filtered) ``lambda`` or boolean; unknown keys anywhere (mergekit ignores
-      them silently, and a typo should not change a merge).
+    * ``slices`` other than one slice spanning every layer, or a passthrough stack (stack.py);
+    * ``tokenizer_source: union``, and ``base`` / a path unless every tokenizer.json holds the same
+      vocabulary, of config.json's vocab_size (mergekit's remapping is then the identity: a copy is exact);
+    * ``normalize`` / ``rescale`` values whose arithmetic cpift's function does not perform (``normalize:
+      false`` for ties); ``normalize: true`` for task_arithmetic / dare_linear divides the weights by their
+      sum (mergekit the summed delta: equal up to rounding), or sets the function's own keyword;
+    * a per-tensor ``lambda`` or boolean; unknown keys anywhere (a typo should not change a merge).
     ``int8_mask`` is accepted and has no effect: in mergekit it only changes the dtype of the sign mask.
 
-cpift's own settings, which mergekit has no spelling for, go in a top-level ``cpift:`` mapping (the
-recipes cpift writes use it): ``seed``, ``global_trim``, ``max_shard_size``, ``copy_tokenizer_from``.
+cpift's own settings go in a top-level ``cpift:`` mapping (the recipes cpift writes use it): ``seed``,
+``global_trim``, ``max_shard_size``, ``copy_tokenizer_from``.
 
-Value ranges are checked up front: t ∈ [0, 1], density ∈ (0, 1], weight and lambda finite, and for a
-linear merge with constant weights their sum non-zero. Known differences that no config can remove: DARE's random drop masks come from cpift's counter-based
-RNG (``seed``), and its rescale is 1/density where mergekit rescales to keep the delta's L1 norm.
+Value ranges are checked up front (t ∈ [0, 1], density ∈ (0, 1], finite weight and lambda, a non-zero
+constant linear weight sum). Known differences: DARE's drops come from cpift's counter-based RNG
+(``seed``), and its rescale is 1/density where mergekit keeps the delta's L1 norm.
 """
 
 from __future__ import annotations
@@ -90,9 +84,8 @@ class ModelSpec:
 class MergeConfig:
     """A validated mergekit config.
 
-    ``models`` keeps the listed order (base_model included if listed). ``parameters`` are the top-level
-    ones, ``slice_parameters`` those of the single slice in ``slices:`` form. Model references are as
-    written; ``run_config`` resolves them.
+    ``models`` keeps the listed order (base_model too, if listed). ``parameters``: the top-level ones,
+    ``slice_parameters``: the single slice's; model references as written (``run_config`` resolves them).
     """
 
     method: str
@@ -285,10 +278,9 @@ def _check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
     elif REGISTRY[method].has_base:
         if base is None:
             raise ConfigError(f"{located(source, 'base_model')}: missing; {method} merges deltas from it")
-        need = REGISTRY[method].min_models
-        if inputs - 1 < need:
-            raise ConfigError(f"{located(source, 'models')}: {method} needs at least "
-                              f"{'one model' if need == 1 else f'{need} models'} besides base_model, "
+        if inputs - 1 < (need := REGISTRY[method].min_models):
+            what = "one model" if need == 1 else f"{need} models"
+            raise ConfigError(f"{located(source, 'models')}: {method} needs at least {what} besides base_model, "
                               f"got {inputs - 1}")
     elif inputs < 2:
         raise ConfigError(f"{located(source, 'models')}: linear needs at least two models, got {inputs}")
@@ -385,8 +377,8 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
     elif method == "passthrough":
         if not isinstance(data["slices"], list) or not data["slices"]:
             raise ConfigError(f"{located(source, 'slices')}: expected a non-empty list of slices")
-        stack = parse_stack(data["slices"], source, model_ref=_model_ref, parse_params=lambda raw, fld: _parse_params(
-            raw, fld, source, method, ("scale",), per_model=False))
+        stack = parse_stack(data["slices"], source, model_ref=_model_ref, parse_params=lambda raw, fld:
+                            _parse_params(raw, fld, source, method, ("scale",), per_model=False))
         models = tuple(ModelSpec(m, {}, f"slices[{i}].sources[0]") for m, i in
                        {sl.model: i for i, sl in reversed(list(enumerate(stack)))}.items())
     else:

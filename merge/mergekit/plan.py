@@ -14,12 +14,8 @@ from cpift.merge.mergekit.config import MergeConfig, ModelSpec, first_setting, l
 from cpift.merge.mergekit.values import Param, Setting, chain_param, located, uses_position
 from cpift.merge.methods.registry import METHODS
 
-# What mergekit 0.1.5 does by default, and what cpift's functions compute, are each method's
-# MergekitSpec in the registry (merge/methods/registry.py): e.g. linear and ties divide by the
-# (agreeing) weights, task_arithmetic and dare_linear do not; the DARE functions always rescale.
-
-# --------------------------------------------------------------------------------------------------
-# From a config to one call of cpift.merge.methods
+# What mergekit 0.1.5 does by default, and what cpift's functions compute: each method's MergekitSpec
+# (merge/methods/registry.py); e.g. linear and ties divide by the weights, task_arithmetic does not.
 
 
 @dataclass
