@@ -200,6 +200,8 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *
     from cpift.errors import HubError
     from cpift.merge.hub import pull, split_ref
 
+    if "+" in ref and not os.path.exists(ref):  # model+lora: the base's directory (config, tokenizer)
+        ref = ref.split("+")[0]
     if base_dir is not None and not os.path.isabs(ref) and os.path.exists(os.path.join(base_dir, ref)):
         return Path(os.path.abspath(os.path.join(base_dir, ref)))
     if os.path.exists(ref):
@@ -342,7 +344,8 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
     from cpift.merge.card import CardInput
 
-    hub_ids = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items() if CardInput(ref, p).hub_repo}
+    hub_ids = {ref: _card(ref, p, resolve, src).recipe_ref for ref, p in paths.items()
+               if _card(ref, p, resolve, src).hub_repo or _card(ref, p, resolve, src).adapter}
     call = plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native)
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
@@ -369,7 +372,8 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
 
     if not any(is_per_tensor(v) for v in call.kwargs.values()):
         return None
-    refs = {ref: CardInput(ref, p).shown(out) for ref, p in paths.items()}
+    refs = {ref: _card(ref, p, functools.partial(resolve_model, base_dir=here), cfg.source).shown(out)
+            for ref, p in paths.items()}
     tok = cfg.tokenizer_source
     if tok not in (None, "base") and tok not in refs:
         refs[tok] = local_ref(resolve_model(tok, "tokenizer_source", cfg.source, base_dir=here), out)
@@ -384,6 +388,16 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
                                              if os.path.abspath(p) == donor), local_ref(donor, out))
     cpift["relative_to_recipe"] = True
     return rewrite_config(cfg.raw, refs, top=top, cpift=cpift)
+
+
+def _card(ref: str, base: Path, resolve, src):
+    """The card's record of a config's model reference; ``model+lora`` names its adapter too."""
+    from cpift.merge.card import CardInput
+
+    if "+" in ref and not os.path.exists(ref):
+        base_ref, lora = ref.split("+")
+        return CardInput(base_ref, base, adapter=resolve(lora, "model (lora)", src))
+    return CardInput(ref, base)
 
 
 def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path], here: str | None) -> Path:
