@@ -200,8 +200,7 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *
     from cpift.errors import HubError
     from cpift.merge.hub import pull, split_ref
 
-    if "+" in ref and not os.path.exists(ref):  # model+lora: the base's directory (config, tokenizer)
-        ref = ref.split("+")[0]
+    ref = ref.split("+")[0] if "+" in ref and not os.path.exists(ref) else ref  # model+lora: the base
     if base_dir is not None and not os.path.isabs(ref) and os.path.exists(os.path.join(base_dir, ref)):
         return Path(os.path.abspath(os.path.join(base_dir, ref)))
     if os.path.exists(ref):
@@ -342,10 +341,8 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     fn = spec.function  # the engine, imported only once the config is known to be good
     native = set(spec.native)
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
-    from cpift.merge.card import CardInput
-
-    hub_ids = {ref: _card(ref, p, resolve, src).recipe_ref for ref, p in paths.items()
-               if _card(ref, p, resolve, src).hub_repo or _card(ref, p, resolve, src).adapter}
+    cards = {ref: _card(ref, p, resolve, src) for ref, p in paths.items()}
+    hub_ids = {ref: c.recipe_ref for ref, c in cards.items() if c.hub_repo or c.adapter}
     call = plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native)
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
@@ -366,7 +363,7 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
     """The recipe a config run records: None when the engine can generate it from the call's constant
     parameters (merge/card.py), else this config with its paths relative to ``out`` and marked so
     (gradients and filters kept)."""
-    from cpift.merge.card import CardInput, is_per_tensor, local_ref, rewrite_config
+    from cpift.merge.card import is_per_tensor, local_ref, rewrite_config
     from cpift.merge.engine import parse_dtype
     from cpift.merge.io.sizes import parse_size
 
@@ -389,15 +386,11 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
     cpift["relative_to_recipe"] = True
     return rewrite_config(cfg.raw, refs, top=top, cpift=cpift)
 
-
 def _card(ref: str, base: Path, resolve, src):
     """The card's record of a config's model reference; ``model+lora`` names its adapter too."""
     from cpift.merge.card import CardInput
-
-    if "+" in ref and not os.path.exists(ref):
-        base_ref, lora = ref.split("+")
-        return CardInput(base_ref, base, adapter=resolve(lora, "model (lora)", src))
-    return CardInput(ref, base)
+    lora = ref.split("+")[1] if "+" in ref and not os.path.exists(ref) else None
+    return CardInput(ref.split("+")[0] if lora else ref, base, adapter=lora and resolve(lora, "model", src))
 
 
 def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path], here: str | None) -> Path:
