@@ -58,6 +58,7 @@ class CardInput:
     ref: str
     path: Path
     role: str = "model"
+    adapter: Path | None = None  # a LoRA adapter merged into ``path`` on read (``BASE+ADAPTER``)
 
     @property
     def commit(self) -> str | None:
@@ -72,12 +73,20 @@ class CardInput:
     def recipe_ref(self) -> str:
         """Its identity anywhere on this machine: the Hub id pinned to the commit read, else the
         absolute path (core-mask metadata records this)."""
-        return f"{self.hub_repo}@{self.commit}" if self.hub_repo else os.path.abspath(self.path)
+        base = f"{self.hub_repo}@{self.commit}" if self.hub_repo else os.path.abspath(self.path)
+        return base + (f"+{os.path.abspath(self.adapter)}" if self.adapter is not None else "")
 
     def shown(self, out: str | os.PathLike | None) -> str:
         """How the card and the recipe of output ``out`` name it: the Hub id pinned to the commit read,
         else its path relative to ``out`` (``local_ref``)."""
-        return f"{self.hub_repo}@{self.commit}" if self.hub_repo else local_ref(self.path, out)
+        base = f"{self.hub_repo}@{self.commit}" if self.hub_repo else local_ref(self.path, out)
+        return base + (f"+{local_ref(self.adapter, out)}" if self.adapter is not None else "")
+
+
+def model_input(model: Any, role: str = "model") -> CardInput:
+    """The card's record of an opened model (a Checkpoint; an AdaptedCheckpoint names its adapter)."""
+    adapter = getattr(model, "adapter_dir", None)
+    return CardInput(os.fspath(model.base_ref if adapter is not None else model.ref), model.path, role, adapter)
 
 
 def local_ref(path: str | os.PathLike, out: str | os.PathLike | None) -> str:
@@ -335,7 +344,7 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
         shown["copy_tokenizer_from"] = _donor(inputs, settings, out)
     lines += [f"| {k} | {v} |" for k, v in shown.items()]
     lines += ["", "## Inputs", "", "| role | model | Hub commit | fingerprint (sha256) |", "|---|---|---|---|"]
-    lines += [f"| {i.role} | `{i.hub_repo or local_ref(i.path, out)}` | {i.commit or '–'} | `{input_hash(i.path)}` |"
+    lines += [f"| {i.role} | `{i.hub_repo or local_ref(i.path, out)}{'+' + local_ref(i.adapter, out) if i.adapter else ''}` | {i.commit or '–'} | `{input_hash(i.path)}` |"
               for i in inputs]
     lines += ["", "Fingerprint: SHA-256 of the index JSON (or the single file's safetensors header) and the "
                   f"first {SAMPLE_BYTES // 1024} KiB of tensor data of each shard; a Hub commit pins all "

@@ -21,7 +21,7 @@ import torch
 from cpift.kernels.finite import all_finite, first_nonfinite
 
 from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
-from cpift.merge.card import CardInput, card_files, roles_for
+from cpift.merge.card import card_files, model_input, roles_for
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_config_json
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
@@ -75,10 +75,12 @@ class MergeResult:
 
 
 def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
-    """Open every model argument (an open Checkpoint, e.g. a stacked layer view, is used as is); a Hub id (``org/name[@rev]``) that is no local path is pulled first."""
-    from cpift.merge.hub import resolve_model
+    """Open every model argument (an open Checkpoint, e.g. a stacked layer view, is used as is); a Hub id
+    (``org/name[@rev]``) that is no local path is pulled first; ``BASE+ADAPTER`` or a PEFT adapter
+    directory is read with the LoRA merged in (merge/io/lora.py)."""
+    from cpift.merge.io.lora import open_model
 
-    return [p if isinstance(p, Checkpoint) else Checkpoint(resolve_model(p), ref=os.fspath(p)) for p in paths]
+    return [p if isinstance(p, Checkpoint) else open_model(p) for p in paths]
 
 
 def check_compatible(models: list[Checkpoint]) -> list[str]:
@@ -159,7 +161,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     check_config_json(side_from)  # copied into the output: refused before anything is written
     notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models)
     card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
-                      inputs=[CardInput(m.ref, m.path, role)
+                      inputs=[model_input(m, role)
                               for m, role in zip(models, roles or roles_for(method, len(models)))],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
@@ -235,7 +237,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
 
 def model_paths(models: Sequence[Checkpoint]) -> list[Path]:
     """Every path a merge reads of its models: each directory and shard file (a Hub snapshot's blobs too)."""
-    return [p for m in models for p in (m.dir, *sorted({info.file for info in m.tensors.values()}))]
+    return [p for m in models for p in m.input_paths()]
 
 
 def _cast(views: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:

@@ -56,6 +56,10 @@ class TensorInfo(HeaderEntry):
     def start(self) -> int:
         return self.begin
 
+    def input_paths(self) -> list[Path]:
+        """Every path this input reads: its directory and shard files (an output may be none of them)."""
+        return [self.dir, *sorted({info.file for info in self.tensors.values()})]
+
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
@@ -198,6 +202,10 @@ class Checkpoint:
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
+
+    def input_paths(self) -> list[Path]:
+        """Every path this input reads: its directory and shard files (an output may be none of them)."""
+        return [self.dir, *sorted({info.file for info in self.tensors.values()})]
 
     @property
     def nbytes(self) -> int:

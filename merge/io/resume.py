@@ -76,7 +76,7 @@ def _file_sha(path: Path) -> str | None:
 
 def input_identity(model: Checkpoint) -> dict:
     """What resume compares of one input: index and config hashes, each shard's size and mtime."""
-    files = sorted({info.file for info in model.tensors.values()})
+    files = sorted({f for f in model.input_paths() if f.is_file()})  # an adapter's files too
     return {"path": os.path.abspath(model.path),
             "index_sha256": _file_sha(model.dir / model.index_name),
             "config_sha256": _file_sha(model.dir / "config.json"),

@@ -126,10 +126,9 @@ def _model_ref(raw: Any, fld: str, source) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError(f"{located(source, fld)}: expected a model directory or Hugging Face repo id, "
                           f"got {raw!r}")
-    if "+" in raw:
-        raise ConfigError(f"{located(source, fld)}: '{raw}' names a LoRA adapter (model+lora), which cpift "
-                          f"does not merge in; merge the adapter into the model first")
-    if raw.count("@") > 1:
+    if raw.count("+") > 1:
+        raise ConfigError(f"{located(source, fld)}: '{raw}' has more than one '+' (model+lora)")
+    if any(part.count("@") > 1 for part in raw.split("+")):
         raise ConfigError(f"{located(source, fld)}: '{raw}' has more than one '@' (path@revision)")
     return raw
 

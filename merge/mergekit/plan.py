@@ -57,10 +57,8 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
     Args:
         cfg: a loaded config.
         num_layers: ``num_hidden_layers`` of the models (needed when a value is a gradient).
-        paths: model reference as written → resolved path (default: the reference itself). Models that
-            resolve to the same path are the same model.
-        native: keywords the target function accepts beyond the documented contract (``normalize``,
-            ``rescale``); such settings are passed on instead of emulated or refused.
+        paths: reference as written → resolved path (default: itself); one path is one model.
+        native: keywords the function takes beyond the contract (``normalize``, ``rescale``): passed on.
 
     Returns:
         MethodCall with the positional model arguments and the method keywords.
@@ -184,17 +182,14 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
     kwargs = {"weights": ws, **kwargs}
     return MethodCall(method, (path(cfg.base_model), tuple(path(m.model) for m in specs)), kwargs, notes)
 
-
-# --------------------------------------------------------------------------------------------------
 # Running it
 
 
 def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *,
                   base_dir: str | os.PathLike | None = None) -> Path:
-    """A model reference as mergekit reads it: an existing path, relative to the *current working
-    directory* (not to the config file), else a Hugging Face repo id (``org/name[@revision]``), pulled
-    into the Hub cache (merge/hub.py: offline, only the cache is looked at). With ``base_dir`` (a
-    recipe marked ``cpift.relative_to_recipe``: its directory), a relative path is looked for there.
+    """A model reference as mergekit reads it: an existing path relative to the *current directory* (not
+    the config's), else a Hub repo id (``org/name[@revision]``) pulled into the cache (merge/hub.py). With
+    ``base_dir`` (a recipe marked ``cpift.relative_to_recipe``: its directory), a relative path is looked for there.
 
     Raises:
         ConfigError: neither a path nor a Hub model that can be had; the message says why.
@@ -202,6 +197,7 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *
     from cpift.errors import HubError
     from cpift.merge.hub import pull, split_ref
 
+    ref = ref.split("+")[0] if "+" in ref and not os.path.exists(ref) else ref  # model+lora: the base
     if base_dir is not None and not os.path.isabs(ref) and os.path.exists(os.path.join(base_dir, ref)):
         return Path(os.path.abspath(os.path.join(base_dir, ref)))
     if os.path.exists(ref):
@@ -285,11 +281,9 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
                **common) -> Any:
     """Run a mergekit YAML config with cpift.
 
-    Model references are resolved as mergekit does: a relative path is relative to the current working
-    directory (not to the config file); a name that is no path is looked up in the local Hub cache.
-    ``num_hidden_layers`` comes from the first listed model's config.json. The config's ``dtype`` and
-    ``out_dtype`` (default: ``dtype``) apply unless given here; config.json and the tokenizer are copied
-    from ``tokenizer_source`` if set, else from base_model, else from the first model.
+    Model references resolve as in mergekit (resolve_model); ``num_hidden_layers`` is the first model's.
+    The config's ``dtype`` / ``out_dtype`` apply unless given here; config.json and the tokenizer come
+    from ``tokenizer_source``, else base_model, else the first model.
 
     Args:
         path: the YAML file.
@@ -342,9 +336,8 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     fn = spec.function  # the engine, imported only once the config is known to be good
     native = set(spec.native)
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
-    from cpift.merge.card import CardInput
-
-    hub_ids = {ref: CardInput(ref, p).recipe_ref for ref, p in paths.items() if CardInput(ref, p).hub_repo}
+    cards = {ref: _card(ref, p, resolve, src) for ref, p in paths.items()}
+    hub_ids = {ref: c.recipe_ref for ref, c in cards.items() if c.hub_repo or c.adapter}
     call = (MethodCall(cfg.method, (), {}) if cfg.stack
             else plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native))
     if spec.param("seed") is not None:
@@ -367,16 +360,16 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
 
 def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], settings: Mapping[str, Any],
             out, here: str | None):
-    """The recipe a config run records: None when the engine can generate it from the call's constant
-    parameters (merge/card.py), else this config with its paths relative to ``out`` and marked so
-    (gradients and filters kept)."""
-    from cpift.merge.card import CardInput, is_per_tensor, local_ref, rewrite_config
+    """The recorded recipe: None when the engine makes one from constant parameters (merge/card.py), else
+    this config, paths relative to ``out`` and so marked (gradients and filters kept)."""
+    from cpift.merge.card import is_per_tensor, local_ref, rewrite_config
     from cpift.merge.engine import parse_dtype
     from cpift.merge.io.sizes import parse_size
 
     if not cfg.stack and not any(is_per_tensor(v) for v in call.kwargs.values()):
         return None
-    refs = {ref: CardInput(ref, p).shown(out) for ref, p in paths.items()}
+    refs = {ref: _card(ref, p, functools.partial(resolve_model, base_dir=here), cfg.source).shown(out)
+            for ref, p in paths.items()}
     tok = cfg.tokenizer_source
     if tok not in (None, "base") and tok not in refs:
         refs[tok] = local_ref(resolve_model(tok, "tokenizer_source", cfg.source, base_dir=here), out)
@@ -391,6 +384,13 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
                                              if os.path.abspath(p) == donor), local_ref(donor, out))
     cpift["relative_to_recipe"] = True
     return rewrite_config(cfg.raw, refs, top=top, cpift=cpift)
+
+
+def _card(ref: str, base: Path, resolve, src):
+    """The card's record of a config's model reference; ``model+lora`` names its adapter too."""
+    from cpift.merge.card import CardInput
+    lora = ref.split("+")[1] if "+" in ref and not os.path.exists(ref) else None
+    return CardInput(ref.split("+")[0] if lora else ref, base, adapter=lora and resolve(lora, "model", src))
 
 
 def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path], here: str | None) -> Path:
