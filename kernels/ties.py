@@ -5,6 +5,8 @@
 #   trim (TIES, `cuts`):        δ_i ← δ_i where cut_mask(|δ_i|, cuts[i]) else 0
 #   drop (DARE, `drop_density` p, one for all or p_i per model):
 #                               δ_i ← δ_i / p_i where keep_mask(drop_seeds[i], offset, p_i) else 0
+#   scale (`scales` c_i, e.g. an L1 rescale of a sparsified delta): δ_i ← c_i·δ_i in the sums
+#                               of w_i δ_i only (the TIES denominator keeps w_i, as mergekit's does)
 #   not elect_sign:  out = b + λ Σ_i w_i δ_i
 #   elect_sign:      s = sign(Σ_i w_i δ_i);  A = {i : sign(δ_i) = s ≠ 0}
 #                    out = b + λ Σ_{i∈A} w_i δ_i / Σ_{i∈A} w_i, and b where that denominator is 0
@@ -90,6 +92,7 @@ def delta_merge(
     drop_seeds: Sequence[int] | None = None,
     elect_sign: bool,
     normalize: bool = True,
+    scales: Sequence[float] | None = None,
     out: torch.Tensor,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -102,8 +105,9 @@ def delta_merge(
     n = base.numel()
     check_flat("out", out, n)
     dt = compute_dtype(base, *xs)
-    # DARE's 1/p_i rescale is folded into the numerator weights; the TIES denominator keeps w_i.
-    num_w = [float(w) / (densities[i] if densities else 1.0) for i, w in enumerate(weights)]
+    # DARE's 1/p_i rescale and the scales c_i are folded into the numerator weights; the TIES
+    # denominator keeps w_i.
+    num_w = _numerator_weights(weights, densities, scales)
     be = resolve(backend, base, *xs, out)
     if be == "cpu" and dt == torch.float32:
         from ._cpu import supports
@@ -150,6 +154,15 @@ def delta_merge(
     return out
 
 
+def _numerator_weights(weights: Sequence[float], densities: list[float] | None,
+                       scales: Sequence[float] | None) -> list[float]:
+    """w_i · c_i / p_i: the weights of the deltas in the numerator sums."""
+    if scales is not None and len(scales) != len(weights):
+        raise ValueError(f"delta_merge: {len(weights)} weights but {len(scales)} scales; give one per tensor")
+    return [float(w) * (float(scales[i]) if scales is not None else 1.0) / (densities[i] if densities else 1.0)
+            for i, w in enumerate(weights)]
+
+
 def _elect(
     acc: torch.Tensor, deltas: list[torch.Tensor], num_w: list[float], weights: Sequence[float],
     m: int, dt: torch.dtype, normalize: bool,
@@ -187,6 +200,7 @@ def delta_merge_ref(
     drop_seeds: Sequence[int] | None = None,
     elect_sign: bool,
     normalize: bool = True,
+    scales: Sequence[float] | None = None,
     precision: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Oracle of delta_merge, whole-tensor, in `precision` (float64 by default); returns that dtype."""
@@ -203,14 +217,15 @@ def delta_merge_ref(
         if densities is not None:
             d = torch.where(keep_mask(drop_seeds[i], 0, n, densities[i]), d / densities[i], 0.0)
         deltas.append(d)
+    c = torch.tensor([1.0] * len(xs) if scales is None else [float(v) for v in scales], dtype=precision).unsqueeze(1)
     w = torch.tensor([float(v) for v in weights], dtype=precision).unsqueeze(1)
     stacked = torch.stack(deltas)
-    weighted = (w * stacked).sum(0)
+    weighted = (w * c * stacked).sum(0)
     if not elect_sign:
         return b + lam * weighted
     elected = torch.sign(weighted)
     agree = (torch.sign(stacked) == elected) & (elected != 0)
-    numerator = (w * stacked * agree).sum(0)
+    numerator = (w * c * stacked * agree).sum(0)
     if not normalize:
         return b + lam * numerator
     denominator = (w * agree).sum(0)

@@ -157,6 +157,9 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
                          f"ties and dare_linear sparsify")
     else:
         kwargs["density"] = [param(m, "density", 1.0, fld_of(m, "density")) for m in specs]
+        for p in METHODS[method].params:  # breadcrumbs' gamma, della's epsilon
+            if p.per_model and p.mergekit not in (None, "weight", "density"):
+                kwargs[p.name] = [param(m, p.mergekit, p.mergekit_default, fld_of(m, p.mergekit)) for m in specs]
         rescale = _shared(cfg, "rescale", mk.rescale)
         if "rescale" in native:
             kwargs["rescale"] = rescale

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from .registry import METHODS
 
-__all__ = ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock"]
+__all__ = ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "breadcrumbs",
+           "breadcrumbs_ties", "della", "della_linear"]
 
 if TYPE_CHECKING:
     from .average import linear
     from .delta import dare_linear, dare_ties, task_arithmetic, ties
+    from .sparse_delta import breadcrumbs, breadcrumbs_ties, della, della_linear
     from .stock import model_stock
     from .spherical import slerp
 

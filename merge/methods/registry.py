@@ -203,4 +203,39 @@ register(MethodSpec(
     "x (or scale · x): one model's tensors; with mergekit slices, layer ranges of several models stacked",
     "mergekit (Goddard et al. 2024, arXiv:2403.13257); SOLAR depth up-scaling (Kim et al. 2023, arXiv:2312.15166)",
     "Copy one model (times --scale); stacking layer ranges (slices) runs from a mergekit YAML.",
-    MergekitSpec(("scale",), (), normalize=None, cpift_normalize=None)))  # no parameter to set: the bench runs it with its defaults
+    MergekitSpec(("scale",), (), normalize=None, cpift_normalize=None)))
+
+
+def _sparse(name: str, extra: ParamSpec, density: float, definition: str, paper: str, summary: str, *,
+            normalize: bool, rescale: bool, seed: bool) -> MethodSpec:
+    """mergekit's breadcrumbs / della family (merge/methods/sparse_delta.py): normalize and rescale are
+    the function's keywords, set from a config (mergekit's defaults otherwise)."""
+    dens = _density(density, "Share of each delta kept.")
+    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.sparse_delta", ("base", "models"),
+                      (WEIGHTS, LAMBDA, dens, extra, *((SEED,) if seed else ())), definition, paper, summary,
+                      MergekitSpec((*_DELTA_INPUTS, extra.mergekit), _DELTA_SHARED, normalize=normalize,
+                                   cpift_normalize=normalize, rescale=rescale, cpift_rescale=rescale),
+                      native=("normalize", "rescale"), bench={"--density": "0.5"})
+
+
+_GAMMA = ParamSpec("gamma", "--gamma", "number_or_per_model", 0.01,
+                   "Share of each delta's largest-magnitude entries dropped, in [0, 1].",
+                   lo=0.0, hi=1.0, mergekit="gamma", mergekit_default=0.01)
+_EPSILON = ParamSpec("epsilon", "--epsilon", "number_or_per_model", 0.15,
+                     "Spread of the keep probability over a row's magnitude ranks: density ± epsilon, in (0, 1).",
+                     mergekit="epsilon", mergekit_default=0.15)
+_CRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
+_DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+_BAND = "keep each delta's entries ranked between its smallest and its largest gamma share by |δ| (density kept), then "
+_MAGPRUNE = ("keep each row's entries with probability density − ε + 2ε·rank/(C − 1) by |δ| rank (seeded), "
+             "rescale to the delta's L1 norm, then ")
+register(_sparse("breadcrumbs", _GAMMA, 0.9, _BAND + "task arithmetic", _CRUMBS,
+                 "Breadcrumbs: drop the smallest and the largest deltas, then task arithmetic.",
+                 normalize=False, rescale=False, seed=False))
+register(_sparse("breadcrumbs_ties", _GAMMA, 0.9, _BAND + "TIES sign election", _CRUMBS,
+                 "Breadcrumbs' sparsification, then TIES sign election.", normalize=False, rescale=False, seed=False))
+register(_sparse("della", _EPSILON, 0.5, _MAGPRUNE + "TIES sign election and disjoint mean", _DELLA,
+                 "DELLA: magnitude-ranked random drops, L1 rescale, TIES sign election.",
+                 normalize=True, rescale=True, seed=True))
+register(_sparse("della_linear", _EPSILON, 0.5, _MAGPRUNE + "task arithmetic", _DELLA,
+                 "DELLA's drops and rescale, then task arithmetic.", normalize=False, rescale=True, seed=True))
