@@ -29,8 +29,7 @@ class MethodCall:
 
 
 def _shared(cfg: MergeConfig, key: str, default: Any) -> Any:
-    s = first_setting(None, key, cfg.slice_parameters, cfg.parameters)
-    return default if s is None else s
+    return default if (s := first_setting(None, key, cfg.slice_parameters, cfg.parameters)) is None else s
 
 
 def _normalize_weights(ws: list[Param]) -> list[Param]:
@@ -60,12 +59,11 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         paths: reference as written → resolved path (default: itself); one path is one model.
         native: keywords the function takes beyond the contract (``normalize``, ``rescale``): passed on.
 
-    Returns:
-        MethodCall with the positional model arguments and the method keywords.
+    Returns: MethodCall with the positional model arguments and the method keywords.
 
     Raises:
-        ConfigError: a normalize/rescale value cpift's function cannot compute; a gradient without
-            ``num_layers``; two entries naming one model.
+        ConfigError: a normalize/rescale value cpift cannot compute; a gradient without ``num_layers``;
+            two entries naming one model.
     """
     src = cfg.source
     paths = dict(paths or {})
@@ -297,8 +295,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
             ``overwrite``, ``allow_nonfinite``, ``copy_tokenizer_from``, ``progress``); a value that is
             not None here overrides the config.
 
-    Returns:
-        MergeResult of the method run; its notes include the config's notes.
+    Returns: MergeResult of the method run; its notes include the config's notes.
 
     Raises:
         ConfigError: the config, or a model it names, is unusable; and whatever the method raises.
