@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cpift.errors import ConfigError
-from cpift.merge.io.checkpoint import Checkpoint
+from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.mergekit.values import Setting, chain_param, located, split_layer
 
@@ -92,9 +92,14 @@ class LayerView(Checkpoint):
     """A Checkpoint whose tensors are other checkpoints' tensors under new names (read zero-copy)."""
 
     def __init__(self, entries: list[tuple[str, Checkpoint, str]], *, path: Path, ref: str):
+        for _, ckpt, _ in entries:
+            if ckpt.index_name != INDEX_NAME:
+                raise ConfigError(f"{ckpt.path}: a layer stack reads safetensors sources only (this one is .bin)")
         self.path = self.dir = Path(path)
         self.ref = ref
         self.notes: list[str] = []
+        self.index_name = INDEX_NAME  # what resume hashes: the first source's index, if it has one
+        self._bin = None  # safetensors sources only: tensors are read from their mapped files
         self.tensors = {out: ckpt.info(name) for out, ckpt, name in entries}
         self._order = [out for out, _, _ in entries]
         self._maps = {}
@@ -188,7 +193,7 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
 def run_stack(cfg, out: str | os.PathLike, paths: Mapping[str, Path], *, recipe: Mapping[str, Any],
               **settings: Any):
     """Run a passthrough ``slices`` config (``cfg.stack``) through ``passthrough``."""
-    from cpift.merge.methods.passthrough import passthrough
+    from cpift.merge.methods.layers import passthrough
 
     view, scale, layers = plan_stack(cfg.stack, paths, cfg.parameters, cfg.source)
     settings["inputs"] = [*settings.get("inputs", ()), *paths.values()]

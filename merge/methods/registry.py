@@ -197,7 +197,7 @@ register(MethodSpec(
     MergekitSpec((), ("filter_wise",), normalize=None, cpift_normalize=None),
     bench={}, min_models=2))  # no parameter to set: the bench runs it with its defaults
 register(MethodSpec(
-    "passthrough", "passthrough", "cpift.merge.methods.passthrough", ("model",),
+    "passthrough", "passthrough", "cpift.merge.methods.layers", ("model",),
     (ParamSpec("scale", "--scale", "number", None,
                "Multiply every tensor by this (default: copy bit for bit).", mergekit="scale"),),
     "x (or scale · x): one model's tensors; with mergekit slices, layer ranges of several models stacked",

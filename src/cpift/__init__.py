@@ -29,6 +29,11 @@ _FACADE = {
     "dare_linear": "cpift.merge.methods.delta",
     "dare_ties": "cpift.merge.methods.delta",
     "model_stock": "cpift.merge.methods.stock",
+    "breadcrumbs": "cpift.merge.methods.sparse_delta",
+    "breadcrumbs_ties": "cpift.merge.methods.sparse_delta",
+    "della": "cpift.merge.methods.sparse_delta",
+    "della_linear": "cpift.merge.methods.sparse_delta",
+    "passthrough": "cpift.merge.methods.layers",
     "compute_cores": "cpift.merge.cpi.cores",
     "cluster_masks": "cpift.merge.cpi.cluster",
     "fuse": "cpift.merge.cpi.fuse",
@@ -45,6 +50,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from cpift.merge.hub import pull, push
     from cpift.merge.methods.average import linear
     from cpift.merge.methods.delta import dare_linear, dare_ties, task_arithmetic, ties
+    from cpift.merge.methods.layers import passthrough
+    from cpift.merge.methods.sparse_delta import breadcrumbs, breadcrumbs_ties, della, della_linear
     from cpift.merge.methods.stock import model_stock
     from cpift.merge.methods.spherical import slerp
 

@@ -19,18 +19,20 @@ from cpift.merge.tools.bench_cases import METHODS as BENCH_METHODS
 from references import load_state
 from test_bad_input import run_cli
 
-SEVEN = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock"}
+REGISTERED = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "breadcrumbs",
+         "breadcrumbs_ties", "della", "della_linear", "passthrough"}
 
 
 def test_every_method_is_registered_with_its_function_and_parameters():
-    assert set(METHODS) == SEVEN
+    assert set(METHODS) == REGISTERED
     for name, spec in METHODS.items():
         assert spec.function is getattr(methods, name) is getattr(cpift, name)
         signature = inspect.signature(spec.function).parameters
         for p in spec.params:
             assert p.name in signature and signature[p.name].kind is inspect.Parameter.KEYWORD_ONLY, (name, p.name)
         assert spec.definition and spec.paper and spec.summary
-    assert set(delta_methods()) == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock"}
+    assert set(delta_methods()) == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock",
+                                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
 def test_cli_config_card_and_bench_list_the_registered_methods(capsys):
@@ -38,7 +40,7 @@ def test_cli_config_card_and_bench_list_the_registered_methods(capsys):
     assert code == 0
     for spec in METHODS.values():
         assert spec.cli in out
-    assert set(CONFIG_METHODS) == set(MERGEKIT_METHODS) == SEVEN
+    assert set(CONFIG_METHODS) == set(MERGEKIT_METHODS) == REGISTERED
     assert set(BENCH_METHODS) == {s.cli for s in METHODS.values()} | {"fuse", "cores"}
 
 
