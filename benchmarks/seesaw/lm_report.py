@@ -194,7 +194,7 @@ def markdown(r: dict) -> str:
         lines += [f"| {p} | {k} | {_f(v, 4)} | {g['random_jaccard']:.4f} |" for k, v in g["jaccard"].items()]
     d = {t: p1["tasks"][t] for t in tasks}
     lines += ["", "Update density: " + "; ".join(f"{t}: ‖δ‖/‖θ0‖ {_f(v['delta_rel_norm'], 4)}, "
-                                              f"{_f(v['moved_1e-3'], 3)} of entries move > 1e-3" for t, v in d.items()),
+                                              f"{v['moved_1e-3']['mean']:.4%} of entries move > 1e-3" for t, v in d.items()),
               "", "## Table 1: methods on equal terms", "",
               "Raw EM (± binomial SE of the eval) and the normalized score (capped at 1) per task.", "",
               "| method | " + " | ".join(tasks) + " | mean normalized | mean EM | optimizer steps |",
@@ -271,3 +271,21 @@ def write(r: dict, out: Path, *, name: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, out / f"{name}{suffix}")
     plots(r, out, name)
+
+
+def reaggregate(results: Path, work: Path) -> None:
+    """Rebuild the JSON, markdown and charts from a finished WORK with the settings recorded in ``results``
+    (after a change to this module; reruns nothing)."""
+    old = json.loads(results.read_text())
+    variants = [k for k in old["ablations"] if not k.startswith("main")]
+    new = aggregate(work, scale=old["scale"], cfg=old["settings"], tasks=old["tasks"], base=old["base"],
+                    timing=old["timing"], variants=variants, wall=old["wall_seconds"])
+    new["date"] = old["date"]
+    write(new, results.parent, name=results.stem)
+
+
+if __name__ == "__main__":
+    import sys
+
+    reaggregate(Path(sys.argv[1]), Path(sys.argv[2]))
+
