@@ -18,8 +18,8 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
     model_stock      model_stock(base, others, filter_wise) — base_model and ≥ 2 others, no per-model keys.
 
 Refused, with the reason in the message
-    * other merge methods, ``modules``, ``tokenizer.tokens``, ``chat_template``, LoRA references
-      (``model+lora``), ``residual_weight``;
+    * other merge methods, ``modules``, ``tokenizer.tokens``, ``chat_template``, ``residual_weight``
+      (``model+lora`` runs: merge/io/lora.py);
     * ``slices`` other than one slice spanning every layer, or a passthrough stack (stack.py);
     * ``tokenizer_source: union``, and ``base`` / a path unless every tokenizer.json holds the same
       vocabulary, of config.json's vocab_size (mergekit's remapping is then the identity: a copy is exact);
@@ -47,7 +47,8 @@ from typing import Any, Mapping
 from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_yaml_bounded
 from cpift.merge.mergekit.stack import StackSlice, parse_stack
-from cpift.merge.mergekit.values import Setting, is_constant, located, parse_cpift_block, parse_setting
+from cpift.merge.mergekit.values import (Setting, is_constant, located, parse_cpift_block, parse_setting,
+                                         slice_sources)
 from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
 
 
@@ -177,15 +178,7 @@ def _parse_slices(raw: Any, source, method: str):
                           f"model; cpift merges whole models, so only one slice covering every layer is "
                           f"supported (or use models:)")
     sl = _mapping(raw[0], "slices[0]", source, "a mapping with 'sources'")
-    for key in sl:
-        if key not in ("sources", "base_model", "parameters", "residual_weight"):
-            raise ConfigError(f"{located(source, f'slices[0].{key}')}: unknown key")
-    if sl.get("residual_weight") is not None:
-        raise ConfigError(f"{located(source, 'slices[0].residual_weight')}: not supported by cpift")
-    sources = sl.get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise ConfigError(f"{located(source, 'slices[0].sources')}: expected a non-empty list of "
-                          f"{{model, layer_range}}")
+    sources = slice_sources(sl, "slices[0]", source)
     models, ranges = [], []
     for i, s in enumerate(sources):
         fld = f"slices[0].sources[{i}]"

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from cpift.errors import ConfigError
 from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
 from cpift.merge.io.safe_parse import load_json_bounded
-from cpift.merge.mergekit.values import Setting, chain_param, located, split_layer
+from cpift.merge.mergekit.values import Setting, chain_param, located, slice_sources, split_layer
 
 _PRE = ("embed", "wte", "wpe")
 
@@ -54,17 +54,9 @@ def parse_stack(raw: list, source, *, model_ref: Callable, parse_params: Callabl
         fld = f"slices[{i}]"
         if not isinstance(sl, dict):
             raise ConfigError(f"{located(source, fld)}: expected a mapping with 'sources', got {sl!r}")
-        for key in sl:
-            if key not in ("sources", "base_model", "parameters", "residual_weight"):
-                raise ConfigError(f"{located(source, f'{fld}.{key}')}: unknown key")
-        if sl.get("residual_weight") is not None:
-            raise ConfigError(f"{located(source, f'{fld}.residual_weight')}: not supported by cpift")
+        sources = slice_sources(sl, fld, source)
         if sl.get("base_model") is not None:
             raise ConfigError(f"{located(source, f'{fld}.base_model')}: passthrough has no base model")
-        sources = sl.get("sources")
-        if not isinstance(sources, list) or not sources:
-            raise ConfigError(f"{located(source, f'{fld}.sources')}: expected a non-empty list of "
-                              f"{{model, layer_range}}")
         if len(sources) != 1:
             raise ConfigError(f"{located(source, f'{fld}.sources')}: passthrough takes one source per slice, "
                               f"got {len(sources)} (mergekit refuses more too)")

@@ -25,7 +25,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 from cpift.errors import ConfigError
 from cpift.merge.methods.registry import mergekit_flags
@@ -325,3 +325,16 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
             raise ConfigError(f"{located(source, fld)}: expected a model directory or Hub id, got {val!r}")
         out[key] = val
     return out
+
+
+def slice_sources(sl: Mapping, fld: str, source) -> list:
+    """Check one mergekit slice's keys (``fld``: e.g. "slices[0]"); returns its non-empty ``sources``."""
+    for key in sl:
+        if key not in ("sources", "base_model", "parameters", "residual_weight"):
+            raise ConfigError(f"{located(source, f'{fld}.{key}')}: unknown key")
+    if sl.get("residual_weight") is not None:
+        raise ConfigError(f"{located(source, f'{fld}.residual_weight')}: not supported by cpift")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError(f"{located(source, f'{fld}.sources')}: expected a non-empty list of {{model, layer_range}}")
+    return sources

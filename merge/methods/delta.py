@@ -26,10 +26,9 @@ from cpift.merge.options import MergeOptions, merge_options
 from .params import Param, PathLike, check_all, check_scale, float_names, per_model, value, weights_for
 
 
-def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *,
-                  weights, lam: float, density=None, trim: bool, drop: bool, elect_sign: bool,
-                  seed: int = 0, global_trim: bool = False, normalize: bool = True,
-                  options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
+def open_delta_inputs(method: str, base: PathLike, models: Sequence[PathLike], weights, lam) -> tuple:
+    """The checks and opened inputs every base-plus-deltas method starts with: (λ, per-model weights,
+    checkpoints [base, *models], the floating tensor names), weights and λ checked on every tensor."""
     if len(models) < 1:
         raise ParameterError(f"models: {method} needs at least 1 model besides the base")
     lam = value(lam, "", "lambda")
@@ -39,6 +38,14 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
     for i, w in enumerate(ws):
         check_all(w, names, f"weights[{i}]")
     check_scale(ws, names, lam=lam)
+    return lam, ws, ckpts, names
+
+
+def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *,
+                  weights, lam: float, density=None, trim: bool, drop: bool, elect_sign: bool,
+                  seed: int = 0, global_trim: bool = False, normalize: bool = True,
+                  options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
+    lam, ws, ckpts, names = open_delta_inputs(method, base, models, weights, lam)
     ds = per_model(density if density is not None else 1.0, len(models), "density")
     for i, d in enumerate(ds):
         field = f"density[{i}]" if isinstance(density, (list, tuple)) else "density"

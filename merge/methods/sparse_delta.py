@@ -34,11 +34,12 @@ from cpift.errors import ParameterError
 from cpift.kernels.dare import philox_uniform, tensor_seed
 from cpift.kernels.select import cut_mask, magnitude_cut, magnitude_scores
 from cpift.kernels.ties import delta_merge
-from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
 from cpift.merge.options import MergeOptions, merge_options
 
-from .params import Param, PathLike, check_all, check_scale, float_names, per_model, value, weights_for
+from .delta import open_delta_inputs
+from .params import Param, PathLike, per_model, value
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: below this either L1 norm leaves the delta as is
 NORMALIZE_EPS = 1e-8  # mergekit's divisor guard of a plain (non-TIES) sum of weights
@@ -96,13 +97,7 @@ def _sparse_method(method: str, base: PathLike, models: Sequence[PathLike], out:
             raise ParameterError(f"{fld}: expected true or false, got {flag!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ParameterError(f"seed: expected a non-negative integer, got {seed!r}")
-    lam = value(lam, "", "lambda")
-    ws = weights_for(weights, len(models))
-    ckpts = open_models([base, *models])
-    names = float_names(ckpts)
-    for i, w in enumerate(ws):
-        check_all(w, names, f"weights[{i}]")
-    check_scale(ws, names, lam=lam)
+    lam, ws, ckpts, names = open_delta_inputs(method, base, models, weights, lam)
     ds = per_model(density, len(models), "density")
     es = per_model(extra, len(models), extra_name)
     della = extra_name == "epsilon"
