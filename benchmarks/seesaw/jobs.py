@@ -38,6 +38,14 @@ def score(model: Path, recipe: Path, tasks: list[dict] | None = None) -> dict:
                                 **eval_options(recipe)) for t in (tasks or tasks_of(recipe))}
 
 
+def heuristic_groups(names: list[str], heuristic: list[list[str]]) -> list[list[str]]:
+    """The multi-stage heuristic's stages: the heuristic's groups restricted to ``names``, in order, then
+    one stage of the tasks it does not name."""
+    known = [[n for n in g if n in names] for g in heuristic]
+    extra = [n for n in names if not any(n in g for g in heuristic)]
+    return [g for g in known if g] + ([extra] if extra else [])
+
+
 def init_worker() -> None:
     # torch's thread barriers stall when another process holds a core: one thread per worker
     import torch

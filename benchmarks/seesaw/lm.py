@@ -52,9 +52,7 @@ def recipe(base_dir: Path, files: dict, cfg: dict, *, omega: float | None = None
     sft = {"lr": cfg["lr"], "batch_size": cfg["batch"], "max_length": MAX_LENGTH, "warmup": 0.05, "weight_decay": 0.0}
     names = list(files)
     if groups is None:
-        known = [[n for n in g if n in names] for g in HEURISTIC]
-        extra = [n for n in names if not any(n in g for g in HEURISTIC)]
-        groups = [g for g in known if g] + ([extra] if extra else [])
+        groups = jobs.heuristic_groups(names, HEURISTIC)
     return {"base": str(base_dir), "seed": 0,
             "tasks": [{"name": n, "train": str(tr), "eval": str(ev)} for n, (tr, ev) in files.items()],
             "probe": {"steps": cfg["probe_steps"], **sft}, "p": P, "granularity": "element", "tau": tau,
