@@ -6,6 +6,7 @@ parity where CPIFT_MERGEKIT_YAML names a mergekit-yaml."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -168,9 +169,28 @@ def test_bad_epsilon_is_one_line(capsys, fam, tmp_path):
                       inputs=list(fam.values()))
 
 
+@pytest.fixture(scope="module")
+def llama_fam(tmp_path_factory, families):
+    """A real (tiny) Llama base and two perturbed fine-tunes: mergekit needs an architecture it knows."""
+    src = families[("llama", torch.float32)]["base"]
+    state = load_state(src)
+    g = torch.Generator().manual_seed(13)
+    root = tmp_path_factory.mktemp("crumbs-llama")
+    paths = {}
+    for name in ("base", "ft1", "ft2"):
+        d = root / name
+        d.mkdir()
+        shutil.copy(src / "config.json", d / "config.json")
+        t = state if name == "base" else {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        save_file({k: v.contiguous() for k, v in t.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+        paths[name] = d
+    return paths
+
+
 @pytest.mark.skipif(not MERGEKIT, reason="CPIFT_MERGEKIT_YAML is not set to a mergekit-yaml")
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
-def test_breadcrumbs_agree_with_mergekit(fam, tmp_path, method, monkeypatch):
+def test_breadcrumbs_agree_with_mergekit(llama_fam, tmp_path, method, monkeypatch):
+    fam = llama_fam
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yml").write_text(
         f"merge_method: {method}\nbase_model: {fam['base']}\nmodels:\n"
