@@ -12,7 +12,7 @@ computed in float32 (float64 for a float64 base) and cast once to the base tenso
 adapter tensor (modules_to_save, saved embeddings) replaces the base tensor of that name. PEFT's key
 format ``base_model.model.<module>.lora_A.weight`` maps to the base's ``<module>.weight``. Only the
 current tensor's A and B are read (zero-copy views of adapter_model.safetensors, or of
-adapter_model.bin loaded with ``torch.load(weights_only=True, mmap=True)``), so memory stays bounded.
+adapter_model.bin read by the Checkpoint reader, merge/io/bin_shards.py), so memory stays bounded.
 Everything is validated when the input is opened (before any output is written): unsupported
 adapter types (DoRA, non-LoRA PEFT types, ...) and shape mismatches are one-line errors naming
 adapter_config.json or the adapter file and the field or tensor.
@@ -94,36 +94,12 @@ def _pattern(patterns: dict, module: str, default: float) -> float:
     return default
 
 
-def _load_adapter_tensors(adapter: Path) -> tuple[Path, object]:
-    """The adapter weights file and a reader with ``tensors`` (names) and ``get(name)``."""
-    st, pt = (adapter / n for n in ADAPTER_FILES)
-    if st.is_file():
-        return st, Checkpoint(st)
-    if pt.is_file():
-        try:
-            state = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(f"{pt}: cannot be read as a weights-only torch checkpoint ({first})") from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in state.items()):
-            raise CheckpointError(f"{pt}: expected a flat dict of tensor name -> tensor")
-        return pt, _Dict(state)
+def _load_adapter_tensors(adapter: Path) -> tuple[Path, Checkpoint]:
+    """The adapter weights file and a Checkpoint reading it (safetensors, or .bin through bin_shards)."""
+    for file in (adapter / n for n in ADAPTER_FILES):
+        if file.is_file():
+            return file, Checkpoint(file)
     raise CheckpointError(f"{adapter}: no {' or '.join(ADAPTER_FILES)} next to {ADAPTER_CONFIG}")
-
-
-class _Dict:
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.tensors = state
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def close(self) -> None:
-        self.tensors = {}
 
 
 class AdaptedCheckpoint(Checkpoint):
@@ -153,8 +129,7 @@ class AdaptedCheckpoint(Checkpoint):
                           f"({len(self._lora)} tensors adapted, {len(self._replace)} replaced)")
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        a = self._adapter
-        return tuple(a.info(key).shape) if isinstance(a, Checkpoint) else a.shape(key)
+        return tuple(self._adapter.info(key).shape)
 
     def _plan(self, cfg: dict) -> None:
         where = self.adapter_file
