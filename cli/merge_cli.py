@@ -41,7 +41,7 @@ def config(config_file, seed, out, common):
 
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """
-    from cpift.merge.mergekit.plan import run_config
+    from cpift.merge.mergekit.run import run_config
     from cpift.merge.cpi.recipes import is_step_recipe
     from cpift.merge.cpi.replay import run_step_recipe
 

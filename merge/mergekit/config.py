@@ -3,7 +3,8 @@ config unchanged for the registered methods (merge/methods/registry.py: linear, 
 ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; anything cpift cannot
 compute so is refused with a ConfigError naming the file and the field, before any tensor is read.
 
-Pipeline: ``load_config`` (YAML → MergeConfig, here) → ``plan_call``, ``run_config`` (plan.py); values.py.
+Pipeline: ``load_config`` (YAML → MergeConfig, here; spec.py, checks.py) → ``plan_call`` (plan.py) →
+``run_config`` (run.py); values in values.py, tokenizer fields in tokenizers.py, layer stacks in stack.py.
 
 Defaults (mergekit 0.1.5's; the registry's MergekitSpec): none for ``weight`` and slerp's ``t`` (a
 model without one is an error), ``density`` 1, ``lambda`` 1.
@@ -40,15 +41,16 @@ constant linear weight sum). Known differences: DARE's drops come from cpift's c
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_yaml_bounded
-from cpift.merge.mergekit.stack import StackSlice, parse_stack
-from cpift.merge.mergekit.values import (Setting, is_constant, located, parse_cpift_block, parse_setting,
-                                         slice_sources)
+from cpift.merge.mergekit.checks import check_values
+from cpift.merge.mergekit.spec import MergeConfig, ModelSpec
+from cpift.merge.mergekit.stack import parse_stack
+from cpift.merge.mergekit.tokenizers import parse_tokenizer_source
+from cpift.merge.mergekit.values import Setting, located, parse_cpift_block, parse_setting, slice_sources
 from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
 
 
@@ -67,43 +69,6 @@ def _shared_params(method: str) -> tuple[str, ...]:
 _TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "cpift")
 _DTYPES = ("bfloat16", "float16", "float32", "float64")
-
-# --------------------------------------------------------------------------------------------------
-# The config
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One input model as the config lists it: the reference as written and its own parameters."""
-
-    model: str
-    parameters: Mapping[str, Setting]
-    field: str  # "models[1]" or "slices[0].sources[1]", for messages
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    """A validated mergekit config.
-
-    ``models`` keeps the listed order (base_model too, if listed). ``parameters``: the top-level ones,
-    ``slice_parameters``: the single slice's; model references as written (``run_config`` resolves them).
-    """
-
-    method: str
-    models: tuple[ModelSpec, ...]
-    base_model: str | None
-    parameters: Mapping[str, Setting]
-    dtype: str | None
-    out_dtype: str | None
-    source: Path
-    slice_parameters: Mapping[str, Setting] = field(default_factory=dict)
-    layer_range: tuple[int, int] | None = None  # slices form: the common [start, end)
-    tokenizer_source: str | None = None  # None, "base" or a model reference
-    name: str | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    cpift: Mapping[str, Any] = field(default_factory=dict)  # values.parse_cpift_block
-    stack: tuple[StackSlice, ...] = ()  # passthrough slices (merge/mergekit/stack.py)
-
 
 def _read_yaml(path: Path) -> Any:
     try:
@@ -216,101 +181,6 @@ def _dtype(raw: Any, fld: str, source) -> str | None:
     return name
 
 
-def _tokenizer_source(data: dict, source) -> str | None:
-    src = data.get("tokenizer_source")
-    tok = data.get("tokenizer")
-    fld = "tokenizer_source"
-    if tok is not None:
-        if src is not None:
-            raise ConfigError(f"{located(source, 'tokenizer')}: give tokenizer or tokenizer_source, not both")
-        tok = _mapping(tok, "tokenizer", source, "a mapping")
-        for key in tok:
-            if key == "source":
-                continue
-            if key in ("tokens", "pad_to_multiple_of"):
-                if tok[key] is not None:
-                    raise ConfigError(f"{located(source, f'tokenizer.{key}')}: not supported (cpift does not "
-                                      f"edit vocabularies or embeddings)")
-                continue
-            raise ConfigError(f"{located(source, f'tokenizer.{key}')}: unknown key")
-        src, fld = tok.get("source", "union"), "tokenizer.source"
-    if src is None:
-        return None
-    if src == "union":
-        raise ConfigError(f"{located(source, fld)}: 'union' builds a new vocabulary and remaps embeddings, "
-                          f"which cpift does not do; use 'base', a model path, or leave it out")
-    if src == "base":
-        return "base"
-    return _model_ref(src, fld, source)
-
-
-def _check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
-                  params: dict, slice_params: dict, source, slice_form: bool) -> None:
-    """Checks that need no files: model counts, duplicates, required values, a linear weight sum of 0."""
-    names = [m.model for m in models]
-    for i, n in enumerate(names):
-        if n in names[:i]:
-            raise ConfigError(f"{located(source, models[i].field + '.model')}: '{n}' is listed twice")
-    listed_base = base is not None and base in names
-    if slice_form and base is not None and not listed_base and method != "linear":
-        raise ConfigError(f"{located(source, 'slices[0].sources')}: base_model '{base}' must be one of the "
-                          f"sources (in slices form mergekit does not add it)")
-    # In models form mergekit adds an unlisted base_model as one more input (linear too).
-    inputs = len(models) + (0 if listed_base or base is None or slice_form else 1)
-    if REGISTRY[method].roles == ("model",):
-        if inputs != 1 and not slice_form:  # a stack's slices are checked in stack.py
-            raise ConfigError(f"{located(source, 'models')}: {method} takes one model (with base_model, if "
-                              f"not listed, counted), got {inputs}; stack layer ranges with slices:")
-    elif REGISTRY[method].roles == ("model_a", "model_b"):
-        if base is None:
-            raise ConfigError(f"{located(source, 'base_model')}: missing; slerp needs it (t = 0 gives it)")
-        if inputs != 2:
-            raise ConfigError(f"{located(source, 'models')}: slerp merges exactly two models, base_model and "
-                              f"one other; got {inputs}")
-    elif REGISTRY[method].has_base:
-        if base is None:
-            raise ConfigError(f"{located(source, 'base_model')}: missing; {method} merges deltas from it")
-        if inputs - 1 < (need := REGISTRY[method].min_models):
-            what = "one model" if need == 1 else f"{need} models"
-            raise ConfigError(f"{located(source, 'models')}: {method} needs at least {what} besides base_model, "
-                              f"got {inputs - 1}")
-    elif inputs < 2:
-        raise ConfigError(f"{located(source, 'models')}: linear needs at least two models, got {inputs}")
-
-    # Required parameters must have a value in some scope.
-    # (A value that covers only some tensors is caught per tensor when the merge validates its inputs.)
-    def covered(spec: ModelSpec | None, key: str) -> bool:
-        return first_setting(spec, key, slice_params, params) is not None
-
-    if method == "slerp" and not covered(None, "t"):
-        raise ConfigError(f"{located(source, 'parameters.t')}: missing; slerp needs t in [0, 1] "
-                          f"(0 gives base_model)")
-    weighted = ([] if "weight" not in _input_params(method)
-                else [m for m in models if method == "linear" or m.model != base])
-    if method == "linear" and base is not None and not listed_base and not slice_form:
-        weighted.append(ModelSpec(base, {}, "base_model"))
-    for m in weighted:
-        if not covered(m, "weight"):
-            fld = "parameters.weight" if m.field == "base_model" else f"{m.field}.parameters.weight"
-            why = (" (as in mergekit, a base_model missing from models is an input of a linear merge, and "
-                   "it takes the top-level weight)" if m.field == "base_model" else "")
-            raise ConfigError(f"{located(source, fld)}: missing; {method} needs a weight for every model "
-                              f"(mergekit has no default){why}; set it for this model or under the "
-                              f"top-level parameters")
-    if method == "linear":
-        ws = [first_setting(m, "weight", slice_params, params) for m in weighted]
-        if all(w is not None and is_constant(w) for w in ws) and sum(ws) == 0:
-            raise ConfigError(f"{located(source, 'models')}: the weights sum to 0 (a linear merge divides "
-                              f"by their sum)")
-
-
-def first_setting(spec: ModelSpec | None, key: str, slice_params: Mapping, params: Mapping) -> Setting | None:
-    for scope in ((spec.parameters if spec else {}), slice_params, params):
-        if key in scope:
-            return scope[key]
-    return None
-
-
 def load_config(path: str | os.PathLike) -> MergeConfig:
     """Read and validate a mergekit YAML config (``yaml.safe_load``); nothing on disk but it is read.
 
@@ -383,10 +253,10 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
             base = slice_base
     params = _parse_params(data.get("parameters"), "parameters", source, method,
                            _input_params(method) + _shared_params(method), per_model=False)
-    _check_values(method, models, base, params, slice_params, source, slice_form=has_slices)
+    check_values(method, models, base, params, slice_params, source, slice_form=has_slices)
     return MergeConfig(method=method, models=models, base_model=base, parameters=params,
                        dtype=_dtype(data.get("dtype"), "dtype", source),
                        out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
                        source=source, slice_parameters=slice_params, layer_range=layer_range,
-                       tokenizer_source=_tokenizer_source(data, source), name=name, raw=data,
+                       tokenizer_source=parse_tokenizer_source(data, source, _model_ref), name=name, raw=data,
                        cpift=parse_cpift_block(data.get("cpift"), method, source), stack=stack)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from cpift.merge.mergekit.config import MergeConfig, load_config
+from cpift.merge.mergekit.config import load_config
+from cpift.merge.mergekit.spec import MergeConfig
 
 L4 = "model.layers.{}.self_attn.q_proj.weight"
 OUTSIDE = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]

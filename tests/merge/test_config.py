@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpift.merge.mergekit.plan import plan_call, run_config
+from cpift.merge.mergekit.plan import plan_call
+from cpift.merge.mergekit.run import run_config
 from cpift.errors import ConfigError
 
 from config_helpers import SLERP, L4, cfg_of, value, write

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cpift.merge.mergekit.config import load_config
-from cpift.merge.mergekit.plan import resolve_model, run_config
+from cpift.merge.mergekit.run import resolve_model, run_config
 from cpift.errors import ConfigError
 
 from config_helpers import SLERP, write

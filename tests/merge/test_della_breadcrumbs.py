@@ -198,7 +198,7 @@ def test_breadcrumbs_agree_with_mergekit(llama_fam, tmp_path, method, monkeypatc
         f"  - model: {fam['ft2']}\n    parameters: {{weight: 0.5, density: 0.6, gamma: 0.05}}\ndtype: float32\n")
     subprocess.run([MERGEKIT, "c.yml", str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet",
                     "--no-write-model-card"], check=True, capture_output=True)
-    from cpift.merge.mergekit.plan import run_config
+    from cpift.merge.mergekit.run import run_config
 
     run_config(tmp_path / "c.yml", tmp_path / "cpift", progress=False)
     ours, theirs = load_state(tmp_path / "cpift"), load_state(tmp_path / "mk")

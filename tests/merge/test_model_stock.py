@@ -357,7 +357,7 @@ def test_agrees_with_mergekit(stock, tmp_path, models, dtype, out_dtype, filter_
     (tmp_path / "stock.yml").write_text(text)
     subprocess.run([MERGEKIT, "stock.yml", str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet",
                     "--no-write-model-card"], check=True, capture_output=True)
-    from cpift.merge.mergekit.plan import run_config
+    from cpift.merge.mergekit.run import run_config
 
     run_config(tmp_path / "stock.yml", tmp_path / "cpift", progress=False)
     ours, theirs = load_state(tmp_path / "cpift"), load_state(tmp_path / "mk")
