@@ -140,8 +140,9 @@ class RowPlan:
             if bool(sel.any()):
                 rows = torch.nonzero(sel).flatten()
                 out[b + rows] = src.index_select(0, idx[b + rows]).to(self.dtype)
-        if self.defaults:
-            out[[i for i, _ in self.defaults]] = defaults
+        fill = [k for k, (i, _) in enumerate(self.defaults) if not bool(own[i])]  # rows the model lacks
+        if fill:
+            out[[self.defaults[k][0] for k in fill]] = defaults[fill]
         if self.rows > self.n:
             out[self.n:] = torch.mean(out[:self.n], dim=0)
         return out
