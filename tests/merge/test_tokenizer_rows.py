@@ -235,3 +235,19 @@ def test_bad_token_sources_are_one_line(fam, tmp_path, capsys, monkeypatch, body
     field = message.split(":")[0].replace("\\", "")
     assert_user_error(capsys, ["config", p, "-o", tmp_path / "out2"], field, inputs=[fam["base"], fam["ft1"]])
     assert not (tmp_path / "out2").exists()
+
+
+def test_missing_transformers_is_one_line(fam, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    p = write_cfg(tmp_path, fam, "tokenizer_source: union\n")
+    with pytest.raises(ConfigError, match=r"need the 'transformers' package \(pip install transformers\)"):
+        run_config(p, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stack_with_remapped_vocabulary_is_refused(fam, tmp_path):
+    p = tmp_path / "s.yml"
+    p.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {fam['base']}, layer_range: [0, 1]}}]\n"
+                 f"  - sources: [{{model: {fam['ft1']}, layer_range: [0, 1]}}]\ntokenizer_source: union\n")
+    with pytest.raises(ConfigError, match=r"tokenizer_source: remapping the embedding rows of a passthrough stack"):
+        run_config(p, tmp_path / "out", progress=False)
