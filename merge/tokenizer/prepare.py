@@ -113,6 +113,7 @@ def prepare_tokenizer(cfg, fields, chat_template: str | None, paths: Mapping[str
     side = Path(tempfile.mkdtemp(prefix="cpift-tokenizer-"))
     setup = TokenizerSetup(side)
     weakref.finalize(setup, shutil.rmtree, side, ignore_errors=True)  # removed once the run is over
+    (side / ".cpift-tokenizer").write_text("")  # the card names this donor by what it is (merge/card.py)
     try:
         if fields is None:
             tok = load_tokenizer(donor, f"{src}: chat_template")

@@ -251,3 +251,33 @@ def test_stack_with_remapped_vocabulary_is_refused(fam, tmp_path):
                  f"  - sources: [{{model: {fam['ft1']}, layer_range: [0, 1]}}]\ntokenizer_source: union\n")
     with pytest.raises(ConfigError, match=r"tokenizer_source: remapping the embedding rows of a passthrough stack"):
         run_config(p, tmp_path / "out", progress=False)
+
+
+def test_recipe_replays_and_card_names_the_tokenizer(fam, tmp_path, monkeypatch):
+    body = ("tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n"
+            f"    xtra: {{source: {fam['ft1']}}}\n"
+            f"    w3: {{source: {{kind: model_token, model: {fam['ft1']}, token: '<|im_start|>'}}, force: true}}\n")
+    p = write_cfg(tmp_path, fam, body)
+    run_config(p, tmp_path / "out", progress=False)
+    assert "| copy_tokenizer_from | built from the config's tokenizer fields |" in (tmp_path / "out" / "README.md").read_text()
+    monkeypatch.chdir(tmp_path / "out")
+    run_config(tmp_path / "out" / "cpift_recipe.yml", tmp_path / "again", progress=False)
+    a, b = load_state(tmp_path / "out"), load_state(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert vocab_of(tmp_path / "out") == vocab_of(tmp_path / "again")
+
+
+def test_bf16_inputs_without_dtype_remap_in_bf16(tmp_path_factory, tmp_path):
+    fam16 = build_family(tmp_path_factory.mktemp("tokfam16"), torch.bfloat16)
+    p = write_cfg(tmp_path, fam16, "tokenizer: {source: union, pad_to_multiple_of: 16}\n", dtype="bfloat16")
+    p.write_text(p.read_text().replace("dtype: bfloat16\n", ""))
+    run_config(p, tmp_path / "out", progress=False)
+    out_vocab = vocab_of(tmp_path / "out")
+    state = load_state(tmp_path / "out")
+    for name in VOCAB_NAMES:
+        assert state[name].dtype == torch.bfloat16 and state[name].shape[0] == 48
+        want = oracle_rows(fam16, ["base", "ft1", "ft2"], "base", [0.3, 0.3, 0.4], out_vocab, pad=16, name=name)
+        # the default and padded rows are built in bf16 (as mergekit does), then merged in float32 and
+        # rounded once: two bf16 roundings of the value's scale at most
+        err = ((state[name].double() - want).abs() / want.abs().clamp_min(1)).max().item()
+        assert err <= 2 * 2 ** -8, (name, err)
