@@ -281,3 +281,43 @@ def test_bf16_inputs_without_dtype_remap_in_bf16(tmp_path_factory, tmp_path):
         # rounded once: two bf16 roundings of the value's scale at most
         err = ((state[name].double() - want).abs() / want.abs().clamp_min(1)).max().item()
         assert err <= 2 * 2 ** -8, (name, err)
+
+
+def test_padded_embeddings_are_cut_to_the_vocabulary(fam, tmp_path):
+    """A model with more embedding rows than tokens (vocab_size 44, 40 tokens): its extra rows are not
+    part of the output, whose vocab_size is the tokenizer's, as in mergekit."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    wide = tmp_path / "wide"
+    shutil.copytree(fam["ft3"], wide)
+    st = load_state(fam["ft3"])
+    for name in VOCAB_NAMES:
+        st[name] = torch.cat([st[name], torch.full((4, st[name].shape[1]), 7.0)])
+    save_file(st, str(wide / "model.safetensors"), metadata={"format": "pt"})
+    conf = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**conf, "vocab_size": 44}))
+    fam2 = {**fam, "wide": wide}
+    p = write_cfg(tmp_path, fam2, "tokenizer_source: base\n", models=("base", "wide"), weights=(1.0, 1.0))
+    run_config(p, tmp_path / "out", progress=False)
+    assert config_of(tmp_path / "out")["vocab_size"] == 40
+    out_vocab = vocab_of(tmp_path / "out")
+    state = load_state(tmp_path / "out")
+    for name in VOCAB_NAMES:
+        want = oracle_rows(fam2, ["base", "wide"], "base", [1.0, 1.0], out_vocab, name=name)
+        assert state[name].shape[0] == 40 and torch.allclose(state[name].double(), want, atol=1e-6), name
+
+
+def test_model_without_tokenizer_is_one_line(fam, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(fam["ft3"], bare)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / f).unlink()
+    p = write_cfg(tmp_path, {**fam, "bare": bare}, "tokenizer_source: union\n", models=("base", "bare"),
+                  weights=(1.0, 1.0))
+    with pytest.raises(ConfigError, match=r"c\.yml: tokenizer_source: cannot load the tokenizer of .*bare"):
+        run_config(p, tmp_path / "out", progress=False)
