@@ -32,7 +32,7 @@ def transformers_module():
         import transformers
     except ImportError:
         raise ConfigError("tokenizer_source / tokenizer / chat_template need the 'transformers' package "
-                          "(pip install transformers)") from None
+                          "(pip install 'cpift[tokenizer]', or transformers)") from None
     transformers.logging.set_verbosity_error()
     return transformers
 

@@ -240,7 +240,7 @@ def test_bad_token_sources_are_one_line(fam, tmp_path, capsys, monkeypatch, body
 def test_missing_transformers_is_one_line(fam, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     p = write_cfg(tmp_path, fam, "tokenizer_source: union\n")
-    with pytest.raises(ConfigError, match=r"need the 'transformers' package \(pip install transformers\)"):
+    with pytest.raises(ConfigError, match=r"need the 'transformers' package \(pip install 'cpift\[tokenizer\]', or transformers\)"):
         run_config(p, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
