@@ -1,0 +1,73 @@
+# NearSwap of two flattened tensors (mergekit 0.1.5's `nearswap`): a = the base, b = the other model,
+#   w   = clamp(t / max(|a − b|, 1e-6), 0, 1)
+#   out = w·b + (1 − w)·a
+# where the two models are within t of each other the other model's value is taken (w = 1); further
+# apart, the base moves towards b by t (w·|a − b| = t), so no entry moves by more than t.
+#
+# Precision: storage → float32 (float64 for float64 inputs), one rounding on store. Every step is one
+# IEEE operation in mergekit's order: torch's `t / d` is `d.reciprocal() * t` (two roundings), then
+# w·b, 1 − w, (1 − w)·a and their sum, each rounded, never fused; with float32 math on both sides the
+# result is mergekit's bit for bit. nearswap_ref is the float64 oracle.
+# Cost per element: reads 2, writes 1; no reduction, so every backend gives the same bits:
+#   "torch": chunks of 2^18 through reused scratch buffers;
+#   "cpu"  : _nearswap_cpu.py (numba, one pass, the same float32 operations; records finiteness);
+#   "triton": _nearswap_triton.py (division by div_rn, no mul+add contraction).
+# float64 inputs always take the torch path.
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backend import resolve
+from ._scratch import check_flat, chunks, compute_dtype, scratch
+from .finite import note_written
+
+EPS = 1e-6  # mergekit's floor under |a − b|
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, t: float) -> None:
+    check_flat("a", a)
+    check_flat("b", b, a.numel())
+    if not (math.isfinite(t) and t >= 0.0):
+        raise ValueError(f"nearswap: t must be a finite number ≥ 0, got {t}")
+
+
+def nearswap(a: torch.Tensor, b: torch.Tensor, t: float, *, out: torch.Tensor,
+             backend: str | None = None) -> torch.Tensor:
+    """Write w·b + (1 − w)·a, w = clamp(t / max(|a − b|, 1e-6), 0, 1), into out (1-D tensors)."""
+    _check(a, b, t)
+    n = a.numel()
+    check_flat("out", out, n)
+    dt = compute_dtype(a, b)
+    be = resolve(backend, a, b, out)
+    if be == "cpu" and dt == torch.float32:
+        from ._cpu import supports
+
+        if supports(a, b, out):
+            from ._nearswap_cpu import nearswap_cpu
+
+            note_written(out, nearswap_cpu(a, b, float(t), out=out))
+            return out
+    if be == "triton" and dt == torch.float32:
+        from ._nearswap_triton import nearswap_triton
+
+        return nearswap_triton(a, b, float(t), out=out)
+    for s, e in chunks(n):
+        m = e - s
+        fa = scratch("nearswap.a", m, dt).copy_(a[s:e])
+        fb = scratch("nearswap.b", m, dt).copy_(b[s:e])
+        w = scratch("nearswap.w", m, dt)
+        torch.sub(fa, fb, out=w).abs_().clamp_(min=EPS).reciprocal_().mul_(t).clamp_(0.0, 1.0)
+        fb.mul_(w)  # w·b
+        w.neg_().add_(1.0).mul_(fa)  # (1 − w)·a
+        out[s:e].copy_(fb.add_(w))
+    return out
+
+
+def nearswap_ref(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """float64 oracle of nearswap (returns float64)."""
+    _check(a, b, t)
+    a64, b64 = a.double(), b.double()
+    w = (t / (a64 - b64).abs().clamp(min=EPS)).clamp(0.0, 1.0)
+    return w * b64 + (1.0 - w) * a64
