@@ -31,9 +31,9 @@ def check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
                               f"not listed, counted), got {inputs}; stack layer ranges with slices:")
     elif REGISTRY[method].roles == ("model_a", "model_b"):
         if base is None:
-            raise ConfigError(f"{located(source, 'base_model')}: missing; slerp needs it (t = 0 gives it)")
+            raise ConfigError(f"{located(source, 'base_model')}: missing; {method} needs it (t = 0 gives it)")
         if inputs != 2:
-            raise ConfigError(f"{located(source, 'models')}: slerp merges exactly two models, base_model and "
+            raise ConfigError(f"{located(source, 'models')}: {method} merges exactly two models, base_model and "
                               f"one other; got {inputs}")
     elif REGISTRY[method].has_base:
         if base is None:
@@ -53,6 +53,9 @@ def check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
     if method == "slerp" and not covered(None, "t"):
         raise ConfigError(f"{located(source, 'parameters.t')}: missing; slerp needs t in [0, 1] "
                           f"(0 gives base_model)")
+    if method == "nearswap" and not covered(None, "t"):
+        raise ConfigError(f"{located(source, 'parameters.t')}: missing; nearswap needs a distance t ≥ 0 "
+                          f"(mergekit has no default; its reference model uses 0.0001)")
     weighted = ([] if "weight" not in _input_params(method)
                 else [m for m in models if method == "linear" or m.model != base])
     if method == "linear" and base is not None and not listed_base and not slice_form:

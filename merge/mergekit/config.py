@@ -115,7 +115,9 @@ def _parse_params(raw: Any, fld: str, source, method: str, allowed: tuple[str, .
         if key == "lambda" and (isinstance(val, (list, dict))):
             raise ConfigError(f"{located(source, kfld)}: expected one number; a per-tensor lambda is not "
                               f"supported by cpift")
-        out[key] = parse_setting(val, key, kfld, source)
+        # t is slerp's factor in [0, 1], but a distance ≥ 0 for a method whose t has no upper bound (nearswap)
+        t_spec = REGISTRY[method].param("t") if key == "t" else None
+        out[key] = parse_setting(val, "distance" if t_spec and t_spec.hi > 1 else key, kfld, source)
     return out
 
 

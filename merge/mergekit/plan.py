@@ -45,6 +45,15 @@ def _normalize_weights(ws: list[Param]) -> list[Param]:
     return [scaled(i) for i in range(len(ws))]
 
 
+def _whole_merge(cfg: MergeConfig, p: Any, param: Callable[..., Param]) -> Any:
+    """A shared setting of a method without per-model keys: a number (sce's select_topk) may vary per
+    tensor (gradients, filters), a flag (model_stock's filter_wise) is one value."""
+    if p.kind == "number":
+        fld = "slices[0].parameters" if p.mergekit in cfg.slice_parameters else "parameters"
+        return param(None, p.mergekit, p.mergekit_default, f"{fld}.{p.mergekit}")
+    return _shared(cfg, p.mergekit, p.mergekit_default)
+
+
 def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping[str, Any] | None = None,
               native: Collection[str] = ()) -> MethodCall:
     """The cpift function call a config stands for.
@@ -130,9 +139,8 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         return MethodCall(method, (tuple(path(m.model) for m in specs),), kwargs, notes)
 
     specs = [m for m in cfg.models if path(m.model) != base_key]
-    if "weight" not in mk.inputs:  # model_stock: the fine-tunes and the shared settings, nothing per model
-        kwargs = {p.name: _shared(cfg, p.mergekit, p.mergekit_default) for p in METHODS[method].params
-                  if p.mergekit}
+    if "weight" not in mk.inputs:  # model_stock, sce: the fine-tunes and the shared settings, nothing per model
+        kwargs = {p.name: _whole_merge(cfg, p, param) for p in METHODS[method].params if p.mergekit}
         return MethodCall(method, (path(cfg.base_model), tuple(path(m.model) for m in specs)), kwargs, notes)
 
     # task_arithmetic, ties, dare_linear, dare_ties

@@ -89,6 +89,8 @@ def _check_range(name: str, v: float, fld: str, source) -> float:
     if name == "t" and not 0.0 <= v <= 1.0:
         raise ConfigError(f"{located(source, fld)}: {v:g} is outside [0, 1] (t = 0 gives base_model, "
                           f"1 the other model)")
+    if name == "distance" and not v >= 0.0:  # nearswap's t
+        raise ConfigError(f"{located(source, fld)}: {v:g} is negative (nearswap's t is a distance ≥ 0)")
     if name == "density" and not 0.0 < v <= 1.0:
         raise ConfigError(f"{located(source, fld)}: {v:g} is outside (0, 1] (the share of each delta "
                           f"that is kept)")

@@ -170,7 +170,7 @@ register(MethodSpec(
     "TIES: trim deltas by magnitude, elect a sign per entry, average the agreeing deltas.",
     MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=True, cpift_normalize=True, rescale=False,
                  cpift_rescale=False),
-    native=("normalize",), bench={"--density": "0.3"}))
+    native=("normalize", "rescale"), bench={"--density": "0.3"}))
 
 
 def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...]) -> MethodSpec:
@@ -239,3 +239,24 @@ register(_sparse("della", _EPSILON, 0.5, _MAGPRUNE + "TIES sign election and dis
                  normalize=True, rescale=True, seed=True))
 register(_sparse("della_linear", _EPSILON, 0.5, _MAGPRUNE + "task arithmetic", _DELLA,
                  "DELLA's drops and rescale, then task arithmetic.", normalize=False, rescale=True, seed=True))
+register(MethodSpec(
+    "sce", "sce", "cpift.merge.methods.consensus", ("base", "models"),
+    (ParamSpec("select_topk", "--select-topk", "number", 1.0,
+               "Share in [0, 1] of the entries (those of non-zero variance over the models) kept, by variance.",
+               lo=0.0, hi=1.0, mergekit="select_topk", mergekit_default=1.0),),
+    "keep the select_topk share of entries of largest variance of the deltas over the models, weigh "
+    "model i by mean(δ_i²) / Σ_j mean(δ_j²), elect s = sign(Σ δ_i) (+1 at 0), "
+    "b + Σ_{sign δ_i = s} w_i δ_i / max(Σ_{same i} w_i, 1e-6)",
+    "Deng et al. 2024, FuseChat (SCE: select, calculate, erase; arXiv:2408.07990)",
+    "SCE: keep the entries where the deltas vary most, weigh models by their mean squared delta, TIES-style erase.",
+    MergekitSpec((), ("select_topk", "int8_mask"), normalize=None, cpift_normalize=None),
+    bench={"--select-topk": "0.5"}))
+register(MethodSpec(
+    "nearswap", "nearswap", "cpift.merge.methods.swap", ("model_a", "model_b"),
+    (ParamSpec("t", "--t", "number", None,
+               "Distance ≥ 0: entries of MODEL_B within t of MODEL_A (the base) are taken, the rest move by t.",
+               lo=0.0, mergekit="t"),),
+    "w = clamp(t / max(|a − b|, 1e-6), 0, 1), w·b + (1 − w)·a with a the base; t = 0 gives the base",
+    "mergekit (https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
+    "NearSwap: take the other model's value where it lies within t of the base, else move towards it by t.",
+    MergekitSpec((), ("t",), normalize=None, cpift_normalize=None), bench={"--t": "0.001"}))

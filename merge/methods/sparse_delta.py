@@ -38,10 +38,9 @@ from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
 from cpift.merge.options import MergeOptions, merge_options
 
-from .delta import open_delta_inputs
+from .delta import l1_scale, open_delta_inputs
 from .params import Param, PathLike, per_model, value
 
-RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: below this either L1 norm leaves the delta as is
 NORMALIZE_EPS = 1e-8  # mergekit's divisor guard of a plain (non-TIES) sum of weights
 
 
@@ -77,13 +76,6 @@ def _arange_like(order: torch.Tensor) -> torch.Tensor:
     view = [1] * order.dim()
     view[1] = order.shape[1]
     return torch.arange(order.shape[1], dtype=torch.float32).view(view).expand_as(order).contiguous()
-
-
-def l1_scale(x: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> float:
-    """mergekit's L1 rescale of a masked delta: Σ|δ| / Σ|kept δ| (1 when either is below 1e-7)."""
-    d = torch.abs(x.float() - b.float()).double()
-    before, after = float(d.sum()), float(d[keep].sum())
-    return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
 
 
 def _sparse_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *, weights, lam,
