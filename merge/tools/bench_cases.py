@@ -118,9 +118,10 @@ def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path]
                 f"  - model: {pair[1]}\nparameters:\n{shared}dtype: {dtype}\n")
     density = spec.bench.get("--density")
     lines = [f"merge_method: {spec.name}"] + ([f"base_model: {base}"] if spec.has_base else []) + ["models:"]
-    if spec.param("weights") is None:  # model_stock: the fine-tunes alone, its settings at their defaults
+    if spec.param("weights") is None:  # model_stock, sce: the fine-tunes alone, the bench's shared settings
         lines += [f"  - model: {t}" for t in tasks]
-        return "\n".join([*lines, f"dtype: {dtype}", ""])
+        shared = [f"  {keys[o]}: {v}" for o, v in spec.bench.items()]
+        return "\n".join([*lines, *(["parameters:", *shared] if shared else []), f"dtype: {dtype}", ""])
     for t, w in zip(tasks, _weights(len(tasks))):
         lines.append(f"  - model: {t}\n    parameters: {{weight: {w}" + (f", density: {density}}}" if density else "}"))
     normalize = str(spec.mergekit.cpift_normalize).lower()

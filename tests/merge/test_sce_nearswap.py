@@ -1,0 +1,322 @@
+"""sce (merge/methods/consensus.py) and nearswap (merge/methods/swap.py), plus the ties /
+task_arithmetic options of mergekit (ties rescale and normalize, task_arithmetic normalize): on
+checkpoints against float64 oracles written here from mergekit 0.1.5's definitions, the CLI and a
+mergekit YAML giving the same bytes, bad input as one-line errors, and mergekit parity where
+CPIFT_MERGEKIT_YAML names a mergekit-yaml."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from references import load_state
+from test_bad_input import assert_user_error, run_cli
+
+MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
+
+
+def sce64(b: torch.Tensor, xs: list[torch.Tensor], topk: float) -> torch.Tensor:
+    """mergekit's sce_merge in float64; the variance ranked as its float32 value, ties to the lowest index."""
+    shape = b.shape
+    b = b.reshape(-1).double()
+    tau = torch.stack([x.reshape(-1).double() - b for x in xs])
+    if topk < 1:
+        var = torch.var(tau.float().double(), dim=0, unbiased=False).float().double()
+        k = int(torch.count_nonzero(var) * topk)
+        keep = torch.zeros_like(b)
+        keep[torch.sort(var, descending=True, stable=True).indices[:k]] = 1.0
+        tau = tau * keep
+    w = tau.square().mean(dim=1)
+    w = w / w.sum() if abs(float(w.sum())) >= 1e-6 else torch.full_like(w, 1.0 / len(xs))
+    erased = w[:, None] * (torch.sign(tau) == torch.where(tau.sum(0) >= 0, 1.0, -1.0))
+    return (b + (tau * erased).sum(0) / erased.sum(0).clamp(min=1e-6)).reshape(shape)
+
+
+def nearswap64(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    a, b = a.double(), b.double()
+    w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
+    return w * b + (1 - w) * a
+
+
+def ties64(b, xs, ws, density, *, rescale=False, normalize=True):
+    """mergekit's ties in float64: magnitude trim (k = int(density·n), ties to the lowest index), the
+    L1 rescale, s = sign(Σ w_i δ_i) (+1 at 0), Σ_agree w_i δ_i (/ Σ_agree w_i, 1 where that is 0)."""
+    shape = b.shape
+    b = b.reshape(-1).double()
+    ds = []
+    for x in xs:
+        d = x.reshape(-1).double() - b
+        k = int(density * d.numel())
+        keep = torch.zeros_like(d)
+        keep[torch.sort(d.float().abs(), descending=True, stable=True).indices[:k]] = 1.0
+        kept = d * keep
+        if rescale and density < 1:
+            before, after = float(d.abs().sum()), float(kept.abs().sum())
+            if before >= 1e-7 and after >= 1e-7:
+                kept = kept * (before / after)
+        ds.append(kept)
+    wd = torch.stack([w * d for w, d in zip(ws, ds)])
+    mask = (torch.sign(wd) == torch.where(wd.sum(0) >= 0, 1.0, -1.0)).double()
+    mixed = (wd * mask).sum(0)
+    if normalize:
+        div = (torch.tensor(ws, dtype=torch.float64)[:, None] * mask).sum(0)
+        mixed = mixed / torch.where(div == 0, 1.0, div)
+    return (b + mixed).reshape(shape)
+
+
+def assert_close(got: dict, want: dict, rtol=1e-6, atol=1e-6) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k].double(), want[k].double(), rtol=rtol, atol=atol), (
+            k, float((got[k].double() - want[k].double()).abs().max()))
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sce")
+    g = torch.Generator().manual_seed(21)
+    shapes = {"a.weight": (33, 97), "b.bias": (31,), "c.one": (1,), "d.weight": (7, 1)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    paths = {}
+    for i, name in enumerate(("base", "ft1", "ft2", "ft3")):
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 1}')
+        t = base if name == "base" else {k: v + 0.02 * i * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file({k: v.contiguous() for k, v in t.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+        paths[name] = d
+    return paths
+
+
+def states(fam, *names):
+    return [load_state(fam[n]) for n in names]
+
+
+def yaml_out(capsys, tmp_path, text, name="y"):
+    cfg = tmp_path / f"{name}.yml"
+    cfg.write_text(text)
+    code, _, err = run_cli(capsys, "config", cfg, "-o", tmp_path / name, "-q")
+    assert code == 0, err
+    return tmp_path / name
+
+
+# ---------------------------------------------------------------------------------------------------
+# sce
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.1])
+def test_sce_cli_matches_the_oracle_and_the_yaml_bytes(capsys, fam, tmp_path, topk, backend):
+    code, _, err = run_cli(capsys, "sce", "--base", fam["base"], fam["ft1"], fam["ft2"], fam["ft3"],
+                           "--select-topk", str(topk), "--backend", backend, "-o", tmp_path / "cli", "-q")
+    assert code == 0, err
+    b, *xs = states(fam, "base", "ft1", "ft2", "ft3")
+    assert_close(load_state(tmp_path / "cli"), {k: sce64(b[k], [x[k] for x in xs], topk) for k in b})
+    out = yaml_out(capsys, tmp_path, f"merge_method: sce\nbase_model: {fam['base']}\nmodels:\n"
+                   f"  - model: {fam['base']}\n" + "".join(f"  - model: {fam[n]}\n" for n in ("ft1", "ft2", "ft3"))
+                   + f"parameters:\n  select_topk: {topk}\n  int8_mask: true\ndtype: float32\n")
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "cli" / "model.safetensors").read_bytes()
+
+
+def test_sce_select_topk_gradient_from_yaml(capsys, fam, tmp_path):
+    out = yaml_out(capsys, tmp_path, f"merge_method: sce\nbase_model: {fam['base']}\nmodels:\n"
+                   f"  - model: {fam['ft1']}\n  - model: {fam['ft2']}\n"
+                   f"parameters:\n  select_topk:\n    - filter: bias\n      value: 0.3\n    - value: 1.0\n")
+    b, *xs = states(fam, "base", "ft1", "ft2")
+    want = {k: sce64(b[k], [x[k] for x in xs], 0.3 if "bias" in k else 1.0) for k in b}
+    assert_close(load_state(out), want)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_sce_select_topk_outside_0_1_is_one_line(capsys, fam, tmp_path, value):
+    assert_user_error(capsys, ["sce", "--base", fam["base"], fam["ft1"], "--select-topk", value, "-o", tmp_path / "o"],
+                      "select_topk: ", "is outside [0.0, 1.0]", inputs=list(fam.values()))
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(f"merge_method: sce\nbase_model: {fam['base']}\nmodels:\n  - model: {fam['ft1']}\n"
+                   f"parameters:\n  select_topk: {value}\n")
+    assert_user_error(capsys, ["config", cfg, "-o", tmp_path / "o"], "select_topk", inputs=list(fam.values()))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("weight", "models[0].parameters.weight: unknown parameter for sce"),
+    ("nobase", "base_model: missing; sce merges deltas from it"),
+    ("lambda", "parameters.lambda: unknown parameter for sce"),
+])
+def test_sce_bad_yaml_is_one_line(capsys, fam, tmp_path, text, fragment):
+    good = f"merge_method: sce\nbase_model: {fam['base']}\nmodels:\n  - model: {fam['ft1']}\n  - model: {fam['ft2']}\n"
+    bad = {"weight": good.replace(f"  - model: {fam['ft1']}\n", f"  - model: {fam['ft1']}\n    parameters: {{weight: 1}}\n"),
+           "nobase": good.replace(f"base_model: {fam['base']}\n", ""),
+           "lambda": good + "parameters:\n  lambda: 0.5\n"}[text]
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(bad)
+    assert_user_error(capsys, ["config", cfg, "-o", tmp_path / "o"], "bad.yml", fragment, inputs=list(fam.values()))
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# nearswap
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_nearswap_cli_matches_the_oracle_and_the_yaml_bytes(capsys, fam, tmp_path, backend):
+    t = 0.02
+    code, _, err = run_cli(capsys, "nearswap", fam["base"], fam["ft2"], "--t", str(t), "--backend", backend,
+                           "-o", tmp_path / "cli", "-q")
+    assert code == 0, err
+    a, b = states(fam, "base", "ft2")
+    want = {k: nearswap64(a[k], b[k], t) for k in a}
+    assert_close(load_state(tmp_path / "cli"), want)
+    d = torch.cat([(a[k] - b[k]).abs().reshape(-1) for k in a])
+    assert bool((d < t).any()) and bool((d > t).any())  # both regimes
+    out = yaml_out(capsys, tmp_path, f"merge_method: nearswap\nbase_model: {fam['base']}\nmodels:\n"
+                   f"  - model: {fam['base']}\n  - model: {fam['ft2']}\nparameters:\n  t: {t}\ndtype: float32\n")
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "cli" / "model.safetensors").read_bytes()
+
+
+def test_nearswap_t_above_1_and_zero(capsys, fam, tmp_path):
+    """t is a distance, not slerp's factor: t > 1 is accepted (every entry here is then swapped)."""
+    out = yaml_out(capsys, tmp_path, f"merge_method: nearswap\nbase_model: {fam['base']}\nmodels:\n"
+                   f"  - model: {fam['ft1']}\nparameters:\n  t: 2.5\n")
+    assert_close(load_state(out), load_state(fam["ft1"]), rtol=0, atol=0)
+    out = yaml_out(capsys, tmp_path, f"merge_method: nearswap\nbase_model: {fam['base']}\nmodels:\n"
+                   f"  - model: {fam['ft1']}\nparameters:\n  t: 0\n", name="z")
+    assert_close(load_state(out), load_state(fam["base"]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("three", "nearswap merges exactly two models, base_model and one other; got 3"),
+    ("no_t", "parameters.t: missing; nearswap needs a distance t ≥ 0"),
+    ("negative", "parameters.t: -0.1 is negative (nearswap's t is a distance ≥ 0)"),
+    ("nobase", "base_model: missing; nearswap needs it"),
+])
+def test_nearswap_bad_yaml_is_one_line(capsys, fam, tmp_path, text, fragment):
+    good = (f"merge_method: nearswap\nbase_model: {fam['base']}\nmodels:\n  - model: {fam['ft1']}\n"
+            f"parameters:\n  t: 0.01\n")
+    bad = {"three": good.replace(f"  - model: {fam['ft1']}\n", f"  - model: {fam['ft1']}\n  - model: {fam['ft2']}\n"),
+           "no_t": good.replace("parameters:\n  t: 0.01\n", ""),
+           "negative": good.replace("t: 0.01", "t: -0.1"),
+           "nobase": good.replace(f"base_model: {fam['base']}\n", f"").replace(
+               f"  - model: {fam['ft1']}\n", f"  - model: {fam['ft1']}\n  - model: {fam['ft2']}\n")}[text]
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(bad)
+    assert_user_error(capsys, ["config", cfg, "-o", tmp_path / "o"], "bad.yml", fragment, inputs=list(fam.values()))
+    assert not (tmp_path / "o").exists()
+
+
+def test_nearswap_bad_cli_is_one_line(capsys, fam, tmp_path):
+    assert_user_error(capsys, ["nearswap", fam["base"], fam["ft1"], "-o", tmp_path / "o"],
+                      "t: missing; nearswap needs a distance t ≥ 0", inputs=list(fam.values()))
+    assert_user_error(capsys, ["nearswap", fam["base"], fam["ft1"], "--t", "-1", "-o", tmp_path / "o"],
+                      "t: -1.0 is outside [0.0, inf]", inputs=list(fam.values()))
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# ties rescale / normalize, task_arithmetic normalize (mergekit's options)
+
+
+def _delta_yaml(fam, method, params, density=0.4):
+    return (f"merge_method: {method}\nbase_model: {fam['base']}\nmodels:\n"
+            f"  - model: {fam['ft1']}\n    parameters: {{weight: 1.0, density: {density}}}\n"
+            f"  - model: {fam['ft2']}\n    parameters: {{weight: 0.5, density: {density}}}\n"
+            f"parameters:\n{params}dtype: float32\n")
+
+
+@pytest.mark.parametrize("params,kw", [("  rescale: true\n", dict(rescale=True)),
+                                       ("  normalize: false\n", dict(normalize=False)),
+                                       ("  rescale: true\n  normalize: false\n", dict(rescale=True, normalize=False))],
+                         ids=["rescale", "no-normalize", "both"])
+def test_ties_options_match_the_oracle(capsys, fam, tmp_path, params, kw):
+    out = yaml_out(capsys, tmp_path, _delta_yaml(fam, "ties", params))
+    b, *xs = states(fam, "base", "ft1", "ft2")
+    assert_close(load_state(out), {k: ties64(b[k], [x[k] for x in xs], [1.0, 0.5], 0.4, **kw) for k in b})
+    if kw.get("rescale"):  # the rescale changes the result (it is not silently ignored)
+        plain = yaml_out(capsys, tmp_path, _delta_yaml(fam, "ties", "  rescale: false\n"), name="plain")
+        assert not torch.equal(load_state(plain)["a.weight"], load_state(out)["a.weight"])
+
+
+def test_task_arithmetic_normalize_matches_the_oracle(capsys, fam, tmp_path):
+    out = yaml_out(capsys, tmp_path, _delta_yaml(fam, "task_arithmetic", "  normalize: true\n  lambda: 0.7\n", 1.0))
+    b, *xs = states(fam, "base", "ft1", "ft2")
+    want = {k: b[k].double() + 0.7 * ((xs[0][k].double() - b[k].double()) + 0.5 * (xs[1][k].double() - b[k].double()))
+            / 1.5 for k in b}
+    assert_close(load_state(out), want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parity with mergekit itself (the real tiny Llama family: mergekit needs an architecture it knows)
+
+
+@pytest.fixture(scope="module")
+def llama_fam(tmp_path_factory, families):
+    src = families[("llama", torch.float32)]["base"]
+    state = load_state(src)
+    g = torch.Generator().manual_seed(17)
+    root = tmp_path_factory.mktemp("sce-llama")
+    paths = {}
+    for name in ("base", "ft1", "ft2", "ft3"):
+        d = root / name
+        d.mkdir()
+        shutil.copy(src / "config.json", d / "config.json")
+        t = state if name == "base" else {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        save_file({k: v.contiguous() for k, v in t.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+        paths[name] = d
+    return paths
+
+
+def _parity(tmp_path, text, label):
+    (tmp_path / "c.yml").write_text(text)
+    subprocess.run([MERGEKIT, "c.yml", str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet",
+                    "--no-write-model-card"], check=True, capture_output=True)
+    from cpift.merge.mergekit.run import run_config
+
+    run_config(tmp_path / "c.yml", tmp_path / "cpift", progress=False)
+    ours, theirs = load_state(tmp_path / "cpift"), load_state(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    abs_d = max(float((x.double() - theirs[k].double()).abs().max()) for k, x in ours.items())
+    # relative to each tensor's scale (its largest magnitude): entries that cancel to ~0 carry the
+    # rounding of the inputs' magnitude, which a per-entry ratio would count as a disagreement
+    rel_d = max(float((x.double() - theirs[k].double()).abs().max() / theirs[k].double().abs().max().clamp(min=1e-30))
+                for k, x in ours.items())
+    same = sum(int((x == theirs[k]).sum()) for k, x in ours.items()) / sum(x.numel() for x in ours.values())
+    print(f"parity {label}: max abs {abs_d:.3g}, max rel to the tensor scale {rel_d:.3g}, {100 * same:.2f}% bit-identical")
+    for k, x in ours.items():
+        assert torch.allclose(x, theirs[k], rtol=1e-6, atol=1e-6), (k, float((x - theirs[k]).abs().max()))
+
+
+MK = pytest.mark.skipif(not MERGEKIT, reason="CPIFT_MERGEKIT_YAML is not set to a mergekit-yaml")
+
+
+@MK
+@pytest.mark.parametrize("topk", [1.0, 0.5])
+def test_sce_agrees_with_mergekit(llama_fam, tmp_path, topk, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fam = llama_fam
+    _parity(tmp_path, f"merge_method: sce\nbase_model: {fam['base']}\nmodels:\n"
+            + "".join(f"  - model: {fam[n]}\n" for n in ("ft1", "ft2", "ft3"))
+            + f"parameters:\n  select_topk: {topk}\ndtype: float32\n", f"sce select_topk={topk}")
+
+
+@MK
+def test_nearswap_agrees_with_mergekit(llama_fam, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fam = llama_fam
+    _parity(tmp_path, f"merge_method: nearswap\nbase_model: {fam['base']}\nmodels:\n  - model: {fam['base']}\n"
+            f"  - model: {fam['ft1']}\nparameters:\n  t: 0.03\ndtype: float32\n", "nearswap t=0.03")
+
+
+@MK
+@pytest.mark.parametrize("method,params", [("ties", "  rescale: true\n"), ("ties", "  normalize: false\n"),
+                                           ("task_arithmetic", "  normalize: true\n")],
+                         ids=["ties-rescale", "ties-no-normalize", "ta-normalize"])
+def test_delta_options_agree_with_mergekit(llama_fam, tmp_path, method, params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _parity(tmp_path, _delta_yaml(llama_fam, method, params, 0.4 if method == "ties" else 1.0),
+            f"{method} {params.strip()}")
