@@ -17,6 +17,10 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
                      fn(base, others, weights, density, lam) — the base's own delta is zero, so it is
                      dropped from ``models`` (its per-model parameters have no effect; a note says so).
     model_stock      model_stock(base, others, filter_wise) — base_model and ≥ 2 others, no per-model keys.
+    sce              sce(base, others, select_topk) — base_model and ≥ 1 other, no per-model keys (mergekit's
+                     sce has no weight); select_topk may vary per tensor; int8_mask has no effect.
+    nearswap         nearswap(base, other, t) — exactly two models, one of them base_model; t is a distance
+                     ≥ 0 (no upper bound, unlike slerp's), required.
 
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``residual_weight`` (``model+lora`` runs: merge/io/lora.py);
@@ -24,9 +28,11 @@ Refused, with the reason in the message
     * a passthrough stack whose tokenizer field would remap embedding rows (vocabularies that differ);
     * ``tokenizer.tokens`` sources that are no merged model, or a token missing from its source model
       (``tokenizer_source``, ``tokenizer:`` and ``chat_template`` run: merge/tokenizer/, tokenizers.py);
-    * ``normalize`` / ``rescale`` values whose arithmetic cpift's function does not perform (``normalize:
-      false`` for ties); ``normalize: true`` for task_arithmetic / dare_linear divides the weights by their
-      sum (mergekit the summed delta: equal up to rounding), or sets the function's own keyword;
+    * ``normalize`` / ``rescale`` values whose arithmetic cpift's function does not perform (``rescale:
+      false`` for dare_linear / dare_ties, whose kept entries cpift always scales by 1/density);
+      ``normalize: true`` for task_arithmetic / dare_linear divides the weights by their sum (mergekit the
+      summed delta: equal up to rounding), or sets the function's own keyword (ties: ``normalize`` and
+      ``rescale``, mergekit's L1 rescale of the trimmed deltas; dare_ties, breadcrumbs, della: theirs);
     * a per-tensor ``lambda`` or boolean; unknown keys anywhere (a typo should not change a merge).
     ``int8_mask`` is accepted and has no effect: in mergekit it only changes the dtype of the sign mask.
 

@@ -34,6 +34,8 @@ _FACADE = {
     "della": "cpift.merge.methods.sparse_delta",
     "della_linear": "cpift.merge.methods.sparse_delta",
     "passthrough": "cpift.merge.methods.layers",
+    "sce": "cpift.merge.methods.consensus",
+    "nearswap": "cpift.merge.methods.swap",
     "compute_cores": "cpift.merge.cpi.cores",
     "cluster_masks": "cpift.merge.cpi.cluster",
     "fuse": "cpift.merge.cpi.fuse",
@@ -49,11 +51,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from cpift.merge.cpi.fuse import fuse
     from cpift.merge.hub import pull, push
     from cpift.merge.methods.average import linear
+    from cpift.merge.methods.consensus import sce
     from cpift.merge.methods.delta import dare_linear, dare_ties, task_arithmetic, ties
     from cpift.merge.methods.layers import passthrough
     from cpift.merge.methods.sparse_delta import breadcrumbs, breadcrumbs_ties, della, della_linear
     from cpift.merge.methods.stock import model_stock
     from cpift.merge.methods.spherical import slerp
+    from cpift.merge.methods.swap import nearswap
 
 
 def __getattr__(name: str) -> Any:
