@@ -6,9 +6,7 @@ CPIFT_MERGEKIT_YAML names a mergekit-yaml."""
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -17,6 +15,7 @@ from safetensors.torch import save_file
 
 from references import load_state
 from test_bad_input import assert_user_error, run_cli
+from test_della_breadcrumbs import llama_fam  # noqa: F401  (the real tiny Llama family mergekit accepts)
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 
@@ -251,24 +250,7 @@ def test_task_arithmetic_normalize_matches_the_oracle(capsys, fam, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parity with mergekit itself (the real tiny Llama family: mergekit needs an architecture it knows)
-
-
-@pytest.fixture(scope="module")
-def llama_fam(tmp_path_factory, families):
-    src = families[("llama", torch.float32)]["base"]
-    state = load_state(src)
-    g = torch.Generator().manual_seed(17)
-    root = tmp_path_factory.mktemp("sce-llama")
-    paths = {}
-    for name in ("base", "ft1", "ft2", "ft3"):
-        d = root / name
-        d.mkdir()
-        shutil.copy(src / "config.json", d / "config.json")
-        t = state if name == "base" else {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
-        save_file({k: v.contiguous() for k, v in t.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
-        paths[name] = d
-    return paths
+# Parity with mergekit itself (on test_della_breadcrumbs' real tiny Llama family: base and two fine-tunes)
 
 
 def _parity(tmp_path, text, label):
@@ -300,7 +282,7 @@ def test_sce_agrees_with_mergekit(llama_fam, tmp_path, topk, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fam = llama_fam
     _parity(tmp_path, f"merge_method: sce\nbase_model: {fam['base']}\nmodels:\n"
-            + "".join(f"  - model: {fam[n]}\n" for n in ("ft1", "ft2", "ft3"))
+            + "".join(f"  - model: {fam[n]}\n" for n in ("ft1", "ft2"))
             + f"parameters:\n  select_topk: {topk}\ndtype: float32\n", f"sce select_topk={topk}")
 
 
