@@ -193,10 +193,11 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
     elif spec.roles == ("models",):
         cfg["models"] = [{"model": r, "parameters": {"weight": float(w)}}
                          for r, w in zip(refs, params["weights"])]
-    elif "weights" not in params:  # model_stock: the fine-tunes and the method's flags
+    elif "weights" not in params:  # model_stock, sce: the fine-tunes and the method's shared settings
         cfg["base_model"] = refs[0]
         cfg["models"] = [{"model": r} for r in refs[1:]]
-        cfg["parameters"] = {p.mergekit: bool(params[p.name]) for p in spec.params if p.mergekit}
+        cfg["parameters"] = {p.mergekit: bool(params[p.name]) if p.kind == "flag" else float(params[p.name])
+                             for p in spec.params if p.mergekit}
     else:
         cfg["base_model"] = refs[0]
         cfg["models"] = []
@@ -208,6 +209,8 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
         cfg["parameters"] = {"lambda": float(params["lambda"])}
         if "normalize" in params:
             cfg["parameters"]["normalize"] = bool(params["normalize"])
+        if "rescale" in params and bool(params["rescale"]) != spec.mergekit.rescale:  # ties' rescale: true
+            cfg["parameters"]["rescale"] = bool(params["rescale"])
     for key in ("dtype", "out_dtype"):
         if settings.get(key) is not None:
             cfg[key] = _dtype_name(settings[key])

@@ -302,3 +302,56 @@ def test_delta_options_agree_with_mergekit(llama_fam, tmp_path, method, params, 
     monkeypatch.chdir(tmp_path)
     _parity(tmp_path, _delta_yaml(llama_fam, method, params, 0.4 if method == "ties" else 1.0),
             f"{method} {params.strip()}")
+
+
+@pytest.mark.parametrize("method,key,want", [("sce", "select_topk", 0.5), ("nearswap", "t", 0.001)])
+def test_bench_gives_mergekit_the_same_settings(tmp_path, method, key, want):
+    """The bench's mergekit config of sce / nearswap plans to the call its cpift-merge arguments make."""
+    from cpift.merge.mergekit.config import load_config
+    from cpift.merge.mergekit.plan import plan_call
+    from cpift.merge.tools.bench_cases import cpift_args, mergekit_config
+
+    base, tasks = tmp_path / "base", [tmp_path / "t1", tmp_path / "t2"]
+    args, _ = cpift_args(method, base, tasks, tasks)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(mergekit_config(method, base, tasks, tasks, "bfloat16"))
+    call = plan_call(load_config(cfg))
+    assert call.function == method and call.kwargs == {key: want}
+    assert args[args.index(f"--{key.replace('_', '-')}") + 1] == str(want)
+
+
+def test_ties_rescale_and_normalize_reach_the_function(tmp_path):
+    from cpift.merge.methods.registry import METHODS
+    from cpift.merge.mergekit.config import load_config
+    from cpift.merge.mergekit.plan import plan_call
+
+    cfg = tmp_path / "t.yml"
+    cfg.write_text("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 0.5}\n"
+                   "parameters: {rescale: true, normalize: false, int8_mask: true}\n")
+    call = plan_call(load_config(cfg), native=METHODS["ties"].native)
+    assert call.kwargs["rescale"] is True and call.kwargs["normalize"] is False
+
+
+@pytest.mark.parametrize("argv", [["sce", "--base", "base", "ft1", "ft2", "--select-topk", "0.3"],
+                                  ["nearswap", "base", "ft1", "--t", "0.01"]], ids=["sce", "nearswap"])
+def test_the_recorded_recipe_replays_to_the_same_bytes(capsys, fam, tmp_path, argv):
+    argv = [str(fam.get(a, a)) for a in argv]
+    code, _, err = run_cli(capsys, *argv, "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "config", tmp_path / "out" / "cpift_recipe.yml", "-o", tmp_path / "again", "-q")
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert f"method **{argv[0]}**" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_ties_rescale_recipe_replays_the_rescale(fam, tmp_path):
+    import cpift
+
+    cpift.ties(fam["base"], [fam["ft1"], fam["ft2"]], tmp_path / "out", weights=[1.0, 0.5], density=0.4,
+               rescale=True, progress=False)
+    recipe = (tmp_path / "out" / "cpift_recipe.yml").read_text()
+    assert "rescale: true" in recipe
+    from cpift.merge.mergekit.run import run_config
+
+    run_config(tmp_path / "out" / "cpift_recipe.yml", tmp_path / "again", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
