@@ -105,7 +105,8 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
     # What the card shows and the recipe reproduces: only the parameters this method uses.
     params = {"weights": ws, **({"density": ds} if trim or drop else {}), "lambda": lam,
               **({"normalize": normalize} if elect_sign else {}),
-              **({"global_trim": global_trim} if trim else {}), **({"rescale": True} if rescale else {}), **({"seed": seed} if drop else {})}
+              **({"global_trim": global_trim} if trim else {}), **({"rescale": True} if rescale else {}),
+              **({"seed": seed} if drop else {})}
     return stream_merge(method, ckpts, out, combine, params=params, **opts.as_kwargs())
 
 

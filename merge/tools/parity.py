@@ -57,6 +57,10 @@ _LINEAR = ("merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{w
 _STOCK = "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: {dtype}\n"
 _STACK = ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
           "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\ndtype: {dtype}\n")
+_SCE = ("merge_method: sce\nbase_model: {{base}}\nmodels:\n  - model: {{ft1}}\n  - model: {{ft2}}\n"
+        "parameters:\n  select_topk: {topk}\ndtype: {{dtype}}\n")
+_NEARSWAP = ("merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft1}\n"
+             "parameters:\n  t: 0.01\ndtype: {dtype}\n")
 _BF16_MATH = ("mergekit computes in the config's dtype (bf16 sums), cpift in float32 with one rounding")
 
 CASES: tuple[ParityCase, ...] = (
@@ -90,6 +94,19 @@ CASES: tuple[ParityCase, ...] = (
                                     "weight: 0.5, density: 0.5, epsilon: 0.1"), "float32", ("random", 0),
                "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
     ParityCase("passthrough slices", _STACK, "bfloat16", ("exact", 0)),
+    ParityCase("sce", _SCE.format(topk=1.0), "float32", ("rel", 1e-6),
+               "weights from float64 (cpift) vs float32 (mergekit) means"),
+    ParityCase("sce select_topk 0.5", _SCE.format(topk=0.5), "float32", ("rel", 1e-6),
+               "weights from float64 (cpift) vs float32 (mergekit) means; no tied variances here"),
+    ParityCase("sce bf16", _SCE.format(topk=1.0), "bfloat16", ("agree", 0.99),
+               _BF16_MATH + ": where two deltas nearly cancel the elected sign can differ"),
+    ParityCase("nearswap", _NEARSWAP, "float32", ("exact", 0)),
+    ParityCase("nearswap bf16", _NEARSWAP, "bfloat16", ("exact", 0),
+               "mergekit's bf16 math and cpift's float32 math round to the same bf16 on this family (measured)"),
+    ParityCase("ties rescale", _two("ties", "weight: 0.7, density: 0.5", "weight: 0.4, density: 0.3", "rescale: true"),
+               "float32", ("rel", 1e-6), "L1 norms from float64 (cpift) vs float32 (mergekit) sums"),
+    ParityCase("ties normalize false", _two("ties", "weight: 0.7, density: 0.5", "weight: 0.4, density: 0.3",
+                                            "normalize: false"), "float32", ("rel", 1e-6)),
 )
 
 
