@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -255,27 +254,18 @@ def test_task_arithmetic_normalize_matches_the_oracle(capsys, fam, tmp_path):
 
 
 def _parity(tmp_path, text, label):
-    (tmp_path / "c.yml").write_text(text)
-    subprocess.run([MERGEKIT, "c.yml", str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet",
-                    "--no-write-model-card"], check=True, capture_output=True)
-    from cpift.merge.mergekit.run import run_config
+    """Run one config through mergekit-yaml and cpift-merge config (merge/tools/parity.py) and print the
+    figures; float32 outputs within 1e-6, bf16 ones within one bf16 ulp of each tensor's scale."""
+    from cpift.merge.tools.parity import ParityCase, compare, run_both
 
-    run_config(tmp_path / "c.yml", tmp_path / "cpift", progress=False)
-    ours, theirs = load_state(tmp_path / "cpift"), load_state(tmp_path / "mk")
-    assert set(ours) == set(theirs)
-    abs_d = max(float((x.double() - theirs[k].double()).abs().max()) for k, x in ours.items())
-    # relative to each tensor's scale (its largest magnitude): entries that cancel to ~0 carry the
-    # rounding of the inputs' magnitude, which a per-entry ratio would count as a disagreement
-    rel_d = max(float((x.double() - theirs[k].double()).abs().max() / theirs[k].double().abs().max().clamp(min=1e-30))
-                for k, x in ours.items())
-    same = sum(int((x == theirs[k]).sum()) for k, x in ours.items()) / sum(x.numel() for x in ours.values())
-    print(f"parity {label}: max abs {abs_d:.3g}, max rel to the tensor scale {rel_d:.3g}, {100 * same:.2f}% bit-identical")
-    differ = sum(int((x != theirs[k]).sum()) for k, x in ours.items())
-    print(f"  ({differ} entries differ)")
-    # float32 outputs within 1e-6; bf16 outputs within one bf16 ulp (at most 2^-7 of the value)
-    for k, x in ours.items():
-        tol = dict(rtol=2.0 ** -7, atol=0.0) if x.dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
-        assert torch.allclose(x.double(), theirs[k].double(), **tol), (k, float((x - theirs[k]).abs().max()))
+    bf16 = "out_dtype: bfloat16" in text
+    case = ParityCase(label, text.replace("{", "{{").replace("}", "}}"), "bfloat16" if bf16 else "float32",
+                      ("ulp", 1) if bf16 else ("rel", 1e-6))
+    ours, theirs = run_both(case, {}, tmp_path / "run", MERGEKIT)
+    row = compare(case, ours, theirs, ours)
+    print(f"parity {label}: max abs {row['max_abs']:.3g}, {row['max_ulps']:.2f} ulp of the tensor scale, "
+          f"{100 * row['bit_identical']:.2f}% bit-identical")
+    assert row["ok"], row
 
 
 MK = pytest.mark.skipif(not MERGEKIT, reason="CPIFT_MERGEKIT_YAML is not set to a mergekit-yaml")
