@@ -235,25 +235,22 @@ def _finish(ds, c0, c1, fb, out_piece):
     out_piece.copy_(acc.reshape(-1))
 
 
-def _check_pair(x0, x1, base, out):
+def _row_blocks(x0, x1, base, out, cols, what):
+    """Validate; the (start, end) of blocks of whole rows of ``cols`` entries, about CHUNK entries each."""
     n = x0.numel()
     for name, x in (("x0", x0), ("x1", x1), ("out", out)) + ((("base", base),) if base is not None else ()):
         check_flat(name, x, n)
-    return n
+    if n and (cols <= 0 or n % cols):
+        raise ValueError(f"{what}: {n} entries are not rows of {cols}")
+    per = max(1, CHUNK // cols) if n else 1
+    return [(r0 * cols, min(n, (r0 + per) * cols)) for r0 in range(0, n // cols if n else 0, per)]
 
 
 def nuslerp_rows(x0: torch.Tensor, x1: torch.Tensor, t: float, cols: int, *, base: torch.Tensor | None = None,
                  out: torch.Tensor) -> None:
     """nuslerp per row of ``cols`` entries (nuslerp_flatten: false), torch ops, a block of rows at a time."""
-    n = _check_pair(x0, x1, base, out)
-    if n == 0:
-        return
-    if cols <= 0 or n % cols:
-        raise ValueError(f"nuslerp_rows: {n} entries are not rows of {cols}")
     dt, dev = compute_dtype(x0, x1, base), x0.device
-    per = max(1, CHUNK // cols)
-    for r0 in range(0, n // cols, per):
-        s, e = r0 * cols, min(n, (r0 + per) * cols)
+    for s, e in _row_blocks(x0, x1, base, out, cols, "nuslerp_rows"):
         ds, fb = _views([x0, x1], base, s, e, ((e - s) // cols, cols), dt, dev)
         g = torch.empty(ds[0].shape[0], 2, 2, dtype=torch.float64, device=dev)
         g[:, 0, 0], g[:, 1, 1] = torch.linalg.vecdot(ds[0], ds[0]), torch.linalg.vecdot(ds[1], ds[1])
@@ -266,14 +263,10 @@ def nuslerp_columns(x0: torch.Tensor, x1: torch.Tensor, t: float, cols: int, *,
                     base: torch.Tensor | None = None, out: torch.Tensor) -> None:
     """nuslerp per column of a (n / cols) × cols view (nuslerp_row_wise: the vectors along dimension 0),
     torch ops in two passes over blocks of rows: the column sums (float64), then the blend."""
-    n = _check_pair(x0, x1, base, out)
-    if n == 0:
+    blocks = _row_blocks(x0, x1, base, out, cols, "nuslerp_columns")
+    if not blocks:
         return
-    if cols <= 0 or n % cols:
-        raise ValueError(f"nuslerp_columns: {n} entries are not rows of {cols}")
     dt, dev = compute_dtype(x0, x1, base), x0.device
-    per = max(1, CHUNK // cols)
-    blocks = [(r0 * cols, min(n, (r0 + per) * cols)) for r0 in range(0, n // cols, per)]
     g = torch.zeros(cols, 2, 2, dtype=torch.float64, device=dev)
     for s, e in blocks:
         ds, _ = _views([x0, x1], base, s, e, ((e - s) // cols, cols), dt, dev)

@@ -39,27 +39,22 @@ def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], *, out: torch.T
            backend: str | None = None) -> torch.Tensor:
     """Write Σ w_i·x_i / Σ w_i into out (same length 1-D tensors, any float storage dtypes)."""
     ws = _normalised(weights, len(xs))
+    _check(xs, out)
+    if resolve(backend, *xs, out) != "triton":
+        return weighted_sum(xs, ws, out=out, backend=backend)
+    if len(xs) == 1:
+        return out.copy_(xs[0])
+    # Σ w_i x_i = x_0 + Σ_{i≥1} w_i (x_i − x_0) for normalised weights: the delta kernel's pass.
+    from .ties import delta_merge
+
+    return delta_merge(xs[0], xs[1:], ws[1:], elect_sign=False, out=out, backend="triton")
+
+
+def _check(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     n = xs[0].numel()
     for i, x in enumerate(xs):
         check_flat(f"xs[{i}]", x, n)
     check_flat("out", out, n)
-    be = resolve(backend, *xs, out)
-    if be == "cpu":
-        from ._cpu import supports
-
-        if supports(*xs, out):
-            from ._linear_cpu import linear_cpu
-
-            note_written(out, linear_cpu(list(xs), ws, out=out))
-            return out
-    if be == "triton":
-        if len(xs) == 1:
-            return out.copy_(xs[0])
-        # Σ w_i x_i = x_0 + Σ_{i≥1} w_i (x_i − x_0) for normalised weights: the delta kernel's pass.
-        from .ties import delta_merge
-
-        return delta_merge(xs[0], xs[1:], ws[1:], elect_sign=False, out=out, backend="triton")
-    return _sum_torch(xs, ws, out)
 
 
 def _sum_torch(xs: Sequence[torch.Tensor], ws: Sequence[float], out: torch.Tensor) -> torch.Tensor:
@@ -88,10 +83,7 @@ def weighted_sum(xs: Sequence[torch.Tensor], coefficients: Sequence[float], *, o
         raise ValueError(f"weighted_sum: got {len(xs)} tensors and {len(coefficients)} coefficients; give one "
                          f"coefficient per tensor, at least one tensor")
     cs = [float(c) for c in coefficients]
-    n = xs[0].numel()
-    for i, x in enumerate(xs):
-        check_flat(f"xs[{i}]", x, n)
-    check_flat("out", out, n)
+    _check(xs, out)
     be = resolve(backend, *xs, out)
     if be == "cpu":
         from ._cpu import supports
