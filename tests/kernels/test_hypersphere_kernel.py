@@ -73,12 +73,16 @@ def test_nuslerp_whole_tensor(n, dtype, with_base, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", LENGTHS, ids=LENGTH_IDS)
 def test_multislerp(n, dtype, with_base, k, backend):
-    if n == 0:
-        pytest.skip("an empty tensor has a zero mean: multislerp raises (tested below)")
     base, xs = family(n, dtype, k)
     b = base if with_base else None
     w = [1.0, 0.5, 2.0, 0.75, 1.25][:k]
     out = torch.empty(n, dtype=dtype)
+    if n == 0 and k > 2:  # an empty tensor's mean is zero: mergekit raises, and so does cpift
+        with pytest.raises(ValueError):
+            multislerp64(xs, w, base=b)
+        with pytest.raises(H.ZeroMean):
+            H.multislerp(xs, w, base=b, out=out, backend=backend)
+        return
     c = H.multislerp(xs, w, base=b, out=out, backend=backend)
     check(out, multislerp64(xs, w, base=b), xs, c, backend, b, "multislerp")
 
