@@ -161,6 +161,27 @@ def test_threads_give_the_same_bytes(capsys, fam, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), method
 
 
+def test_a_per_tensor_weight_runs_and_its_recipe_replays(capsys, fam, tmp_path):
+    """A gradient weight (a per-tensor value): the recipe is the config itself, and it replays to the same
+    bytes; the layers really get different t."""
+    f = fam[torch.float32]
+    cfg = tmp_path / "g.yml"
+    cfg.write_text(_yaml("nuslerp", [f["task1"], f["task2"]], per_model=["[0.0, 1.0]", 1]))
+    code, _, err = run_cli(capsys, "config", cfg, "-o", tmp_path / "a", "-q")
+    assert code == 0, err
+    import yaml
+
+    recipe = yaml.safe_load((tmp_path / "a" / "cpift_recipe.yml").read_text())
+    assert recipe["models"][0]["parameters"]["weight"] == [0.0, 1.0]
+    code, _, err = run_cli(capsys, "config", tmp_path / "a" / "cpift_recipe.yml", "-o", tmp_path / "b", "-q")
+    assert code == 0, err
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x0, x1 = load_state(f["task1"]), load_state(f["task2"])
+    first = "model.layers.0.mlp.up_proj.weight"  # at the first layer the weights are 0 and 1: t = 1, task2
+    assert torch.allclose(a[first], x1[first], rtol=1e-6, atol=1e-7) and not torch.equal(a[first], x0[first])
+
+
 def test_one_model_is_copied(capsys, fam, tmp_path):
     f = fam[torch.bfloat16]
     for method in ("multislerp", "karcher"):
@@ -243,6 +264,9 @@ PARITY = [  # (id, yaml method, models, base, per-model weights, params)
     ("multislerp-base", "multislerp", ["task1", "task2", "task3"], "base", [1, 0.5, 2], ""),
     ("karcher", "karcher", ["task1", "task2", "task3"], None, None, ""),
     ("karcher-base-added", "karcher", ["task1", "task2"], "base", None, "max_iter: 20;tol: 1e-7"),
+    ("nuslerp-gradient", "nuslerp", ["task1", "task2"], None, ["[0.2, 1.0]", 1], ""),
+    ("multislerp-gradient-eps", "multislerp", ["task1", "task2", "task3"], "base", [1, "[2.0, 0.5]", 1],
+     "eps: 1e-6;normalize_weights: false"),
 ]
 
 
@@ -279,3 +303,33 @@ def test_agrees_with_mergekit(fam, tmp_path, case, monkeypatch):
     for k, x in ours.items():
         assert torch.allclose(x, theirs[k], rtol=1e-6, atol=1e-6), k
     assert ulps[top] <= 8, ulps[top]
+
+
+def bf16_ulps(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x − y| in bf16 ulps of the tensor's scale."""
+    scale = float(y.double().abs().max())
+    ulp = 2.0 ** math.floor(math.log2(scale)) * torch.finfo(torch.bfloat16).eps if scale > 0 else 1e-45
+    return float((x.double() - y.double()).abs().max()) / ulp
+
+
+@pytest.mark.skipif(not MERGEKIT, reason="CPIFT_MERGEKIT_YAML is not set to a mergekit-yaml")
+@pytest.mark.parametrize("case", [c for c in PARITY if c[0] in ("nuslerp-base", "multislerp", "karcher")],
+                         ids=["nuslerp-base", "multislerp", "karcher"])
+def test_bf16_models_agree_with_mergekit(fam, tmp_path, case, monkeypatch):
+    """bf16 models, float32 math on both sides (dtype: float32, out_dtype: bfloat16): one rounding each."""
+    cid, method, models, base, weights, params = case
+    f = fam[torch.bfloat16]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yml").write_text(_yaml(method, [f[m] for m in models], base=base and f[base], params=params,
+                                          per_model=weights, extra="out_dtype: bfloat16"))
+    subprocess.run([MERGEKIT, "c.yml", str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet",
+                    "--no-write-model-card"], check=True, capture_output=True)
+    from cpift.merge.mergekit.run import run_config
+
+    run_config(tmp_path / "c.yml", tmp_path / "cpift", progress=False)
+    ours, theirs = load_state(tmp_path / "cpift"), load_state(tmp_path / "mk")
+    assert set(ours) == set(theirs) and all(x.dtype == torch.bfloat16 for x in ours.values())
+    worst = max(bf16_ulps(x, theirs[k]) for k, x in ours.items())
+    same = sum(int((x == theirs[k]).sum()) for k, x in ours.items()) / sum(x.numel() for x in ours.values())
+    print(f"parity bf16 {cid}: max {worst:.2f} bf16 ulps of the tensor's scale, {100 * same:.2f}% bit-identical")
+    assert worst <= 1.0, worst
