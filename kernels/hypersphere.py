@@ -13,8 +13,10 @@
 #      represented by its coefficients a on the inputs, ⟨v, w⟩ = aᵀ G b);
 #   3. one blend pass: Σ c_i x_i (kernels/linear.weighted_sum) or b + Σ c_i (x_i − b)
 #      (kernels/ties.delta_merge), fused CPU, Triton or torch.
-# Reads 2N (+2 with a base) elements per entry, writes 1, whatever karcher's iteration count:
-# mergekit's float32 iteration makes 4 or more passes over N full-size copies per iteration.
+# Reads 2N (+2 with a base) elements per entry, writes 1 (the Triton weighted sum without a base: +1
+# read and write of the output, see kernels/linear.weighted_sum), whatever karcher's iteration count:
+# mergekit's float32 iteration passes over its N full-size unit vectors twice per iteration (the dot
+# products, the tangent) and keeps them all in memory.
 #
 # Definitions (mergekit's; eps and the fallbacks as there):
 #   nuslerp(t): n_i = max(‖δ_i‖, 1e-7), cos = ⟨δ_0, δ_1⟩ / (n_0 n_1) clamped to [−1, 1];

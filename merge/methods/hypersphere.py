@@ -97,6 +97,9 @@ def nuslerp(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Para
 
     notes = [] if flatten else ["note: nuslerp_flatten: false: the per-row reductions and blend run as torch "
                                 "operations (no fused kernel for them yet)"]
+    if flatten and row_wise:
+        notes.append("note: row_wise has no effect while flatten is on (each tensor is one vector, as in "
+                     "mergekit, where nuslerp_flatten: true wins); add --no-flatten / nuslerp_flatten: false")
     return stream_merge("nuslerp", ckpts, out, combine, params={"weights": ws, "flatten": flatten,
                                                                "row_wise": row_wise},
                         notes=notes, roles=roles, **opts.as_kwargs())

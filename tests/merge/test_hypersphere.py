@@ -182,6 +182,17 @@ def test_a_per_tensor_weight_runs_and_its_recipe_replays(capsys, fam, tmp_path):
     assert torch.allclose(a[first], x1[first], rtol=1e-6, atol=1e-7) and not torch.equal(a[first], x0[first])
 
 
+def test_row_wise_without_no_flatten_is_noted_and_changes_nothing(fam, tmp_path):
+    from cpift.merge import methods
+
+    f = fam[torch.float32]
+    noted = methods.nuslerp([f["task1"], f["task2"]], tmp_path / "a", row_wise=True, progress=False)
+    assert any("row_wise has no effect while flatten is on" in n for n in noted.notes)
+    methods.nuslerp([f["task1"], f["task2"]], tmp_path / "b", progress=False)
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_one_model_is_copied(capsys, fam, tmp_path):
     f = fam[torch.bfloat16]
     for method in ("multislerp", "karcher"):
