@@ -13,7 +13,7 @@ from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.mergekit.config import load_config
 from cpift.merge.mergekit.plan import MethodCall, plan_call
 from cpift.merge.mergekit.spec import MergeConfig
-from cpift.merge.mergekit.tokenizers import check_tokenizer
+from cpift.merge.tokenizer.prepare import tokenizer_setup
 from cpift.merge.mergekit.values import located
 from cpift.merge.methods.registry import METHODS
 
@@ -114,12 +114,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
                                   f"the model's {n} layers; partial layer ranges are not supported "
                                   f"(use [0, {n}])")
     donor = paths[cfg.base_model] if cfg.base_model is not None else first
-    if cfg.tokenizer_source is not None:
-        tok = (donor if cfg.tokenizer_source == "base"
-               else paths.get(cfg.tokenizer_source)
-               or resolve(cfg.tokenizer_source, "tokenizer_source", src))
-        check_tokenizer(cfg, tok, list(dict.fromkeys(paths.values())), model_config(first) or {})
-        donor = tok
+    tok = tokenizer_setup(cfg, paths, donor, lambda ref, fld: resolve(ref, fld, src))  # merge/tokenizer/
     if "copy_tokenizer_from" in cfg.cpift:
         donor = resolve(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
 
@@ -129,8 +124,11 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
     cards = {ref: _card(ref, p, resolve, src) for ref, p in paths.items()}
     hub_ids = {ref: c.recipe_ref for ref, c in cards.items() if c.hub_repo or c.adapter}
+    models = {**paths, **hub_ids}
+    if tok is not None and not cfg.stack:
+        models = tok.wrap(models)  # the embedding rows remapped onto the output vocabulary
     call = (MethodCall(cfg.method, (), {}) if cfg.stack
-            else plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native))
+            else plan_call(cfg, num_layers=num_layers, paths=models, native=native))
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):
@@ -140,6 +138,11 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     settings.update({k: v for k, v in common.items() if v is not None})
     settings["recipe"] = _recipe(cfg, call, paths, settings, out, here)
     settings["inputs"] = [path, *settings.get("inputs", ())]  # -o may not be or hold the config file
+    if tok is not None:  # the built tokenizer and config.json go to the output (merge/tokenizer/prepare.py)
+        if "copy_tokenizer_from" not in cfg.cpift:
+            settings["copy_tokenizer_from"] = tok.side_dir
+        settings["config_updates"] = {**tok.config_updates, **(settings.get("config_updates") or {})}
+        call.notes.extend(tok.notes)
     if cfg.stack:
         from cpift.merge.mergekit.stack import run_stack
 
@@ -157,12 +160,13 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
     from cpift.merge.engine import parse_dtype
     from cpift.merge.io.sizes import parse_size
 
-    if not cfg.stack and not any(is_per_tensor(v) for v in call.kwargs.values()):
+    if not cfg.stack and not any(is_per_tensor(v) for v in call.kwargs.values()) and not (
+            cfg.tokenizer_source or cfg.raw.get("chat_template")):
         return None
     refs = {ref: _card(ref, p, functools.partial(resolve_model, base_dir=here), cfg.source).shown(out)
             for ref, p in paths.items()}
     tok = cfg.tokenizer_source
-    if tok not in (None, "base") and tok not in refs:
+    if tok not in (None, "base", "union") and tok not in refs:
         refs[tok] = local_ref(resolve_model(tok, "tokenizer_source", cfg.source, base_dir=here), out)
     # The dtypes in effect (the command line may override the config's), spelled as a config does.
     top = {k: str(parse_dtype(settings[k], k)).removeprefix("torch.") for k in ("dtype", "out_dtype")
@@ -185,7 +189,6 @@ def _card(ref: str, base: Path, resolve, src):
 
 
 def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path], here: str | None) -> Path:
-    if cfg.tokenizer_source not in (None, "base"):
-        return paths.get(cfg.tokenizer_source) or resolve_model(cfg.tokenizer_source, "tokenizer_source",
-                                                                cfg.source, base_dir=here)
+    # config.json comes from base_model, else the first model, whatever tokenizer_source says (mergekit's
+    # output config); the tokenizer files are built into a side directory (merge/tokenizer/prepare.py).
     return paths[cfg.base_model] if cfg.base_model is not None else paths[cfg.models[0].model]
