@@ -57,6 +57,7 @@ _LINEAR = ("merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{w
 _STOCK = "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: {dtype}\n"
 _STACK = ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
           "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\ndtype: {dtype}\n")
+_SPHERE = "coefficients from a float64 Gram matrix (cpift) vs mergekit's float32 per-element steps"
 _BF16_MATH = ("mergekit computes in the config's dtype (bf16 sums), cpift in float32 with one rounding")
 
 CASES: tuple[ParityCase, ...] = (
@@ -90,6 +91,14 @@ CASES: tuple[ParityCase, ...] = (
                                     "weight: 0.5, density: 0.5, epsilon: 0.1"), "float32", ("random", 0),
                "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
     ParityCase("passthrough slices", _STACK, "bfloat16", ("exact", 0)),
+    ParityCase("nuslerp", "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n"
+               "  - model: {ft2}\n    parameters: {{weight: 3.0}}\ndtype: {dtype}\n", "float32", ("ulp", 4),
+               _SPHERE),
+    ParityCase("nuslerp base rows", _two("nuslerp", "weight: 2.0", "weight: 1.0", "nuslerp_flatten: false"),
+               "float32", ("ulp", 4), _SPHERE),
+    ParityCase("multislerp base", _two("multislerp", "weight: 1.0", "weight: 0.5"), "float32", ("ulp", 4), _SPHERE),
+    ParityCase("karcher", "merge_method: karcher\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n  - model: {base}\n"
+               "dtype: {dtype}\n", "float32", ("ulp", 6), _SPHERE + "; mergekit's float32 iteration alone drifts ~3 ulps"),
 )
 
 
