@@ -57,6 +57,7 @@ _LINEAR = ("merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{w
 _STOCK = "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: {dtype}\n"
 _STACK = ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
           "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\ndtype: {dtype}\n")
+_SPHERE = "coefficients from a float64 Gram matrix (cpift) vs mergekit's float32 per-element steps"
 _SCE = ("merge_method: sce\nbase_model: {{base}}\nmodels:\n  - model: {{ft1}}\n  - model: {{ft2}}\n"
         "parameters:\n  select_topk: {topk}\ndtype: {{dtype}}\n")
 _NEARSWAP = ("merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft1}\n"
@@ -94,6 +95,14 @@ CASES: tuple[ParityCase, ...] = (
                                     "weight: 0.5, density: 0.5, epsilon: 0.1"), "float32", ("random", 0),
                "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
     ParityCase("passthrough slices", _STACK, "bfloat16", ("exact", 0)),
+    ParityCase("nuslerp", "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n"
+               "  - model: {ft2}\n    parameters: {{weight: 3.0}}\ndtype: {dtype}\n", "float32", ("ulp", 4),
+               _SPHERE),
+    ParityCase("nuslerp base rows", _two("nuslerp", "weight: 2.0", "weight: 1.0", "nuslerp_flatten: false"),
+               "float32", ("ulp", 4), _SPHERE),
+    ParityCase("multislerp base", _two("multislerp", "weight: 1.0", "weight: 0.5"), "float32", ("ulp", 4), _SPHERE),
+    ParityCase("karcher", "merge_method: karcher\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n  - model: {base}\n"
+               "dtype: {dtype}\n", "float32", ("ulp", 6), _SPHERE + "; mergekit's float32 iteration alone drifts ~3 ulps"),
     ParityCase("sce", _SCE.format(topk=1.0), "float32", ("rel", 1e-6),
                "weights from float64 (cpift) vs float32 (mergekit) means"),
     ParityCase("sce select_topk 0.5", _SCE.format(topk=0.5), "float32", ("rel", 1e-6),
