@@ -20,6 +20,22 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class MergeSlice:
+    """One slice of a merging ``slices:`` config (merge/mergekit/slices.py): its sources (each with its
+    ``layer_range``, all of one length), its own base_model and parameters."""
+
+    sources: tuple[ModelSpec, ...]
+    ranges: tuple[tuple[int, int], ...]
+    base_model: str | None
+    parameters: Mapping[str, Setting]
+    field: str  # "slices[1]"
+
+    @property
+    def length(self) -> int:
+        return self.ranges[0][1] - self.ranges[0][0]
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A validated mergekit config.
 
@@ -41,6 +57,7 @@ class MergeConfig:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
     cpift: Mapping[str, Any] = field(default_factory=dict)  # values.parse_cpift_block
     stack: tuple[StackSlice, ...] = ()  # passthrough slices (merge/mergekit/stack.py)
+    slices: tuple[MergeSlice, ...] = ()  # slices merged by the method (merge/mergekit/slices.py)
 
 
 def first_setting(spec: ModelSpec | None, key: str, slice_params: Mapping, params: Mapping) -> Setting | None:

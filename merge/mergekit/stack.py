@@ -101,7 +101,7 @@ class LayerView(Checkpoint):
         return list(self._order)
 
 
-def _config(path: Path, fld: str, source) -> dict:
+def layer_config(path: Path, fld: str, source) -> dict:
     f = path / "config.json"
     conf = load_json_bounded(f.read_bytes(), source=f) if f.is_file() else None
     if not isinstance(conf, dict) or not isinstance(conf.get("num_hidden_layers"), int):
@@ -109,7 +109,7 @@ def _config(path: Path, fld: str, source) -> dict:
     return conf
 
 
-def _layers(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[tuple[str, str, str]]], list[str]]:
+def layer_tensors(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[tuple[str, str, str]]], list[str]]:
     """Embedding names, layer i → [(name, prefix, suffix)], other names; in storage order."""
     pre, post, layers = [], [], {}
     for n in ckpt.names():
@@ -130,10 +130,10 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
     position: dict[str, tuple[int, float]] = {}
     shapes: dict[str, tuple] = {}
     k = 0
-    plans = {p: _layers(c) for p, c in ckpts.items()}
+    plans = {p: layer_tensors(c) for p, c in ckpts.items()}
     for si, sl in enumerate(slices):
         p = paths[sl.model]
-        conf = _config(p, f"{sl.field}.sources[0].model", source)
+        conf = layer_config(p, f"{sl.field}.sources[0].model", source)
         if arch is None:
             arch = conf.get("architectures")
         elif conf.get("architectures") != arch:
