@@ -4,7 +4,9 @@ ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; any
 compute so is refused with a ConfigError naming the file and the field, before any tensor is read.
 
 Pipeline: ``load_config`` (YAML → MergeConfig, here; spec.py, checks.py) → ``plan_call`` (plan.py) →
-``run_config`` (run.py); values in values.py, tokenizer fields in tokenizers.py, layer stacks in stack.py.
+``run_config`` (run.py); values in values.py, tokenizer fields in tokenizers.py, passthrough layer stacks
+in stack.py, ``slices`` merged by a method (several slices, partial or shifted ``layer_range``s, per-slice
+``base_model`` and parameters) in slices.py; one slice spanning every layer is the ``models:`` form.
 
 Defaults (mergekit 0.1.5's; the registry's MergekitSpec): none for ``weight`` and slerp's ``t`` (a
 model without one is an error), ``density`` 1, ``lambda`` 1.
@@ -21,7 +23,8 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``tokenizer.tokens``, ``chat_template``, ``residual_weight``
       (``model+lora`` runs: merge/io/lora.py);
-    * ``slices`` other than one slice spanning every layer, or a passthrough stack (stack.py);
+    * in ``slices``: unequal range lengths within a slice, slices with different numbers of sources,
+      a whole-merge value (``lambda``, ``normalize``) that differs between slices (slices.py);
     * ``tokenizer_source: union``, and ``base`` / a path unless every tokenizer.json holds the same
       vocabulary, of config.json's vocab_size (mergekit's remapping is then the identity: a copy is exact);
     * ``normalize`` / ``rescale`` values whose arithmetic cpift's function does not perform (``normalize:

@@ -39,8 +39,9 @@ class MergeSlice:
 class MergeConfig:
     """A validated mergekit config.
 
-    ``models`` keeps the listed order (base_model too, if listed). ``parameters``: the top-level ones,
-    ``slice_parameters``: the single slice's; model references as written (``run_config`` resolves them).
+    ``models`` keeps the listed order (base_model too, if listed; with several ``slices``, every model
+    they name, once). ``parameters``: the top-level ones, ``slice_parameters``: a single slice's; model
+    references as written (``run_config`` resolves them).
     """
 
     method: str
@@ -51,7 +52,7 @@ class MergeConfig:
     out_dtype: str | None
     source: Path
     slice_parameters: Mapping[str, Setting] = field(default_factory=dict)
-    layer_range: tuple[int, int] | None = None  # slices form: the common [start, end)
+    layer_range: tuple[int, int] | None = None  # slices form: the first source's [start, end)
     tokenizer_source: str | None = None  # None, "base" or a model reference
     name: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)

@@ -15,8 +15,8 @@ up-scaling, with mergekit 0.1.5's semantics (its plan.py and merge.py, read for 
 Refused, each naming its field (mergekit would merge or silently produce something else): a range
 outside [0, num_hidden_layers] of its model, an empty or reversed range (mergekit writes no layers, or
 a wrong ``num_hidden_layers``), a model of another architecture or with other layer shapes, more than
-one source in a slice. Slices that merge several sources (linear, slerp, ... per slice) are not
-supported yet. The stack is a ``LayerView`` (a Checkpoint whose names are the output's, each mapped
+one source in a slice. Slices that merge several sources (linear, slerp, ties, ... per slice) are
+slices.py's, over the same views. The stack is a ``LayerView`` (a Checkpoint whose names are the output's, each mapped
 onto its source's bytes), run through ``passthrough`` and the streaming engine like any model.
 """
 
