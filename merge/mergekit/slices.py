@@ -46,6 +46,12 @@ from cpift.merge.mergekit.plan import MethodCall, plan_call
 from cpift.merge.mergekit.spec import MergeConfig, MergeSlice, ModelSpec
 from cpift.merge.mergekit.stack import LayerView, layer_config, layer_tensors
 from cpift.merge.mergekit.values import located, slice_sources, split_layer
+from cpift.merge.methods.registry import METHODS
+
+
+# Whole-merge keywords the method functions take per tensor (a function of the name): a value that
+# differs between slices becomes one; any other (lambda, normalize, ...) must be the same in every slice.
+PER_TENSOR_SHARED = ("t",)
 
 
 def _range(lr: Any, fld: str, source) -> tuple[int, int]:
@@ -251,10 +257,12 @@ def plan_slices(cfg: MergeConfig, paths: Mapping[str, Path], native) -> tuple[Me
             kwargs[key] = per
             continue
         vals = [c.kwargs[key] for c in calls_out]
-        if not any(callable(v) for v in vals) and any(v != v0 for v in vals) and key != "t":
+        if not any(callable(v) for v in vals) and any(v != v0 for v in vals) and key not in PER_TENSOR_SHARED:
             i = next(i for i, v in enumerate(vals) if v != v0)
-            raise ConfigError(f"{located(src, f'{cfg.slices[i].field}.parameters')}: {key} = {vals[i]!r} here but "
-                              f"{v0!r} in slices[0]; cpift's {cfg.method} takes one {key} for the whole merge")
+            spec = METHODS[cfg.method].param(key)
+            name = (spec.mergekit if spec is not None else None) or key
+            raise ConfigError(f"{located(src, f'{cfg.slices[i].field}.parameters')}: {name} = {vals[i]!r} here but "
+                              f"{v0!r} in slices[0]; cpift's {cfg.method} takes one {name} for the whole merge")
         kwargs[key] = _per_tensor(vals, lay.slice_of, None)
     notes = list(dict.fromkeys(n for c in calls_out for n in c.notes))
     return MethodCall(cfg.method, _rebuild(calls_out[0].args, views), kwargs, notes), lay.layers

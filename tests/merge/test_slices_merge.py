@@ -179,6 +179,10 @@ def configs(fam):
             {"sources": [src(C, 1, 3), src(D, 2, 4)], "base_model": D},
         ], "parameters": {"t": [{"filter": "layers.4.", "value": 0.1},
                                 {"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": [0.9, 0.2]}]}},
+        "slerp_consts": {"merge_method": "slerp", "base_model": B, "slices": [  # one constant t per slice
+            {"sources": [src(A, 1, 2), src(B, 0, 1)], "parameters": {"t": 0.2}},
+            {"sources": [src(B, 1, 4), src(D, 1, 4)], "parameters": {"t": 0.7}},
+        ]},
         "ties": {"merge_method": "ties", "base_model": A, "slices": [
             {"sources": [src(A, 0, 2), src(B, 0, 2, weight=0.7), src(C, 2, 4, density=0.6)]},
             {"sources": [src(B, 2, 4), src(A, 1, 3, weight=[0.2, 0.9]), src(D, 0, 2)], "base_model": B,
@@ -202,7 +206,7 @@ def run(capsys, cfg, out):
     return run_cli(capsys, "config", cfg, "-o", out, "-q", "--threads", "1")
 
 
-@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["linear", "slerp", "slerp_consts", "ties", "task_arithmetic"])
 def test_each_tensor_is_the_float64_oracle(capsys, fam, tmp_path, method):
     if method == "ties" and fam["dtype"] == torch.bfloat16:
         pytest.skip("bf16 deltas tie in magnitude, so the oracle's top-k choice is ambiguous; fp32 tests ties")
@@ -287,7 +291,7 @@ def _bad(fam, kind):
         "missing": (dict(lin, slices=[two({"model": A}, s(B, 0, 2))]), "slices[0].sources[0].layer_range: missing"),
         "lambda": (dict(ties, slices=[two(s(A, 0, 2), s(B, 0, 2)),
                                       two(s(A, 2, 4), s(B, 2, 4), parameters={"lambda": 0.5})]),
-                   "slices[1].parameters: lam = 0.5 here but 1.0 in slices[0]"),
+                   "slices[1].parameters: lambda = 0.5 here but 1.0 in slices[0]; cpift's ties takes one lambda"),
         "slerp3": (dict(merge_method="slerp", base_model=A, parameters={"t": 0.5},
                         slices=[two(s(A, 0, 2), s(B, 0, 2), s(C, 0, 2))]),
                    "slices[0].sources: slerp merges exactly two models"),
@@ -309,7 +313,7 @@ def test_bad_slices_are_one_line_exit_2(capsys, fam32, tmp_path, kind):
 
 
 @pytest.mark.skipif(not MERGEKIT, reason="CPIFT_MERGEKIT_YAML is not set to a mergekit-yaml")
-@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["linear", "slerp", "slerp_consts", "ties", "task_arithmetic"])
 def test_agrees_with_mergekit(capsys, fam, tmp_path, method):
     bf16 = fam["dtype"] == torch.bfloat16
     if bf16 and method == "ties":
