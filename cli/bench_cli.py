@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cpift.errors import ParameterError
+from cpift.merge.methods.registry import METHODS
 
 
 def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Path | None:
@@ -29,7 +30,7 @@ def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Pat
               help="Generate Llama-shaped base + two fine-tunes instead of MODELs: PRESET[-layers:N][:DTYPE] "
                    "with PRESET one of tiny, small, 1b, 7b, 8b (e.g. 1b, 1b:bf16, 7b-layers:4, 8b-layers:2:fp16).")
 @click.option("--methods", default="slerp,ties,task-arithmetic", show_default=True,
-              help="Comma-separated: slerp, linear, task-arithmetic, ties, dare-linear, dare-ties, fuse "
+              help=f"Comma-separated: {', '.join(s.cli for s in METHODS.values())}, fuse "
                    "(CPI fusion of the tasks into the base with p = 1 cores, computed once untimed), cores "
                    "(p = 1 masks of the tasks, against one read pass of base and tasks).")
 @click.option("--backends", default="torch,cpu", show_default=True,

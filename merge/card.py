@@ -238,6 +238,8 @@ def _donor(inputs: Sequence[CardInput], settings: Mapping[str, Any], out: str | 
     donor = settings.get("copy_tokenizer_from")
     if donor is None or os.path.abspath(donor) == os.path.abspath(inputs[0].path):
         return None
+    if os.path.isfile(os.path.join(donor, ".cpift-tokenizer")):  # merge/tokenizer/prepare.py's side directory
+        return "built from the config's tokenizer fields"
     same = [i for i in inputs if os.path.abspath(i.path) == os.path.abspath(donor)]
     return same[0].shown(out) if same else local_ref(donor, out)
 
@@ -256,6 +258,9 @@ def rewrite_config(raw: Mapping[str, Any], refs: Mapping[str, str], *, top: Mapp
     fix(cfg, "base_model")
     fix(cfg, "tokenizer_source")
     fix(cfg.get("tokenizer"), "source")
+    for rule in ((cfg.get("tokenizer") or {}).get("tokens") or {}).values() if isinstance(cfg.get("tokenizer"), dict) else ():
+        fix(rule, "source")  # tokenizer.tokens.<t>.source: a model, or {kind: model_token, model: ...}
+        fix(rule.get("source") if isinstance(rule, dict) else None, "model")
     for m in cfg.get("models") or []:
         fix(m, "model")
     for sl in cfg.get("slices") or []:

@@ -21,12 +21,13 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
     model_stock      model_stock(base, others, filter_wise) — base_model and ≥ 2 others, no per-model keys.
 
 Refused, with the reason in the message
-    * other merge methods, ``modules``, ``tokenizer.tokens``, ``chat_template``, ``residual_weight``
-      (``model+lora`` runs: merge/io/lora.py);
+    * other merge methods, ``modules``, ``residual_weight`` (``model+lora`` runs: merge/io/lora.py);
     * in ``slices``: unequal range lengths within a slice, slices with different numbers of sources,
       a whole-merge value (``lambda``, ``normalize``) that differs between slices (slices.py);
-    * ``tokenizer_source: union``, and ``base`` / a path unless every tokenizer.json holds the same
-      vocabulary, of config.json's vocab_size (mergekit's remapping is then the identity: a copy is exact);
+    * a passthrough stack, or slices stacked by a method, whose tokenizer field would remap embedding
+      rows (vocabularies that differ);
+    * ``tokenizer.tokens`` sources that are no merged model, or a token missing from its source model
+      (``tokenizer_source``, ``tokenizer:`` and ``chat_template`` run: merge/tokenizer/, tokenizers.py);
     * ``normalize`` / ``rescale`` values whose arithmetic cpift's function does not perform (``normalize:
       false`` for ties); ``normalize: true`` for task_arithmetic / dare_linear divides the weights by their
       sum (mergekit the summed delta: equal up to rounding), or sets the function's own keyword;
@@ -53,7 +54,7 @@ from cpift.merge.mergekit.checks import check_values
 from cpift.merge.mergekit.spec import MergeConfig, ModelSpec
 from cpift.merge.mergekit.slices import parse_slices, slice_models
 from cpift.merge.mergekit.stack import parse_stack
-from cpift.merge.mergekit.tokenizers import parse_tokenizer_source
+from cpift.merge.mergekit.tokenizers import parse_chat_template, parse_tokenizer_source
 from cpift.merge.mergekit.values import Setting, located, parse_cpift_block, parse_setting
 from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
 
@@ -182,9 +183,7 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
                           f"{', '.join(mergekit_methods())})")
     if data.get("modules"):
         raise ConfigError(f"{source}: modules: multi-module configs are not supported; use models:")
-    if data.get("chat_template") is not None:
-        raise ConfigError(f"{source}: chat_template: not supported (cpift copies the tokenizer files as "
-                          f"they are); set the template in the output's tokenizer_config.json afterwards")
+    parse_chat_template(data.get("chat_template"), source)  # tokenizers.py; written by merge/tokenizer/
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{source}: name: expected a string, got {name!r}")

@@ -12,9 +12,9 @@ from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.mergekit.config import load_config
 from cpift.merge.mergekit.plan import MethodCall, plan_call
-from cpift.merge.mergekit.slices import is_whole, plan_slices
+from cpift.merge.mergekit.slices import check_no_remap, is_whole, plan_slices
 from cpift.merge.mergekit.spec import MergeConfig
-from cpift.merge.mergekit.tokenizers import check_tokenizer
+from cpift.merge.tokenizer.prepare import tokenizer_setup
 from cpift.merge.mergekit.values import located
 from cpift.merge.methods.registry import METHODS
 
@@ -106,12 +106,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     num_layers = num_layers_of(model_config(first))
     layered = bool(cfg.slices) and not is_whole(cfg, paths)  # slices merged and stacked (slices.py)
     donor = paths[cfg.base_model] if cfg.base_model is not None else first
-    if cfg.tokenizer_source is not None:
-        tok = (donor if cfg.tokenizer_source == "base"
-               else paths.get(cfg.tokenizer_source)
-               or resolve(cfg.tokenizer_source, "tokenizer_source", src))
-        check_tokenizer(cfg, tok, list(dict.fromkeys(paths.values())), model_config(first) or {})
-        donor = tok
+    tok = tokenizer_setup(cfg, paths, donor, lambda ref, fld: resolve(ref, fld, src))  # merge/tokenizer/
     if "copy_tokenizer_from" in cfg.cpift:
         donor = resolve(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
 
@@ -125,9 +120,13 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     if cfg.stack:
         call = MethodCall(cfg.method, (), {})
     elif layered:
+        check_no_remap(cfg, tok, paths)
         call, layers = plan_slices(cfg, paths, native)
     else:
-        call = plan_call(cfg, num_layers=num_layers, paths={**paths, **hub_ids}, native=native)
+        models = {**paths, **hub_ids}
+        if tok is not None:
+            models = tok.wrap(models)  # the embedding rows remapped onto the output vocabulary
+        call = plan_call(cfg, num_layers=num_layers, paths=models, native=native)
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):
@@ -137,12 +136,18 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     settings.update({k: v for k, v in common.items() if v is not None})
     settings["recipe"] = _recipe(cfg, call, paths, settings, out, here, layered)
     settings["inputs"] = [path, *settings.get("inputs", ())]  # -o may not be or hold the config file
+    if tok is not None:  # the built tokenizer and config.json go to the output (merge/tokenizer/prepare.py)
+        if "copy_tokenizer_from" not in cfg.cpift:
+            settings["copy_tokenizer_from"] = tok.side_dir
+        settings["config_updates"] = {**tok.config_updates, **(settings.get("config_updates") or {})}
+        call.notes.extend(tok.notes)
     if cfg.stack:
         from cpift.merge.mergekit.stack import run_stack
 
         return run_stack(cfg, out, paths, **settings)
     if layered:
-        settings.update(config_updates={"num_hidden_layers": layers}, inputs=[*settings["inputs"], *paths.values()])
+        settings["config_updates"] = {**(settings.get("config_updates") or {}), "num_hidden_layers": layers}
+        settings["inputs"] = [*settings["inputs"], *paths.values()]
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result
@@ -156,12 +161,13 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
     from cpift.merge.engine import parse_dtype
     from cpift.merge.io.sizes import parse_size
 
-    if not cfg.stack and not layered and not any(is_per_tensor(v) for v in call.kwargs.values()):
+    if not cfg.stack and not layered and not any(is_per_tensor(v) for v in call.kwargs.values()) and not (
+            cfg.tokenizer_source or cfg.raw.get("chat_template")):
         return None
     refs = {ref: _card(ref, p, functools.partial(resolve_model, base_dir=here), cfg.source).shown(out)
             for ref, p in paths.items()}
     tok = cfg.tokenizer_source
-    if tok not in (None, "base") and tok not in refs:
+    if tok not in (None, "base", "union") and tok not in refs:
         refs[tok] = local_ref(resolve_model(tok, "tokenizer_source", cfg.source, base_dir=here), out)
     # The dtypes in effect (the command line may override the config's), spelled as a config does.
     top = {k: str(parse_dtype(settings[k], k)).removeprefix("torch.") for k in ("dtype", "out_dtype")
@@ -184,7 +190,6 @@ def _card(ref: str, base: Path, resolve, src):
 
 
 def _default_donor(cfg: MergeConfig, paths: Mapping[str, Path], here: str | None) -> Path:
-    if cfg.tokenizer_source not in (None, "base"):
-        return paths.get(cfg.tokenizer_source) or resolve_model(cfg.tokenizer_source, "tokenizer_source",
-                                                                cfg.source, base_dir=here)
+    # config.json comes from base_model, else the first model, whatever tokenizer_source says (mergekit's
+    # output config); the tokenizer files are built into a side directory (merge/tokenizer/prepare.py).
     return paths[cfg.base_model] if cfg.base_model is not None else paths[cfg.models[0].model]

@@ -113,6 +113,21 @@ def is_whole(cfg: MergeConfig, paths: Mapping[str, Path]) -> bool:
                for m, r in zip(sl.sources, sl.ranges))
 
 
+def check_no_remap(cfg: MergeConfig, tok: Any, paths: Mapping[str, Path]) -> None:
+    """Stacked slices read the sources' embedding rows as they are: refuse a tokenizer field that would
+    move them (merge/tokenizer/prepare.py's TokenizerSetup, or None) or cut them to the vocabulary."""
+    if tok is None or tok.vocabulary is None:
+        return
+    rows = tok.config_updates.get("vocab_size")
+    fld = "tokenizer" if "tokenizer" in cfg.raw else "tokenizer_source"
+    for m in cfg.models:
+        n = layer_config(paths[m.model], f"{m.field}.model", cfg.source).get("vocab_size")
+        if tok.remaps_rows() or (rows is not None and n != rows):
+            raise ConfigError(f"{located(cfg.source, fld)}: remapping the embedding rows of stacked "
+                              f"slices is not supported yet (every model's vocabulary must be the output's, "
+                              f"here {rows} tokens; {m.model} has {n} rows)")
+
+
 def _flatten(args: tuple) -> list:
     return [x for a in args for x in (a if isinstance(a, tuple) else (a,))]
 

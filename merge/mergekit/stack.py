@@ -189,5 +189,5 @@ def run_stack(cfg, out: str | os.PathLike, paths: Mapping[str, Path], *, recipe:
 
     view, scale, layers = plan_stack(cfg.stack, paths, cfg.parameters, cfg.source)
     settings["inputs"] = [*settings.get("inputs", ()), *paths.values()]
-    return passthrough(view, out, scale=scale, recipe=recipe,
-                       config_updates={"num_hidden_layers": layers}, **settings)
+    updates = {**(settings.pop("config_updates", None) or {}), "num_hidden_layers": layers}  # vocab_size too
+    return passthrough(view, out, scale=scale, recipe=recipe, config_updates=updates, **settings)

@@ -1,13 +1,15 @@
-"""The tokenizer of a mergekit config: ``tokenizer_source`` / ``tokenizer:`` (parsed here) and the check
-that copying one model's tokenizer is exact (every vocabulary the same, of config.json's vocab_size)."""
+"""The tokenizer fields of a mergekit config, parsed and validated (no file read): ``tokenizer_source``,
+the ``tokenizer:`` block (``source``, ``tokens``, ``pad_to_multiple_of``) and ``chat_template``, with
+mergekit 0.1.5's schema (mergekit/tokenizer/config.py, config.py). Building the vocabulary and remapping
+the embedding rows: merge/tokenizer/."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 from cpift.errors import ConfigError
-from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.mergekit.values import located
+from cpift.merge.tokenizer.rules import TokenRule
 
 
 def _mapping(raw, fld: str, source, what: str) -> dict:
@@ -18,69 +20,110 @@ def _mapping(raw, fld: str, source, what: str) -> dict:
     return raw
 
 
-def parse_tokenizer_source(data: dict, source, model_ref) -> str | None:
+@dataclass(frozen=True)
+class TokenizerFields:
+    """``source`` ("base", "union" or a model reference), the token rules, ``pad_to_multiple_of``."""
+
+    source: str
+    tokens: tuple[TokenRule, ...] = ()
+    pad_to_multiple_of: int | None = None
+
+
+def _token_rule(tok: str, raw, source, model_ref) -> TokenRule:
+    fld = f"tokenizer.tokens.{tok}"
+    raw = _mapping(raw, fld, source, "a mapping with 'source' and/or 'force'")
+    for key in raw:
+        if key not in ("source", "force"):
+            raise ConfigError(f"{located(source, f'{fld}.{key}')}: unknown key (source, force)")
+    force = raw.get("force", False)
+    if not isinstance(force, bool):
+        raise ConfigError(f"{located(source, f'{fld}.force')}: expected true or false, got {force!r}")
+    src, sfld = raw.get("source"), f"{fld}.source"
+    if src is None:
+        return TokenRule(tok, None, force=force, field=located(source, sfld))
+    if isinstance(src, str):
+        return TokenRule(tok, "model", model_ref(src, sfld, source), force=force, field=located(source, sfld))
+    src = _mapping(src, sfld, source, "a model, {kind: zero} or {kind: model_token, model, token}")
+    kind = src.get("kind")
+    allowed = {"zero": ("kind",), "model_token": ("kind", "model", "token", "token_id")}
+    if kind not in allowed:
+        raise ConfigError(f"{located(source, f'{sfld}.kind')}: expected 'zero' or 'model_token', got {kind!r}")
+    for key in src:
+        if key not in allowed[kind]:
+            raise ConfigError(f"{located(source, f'{sfld}.{key}')}: unknown key for kind {kind} "
+                              f"({', '.join(allowed[kind])})")
+    if kind == "zero":
+        return TokenRule(tok, "zero", force=force, field=located(source, sfld))
+    if "model" not in src:
+        raise ConfigError(f"{located(source, f'{sfld}.model')}: missing")
+    model = model_ref(src["model"], f"{sfld}.model", source)
+    tid, stok = src.get("token_id"), src.get("token")
+    if (tid is None) == (stok is None):
+        raise ConfigError(f"{located(source, sfld)}: give exactly one of token and token_id")
+    if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
+        raise ConfigError(f"{located(source, f'{sfld}.token_id')}: expected an integer >= 0, got {tid!r}")
+    if stok is not None and not isinstance(stok, str):
+        raise ConfigError(f"{located(source, f'{sfld}.token')}: expected a string, got {stok!r}")
+    return TokenRule(tok, "model_token", model, tid, stok, force, located(source, sfld))
+
+
+def tokenizer_fields(data: dict, source, model_ref) -> TokenizerFields | None:
+    """The validated tokenizer fields of a config's top-level mapping (None: neither field given)."""
     src = data.get("tokenizer_source")
     tok = data.get("tokenizer")
-    fld = "tokenizer_source"
-    if tok is not None:
-        if src is not None:
-            raise ConfigError(f"{located(source, 'tokenizer')}: give tokenizer or tokenizer_source, not both")
-        tok = _mapping(tok, "tokenizer", source, "a mapping")
-        for key in tok:
-            if key == "source":
-                continue
-            if key in ("tokens", "pad_to_multiple_of"):
-                if tok[key] is not None:
-                    raise ConfigError(f"{located(source, f'tokenizer.{key}')}: not supported (cpift does not "
-                                      f"edit vocabularies or embeddings)")
-                continue
-            raise ConfigError(f"{located(source, f'tokenizer.{key}')}: unknown key")
-        src, fld = tok.get("source", "union"), "tokenizer.source"
+    if tok is None:
+        if src is None:
+            return None
+        if src in ("base", "union"):
+            return TokenizerFields(src)
+        return TokenizerFields(model_ref(src, "tokenizer_source", source))
+    if src is not None:
+        raise ConfigError(f"{located(source, 'tokenizer')}: give tokenizer or tokenizer_source, not both")
+    tok = _mapping(tok, "tokenizer", source, "a mapping")
+    for key in tok:
+        if key not in ("source", "tokens", "pad_to_multiple_of"):
+            raise ConfigError(f"{located(source, f'tokenizer.{key}')}: unknown key (source, tokens, "
+                              f"pad_to_multiple_of)")
+    src = tok.get("source", "union")
     if src is None:
+        src = "union"
+    if src not in ("base", "union"):
+        src = model_ref(src, "tokenizer.source", source)
+    tokens = _mapping(tok.get("tokens"), "tokenizer.tokens", source, "a mapping of token -> {source, force}")
+    rules = []
+    for t, raw in tokens.items():
+        if not isinstance(t, str) or not t:
+            raise ConfigError(f"{located(source, 'tokenizer.tokens')}: a token must be a non-empty string, "
+                              f"got {t!r}")
+        rules.append(_token_rule(t, raw, source, model_ref))
+    pad = tok.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise ConfigError(f"{located(source, 'tokenizer.pad_to_multiple_of')}: expected an integer >= 1, "
+                          f"got {pad!r}")
+    return TokenizerFields(src, tuple(rules), pad)
+
+
+def parse_tokenizer_source(data: dict, source, model_ref) -> str | None:
+    """``tokenizer_source`` / ``tokenizer.source`` as MergeConfig keeps it: None, "base", "union" or a
+    model reference; the whole block is validated (tokenizer_fields)."""
+    fields = tokenizer_fields(data, source, model_ref)
+    return None if fields is None else fields.source
+
+
+def parse_chat_template(value, source) -> str | None:
+    """``chat_template``: "auto", a built-in name mergekit ships, or a Jinja template (mergekit's test:
+    a name is under 256 characters with no newline or ``{``; anything else under 20 characters or
+    without ``{`` is refused)."""
+    from cpift.merge.tokenizer.template import BUILTIN_TEMPLATES
+
+    if value is None:
         return None
-    if src == "union":
-        raise ConfigError(f"{located(source, fld)}: 'union' builds a new vocabulary and remaps embeddings, "
-                          f"which cpift does not do; use 'base', a model path, or leave it out")
-    if src == "base":
-        return "base"
-    return model_ref(src, fld, source)
-
-
-def _vocabulary(model_dir: Path) -> dict[str, int] | None:
-    """token → id of a fast tokenizer (tokenizer.json: model vocab plus added tokens), None if absent."""
-    f = model_dir / "tokenizer.json"
-    if not f.is_file():
-        return None
-    try:
-        data = load_json_bounded(f.read_bytes(), source=f)
-        vocab = data["model"]["vocab"]
-        out = (dict(vocab) if isinstance(vocab, dict)
-               else {entry[0]: i for i, entry in enumerate(vocab)})
-        for tok in data.get("added_tokens") or []:
-            out[tok["content"]] = tok["id"]
-        return out
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        raise ConfigError(f"{f}: not a readable tokenizer.json") from None
-
-
-def check_tokenizer(cfg, tok_dir: Path, dirs: list[Path], conf: dict) -> None:
-    """tokenizer_source is exact in cpift only when mergekit's vocabulary remapping is the identity."""
-    fld = f"{cfg.source}: tokenizer_source"
-    ref = _vocabulary(tok_dir)
-    if ref is None:
-        raise ConfigError(f"{fld}: {tok_dir} has no tokenizer.json, so cpift cannot check that every model "
-                          f"shares its vocabulary (mergekit would remap embeddings); leave tokenizer_source "
-                          f"out to copy the tokenizer of base_model")
-    for d in dirs:
-        voc = _vocabulary(d)
-        if voc is None:
-            raise ConfigError(f"{fld}: {d} has no tokenizer.json, so cpift cannot check its vocabulary "
-                              f"against {tok_dir}'s; leave tokenizer_source out")
-        if voc != ref:
-            raise ConfigError(f"{fld}: {d} and {tok_dir} have different vocabularies; mergekit would remap "
-                              f"the embedding rows, which cpift does not do")
-    size = conf.get("vocab_size", (conf.get("text_config") or {}).get("vocab_size"))
-    if size != len(ref) or max(ref.values(), default=-1) >= len(ref):
-        raise ConfigError(f"{fld}: the tokenizer has {len(ref)} tokens but the embeddings have {size} rows; "
-                          f"mergekit would resize them to the tokenizer, which cpift does not do; leave "
-                          f"tokenizer_source out")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{located(source, 'chat_template')}: expected 'auto', a template name "
+                          f"({', '.join(BUILTIN_TEMPLATES)}) or a Jinja template string, got {value!r}")
+    if value == "auto" or value in BUILTIN_TEMPLATES:
+        return value
+    if len(value) < 20 or "{" not in value:
+        raise ConfigError(f"{located(source, 'chat_template')}: {value!r} is neither 'auto', a built-in "
+                          f"template ({', '.join(BUILTIN_TEMPLATES)}) nor a Jinja template")
+    return value

@@ -286,6 +286,8 @@ def tiny(tmp_path_factory) -> Path:
     """base, a, b, c: tiny Llama checkpoints of 4 layers with independent seeded weights, sharded."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from tokenizer_family import save_tokenizer
+
     root = tmp_path_factory.mktemp("tiny")
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
@@ -297,8 +299,7 @@ def tiny(tmp_path_factory) -> Path:
             for p in model.parameters():
                 p.normal_(0.0, 0.05)
         model.save_pretrained(root / name, max_shard_size="20KB")
-        (root / name / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab},
-                                                                "added_tokens": []}))
+        save_tokenizer(root / name, ["<unk>", "<s>", "</s>", *list(vocab)[3:]], [])  # a real one: tokenizer_source loads it
         assert len(list((root / name).glob("*.safetensors"))) > 2
     return root
 

@@ -103,12 +103,19 @@ GOOD_MODELS = "models: [{model: a, parameters: {weight: 1}}, {model: b, paramete
     (f"merge_method: linear\n{GOOD_MODELS}\ndtype: fp8\n",
      r"dtype: expected one of bfloat16, float16, float32, float64, got 'fp8'"),
     (f"merge_method: linear\n{GOOD_MODELS}\nout_dtype: int64\n", r"out_dtype: expected one of"),
-    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer_source: union\n",
-     r"tokenizer_source: 'union' builds a new vocabulary"),
-    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{source: base, tokens: {{x: {{}}}}}}\n",
-     r"tokenizer\.tokens: not supported"),
-    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{}}\n", r"tokenizer\.source: 'union'"),
-    (f"merge_method: linear\n{GOOD_MODELS}\nchat_template: chatml\n", r"chat_template: not supported"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{source: base, tokens: {{x: {{force: 1}}}}}}\n",
+     r"tokenizer\.tokens\.x\.force: expected true or false"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{tokens: {{x: {{source: {{kind: one}}}}}}}}\n",
+     r"tokenizer\.tokens\.x\.source\.kind: expected 'zero' or 'model_token'"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{tokens: {{x: {{source: {{kind: model_token, model: a}}}}}}}}\n",
+     r"tokenizer\.tokens\.x\.source: give exactly one of token and token_id"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{pad_to_multiple_of: 0}}\n",
+     r"tokenizer\.pad_to_multiple_of: expected an integer >= 1"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{sauce: base}}\n", r"tokenizer\.sauce: unknown key"),
+    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{}}\ntokenizer_source: base\n",
+     r"tokenizer: give tokenizer or tokenizer_source, not both"),
+    (f"merge_method: linear\n{GOOD_MODELS}\nchat_template: chatmlx\n",
+     r"chat_template: 'chatmlx' is neither 'auto', a built-in template"),
     ("merge_method: linear\nmodules: {}\n", r"give exactly one of"),
     ("merge_method: linear\nmodules: {text: {}}\n", r"modules: multi-module configs are not supported"),
 ])
@@ -211,16 +218,4 @@ def test_run_config_checks_layer_range_against_config_json(tmp_path, monkeypatch
         run_config(p, tmp_path / "out")
 
 
-@pytest.mark.parametrize("vocab_b, size, message", [
-    (None, 2, r"has no tokenizer\.json"),
-    ({"x": 0, "z": 1}, 2, r"different vocabularies"),
-    ({"x": 0, "y": 1}, 4, r"the tokenizer has 2 tokens but the embeddings have 4 rows"),
-])
-def test_tokenizer_source_must_be_exact(tmp_path, monkeypatch, vocab_b, size, message):
-    monkeypatch.chdir(tmp_path)
-    fake_model(tmp_path / "a", vocab={"x": 0, "y": 1}, vocab_size=size)
-    fake_model(tmp_path / "b", vocab=vocab_b, vocab_size=size)
-    p = write(tmp_path, "merge_method: slerp\nbase_model: a\ntokenizer_source: base\n"
-                        "models: [{model: a}, {model: b}]\nparameters: {t: 0.5}\n")
-    with pytest.raises(ConfigError, match=r"merge\.yml: tokenizer_source: .*" + message):
-        run_config(p, tmp_path / "out")
+# tokenizer_source with vocabularies that differ runs: tests/merge/test_tokenizer_rows.py.

@@ -393,3 +393,40 @@ def test_every_method_runs_over_slices_and_two_halves_equal_the_whole(capsys, fa
     for n in s:
         assert torch.equal(s[n], w[n]), n
     assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+@pytest.fixture(scope="module")
+def tok_fam(tmp_path_factory):
+    from tokenizer_family import build_family
+
+    return build_family(tmp_path_factory.mktemp("slices-tok"))
+
+
+def _tok_slices(a, b, tok):
+    return {"merge_method": "linear", "parameters": {"weight": 1.0}, "tokenizer_source": tok,
+            "slices": [{"sources": [{"model": str(a), "layer_range": [0, 1]}, {"model": str(b), "layer_range": [0, 1]}]}
+                       for _ in range(2)]}
+
+
+def test_tokenizer_source_with_one_vocabulary_runs(capsys, tok_fam, tmp_path):
+    """base and ft3 share a vocabulary: the rows stay as they are, the tokenizer is the built one."""
+    from tokenizer_family import config_of, vocab_of
+
+    capsys.readouterr()
+    code, _, err = run(capsys, write(tmp_path, dict(_tok_slices(tok_fam["base"], tok_fam["ft3"], "base"),
+                                                    base_model=str(tok_fam["base"]))), tmp_path / "out")
+    assert code == 0, err
+    got, a, b = load_state(tmp_path / "out"), load_state(tok_fam["base"]), load_state(tok_fam["ft3"])
+    emb = "model.embed_tokens.weight"
+    assert torch.allclose(got[emb], (a[emb] + b[emb]) / 2, rtol=1e-6, atol=1e-6)
+    assert config_of(tmp_path / "out")["num_hidden_layers"] == 2
+    assert config_of(tmp_path / "out")["vocab_size"] == config_of(tok_fam["base"])["vocab_size"]
+    assert vocab_of(tmp_path / "out") == vocab_of(tok_fam["base"])
+
+
+def test_tokenizer_remap_of_stacked_slices_is_refused(capsys, tok_fam, tmp_path):
+    capsys.readouterr()
+    code, _, err = run(capsys, write(tmp_path, _tok_slices(tok_fam["base"], tok_fam["ft1"], "union")), tmp_path / "o")
+    assert code == 2, err
+    assert err.count("\n") == 1 and "tokenizer_source: remapping the embedding rows of stacked slices" in err, err
+    assert not (tmp_path / "o").exists()
