@@ -430,3 +430,16 @@ def test_tokenizer_remap_of_stacked_slices_is_refused(capsys, tok_fam, tmp_path)
     assert code == 2, err
     assert err.count("\n") == 1 and "tokenizer_source: remapping the embedding rows of stacked slices" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_passthrough_stack_with_tokenizer_source_base(capsys, tok_fam, tmp_path):
+    """The tokenizer's vocab_size update and the stack's num_hidden_layers both reach config.json."""
+    from tokenizer_family import config_of
+
+    cfg = {"merge_method": "passthrough", "tokenizer_source": "base", "base_model": str(tok_fam["base"]),
+           "slices": [{"sources": [{"model": str(tok_fam[m]), "layer_range": [0, 1]}]} for m in ("base", "ft3")]}
+    capsys.readouterr()
+    code, _, err = run(capsys, write(tmp_path, cfg), tmp_path / "out")
+    assert code == 0, err
+    conf = config_of(tmp_path / "out")
+    assert conf["num_hidden_layers"] == 2 and conf["vocab_size"] == config_of(tok_fam["base"])["vocab_size"]
