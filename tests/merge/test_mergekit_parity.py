@@ -38,3 +38,72 @@ def test_slerp_agrees_with_mergekit(llama, tmp_path, t):
         assert float((x.float() - y.float()).abs().max()) <= ulp, name
         if t in (0.0, 1.0):
             assert torch.equal(x, y), name
+
+
+# Every case of cpift.merge.tools.parity (the table benchmarks/mergekit_parity.py writes) within its bound.
+
+from cpift.merge.tools.parity import CASES, ParityCase, compare, make_family, run_both  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    return {dt: make_family(root / dt, dt) for dt in ("float32", "bfloat16")}
+
+
+@pytest.mark.skipif(not MERGEKIT, reason="mergekit-yaml not found (set CPIFT_MERGEKIT_YAML)")
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_config_agrees_with_mergekit(case, tiny_families, tmp_path):
+    fam = tiny_families[case.dtype]
+    ours, theirs = run_both(case, fam, tmp_path, MERGEKIT)
+    row = compare(case, ours, theirs, fam["base"])
+    assert row["ok"], row
+
+
+def _save(d, tensors):
+    from safetensors.torch import save_file
+
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("bound,change,holds", [
+    (("exact", 0), 0, True), (("exact", 0), 1, False), (("ulp", 1), 1, True), (("ulp", 1), 2, False),
+    (("agree", 0.9), 2, True), (("agree", 0.999), 2, False)])
+def test_compare_detects_what_misses_the_bound(tmp_path, bound, change, holds):
+    """The checker itself: `change` ulps added to 1% of the entries of a float32 tensor (scale 1)."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.rand(1001, generator=g) * 0.5 + 0.5
+    y[0] = 1.5  # the tensor's scale: ulp 2^-23
+    x = y.clone()
+    x[1:11] += change * 2.0 ** -23
+    base = _save(tmp_path / "base", {"w": torch.zeros(1001)})
+    case = ParityCase("t", "", "float32", bound)
+    row = compare(case, _save(tmp_path / "x", {"w": x}), _save(tmp_path / "y", {"w": y}), base)
+    assert row["ok"] is holds, row
+
+
+def test_compare_random_bound_uses_the_moved_share(tmp_path):
+    n = 20000
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(n, generator=g)
+    half = base.clone()
+    half[: n // 2] += 1.0
+    quarter = base.clone()
+    quarter[: n // 4] += 1.0
+    shuffled = base.clone()
+    shuffled[n // 2:] += 1.0  # other entries, the same share
+    b = _save(tmp_path / "b", {"w": base})
+    case = ParityCase("t", "", "float32", ("random", 0))
+    assert compare(case, _save(tmp_path / "s", {"w": shuffled}), _save(tmp_path / "h", {"w": half}), b)["ok"]
+    assert not compare(case, _save(tmp_path / "q", {"w": quarter}), tmp_path / "h", b)["ok"]
+
+
+def test_compare_refuses_other_names_or_shapes(tmp_path):
+    b = _save(tmp_path / "b", {"w": torch.zeros(3)})
+    case = ParityCase("t", "", "float32", ("exact", 0))
+    row = compare(case, _save(tmp_path / "x", {"v": torch.zeros(3)}), b, b)
+    assert not row["ok"] and "names differ" in row["why"]
+    row = compare(case, _save(tmp_path / "y", {"w": torch.zeros(4)}), b, b)
+    assert not row["ok"] and "float32[4]" in row["why"]

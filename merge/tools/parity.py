@@ -1,0 +1,179 @@
+"""Parity with mergekit: one config run through ``mergekit-yaml`` and ``cpift-merge config``, every tensor
+compared.
+
+``CASES`` lists the configs (templates over a tiny Llama-shaped family: ``{base}``, ``{ft1}``, ``{ft2}``,
+``{dtype}``) and the bound each must meet; tests/merge/test_mergekit_parity.py runs every case where a
+mergekit-yaml is at hand, and benchmarks/mergekit_parity.py writes the measured table
+(benchmarks/results/mergekit_parity.{json,md}) that the README quotes.
+
+Bounds: ``exact`` (every tensor bit-identical), ``ulp N`` (|cpift − mergekit| ≤ N units in the last place of
+the output dtype at the tensor's scale, 2^(floor(log2 max|y|) − mantissa bits)), ``rel R`` (≤ R·max(1, |y|)),
+``random`` (a method whose drops are random: mergekit's torch RNG and cpift's Philox stream keep other
+entries, so the share of entries that differ from the base is compared, within 5 binomial standard
+errors), and ``agree S`` (a share S of the entries within 1 ulp; the rest differ by a documented cause).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
+
+_MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One mergekit config and the bound cpift's output meets against mergekit's."""
+
+    name: str
+    config: str  # YAML template: {base}, {ft1}, {ft2}, {dtype}
+    dtype: str  # float32 | bfloat16: the family's storage and the config's dtype
+    bound: tuple[str, float]  # ("exact", 0) | ("ulp", n) | ("rel", r) | ("random", 0) | ("agree", share)
+    note: str = ""
+
+
+def _two(method: str, p1: str, p2: str, shared: str = "") -> str:
+    """A base + two fine-tunes config of ``method`` with per-model parameters ``p1``, ``p2``."""
+    return (f"merge_method: {method}\nbase_model: {{base}}\nmodels:\n"
+            f"  - model: {{ft1}}\n    parameters: {{{{{p1}}}}}\n  - model: {{ft2}}\n    parameters: {{{{{p2}}}}}\n"
+            + (f"parameters: {{{{{shared}}}}}\n" if shared else "") + "dtype: {dtype}\n")
+
+
+_SLERP = ("merge_method: slerp\nbase_model: {ft1}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n"
+          "parameters:\n  t: [0, 0.3, 1]\ndtype: {dtype}\n")
+_LINEAR = ("merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n"
+           "  - model: {ft2}\n    parameters: {{weight: 0.4}}\n  - model: {base}\n    parameters: {{weight: 0.2}}\n"
+           "dtype: {dtype}\n")
+_STOCK = "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: {dtype}\n"
+_STACK = ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
+          "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\ndtype: {dtype}\n")
+_BF16_MATH = ("mergekit computes in the config's dtype (bf16 sums), cpift in float32 with one rounding")
+
+CASES: tuple[ParityCase, ...] = (
+    ParityCase("linear", _LINEAR, "float32", ("rel", 1e-6)),
+    ParityCase("linear bf16", _LINEAR, "bfloat16", ("ulp", 1), _BF16_MATH),
+    ParityCase("slerp (t gradient)", _SLERP, "float32", ("rel", 1e-6)),
+    ParityCase("slerp bf16", _SLERP, "bfloat16", ("ulp", 1), "dot products summed in another order"),
+    ParityCase("task_arithmetic", _two("task_arithmetic", "weight: 0.7", "weight: 0.4", "lambda: 0.8"),
+               "float32", ("rel", 1e-6)),
+    ParityCase("task_arithmetic normalize", _two("task_arithmetic", "weight: 0.7", "weight: 0.4", "normalize: true"),
+               "float32", ("rel", 1e-6), "cpift divides the weights by their sum, mergekit the summed delta"),
+    ParityCase("task_arithmetic bf16", _two("task_arithmetic", "weight: 0.7", "weight: 0.4"), "bfloat16",
+               ("ulp", 1), _BF16_MATH),
+    ParityCase("ties", _two("ties", "weight: 0.7, density: 0.5", "weight: 0.4, density: 0.3"), "float32",
+               ("rel", 1e-6)),
+    ParityCase("ties bf16", _two("ties", "weight: 0.7, density: 0.5", "weight: 0.4, density: 0.3"), "bfloat16",
+               ("agree", 0.99), _BF16_MATH + ": where the weighted sign sum is near 0 the elected sign can differ"),
+    ParityCase("dare_linear", _two("dare_linear", "weight: 0.7, density: 0.5", "weight: 0.4, density: 0.5"),
+               "float32", ("random", 0), "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
+    ParityCase("dare_ties", _two("dare_ties", "weight: 0.7, density: 0.5", "weight: 0.4, density: 0.5"),
+               "float32", ("random", 0), "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
+    ParityCase("model_stock", _STOCK, "float32", ("rel", 1e-5), "t from float64 (cpift) vs float32 (mergekit) cosines"),
+    ParityCase("breadcrumbs", _two("breadcrumbs", "weight: 1.0, density: 0.6, gamma: 0.05",
+                                   "weight: 0.5, density: 0.6, gamma: 0.05"), "float32", ("rel", 1e-6)),
+    ParityCase("breadcrumbs_ties", _two("breadcrumbs_ties", "weight: 1.0, density: 0.6, gamma: 0.05",
+                                        "weight: 0.5, density: 0.6, gamma: 0.05"), "float32", ("rel", 1e-6)),
+    ParityCase("della", _two("della", "weight: 1.0, density: 0.5, epsilon: 0.1",
+                             "weight: 0.5, density: 0.5, epsilon: 0.1"), "float32", ("random", 0),
+               "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
+    ParityCase("della_linear", _two("della_linear", "weight: 1.0, density: 0.5, epsilon: 0.1",
+                                    "weight: 0.5, density: 0.5, epsilon: 0.1"), "float32", ("random", 0),
+               "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
+    ParityCase("passthrough slices", _STACK, "bfloat16", ("exact", 0)),
+)
+
+
+def make_family(root: str | os.PathLike, dtype: str) -> dict[str, Path]:
+    """A tiny Llama-shaped base and two fine-tunes (deltas 10% of the weights' scale) under ``root``."""
+    root = Path(root)
+    dt = getattr(torch, dtype)
+    shape = PRESETS["tiny"]
+    return {"base": make_checkpoint(root / "base", shape, dtype=dt, seed=1),
+            "ft1": make_checkpoint(root / "ft1", shape, dtype=dt, seed=2, base_seed=1),
+            "ft2": make_checkpoint(root / "ft2", shape, dtype=dt, seed=3, base_seed=1)}
+
+
+def _cpift_command() -> list[str]:
+    exe = Path(sys.executable).with_name("cpift-merge")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from cpift.cli.merge_cli import main; main()"]
+
+
+def run_both(case: ParityCase, family: dict[str, Path], workdir: str | os.PathLike, mergekit: str) -> tuple[Path, Path]:
+    """Write the case's config and run it through mergekit-yaml and ``cpift-merge config``: (cpift, mergekit) outputs."""
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / "config.yml"
+    cfg.write_text(case.config.format(dtype=case.dtype, **{k: str(v) for k, v in family.items()}))
+    ours, theirs = work / "cpift", work / "mergekit"
+    for d in (ours, theirs):
+        if d.exists():
+            shutil.rmtree(d)
+    subprocess.run([mergekit, str(cfg), str(theirs), "--no-copy-tokenizer", "--quiet", "--no-write-model-card"],
+                   check=True, capture_output=True, text=True)
+    subprocess.run([*_cpift_command(), "config", str(cfg), "-o", str(ours), "-q"], check=True,
+                   capture_output=True, text=True)
+    return ours, theirs
+
+
+def load(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def compare(case: ParityCase, ours: Path, theirs: Path, base: Path) -> dict:
+    """The case's figures: entries, share bit-identical, max |Δ|, max |Δ| in ulps, and whether the bound holds."""
+    x, y = load(ours), load(theirs)
+    if set(x) != set(y):
+        return {"case": case.name, "ok": False, "why": f"tensor names differ: {sorted(set(x) ^ set(y))[:4]}"}
+    b = load(base)
+    entries = same = within1 = 0
+    max_abs = max_ulps = max_rel = 0.0
+    moved_ours = moved_theirs = 0
+    for name in sorted(x):
+        a, c = x[name], y[name]
+        if a.shape != c.shape or a.dtype != c.dtype:
+            return {"case": case.name, "ok": False, "why": f"{name}: {a.dtype}{list(a.shape)} vs {c.dtype}{list(c.shape)}"}
+        a64, c64 = a.double(), c.double()
+        diff = (a64 - c64).abs()
+        scale = float(c64.abs().max()) if c.numel() else 0.0
+        ulp = 2.0 ** (math.floor(math.log2(scale)) - _MANTISSA[c.dtype]) if scale > 0 else 2.0 ** -149
+        entries += a.numel()
+        same += int((a == c).sum())
+        within1 += int((diff <= ulp).sum())
+        if a.numel():
+            max_abs = max(max_abs, float(diff.max()))
+            max_ulps = max(max_ulps, float(diff.max()) / ulp)
+            max_rel = max(max_rel, float((diff / c64.abs().clamp(min=1.0)).max()))
+        if name in b and b[name].shape == a.shape:
+            moved_ours += int((a != b[name].to(a.dtype)).sum())
+            moved_theirs += int((c != b[name].to(c.dtype)).sum())
+    kind, value = case.bound
+    share_ours, share_theirs = moved_ours / max(entries, 1), moved_theirs / max(entries, 1)
+    if kind == "exact":
+        ok = same == entries
+    elif kind == "ulp":
+        ok = max_ulps <= value
+    elif kind == "rel":
+        ok = max_rel <= value
+    elif kind == "agree":
+        ok = within1 / max(entries, 1) >= value
+    else:  # random: the share of entries moved off the base, within 5 binomial standard errors
+        se = math.sqrt(max(share_theirs * (1 - share_theirs), 1e-12) / max(entries, 1))
+        ok = abs(share_ours - share_theirs) <= 5 * se + 1e-9
+    return {"case": case.name, "dtype": case.dtype, "bound": f"{kind} {value:g}" if kind != "exact" else "exact",
+            "ok": ok, "entries": entries, "bit_identical": same / max(entries, 1),
+            "within_1_ulp": within1 / max(entries, 1), "max_abs": max_abs, "max_ulps": max_ulps, "max_rel": max_rel,
+            "moved_cpift": share_ours, "moved_mergekit": share_theirs, "note": case.note}
