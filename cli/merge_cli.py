@@ -36,8 +36,9 @@ def cli() -> None:
                    "default: the config's cpift.seed, else 0. The same seed gives byte-identical output.")
 @common_options
 def config(config_file, seed, out, common):
-    """Run a mergekit-style YAML config (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties),
-    or the cpift_recipe.yml of a cores or fuse output (its `cpift_step` key), to reproduce it.
+    """Run a mergekit YAML config unchanged (every merge_method cpift-merge has a command for, slices,
+    tokenizer_source / tokenizer / chat_template, model+lora inputs), or the cpift_recipe.yml of a
+    cores or fuse output (its `cpift_step` key), to reproduce it.
 
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """

@@ -21,8 +21,14 @@ ROLE_ARGUMENTS = {
                                       help="Base model the deltas are taken from.")],
 }
 
+# A method with an optional base (nuslerp, multislerp): the models are taken as deltas from it if given.
+OPTIONAL_BASE = [click.option("--base", default=None, type=click.Path(),
+                              help="Optional base model: merge the deltas from it and add it back.")]
+
 
 def _option(spec: MethodSpec, p: ParamSpec):
+    if p.kind == "flag" and p.default is True:  # on by default: --flag/--no-flag
+        return click.option(f"{p.cli}/--no-{p.cli.removeprefix('--')}", p.name, default=True, help=p.help)
     if p.kind == "flag":
         return click.option(p.cli, p.name, is_flag=True, help=p.help)
     if p.kind == "seed":
@@ -30,7 +36,7 @@ def _option(spec: MethodSpec, p: ParamSpec):
                             help=p.help)
     if p.kind == "number":
         return click.option(p.cli, p.name, type=float, default=p.default, show_default=True, help=p.help)
-    text = p.help.format(base=", base excluded" if spec.has_base else "")
+    text = p.help.format(base=", base excluded" if spec.has_base or spec.optional_base else "")
     return click.option(p.cli, p.name, default=None if p.default is None else str(p.default),
                         show_default=p.default is not None, help=text)
 
@@ -59,6 +65,8 @@ def method_command(spec: MethodSpec) -> click.Command:
         else:
             inputs = [given.pop("base"), list(given.pop("models"))]
         kwargs = {p.name: _value(p, given.pop(p.name)) for p in spec.params}
+        if spec.optional_base:
+            kwargs["base"] = given.pop("base")
         return spec.function(*inputs, out, **kwargs, **common)
 
     command.__name__ = spec.name
@@ -66,7 +74,7 @@ def method_command(spec: MethodSpec) -> click.Command:
     fn = common_options(command)
     for p in reversed(spec.params):
         fn = _option(spec, p)(fn)
-    for decorate in reversed(ROLE_ARGUMENTS[spec.roles]):
+    for decorate in reversed(ROLE_ARGUMENTS[spec.roles] + (OPTIONAL_BASE if spec.optional_base else [])):
         fn = decorate(fn)
     return click.command(spec.cli, help=spec.summary)(fn)
 

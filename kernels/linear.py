@@ -10,6 +10,8 @@
 # _linear_cpu.py: one pass, N·s bytes read and s written per entry (s the storage size), the torch
 # path's operations in its order (x_0·w_0, then fused multiply-adds), so bit-identical to it; it tests
 # each stored entry for NaN/±inf and records the answer (kernels/finite.py). float64 stays on torch.
+# weighted_sum: Σ c_i·x_i with the coefficients as given (the hypersphere methods' blend), the same
+# passes without the normalisation.
 from __future__ import annotations
 
 import math
@@ -37,28 +39,27 @@ def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], *, out: torch.T
            backend: str | None = None) -> torch.Tensor:
     """Write Σ w_i·x_i / Σ w_i into out (same length 1-D tensors, any float storage dtypes)."""
     ws = _normalised(weights, len(xs))
+    _check(xs, out)
+    if resolve(backend, *xs, out) != "triton":
+        return weighted_sum(xs, ws, out=out, backend=backend)
+    if len(xs) == 1:
+        return out.copy_(xs[0])
+    # Σ w_i x_i = x_0 + Σ_{i≥1} w_i (x_i − x_0) for normalised weights: the delta kernel's pass.
+    from .ties import delta_merge
+
+    return delta_merge(xs[0], xs[1:], ws[1:], elect_sign=False, out=out, backend="triton")
+
+
+def _check(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     n = xs[0].numel()
     for i, x in enumerate(xs):
         check_flat(f"xs[{i}]", x, n)
     check_flat("out", out, n)
-    be = resolve(backend, *xs, out)
-    if be == "cpu":
-        from ._cpu import supports
 
-        if supports(*xs, out):
-            from ._linear_cpu import linear_cpu
 
-            note_written(out, linear_cpu(list(xs), ws, out=out))
-            return out
-    if be == "triton":
-        if len(xs) == 1:
-            return out.copy_(xs[0])
-        # Σ w_i x_i = x_0 + Σ_{i≥1} w_i (x_i − x_0) for normalised weights: the delta kernel's pass.
-        from .ties import delta_merge
-
-        return delta_merge(xs[0], xs[1:], ws[1:], elect_sign=False, out=out, backend="triton")
+def _sum_torch(xs: Sequence[torch.Tensor], ws: Sequence[float], out: torch.Tensor) -> torch.Tensor:
     dt = compute_dtype(*xs)
-    for s, e in chunks(n):
+    for s, e in chunks(out.numel()):
         acc = scratch("linear.acc", e - s, dt)
         tmp = scratch("linear.x", e - s, dt)
         acc.copy_(xs[0][s:e]).mul_(ws[0])
@@ -67,6 +68,36 @@ def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], *, out: torch.T
             acc.add_(tmp, alpha=w)
         out[s:e].copy_(acc)
     return out
+
+
+def weighted_sum(xs: Sequence[torch.Tensor], coefficients: Sequence[float], *, out: torch.Tensor,
+                 backend: str | None = None) -> torch.Tensor:
+    """Write Σ c_i·x_i into out, the coefficients as given (not normalised: any finite values).
+
+    The hypersphere methods' blend (kernels/hypersphere.py). torch and fused CPU: the passes of
+    ``linear`` (bit-identical to each other). Triton: the delta kernel over a zero base, out = 0 + Σ c_i
+    (x_i − 0) with out itself as that base (zeroed first: one more write and read of the output than
+    a dedicated kernel; bit-identical to the torch order, x_i − 0 being exact).
+    """
+    if len(xs) == 0 or len(coefficients) != len(xs):
+        raise ValueError(f"weighted_sum: got {len(xs)} tensors and {len(coefficients)} coefficients; give one "
+                         f"coefficient per tensor, at least one tensor")
+    cs = [float(c) for c in coefficients]
+    _check(xs, out)
+    be = resolve(backend, *xs, out)
+    if be == "cpu":
+        from ._cpu import supports
+
+        if supports(*xs, out):
+            from ._linear_cpu import linear_cpu
+
+            note_written(out, linear_cpu(list(xs), cs, out=out))
+            return out
+    if be == "triton":
+        from .ties import delta_merge
+
+        return delta_merge(out.zero_(), xs, cs, elect_sign=False, out=out, backend="triton")
+    return _sum_torch(xs, cs, out)
 
 
 def linear_ref(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

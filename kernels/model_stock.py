@@ -12,12 +12,9 @@
 # in float32 whatever the storage, as for every method.
 #
 # Whole tensor (mergekit's default), two passes like SLERP's:
-#   1. delta_gram: the N×N Gram matrix ⟨δ_i, δ_j⟩. Per chunk the N float32 deltas are formed in
-#      reused scratch buffers (on the tensors' device), and kernels/slerp.slerp_reduce runs on each
-#      pair (fused CPU: exact float64 products summed in float64 per block; Triton: float32 block
-#      partials; torch: float32 torch.dot partials), partials folded on the host in float64.
-#      Reads N + 1 elements per entry, writes nothing; the pair reductions re-read float32 chunks
-#      that are still in cache.
+#   1. delta_gram: the N×N Gram matrix ⟨δ_i, δ_j⟩ (kernels/gram.py: per chunk the N float32 deltas
+#      in reused scratch buffers, kernels/slerp.slerp_reduce on each pair, fused CPU / Triton / torch,
+#      partials folded on the host in float64). Reads N + 1 elements per entry, writes nothing.
 #   2. stock_ratio on the host (float64), then kernels/ties.delta_merge with λ = t and w_i = 1/N:
 #      out = b + t·Σ δ_i / N, the fused CPU / Triton / torch kernel of task arithmetic. Reads N + 1
 #      elements per entry, writes 1. t = 0 gives b bit for bit.
@@ -33,22 +30,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
-from .backend import resolve
-from .slerp import slerp_reduce
+from ._scratch import CHUNK, check_flat, compute_dtype
+from .gram import buffer, gram
 from .threads import serial_reductions
 from .ties import delta_merge
 
 EPS = 1e-6  # mergekit's clamp of the norm product
 GUARD = 1e-6  # |1 + (N−1)·c| below this: t = 0 (mergekit's guard)
-_CUDA_CHUNK = 1 << 24  # elements per chunk on a GPU: fewer host round trips of the pair reductions
-
-
-def _buffer(slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A working buffer: the cached scratch on the CPU, the caching allocator's memory elsewhere."""
-    if device.type == "cpu":
-        return scratch(slot, n, dtype)
-    return torch.empty(n, dtype=dtype, device=device)
 
 
 def _check(base: torch.Tensor, xs: Sequence[torch.Tensor]) -> int:
@@ -62,27 +50,9 @@ def _check(base: torch.Tensor, xs: Sequence[torch.Tensor]) -> int:
 
 
 def delta_gram(base: torch.Tensor, xs: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
-    """The N×N float64 (CPU) matrix of ⟨x_i − b, x_j − b⟩ over same-length 1-D tensors."""
-    n = _check(base, xs)
-    k = len(xs)
-    dt = compute_dtype(base, *xs)
-    be = resolve(backend, base, *xs)
-    g = [[0.0] * k for _ in range(k)]
-    for s, e in chunks(n, _CUDA_CHUNK if base.is_cuda else CHUNK):
-        fb = _buffer("stock.base", e - s, dt, base.device).copy_(base[s:e])
-        ds = [_buffer(f"stock.d{i}", e - s, dt, base.device).copy_(x[s:e]).sub_(fb) for i, x in enumerate(xs)]
-        for i in range(k):
-            for j in range(i + 1, k):
-                aa, bb, ab = slerp_reduce(ds[i], ds[j], backend=be)
-                g[i][j] += ab
-                if i == 0:  # each squared norm taken once: ‖δ_0‖², ‖δ_1‖² from pair (0, 1), ‖δ_j‖² from (0, j)
-                    g[j][j] += bb
-                    if j == 1:
-                        g[0][0] += aa
-    for i in range(k):
-        for j in range(i):
-            g[i][j] = g[j][i]
-    return torch.tensor(g, dtype=torch.float64)
+    """The N×N float64 (CPU) matrix of ⟨x_i − b, x_j − b⟩ over same-length 1-D tensors (kernels/gram.py)."""
+    _check(base, xs)
+    return gram(xs, base=base, backend=backend)
 
 
 def stock_ratio(gram: torch.Tensor) -> torch.Tensor:
@@ -125,8 +95,8 @@ def model_stock_rows(base: torch.Tensor, xs: Sequence[torch.Tensor], cols: int, 
     for r0 in range(0, n // cols, per):
         s, e = r0 * cols, min(n, (r0 + per) * cols)
         rows = (e - s) // cols
-        fb = _buffer("stock.base", e - s, dt, base.device).copy_(base[s:e]).view(rows, cols)
-        ds = [_buffer(f"stock.d{i}", e - s, dt, base.device).copy_(x[s:e]).view(rows, cols).sub_(fb)
+        fb = buffer("stock.base", e - s, dt, base.device).copy_(base[s:e]).view(rows, cols)
+        ds = [buffer(f"stock.d{i}", e - s, dt, base.device).copy_(x[s:e]).view(rows, cols).sub_(fb)
               for i, x in enumerate(xs)]
         gram = torch.empty(rows, k, k, dtype=torch.float64, device=base.device)
         for i in range(k):

@@ -190,6 +190,8 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
         cfg["models"] = [{"model": refs[0]}]
         cfg["parameters"] = {p.mergekit: float(params[p.name]) for p in spec.params
                              if p.mergekit and params.get(p.name) is not None}
+    elif spec.optional_base or (spec.roles == ("models",) and "weights" not in params):
+        cfg.update(_sphere_recipe(spec, params, inputs, refs))  # nuslerp, multislerp, karcher
     elif spec.roles == ("models",):
         cfg["models"] = [{"model": r, "parameters": {"weight": float(w)}}
                          for r, w in zip(refs, params["weights"])]
@@ -213,6 +215,23 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
             cfg[key] = _dtype_name(settings[key])
     cfg["cpift"] = _cpift_block(params, inputs, settings, out)
     return cfg, None
+
+
+def _sphere_recipe(spec, params: Mapping[str, Any], inputs: Sequence[CardInput], refs: list[str]) -> dict[str, Any]:
+    """The models (weights if the method has them), the base if one was given, the shared settings."""
+    cfg: dict[str, Any] = {}
+    if inputs and inputs[0].role == "base":
+        cfg["base_model"], refs = refs[0], refs[1:]
+    ws = params.get("weights")
+    cfg["models"] = [{"model": r, **({"parameters": {"weight": float(ws[i])}} if ws is not None else {})}
+                     for i, r in enumerate(refs)]
+    shared = {}
+    for p in spec.params:
+        if p.mergekit and not p.per_model:
+            v = params[p.name]
+            shared[p.mergekit] = v if isinstance(v, bool) else (int(v) if p.name == "max_iter" else float(v))
+    cfg["parameters"] = shared
+    return cfg
 
 
 def _cpift_block(params: Mapping[str, Any], inputs: Sequence[CardInput],

@@ -12,6 +12,17 @@ def _input_params(method: str) -> tuple[str, ...]:
     return REGISTRY[method].mergekit.inputs
 
 
+def _check_count(spec, models: int, source, has_base: bool) -> None:
+    """nuslerp (2 models), multislerp, karcher (1 or more): base_model aside where it is the origin."""
+    lo, hi = spec.min_models, spec.max_models
+    if models < lo or (hi is not None and models > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+        besides = (" besides base_model" if spec.optional_base else " (base_model, if not listed, counted)"
+                   ) if has_base else ""
+        raise ConfigError(f"{located(source, 'models')}: {spec.name} merges {want} model"
+                          f"{'s' if lo > 1 else ''}{besides}, got {models}")
+
+
 def check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
                   params: dict, slice_params: dict, source, slice_form: bool, where: str = "slices[0]") -> None:
     """Checks that need no files: model counts, duplicates, required values, a linear weight sum of 0.
@@ -37,6 +48,9 @@ def check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
         if inputs != 2:
             raise ConfigError(f"{located(source, listing)}: slerp merges exactly two models, base_model and "
                               f"one other; got {inputs}")
+    elif REGISTRY[method].optional_base or (REGISTRY[method].roles == ("models",) and method != "linear"):
+        _check_count(REGISTRY[method], inputs - (base is not None and REGISTRY[method].optional_base), source,
+                     base is not None)
     elif REGISTRY[method].has_base:
         if base is None:
             raise ConfigError(f"{located(source, 'base_model')}: missing; {method} merges deltas from it")

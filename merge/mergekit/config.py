@@ -19,6 +19,13 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
                      fn(base, others, weights, density, lam) — the base's own delta is zero, so it is
                      dropped from ``models`` (its per-model parameters have no effect; a note says so).
     model_stock      model_stock(base, others, filter_wise) — base_model and ≥ 2 others, no per-model keys.
+    nuslerp, multislerp
+                     fn(others, weights, base=base_model or None, ...) — base_model optional (mergekit's
+                     BasePolicy.OPTIONAL: the origin of the deltas), dropped from ``models`` when listed;
+                     nuslerp exactly two others; ``nuslerp_flatten``, ``nuslerp_row_wise`` / ``normalize_weights``,
+                     ``eps`` shared.
+    karcher          karcher(models, max_iter, tol) — every model an input; an unlisted base_model is added
+                     as the last, as mergekit does; no per-model keys.
 
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``residual_weight`` (``model+lora`` runs: merge/io/lora.py);

@@ -45,6 +45,35 @@ def _normalize_weights(ws: list[Param]) -> list[Param]:
     return [scaled(i) for i in range(len(ws))]
 
 
+def _sphere_call(cfg: MergeConfig, path, param, fld_of, base_key, base_listed: bool, notes: list[str]) -> MethodCall:
+    """nuslerp, multislerp: the models besides base_model, their weights, ``base`` when base_model is given
+    (mergekit's optional base: the origin of the deltas). karcher: every model, base_model too (mergekit
+    adds an unlisted one as one more input, as for linear). The shared settings as constants or per tensor."""
+    spec = METHODS[cfg.method]
+    kwargs: dict[str, Any] = {}
+    for p in spec.params:
+        if p.mergekit and not p.per_model:
+            scope = "slices[0].parameters" if p.mergekit in cfg.slice_parameters else "parameters"
+            kwargs[p.name] = (_shared(cfg, p.mergekit, p.mergekit_default) if p.kind == "flag"
+                              else param(None, p.mergekit, p.mergekit_default, f"{scope}.{p.mergekit}"))
+    if spec.optional_base:
+        specs = [m for m in cfg.models if path(m.model) != base_key]
+        for m in cfg.models:
+            if path(m.model) == base_key and m.parameters:
+                notes.append(f"note: {m.field}.parameters ({', '.join(m.parameters)}) have no effect: "
+                             f"{m.model} is base_model, the origin of the deltas (mergekit ignores them too)")
+        kwargs["weights"] = [param(m, "weight", None, fld_of(m, "weight")) for m in specs]
+        if cfg.base_model is not None:
+            kwargs["base"] = path(cfg.base_model)
+    else:
+        specs = list(cfg.models)
+        if cfg.base_model is not None and not base_listed and cfg.layer_range is None:
+            specs.append(ModelSpec(cfg.base_model, {}, "base_model"))
+            notes.append(f"note: base_model '{cfg.base_model}' is not listed in models; as in mergekit, "
+                         f"{cfg.method} includes it as its last input")
+    return MethodCall(cfg.method, (tuple(path(m.model) for m in specs),), kwargs, notes)
+
+
 def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping[str, Any] | None = None,
               native: Collection[str] = (), position: Callable[[str], float] | None = None) -> MethodCall:
     """The cpift function call a config stands for.
@@ -101,6 +130,9 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
     mk = METHODS[method].mergekit
     normalize = _shared(cfg, "normalize", mk.normalize)
     # int8_mask needs nothing: mergekit uses it only as the dtype of the TIES sign mask.
+
+    if METHODS[method].optional_base or (METHODS[method].roles == ("models",) and "weight" not in mk.inputs):
+        return _sphere_call(cfg, path, param, fld_of, base_key, base_listed, notes)
 
     if METHODS[method].roles == ("model_a", "model_b"):
         others = [m for m in cfg.models if path(m.model) != base_key]

@@ -64,7 +64,8 @@ class MergekitSpec:
 class MethodSpec:
     """A merge method: ``name`` (Python and mergekit), ``cli`` (command), where its function lives,
     its input ``roles`` (``model_a``/``model_b``: two models; ``models``: two or more; ``base`` then
-    ``models``: the base and one or more fine-tunes), parameters, one-line definition and source."""
+    ``models``: the base and one or more fine-tunes; ``models`` with ``optional_base``: models and
+    perhaps a base), parameters, one-line definition and source."""
 
     name: str
     cli: str
@@ -78,6 +79,11 @@ class MethodSpec:
     native: tuple[str, ...] = ()  # mergekit settings the function takes as keywords (normalize)
     bench: dict[str, str] = field(default_factory=dict)  # CLI option -> value for a bench run
     min_models: int = 1  # for a method with a base: the fine-tunes it needs besides the base
+    # roles ("models",) with optional_base: ``--base B`` may be given (the function's ``base`` keyword;
+    # mergekit's BasePolicy.OPTIONAL: the models are then taken as deltas from it); max_models: the
+    # most models it takes besides a base (None: no limit)
+    optional_base: bool = False
+    max_models: int | None = None
 
     @property
     def function(self) -> Callable[..., Any]:
@@ -239,3 +245,53 @@ register(_sparse("della", _EPSILON, 0.5, _MAGPRUNE + "TIES sign election and dis
                  normalize=True, rescale=True, seed=True))
 register(_sparse("della_linear", _EPSILON, 0.5, _MAGPRUNE + "task arithmetic", _DELLA,
                  "DELLA's drops and rescale, then task arithmetic.", normalize=False, rescale=True, seed=True))
+
+
+# The hypersphere merges (merge/methods/hypersphere.py): nuslerp and multislerp take an optional base.
+_SPHERE_WEIGHTS = ParamSpec("weights", "--weights", "per_model", None,
+                            "Comma-separated weight per model, base excluded (default: all 1).", mergekit="weight")
+register(MethodSpec(
+    "nuslerp", "nuslerp", "cpift.merge.methods.hypersphere", ("models",),
+    (_SPHERE_WEIGHTS,
+     ParamSpec("flatten", "--flatten", "flag", True,
+               "Each tensor one vector (default); --no-flatten: one vector per row of the last dimension "
+               "(torch ops, not fused).", mergekit="nuslerp_flatten", mergekit_default=True),
+     ParamSpec("row_wise", "--row-wise", "flag", False,
+               "With --no-flatten: the vectors run along dimension 0 instead (torch ops, not fused).",
+               mergekit="nuslerp_row_wise", mergekit_default=False)),
+    "SLERP of two models by t = w_1 / (w_0 + w_1) (0.5 where |w_0 + w_1| < 1e-6): cos = ⟨x_0, x_1⟩ / "
+    "(max(‖x_0‖, 1e-7)·max(‖x_1‖, 1e-7)), (1 − t)·x_0 + t·x_1 where 1 − cos² ≤ 1e-16, else "
+    "(sin((1 − t)θ)·x_0 + sin(tθ)·x_1) / sin θ; with a base on the deltas x_i − b, b added back",
+    "mergekit (Goddard et al. 2024, arXiv:2403.13257): NuSLERP",
+    "NuSLERP: SLERP of two models by their weights' ratio, optionally on deltas from --base.",
+    MergekitSpec(("weight",), ("nuslerp_flatten", "nuslerp_row_wise"), normalize=None, cpift_normalize=None),
+    bench={}, min_models=2, optional_base=True, max_models=2))
+register(MethodSpec(
+    "multislerp", "multislerp", "cpift.merge.methods.hypersphere", ("models",),
+    (_SPHERE_WEIGHTS,
+     ParamSpec("normalize_weights", "--normalize-weights", "flag", True,
+               "Divide the weights by their sum (default); --no-normalize-weights uses them as given.",
+               mergekit="normalize_weights", mergekit_default=True),
+     ParamSpec("eps", "--eps", "number", 1e-8, "Stabilising constant added to the norms (mergekit's eps).",
+               lo=0.0, mergekit="eps", mergekit_default=1e-8)),
+    "barycentric interpolation on the hypersphere: u_i = x_i / (‖x_i‖ + eps), m̂ the normalised Σ w_i u_i, "
+    "τ = Σ w_i (u_i − ⟨u_i, m̂⟩ m̂), s = ‖τ‖ + eps, (m̂ cos s + τ sin(s)/s)·Σ w_i ‖x_i‖; with a base on "
+    "the deltas x_i − b, b added back; ‖Σ w_i u_i‖ < eps: two models the lerp Σ w_i x_i, more an error",
+    "C. Goddard, Multi-SLERP (blog: https://goddard.blog/posts/multislerp-wow-what-a-cool-idea), as mergekit cites it",
+    "Multi-SLERP: barycentric interpolation of N models on the hypersphere, optionally on deltas from --base.",
+    MergekitSpec(("weight",), ("normalize_weights", "eps"), normalize=None, cpift_normalize=None),
+    bench={}, optional_base=True))
+register(MethodSpec(
+    "karcher", "karcher", "cpift.merge.methods.hypersphere", ("models",),
+    (ParamSpec("max_iter", "--max-iter", "number", 10, "Iterations at most (a whole number ≥ 0).",
+               lo=0.0, mergekit="max_iter", mergekit_default=10),
+     ParamSpec("tol", "--tol", "number", 1e-5,
+               "Norms and angles below it count as zero; a step below it ends the iteration.",
+               lo=0.0, mergekit="tol", mergekit_default=1e-5)),
+    "Karcher mean of the unit vectors x_i / ‖x_i‖ (norms > tol), weights 1/N: from their normalised mean, "
+    "m ← exp_m(Σ_i θ_i/sin θ_i·(u_i − cos θ_i·m) / N) up to max_iter times (a step < tol stops), "
+    "times Σ_i ‖x_i‖ / N",
+    "arXiv:2603.04972, as mergekit 0.1.5 cites it; the Karcher mean: Karcher 1977, Riemannian center of mass and mollifier smoothing",
+    "Karcher mean: the equal-weight Riemannian mean of N models on the hypersphere.",
+    MergekitSpec((), ("max_iter", "tol"), normalize=None, cpift_normalize=None),
+    bench={}))

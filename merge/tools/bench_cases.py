@@ -95,6 +95,7 @@ def cpift_args(method: str, base: Path, tasks: list[Path], pair: list[Path]) -> 
     """Arguments of ``cpift-merge METHOD`` for the bench (the inputs its roles take, weights, the
     registry's bench parameters) and the inputs it reads."""
     spec = by_cli(method)
+    tasks = tasks[:spec.max_models] if spec.max_models else tasks  # nuslerp: the first two task models
     if spec.roles == ("model_a", "model_b"):
         args, inputs = [*map(str, pair)], list(pair)
     elif spec.has_base:
@@ -116,6 +117,7 @@ def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path]
         shared = "".join(f"  {keys[o]}: {v}\n" for o, v in spec.bench.items())
         return (f"merge_method: {spec.name}\nbase_model: {pair[0]}\nmodels:\n  - model: {pair[0]}\n"
                 f"  - model: {pair[1]}\nparameters:\n{shared}dtype: {dtype}\n")
+    tasks = tasks[:spec.max_models] if spec.max_models else tasks
     density = spec.bench.get("--density")
     lines = [f"merge_method: {spec.name}"] + ([f"base_model: {base}"] if spec.has_base else []) + ["models:"]
     if spec.param("weights") is None:  # model_stock: the fine-tunes alone, its settings at their defaults
@@ -123,6 +125,8 @@ def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path]
         return "\n".join([*lines, f"dtype: {dtype}", ""])
     for t, w in zip(tasks, _weights(len(tasks))):
         lines.append(f"  - model: {t}\n    parameters: {{weight: {w}" + (f", density: {density}}}" if density else "}"))
+    if "normalize" not in spec.mergekit.shared:  # nuslerp, multislerp: weights and their defaults
+        return "\n".join([*lines, f"dtype: {dtype}", ""])
     normalize = str(spec.mergekit.cpift_normalize).lower()
     lines += [f"parameters:\n  normalize: {normalize}", f"dtype: {dtype}", ""]
     return "\n".join(lines)

@@ -71,6 +71,7 @@ _SLICES_LINEAR = ("merge_method: linear\nslices:\n  - sources:\n      - model: {
                   "        parameters: {{weight: [1, 3]}}\n      - model: {ft2}\n        layer_range: [0, 2]\n"
                   "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\n      - model: {base}\n"
                   "        layer_range: [0, 1]\nparameters: {{weight: 0.5}}\ndtype: {dtype}\n")
+_SPHERE = "coefficients from a float64 Gram matrix (cpift) vs mergekit's float32 per-element steps"
 _BF16_MATH = ("mergekit computes in the config's dtype (bf16 sums), cpift in float32 with one rounding")
 
 CASES: tuple[ParityCase, ...] = (
@@ -107,6 +108,14 @@ CASES: tuple[ParityCase, ...] = (
     ParityCase("slices merged by slerp (per-slice t)", _SLICES_SLERP, "float32", ("rel", 1e-6)),
     ParityCase("slices merged by ties (per-slice density)", _SLICES_TIES, "float32", ("rel", 1e-6)),
     ParityCase("slices merged by linear bf16", _SLICES_LINEAR, "bfloat16", ("ulp", 1), _BF16_MATH),
+    ParityCase("nuslerp", "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n"
+               "  - model: {ft2}\n    parameters: {{weight: 3.0}}\ndtype: {dtype}\n", "float32", ("ulp", 4),
+               _SPHERE),
+    ParityCase("nuslerp base rows", _two("nuslerp", "weight: 2.0", "weight: 1.0", "nuslerp_flatten: false"),
+               "float32", ("ulp", 4), _SPHERE),
+    ParityCase("multislerp base", _two("multislerp", "weight: 1.0", "weight: 0.5"), "float32", ("ulp", 4), _SPHERE),
+    ParityCase("karcher", "merge_method: karcher\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n  - model: {base}\n"
+               "dtype: {dtype}\n", "float32", ("ulp", 6), _SPHERE + "; mergekit's float32 iteration alone drifts ~3 ulps"),
 )
 
 

@@ -34,6 +34,9 @@ _FACADE = {
     "della": "cpift.merge.methods.sparse_delta",
     "della_linear": "cpift.merge.methods.sparse_delta",
     "passthrough": "cpift.merge.methods.layers",
+    "nuslerp": "cpift.merge.methods.hypersphere",
+    "multislerp": "cpift.merge.methods.hypersphere",
+    "karcher": "cpift.merge.methods.hypersphere",
     "compute_cores": "cpift.merge.cpi.cores",
     "cluster_masks": "cpift.merge.cpi.cluster",
     "fuse": "cpift.merge.cpi.fuse",
@@ -50,6 +53,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from cpift.merge.hub import pull, push
     from cpift.merge.methods.average import linear
     from cpift.merge.methods.delta import dare_linear, dare_ties, task_arithmetic, ties
+    from cpift.merge.methods.hypersphere import karcher, multislerp, nuslerp
     from cpift.merge.methods.layers import passthrough
     from cpift.merge.methods.sparse_delta import breadcrumbs, breadcrumbs_ties, della, della_linear
     from cpift.merge.methods.stock import model_stock

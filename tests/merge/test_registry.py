@@ -20,7 +20,8 @@ from references import load_state
 from test_bad_input import run_cli
 
 REGISTERED = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "breadcrumbs",
-         "breadcrumbs_ties", "della", "della_linear", "passthrough"}
+         "breadcrumbs_ties", "della", "della_linear", "passthrough",
+         "nuslerp", "multislerp", "karcher"}
 
 
 def test_every_method_is_registered_with_its_function_and_parameters():
