@@ -12,14 +12,14 @@ def _input_params(method: str) -> tuple[str, ...]:
     return REGISTRY[method].mergekit.inputs
 
 
-def _check_count(spec, models: int, source, has_base: bool) -> None:
+def _check_count(spec, models: int, source, has_base: bool, listing: str = "models") -> None:
     """nuslerp (2 models), multislerp, karcher (1 or more): base_model aside where it is the origin."""
     lo, hi = spec.min_models, spec.max_models
     if models < lo or (hi is not None and models > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}"
         besides = (" besides base_model" if spec.optional_base else " (base_model, if not listed, counted)"
                    ) if has_base else ""
-        raise ConfigError(f"{located(source, 'models')}: {spec.name} merges {want} model"
+        raise ConfigError(f"{located(source, listing)}: {spec.name} merges {want} model"
                           f"{'s' if lo > 1 else ''}{besides}, got {models}")
 
 
@@ -50,7 +50,7 @@ def check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
                               f"one other; got {inputs}")
     elif REGISTRY[method].optional_base or (REGISTRY[method].roles == ("models",) and method != "linear"):
         _check_count(REGISTRY[method], inputs - (base is not None and REGISTRY[method].optional_base), source,
-                     base is not None)
+                     base is not None, listing)
     elif REGISTRY[method].has_base:
         if base is None:
             raise ConfigError(f"{located(source, 'base_model')}: missing; {method} merges deltas from it")

@@ -251,16 +251,19 @@ def plan_slices(cfg: MergeConfig, paths: Mapping[str, Path], native) -> tuple[Me
         if [len(a) if isinstance(a, tuple) else None for a in c.args] != shape:
             raise ConfigError(f"{located(src, f'{cfg.slices[i].field}.sources')}: the method takes its inputs "
                               f"in another arrangement than in slices[0] (check each slice's base_model)")
-    views = []
-    for p in range(len(orders[0])):
-        entries = [(out, lay.ckpts[paths[cfg.slices[i].sources[orders[i][p]].model]], name)
-                   for (i, j), ent in lay.entries.items() for out, name in ent if orders[i][p] == j]
-        refs = " + ".join(f"{sl.sources[orders[i][p]].model}{list(sl.ranges[orders[i][p]])}"
-                          for i, sl in enumerate(cfg.slices))
-        views.append(LayerView(entries, path=paths[cfg.slices[0].sources[orders[0][p]].model], ref=refs))
+    def view(js: list[int]) -> LayerView:  # source js[i] of each slice i
+        entries = [(out, lay.ckpts[paths[cfg.slices[i].sources[js[i]].model]], name)
+                   for (i, j), ent in lay.entries.items() for out, name in ent if js[i] == j]
+        refs = " + ".join(f"{sl.sources[js[i]].model}{list(sl.ranges[js[i]])}" for i, sl in enumerate(cfg.slices))
+        return LayerView(entries, path=paths[cfg.slices[0].sources[js[0]].model], ref=refs)
+
+    views = [view([o[p] for o in orders]) for p in range(len(orders[0]))]
     models_arg = calls_out[0].args[-1] if isinstance(calls_out[0].args[-1], tuple) else ()
     kwargs: dict[str, Any] = {}
     for key, v0 in calls_out[0].kwargs.items():
+        if isinstance(v0, str) and v0 in token:  # a model passed by keyword (nuslerp's base)
+            kwargs[key] = view([token[c.kwargs[key]] for c in calls_out])
+            continue
         if isinstance(v0, list):  # one value per model: the model's own names and place in its slice
             offset = len(_flatten(calls_out[0].args)) - len(models_arg)
             per = []
