@@ -12,52 +12,54 @@ def _input_params(method: str) -> tuple[str, ...]:
     return REGISTRY[method].mergekit.inputs
 
 
-def _check_count(spec, models: int, source, has_base: bool) -> None:
+def _check_count(spec, models: int, source, has_base: bool, listing: str = "models") -> None:
     """nuslerp (2 models), multislerp, karcher (1 or more): base_model aside where it is the origin."""
     lo, hi = spec.min_models, spec.max_models
     if models < lo or (hi is not None and models > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}"
         besides = (" besides base_model" if spec.optional_base else " (base_model, if not listed, counted)"
                    ) if has_base else ""
-        raise ConfigError(f"{located(source, 'models')}: {spec.name} merges {want} model"
+        raise ConfigError(f"{located(source, listing)}: {spec.name} merges {want} model"
                           f"{'s' if lo > 1 else ''}{besides}, got {models}")
 
 
 def check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
-                  params: dict, slice_params: dict, source, slice_form: bool) -> None:
-    """Checks that need no files: model counts, duplicates, required values, a linear weight sum of 0."""
+                  params: dict, slice_params: dict, source, slice_form: bool, where: str = "slices[0]") -> None:
+    """Checks that need no files: model counts, duplicates, required values, a linear weight sum of 0.
+    ``where``: the slice (slices form), named in messages."""
+    listing = f"{where}.sources" if slice_form else "models"
     names = [m.model for m in models]
     for i, n in enumerate(names):
         if n in names[:i]:
             raise ConfigError(f"{located(source, models[i].field + '.model')}: '{n}' is listed twice")
     listed_base = base is not None and base in names
     if slice_form and base is not None and not listed_base and method != "linear":
-        raise ConfigError(f"{located(source, 'slices[0].sources')}: base_model '{base}' must be one of the "
+        raise ConfigError(f"{located(source, listing)}: base_model '{base}' must be one of the "
                           f"sources (in slices form mergekit does not add it)")
     # In models form mergekit adds an unlisted base_model as one more input (linear too).
     inputs = len(models) + (0 if listed_base or base is None or slice_form else 1)
     if REGISTRY[method].roles == ("model",):
         if inputs != 1 and not slice_form:  # a stack's slices are checked in stack.py
-            raise ConfigError(f"{located(source, 'models')}: {method} takes one model (with base_model, if "
+            raise ConfigError(f"{located(source, listing)}: {method} takes one model (with base_model, if "
                               f"not listed, counted), got {inputs}; stack layer ranges with slices:")
     elif REGISTRY[method].roles == ("model_a", "model_b"):
         if base is None:
             raise ConfigError(f"{located(source, 'base_model')}: missing; {method} needs it (t = 0 gives it)")
         if inputs != 2:
-            raise ConfigError(f"{located(source, 'models')}: {method} merges exactly two models, base_model and "
+            raise ConfigError(f"{located(source, listing)}: {method} merges exactly two models, base_model and "
                               f"one other; got {inputs}")
     elif REGISTRY[method].optional_base or (REGISTRY[method].roles == ("models",) and method != "linear"):
         _check_count(REGISTRY[method], inputs - (base is not None and REGISTRY[method].optional_base), source,
-                     base is not None)
+                     base is not None, listing)
     elif REGISTRY[method].has_base:
         if base is None:
             raise ConfigError(f"{located(source, 'base_model')}: missing; {method} merges deltas from it")
         if inputs - 1 < (need := REGISTRY[method].min_models):
             what = "one model" if need == 1 else f"{need} models"
-            raise ConfigError(f"{located(source, 'models')}: {method} needs at least {what} besides base_model, "
+            raise ConfigError(f"{located(source, listing)}: {method} needs at least {what} besides base_model, "
                               f"got {inputs - 1}")
     elif inputs < 2:
-        raise ConfigError(f"{located(source, 'models')}: linear needs at least two models, got {inputs}")
+        raise ConfigError(f"{located(source, listing)}: linear needs at least two models, got {inputs}")
 
     # Required parameters must have a value in some scope.
     # (A value that covers only some tensors is caught per tensor when the merge validates its inputs.)
@@ -85,5 +87,5 @@ def check_values(method: str, models: tuple[ModelSpec, ...], base: str | None,
     if method == "linear":
         ws = [first_setting(m, "weight", slice_params, params) for m in weighted]
         if all(w is not None and is_constant(w) for w in ws) and sum(ws) == 0:
-            raise ConfigError(f"{located(source, 'models')}: the weights sum to 0 (a linear merge divides "
+            raise ConfigError(f"{located(source, listing)}: the weights sum to 0 (a linear merge divides "
                               f"by their sum)")

@@ -4,7 +4,9 @@ ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; any
 compute so is refused with a ConfigError naming the file and the field, before any tensor is read.
 
 Pipeline: ``load_config`` (YAML → MergeConfig, here; spec.py, checks.py) → ``plan_call`` (plan.py) →
-``run_config`` (run.py); values in values.py, tokenizer fields in tokenizers.py, layer stacks in stack.py.
+``run_config`` (run.py); values in values.py, tokenizer fields in tokenizers.py, passthrough layer stacks
+in stack.py, ``slices`` merged by a method (several slices, partial or shifted ``layer_range``s, per-slice
+``base_model`` and parameters) in slices.py; one slice spanning every layer is the ``models:`` form.
 
 Defaults (mergekit 0.1.5's; the registry's MergekitSpec): none for ``weight`` and slerp's ``t`` (a
 model without one is an error), ``density`` 1, ``lambda`` 1.
@@ -31,8 +33,10 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
 
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``residual_weight`` (``model+lora`` runs: merge/io/lora.py);
-    * ``slices`` other than one slice spanning every layer, or a passthrough stack (stack.py);
-    * a passthrough stack whose tokenizer field would remap embedding rows (vocabularies that differ);
+    * in ``slices``: unequal range lengths within a slice, slices with different numbers of sources,
+      a whole-merge value (``lambda``, ``normalize``) that differs between slices (slices.py);
+    * a passthrough stack, or slices stacked by a method, whose tokenizer field would remap embedding
+      rows (vocabularies that differ);
     * ``tokenizer.tokens`` sources that are no merged model, or a token missing from its source model
       (``tokenizer_source``, ``tokenizer:`` and ``chat_template`` run: merge/tokenizer/, tokenizers.py);
     * ``normalize`` / ``rescale`` values whose arithmetic cpift's function does not perform (``rescale:
@@ -61,9 +65,10 @@ from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_yaml_bounded
 from cpift.merge.mergekit.checks import check_values
 from cpift.merge.mergekit.spec import MergeConfig, ModelSpec
+from cpift.merge.mergekit.slices import parse_slices, slice_models
 from cpift.merge.mergekit.stack import parse_stack
 from cpift.merge.mergekit.tokenizers import parse_chat_template, parse_tokenizer_source
-from cpift.merge.mergekit.values import Setting, located, parse_cpift_block, parse_setting, slice_sources
+from cpift.merge.mergekit.values import Setting, located, parse_cpift_block, parse_setting
 from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
 
 
@@ -150,43 +155,6 @@ def _parse_model(raw: Any, fld: str, source, method: str, slice_form: bool) -> t
     return ModelSpec(ref, params, fld), raw.get("layer_range")
 
 
-def _parse_slices(raw: Any, source, method: str):
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"{located(source, 'slices')}: expected a non-empty list of slices")
-    if len(raw) != 1:
-        raise ConfigError(f"{located(source, 'slices')}: {len(raw)} slices stack layer ranges into a new "
-                          f"model; cpift merges whole models, so only one slice covering every layer is "
-                          f"supported (or use models:)")
-    sl = _mapping(raw[0], "slices[0]", source, "a mapping with 'sources'")
-    sources = slice_sources(sl, "slices[0]", source)
-    models, ranges = [], []
-    for i, s in enumerate(sources):
-        fld = f"slices[0].sources[{i}]"
-        spec, lr = _parse_model(s, fld, source, method, slice_form=True)
-        if lr is None:
-            raise ConfigError(f"{located(source, f'{fld}.layer_range')}: missing")
-        if (not isinstance(lr, list) or len(lr) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-            raise ConfigError(f"{located(source, f'{fld}.layer_range')}: expected [start, end] integers, "
-                              f"got {lr!r}")
-        if lr[0] != 0 or lr[1] <= 0:
-            raise ConfigError(f"{located(source, f'{fld}.layer_range')}: {lr} is a partial layer range; "
-                              f"partial layer ranges are not supported (cpift merges whole models: use "
-                              f"[0, num_hidden_layers], or models:)")
-        models.append(spec)
-        ranges.append(tuple(lr))
-    for i, lr in enumerate(ranges):
-        if lr != ranges[0]:
-            raise ConfigError(f"{located(source, f'slices[0].sources[{i}].layer_range')}: {list(lr)} differs "
-                              f"from {list(ranges[0])}; partial layer ranges are not supported")
-    base = sl.get("base_model")
-    if base is not None:
-        base = _model_ref(base, "slices[0].base_model", source)
-    params = _parse_params(sl.get("parameters"), "slices[0].parameters", source, method,
-                           _input_params(method) + _shared_params(method), per_model=False)
-    return models, ranges[0], base, params
-
-
 def _dtype(raw: Any, fld: str, source) -> str | None:
     if raw is None:
         return None
@@ -241,8 +209,10 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
     base = data.get("base_model")
     if base is not None:
         base = _model_ref(base, "base_model", source)
+    params = _parse_params(data.get("parameters"), "parameters", source, method,
+                           _input_params(method) + _shared_params(method), per_model=False)
     slice_params: dict = {}
-    layer_range, stack = None, ()
+    layer_range, stack, slices = None, (), ()
     if has_models:
         raw_models = data["models"]
         if not isinstance(raw_models, list) or not raw_models:
@@ -257,19 +227,21 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
         models = tuple(ModelSpec(m, {}, f"slices[{i}].sources[0]") for m, i in
                        {sl.model: i for i, sl in reversed(list(enumerate(stack)))}.items())
     else:
-        listed, layer_range, slice_base, slice_params = _parse_slices(data["slices"], source, method)
-        models = tuple(listed)
-        if slice_base is not None:
-            if base is not None and slice_base != base:
-                raise ConfigError(f"{source}: slices[0].base_model: '{slice_base}' differs from the "
-                                  f"top-level base_model '{base}'")
-            base = slice_base
-    params = _parse_params(data.get("parameters"), "parameters", source, method,
-                           _input_params(method) + _shared_params(method), per_model=False)
-    check_values(method, models, base, params, slice_params, source, slice_form=has_slices)
+        slices = parse_slices(data["slices"], source, method, base, params, model_ref=_model_ref,
+                              parse_model=lambda raw, fld: _parse_model(raw, fld, source, method, slice_form=True),
+                              parse_params=lambda raw, fld: _parse_params(
+                                  raw, fld, source, method, _input_params(method) + _shared_params(method),
+                                  per_model=False))
+        models = slices[0].sources if len(slices) == 1 else slice_models(slices)
+        slice_params = dict(slices[0].parameters) if len(slices) == 1 else {}
+        layer_range = slices[0].ranges[0]
+        base = base if base is not None else slices[0].base_model
+    if not slices:  # each slice is checked by parse_slices
+        check_values(method, models, base, params, slice_params, source, slice_form=has_slices)
     return MergeConfig(method=method, models=models, base_model=base, parameters=params,
                        dtype=_dtype(data.get("dtype"), "dtype", source),
                        out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
                        source=source, slice_parameters=slice_params, layer_range=layer_range,
                        tokenizer_source=parse_tokenizer_source(data, source, _model_ref), name=name, raw=data,
-                       cpift=parse_cpift_block(data.get("cpift"), method, source), stack=stack)
+                       cpift=parse_cpift_block(data.get("cpift"), method, source), stack=stack,
+                       slices=slices)

@@ -82,7 +82,7 @@ def _sphere_call(cfg: MergeConfig, path, param, fld_of, base_key, base_listed: b
 
 
 def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping[str, Any] | None = None,
-              native: Collection[str] = ()) -> MethodCall:
+              native: Collection[str] = (), position: Callable[[str], float] | None = None) -> MethodCall:
     """The cpift function call a config stands for.
 
     Args:
@@ -90,6 +90,8 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         num_layers: ``num_hidden_layers`` of the models (needed when a value is a gradient).
         paths: reference as written → resolved path (default: itself); one path is one model.
         native: keywords the function takes beyond the contract (``normalize``, ``rescale``): passed on.
+        position: a tensor name's gradient position (default: i / (L − 1) from its layer index; a slice
+            of a merging ``slices:`` config places it within the slice, merge/mergekit/slices.py).
 
     Returns: MethodCall with the positional model arguments and the method keywords.
 
@@ -124,12 +126,13 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         return [s[key] for s in scopes if key in s]
 
     def param(spec: ModelSpec | None, key: str, default: float | None, fld: str) -> Param:
-        return chain_param(chain(spec, key), num_layers, default=default, fld=fld, source=src)
+        return chain_param(chain(spec, key), num_layers, default=default, fld=fld, source=src, position=position)
 
     def fld_of(spec: ModelSpec, key: str) -> str:
         if key in spec.parameters:
             return f"{spec.field}.parameters.{key}"
-        return f"slices[0].parameters.{key}" if key in cfg.slice_parameters else f"parameters.{key}"
+        where = spec.field.partition(".sources")[0] if ".sources" in spec.field else "slices[0]"
+        return f"{where}.parameters.{key}" if key in cfg.slice_parameters else f"parameters.{key}"
 
     mk = METHODS[method].mergekit
     normalize = _shared(cfg, "normalize", mk.normalize)

@@ -12,6 +12,7 @@ from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.mergekit.config import load_config
 from cpift.merge.mergekit.plan import MethodCall, plan_call
+from cpift.merge.mergekit.slices import check_no_remap, is_whole, plan_slices
 from cpift.merge.mergekit.spec import MergeConfig
 from cpift.merge.tokenizer.prepare import tokenizer_setup
 from cpift.merge.mergekit.values import located
@@ -103,16 +104,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
         paths[cfg.base_model] = resolve(cfg.base_model, "base_model", src)
     first = paths[cfg.models[0].model]
     num_layers = num_layers_of(model_config(first))
-    if cfg.layer_range is not None:
-        for m in cfg.models:
-            n = num_layers_of(model_config(paths[m.model]))
-            if n is None:
-                raise ConfigError(f"{src}: {m.field}.layer_range: no num_hidden_layers in "
-                                  f"{paths[m.model] / 'config.json'} to check the range against")
-            if cfg.layer_range != (0, n):
-                raise ConfigError(f"{src}: {m.field}.layer_range: {list(cfg.layer_range)} does not cover "
-                                  f"the model's {n} layers; partial layer ranges are not supported "
-                                  f"(use [0, {n}])")
+    layered = bool(cfg.slices) and not is_whole(cfg, paths)  # slices merged and stacked (slices.py)
     donor = paths[cfg.base_model] if cfg.base_model is not None else first
     tok = tokenizer_setup(cfg, paths, donor, lambda ref, fld: resolve(ref, fld, src))  # merge/tokenizer/
     if "copy_tokenizer_from" in cfg.cpift:
@@ -124,11 +116,17 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
     cards = {ref: _card(ref, p, resolve, src) for ref, p in paths.items()}
     hub_ids = {ref: c.recipe_ref for ref, c in cards.items() if c.hub_repo or c.adapter}
-    models = {**paths, **hub_ids}
-    if tok is not None and not cfg.stack:
-        models = tok.wrap(models)  # the embedding rows remapped onto the output vocabulary
-    call = (MethodCall(cfg.method, (), {}) if cfg.stack
-            else plan_call(cfg, num_layers=num_layers, paths=models, native=native))
+    layers = None
+    if cfg.stack:
+        call = MethodCall(cfg.method, (), {})
+    elif layered:
+        check_no_remap(cfg, tok, paths)
+        call, layers = plan_slices(cfg, paths, native)
+    else:
+        models = {**paths, **hub_ids}
+        if tok is not None:
+            models = tok.wrap(models)  # the embedding rows remapped onto the output vocabulary
+        call = plan_call(cfg, num_layers=num_layers, paths=models, native=native)
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):
@@ -136,7 +134,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     settings = {"dtype": cfg.dtype, "out_dtype": cfg.out_dtype or cfg.dtype, "copy_tokenizer_from": donor,
                 **{k: cfg.cpift[k] for k in ("max_shard_size",) if k in cfg.cpift}}
     settings.update({k: v for k, v in common.items() if v is not None})
-    settings["recipe"] = _recipe(cfg, call, paths, settings, out, here)
+    settings["recipe"] = _recipe(cfg, call, paths, settings, out, here, layered)
     settings["inputs"] = [path, *settings.get("inputs", ())]  # -o may not be or hold the config file
     if tok is not None:  # the built tokenizer and config.json go to the output (merge/tokenizer/prepare.py)
         if "copy_tokenizer_from" not in cfg.cpift:
@@ -147,20 +145,23 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
         from cpift.merge.mergekit.stack import run_stack
 
         return run_stack(cfg, out, paths, **settings)
+    if layered:
+        settings["config_updates"] = {**(settings.get("config_updates") or {}), "num_hidden_layers": layers}
+        settings["inputs"] = [*settings["inputs"], *paths.values()]
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result
 
 
 def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], settings: Mapping[str, Any],
-            out, here: str | None):
+            out, here: str | None, layered: bool = False):
     """The recorded recipe: None when the engine makes one from constant parameters (merge/card.py), else
     this config, paths relative to ``out`` and so marked (gradients and filters kept)."""
     from cpift.merge.card import is_per_tensor, local_ref, rewrite_config
     from cpift.merge.engine import parse_dtype
     from cpift.merge.io.sizes import parse_size
 
-    if not cfg.stack and not any(is_per_tensor(v) for v in call.kwargs.values()) and not (
+    if not cfg.stack and not layered and not any(is_per_tensor(v) for v in call.kwargs.values()) and not (
             cfg.tokenizer_source or cfg.raw.get("chat_template")):
         return None
     refs = {ref: _card(ref, p, functools.partial(resolve_model, base_dir=here), cfg.source).shown(out)

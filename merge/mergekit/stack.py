@@ -15,8 +15,8 @@ up-scaling, with mergekit 0.1.5's semantics (its plan.py and merge.py, read for 
 Refused, each naming its field (mergekit would merge or silently produce something else): a range
 outside [0, num_hidden_layers] of its model, an empty or reversed range (mergekit writes no layers, or
 a wrong ``num_hidden_layers``), a model of another architecture or with other layer shapes, more than
-one source in a slice. Slices that merge several sources (linear, slerp, ... per slice) are not
-supported yet. The stack is a ``LayerView`` (a Checkpoint whose names are the output's, each mapped
+one source in a slice. Slices that merge several sources (linear, slerp, ties, ... per slice) are
+slices.py's, over the same views. The stack is a ``LayerView`` (a Checkpoint whose names are the output's, each mapped
 onto its source's bytes), run through ``passthrough`` and the streaming engine like any model.
 """
 
@@ -101,7 +101,7 @@ class LayerView(Checkpoint):
         return list(self._order)
 
 
-def _config(path: Path, fld: str, source) -> dict:
+def layer_config(path: Path, fld: str, source) -> dict:
     f = path / "config.json"
     conf = load_json_bounded(f.read_bytes(), source=f) if f.is_file() else None
     if not isinstance(conf, dict) or not isinstance(conf.get("num_hidden_layers"), int):
@@ -109,7 +109,7 @@ def _config(path: Path, fld: str, source) -> dict:
     return conf
 
 
-def _layers(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[tuple[str, str, str]]], list[str]]:
+def layer_tensors(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[tuple[str, str, str]]], list[str]]:
     """Embedding names, layer i → [(name, prefix, suffix)], other names; in storage order."""
     pre, post, layers = [], [], {}
     for n in ckpt.names():
@@ -130,10 +130,10 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
     position: dict[str, tuple[int, float]] = {}
     shapes: dict[str, tuple] = {}
     k = 0
-    plans = {p: _layers(c) for p, c in ckpts.items()}
+    plans = {p: layer_tensors(c) for p, c in ckpts.items()}
     for si, sl in enumerate(slices):
         p = paths[sl.model]
-        conf = _config(p, f"{sl.field}.sources[0].model", source)
+        conf = layer_config(p, f"{sl.field}.sources[0].model", source)
         if arch is None:
             arch = conf.get("architectures")
         elif conf.get("architectures") != arch:
@@ -189,5 +189,5 @@ def run_stack(cfg, out: str | os.PathLike, paths: Mapping[str, Path], *, recipe:
 
     view, scale, layers = plan_stack(cfg.stack, paths, cfg.parameters, cfg.source)
     settings["inputs"] = [*settings.get("inputs", ()), *paths.values()]
-    return passthrough(view, out, scale=scale, recipe=recipe,
-                       config_updates={"num_hidden_layers": layers}, **settings)
+    updates = {**(settings.pop("config_updates", None) or {}), "num_hidden_layers": layers}  # vocab_size too
+    return passthrough(view, out, scale=scale, recipe=recipe, config_updates=updates, **settings)

@@ -71,6 +71,14 @@ class TokenizerSetup:
         views: dict[str, RemappedCheckpoint] = {}
         return {k: RemappedCheckpoint(c, k, plan, views) for k, c in ckpts.items()}
 
+    def remaps_rows(self) -> bool:
+        """Whether some model's embedding rows would move (another vocabulary, added tokens, padding)."""
+        v = self.vocabulary
+        if v is None:
+            return False
+        identity = list(range(len(v.vocab)))
+        return bool(self.rules or self.pad_to_multiple_of or any(p != identity for p in v.permutations.values()))
+
     def cleanup(self) -> None:
         shutil.rmtree(self.side_dir, ignore_errors=True)
 
@@ -85,12 +93,9 @@ def tokenizer_setup(cfg, paths: Mapping[str, Path], donor: Path,
     if fields is None and chat is None:
         return None
     setup = prepare_tokenizer(cfg, fields, chat, paths, donor, resolve)
-    if cfg.stack and setup.vocabulary is not None:
-        v = setup.vocabulary
-        identity = list(range(len(v.vocab)))
-        if setup.rules or setup.pad_to_multiple_of or any(p != identity for p in v.permutations.values()):
-            raise ConfigError(f"{cfg.source}: tokenizer_source: remapping the embedding rows of a passthrough "
-                              f"stack is not supported yet (every model's vocabulary must be the output's)")
+    if cfg.stack and setup.remaps_rows():
+        raise ConfigError(f"{cfg.source}: tokenizer_source: remapping the embedding rows of a passthrough "
+                          f"stack is not supported yet (every model's vocabulary must be the output's)")
     return setup
 
 

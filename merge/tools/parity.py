@@ -57,6 +57,20 @@ _LINEAR = ("merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{w
 _STOCK = "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: {dtype}\n"
 _STACK = ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
           "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\ndtype: {dtype}\n")
+_SLICES_SLERP = ("merge_method: slerp\nbase_model: {ft1}\nslices:\n  - sources:\n      - model: {ft1}\n"
+                 "        layer_range: [0, 2]\n      - model: {ft2}\n        layer_range: [0, 2]\n  - sources:\n"
+                 "      - model: {ft1}\n        layer_range: [1, 2]\n      - model: {base}\n        layer_range: [0, 1]\n"
+                 "    parameters: {{t: 0.3}}\nparameters:\n  t: [0, 0.5, 1]\ndtype: {dtype}\n")
+_SLICES_TIES = ("merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n      - model: {base}\n"
+                "        layer_range: [0, 2]\n      - model: {ft1}\n        layer_range: [0, 2]\n"
+                "        parameters: {{weight: 0.7}}\n      - model: {ft2}\n        layer_range: [0, 2]\n"
+                "  - sources:\n      - model: {base}\n        layer_range: [1, 2]\n      - model: {ft1}\n"
+                "        layer_range: [0, 1]\n      - model: {ft2}\n        layer_range: [1, 2]\n"
+                "    parameters: {{density: 0.4}}\nparameters: {{weight: 1.0, density: 0.6}}\ndtype: {dtype}\n")
+_SLICES_LINEAR = ("merge_method: linear\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
+                  "        parameters: {{weight: [1, 3]}}\n      - model: {ft2}\n        layer_range: [0, 2]\n"
+                  "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\n      - model: {base}\n"
+                  "        layer_range: [0, 1]\nparameters: {{weight: 0.5}}\ndtype: {dtype}\n")
 _SPHERE = "coefficients from a float64 Gram matrix (cpift) vs mergekit's float32 per-element steps"
 _SCE = ("merge_method: sce\nbase_model: {{base}}\nmodels:\n  - model: {{ft1}}\n  - model: {{ft2}}\n"
         "parameters:\n  select_topk: {topk}\ndtype: {{dtype}}\n")
@@ -95,6 +109,9 @@ CASES: tuple[ParityCase, ...] = (
                                     "weight: 0.5, density: 0.5, epsilon: 0.1"), "float32", ("random", 0),
                "random drops: Philox (cpift) vs torch.bernoulli (mergekit)"),
     ParityCase("passthrough slices", _STACK, "bfloat16", ("exact", 0)),
+    ParityCase("slices merged by slerp (per-slice t)", _SLICES_SLERP, "float32", ("rel", 1e-6)),
+    ParityCase("slices merged by ties (per-slice density)", _SLICES_TIES, "float32", ("rel", 1e-6)),
+    ParityCase("slices merged by linear bf16", _SLICES_LINEAR, "bfloat16", ("ulp", 1), _BF16_MATH),
     ParityCase("nuslerp", "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n"
                "  - model: {ft2}\n    parameters: {{weight: 3.0}}\ndtype: {dtype}\n", "float32", ("ulp", 4),
                _SPHERE),

@@ -132,18 +132,19 @@ def test_bad_field(tmp_path, text, message):
       - sources:
           - {model: a, layer_range: [2, 4]}
           - {model: b, layer_range: [2, 4]}
-    """, r"slices: 2 slices stack layer ranges"),
+          - {model: c, layer_range: [2, 4]}
+    """, r"slices\[1\]\.sources: slerp merges exactly two models, base_model and one other; got 3"),
     ("""
       - sources:
-          - {model: a, layer_range: [1, 4]}
-          - {model: b, layer_range: [1, 4]}
-    """, r"slices\[0\]\.sources\[0\]\.layer_range: \[1, 4\] is a partial layer range; partial layer "
-         r"ranges are not supported"),
+          - {model: a, layer_range: [3, 1]}
+          - {model: b, layer_range: [3, 1]}
+    """, r"slices\[0\]\.sources\[0\]\.layer_range: \[3, 1\] is empty or reversed"),
     ("""
       - sources:
           - {model: a, layer_range: [0, 4]}
           - {model: b, layer_range: [0, 3]}
-    """, r"slices\[0\]\.sources\[1\]\.layer_range: \[0, 3\] differs from \[0, 4\]; partial layer ranges"),
+    """, r"slices\[0\]\.sources\[1\]\.layer_range: \[0, 3\] has 3 layers, slices\[0\]\.sources\[0\] \[0, 4\] "
+         r"has 4; every source of a slice gives the same number of layers"),
     ("""
       - sources:
           - {model: a}
@@ -208,12 +209,12 @@ def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
 
 def test_run_config_checks_layer_range_against_config_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fake_model(tmp_path / "a", layers=6)
-    fake_model(tmp_path / "b", layers=6)
+    fake_model(tmp_path / "a", layers=3)
+    fake_model(tmp_path / "b", layers=3)
     p = write(tmp_path, SLERP.replace("model: other", "model: b").replace("model: base", "model: a")
               .replace("base_model: base", "base_model: a"))
-    with pytest.raises(ConfigError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[0, 4\] does not cover "
-                                          r"the model's 6 layers; partial layer ranges are not supported"):
+    with pytest.raises(ConfigError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[0, 4\] is outside "
+                                          r"the model's 3 layers"):
         run_config(p, tmp_path / "out")
 
 
