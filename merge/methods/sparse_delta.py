@@ -57,17 +57,40 @@ def breadcrumbs_keep(x: torch.Tensor, b: torch.Tensor, density: float, gamma: fl
     return (upper & ~above).flip(0)
 
 
+_DELLA_BLOCK = 1 << 20  # entries ranked at a time: slices along dim 0 are independent, so memory is a block's
+
+
 def della_keep(x: torch.Tensor, b: torch.Tensor, shape: Sequence[int], density: float, epsilon: float,
                seed: int) -> torch.Tensor:
-    """Bool mask of the entries DELLA keeps (flat tensors of a tensor of ``shape``; density < 1)."""
+    """Bool mask of the entries DELLA keeps (flat tensors of a tensor of ``shape``; density < 1).
+
+    Ranks run along dim 1 (mergekit's), so blocks of whole dim-0 slices are ranked one at a time:
+    the same mask as ranking the tensor at once, with the temporaries of one block."""
+    n = x.numel()
+    if len(shape) < 2 or n == 0:
+        return _ranked_keep(x, b, (1, n), density, epsilon, seed, 0)
+    per = n // shape[0]
+    step = max(1, _DELLA_BLOCK // per)
+    keep = torch.empty(n, dtype=torch.bool, device=x.device)
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        s, e = r0 * per, r1 * per
+        keep[s:e] = _ranked_keep(x[s:e], b[s:e], (r1 - r0, *shape[1:]), density, epsilon, seed, s)
+    return keep
+
+
+def _ranked_keep(x: torch.Tensor, b: torch.Tensor, shape: Sequence[int], density: float, epsilon: float,
+                 seed: int, start: int) -> torch.Tensor:
+    """della_keep of the entries start .. start + numel − 1 of a tensor, a whole number of dim-0 slices."""
     mag = torch.abs(x.float() - b.float())
-    rows = mag.view(*shape) if len(shape) >= 2 else mag.view(1, -1)
+    rows = mag.view(*shape)
     cols = rows.shape[1]
-    order = torch.sort(rows, dim=1, stable=True).indices
+    # |δ| ≥ 0 (NaN too, its sign bit cleared): its float32 bits as int32 sort in the same order, faster
+    order = torch.sort(rows.view(torch.int32), dim=1, stable=True).indices
     rank = torch.empty_like(rows).scatter_(1, order, _arange_like(order))
     norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
     p = (density - epsilon) + norm * (2 * epsilon)
-    u = philox_uniform(seed, 0, x.numel()).view(rows.shape)
+    u = philox_uniform(seed, start, x.numel()).view(rows.shape).to(rows.device)
     return (u < p).reshape(-1)
 
 

@@ -75,6 +75,37 @@ def test_della_keep_probability_per_rank_bucket(shape):
         assert abs(got - want) < 0.025, (q, got, want)
 
 
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (1, 1), (33, 97), (301, 7), (5, 9, 11), (2000, 1)],
+                         ids=["n0", "n1", "n7", "1x1", "33x97", "301x7", "5x9x11", "2000x1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_della_keep_is_the_rank_rule_exactly_in_blocks(shape, dtype, monkeypatch):
+    """The mask from row blocks (a block far smaller than the tensor) is the rule applied to the whole
+    tensor: rank along dim 1 by |x − b| in float32, ties lower index first (a float64 numpy stable sort
+    here), keep where u < density − ε + 2ε·rank/(C − 1) (0.5 for C = 1), u the Philox stream of the index."""
+    import numpy as np
+
+    from cpift.kernels.dare import philox_uniform
+    from cpift.merge.methods import sparse_delta
+
+    monkeypatch.setattr(sparse_delta, "_DELLA_BLOCK", 50)
+    n = 1
+    for d in shape:
+        n *= d
+    b, x = pair((n,), dtype, seed=11)
+    x[::5] = b[::5]  # ties at |δ| = 0
+    density, eps, seed = 0.4, 0.25, 9
+    mag = (x.float() - b.float()).abs().double().numpy()
+    rows = mag.reshape(shape if len(shape) >= 2 else (1, n))
+    order = np.argsort(rows, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(rows.shape[1]).reshape([1, -1] + [1] * (rows.ndim - 2)), axis=1)
+    cols = rows.shape[1] if rows.ndim > 1 else 1
+    p = (density - eps) + 2 * eps * (rank / (cols - 1) if cols > 1 else 0.5)
+    u = philox_uniform(seed, 0, n).double().numpy().reshape(rows.shape)
+    want = torch.from_numpy((u < p).reshape(-1))
+    assert torch.equal(della_keep(x, b, shape, density, eps, seed), want)
+
+
 def test_della_mean_matches_expectation():
     """della_linear without rescale: E[out] = b + Σ w_i p_ij δ_ij; the mean over seeds converges to it."""
     b, x = pair((8, 1000), torch.float32, seed=5)
