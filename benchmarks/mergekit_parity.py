@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cpift.errors import OutputError
+from cpift.merge.io.publish import check_side_file, write_atomic
 from cpift.merge.tools.parity import CASES, compare, make_family, run_both
 
 
@@ -54,6 +56,13 @@ def main() -> int:
     if not mergekit:
         print("mergekit_parity: set CPIFT_MERGEKIT_YAML to a mergekit-yaml", file=sys.stderr)
         return 2
+    for target in (args.json, args.markdown):  # fail before the runs, not after them
+        if target is not None:
+            try:
+                check_side_file(target)
+            except OutputError as e:
+                print(f"mergekit_parity: {e}", file=sys.stderr)
+                return 2
     wanted = set(args.cases.split(",")) if args.cases else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="cpift-parity-") as tmp:
@@ -71,13 +80,13 @@ def main() -> int:
             "mergekit": _mergekit_version(mergekit), "python": platform.python_version(),
             "command": "python benchmarks/mergekit_parity.py"}
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_atomic(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     header = (f"cpift vs mergekit {meta['mergekit']} ({when}, {meta['machine']}): each config through mergekit-yaml "
               f"and `cpift-merge config` on a tiny Llama-shaped family (base + 2 fine-tunes, 0.1M parameters), every "
               f"tensor compared; ulp = of the output dtype at the tensor's largest magnitude.")
     text = _markdown(rows, header)
     if args.markdown:
-        args.markdown.write_text(text)
+        write_atomic(args.markdown, text)
     print(text)
     return 0 if all(r["ok"] for r in rows) else 1
 
