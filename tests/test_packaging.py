@@ -10,8 +10,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOTS = {"src/cpift": "cpift", "kernels": "cpift/kernels", "merge": "cpift/merge",
-         "training": "cpift/training", "cli": "cpift/cli"}
+ROOTS = {"src/cpift": "cpift"}
 
 
 def _source_modules() -> set[str]:

@@ -1,9 +1,9 @@
 """cpift: model merging and CPI-FT with a streaming tensor core.
 
-The subpackages live in the repository's top-level folders and are mapped into this namespace by
-setup.py (``cpift.kernels`` = ``kernels/``, ``cpift.merge`` = ``merge/``, ``cpift.training`` =
-``training/``, ``cpift.cli`` = ``cli/``); this file lives under ``src/`` so that a regular install run
-from the repository root is not shadowed by a bare ``cpift/`` folder.
+The subpackages are the folders beside this file: ``kernels/`` (the tensor core), ``merge/``,
+``training/`` and ``cli/``. They live under ``src/cpift/``, never at the repository root, so that
+``python -m ...`` run from a clone cannot import one of them in place of another distribution of the
+same bare name (Hugging Face's ``kernels``, which transformers imports).
 
 The names below are the public facade: the typed functions behind every command, imported on first
 use (``import cpift`` itself loads neither torch nor triton). Example::
