@@ -31,8 +31,9 @@ def out_option(help_text: str):
 
 overwrite_option = click.option(
     "--overwrite", is_flag=True,
-    help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
-          "directory, atomically, once the new one is complete; any other existing path is refused."))
+    help=("Replace an earlier cpift output (a directory whose .cpift-output marker lists every file in it) "
+          "or an empty directory, atomically, once the new one is complete; any other existing path, or a "
+          "file added to a cpift output, is refused."))
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None,
     help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
