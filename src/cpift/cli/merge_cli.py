@@ -58,11 +58,17 @@ def config(config_file, seed, out, common):
 
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to build the demo checkpoints (default: a temporary directory, removed after).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
-              help="tiny: ~2 MB models; small: ~100 MB bf16 Llama-shaped models.")
+              help="A new or empty directory to build the demo in, kept after (default: a temporary directory, "
+                   "removed after).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
+              help="tiny: ~2 MB models (seconds); small: ~100 MB bf16 Llama-shaped models.")
 def demo(workdir, size):
-    """Build small Llama-shaped checkpoints, merge them with every method, print what happened."""
+    """Build three small Llama-shaped checkpoints, merge them with slerp, linear, task-arithmetic, ties
+    and dare-ties, run cores → cluster → fuse on them, and print what happened.
+
+    With --workdir (a new or empty directory, or one an earlier demo made), every step is printed as
+    the command that reruns it.
+    """
     from cpift.merge.tools.demo import run_demo
 
     run_demo(workdir, size=size, echo=click.echo)
