@@ -23,7 +23,7 @@ from pathlib import Path
 from cpift.errors import HubError, ParameterError
 
 # What a merge reads: weights, config/index/tokenizer JSON, and the other tokenizer formats that
-# writer.SIDE_FILES copies into the output.
+# merge/io/model_files.SIDE_FILES copies into the output.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "*.jinja"]
 # The PyTorch pickle weights transformers reads (pytorch_model.bin and its shards; the index is JSON),

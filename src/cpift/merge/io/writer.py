@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +25,6 @@ from cpift.errors import OutputError, ParameterError
 from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from cpift.merge.io.publish import Publication
 from cpift.merge.io.resume import Journal, inspect_partial
-
-# Files copied from the first model (or --copy-tokenizer-from) so the output loads as a model.
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-)
 
 @dataclass
 class Shard:
@@ -211,8 +203,10 @@ class ShardWriter:
     def _close_maps(self) -> None:
         _mman.close_maps(self._maps)
 
-    def finish(self, side_files_from: Path | None, extra_files: dict[str, str] | None = None) -> Path:
-        """Write index and side files, then rename the partial directory into place."""
+    def finish(self, side_files: dict[str, bytes] | None, extra_files: dict[str, str] | None = None) -> Path:
+        """Write index and side files (``side_files``: name → bytes, as merge/io/model_files.py read and
+        validated them; ``extra_files`` written after, so they win), then rename the partial directory
+        into place."""
         self._close_maps()
         try:
             if self.journal is not None:
@@ -222,11 +216,8 @@ class ShardWriter:
                 weight_map = {n: s.file for s in self.shards for n in s.names}
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            if side_files_from is not None:
-                for fname in SIDE_FILES:
-                    src = side_files_from / fname
-                    if src.is_file():
-                        shutil.copyfile(src, self.tmp / fname)
+            for fname, data in (side_files or {}).items():
+                (self.tmp / fname).write_bytes(data)
             for fname, text in (extra_files or {}).items():
                 (self.tmp / fname).write_text(text)
         except OSError as e:
