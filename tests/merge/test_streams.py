@@ -84,7 +84,8 @@ def test_config_from_a_process_substitution_runs(llama, tmp_path):
         script = f"{shlex.quote(sys.executable)} -m cpift.cli.merge_cli config {arg} -q -o {tmp_path / out}"
         done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr
-    assert (tmp_path / "piped" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    piped, plain = (tmp_path / d / "model.safetensors" for d in ("piped", "plain"))
+    assert piped.read_bytes() == plain.read_bytes()
     assert sha(good, llama["task1"], llama["task2"]) == before
 
 

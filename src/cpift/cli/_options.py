@@ -5,11 +5,13 @@ and the output options they need from here too."""
 from __future__ import annotations
 
 import functools
+import importlib
 from contextlib import contextmanager
 from typing import Iterator
 
 import click
 
+from cpift.errors import ParameterError
 from cpift.kernels.backend import BACKENDS
 from cpift.merge.io.sizes import HELP as SIZE_HELP
 
@@ -132,3 +134,17 @@ def common_options(fn):
             click.echo(f"pushed {result.out} to {push_to_hub}: {url}")
 
     return wrapper
+
+
+def require_module(module: str, option: str, extra: str) -> None:
+    """Refuse ``option`` before any work when the optional package it needs is not installed (the one
+    check for every such option, so nothing is written before the refusal).
+
+    Raises:
+        ParameterError: naming the option and the install command.
+    """
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ParameterError(f"{option}: needs {module}, which is not installed (pip install 'cpift[{extra}]'); "
+                             f"nothing was written") from None
