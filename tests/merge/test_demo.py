@@ -92,3 +92,12 @@ def test_demo_help_names_the_methods_it_runs_and_defaults_to_tiny(capsys):
     text = " ".join(out.split())
     assert "every method" not in text and "default: tiny" in text
     assert f"{', '.join(METHODS[:-1])} and {METHODS[-1]}" in text
+
+
+def test_merge_help_names_every_kind_of_model_argument(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for kind in ("model.safetensors", "pytorch_model.bin", "ORG/NAME[@REVISION]", "LoRA adapter directories",
+                 "BASE+ADAPTER"):
+        assert kind in text, kind

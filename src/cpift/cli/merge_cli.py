@@ -23,7 +23,10 @@ def cli() -> None:
     """Streaming model merges over Hugging Face safetensors checkpoints.
 
     MODEL arguments are directories holding model.safetensors or model.safetensors.index.json
-    with its shards, or Hugging Face Hub ids ORG/NAME[@REVISION] (an existing directory wins).
+    with its shards (failing those, pytorch_model.bin or pytorch_model.bin.index.json, read without
+    unpickling code), Hugging Face Hub ids ORG/NAME[@REVISION] (an existing directory wins), PEFT LoRA
+    adapter directories (their base from adapter_config.json), or BASE+ADAPTER (the adapter merged into
+    BASE while streaming).
     Inputs are never modified; the output appears only when complete, with a model card (README.md)
     and cpift_recipe.yml, which `cpift-merge config` runs to reproduce it.
     """

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from cpift.merge.io.stream import progress_bar
 
 from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.device import parse_device
@@ -159,7 +159,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data: Dataset, *, batch_si
     model.eval()
     stops = _stop_ids(model, tokenizer)
     loss, targets, hits = 0.0, 0, 0
-    bar = tqdm(total=len(data), desc="eval", unit="ex", disable=not progress, leave=False)
+    bar = progress_bar("eval", len(data), progress, unit="ex")
     try:
         for start in range(0, len(data), batch_size):
             chunk = data.examples[start:start + batch_size]
