@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def test_fifo_in_the_model_directory_is_refused_without_blocking(capsys, tmp_pat
 def test_device_as_a_side_file_is_refused(capsys, tmp_path, pair):
     (pair[0] / "tokenizer.json").symlink_to("/dev/zero")  # a link out, and a device: refused either way
     _refused(capsys, tmp_path, pair, "tokenizer.json")
+    (pair[0] / "tokenizer.json").unlink()
+    try:
+        os.mknod(pair[0] / "tokenizer.json", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero's numbers
+    except PermissionError:
+        pytest.skip("creating a device node needs CAP_MKNOD")
+    _refused(capsys, tmp_path, pair, "tokenizer.json", "a device")
 
 
 @pytest.mark.parametrize("text, why", [

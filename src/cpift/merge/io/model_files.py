@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cpift.errors import CheckpointError, CpiftError
+from cpift.merge.io.publish import file_kind
 from cpift.merge.io.safe_parse import MAX_BYTES, load_json_bounded
 
 # Files copied from the first model (or --copy-tokenizer-from) so the output loads as a model.
@@ -30,11 +31,6 @@ SIDE_FILES = (
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
 TEXT_FILES = ("merges.txt", "chat_template.jinja")
-
-
-def _kind(mode: int) -> str:
-    return ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "a directory" if stat.S_ISDIR(mode) else "not a file")
 
 
 def _roots(directory: Path) -> list[Path]:
@@ -67,7 +63,7 @@ def model_file(directory: str | os.PathLike, name: str) -> Path | None:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path}: is {_kind(mode)}, not a regular file; cpift reads only regular files "
+        raise CheckpointError(f"{path}: is {file_kind(mode)}, not a regular file; cpift reads only regular files "
                               f"from a model directory")
     return path
 
@@ -88,7 +84,7 @@ def read_model_file(directory: str | os.PathLike, name: str, *, max_bytes: int =
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: is {_kind(st.st_mode)}, not a regular file")
+            raise CheckpointError(f"{path}: is {file_kind(st.st_mode)}, not a regular file")
         if st.st_size > max_bytes:
             raise CheckpointError(f"{path}: {st.st_size} bytes is more than the {max_bytes} allowed")
         with os.fdopen(fd, "rb", closefd=False) as f:

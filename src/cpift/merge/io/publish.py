@@ -105,8 +105,10 @@ def is_cpift_output(path: PathLike) -> bool:
         return False
 
 
-def _kind(mode: int) -> str:
-    return ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+def file_kind(mode: int) -> str:
+    """What a path of this ``st_mode`` is, for messages: a directory, a FIFO, a device, a socket, a file."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "a file")
 
 
@@ -138,7 +140,7 @@ def check_output(out: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
             raise UnsafeOutputError(f"{out}: the output is a symbolic link; cpift replaces only directories "
                                     f"it wrote: give the real path or a new directory")
         if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeOutputError(f"{out}: the output exists and is {_kind(st.st_mode)}, not a directory; "
+            raise UnsafeOutputError(f"{out}: the output exists and is {file_kind(st.st_mode)}, not a directory; "
                                     f"choose a new directory")
         if not overwrite:
             raise OutputError(f"{out}: output already exists (pass --overwrite to replace an earlier cpift "
@@ -188,8 +190,8 @@ def check_side_file(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Path:
     except FileNotFoundError:
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)
-        raise UnsafeOutputError(f"{path}: exists and is {kind}, not a regular file; choose another file name")
+        raise UnsafeOutputError(f"{path}: exists and is {file_kind(st.st_mode)}, not a regular file; choose another "
+                                f"file name")
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent} does not exist (the parent directory of {path})")
     return path

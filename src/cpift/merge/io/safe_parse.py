@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from cpift.errors import ConfigError, CpiftError
+from cpift.merge.io.publish import file_kind
 
 MAX_DEPTH = 64
 MAX_BYTES = 100_000_000
@@ -61,8 +62,8 @@ def read_user_text(path: str | os.PathLike, *, what: str = "file", error: type[C
                 _streams[key] = _decode(_read_stream(path, what, error, max_bytes, wait), path, what, error)
             return _streams[key]
         else:
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device or socket"
-            raise error(f"{path}: the {what} is {kind}, not a file; give a YAML file (or a pipe such as <(cat f.yml))")
+            raise error(f"{path}: the {what} is {file_kind(st.st_mode)}, not a regular file; give a YAML file (or "
+                        f"a pipe such as <(cat f.yml))")
     except CpiftError:
         raise
     except OSError as e:
