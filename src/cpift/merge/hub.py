@@ -166,6 +166,9 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
     folder = Path(folder)
     if not folder.is_dir():
         raise ParameterError(f"{folder}: not a directory (push uploads a model directory)")
+    from cpift.merge.io.model_files import vet_tree
+
+    vet_tree(folder)  # nothing from outside the folder is published, and no FIFO blocks the upload
     parts = split_ref(repo_id)
     if parts is None or parts[1] is not None:
         raise ParameterError(f"{repo_id}: expected a Hub repo id org/name (give a branch with --revision)")

@@ -53,6 +53,11 @@ def model_file(directory: str | os.PathLike, name: str) -> Path | None:
     path = directory / name
     if not os.path.lexists(path):
         return None
+    _vet(path, directory)
+    return path
+
+
+def _vet(path: Path, directory: Path, *, regular: bool = True) -> None:
     if path.is_symlink():
         target = path.resolve()
         if not any(target.is_relative_to(root) for root in _roots(directory)):
@@ -62,10 +67,24 @@ def model_file(directory: str | os.PathLike, name: str) -> Path | None:
         mode = os.stat(path).st_mode
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
+    if regular and not stat.S_ISREG(mode):
         raise CheckpointError(f"{path}: is {file_kind(mode)}, not a regular file; cpift reads only regular files "
                               f"from a model directory")
-    return path
+
+
+def vet_tree(directory: str | os.PathLike) -> None:
+    """``model_file``'s rule for every entry under ``directory`` (what ``push`` uploads): no link out of
+    it, no FIFO, device or socket.
+
+    Raises:
+        CheckpointError: naming the first entry refused.
+    """
+    directory = Path(directory)
+    for here, dirs, files in os.walk(directory):
+        for name in dirs:
+            _vet(Path(here) / name, directory, regular=False)
+        for name in files:
+            _vet(Path(here) / name, directory)
 
 
 def read_model_file(directory: str | os.PathLike, name: str, *, max_bytes: int = MAX_BYTES) -> bytes | None:
