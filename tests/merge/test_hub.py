@@ -273,8 +273,7 @@ def test_push_publishes_nothing_from_outside_the_folder(hub, llama, tmp_path):
     secret.write_text('{"token": "do not publish"}')
     (out / "tokenizer.json").symlink_to(secret)
     (tmp_path / "m2").mkdir()
-    (tmp_path / "m2" / "README.md").write_text("# mine\n")
-    os.mkfifo(tmp_path / "m2" / "config.json")
+    os.mkfifo(tmp_path / "m2" / "config.json")  # and no README.md: the refusal is still one line
     linked, fifo = cpift_merge_each(tmp_path, hub, ["push", out, "me/m"], ["push", tmp_path / "m2", "me/m2"])
     one_line_error(linked, "tokenizer.json", "outside")
     one_line_error(fifo, "config.json", "FIFO")

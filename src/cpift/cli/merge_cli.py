@@ -110,10 +110,11 @@ def push(directory, repo, private, revision, commit_message):
 
     from cpift.merge.hub import push as push_model
 
-    if Path(directory).is_dir() and not (Path(directory) / "README.md").is_file():
+    url = push_model(directory, repo, private=private, revision=revision, commit_message=commit_message)
+    click.echo(f"pushed {directory} to {repo}: {url}")
+    if not (Path(directory) / "README.md").is_file():  # after the push: a refusal stays one line
         click.echo(f"note: {directory} has no README.md model card (cpift-merge writes one with every output)",
                    err=True)
-    click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision, commit_message=commit_message)}")
 
 
 def main(argv: list[str] | None = None) -> None:
