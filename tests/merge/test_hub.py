@@ -263,3 +263,18 @@ def test_hub_errors_are_one_line(hub, llama, tmp_path):
     pull, push = cpift_merge_each(tmp_path, None, ["pull", "org/base"], ["push", out, "me/m"])
     one_line_error(pull, "org/base: not in the local Hub cache and the Hub could not be reached")
     one_line_error(push, "me/m: cannot reach the Hub")
+
+
+def test_push_publishes_nothing_from_outside_the_folder(hub, llama, tmp_path):
+    """Issue 22 class 3: a tokenizer.json linked to a file elsewhere is not uploaded; a FIFO does not block."""
+    out = tmp_path / "m"
+    methods.slerp(llama["task1"], llama["task2"], out, progress=False)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "do not publish"}')
+    (out / "tokenizer.json").symlink_to(secret)
+    (tmp_path / "m2").mkdir()
+    os.mkfifo(tmp_path / "m2" / "config.json")  # and no README.md: the refusal is still one line
+    linked, fifo = cpift_merge_each(tmp_path, hub, ["push", out, "me/m"], ["push", tmp_path / "m2", "me/m2"])
+    one_line_error(linked, "tokenizer.json", "outside")
+    one_line_error(fifo, "config.json", "FIFO")
+    assert "me/m" not in hub.repos and "me/m2" not in hub.repos

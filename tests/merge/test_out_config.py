@@ -91,6 +91,6 @@ def test_unreadable_config_json_is_one_line_exit_2(capsys, llama, tmp_path):
     (donor / "config.json").write_text("{not json")
     code, err = _run(capsys, "slerp", donor, llama["task2"], "--out-dtype", "float16", "-o", tmp_path / "o", "-q")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    # Refused by the input check (merge/checkpoint.py check_config_json) before any dtype is set.
+    # Refused by the input check (merge/io/model_files.py read_side_files) before any dtype is set.
     assert f"{donor / 'config.json'}: not valid JSON" in err
     assert not (tmp_path / "o").exists() and (donor / "config.json").read_text() == "{not json"

@@ -153,6 +153,30 @@ def test_overwrite_replaces_a_previous_cpift_output(capsys, own, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out", "ref"]
 
 
+@pytest.mark.parametrize("where", ["notes.txt", "sub/notes.txt"], ids=["top", "nested"])
+def test_overwrite_never_deletes_a_file_the_user_added(capsys, own, tmp_path, where):
+    """Issue 22 class 5: the marker proves the directory is cpift's, its file list which files are."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "linear", own["task1"], own["task2"], "-o", out, "-q")
+    assert code == 0, err
+    (out / where).parent.mkdir(exist_ok=True)
+    (out / where).write_text("the user's own notes")
+    refused(capsys, ["slerp", own["task1"], own["task2"], "-o", out, "--overwrite"],
+            [out / where.split("/")[0], "not written by cpift"], watch=[*own.values(), out])
+    assert (out / where).read_text() == "the user's own notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_output_of_a_cpift_that_listed_nothing_is_not_replaced(capsys, own, tmp_path):
+    """A marker without a file list (older cpift) cannot tell the user's files from cpift's: refused."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "linear", own["task1"], own["task2"], "-o", out, "-q")
+    assert code == 0, err
+    (out / MARKER).write_text(publish.MARKER_TEXT)
+    refused(capsys, ["slerp", own["task1"], own["task2"], "-o", out, "--overwrite"], ["not written by cpift"],
+            watch=[*own.values(), out])
+
+
 def test_empty_directory_may_be_overwritten(capsys, own, tmp_path):
     out = tmp_path / "empty"
     out.mkdir()

@@ -118,3 +118,11 @@ def test_eval_bad_input(capsys, tiny, tmp_path):
     code, out, err = run_cli(capsys, "eval", "--model", tiny, "--data", data, "--json", tmp_path / "r.json")
     assert code == 2 and out == "" and err.count("\n") == 1 and "eval.jsonl:2: not valid JSON" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_sft_progress_is_silent_when_stderr_is_not_a_terminal(capsys, tiny, train_file, tmp_path):
+    """Issue 22 class 9: no carriage-return progress redraws (a ~10 kB line) in logs and pipes."""
+    code, out, err = run_cli(capsys, "sft", "--model", tiny, "--train", train_file, "-o", tmp_path / "out",
+                             "--steps", 3, "--batch-size", 4)  # progress not turned off with -q
+    assert code == 0, err
+    assert "\r" not in err and len(err) < 1000, err[:2000]

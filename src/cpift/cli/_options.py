@@ -5,11 +5,13 @@ and the output options they need from here too."""
 from __future__ import annotations
 
 import functools
+import importlib
 from contextlib import contextmanager
 from typing import Iterator
 
 import click
 
+from cpift.errors import ParameterError
 from cpift.kernels.backend import BACKENDS
 from cpift.merge.io.sizes import HELP as SIZE_HELP
 
@@ -31,8 +33,9 @@ def out_option(help_text: str):
 
 overwrite_option = click.option(
     "--overwrite", is_flag=True,
-    help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
-          "directory, atomically, once the new one is complete; any other existing path is refused."))
+    help=("Replace an earlier cpift output (a directory whose .cpift-output marker lists every file in it) "
+          "or an empty directory, atomically, once the new one is complete; any other existing path, or a "
+          "file added to a cpift output, is refused."))
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None,
     help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
@@ -131,3 +134,17 @@ def common_options(fn):
             click.echo(f"pushed {result.out} to {push_to_hub}: {url}")
 
     return wrapper
+
+
+def require_module(module: str, option: str, extra: str) -> None:
+    """Refuse ``option`` before any work when the optional package it needs is not installed (the one
+    check for every such option, so nothing is written before the refusal).
+
+    Raises:
+        ParameterError: naming the option and the install command.
+    """
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ParameterError(f"{option}: needs {module}, which is not installed (pip install 'cpift[{extra}]'); "
+                             f"nothing was written") from None

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from cpift.errors import ParameterError
 from cpift.merge.methods.registry import METHODS
+
+from ._options import require_module
 
 
 def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Path | None:
@@ -88,10 +89,7 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
         check_not_protected(workdir, what="workdir")
         check_inputs(workdir, models, what="workdir")
     if plot_path is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ParameterError("--plot: needs matplotlib (pip install 'cpift[plot]')") from None
+        require_module("matplotlib", "--plot", "plot")
 
     def items(text: str | None) -> list[str] | None:
         return None if text is None else [m.strip() for m in text.split(",") if m.strip()]

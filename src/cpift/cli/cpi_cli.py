@@ -6,7 +6,7 @@ import click
 
 from cpift.errors import ParameterError
 
-from ._options import common_options, compute_options, out_option, overwrite_option, torch_threads
+from ._options import common_options, compute_options, out_option, overwrite_option, require_module, torch_threads
 
 
 def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
@@ -79,6 +79,8 @@ def cluster(masks, tau, order, seed, json_path, plot, threads, backend, device):
     for target in (json_path, plot):  # refused before any work: never over a mask, never a directory
         if target:
             check_side_file(target, inputs=masks)
+    if plot:
+        require_module("matplotlib", "--plot", "plot")
     with torch_threads(threads):
         result = cluster_masks(list(masks), tau=tau, order=order, seed=seed, backend=backend, device=device)
     click.echo(result.table())

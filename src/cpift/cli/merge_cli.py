@@ -23,7 +23,10 @@ def cli() -> None:
     """Streaming model merges over Hugging Face safetensors checkpoints.
 
     MODEL arguments are directories holding model.safetensors or model.safetensors.index.json
-    with its shards, or Hugging Face Hub ids ORG/NAME[@REVISION] (an existing directory wins).
+    with its shards (failing those, pytorch_model.bin or pytorch_model.bin.index.json, read without
+    unpickling code), Hugging Face Hub ids ORG/NAME[@REVISION] (an existing directory wins), PEFT LoRA
+    adapter directories (their base from adapter_config.json), or BASE+ADAPTER (the adapter merged into
+    BASE while streaming).
     Inputs are never modified; the output appears only when complete, with a model card (README.md)
     and cpift_recipe.yml, which `cpift-merge config` runs to reproduce it.
     """
@@ -58,11 +61,17 @@ def config(config_file, seed, out, common):
 
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to build the demo checkpoints (default: a temporary directory, removed after).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
-              help="tiny: ~2 MB models; small: ~100 MB bf16 Llama-shaped models.")
+              help="A new or empty directory to build the demo in, kept after (default: a temporary directory, "
+                   "removed after).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
+              help="tiny: ~2 MB models (seconds); small: ~100 MB bf16 Llama-shaped models.")
 def demo(workdir, size):
-    """Build small Llama-shaped checkpoints, merge them with every method, print what happened."""
+    """Build three small Llama-shaped checkpoints, merge them with slerp, linear, task-arithmetic, ties
+    and dare-ties, run cores → cluster → fuse on them, and print what happened.
+
+    With --workdir (a new or empty directory, or one an earlier demo made), every step is printed as
+    the command that reruns it.
+    """
     from cpift.merge.tools.demo import run_demo
 
     run_demo(workdir, size=size, echo=click.echo)
@@ -101,10 +110,11 @@ def push(directory, repo, private, revision, commit_message):
 
     from cpift.merge.hub import push as push_model
 
-    if Path(directory).is_dir() and not (Path(directory) / "README.md").is_file():
+    url = push_model(directory, repo, private=private, revision=revision, commit_message=commit_message)
+    click.echo(f"pushed {directory} to {repo}: {url}")
+    if not (Path(directory) / "README.md").is_file():  # after the push: a refusal stays one line
         click.echo(f"note: {directory} has no README.md model card (cpift-merge writes one with every output)",
                    err=True)
-    click.echo(f"pushed {directory} to {repo}: {push_model(directory, repo, private=private, revision=revision, commit_message=commit_message)}")
 
 
 def main(argv: list[str] | None = None) -> None:

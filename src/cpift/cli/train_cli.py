@@ -11,6 +11,7 @@ import os
 
 import click
 
+from ._options import overwrite_option
 from ._run import run
 
 
@@ -67,9 +68,7 @@ def cli() -> None:
 @click.option("--freeze", multiple=True, type=click.Path(),
               help="Core-mask file (cpift core-mask safetensors); every entry set in it stays bit-identical. "
                    "Repeat for several masks.")
-@click.option("--overwrite", is_flag=True,
-              help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
-                   "directory, atomically, once the new one is complete; any other existing path is refused."))
+@overwrite_option
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; the summary line only.")

@@ -22,7 +22,8 @@ from cpift.kernels.finite import all_finite, first_nonfinite
 
 from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from cpift.merge.card import card_files, model_input, roles_for
-from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_config_json
+from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
+from cpift.merge.io.model_files import read_side_files
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
 from cpift.merge.io.out_config import config_with_dtype
@@ -158,7 +159,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     side_from = Path(copy_tokenizer_from) if copy_tokenizer_from is not None else models[0].dir
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
-    check_config_json(side_from)  # copied into the output: refused before anything is written
+    side = read_side_files(side_from)  # copied into the output: vetted and validated before anything is written
     notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models)
     card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
                       inputs=[model_input(m, role)
@@ -167,7 +168,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
                                 "backend": used})
 
-    card.update(config_with_dtype(side_from, store_dtype, config_updates))  # replaces the copied config.json
+    card.update(config_with_dtype(side_from, side.get("config.json"), store_dtype, config_updates))  # replaces it
 
     first = models[0]
     names = first.names()
@@ -221,7 +222,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
             stream.done(item)
             writer.written(name)
         stream.close()
-        writer.finish(side_from, card)
+        writer.finish(side, card)
     except BaseException as e:
         stream.close()
         # A write error or an interrupt leaves the finished shards for --resume.

@@ -23,7 +23,7 @@ from pathlib import Path
 from cpift.errors import HubError, ParameterError
 
 # What a merge reads: weights, config/index/tokenizer JSON, and the other tokenizer formats that
-# writer.SIDE_FILES copies into the output.
+# merge/io/model_files.SIDE_FILES copies into the output.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "*.jinja"]
 # The PyTorch pickle weights transformers reads (pytorch_model.bin and its shards; the index is JSON),
@@ -166,6 +166,9 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
     folder = Path(folder)
     if not folder.is_dir():
         raise ParameterError(f"{folder}: not a directory (push uploads a model directory)")
+    from cpift.merge.io.model_files import vet_tree
+
+    vet_tree(folder)  # nothing from outside the folder is published, and no FIFO blocks the upload
     parts = split_ref(repo_id)
     if parts is None or parts[1] is not None:
         raise ParameterError(f"{repo_id}: expected a Hub repo id org/name (give a branch with --revision)")

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from cpift.merge.io.stream import progress_bar
 
+from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.device import parse_device
+from cpift.merge.io.model_files import read_side_files
 from cpift.errors import CheckpointError, ParameterError
 
 from .data import IGNORE, Dataset, collate, load_dataset
@@ -82,6 +84,7 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{path}: model directory does not exist")
     from transformers import AutoTokenizer
 
+    read_side_files(path)  # transformers follows links: the files are vetted first (merge/io/model_files.py)
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(path)
@@ -93,6 +96,8 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.
     """The model in float32 on ``device``, and the dtype its checkpoint stores (to save it back in)."""
     from transformers import AutoModelForCausalLM
 
+    read_side_files(path)  # vetted, as the tokenizer's; Checkpoint vets the weight files
+    Checkpoint(path).close()
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
@@ -154,7 +159,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data: Dataset, *, batch_si
     model.eval()
     stops = _stop_ids(model, tokenizer)
     loss, targets, hits = 0.0, 0, 0
-    bar = tqdm(total=len(data), desc="eval", unit="ex", disable=not progress, leave=False)
+    bar = progress_bar("eval", len(data), progress, unit="ex")
     try:
         for start in range(0, len(data), batch_size):
             chunk = data.examples[start:start + batch_size]

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cpift.errors import ConfigError, ParameterError
-from cpift.merge.io.safe_parse import load_yaml_bounded
+from cpift.merge.io.safe_parse import load_yaml_bounded, read_user_text
 
 SFT_KEYS = ("lr", "weight_decay", "batch_size", "grad_accum", "max_length", "warmup", "max_grad_norm")
 SFT_DEFAULTS = {"lr": 2e-5, "weight_decay": 0.0, "batch_size": 8, "grad_accum": 1, "max_length": 1024,
@@ -163,13 +163,7 @@ def _existing(f: _Fields, key: str, base_dir: Path, *, directory: bool = False) 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Parse and validate a pipeline recipe; ConfigError naming the file and field on any problem."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{file}: cannot read the recipe ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file}: not a UTF-8 text file") from None
-    raw = load_yaml_bounded(text, source=file)
+    raw = load_yaml_bounded(read_user_text(file, what="recipe"), source=file)
     top = _Fields(file, "", raw, TOP_KEYS)
     here = file.resolve().parent
     if "base" not in top.raw:

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from cpift.errors import ParameterError, TrainingError
 from cpift.merge.io.publish import Publication, check_output
+from cpift.merge.io.stream import progress_bar
 
 from .data import Dataset, collate, load_dataset
 from .evaluate import (autocast, evaluate_model, json_text, load_model, load_tokenizer, pad_id, pick_device,
@@ -264,7 +264,7 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
                     seconds=0.0)
     batches = global_batches(len(data), batch_size, seed)
     net.train()
-    bar = tqdm(total=steps, desc="sft", unit="step", disable=not progress)
+    bar = progress_bar("sft", steps, progress, unit="step", leave=True)
     start = time.perf_counter()
     for step in range(steps):
         run.lr.append(lr * lr_factor(first + step, total, warm))

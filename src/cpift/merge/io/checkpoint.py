@@ -33,11 +33,12 @@ import torch
 from . import _mman
 from cpift.errors import CheckpointError
 from cpift.merge.io.bin_shards import BIN_INDEX_NAME, BIN_SINGLE_NAME, BinShards
+from cpift.merge.io.model_files import model_file, read_model_file
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.io.st_header import DTYPE_NAMES, DTYPES, HeaderEntry, header_entries, read_header
 
 __all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "DTYPES", "DTYPE_NAMES", "INDEX_NAME", "LAYOUTS", "SINGLE_NAME",
-           "Checkpoint", "TensorInfo", "check_config_json"]
+           "Checkpoint", "TensorInfo"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -77,20 +78,6 @@ def _shard_tensors(file: Path) -> dict[str, TensorInfo]:
     entries = header_entries(file, header, file.stat().st_size - data_start)
     return {e.name: TensorInfo(e.name, e.dtype, e.shape, data_start + e.begin, data_start + e.end, file)
             for e in entries}
-
-
-def check_config_json(directory: str | os.PathLike) -> None:
-    """A ``config.json`` in ``directory``, if any, must be a JSON object (it is copied to outputs).
-
-    Raises:
-        CheckpointError: naming the file.
-    """
-    file = Path(directory) / "config.json"
-    if not file.is_file():
-        return
-    value = load_json_bounded(file.read_bytes(), source=file, error=CheckpointError)
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file}: not a model config (expected a JSON object, got {type(value).__name__})")
 
 
 class Checkpoint:
@@ -148,22 +135,23 @@ class Checkpoint:
 
     def _shard_files(self) -> list[Path]:
         for single_name, index_name in LAYOUTS:
-            index, single = self.dir / index_name, self.dir / single_name
+            # Every file of the directory is vetted by merge/io/model_files.py: no link out, no FIFO.
+            index, single = model_file(self.dir, index_name), model_file(self.dir, single_name)
             self.index_name = index_name
-            if single.is_file():
+            if single is not None:
                 # transformers' from_pretrained loads the single file before looking for an index
                 # (modeling_utils._get_resolved_checkpoint_files); merge what it would load.
-                if index.is_file():
+                if index is not None:
                     self.notes.append(f"note: {self.dir} holds both {single_name} and {index_name}; using "
                                       f"{single_name}, as transformers does")
                 return [single]
-            if index.is_file():
+            if index is not None:
                 return self._index_files(index)
         raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME} in this directory (nor "
                               f"{BIN_SINGLE_NAME} or {BIN_INDEX_NAME})")
 
     def _index_files(self, index: Path) -> list[Path]:
-        data = load_json_bounded(index.read_bytes(), source=index, error=CheckpointError)
+        data = load_json_bounded(read_model_file(self.dir, index.name), source=index, error=CheckpointError)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: malformed index (expected a JSON object with a "
@@ -172,20 +160,12 @@ class Checkpoint:
         return [self._shard_path(index, fname) for fname in dict.fromkeys(weight_map.values())]
 
     def _shard_path(self, index: Path, fname: str) -> Path:
-        """A weight_map value must be a plain file name inside the model directory."""
-        file = self.dir / fname
-        if (not fname or "/" in fname or "\\" in fname or fname in (".", "..")
-                or Path(fname).is_absolute() or "\0" in fname):
-            raise CheckpointError(f"{index}: shard name {fname!r} is not a plain file name in {self.dir}")
-        if file.is_symlink():
-            # A Hub cache snapshot links each file to ../../blobs/<sha>; any other target must stay inside.
-            roots = [self.dir.resolve()]
-            if self.dir.parent.name == "snapshots":
-                roots.append((self.dir.parent.parent / "blobs").resolve())
-            target = file.resolve()
-            if not any(target.is_relative_to(r) for r in roots):
-                raise CheckpointError(f"{index}: shard '{fname}' is a link to {target}, outside {self.dir}")
-        if not file.is_file():
+        """A weight_map value must be a plain file name inside the model directory (model_file's rule)."""
+        try:
+            file = model_file(self.dir, fname)
+        except CheckpointError as e:
+            raise CheckpointError(f"{index}: shard {fname!r}: {e}") from None
+        if file is None:
             raise CheckpointError(f"{index}: names shard '{fname}', which is missing from {self.dir}")
         return file
 

@@ -29,6 +29,7 @@ import torch
 
 from cpift.errors import CheckpointError
 from cpift.merge.io.checkpoint import Checkpoint
+from cpift.merge.io.model_files import read_model_file
 from cpift.merge.io.safe_parse import load_json_bounded
 
 __all__ = ["ADAPTER_CONFIG", "AdaptedCheckpoint", "is_adapter_dir", "split_lora_ref"]
@@ -64,9 +65,10 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 def read_adapter_config(adapter: Path) -> dict:
     """adapter_config.json, validated: a LoRA without DoRA or other variants cpift does not merge."""
     file = adapter / ADAPTER_CONFIG
-    if not file.is_file():
+    raw = read_model_file(adapter, ADAPTER_CONFIG)
+    if raw is None:
         raise CheckpointError(f"{adapter}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
-    cfg = load_json_bounded(file.read_bytes(), source=file, error=CheckpointError)
+    cfg = load_json_bounded(raw, source=file, error=CheckpointError)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":

@@ -20,12 +20,13 @@ from cpift.errors import CheckpointError
 CONFIG_NAME = "config.json"
 
 
-def config_with_dtype(source_dir: str | Path, dtype: torch.dtype | None,
+def config_with_dtype(source_dir: str | Path, raw: bytes | None, dtype: torch.dtype | None,
                       updates: Mapping[str, Any] | None = None) -> dict[str, str]:
     """``{"config.json": text}`` with the stored dtype set, or ``{}`` when there is nothing to change.
 
     Args:
-        source_dir: the directory config.json is copied from.
+        source_dir: the directory config.json is copied from (named in errors).
+        raw: its bytes, as merge/io/model_files.py read them (None: it has none).
         dtype: the dtype every floating-point output tensor is stored in; None keeps each input's.
         updates: other keys to set (a layer stack's ``num_hidden_layers``).
 
@@ -33,11 +34,11 @@ def config_with_dtype(source_dir: str | Path, dtype: torch.dtype | None,
         CheckpointError: config.json is not a JSON object (so its dtype cannot be set).
     """
     path = Path(source_dir) / CONFIG_NAME
-    if (dtype is None and not updates) or not path.is_file():
+    if (dtype is None and not updates) or raw is None:
         return {}
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        cfg = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read it to set its dtype to {dtype} ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, so its dtype can be set to {dtype}")

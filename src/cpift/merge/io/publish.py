@@ -8,7 +8,9 @@ Every command that writes goes through this module:
   directory, the home directory and their ancestors are never outputs.
 - ``--overwrite`` replaces only an empty directory or one cpift published. The rule: every directory
   cpift publishes holds the marker file ``.cpift-output`` (a small JSON object); a directory without
-  it is the user's, and is refused with or without ``--overwrite``.
+  it is the user's, and is refused with or without ``--overwrite``. The marker lists every entry cpift
+  wrote (merge/io/manifest.py); an output holding an entry it does not list is refused too, naming
+  that entry, so ``--overwrite`` never deletes a file the user added.
 - ``Publication`` builds a directory in the hidden sibling ``.NAME.cpift-partial`` under an exclusive,
   non-blocking ``fcntl.flock`` on its marker (a second run on the same output is refused at once:
   ``OutputBusyError``), and renames it into place last. An old output is first renamed aside to
@@ -26,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import shutil
 import stat
@@ -34,9 +35,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from cpift.errors import OutputBusyError, OutputError, UnsafeOutputError
+from cpift.merge.io.manifest import MARKER, entries, marker_text, unrecorded
 
-MARKER = ".cpift-output"
-MARKER_TEXT = json.dumps({"written_by": "cpift", "version": 1}) + "\n"
+MARKER_TEXT = marker_text()  # a partial directory's: the file list is written when it is published
 LEGACY = ("cpift-resume.json",)  # what a partial directory of an older cpift holds
 
 PathLike = str | os.PathLike
@@ -104,8 +105,10 @@ def is_cpift_output(path: PathLike) -> bool:
         return False
 
 
-def _kind(mode: int) -> str:
-    return ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+def file_kind(mode: int) -> str:
+    """What a path of this ``st_mode`` is, for messages: a directory, a FIFO, a device, a socket, a file."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "a file")
 
 
@@ -137,7 +140,7 @@ def check_output(out: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
             raise UnsafeOutputError(f"{out}: the output is a symbolic link; cpift replaces only directories "
                                     f"it wrote: give the real path or a new directory")
         if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeOutputError(f"{out}: the output exists and is {_kind(st.st_mode)}, not a directory; "
+            raise UnsafeOutputError(f"{out}: the output exists and is {file_kind(st.st_mode)}, not a directory; "
                                     f"choose a new directory")
         if not overwrite:
             raise OutputError(f"{out}: output already exists (pass --overwrite to replace an earlier cpift "
@@ -145,6 +148,7 @@ def check_output(out: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
         if not is_cpift_output(out):
             raise UnsafeOutputError(f"{out}: refusing to replace a directory cpift did not write (it has no "
                                     f"{MARKER} marker and is not empty); move it away or choose a new directory")
+        check_recorded(out)
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: parent directory of the output does not exist")
     for aside in (partial_dir(out), old_dir(out)):
@@ -152,6 +156,18 @@ def check_output(out: PathLike, *, overwrite: bool, inputs: Iterable[PathLike] =
                                           and (is_cpift_output(aside) or _legacy(aside))):
             raise UnsafeOutputError(f"{aside}: exists and was not written by cpift; move it away to write {out}")
     return out
+
+
+def check_recorded(out: Path) -> None:
+    """Refuse to replace the cpift output ``out`` while it holds an entry its marker does not list.
+
+    Raises:
+        UnsafeOutputError: naming the entry.
+    """
+    stray = unrecorded(out)
+    if stray is not None:
+        raise UnsafeOutputError(f"{stray}: not written by cpift (not listed in {out / MARKER}); --overwrite "
+                                f"would delete it: move it out of {out} or choose a new directory")
 
 
 def _legacy(path: Path) -> bool:
@@ -174,8 +190,8 @@ def check_side_file(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Path:
     except FileNotFoundError:
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)
-        raise UnsafeOutputError(f"{path}: exists and is {kind}, not a regular file; choose another file name")
+        raise UnsafeOutputError(f"{path}: exists and is {file_kind(st.st_mode)}, not a regular file; choose another "
+                                f"file name")
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent} does not exist (the parent directory of {path})")
     return path
@@ -295,14 +311,18 @@ class Publication:
                 if not self.overwrite or out.is_symlink() or not out.is_dir() or not is_cpift_output(out):
                     raise OutputError(f"{out}: output already exists (another run published it meanwhile); "
                                       f"the new output is kept in {self.tmp}")
+                check_recorded(out)  # again: a file may have been added since check_output
                 if os.path.lexists(old):
+                    check_recorded(old)
                     shutil.rmtree(old)  # ours: a finished swap's leftover (check_output vetted it)
                 os.replace(out, old)
             if before_rename is not None:
                 before_rename()
+            self._record()
             os.replace(self.tmp, out)
             _fsync_dir(out.parent)
             if os.path.lexists(old):  # ours, or left by a run killed between the two renames
+                check_recorded(old)
                 shutil.rmtree(old)
         except OSError as e:
             if isinstance(e, OutputError):
@@ -311,6 +331,15 @@ class Publication:
         finally:
             self._unlock()
         return out
+
+    def _record(self) -> None:
+        """Write the list of every entry of the finished partial directory into its (locked) marker."""
+        text = marker_text(entries(self.tmp)).encode()
+        if self._fd is None:
+            (self.tmp / MARKER).write_bytes(text)
+            return
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, text, 0)
 
     def abort(self, *, keep_partial: bool = False) -> None:
         """Remove the partial directory, unless ``keep_partial`` (left for ``--resume``); unlock."""

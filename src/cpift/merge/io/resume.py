@@ -37,6 +37,7 @@ import torch
 
 from cpift.errors import OutputError
 from cpift.merge.io.checkpoint import BIN_INDEX_NAME, INDEX_NAME, Checkpoint
+from cpift.merge.io.model_files import read_model_file
 from cpift.merge.io.publish import write_atomic
 
 MANIFEST = "cpift-resume.json"
@@ -70,16 +71,17 @@ def _canon(value: Any, names: Sequence[str]) -> Any:
     return repr(value)
 
 
-def _file_sha(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+def _file_sha(directory: Path, name: str) -> str | None:
+    data = read_model_file(directory, name)
+    return hashlib.sha256(data).hexdigest() if data is not None else None
 
 
 def input_identity(model: Checkpoint) -> dict:
     """What resume compares of one input: index and config hashes, each shard's size and mtime."""
     files = sorted({f for f in model.input_paths() if f.is_file()})  # an adapter's files too
     return {"path": os.path.abspath(model.path),
-            "index_sha256": _file_sha(model.dir / model.index_name),
-            "config_sha256": _file_sha(model.dir / "config.json"),
+            "index_sha256": _file_sha(model.dir, model.index_name),
+            "config_sha256": _file_sha(model.dir, "config.json"),
             "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
 
 

@@ -13,21 +13,94 @@ ends in one error naming its source instead of a RecursionError or a run that ne
   stands for, aliases expanded, and refuses a document past ``max_nodes``; the count is computed once
   per node, so refusing takes time linear in the document's text, not its expansion.
 - JSON constants NaN / Infinity are not JSON (RFC 8259) and are refused, as serde_json does.
+
+A config or recipe file is read by ``read_user_text``, the one rule for a file named on the command
+line: a regular file is read; a FIFO or pipe (``cpift-merge config <(cat a.yml)``) is read exactly once,
+with a bounded wait (``STREAM_WAIT`` seconds for its writer, then one line naming it, never a hang), and
+its text is kept for the rest of the run, so a second reader of the same path gets the same text; a
+device, socket or directory is refused before reading.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import stat
+import time
 from typing import Any
 
 import yaml
 
 from cpift.errors import ConfigError, CpiftError
+from cpift.merge.io.publish import file_kind
 
 MAX_DEPTH = 64
 MAX_BYTES = 100_000_000
 MAX_YAML_NODES = 1_000_000
+MAX_TEXT_BYTES = 10_000_000  # a config or recipe
+STREAM_WAIT = 3.0  # seconds a FIFO's writer has to deliver the whole text
+_streams: dict[tuple[int, int], str] = {}  # (device, inode) of each stream read: its text
+
+
+def read_user_text(path: str | os.PathLike, *, what: str = "file", error: type[CpiftError] = ConfigError,
+                   max_bytes: int = MAX_TEXT_BYTES, wait: float = STREAM_WAIT) -> str:
+    """The UTF-8 text of a config or recipe file named by the user (module docstring's rule).
+
+    Raises:
+        ``error``: one line naming ``path``: missing, unreadable, not a file or a stream, a stream
+            whose writer did not finish within ``wait`` seconds, too large, or not UTF-8.
+    """
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        elif stat.S_ISFIFO(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key not in _streams:
+                _streams[key] = _decode(_read_stream(path, what, error, max_bytes, wait), path, what, error)
+            return _streams[key]
+        else:
+            raise error(f"{path}: the {what} is {file_kind(st.st_mode)}, not a regular file; give a YAML file (or "
+                        f"a pipe such as <(cat f.yml))")
+    except CpiftError:
+        raise
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: the {what} is larger than the {max_bytes} bytes allowed")
+    return _decode(data, path, what, error)
+
+
+def _decode(data: bytes, path, what: str, error: type[CpiftError]) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: the {what} is not UTF-8 text") from None
+
+
+def _read_stream(path, what: str, error: type[CpiftError], max_bytes: int, wait: float) -> bytes:
+    """Everything a FIFO's writer sends until it closes, within ``wait`` seconds (no writer: refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO without a writer must not block
+    chunks, size, deadline = [], 0, time.monotonic() + wait
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise error(f"{path}: the {what} is a FIFO and no writer finished sending it within {wait:g} s; "
+                            f"give a regular file, or start the writer first")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:  # the writer closed its end: the whole text is here
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise error(f"{path}: the {what} is larger than the {max_bytes} bytes allowed")
+    finally:
+        os.close(fd)
 
 
 def _depth(value: Any) -> int:

@@ -33,24 +33,28 @@ class Source(Protocol):
 
 
 class Bar(Protocol):
-    def update(self, n: int) -> None: ...
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **values: object) -> None: ...
     def close(self) -> None: ...
 
 
 class NoBar:
-    def update(self, n: int) -> None: ...
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **values: object) -> None: ...
     def close(self) -> None: ...
 
 
-def progress_bar(desc: str, total: int, enabled: bool) -> Bar:
-    """A byte-counting tqdm bar on stderr (rate in GB/s), or a silent one."""
+def progress_bar(desc: str, total: int, enabled: bool, **units: object) -> Bar:
+    """A tqdm bar on stderr, or a silent one: the one rule of every progress bar cpift shows (merges,
+    cores, SFT, eval). It is off when stderr is not a terminal (``disable=None``), so logs and pipes
+    never get carriage-return redraws (a 10 kB line per SFT run). Default units: bytes, rate in GB/s;
+    ``units`` overrides them (``unit="step"``)."""
     if not enabled:
         return NoBar()
     from tqdm import tqdm
 
-    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs, pipes).
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
+    kw = {"unit": "B", "unit_scale": True, "unit_divisor": 1000, "leave": False, **units}
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
 
 class Prefetcher:

@@ -12,10 +12,11 @@ when complete, so a merge that dies leaves nothing that looks like a finished mo
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
-import shutil
+import resource
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,27 @@ from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from cpift.merge.io.publish import Publication
 from cpift.merge.io.resume import Journal, inspect_partial
 
-# Files copied from the first model (or --copy-tokenizer-from) so the output loads as a model.
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-)
+def write_error_remedy(e: OSError, where: Path, sizes: list[int]) -> tuple[str, bool]:
+    """What to do about a write error of shards of ``sizes`` bytes under ``where``, and whether a rerun with
+    the same shards (--resume) can ever succeed: not for a shard larger than the file system allows, nor
+    for an output larger than the whole file system."""
+    if e.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and max(sizes) > limit:
+            return "a shard is larger than `ulimit -f` allows: raise it, or rerun with a smaller --max-shard-size", True
+        return "a shard is larger than this file system allows: rerun with a smaller --max-shard-size", False
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            fs = os.statvfs(where)
+        except OSError:
+            return "", True
+        need, total, free = sum(sizes), fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+        if need > total:
+            return (f"the output needs {need / 1e9:.3g} GB, more than its file system holds ({total / 1e9:.3g} GB): "
+                    f"choose another -o"), False
+        return f"the output needs {need / 1e9:.3g} GB, {free / 1e9:.3g} GB free", True
+    return "", True
+
 
 @dataclass
 class Shard:
@@ -120,6 +136,7 @@ class ShardWriter:
         self._lock = threading.Lock()  # the prefetch thread maps files too
         self._left = [len(s.names) for s in self.shards]  # tensors still to write, per shard
         self.journal: Journal | None = None
+        self.resumable = True  # False once a write error shows that --resume with this plan cannot succeed
         self.notes: list[str] = []
         kept: dict[int, str] = {}
         self.pub.begin(keep=True)  # locked: a second run on this output is refused here
@@ -147,8 +164,9 @@ class ShardWriter:
                     if shard.nbytes:
                         os.posix_fallocate(f.fileno(), 0, len(shard.header) + shard.nbytes)
         except OSError as e:
-            self.abort(keep_partial=True)
-            raise OutputError(self._write_error(e)) from None
+            message = self._write_error(e)
+            self.abort(keep_partial=True)  # only if --resume can use it (self.resumable)
+            raise OutputError(message) from None
 
     @property
     def bytes_written(self) -> int:
@@ -156,9 +174,14 @@ class ShardWriter:
         return sum(len(s.header) + s.nbytes for i, s in enumerate(self.shards) if i not in self.kept)
 
     def _write_error(self, e: OSError) -> str:
-        where = (f" (the finished part is kept in {self.tmp}: rerun with --resume to continue, or delete it)"
-                 if self.journal is not None and self.tmp.exists() else "")
-        return f"{self.out}: cannot write the output: {e.strerror or e}{where}"
+        """One line: what failed and, only where a rerun with the same shard plan can succeed, --resume."""
+        why = f"{self.out}: cannot write the output: {e.strerror or e}"
+        hint, resumable = write_error_remedy(e, self.tmp.parent, [len(s.header) + s.nbytes for s in self.shards])
+        self.resumable = resumable
+        if resumable and self.journal is not None and self.tmp.exists():
+            hint += (f"{'; ' if hint else ''}the finished part is kept in {self.tmp}: rerun with --resume to "
+                     f"continue, or delete it")
+        return why + (f" ({hint})" if hint else "")
 
     def pending(self, names: list[str], specs: list[OutTensor]) -> tuple[list[str], list[OutTensor]]:
         """The tensors still to compute: those outside the shards a resume kept."""
@@ -211,8 +234,10 @@ class ShardWriter:
     def _close_maps(self) -> None:
         _mman.close_maps(self._maps)
 
-    def finish(self, side_files_from: Path | None, extra_files: dict[str, str] | None = None) -> Path:
-        """Write index and side files, then rename the partial directory into place."""
+    def finish(self, side_files: dict[str, bytes] | None, extra_files: dict[str, str] | None = None) -> Path:
+        """Write index and side files (``side_files``: name → bytes, as merge/io/model_files.py read and
+        validated them; ``extra_files`` written after, so they win), then rename the partial directory
+        into place."""
         self._close_maps()
         try:
             if self.journal is not None:
@@ -222,11 +247,8 @@ class ShardWriter:
                 weight_map = {n: s.file for s in self.shards for n in s.names}
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            if side_files_from is not None:
-                for fname in SIDE_FILES:
-                    src = side_files_from / fname
-                    if src.is_file():
-                        shutil.copyfile(src, self.tmp / fname)
+            for fname, data in (side_files or {}).items():
+                (self.tmp / fname).write_bytes(data)
             for fname, text in (extra_files or {}).items():
                 (self.tmp / fname).write_text(text)
         except OSError as e:
@@ -246,4 +268,4 @@ class ShardWriter:
                 self.journal.close()  # record the shards already complete
             except OSError:
                 pass
-        self.pub.abort(keep_partial=keep_partial and self.journal is not None)
+        self.pub.abort(keep_partial=keep_partial and self.journal is not None and self.resumable)

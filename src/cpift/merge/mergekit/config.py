@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from cpift.errors import ConfigError
-from cpift.merge.io.safe_parse import load_yaml_bounded
+from cpift.merge.io.safe_parse import load_yaml_bounded, read_user_text
 from cpift.merge.mergekit.checks import check_values
 from cpift.merge.mergekit.spec import MergeConfig, ModelSpec
 from cpift.merge.mergekit.slices import parse_slices, slice_models
@@ -89,13 +89,7 @@ _TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dt
 _DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    return load_yaml_bounded(text, source=path)
+    return load_yaml_bounded(read_user_text(path, what="config"), source=path)
 
 
 def _mapping(raw: Any, fld: str, source, what: str) -> dict:

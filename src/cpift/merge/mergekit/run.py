@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cpift.errors import ConfigError
-from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.merge.io.model_files import read_model_json
 from cpift.merge.mergekit.config import load_config
 from cpift.merge.mergekit.plan import MethodCall, plan_call
 from cpift.merge.mergekit.slices import check_no_remap, is_whole, plan_slices
@@ -51,9 +51,9 @@ def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *
 
 def model_config(model_dir: Path) -> dict | None:
     f = model_dir / "config.json"
-    if not f.is_file():
+    conf = read_model_json(model_dir, "config.json", error=ConfigError)
+    if conf is None:
         return None
-    conf = load_json_bounded(f.read_bytes(), source=f)
     if not isinstance(conf, dict):
         raise ConfigError(f"{f}: not a model config (expected a JSON object)")
     return conf

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 
 from cpift.errors import ConfigError
 from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
-from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.merge.io.model_files import read_model_json
 from cpift.merge.mergekit.values import Setting, chain_param, located, slice_sources, split_layer
 
 _PRE = ("embed", "wte", "wpe")
@@ -103,7 +103,7 @@ class LayerView(Checkpoint):
 
 def layer_config(path: Path, fld: str, source) -> dict:
     f = path / "config.json"
-    conf = load_json_bounded(f.read_bytes(), source=f) if f.is_file() else None
+    conf = read_model_json(path, "config.json", error=ConfigError)
     if not isinstance(conf, dict) or not isinstance(conf.get("num_hidden_layers"), int):
         raise ConfigError(f"{located(source, fld)}: {f} has no num_hidden_layers to place the layer range")
     return conf

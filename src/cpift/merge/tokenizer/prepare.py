@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cpift.errors import ConfigError
+from cpift.merge.io.model_files import read_model_file
 from cpift.merge.tokenizer.rules import TokenRule
 from cpift.merge.tokenizer.template import resolve_chat_template
 
@@ -145,8 +146,9 @@ def prepare_tokenizer(cfg, fields, chat_template: str | None, paths: Mapping[str
             tok.chat_template = template
         tok.save_pretrained(str(side), safe_serialization=True)
         for name in SIDE:
-            if (donor / name).is_file():
-                shutil.copyfile(donor / name, side / name)
+            data = read_model_file(donor, name)  # vetted: no link out of the donor, no FIFO
+            if data is not None:
+                (side / name).write_bytes(data)
     except BaseException:
         setup.cleanup()
         raise

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cpift.errors import ConfigError
-from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.merge.io.model_files import read_model_json, read_side_files
 
 
 def transformers_module():
@@ -39,10 +39,7 @@ def transformers_module():
 
 def config_vocab_size(model_dir: Path) -> int | None:
     """config.json's ``vocab_size`` (or ``text_config.vocab_size``), as mergekit's get_vocab_size reads it."""
-    f = model_dir / "config.json"
-    if not f.is_file():
-        return None
-    conf = load_json_bounded(f.read_bytes(), source=f)
+    conf = read_model_json(model_dir, "config.json", error=ConfigError)
     if not isinstance(conf, dict):
         return None
     for c in (conf, conf.get("text_config") or {}):
@@ -54,6 +51,7 @@ def config_vocab_size(model_dir: Path) -> int | None:
 
 def load_tokenizer(model_dir: Path, fld: str):
     tf = transformers_module()
+    read_side_files(model_dir)  # transformers follows links: the files are vetted first (merge/io/model_files.py)
     try:
         return tf.AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError, ...)

@@ -328,7 +328,7 @@ def _round(cases: list[Case], condition: str, r: int, repeat: int, caches: Path,
 
 def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, busy: int, busy_repeat: int,
              mergekit_repeat: int, caches: Path, echo: Callable[[str], None], timeout: float | None = None) -> dict:
-    from cpift.merge.tools.bench_report import machine, parity, summarize, versions
+    from cpift.merge.tools.bench_report import NOT_ASKED, machine, parity, summarize, versions
 
     size = {p: sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in paths}
     load_start = os.getloadavg()
@@ -349,7 +349,7 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, b
         par = parity(slerp_cpift.out, by_key[("slerp", "mergekit")].out)
         par["cpift"] = slerp_cpift.provider
     cold_walls: dict[Case, float] = {}
-    cold_state = "not run (cold=True needs root)"
+    cold_state = NOT_ASKED
     if cold:
         for case in cases:
             _clean(case.out)

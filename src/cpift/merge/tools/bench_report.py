@@ -12,6 +12,8 @@ from pathlib import Path
 from cpift.errors import ParameterError
 from cpift.merge.io.png import write_png
 
+NOT_ASKED = "not asked (--cold)"  # the result's cold_cache when --cold was not given: nothing is printed
+
 
 def machine() -> dict:
     """What the results were measured on."""
@@ -252,7 +254,7 @@ def markdown(r: dict) -> str:
                   "| op | provider | wall s | GB/s input |", "|---|---|---|---|"]
         lines += [f"| {x['op']} | {x['provider']} | {x['cold_wall_s']:.2f} | "
                   f"{x['input_bytes'] / x['cold_wall_s'] / 1e9:.2f} |" for x in cold]
-    else:
+    elif r.get("cold_cache") != NOT_ASKED:  # asked for and skipped: say why; not asked: say nothing
         lines += ["", f"Cold page cache: {r['cold_cache']}"]
     lines.append("")
     return "\n".join(lines)
