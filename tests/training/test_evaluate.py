@@ -10,7 +10,7 @@ import torch
 from cpift.training.data import load_dataset
 from cpift.training.evaluate import evaluate, evaluate_model, load_model, load_tokenizer
 
-from training_helpers import write_jsonl
+from training_helpers import arithmetic_rows, write_jsonl
 
 PROMPTS = ["1+2=", "13+4=", "7=", "20+19=", "5+5="]  # different lengths: the generation batch is left-padded
 
@@ -59,3 +59,39 @@ def test_public_evaluate_reads_a_saved_model(tiny, tmp_path):
     assert set(a) == {"loss", "exact_match", "n"} and a["n"] == 2
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     json.dumps(a)  # plain floats and ints
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "chat-template"])
+def half_trained(request, tiny, tiny_chat, tmp_path_factory):
+    """A tiny Llama trained briefly on sums: it gets some right and some wrong (so the test can fail)."""
+    from cpift.training.sft import sft
+
+    work = tmp_path_factory.mktemp("half")
+    train = write_jsonl(work / "train.jsonl", arithmetic_rows(256, seed=1))
+    sft(tiny_chat if request.param else tiny, train, work / "model", steps=60, lr=3e-3, batch_size=32,
+        progress=False)
+    return work / "model"
+
+
+def test_teacher_forced_exact_match_equals_greedy_generation(half_trained, tmp_path):
+    tokenizer = load_tokenizer(half_trained)
+    model, _ = load_model(half_trained, torch.device("cpu"))
+    rows = arithmetic_rows(48, seed=7)
+    path = write_jsonl(tmp_path / "eval.jsonl", rows)
+    data = load_dataset(path, tokenizer, max_length=64, for_eval=True)
+    greedy = evaluate_model(model, tokenizer, data, batch_size=5, progress=False, per_item=True)
+    forced = evaluate_model(model, tokenizer, data, batch_size=7, progress=False, per_item=True,
+                            exact_match="teacher-forced")
+    assert [i["hit"] for i in forced["items"]] == [i["hit"] for i in greedy["items"]]
+    assert 0 < greedy["exact_match"] < 1, greedy["exact_match"]  # hits and misses both present
+    assert forced["loss"] == pytest.approx(greedy["loss"], rel=1e-6)
+    assert [i["where"] for i in forced["items"]] == [f"{path}:{n}" for n in range(1, len(rows) + 1)]
+    assert sum(i["loss"] for i in forced["items"]) / sum(i["tokens"] for i in forced["items"]) == \
+        pytest.approx(forced["loss"], rel=1e-5)
+
+
+def test_exact_match_mode_is_checked_before_loading(tmp_path):
+    from cpift.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="exact_match: 'beam'"):
+        evaluate(tmp_path / "no-model", tmp_path / "no.jsonl", exact_match="beam")

@@ -97,10 +97,16 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
               help="Tokens kept per example (the first ones) for the loss.")
 @click.option("--max-new-tokens", type=int, default=None,
               help="Generation budget in tokens (default: the reference's token count + 8).")
+@click.option("--exact-match", "exact_match", type=click.Choice(["greedy", "teacher-forced"]), default="greedy",
+              show_default=True, help="greedy: generate and compare; teacher-forced: the same verdict from the loss "
+                                      "pass's logits (argmax = reference token at every answer position, end token "
+                                      "included), no generation.")
+@click.option("--per-item", is_flag=True, help="Also report every example's hit, loss and token count (items).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens, device, threads, quiet):
+def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens, exact_match, per_item, device,
+                 threads, quiet):
     """Mean response loss (nats per token) and exact match of greedy generation, printed as JSON."""
     from cpift.merge.io.publish import check_side_file, write_atomic
     from cpift.training.evaluate import evaluate, json_text, pick_device
@@ -110,7 +116,7 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
         check_side_file(json_path, inputs=[model, data])
     _threads(threads)
     result = evaluate(model, data, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
-                      device=device, progress=not quiet)
+                      device=device, progress=not quiet, exact_match=exact_match, per_item=per_item)
     text = json_text(result)
     if json_path is not None:
         write_atomic(json_path, text + "\n", inputs=[model, data])

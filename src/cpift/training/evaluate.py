@@ -8,6 +8,13 @@ once both are stripped of surrounding whitespace. Generation stops at an end tok
 tokenizer's EOS or the model's generation-config EOS ids) or after the reference's token count + 8
 new tokens, enough to see a model that does not stop.
 
+exact_match="teacher-forced" gets the same answer without generating: greedy decoding emits the
+reference's tokens and then an end token exactly when, at each of those positions, the argmax of the
+logits given the reference's own prefix is the reference's token. The logits of the loss pass give
+that for free (one forward pass per batch instead of one per generated token). Where the model would
+write the same text through another tokenization the two can differ; a test checks them equal on a
+trained model.
+
 Precision: weights upcast to float32; on CUDA the forward runs under bf16 autocast, as in training.
 """
 
@@ -31,6 +38,7 @@ from cpift.errors import CheckpointError, ParameterError
 from .data import IGNORE, Dataset, collate, load_dataset
 
 GENERATION_SLACK = 8  # new tokens allowed beyond the reference's length
+EXACT_MATCH_MODES = ("greedy", "teacher-forced")
 
 
 @contextlib.contextmanager
@@ -150,15 +158,44 @@ def _greedy(model, tokenizer, chunk, device, max_new_tokens: int | None, stops: 
     return texts
 
 
+def teacher_forced_hits(logits: torch.Tensor, chunk, stops: list[int]) -> list[bool]:
+    """Per example: does greedy decoding reproduce the reference, read off one forward pass's logits?
+
+    The answer runs from the prompt's end through the first end token (``stops``) of the reference; an
+    example whose reference has no end token within its kept length cannot be decided so and is a miss
+    (greedy generation would have to stop on a token the data does not show).
+    """
+    hits = []
+    for row, e in enumerate(chunk):
+        end = next((j for j in range(e.prompt_len, len(e.input_ids)) if e.input_ids[j] in stops), None)
+        if end is None or e.prompt_len == 0:
+            hits.append(False)
+            continue
+        want = torch.tensor(e.input_ids[e.prompt_len:end + 1], device=logits.device)
+        hits.append(bool((logits[row, e.prompt_len - 1:end].argmax(-1) == want).all()))
+    return hits
+
+
+def _check_mode(exact_match: str) -> None:
+    if exact_match not in EXACT_MATCH_MODES:
+        raise ParameterError(f"exact_match: {exact_match!r} is not one of {', '.join(EXACT_MATCH_MODES)}")
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, tokenizer, data: Dataset, *, batch_size: int = 8,
-                   max_new_tokens: int | None = None, progress: bool = True) -> dict:
-    """Loss and exact match of an already loaded model (left in the mode it came in)."""
+                   max_new_tokens: int | None = None, progress: bool = True, exact_match: str = "greedy",
+                   per_item: bool = False) -> dict:
+    """Loss and exact match of an already loaded model (left in the mode it came in).
+
+    ``exact_match``: "greedy" (generate) or "teacher-forced" (from the loss pass's logits; no generation).
+    ``per_item``: also return ``items``, one ``{"where", "hit", "loss", "tokens"}`` per example, for paired tests.
+    """
+    _check_mode(exact_match)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     stops = _stop_ids(model, tokenizer)
-    loss, targets, hits = 0.0, 0, 0
+    loss, targets, items = 0.0, 0, []
     bar = progress_bar("eval", len(data), progress, unit="ex")
     try:
         for start in range(0, len(data), batch_size):
@@ -167,19 +204,26 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data: Dataset, *, batch_si
             with autocast(device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss += float(response_loss_sum(logits, batch["labels"]))
+            losses = [float(response_loss_sum(logits[i:i + 1], batch["labels"][i:i + 1])) if per_item else None
+                      for i in range(len(chunk))]
             targets += sum(e.targets for e in chunk)
-            texts = _greedy(model, tokenizer, chunk, device, max_new_tokens, stops)
-            hits += sum(t.strip() == e.reference.strip() for t, e in zip(texts, chunk))
+            if exact_match == "greedy":
+                texts = _greedy(model, tokenizer, chunk, device, max_new_tokens, stops)
+                hits = [t.strip() == e.reference.strip() for t, e in zip(texts, chunk)]
+            else:
+                hits = teacher_forced_hits(logits, chunk, stops)
+            items += [{"where": e.where, "hit": h, "loss": x, "tokens": e.targets} for e, h, x in zip(chunk, hits, losses)]
             bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
-    return {"loss": loss / targets, "exact_match": hits / len(data), "n": len(data)}
+    result = {"loss": loss / targets, "exact_match": sum(i["hit"] for i in items) / len(data), "n": len(data)}
+    return {**result, "items": items} if per_item else result
 
 
 def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, batch_size: int = 8, max_length: int = 1024,
              max_new_tokens: int | None = None, device: str | torch.device | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, exact_match: str = "greedy", per_item: bool = False) -> dict:
     """Mean response loss and exact match of a saved model on a JSONL file.
 
     Args:
@@ -190,9 +234,12 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, batch_size: i
         max_new_tokens: generation budget; default: the reference's token count + 8.
         device: default CUDA when available, else the CPU.
         progress: show a tqdm bar.
+        exact_match: "greedy" (generate and compare) or "teacher-forced" (the same verdict from one
+            forward pass; see the module's docstring).
+        per_item: also return ``items``: ``{"where", "hit", "loss", "tokens"}`` per example.
 
     Returns:
-        ``{"loss": float, "exact_match": float in [0, 1], "n": examples}``.
+        ``{"loss": float, "exact_match": float in [0, 1], "n": examples}`` (and ``items``).
 
     Raises:
         CheckpointError, DataError, ParameterError: bad model directory, data line or option.
@@ -204,8 +251,9 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, batch_size: i
         raise ParameterError(f"batch_size: must be at least 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ParameterError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
+    _check_mode(exact_match)
     tokenizer = load_tokenizer(model)
     dataset = load_dataset(data, tokenizer, max_length=max_length, for_eval=True)
     loaded, _ = load_model(model, pick_device(device))
     return evaluate_model(loaded, tokenizer, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          progress=progress)
+                          progress=progress, exact_match=exact_match, per_item=per_item)
