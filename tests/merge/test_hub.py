@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_push_uploads_every_file_with_the_card(hub, llama, tmp_path):
     assert r.stdout.strip() == f"pushed {out} to me/merged: {hub.url}/me/merged/commit/{commit}"
     assert repo.private and repo.messages[commit] == "Upload merged with cpift"
     arrived = hub.files("me/merged")
-    local = {p.name: p.read_bytes() for p in out.iterdir()}
+    local = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".cpift-output"}  # the marker stays local
     assert {k: v for k, v in arrived.items() if k != ".gitattributes"} == local
     assert len([k for k in local if k.endswith(".safetensors")]) > 1
     card = arrived["README.md"].decode()
@@ -137,8 +138,8 @@ def test_merge_with_push_to_hub(hub, llama, tmp_path):
     assert r.stdout.splitlines()[0].startswith("linear: ")
     assert r.stdout.splitlines()[1].startswith(f"pushed {out} to me/linear: {hub.url}/me/linear/commit/")
     arrived = hub.files("me/linear")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == {k: v for k, v in arrived.items()
-                                                                if k != ".gitattributes"}
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".cpift-output"} == \
+        {k: v for k, v in arrived.items() if k != ".gitattributes"}
     assert b"| weights | 1.0, 3.0 |" in arrived["README.md"]
 
 
@@ -278,3 +279,25 @@ def test_push_publishes_nothing_from_outside_the_folder(hub, llama, tmp_path):
     one_line_error(linked, "tokenizer.json", "outside")
     one_line_error(fifo, "config.json", "FIFO")
     assert "me/m" not in hub.repos and "me/m2" not in hub.repos
+
+
+def test_push_never_uploads_the_marker_nor_a_partial_directory(hub, llama, tmp_path):
+    """cpift's bookkeeping stays local; a partial output (resume journal, hidden build dir) is refused."""
+    out = tmp_path / "m"
+    methods.slerp(llama["task1"], llama["task2"], out, progress=False)
+    assert (out / ".cpift-output").is_file()
+    r = cpift_merge(tmp_path, hub, "push", out, "me/m")
+    assert r.returncode == 0, r.stderr
+    arrived = hub.files("me/m")
+    assert ".cpift-output" not in arrived
+    assert {k for k in arrived if k != ".gitattributes"} == {p.name for p in out.iterdir()} - {".cpift-output"}
+    partial = tmp_path / ".n.cpift-partial"
+    shutil.copytree(out, partial)
+    journal = tmp_path / "j"
+    shutil.copytree(out, journal)
+    (journal / "cpift-resume.json").write_text("{}")
+    before = {p: p.read_bytes() for p in journal.iterdir()}
+    for folder, repo in ((partial, "me/p"), (journal, "me/j")):
+        one_line_error(cpift_merge(tmp_path, hub, "push", folder, repo), str(folder), "unfinished cpift output")
+        assert repo not in hub.repos
+    assert {p: p.read_bytes() for p in journal.iterdir()} == before

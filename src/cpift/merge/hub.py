@@ -141,6 +141,21 @@ def resolve_model(ref: str | os.PathLike) -> Path:
     return Path(ref)
 
 
+# cpift's own bookkeeping at the top of a folder (the output marker with its file list, the demo's and
+# the bench's markers): local facts, never published.
+LOCAL_ONLY = (".cpift-output", ".cpift-demo", ".cpift-bench-model", ".cpift-bench-out")
+
+
+def _check_finished(folder: Path) -> None:
+    """Refuse a partial cpift output: a hidden build or aside directory, or one holding a resume journal."""
+    from cpift.merge.io.manifest import RESUME_JOURNAL
+
+    name = folder.resolve().name
+    if name.endswith((".cpift-partial", ".cpift-old")) or (folder / RESUME_JOURNAL).is_file():
+        raise ParameterError(f"{folder}: an unfinished cpift output (a partial directory); finish the merge "
+                             f"(rerun it, with --resume where it was interrupted) and push its output")
+
+
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
          revision: str | None = None, commit_message: str | None = None) -> str:
     """Upload a model directory (with its model card) to a Hub model repo, creating the repo if needed.
@@ -169,6 +184,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
     from cpift.merge.io.model_files import vet_tree
 
     vet_tree(folder)  # nothing from outside the folder is published, and no FIFO blocks the upload
+    _check_finished(folder)
     parts = split_ref(repo_id)
     if parts is None or parts[1] is not None:
         raise ParameterError(f"{repo_id}: expected a Hub repo id org/name (give a branch with --revision)")
@@ -183,7 +199,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
-                                 commit_message=commit_message or f"Upload {folder.resolve().name} with cpift")
+                                 commit_message=commit_message or f"Upload {folder.resolve().name} with cpift",
+                                 ignore_patterns=list(LOCAL_ONLY))
     except RepositoryNotFoundError:
         raise HubError(f"{repo_id}: repository not found on the Hub, or no write access (log in with "
                        f"hf auth login, or set HF_TOKEN)") from None

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 MARKER = ".cpift-output"
+RESUME_JOURNAL = "cpift-resume.json"  # what a partial, resumable output holds until it is published
 VERSION = 2
 
 

@@ -37,10 +37,11 @@ import torch
 
 from cpift.errors import OutputError
 from cpift.merge.io.checkpoint import BIN_INDEX_NAME, INDEX_NAME, Checkpoint
+from cpift.merge.io.manifest import RESUME_JOURNAL
 from cpift.merge.io.model_files import read_model_file
 from cpift.merge.io.publish import write_atomic
 
-MANIFEST = "cpift-resume.json"
+MANIFEST = RESUME_JOURNAL
 VERSION = 1
 
 
