@@ -5,6 +5,7 @@ and the output options they need from here too."""
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -12,6 +13,32 @@ import click
 
 from cpift.kernels.backend import BACKENDS
 from cpift.merge.io.sizes import HELP as SIZE_HELP
+from cpift.numbers import parse_number
+
+# More torch threads than this many per CPU only slows the work; far more crashes the process.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+class Number(click.ParamType):
+    """A numeric option read by ``cpift.numbers.parse_number``: finite, in its range, int64 integers."""
+
+    def __init__(self, *, integer: bool = False, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False):
+        self.integer, self.bounds = integer, dict(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+        self.name = "integer" if integer else "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_number(value, "value", integer=self.integer, **self.bounds)
+        except ValueError as e:
+            self.fail(str(e).removeprefix("value: "), param, ctx)
+
+
+INT = Number(integer=True)  # any int64; the library checks the field's own range
+FLOAT = Number()  # any finite number, likewise
+COUNT = Number(integer=True, lo=1)  # at least one (steps, batch size, repeats)
+SEED = Number(integer=True, lo=0)  # a non-negative int64
+THREADS = Number(integer=True, lo=1, hi=MAX_THREADS)
 
 
 def floats(value: str | None, option: str) -> list[float] | None:
@@ -19,9 +46,10 @@ def floats(value: str | None, option: str) -> list[float] | None:
     if value is None:
         return None
     try:
-        return [float(v) for v in value.split(",")]
+        return [parse_number(v, option) for v in value.split(",")]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers like 1,0.5,2; got '{value}'",
+        raise click.BadParameter(f"expected comma-separated finite numbers like 1,0.5,2; got "
+                                 f"'{value if len(value) <= 60 else value[:48] + '...'}'",
                                  param_hint=option) from None
 
 
@@ -34,7 +62,7 @@ overwrite_option = click.option(
     help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
           "directory, atomically, once the new one is complete; any other existing path is refused."))
 threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=None,
+    "--threads", type=THREADS, default=None,
     help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
          "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
 backend_option = click.option(
