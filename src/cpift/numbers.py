@@ -101,9 +101,8 @@ def parse_number(raw: Any, field: str, *, integer: bool = False, lo: float | Non
     what = what or ("an integer" if integer else "a finite number")
     if v is None:
         raise error(f"{field}: expected {what}, got {shown(raw)}")
-    if integer:
-        lo = INT64_MIN if lo is None else max(lo, INT64_MIN)
-        hi = INT64_MAX if hi is None else min(hi, INT64_MAX)
+    if integer and not INT64_MIN <= v <= INT64_MAX:
+        raise error(f"{field}: {shown(v)} does not fit a 64-bit integer")
     below = lo is not None and (v <= lo if lo_open else v < lo)
     above = hi is not None and (v >= hi if hi_open else v > hi)
     if below or above:

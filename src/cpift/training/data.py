@@ -21,6 +21,10 @@ is counted; an example with no response token left is an error naming its file:l
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,8 @@ from cpift.errors import DataError
 from cpift.merge.io.safe_parse import load_json_bounded
 
 IGNORE = -100  # label of tokens the loss skips (torch.nn.functional.cross_entropy's ignore_index)
+RENDER_SECONDS = 3.0  # one chat-template rendering (milliseconds normally); a template looping for ever stops
+MAX_RENDERED = 2**24  # characters of one rendered conversation
 
 
 @dataclass
@@ -101,6 +107,18 @@ def _turns(obj: object, where: str) -> list[tuple[str, str]]:
     return [("user", obj["prompt"]), ("assistant", obj["response"])]
 
 
+def _text_only(turns: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
+    """JSON's \\ud800 escapes decode to lone surrogates, which are no text: no tokenizer can encode them."""
+    for i, turn in enumerate(turns):
+        for part, value in zip(("role", "content"), turn):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: turn {i} {part}: a lone surrogate {value[e.start]!r} at character "
+                                f"{e.start} (an unpaired \\uD800-\\uDFFF escape) is not text") from None
+    return turns
+
+
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
     """Parse and validate every line; DataError names file:line and what is wrong."""
     path = Path(path)
@@ -117,19 +135,65 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
             if not line.strip():
                 continue
             obj = load_json_bounded(line.rstrip("\r\n"), source=where, error=DataError)
-            records.append(Record(where, _turns(obj, where)))
+            records.append(Record(where, _text_only(_turns(obj, where), where)))
     if not records:
         raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return records
 
 
+class _RenderTimeout(Exception):
+    """Raised by the alarm inside a chat template's rendering that ran past RENDER_SECONDS."""
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the enclosed Python code after ``seconds`` (SIGALRM; the main thread only, and only
+    when no other timer is armed: elsewhere the code runs unbounded)."""
+    armed = (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+             and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+    if not armed:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _template(tokenizer, msgs: list[dict], **kw) -> str:
+    """The conversation rendered by the tokenizer's chat template (a Jinja sandbox), bounded in time and
+    size; anything the template raises is a DataError naming the tokenizer."""
     from jinja2 import TemplateError
 
+    whose = f"the template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
     try:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
+        with _time_limit(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
+    except _RenderTimeout:
+        raise DataError(f"the tokenizer's chat template ran for over {RENDER_SECONDS:g} s on this conversation "
+                        f"(a loop that does not end?; {whose})") from None
     except TemplateError as e:  # templates raise on e.g. roles that do not alternate
-        raise DataError(f"the tokenizer's chat template refused this conversation ({e})") from None
+        raise DataError(f"the tokenizer's chat template refused this conversation ({_line(e)}; {whose})") from None
+    except Exception as e:  # a template's own bugs: 1 / 0, a string divided, endless recursion
+        raise DataError(f"the tokenizer's chat template failed on this conversation ({type(e).__name__}: "
+                        f"{_line(e)}; {whose})") from None
+    if not isinstance(text, str) or len(text) > MAX_RENDERED:
+        size = len(text) if isinstance(text, str) else type(text).__name__
+        raise DataError(f"the tokenizer's chat template rendered this conversation as {size} characters "
+                        f"(at most {MAX_RENDERED:,}; {whose})")
+    return text
+
+
+def _line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def render(tokenizer, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:

@@ -34,6 +34,7 @@ from cpift.merge.engine import check_compatible, model_paths, open_models
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.publish import check_output, publish_dir
 from cpift.merge.io.stream import TensorStream, progress_bar
+from cpift.numbers import parse_number
 
 PathLike = str | os.PathLike
 KINDS = ("attention", "mlp", "embeddings", "norms", "head", "other")
@@ -155,12 +156,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         >>> compute_cores("base", [("math", "math-probe"), ("code", "code-probe")], "cores", p=1)
     """
     start = time.perf_counter()
-    try:
-        p = float(p)
-    except (TypeError, ValueError):
-        raise ParameterError(f"p: expected a number, got {p!r}") from None
-    if not (0.0 < p <= 100.0) or not math.isfinite(p):
-        raise ParameterError(f"p: {p} is outside (0, 100] (a percentage of the model's entries)")
+    p = parse_number(p, "p (a percentage of the model's entries)", lo=0, lo_open=True, hi=100, error=ParameterError)
     if not tasks:
         raise ParameterError("model: give at least one task as --model NAME=PATH")
     check_task_names([n for n, _ in tasks])

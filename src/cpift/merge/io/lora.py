@@ -30,6 +30,7 @@ import torch
 from cpift.errors import CheckpointError
 from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.numbers import F32_MAX, parse_number, shown
 
 __all__ = ["ADAPTER_CONFIG", "AdaptedCheckpoint", "is_adapter_dir", "split_lora_ref"]
 
@@ -76,14 +77,35 @@ def read_adapter_config(adapter: Path) -> dict:
         if cfg.get(key) not in defaults:
             raise CheckpointError(f"{file}: {key}: {cfg[key]!r} is not supported (cpift merges plain LoRA "
                                   f"adapters only; merge this one with peft's merge_and_unload first)")
-    for key in ("r", "lora_alpha"):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise CheckpointError(f"{file}: {key}: expected a positive number, got {v!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
+    cfg["r"], cfg["lora_alpha"] = _rank(cfg.get("r"), f"{file}: r"), _alpha(cfg.get("lora_alpha"), f"{file}: lora_alpha")
+    for key, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
             raise CheckpointError(f"{file}: {key}: expected an object of module pattern -> number")
+        for pattern, v in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as e:
+                raise CheckpointError(f"{file}: {key}: {shown(pattern)} is not a regular expression ({e})") from None
+            patterns[pattern] = check(v, f"{file}: {key}[{shown(pattern)}]")
+        cfg[key] = patterns
     return cfg
+
+
+def _rank(v, field: str) -> int:
+    """A LoRA rank: a JSON integer ≥ 1 (bounded: it is a matrix dimension)."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise CheckpointError(f"{field}: expected an integer ≥ 1, got {shown(v)}")
+    return parse_number(v, field, integer=True, lo=1, hi=2**31, error=CheckpointError)
+
+
+def _alpha(v, field: str) -> float:
+    """A LoRA alpha: a positive finite JSON number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CheckpointError(f"{field}: expected a positive number, got {shown(v)}")
+    return parse_number(v, field, lo=0, lo_open=True, hi=F32_MAX, error=CheckpointError)
 
 
 def _pattern(patterns: dict, module: str, default: float) -> float:
