@@ -40,7 +40,7 @@ def _convert(raw: Any, integer: bool) -> int | float | None:
         return None
     if isinstance(raw, str):
         text = raw.strip()
-        if not text or len(text) > MAX_DIGITS:
+        if not text:
             return None
         try:
             raw = int(text) if integer and text.lstrip("+-").isdigit() else float(text)
@@ -95,6 +95,8 @@ def parse_number(raw: Any, field: str, *, integer: bool = False, lo: float | Non
     Raises:
         ``error``: "FIELD: expected ..., got VALUE" or "FIELD: VALUE is outside [lo, hi]".
     """
+    if isinstance(raw, str) and len(raw.strip()) > MAX_DIGITS:
+        raise error(f"{field}: {shown(raw)} is too long for a number (over {MAX_DIGITS} characters)")
     v = _convert(raw, integer)
     if v is None and _too_large(raw):
         what = "an integer" if integer else "a finite number"

@@ -91,6 +91,9 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
 
         check_not_protected(workdir, what="workdir")
         check_inputs(workdir, models, what="workdir")
+    from cpift.merge.io.sizes import parse_size
+
+    parse_size(max_shard_size, field="--max-shard-size")  # a bad size fails now, not in every case
     if plot_path is not None:
         try:
             import matplotlib  # noqa: F401
