@@ -21,7 +21,7 @@ import torch
 from cpift.kernels.finite import all_finite, first_nonfinite
 
 from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
-from cpift.merge.card import card_files, model_input, roles_for
+from cpift.merge.card import card_files, model_inputs, roles_for
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_config_json
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
@@ -161,8 +161,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     check_config_json(side_from)  # copied into the output: refused before anything is written
     notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models)
     card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
-                      inputs=[model_input(m, role)
-                              for m, role in zip(models, roles or roles_for(method, len(models)))],
+                      inputs=[i for m, role in zip(models, roles or roles_for(method, len(models)))
+                              for i in model_inputs(m, role)],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
                                 "backend": used})
