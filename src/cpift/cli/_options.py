@@ -57,6 +57,10 @@ def out_option(help_text: str):
     return click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help=help_text)
 
 
+allow_crimes_option = click.option(
+    "--allow-crimes", is_flag=True,
+    help="Merge anyway when the inputs' config.json name different architectures (model_type, architectures) "
+         "or an integer tensor differs between them (mergekit's flag; default: stop with an error).")
 overwrite_option = click.option(
     "--overwrite", is_flag=True,
     help=("Replace an earlier cpift output (a directory holding its .cpift-output marker) or an empty "
@@ -108,6 +112,7 @@ def common_options(fn):
     @overwrite_option
     @click.option("--allow-nonfinite", is_flag=True,
                   help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
+    @allow_crimes_option
     @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
                   help="Directory to copy config.json, tokenizer and chat-template files from "
                        "(default: the first model).")
@@ -128,7 +133,7 @@ def common_options(fn):
     @click.option("--commit-message", metavar="TEXT", default=None,
                   help="With --push-to-hub: the commit message (default: Upload NAME with cpift).")
     @functools.wraps(fn)
-    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
+    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite, allow_crimes,
                 copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, private, commit_message,
                 dry_run, resume, **kwargs):
         if dry_run and push_to_hub is not None:
@@ -145,7 +150,8 @@ def common_options(fn):
                       allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
                       progress=not quiet, backend=backend, device=device)
         # Only when asked: a command whose function takes no such keyword still runs without them.
-        common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume)) if on})
+        common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume),
+                                             ("allow_crimes", allow_crimes)) if on})
         with torch_threads(threads):
             result = fn(*args, out=out, common=common, **kwargs)
         if not quiet:

@@ -6,7 +6,8 @@ import click
 
 from cpift.errors import ParameterError
 
-from ._options import SEED, Number, common_options, compute_options, out_option, overwrite_option, torch_threads
+from ._options import (SEED, Number, allow_crimes_option, common_options, compute_options, out_option,
+                       overwrite_option, torch_threads)
 
 
 def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
@@ -33,9 +34,11 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
               help="Score only tensors whose name matches (repeatable; default: every floating-point tensor).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Do not score tensors whose name matches (repeatable).")
 @overwrite_option
+@allow_crimes_option
 @compute_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the summary line only.")
-def cores(base, models, p, out, granularity, include, exclude, overwrite, threads, backend, device, quiet):
+def cores(base, models, p, out, granularity, include, exclude, overwrite, allow_crimes, threads, backend, device,
+          quiet):
     """Each task's core region: the exact global top-p% of |θ_task − θ_base| over the whole model.
 
     Three streaming passes (radix select), memory independent of model size; ties at the threshold go
@@ -47,7 +50,7 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, thread
     with torch_threads(threads):
         result = compute_cores(base, _named(models, "--model"), out, p=p, granularity=granularity,
                                include=list(include) or None, exclude=list(exclude) or None, overwrite=overwrite,
-                               progress=not quiet, backend=backend, device=device)
+                               allow_crimes=allow_crimes, progress=not quiet, backend=backend, device=device)
     if not quiet:
         for note in result.notes:
             click.echo(note, err=True)

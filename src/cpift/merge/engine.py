@@ -22,6 +22,7 @@ from cpift.kernels.finite import all_finite, first_nonfinite
 
 from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from cpift.merge.card import card_files, model_inputs, roles_for
+from cpift.merge.consistency import check_consistency
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_config_json
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
@@ -83,8 +84,10 @@ def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
     return [p if isinstance(p, Checkpoint) else open_model(p) for p in paths]
 
 
-def check_compatible(models: list[Checkpoint]) -> list[str]:
-    """Every model must hold the same tensor names with the same shapes; return notes on dtype casts."""
+def check_compatible(models: list[Checkpoint], *, allow_crimes: bool = False) -> list[str]:
+    """Every model must hold the same tensor names with the same shapes, and be consistent by
+    merge/consistency.py's rule (architecture, non-floating tensors; ``allow_crimes``: notes instead);
+    return notes on dtype casts."""
     first = models[0]
     notes: list[str] = []
     seen_casts: set[tuple] = set()
@@ -102,11 +105,12 @@ def check_compatible(models: list[Checkpoint]) -> list[str]:
             if o.shape != info.shape:
                 raise MismatchError(f"tensor '{name}': shape {list(info.shape)} in {first.path} but "
                                     f"{list(o.shape)} in {other.path}")
-            if o.dtype != info.dtype and (info.dtype, o.dtype, other.path) not in seen_casts:
+            floats = o.dtype.is_floating_point and info.dtype.is_floating_point
+            if floats and o.dtype != info.dtype and (info.dtype, o.dtype, other.path) not in seen_casts:
                 seen_casts.add((info.dtype, o.dtype, other.path))
                 notes.append(f"note: {other.path} stores {DTYPE_NAMES[o.dtype]} where {first.path} stores "
                              f"{DTYPE_NAMES[info.dtype]} (e.g. '{name}'); both are read as float32 for the math")
-    return notes
+    return notes + check_consistency(models, allow_crimes=allow_crimes)
 
 
 @overload
@@ -121,7 +125,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                  dtype: str | torch.dtype | None = None, out_dtype: str | torch.dtype | None = None,
                  max_shard_size: int | str = "5GB", overwrite: bool = False,
                  allow_nonfinite: bool = False, copy_tokenizer_from: str | os.PathLike | None = None,
-                 progress: bool = True, recipe: dict | None = None,
+                 allow_crimes: bool = False, progress: bool = True, recipe: dict | None = None,
                  notes: list[str] | None = None, params: dict | None = None,
                  backend: str | None = None, device: str | torch.device | None = None,
                  dry_run: bool = False, resume: bool = False,
@@ -159,7 +163,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
     check_config_json(side_from)  # copied into the output: refused before anything is written
-    notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models)
+    notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models,
+                                                                                         allow_crimes=allow_crimes)
     card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
                       inputs=[i for m, role in zip(models, roles or roles_for(method, len(models)))
                               for i in model_inputs(m, role)],

@@ -180,16 +180,11 @@ class _Layout:
 
     @staticmethod
     def _check_ranges(cfg: MergeConfig, paths: Mapping[str, Path]) -> None:
-        src, arch = cfg.source, None
+        src = cfg.source
         for sl in cfg.slices:
             for m, (lo, hi) in zip(sl.sources, sl.ranges):
                 p = paths[m.model]
-                conf = layer_config(p, f"{m.field}.model", src)
-                if arch is None:
-                    arch = conf.get("architectures")
-                elif conf.get("architectures") != arch:
-                    raise ConfigError(f"{located(src, f'{m.field}.model')}: {p} is a {conf.get('architectures')}, "
-                                      f"the first source a {arch}; cpift does not merge different architectures")
+                conf = layer_config(p, f"{m.field}.model", src)  # architectures: merge/consistency.py
                 n = conf["num_hidden_layers"]
                 if hi > n:
                     raise ConfigError(f"{located(src, f'{m.field}.layer_range')}: {[lo, hi]} is outside the "

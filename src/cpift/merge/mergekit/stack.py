@@ -158,7 +158,6 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
                source, opened: Mapping[str, Any] | None = None) -> tuple[LayerView, Any, int]:
     """The stacked view, its ``scale`` (None, or a function of the output name) and its layer count."""
     ckpts = open_sources([sl.model for sl in slices], paths, opened)
-    arch = None
     entries: list[tuple[str, Checkpoint, str]] = []
     position: dict[str, tuple[int, float]] = {}
     shapes: dict[str, tuple] = {}
@@ -166,13 +165,7 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
     plans = {ref: layer_tensors(c) for ref, c in ckpts.items()}
     for si, sl in enumerate(slices):
         p = paths[sl.model]
-        conf = layer_config(p, f"{sl.field}.sources[0].model", source)
-        if arch is None:
-            arch = conf.get("architectures")
-        elif conf.get("architectures") != arch:
-            raise ConfigError(f"{located(source, f'{sl.field}.sources[0].model')}: {p} is a "
-                              f"{conf.get('architectures')}, the first slice's model a {arch}; cpift does not "
-                              f"stack different architectures (mergekit needs --allow-crimes)")
+        conf = layer_config(p, f"{sl.field}.sources[0].model", source)  # architectures: consistency.py
         n = conf["num_hidden_layers"]
         start, end = sl.layer_range
         if end > n:
