@@ -22,7 +22,7 @@ from cpift.kernels.finite import all_finite, first_nonfinite
 
 from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
 from cpift.merge.card import card_files, model_inputs, roles_for
-from cpift.merge.consistency import check_consistency
+from cpift.merge.consistency import check_consistency, leaves
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_config_json
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
@@ -172,6 +172,8 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
                                 "backend": used})
 
+    if any(getattr(leaf, "dequantized", False) for m in models for leaf in leaves(m)):  # merge/io/fp8.py
+        config_updates = {**(config_updates or {}), "quantization_config": None}
     card.update(config_with_dtype(side_from, store_dtype, config_updates))  # replaces the copied config.json
 
     first = models[0]

@@ -29,6 +29,7 @@ import torch
 
 from cpift.errors import CheckpointError
 from cpift.merge.io.checkpoint import Checkpoint
+from cpift.merge.io.fp8 import FP8, dequantized
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.numbers import F32_MAX, parse_number, shown
 
@@ -229,12 +230,21 @@ def open_model(ref: str | os.PathLike) -> Checkpoint:
 
     parts = split_lora_ref(ref)
     if parts is not None:
-        return AdaptedCheckpoint(resolve_model(parts[0]), resolve_model(parts[1]), ref=os.fspath(ref))
+        return _no_fp8(AdaptedCheckpoint(resolve_model(parts[0]), resolve_model(parts[1]), ref=os.fspath(ref)))
     path = resolve_model(ref)
     if is_adapter_dir(path):
         base = read_adapter_config(path).get("base_model_name_or_path")
         if not isinstance(base, str) or not base:
             raise CheckpointError(f"{path / ADAPTER_CONFIG}: base_model_name_or_path is not set; give the "
                                   f"model as BASE+{os.fspath(ref)}")
-        return AdaptedCheckpoint(resolve_model(base), path, ref=f"{base}+{os.fspath(ref)}")
-    return Checkpoint(path, ref=os.fspath(ref))
+        return _no_fp8(AdaptedCheckpoint(resolve_model(base), path, ref=f"{base}+{os.fspath(ref)}"))
+    return dequantized(Checkpoint(path, ref=os.fspath(ref)))  # fp8 tensors read as float32 (merge/io/fp8.py)
+
+
+def _no_fp8(ckpt: AdaptedCheckpoint) -> AdaptedCheckpoint:
+    bad = next((n for n, i in ckpt.tensors.items() if i.dtype in FP8), None)
+    if bad is not None:
+        ckpt.close()
+        raise CheckpointError(f"{ckpt.path}: tensor '{bad}' is fp8; a LoRA adapter is not merged into an fp8 base "
+                              f"(dequantise it first: cpift-merge passthrough {ckpt.base_ref} -o BASE-FP32)")
+    return ckpt
