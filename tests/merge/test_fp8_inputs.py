@@ -49,7 +49,8 @@ def quantized(root: Path, name: str, seed: int, fp8: torch.dtype, base: dict | N
 
 def dequantized_copy(src: Path, dst: Path, exact: dict) -> Path:
     dst.mkdir()
-    tensors = {n: exact.get(n, t) for n, t in load_file(src / "model.safetensors").items() if not n.endswith("_scale_inv")}
+    tensors = {n: exact.get(n, t) for n, t in load_file(src / "model.safetensors").items()
+               if not n.endswith("_scale_inv")}
     save_file(tensors, dst / "model.safetensors")
     conf = json.loads((src / "config.json").read_text())
     del conf["quantization_config"]

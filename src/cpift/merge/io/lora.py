@@ -78,7 +78,8 @@ def read_adapter_config(adapter: Path) -> dict:
         if cfg.get(key) not in defaults:
             raise CheckpointError(f"{file}: {key}: {cfg[key]!r} is not supported (cpift merges plain LoRA "
                                   f"adapters only; merge this one with peft's merge_and_unload first)")
-    cfg["r"], cfg["lora_alpha"] = _rank(cfg.get("r"), f"{file}: r"), _alpha(cfg.get("lora_alpha"), f"{file}: lora_alpha")
+    cfg["r"] = _rank(cfg.get("r"), f"{file}: r")
+    cfg["lora_alpha"] = _alpha(cfg.get("lora_alpha"), f"{file}: lora_alpha")
     for key, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
         patterns = cfg.get(key) or {}
         if not isinstance(patterns, dict):
