@@ -93,16 +93,15 @@ def parse_number(raw: Any, field: str, *, integer: bool = False, lo: float | Non
         An int for ``integer`` fields, else a float.
 
     Raises:
-        ``error``: "FIELD: expected ..., got VALUE" or "FIELD: VALUE is outside [lo, hi]".
+        ``error``: "FIELD: expected ..., got VALUE", "FIELD: VALUE does not fit a 64-bit integer" or
+            "FIELD: VALUE is outside [lo, hi]" (one bound: "is not ≥ lo").
     """
     if isinstance(raw, str) and len(raw.strip()) > MAX_DIGITS:
         raise error(f"{field}: {shown(raw)} is too long for a number (over {MAX_DIGITS} characters)")
     v = _convert(raw, integer)
-    if v is None and _too_large(raw):
-        what = "an integer" if integer else "a finite number"
-    what = what or ("an integer" if integer else "a finite number")
     if v is None:
-        raise error(f"{field}: expected {what}, got {shown(raw)}")
+        default = "an integer" if integer else "a finite number"
+        raise error(f"{field}: expected {default if _too_large(raw) else what or default}, got {shown(raw)}")
     if integer and not INT64_MIN <= v <= INT64_MAX:
         raise error(f"{field}: {shown(v)} does not fit a 64-bit integer")
     below = lo is not None and (v <= lo if lo_open else v < lo)

@@ -116,7 +116,8 @@ class _Fields:
         if v is None and optional:
             return None
         name = ".".join(x for x in (self.where, key) if x)
-        return parse_number(v, f"{self.file}: {name}", integer=integer, lo=lo, hi=hi, lo_open=lo_open)
+        return parse_number(v, f"{self.file}: {name}", integer=integer, lo=lo, hi=hi, lo_open=lo_open,
+                            what="an integer" if integer else "a number")
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
         v = self.raw.get(key, default)

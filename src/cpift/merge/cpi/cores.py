@@ -158,7 +158,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         >>> compute_cores("base", [("math", "math-probe"), ("code", "code-probe")], "cores", p=1)
     """
     start = time.perf_counter()
-    p = parse_number(p, "p (a percentage of the model's entries)", lo=0, lo_open=True, hi=100, error=ParameterError)
+    p = parse_number(p, "p", lo=0, lo_open=True, hi=100, error=ParameterError)  # a percentage of the entries
     if not tasks:
         raise ParameterError("model: give at least one task as --model NAME=PATH")
     check_task_names([n for n, _ in tasks])
