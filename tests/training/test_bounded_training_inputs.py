@@ -65,6 +65,17 @@ def test_sft_numbers_bounded(capsys, tiny, train_file, tmp_path, extra, fragment
     refused(capsys, tmp_path, argv, fragment, inputs=[tiny, train_file])
 
 
+@pytest.mark.parametrize("extra,fragment", [
+    (["--max-new-tokens", str(2**40)], "max_new_tokens: 1099511627776 is outside [1, 1048576]"),
+    (["--max-new-tokens", BIG], "'--max-new-tokens': "),
+    (["--batch-size", "0"], "batch_size: 0 is outside [1, 2147483648]"),
+    (["--threads", "100000"], "'--threads'"),
+], ids=["max-new-tokens-2**40", "max-new-tokens-400-digits", "batch-zero", "threads-100000"])
+def test_eval_numbers_bounded(capsys, tiny, train_file, tmp_path, extra, fragment):
+    refused(capsys, tmp_path, ["eval", "--model", tiny, "--data", train_file, "--json", tmp_path / "out", "-q",
+                               *extra], fragment, inputs=[tiny, train_file])
+
+
 @pytest.mark.parametrize("env,fragment", [
     ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE: expected an integer, got 'two'"),
     ({"WORLD_SIZE": BIG}, "environment variable WORLD_SIZE"),
