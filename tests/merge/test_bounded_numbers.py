@@ -209,3 +209,17 @@ def test_mask_metadata_numbers(capsys, tmp_path, pair, key, value, fragment):
 def test_bench_numbers(capsys, tmp_path, args, fragment):
     assert_user_error(capsys, ["bench", *args, "--workdir", tmp_path / "work", "--methods", "slerp"], fragment)
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("method,extra", [("passthrough", ""), ("linear", "parameters: {weight: 1.0}\n")],
+                         ids=["stack", "slices"])
+def test_layer_range_numbers(capsys, tmp_path, pair, method, extra):
+    a, b = pair
+    cfg = tmp_path / "s.yml"
+    second = f", {{model: {b}, layer_range: [0, {BIG}]}}" if method == "linear" else ""
+    cfg.write_text(f"merge_method: {method}\n{extra}slices:\n  - sources: [{{model: {a}, layer_range: [0, {BIG}]}}"
+                   f"{second}]\n")
+    assert_user_error(capsys, ["config", cfg, "-o", tmp_path / "out", "-q"],
+                      "s.yml: slices[0].sources[0].layer_range: 99999", "does not fit a 64-bit integer",
+                      inputs=[a, b, cfg])
+    no_output(tmp_path)

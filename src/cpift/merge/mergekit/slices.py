@@ -43,25 +43,13 @@ from cpift.merge.mergekit.checks import check_values
 from cpift.merge.mergekit.plan import MethodCall, plan_call
 from cpift.merge.mergekit.spec import MergeConfig, MergeSlice, ModelSpec
 from cpift.merge.mergekit.stack import LayerView, layer_config, layer_tensors, open_sources
-from cpift.merge.mergekit.values import located, slice_sources, split_layer
+from cpift.merge.mergekit.values import layer_range, located, slice_sources, split_layer
 from cpift.merge.methods.registry import METHODS
 
 
 # Whole-merge keywords the method functions take per tensor (a function of the name): a value that
 # differs between slices becomes one; any other (lambda, normalize, ...) must be the same in every slice.
 PER_TENSOR_SHARED = ("t",)
-
-
-def _range(lr: Any, fld: str, source) -> tuple[int, int]:
-    if lr is None:
-        raise ConfigError(f"{located(source, fld)}: missing")
-    if (not isinstance(lr, list) or len(lr) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-        raise ConfigError(f"{located(source, fld)}: expected [start, end] integers, got {lr!r}")
-    if not 0 <= lr[0] < lr[1]:
-        raise ConfigError(f"{located(source, fld)}: {lr} is empty or reversed (need 0 <= start < end; end "
-                          f"is excluded)")
-    return lr[0], lr[1]
 
 
 def parse_slices(raw: Any, source, method: str, top_base: str | None, params: Mapping, *,
@@ -82,7 +70,7 @@ def parse_slices(raw: Any, source, method: str, top_base: str | None, params: Ma
         for j, s in enumerate(slice_sources(sl, fld, source)):
             spec, lr = parse_model(s, f"{fld}.sources[{j}]")
             specs.append(spec)
-            ranges.append(_range(lr, f"{fld}.sources[{j}].layer_range", source))
+            ranges.append(layer_range(lr, f"{fld}.sources[{j}].layer_range", source))
         for j, (lo, hi) in enumerate(ranges):
             if hi - lo != ranges[0][1] - ranges[0][0]:
                 raise ConfigError(f"{located(source, f'{fld}.sources[{j}].layer_range')}: {[lo, hi]} has "

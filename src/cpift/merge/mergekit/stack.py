@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from cpift.errors import ConfigError
 from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
 from cpift.merge.io.safe_parse import load_json_bounded
-from cpift.merge.mergekit.values import Setting, chain_param, located, slice_sources, split_layer
+from cpift.merge.mergekit.values import Setting, chain_param, layer_range, located, slice_sources, split_layer
 
 _PRE = ("embed", "wte", "wpe")
 
@@ -66,15 +66,8 @@ def parse_stack(raw: list, source, *, model_ref: Callable, parse_params: Callabl
         for key in s:
             if key not in ("model", "layer_range", "parameters"):
                 raise ConfigError(f"{located(source, f'{sfld}.{key}')}: unknown key")
-        lr = s.get("layer_range")
-        if (not isinstance(lr, list) or len(lr) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-            raise ConfigError(f"{located(source, f'{sfld}.layer_range')}: expected [start, end] integers, "
-                              f"got {lr!r}")
-        if not 0 <= lr[0] < lr[1]:
-            raise ConfigError(f"{located(source, f'{sfld}.layer_range')}: {lr} is empty or reversed (need "
-                              f"0 <= start < end; end is excluded)")
-        out.append(StackSlice(model_ref(s["model"], f"{sfld}.model", source), (lr[0], lr[1]),
+        lr = layer_range(s.get("layer_range"), f"{sfld}.layer_range", source)
+        out.append(StackSlice(model_ref(s["model"], f"{sfld}.model", source), lr,
                               parse_params(s.get("parameters"), f"{sfld}.parameters"),
                               parse_params(sl.get("parameters"), f"{fld}.parameters"), fld))
     return tuple(out)

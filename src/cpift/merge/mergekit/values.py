@@ -324,6 +324,20 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
     return out
 
 
+def layer_range(lr: Any, fld: str, source) -> tuple[int, int]:
+    """A source's ``layer_range: [start, end]`` (end excluded): integers (cpift.numbers), 0 <= start < end."""
+    if lr is None:
+        raise ConfigError(f"{located(source, fld)}: missing")
+    if (not isinstance(lr, list) or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+        raise ConfigError(f"{located(source, fld)}: expected [start, end] integers, got {shown(lr)}")
+    start, end = (parse_number(x, located(source, fld), integer=True, lo=0, hi=2**31) for x in lr)
+    if not start < end:
+        raise ConfigError(f"{located(source, fld)}: {lr} is empty or reversed (need 0 <= start < end; end "
+                          f"is excluded)")
+    return start, end
+
+
 def slice_sources(sl: Mapping, fld: str, source) -> list:
     """Check one mergekit slice's keys (``fld``: e.g. "slices[0]"); returns its non-empty ``sources``."""
     for key in sl:
