@@ -9,7 +9,7 @@ which every merge and ``cores`` run before anything is written):
 - a tensor is floating-point in every input or in none (an integer tensor is not merged with a float).
 
 Floating-point dtypes may differ (bf16 beside fp32): they are read in the merge's float32 math, with a
-note. Each breach is a MismatchError naming the tensor or the config.json files; ``allow_crimes`` (the
+note (``cast_notes``). Each breach is a MismatchError naming the tensor or the config.json files; ``allow_crimes`` (the
 CLI's ``--allow-crimes``, mergekit's flag) turns them into notes and the merge goes on, copying the
 first input's non-floating tensors as before.
 """
@@ -23,6 +23,7 @@ import torch
 
 from cpift.errors import MismatchError
 from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.merge.io.st_header import DTYPE_NAMES
 
 ARCH_KEYS = ("model_type", "architectures")
 FLAG = "pass --allow-crimes to merge anyway"
@@ -58,6 +59,20 @@ def _architecture_breaches(models: Sequence[Any]) -> list[str]:
     return out
 
 
+def cast_notes(models: Sequence[Any]) -> list[str]:
+    """One note per (input, dtype pair) whose floating-point dtype differs from the first input's."""
+    first, notes, seen = models[0], [], set()
+    for other in models[1:]:
+        for name, info in first.tensors.items():
+            o = other.tensors[name]
+            floats = o.dtype.is_floating_point and info.dtype.is_floating_point
+            if floats and o.dtype != info.dtype and (info.dtype, o.dtype, other.path) not in seen:
+                seen.add((info.dtype, o.dtype, other.path))
+                notes.append(f"note: {other.path} stores {DTYPE_NAMES[o.dtype]} where {first.path} stores "
+                             f"{DTYPE_NAMES[info.dtype]} (e.g. '{name}'); both are read as float32 for the math")
+    return notes
+
+
 def _tensor_breaches(models: Sequence[Any]) -> list[str]:
     first = models[0]
     out = []
@@ -91,5 +106,5 @@ def check_consistency(models: Sequence[Any], *, allow_crimes: bool = False) -> l
     breaches = _architecture_breaches(models) + _tensor_breaches(models)
     if breaches and not allow_crimes:
         raise MismatchError(f"{breaches[0]} ({FLAG})")
-    return [f"note: {b}; merged anyway (--allow-crimes): the first input's non-floating tensors are copied"
-            for b in breaches]
+    return cast_notes(models) + [f"note: {b}; merged anyway (--allow-crimes): the first input's non-floating "
+                                 f"tensors are copied" for b in breaches]

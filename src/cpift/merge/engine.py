@@ -86,11 +86,8 @@ def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
 
 def check_compatible(models: list[Checkpoint], *, allow_crimes: bool = False) -> list[str]:
     """Every model must hold the same tensor names with the same shapes, and be consistent by
-    merge/consistency.py's rule (architecture, non-floating tensors; ``allow_crimes``: notes instead);
-    return notes on dtype casts."""
+    merge/consistency.py's rule (architecture, dtypes; ``allow_crimes``: notes instead); return its notes."""
     first = models[0]
-    notes: list[str] = []
-    seen_casts: set[tuple] = set()
     for other in models[1:]:
         missing = [n for n in first.tensors if n not in other.tensors]
         if missing:
@@ -105,12 +102,7 @@ def check_compatible(models: list[Checkpoint], *, allow_crimes: bool = False) ->
             if o.shape != info.shape:
                 raise MismatchError(f"tensor '{name}': shape {list(info.shape)} in {first.path} but "
                                     f"{list(o.shape)} in {other.path}")
-            floats = o.dtype.is_floating_point and info.dtype.is_floating_point
-            if floats and o.dtype != info.dtype and (info.dtype, o.dtype, other.path) not in seen_casts:
-                seen_casts.add((info.dtype, o.dtype, other.path))
-                notes.append(f"note: {other.path} stores {DTYPE_NAMES[o.dtype]} where {first.path} stores "
-                             f"{DTYPE_NAMES[info.dtype]} (e.g. '{name}'); both are read as float32 for the math")
-    return notes + check_consistency(models, allow_crimes=allow_crimes)
+    return check_consistency(models, allow_crimes=allow_crimes)
 
 
 @overload
