@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,17 +148,18 @@ class _RenderTimeout(Exception):
 
 @contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Interrupt the enclosed Python code after ``seconds`` (SIGALRM; the main thread only, and only
-    when no other timer is armed: elsewhere the code runs unbounded)."""
-    armed = (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
-             and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
-    if not armed:
+    """Interrupt the enclosed Python code after ``seconds`` (SIGALRM, so in the main thread only; an
+    outer timer, a bench's limit, is re-armed afterwards with what is left of it, or left to fire first
+    when it is due sooner)."""
+    outer = signal.getitimer(signal.ITIMER_REAL)[0] if hasattr(signal, "setitimer") else None
+    if outer is None or threading.current_thread() is not threading.main_thread() or 0 < outer <= seconds:
         yield
         return
 
     def stop(signum, frame):
         raise _RenderTimeout
 
+    start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -165,6 +167,8 @@ def _time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - start)))
 
 
 def _template(tokenizer, msgs: list[dict], **kw) -> str:
