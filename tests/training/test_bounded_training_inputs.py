@@ -145,3 +145,27 @@ def test_pipeline_recipe_numbers_bounded(capsys, tiny, train_file, tmp_path, lin
     code, out, err = run_cli(capsys, "pipeline", recipe, "-o", tmp_path / "work", "-q")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and fragment in err, err
     assert not (tmp_path / "work").exists()
+
+
+def test_render_limit_keeps_an_outer_timer():
+    """The template's time limit nests: an outer ITIMER_REAL (a bench's limit) still fires, on time."""
+    import signal
+
+    from cpift.training import data
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(time.monotonic()))
+    try:
+        start = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        with pytest.raises(data._RenderTimeout):
+            with data._time_limit(0.3):
+                while True:
+                    pass
+        assert time.monotonic() - start < 1.0
+        while not fired and time.monotonic() - start < 5:
+            time.sleep(0.01)
+        assert fired and 1.4 <= fired[0] - start < 3
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
