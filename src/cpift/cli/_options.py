@@ -36,7 +36,6 @@ class Number(click.ParamType):
 
 INT = Number(integer=True)  # any int64; the library checks the field's own range
 FLOAT = Number()  # any finite number, likewise
-COUNT = Number(integer=True, lo=1)  # at least one (steps, batch size, repeats)
 SEED = Number(integer=True, lo=0)  # a non-negative int64
 THREADS = Number(integer=True, lo=1, hi=MAX_THREADS)
 
