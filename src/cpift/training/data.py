@@ -8,11 +8,11 @@ the ``ignore_index`` of torch's cross-entropy.
 Rendering. With a chat template the conversation is rendered to text once; the characters of
 assistant turn i are those between the rendering of ``messages[:i]`` with the generation prompt and
 the rendering of ``messages[:i+1]`` (a template renders a conversation as a prefix of its
-continuation; one that does not is refused). A rendering gets RENDER_SECONDS and MAX_RENDERED characters:
-a template that raises, loops or blows up is a DataError naming file:line and the template, as is a
-line holding a lone surrogate (JSON's unpaired ``\\ud800``), which no tokenizer can encode. Without a template the text is the turns' contents
-concatenated, the EOS token after each assistant turn, so put separators such as "Answer:" into the
-prompt itself. The whole text is tokenized in one call and a token is a label when its character
+continuation; one that does not is refused). A rendering gets RENDER_SECONDS and MAX_RENDERED
+characters: a template that raises, loops or blows up is a DataError naming file:line and the
+template, as is a line holding a lone surrogate (JSON's unpaired ``\\ud800``), which no tokenizer
+can encode. Without a template the text is the turns' contents concatenated, the EOS token after
+each assistant turn, so put separators such as "Answer:" into the prompt itself. The whole text is tokenized in one call and a token is a label when its character
 span overlaps an assistant span: tokenizing the pieces separately would split merges a BPE makes
 across the boundary, and training would see token sequences the model never sees at inference.
 
