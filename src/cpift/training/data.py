@@ -12,9 +12,10 @@ continuation; one that does not is refused). A rendering gets RENDER_SECONDS and
 characters: a template that raises, loops or blows up is a DataError naming file:line and the
 template, as is a line holding a lone surrogate (JSON's unpaired ``\\ud800``), which no tokenizer
 can encode. Without a template the text is the turns' contents concatenated, the EOS token after
-each assistant turn, so put separators such as "Answer:" into the prompt itself. The whole text is tokenized in one call and a token is a label when its character
-span overlaps an assistant span: tokenizing the pieces separately would split merges a BPE makes
-across the boundary, and training would see token sequences the model never sees at inference.
+each assistant turn, so put separators such as "Answer:" into the prompt itself. The whole text is
+tokenized in one call and a token is a label when its character span overlaps an assistant span:
+tokenizing the pieces separately would split merges a BPE makes across the boundary, and training
+would see token sequences the model never sees at inference.
 
 Truncation keeps the first ``max_length`` tokens (the prompt is kept, the response end is lost) and
 is counted; an example with no response token left is an error naming its file:line.
