@@ -142,9 +142,10 @@ def test_pipeline_recipe_numbers_bounded(capsys, tiny, train_file, tmp_path, lin
             f"  - {{name: b, train: {train_file}, eval: {train_file}}}"}
     recipe.write_text("\n".join([*body.values(), line]) + "\n")
     assert key not in body
+    before = digest(recipe, train_file, tiny)
     code, out, err = run_cli(capsys, "pipeline", recipe, "-o", tmp_path / "work", "-q")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and fragment in err, err
-    assert not (tmp_path / "work").exists()
+    assert not (tmp_path / "work").exists() and digest(recipe, train_file, tiny) == before
 
 
 def test_render_limit_keeps_an_outer_timer():
