@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-
 from references import load_state
 from test_bad_input import run_cli
 from test_lora_inputs import make_adapter

@@ -6,18 +6,16 @@ byte-identical, nothing at -o."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_bad_input import assert_user_error, no_output
+from test_lora_inputs import make_adapter, tiny_llama
 
 from cpift.errors import ConfigError, ParameterError
 from cpift.numbers import INT64_MAX, parse_number
-
-from test_bad_input import assert_user_error, no_output
-from test_lora_inputs import make_adapter, tiny_llama
 
 BIG = "9" * 400
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_bad_input import assert_user_error, no_output, run_cli
 
 from cpift.merge.io.lora import open_model
-
-from test_bad_input import assert_user_error, no_output, run_cli
 
 BLOCK = (4, 8)
 SHAPES = {"model.layers.0.mlp.up_proj.weight": (10, 13), "model.layers.1.mlp.up_proj.weight": (7, 16),
