@@ -288,7 +288,7 @@ def test_bench_compares_mergekit(capsys, tmp_path):
     (["bench", "{base}", "--synthetic", "tiny"], "not both or neither"),
     (["bench", "{base}"], "at least one task model"),
     (["bench", "--synthetic", "2b"], "--synthetic: '2b' is not PRESET"),
-    (["bench", "--synthetic", "7b-layers:x"], "expected a layer count"),
+    (["bench", "--synthetic", "7b-layers:x"], "the layer count: expected an integer, got 'x'"),
     (["bench", "--synthetic", "1b:int8"], "unknown dtype 'int8'"),
     (["bench", "--synthetic", "tiny", "--methods", "slerp,magic"], "--methods: unknown method 'magic'"),
     (["bench", "--synthetic", "tiny", "--repeat", "0"], "--repeat"),
@@ -297,7 +297,7 @@ def test_bench_compares_mergekit(capsys, tmp_path):
     (["bench", "--synthetic", "tiny", "--busy", "-1"], "--busy"),
     (["bench", "--synthetic", "tiny", "--busy", "2", "--busy-repeat", "4"], "--busy-repeat: must be between 1 and --repeat (3)"),
     (["bench", "--synthetic", "tiny", "--mergekit-repeat", "0"], "--mergekit-repeat"),
-    (["bench", "--synthetic", "tiny", "--case-timeout", "0"], "--case-timeout: must be a positive number"),
+    (["bench", "--synthetic", "tiny", "--case-timeout", "0"], "'--case-timeout': 0 is not > 0"),
     (["bench", "--synthetic", "tiny", "--json", "/nonexistent-dir/r.json"], "--json: /nonexistent-dir does not exist"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bench_bad_arguments(capsys, llama, tmp_path, monkeypatch, argv, fragment):

@@ -110,7 +110,7 @@ GOOD_MODELS = "models: [{model: a, parameters: {weight: 1}}, {model: b, paramete
     (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{tokens: {{x: {{source: {{kind: model_token, model: a}}}}}}}}\n",
      r"tokenizer\.tokens\.x\.source: give exactly one of token and token_id"),
     (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{pad_to_multiple_of: 0}}\n",
-     r"tokenizer\.pad_to_multiple_of: expected an integer >= 1"),
+     r"tokenizer\.pad_to_multiple_of: 0 is outside \[1, 1048576\]"),
     (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{sauce: base}}\n", r"tokenizer\.sauce: unknown key"),
     (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{}}\ntokenizer_source: base\n",
      r"tokenizer: give tokenizer or tokenizer_source, not both"),

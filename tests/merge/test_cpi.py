@@ -201,9 +201,10 @@ def test_cpi_bad_input(families, tmp_path, capsys):
     a, b = tmp_path / "cores" / "a.safetensors", tmp_path / "cores" / "b.safetensors"
     inputs = [m["base"], m["task1"], tmp_path / "cores"]
     out = tmp_path / "out"
-    for p in ("0", "-1", "100.5", "nan"):
+    for p, fragment in (("0", "p: 0 is outside (0, 100]"), ("-1", "p: -1 is outside"), ("100.5", "p: 100.5 is"),
+                        ("nan", "'--p': expected a finite number")):
         assert_user_error(capsys, ["cores", "--base", m["base"], "--model", f"a={m['task1']}", "--p", p, "-o", out],
-                          "p:", inputs=inputs)
+                          fragment, inputs=inputs)
     assert_user_error(capsys, ["cores", "--base", m["base"], "--model", f"a={m['task1']}", "--model",
                                f"a={m['task2']}", "-o", out], "duplicate task name 'a'", inputs=inputs)
     assert_user_error(capsys, ["cores", "--base", m["base"], "--model", str(m["task1"]), "-o", out], "NAME=PATH")

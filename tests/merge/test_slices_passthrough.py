@@ -134,7 +134,7 @@ def test_passthrough_command_copies_or_scales(capsys, pair, tmp_path):
     ("empty", "slices[0].sources[0].layer_range: [2, 2] is empty or reversed"),
     ("reversed", "slices[0].sources[0].layer_range: [3, 1] is empty or reversed"),
     ("two", "slices[0].sources: passthrough takes one source per slice, got 2"),
-    ("arch", "slices[1].sources[0].model:"),
+    ("arch", "/c/config.json: architectures ['MistralForCausalLM'], but"),
     ("shape", "has shape"),
     ("param", "slices[0].parameters.weight: unknown parameter for passthrough"),
 ])

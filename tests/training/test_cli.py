@@ -94,7 +94,7 @@ def test_freeze_mask_for_another_model(capsys, tiny, train_file, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--steps", 2, "--epochs", 1], "give one of them, not both"),
-    (["--lr", 0], "lr: must be positive"),
+    (["--lr", 0], "lr: 0 is not > 0"),
     (["--grad-accum", 3], "batch_size: 2 examples cannot fill 3 micro-batch(es)"),
     (["--warmup", 1], "warmup"),
     (["--freeze", "missing.safetensors"], "missing.safetensors: mask file not found"),

@@ -215,7 +215,7 @@ def test_merge_baselines(project, method):
     (lambda r: r.replace("[[add, cat], [rev]]", "[[add], [rev]]"), "baselines.groups: must name every task"),
     (lambda r: r.replace("name: cat", "name: add"), "tasks[1].name: duplicate task name 'add'"),
     (lambda r: r.replace("lr: 1e-2, batch_size: 4, warmup: 0}", "lr: -1, batch_size: 4, warmup: 0}", 1),
-     "recipe.yml: probe.lr: -1 must be > 0"),
+     "recipe.yml: probe.lr: -1 is not > 0"),
     (lambda r: r + "tasks: [\n", "recipe.yml:"),
 ], ids=["unknown-key", "unknown-sft-key", "missing-task-file", "p-high", "p-zero", "tau-high", "tau-text",
         "missing-base", "bad-order", "groups-incomplete", "duplicate-task", "negative-lr", "bad-yaml"])

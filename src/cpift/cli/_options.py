@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -14,6 +15,31 @@ import click
 from cpift.errors import ParameterError
 from cpift.kernels.backend import BACKENDS
 from cpift.merge.io.sizes import HELP as SIZE_HELP
+from cpift.numbers import parse_number
+
+# More torch threads than this many per CPU only slows the work; far more crashes the process.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+class Number(click.ParamType):
+    """A numeric option read by ``cpift.numbers.parse_number``: finite, in its range, int64 integers."""
+
+    def __init__(self, *, integer: bool = False, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False):
+        self.integer, self.bounds = integer, dict(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+        self.name = "integer" if integer else "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_number(value, "value", integer=self.integer, **self.bounds)
+        except ValueError as e:
+            self.fail(str(e).removeprefix("value: "), param, ctx)
+
+
+INT = Number(integer=True)  # any int64; the library checks the field's own range
+FLOAT = Number()  # any finite number, likewise
+SEED = Number(integer=True, lo=0)  # a non-negative int64
+THREADS = Number(integer=True, lo=1, hi=MAX_THREADS)
 
 
 def floats(value: str | None, option: str) -> list[float] | None:
@@ -21,9 +47,10 @@ def floats(value: str | None, option: str) -> list[float] | None:
     if value is None:
         return None
     try:
-        return [float(v) for v in value.split(",")]
+        return [parse_number(v, option) for v in value.split(",")]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers like 1,0.5,2; got '{value}'",
+        raise click.BadParameter(f"expected comma-separated finite numbers like 1,0.5,2; got "
+                                 f"'{value if len(value) <= 60 else value[:48] + '...'}'",
                                  param_hint=option) from None
 
 
@@ -31,13 +58,17 @@ def out_option(help_text: str):
     return click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help=help_text)
 
 
+allow_crimes_option = click.option(
+    "--allow-crimes", is_flag=True,
+    help="Merge anyway when the inputs' config.json name different architectures (model_type, architectures) "
+         "or an integer tensor differs between them (mergekit's flag; default: stop with an error).")
 overwrite_option = click.option(
     "--overwrite", is_flag=True,
     help=("Replace an earlier cpift output (a directory whose .cpift-output marker lists every file in it) "
           "or an empty directory, atomically, once the new one is complete; any other existing path, or a "
           "file added to a cpift output, is refused."))
 threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=None,
+    "--threads", type=THREADS, default=None,
     help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
          "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
 backend_option = click.option(
@@ -83,6 +114,7 @@ def common_options(fn):
     @overwrite_option
     @click.option("--allow-nonfinite", is_flag=True,
                   help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
+    @allow_crimes_option
     @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
                   help="Directory to copy config.json, tokenizer and chat-template files from "
                        "(default: the first model).")
@@ -103,7 +135,7 @@ def common_options(fn):
     @click.option("--commit-message", metavar="TEXT", default=None,
                   help="With --push-to-hub: the commit message (default: Upload NAME with cpift).")
     @functools.wraps(fn)
-    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite,
+    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite, allow_crimes,
                 copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, private, commit_message,
                 dry_run, resume, **kwargs):
         if dry_run and push_to_hub is not None:
@@ -120,7 +152,8 @@ def common_options(fn):
                       allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
                       progress=not quiet, backend=backend, device=device)
         # Only when asked: a command whose function takes no such keyword still runs without them.
-        common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume)) if on})
+        common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume),
+                                             ("allow_crimes", allow_crimes)) if on})
         with torch_threads(threads):
             result = fn(*args, out=out, common=common, **kwargs)
         if not quiet:

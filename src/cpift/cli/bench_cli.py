@@ -9,7 +9,9 @@ import click
 
 from cpift.merge.methods.registry import METHODS
 
-from ._options import require_module
+from ._options import MAX_THREADS, THREADS, Number, require_module
+
+REPEATS = Number(integer=True, lo=1, hi=10**4)
 
 
 def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Path | None:
@@ -37,18 +39,18 @@ def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Pat
 @click.option("--backends", default="torch,cpu", show_default=True,
               help="cpift kernel backends, each method run on each: torch (the reference), cpu (the fused "
                    "CPU kernels; their cold-compile time is measured once with an empty numba cache).")
-@click.option("--busy", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--busy", type=Number(integer=True, lo=0, hi=MAX_THREADS), default=0, show_default=True,
               help="Repeat the runs while N CPU-bound competing processes (not pinned; started by the bench, "
                    "killed after) share the machine, and report the slowdown busy/quiet.")
-@click.option("--busy-repeat", type=click.IntRange(min=1), default=None,
+@click.option("--busy-repeat", type=REPEATS, default=None,
               help="How many of the --repeat rounds get a busy run too (default: all).")
 @click.option("--compare-mergekit", is_flag=True,
               help="Also run every method through mergekit-yaml ($CPIFT_MERGEKIT_YAML, else on PATH).")
 @click.option("--mergekit-methods", default=None,
               help="Comma-separated: the methods run through mergekit too (default: all of --methods it has).")
-@click.option("--mergekit-repeat", type=click.IntRange(min=1), default=None,
+@click.option("--mergekit-repeat", type=REPEATS, default=None,
               help="Runs of each mergekit case, in the first rounds (default: --repeat).")
-@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--repeat", type=REPEATS, default=3, show_default=True,
               help="Runs per case (cases alternate); the median and the p20–p80 spread are reported.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
@@ -58,10 +60,10 @@ def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Pat
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where synthetic models (kept and reused) and outputs go; default: a temporary directory.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size of the cpift runs.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="torch threads of the cpift and mergekit runs (default: each tool's own, one per core); "
                    "1 on a machine shared with other work, where thread barriers stall.")
-@click.option("--case-timeout", type=float, default=None, metavar="SECONDS",
+@click.option("--case-timeout", type=Number(lo=0, lo_open=True), default=None, metavar="SECONDS",
               help="Kill a run still going after this long and record it as timed out (its wall time a lower "
                    "bound), so one stalled case cannot hold up the bench.")
 @click.option("--cold", is_flag=True, help="One more run per case with the page cache dropped (root only).")
@@ -88,6 +90,9 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
 
         check_not_protected(workdir, what="workdir")
         check_inputs(workdir, models, what="workdir")
+    from cpift.merge.io.sizes import parse_size
+
+    parse_size(max_shard_size, field="--max-shard-size")  # a bad size fails now, not in every case
     if plot_path is not None:
         require_module("matplotlib", "--plot", "plot")
 

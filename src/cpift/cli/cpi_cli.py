@@ -6,7 +6,8 @@ import click
 
 from cpift.errors import ParameterError
 
-from ._options import common_options, compute_options, out_option, overwrite_option, require_module, torch_threads
+from ._options import (SEED, Number, allow_crimes_option, common_options, compute_options, out_option,
+                       overwrite_option, require_module, torch_threads)
 
 
 def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
@@ -23,7 +24,7 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
 @click.option("--base", required=True, help="The pre-trained model the tasks were fine-tuned from (directory or org/name).")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
               help="A task's fine-tuned model; repeat for each task (they share each read of the base).")
-@click.option("--p", "p", type=float, default=1.0, show_default=True,
+@click.option("--p", "p", type=Number(), default=1.0, show_default=True,
               help="Core size: percentage of all scored entries, in (0, 100] (the paper: 1).")
 @out_option("Directory for the masks, one NAME.safetensors per task (DESIGN §4 format).")
 @click.option("--granularity", default="element", show_default=True,
@@ -33,9 +34,11 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
               help="Score only tensors whose name matches (repeatable; default: every floating-point tensor).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Do not score tensors whose name matches (repeatable).")
 @overwrite_option
+@allow_crimes_option
 @compute_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the summary line only.")
-def cores(base, models, p, out, granularity, include, exclude, overwrite, threads, backend, device, quiet):
+def cores(base, models, p, out, granularity, include, exclude, overwrite, allow_crimes, threads, backend, device,
+          quiet):
     """Each task's core region: the exact global top-p% of |θ_task − θ_base| over the whole model.
 
     Three streaming passes (radix select), memory independent of model size; ties at the threshold go
@@ -47,7 +50,7 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, thread
     with torch_threads(threads):
         result = compute_cores(base, _named(models, "--model"), out, p=p, granularity=granularity,
                                include=list(include) or None, exclude=list(exclude) or None, overwrite=overwrite,
-                               progress=not quiet, backend=backend, device=device)
+                               allow_crimes=allow_crimes, progress=not quiet, backend=backend, device=device)
     if not quiet:
         for note in result.notes:
             click.echo(note, err=True)
@@ -57,11 +60,11 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, thread
 
 @click.command()
 @click.argument("masks", nargs=-1, required=True, type=click.Path())
-@click.option("--tau", type=float, default=0.1, show_default=True,
+@click.option("--tau", type=Number(), default=0.1, show_default=True,
               help="Link two tasks when the Jaccard overlap of their cores is ≥ τ, in [0, 1] (the paper: 0.1).")
 @click.option("--order", type=click.Choice(["random", "given"]), default="random", show_default=True,
               help="Stage order of the groups: seeded random (the paper) or as the masks are given.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of --order random.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of --order random.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help='Write {"tasks", "jaccard", "groups", "order"} to this file.')
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
@@ -100,7 +103,7 @@ def cluster(masks, tau, order, seed, json_path, plot, threads, backend, device):
 @click.option("--overlap", type=click.Choice(["last", "largest"]), default="last", show_default=True,
               help="Where cores overlap: the later task wins, or the larger |θ_task − θ_base| (needs --base).")
 @click.option("--base", default=None, help="The pre-trained model, for --overlap largest.")
-@click.option("--omega", type=float, default=None,
+@click.option("--omega", type=Number(), default=None,
               help="Constant SLERP factor in [0, 1] for each step (default: t_k = 1/(k+1), an equal-weight "
                    "spherical running mean).")
 @common_options

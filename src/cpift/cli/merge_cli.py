@@ -10,7 +10,7 @@ import click
 
 from cpift.cli.bench_cli import bench
 
-from ._options import common_options
+from ._options import SEED, common_options
 from ._run import run
 from .cpi_cli import cluster, cores, fuse
 from .methods_cli import MethodGroup
@@ -34,7 +34,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("config_file", type=click.Path())
-@click.option("--seed", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=SEED, default=None,
               help="Seed of every random choice (the DARE drop masks, as mergekit's --random-seed); "
                    "default: the config's cpift.seed, else 0. The same seed gives byte-identical output.")
 @common_options

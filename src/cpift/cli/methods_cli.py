@@ -10,7 +10,7 @@ import click
 
 from cpift.merge.methods.registry import METHODS, MethodSpec, ParamSpec, by_cli
 
-from ._options import common_options, floats
+from ._options import SEED, Number, common_options, floats
 
 ROLE_ARGUMENTS = {
     ("model_a", "model_b"): [click.argument("model_a", type=click.Path()), click.argument("model_b", type=click.Path())],
@@ -32,10 +32,10 @@ def _option(spec: MethodSpec, p: ParamSpec):
     if p.kind == "flag":
         return click.option(p.cli, p.name, is_flag=True, help=p.help)
     if p.kind == "seed":
-        return click.option(p.cli, p.name, type=click.IntRange(min=0), default=p.default, show_default=True,
+        return click.option(p.cli, p.name, type=SEED, default=p.default, show_default=True,
                             help=p.help)
     if p.kind == "number":
-        return click.option(p.cli, p.name, type=float, default=p.default, show_default=True, help=p.help)
+        return click.option(p.cli, p.name, type=Number(), default=p.default, show_default=True, help=p.help)
     text = p.help.format(base=", base excluded" if spec.has_base or spec.optional_base else "")
     return click.option(p.cli, p.name, default=None if p.default is None else str(p.default),
                         show_default=p.default is not None, help=text)

@@ -11,7 +11,9 @@ import os
 
 import click
 
-from ._options import overwrite_option
+from cpift.numbers import env_int
+
+from ._options import FLOAT, INT, SEED, THREADS, overwrite_option
 from ._run import run
 
 
@@ -46,31 +48,31 @@ def cli() -> None:
               help="Output model directory; written to a hidden sibling and renamed when complete.")
 @click.option("--eval", "eval_data", type=click.Path(), default=None,
               help="JSONL evaluated after training (mean response loss, exact match), recorded in OUT/metrics.json.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps. Default: --epochs worth of steps.")
-@click.option("--epochs", type=float, default=None,
+@click.option("--steps", type=INT, default=None, help="Optimizer steps. Default: --epochs worth of steps.")
+@click.option("--epochs", type=FLOAT, default=None,
               help="Passes over the training data, may be fractional (default 1 when --steps is not given).")
-@click.option("--lr", type=float, default=2e-5, show_default=True,
+@click.option("--lr", type=FLOAT, default=2e-5, show_default=True,
               help="Peak learning rate of AdamW, reached after the warm-up, then cosine to zero.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True,
+@click.option("--weight-decay", type=FLOAT, default=0.0, show_default=True,
               help="AdamW decoupled weight decay: each step multiplies weight matrices by 1 - lr x this.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
+@click.option("--batch-size", type=INT, default=8, show_default=True,
               help="Examples per optimizer step, over all --grad-accum micro-batches and all torchrun processes.")
-@click.option("--grad-accum", type=int, default=1, show_default=True,
+@click.option("--grad-accum", type=INT, default=1, show_default=True,
               help="Micro-batches each process splits its share of a step into (saves memory; same result).")
-@click.option("--max-length", type=int, default=1024, show_default=True,
+@click.option("--max-length", type=INT, default=1024, show_default=True,
               help="Tokens kept per example (the first ones); truncated examples are counted in the summary.")
-@click.option("--warmup", type=float, default=0.03, show_default=True,
+@click.option("--warmup", type=FLOAT, default=0.03, show_default=True,
               help="Share of the steps, in [0, 1), over which the learning rate rises linearly to --lr.")
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
+@click.option("--max-grad-norm", type=FLOAT, default=1.0, show_default=True,
               help="Clip the global gradient L2 norm to this; 0: no clipping.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the data order and dropout; on the CPU the same seed gives the same weights.")
 @click.option("--freeze", multiple=True, type=click.Path(),
               help="Core-mask file (cpift core-mask safetensors); every entry set in it stays bit-identical. "
                    "Repeat for several masks.")
 @overwrite_option
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
+@click.option("--threads", type=THREADS, default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; the summary line only.")
 def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length,
         warmup, max_grad_norm, seed, freeze, overwrite, device, threads, quiet):
@@ -82,7 +84,7 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
                      weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, warmup=warmup, max_grad_norm=max_grad_norm or None, seed=seed,
                      freeze=list(freeze), overwrite=overwrite, device=device, progress=not quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_int("RANK", 0) == 0:  # checked by sft() already
         click.echo(result.summary())
 
 
@@ -92,10 +94,10 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
               help="JSONL; each conversation must end with the assistant turn that generation is compared with.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the result to this JSON file (atomically; never over the model or --data).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward / generation batch.")
-@click.option("--max-length", type=int, default=1024, show_default=True,
+@click.option("--batch-size", type=INT, default=8, show_default=True, help="Examples per forward / generation batch.")
+@click.option("--max-length", type=INT, default=1024, show_default=True,
               help="Tokens kept per example (the first ones) for the loss.")
-@click.option("--max-new-tokens", type=int, default=None,
+@click.option("--max-new-tokens", type=INT, default=None,
               help="Generation budget in tokens (default: the reference's token count + 8).")
 @click.option("--exact-match", "exact_match", type=click.Choice(["greedy", "teacher-forced"]), default="greedy",
               show_default=True, help="greedy: generate and compare; teacher-forced: the same verdict from the loss "
@@ -103,7 +105,7 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
                                       "included), no generation.")
 @click.option("--per-item", is_flag=True, help="Also report every example's hit, loss and token count (items).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
+@click.option("--threads", type=THREADS, default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens, exact_match, per_item, device,
                  threads, quiet):
@@ -131,12 +133,12 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
 @click.option("--method", type=click.Choice(["cpi-ft", "full-sft", "multistage-random", "multistage-heuristic",
                                              "task-arithmetic", "ties"]), default="cpi-ft", show_default=True,
               help="CPI-FT, or a baseline on the same base, data, evaluation and optimizer-step budget.")
-@click.option("--stages", type=int, default=None,
+@click.option("--stages", type=INT, default=None,
               help="K stages of multistage-random (default: the recipe's baselines.stages).")
-@click.option("--seed", type=int, default=None,
+@click.option("--seed", type=SEED, default=None,
               help="Replaces the recipe's seed (SFT data order, stage order, calibration sample, random split).")
 @click.option("--device", default=None, help="Of SFT and eval: cpu, cuda or cuda:N (default: CUDA when available).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
+@click.option("--threads", type=THREADS, default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; one line per step and the table.")
 def pipeline(recipe, workdir, method, stages, seed, device, threads, quiet):
     """Run CPI-FT (probes, cores, cluster, staged SFT, fuse, calibration, eval) or a baseline from RECIPE.yml."""

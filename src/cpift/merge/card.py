@@ -83,6 +83,12 @@ class CardInput:
         return base + (f"+{local_ref(self.adapter, out)}" if self.adapter is not None else "")
 
 
+def model_inputs(model: Any, role: str = "model") -> list[CardInput]:
+    """The card's records of an opened model; a layer view (mergekit slices) lists each of its sources."""
+    sources = getattr(model, "sources", None)
+    return [model_input(s, role) for s in sources()] if callable(sources) else [model_input(model, role)]
+
+
 def model_input(model: Any, role: str = "model") -> CardInput:
     """The card's record of an opened model (a Checkpoint; an AdaptedCheckpoint names its adapter)."""
     adapter = getattr(model, "adapter_dir", None)

@@ -21,7 +21,8 @@ import torch
 from cpift.kernels.finite import all_finite, first_nonfinite
 
 from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
-from cpift.merge.card import card_files, model_input, roles_for
+from cpift.merge.card import card_files, model_inputs, roles_for
+from cpift.merge.consistency import check_consistency, leaves
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.merge.io.model_files import read_side_files
 from cpift.merge.io.device import check_backend, parse_device
@@ -84,11 +85,10 @@ def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
     return [p if isinstance(p, Checkpoint) else open_model(p) for p in paths]
 
 
-def check_compatible(models: list[Checkpoint]) -> list[str]:
-    """Every model must hold the same tensor names with the same shapes; return notes on dtype casts."""
+def check_compatible(models: list[Checkpoint], *, allow_crimes: bool = False) -> list[str]:
+    """Every model must hold the same tensor names with the same shapes, and be consistent by
+    merge/consistency.py's rule (architecture, dtypes; ``allow_crimes``: notes instead); return its notes."""
     first = models[0]
-    notes: list[str] = []
-    seen_casts: set[tuple] = set()
     for other in models[1:]:
         missing = [n for n in first.tensors if n not in other.tensors]
         if missing:
@@ -103,11 +103,7 @@ def check_compatible(models: list[Checkpoint]) -> list[str]:
             if o.shape != info.shape:
                 raise MismatchError(f"tensor '{name}': shape {list(info.shape)} in {first.path} but "
                                     f"{list(o.shape)} in {other.path}")
-            if o.dtype != info.dtype and (info.dtype, o.dtype, other.path) not in seen_casts:
-                seen_casts.add((info.dtype, o.dtype, other.path))
-                notes.append(f"note: {other.path} stores {DTYPE_NAMES[o.dtype]} where {first.path} stores "
-                             f"{DTYPE_NAMES[info.dtype]} (e.g. '{name}'); both are read as float32 for the math")
-    return notes
+    return check_consistency(models, allow_crimes=allow_crimes)
 
 
 @overload
@@ -122,7 +118,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
                  dtype: str | torch.dtype | None = None, out_dtype: str | torch.dtype | None = None,
                  max_shard_size: int | str = "5GB", overwrite: bool = False,
                  allow_nonfinite: bool = False, copy_tokenizer_from: str | os.PathLike | None = None,
-                 progress: bool = True, recipe: dict | None = None,
+                 allow_crimes: bool = False, progress: bool = True, recipe: dict | None = None,
                  notes: list[str] | None = None, params: dict | None = None,
                  backend: str | None = None, device: str | torch.device | None = None,
                  dry_run: bool = False, resume: bool = False,
@@ -160,14 +156,17 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
     side = read_side_files(side_from)  # copied into the output: vetted and validated before anything is written
-    notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models)
+    notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models,
+                                                                                         allow_crimes=allow_crimes)
     card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
-                      inputs=[model_input(m, role)
-                              for m, role in zip(models, roles or roles_for(method, len(models)))],
+                      inputs=[i for m, role in zip(models, roles or roles_for(method, len(models)))
+                              for i in model_inputs(m, role)],
                       settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
                                 "backend": used})
 
+    if any(getattr(leaf, "dequantized", False) for m in models for leaf in leaves(m)):  # merge/io/fp8.py
+        config_updates = {**(config_updates or {}), "quantization_config": None}
     card.update(config_with_dtype(side_from, side.get("config.json"), store_dtype, config_updates))  # replaces it
 
     first = models[0]

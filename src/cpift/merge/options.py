@@ -29,6 +29,7 @@ class MergeOptions:
     max_shard_size: int | str = "5GB"
     overwrite: bool = False
     allow_nonfinite: bool = False
+    allow_crimes: bool = False  # merge different architectures / disagreeing integer tensors (consistency.py)
     copy_tokenizer_from: str | os.PathLike | None = None
     progress: bool = True
     backend: str | None = None

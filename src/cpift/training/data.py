@@ -8,11 +8,14 @@ the ``ignore_index`` of torch's cross-entropy.
 Rendering. With a chat template the conversation is rendered to text once; the characters of
 assistant turn i are those between the rendering of ``messages[:i]`` with the generation prompt and
 the rendering of ``messages[:i+1]`` (a template renders a conversation as a prefix of its
-continuation; one that does not is refused). Without a template the text is the turns' contents
-concatenated, the EOS token after each assistant turn, so put separators such as "Answer:" into the
-prompt itself. The whole text is tokenized in one call and a token is a label when its character
-span overlaps an assistant span: tokenizing the pieces separately would split merges a BPE makes
-across the boundary, and training would see token sequences the model never sees at inference.
+continuation; one that does not is refused). A rendering gets RENDER_SECONDS and MAX_RENDERED
+characters: a template that raises, loops or blows up is a DataError naming file:line and the
+template, as is a line holding a lone surrogate (JSON's unpaired ``\\ud800``), which no tokenizer
+can encode. Without a template the text is the turns' contents concatenated, the EOS token after
+each assistant turn, so put separators such as "Answer:" into the prompt itself. The whole text is
+tokenized in one call and a token is a label when its character span overlaps an assistant span:
+tokenizing the pieces separately would split merges a BPE makes across the boundary, and training
+would see token sequences the model never sees at inference.
 
 Truncation keeps the first ``max_length`` tokens (the prompt is kept, the response end is lost) and
 is counted; an example with no response token left is an error naming its file:line.
@@ -21,6 +24,11 @@ is counted; an example with no response token left is an error naming its file:l
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +38,8 @@ from cpift.errors import DataError
 from cpift.merge.io.safe_parse import load_json_bounded
 
 IGNORE = -100  # label of tokens the loss skips (torch.nn.functional.cross_entropy's ignore_index)
+RENDER_SECONDS = 3.0  # one chat-template rendering (milliseconds normally); a template looping for ever stops
+MAX_RENDERED = 2**24  # characters of one rendered conversation
 
 
 @dataclass
@@ -101,6 +111,18 @@ def _turns(obj: object, where: str) -> list[tuple[str, str]]:
     return [("user", obj["prompt"]), ("assistant", obj["response"])]
 
 
+def _text_only(turns: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
+    """JSON's \\ud800 escapes decode to lone surrogates, which are no text: no tokenizer can encode them."""
+    for i, turn in enumerate(turns):
+        for part, value in zip(("role", "content"), turn):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: turn {i} {part}: a lone surrogate {value[e.start]!r} at character "
+                                f"{e.start} (an unpaired \\uD800-\\uDFFF escape) is not text") from None
+    return turns
+
+
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
     """Parse and validate every line; DataError names file:line and what is wrong."""
     path = Path(path)
@@ -117,19 +139,68 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
             if not line.strip():
                 continue
             obj = load_json_bounded(line.rstrip("\r\n"), source=where, error=DataError)
-            records.append(Record(where, _turns(obj, where)))
+            records.append(Record(where, _text_only(_turns(obj, where), where)))
     if not records:
         raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return records
 
 
+class _RenderTimeout(Exception):
+    """Raised by the alarm inside a chat template's rendering that ran past RENDER_SECONDS."""
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the enclosed Python code after ``seconds`` (SIGALRM, so in the main thread only; an
+    outer timer, a bench's limit, is re-armed afterwards with what is left of it, or left to fire first
+    when it is due sooner)."""
+    outer = signal.getitimer(signal.ITIMER_REAL)[0] if hasattr(signal, "setitimer") else None
+    if outer is None or threading.current_thread() is not threading.main_thread() or 0 < outer <= seconds:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _RenderTimeout
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - start)))
+
+
 def _template(tokenizer, msgs: list[dict], **kw) -> str:
+    """The conversation rendered by the tokenizer's chat template (a Jinja sandbox), bounded in time and
+    size; anything the template raises is a DataError naming the tokenizer."""
     from jinja2 import TemplateError
 
+    whose = f"the template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
     try:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
+        with _time_limit(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
+    except _RenderTimeout:
+        raise DataError(f"the tokenizer's chat template ran for over {RENDER_SECONDS:g} s on this conversation "
+                        f"(a loop that does not end?; {whose})") from None
     except TemplateError as e:  # templates raise on e.g. roles that do not alternate
-        raise DataError(f"the tokenizer's chat template refused this conversation ({e})") from None
+        raise DataError(f"the tokenizer's chat template refused this conversation ({_line(e)}; {whose})") from None
+    except Exception as e:  # a template's own bugs: 1 / 0, a string divided, endless recursion
+        raise DataError(f"the tokenizer's chat template failed on this conversation ({type(e).__name__}: "
+                        f"{_line(e)}; {whose})") from None
+    if not isinstance(text, str) or len(text) > MAX_RENDERED:
+        size = len(text) if isinstance(text, str) else type(text).__name__
+        raise DataError(f"the tokenizer's chat template rendered this conversation as {size} characters "
+                        f"(at most {MAX_RENDERED:,}; {whose})")
+    return text
+
+
+def _line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def render(tokenizer, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:

@@ -34,6 +34,7 @@ from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.device import parse_device
 from cpift.merge.io.model_files import read_side_files
 from cpift.errors import CheckpointError, ParameterError
+from cpift.numbers import parse_number
 
 from .data import IGNORE, Dataset, collate, load_dataset
 
@@ -247,10 +248,10 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, batch_size: i
     Example:
         >>> evaluate("out/sft", "data/gsm8k-test.jsonl")["exact_match"]
     """
-    if batch_size < 1:
-        raise ParameterError(f"batch_size: must be at least 1, got {batch_size}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ParameterError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
+    parse_number(batch_size, "batch_size", integer=True, lo=1, hi=2**31, error=ParameterError)
+    parse_number(max_length, "max_length", integer=True, lo=2, hi=2**31, error=ParameterError)
+    if max_new_tokens is not None:  # generation runs this many steps at most: bounded
+        parse_number(max_new_tokens, "max_new_tokens", integer=True, lo=1, hi=2**20, error=ParameterError)
     _check_mode(exact_match)
     tokenizer = load_tokenizer(model)
     dataset = load_dataset(data, tokenizer, max_length=max_length, for_eval=True)

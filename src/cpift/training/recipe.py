@@ -36,13 +36,13 @@ Every error is a ConfigError "FILE: FIELD: what is wrong", raised before anythin
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cpift.errors import ConfigError, ParameterError
 from cpift.merge.io.safe_parse import load_yaml_bounded, read_user_text
+from cpift.numbers import parse_number
 
 SFT_KEYS = ("lr", "weight_decay", "batch_size", "grad_accum", "max_length", "warmup", "max_grad_norm")
 SFT_DEFAULTS = {"lr": 2e-5, "weight_decay": 0.0, "batch_size": 8, "grad_accum": 1, "max_length": 1024,
@@ -110,23 +110,14 @@ class _Fields:
         name = ".".join(x for x in (self.where, key) if x)
         raise ConfigError(f"{self.file}: {name or 'recipe'}: {message}")
 
-    def num(self, key: str, default, *, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+    def num(self, key: str, default, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
             integer: bool = False, optional: bool = False):
         v = self.raw.get(key, default)
         if v is None and optional:
             return None
-        if isinstance(v, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and v != int(v)) or not math.isfinite(v):
-            self.fail(key, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
-        if v < lo or v > hi or (lo_open and v == lo):
-            if hi == math.inf:
-                self.fail(key, f"{v:g} must be {'>' if lo_open else '≥'} {lo:g}")
-            self.fail(key, f"{v:g} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}]")
-        return int(v) if integer else float(v)
+        name = ".".join(x for x in (self.where, key) if x)
+        return parse_number(v, f"{self.file}: {name}", integer=integer, lo=lo, hi=hi, lo_open=lo_open,
+                            what="an integer" if integer else "a number")
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
         v = self.raw.get(key, default)
@@ -192,7 +183,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     names = [t.name for t in tasks]
 
     r = Recipe(path=file.resolve(), base=base, tasks=tasks)
-    r.seed = top.num("seed", 0, integer=True)
+    r.seed = top.num("seed", 0, lo=0, integer=True)
     r.probe = _sft(file, "probe", top.raw.get("probe"), "steps")
     r.p = top.num("p", 1.0, lo=0, lo_open=True, hi=100)
     from cpift.merge.cpi.masks import parse_granularity

@@ -44,6 +44,7 @@ import torch
 from cpift.errors import ParameterError, TrainingError
 from cpift.merge.io.publish import Publication, check_output
 from cpift.merge.io.stream import progress_bar
+from cpift.numbers import env_int, parse_number
 
 from .data import Dataset, collate, load_dataset
 from .evaluate import (autocast, evaluate_model, json_text, load_model, load_tokenizer, pad_id, pick_device,
@@ -75,29 +76,32 @@ class SFTResult:
         return s + f" -> {self.out}"
 
 
+MAX_STEPS = 10**9  # optimizer steps of one run; more is a typo, not a plan
+MAX_EPOCHS = 10**6
+
+
 def _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm,
-           world: int) -> None:
+           world: int, seed: int = 0) -> None:
+    """Every option through the bounded parser (cpift.numbers), before anything is read."""
     if steps is not None and epochs is not None:
         raise ParameterError("steps / epochs: give one of them, not both")
-    if steps is not None and steps < 1:
-        raise ParameterError(f"steps: must be at least 1, got {steps}")
-    if epochs is not None and not epochs > 0:
-        raise ParameterError(f"epochs: must be positive, got {epochs}")
-    if not lr > 0:
-        raise ParameterError(f"lr: must be positive, got {lr}")
-    if not weight_decay >= 0:
-        raise ParameterError(f"weight_decay: must be ≥ 0, got {weight_decay}")
-    if grad_accum < 1:
-        raise ParameterError(f"grad_accum: must be at least 1, got {grad_accum}")
+
+    def num(value, field, **bounds):
+        return value if value is None else parse_number(value, field, error=ParameterError, **bounds)
+
+    num(steps, "steps", integer=True, lo=1, hi=MAX_STEPS)
+    num(epochs, "epochs", lo=0, lo_open=True, hi=MAX_EPOCHS)
+    num(lr, "lr", lo=0, lo_open=True)
+    num(weight_decay, "weight_decay", lo=0)
+    num(grad_accum, "grad_accum", integer=True, lo=1)
+    num(batch_size, "batch_size", integer=True, lo=1, hi=2**31)
+    num(max_length, "max_length", integer=True, lo=2, hi=2**31)
+    num(warmup, "warmup", lo=0, hi=1, hi_open=True)
+    num(max_grad_norm, "max_grad_norm", lo=0)
+    num(seed, "seed", integer=True, lo=0)
     if batch_size < world * grad_accum:
         raise ParameterError(f"batch_size: {batch_size} examples cannot fill {grad_accum} micro-batch(es) on each of "
                              f"{world} rank(s); use a batch size of at least {world * grad_accum}")
-    if max_length < 2:
-        raise ParameterError(f"max_length: must be at least 2 tokens, got {max_length}")
-    if not 0 <= warmup < 1:
-        raise ParameterError(f"warmup: the share of steps spent warming up must be in [0, 1), got {warmup}")
-    if max_grad_norm is not None and not max_grad_norm >= 0:
-        raise ParameterError(f"max_grad_norm: must be ≥ 0 (0 or None: no clipping), got {max_grad_norm}")
 
 
 def lr_factor(step: int, steps: int, warm: int) -> float:
@@ -126,9 +130,20 @@ def split(items: list, parts: int) -> list[list]:
 
 
 def _dist_env() -> tuple[int, int, int]:
-    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) outside it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) outside it.
+
+    Raises:
+        ParameterError: a malformed value, a rank outside the world, or WORLD_SIZE > 1 without the
+            rendezvous address torchrun sets (init_process_group would wait for ever).
+    """
+    world = env_int("WORLD_SIZE", 1, lo=1, hi=2**20, error=ParameterError)
+    rank = env_int("RANK", 0, lo=0, hi=world - 1, error=ParameterError)
+    local_rank = env_int("LOCAL_RANK", 0, lo=0, hi=world - 1, error=ParameterError)
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(v)]
+    if missing:
+        raise ParameterError(f"environment variable WORLD_SIZE: {world} processes, but {missing[0]} is unset; "
+                             f"start the run with torchrun, or unset WORLD_SIZE for one process")
+    return world, rank, local_rank
 
 
 def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLike, *,
@@ -176,7 +191,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
         >>> sft("base", "math.jsonl", "probe-math", steps=200, lr=1e-5, batch_size=16).summary()
     """
     world, rank, local_rank = _dist_env()
-    _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm, world)
+    _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm, world,
+           seed)
     if schedule_window is not None:
         first, total = schedule_window
         if not (0 <= first and (steps is None or first + steps <= total)):
@@ -194,6 +210,9 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     freezer = load_freezer(net, freeze, model_label=model)
     if steps is None:
         steps = max(1, math.ceil((epochs or 1.0) * len(data) / batch_size))
+        if steps > MAX_STEPS:
+            raise ParameterError(f"epochs: {epochs:g} passes over {len(data)} examples are {steps:,} steps, over "
+                                 f"{MAX_STEPS:,}; give fewer epochs or --steps")
 
     import torch.distributed as dist
 

@@ -10,7 +10,6 @@ union; their Jaccard is taken as 0 (no evidence of overlap).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.png import write_png
 from cpift.merge.io.publish import write_atomic
 from cpift.merge.io.stream import TensorStream
+from cpift.numbers import parse_number
 
 PathLike = str | os.PathLike
 
@@ -136,12 +136,8 @@ def cluster_masks(masks: Sequence[PathLike], *, tau: float = 0.1, order: str = "
     """
     if len(masks) < 2:
         raise ParameterError(f"masks: cluster needs at least two masks, got {len(masks)}")
-    try:
-        tau = float(tau)
-    except (TypeError, ValueError):
-        raise ParameterError(f"tau: expected a number, got {tau!r}") from None
-    if not 0.0 <= tau <= 1.0 or math.isnan(tau):
-        raise ParameterError(f"tau: {tau} is outside [0, 1] (a Jaccard threshold)")
+    tau = parse_number(tau, "tau (a Jaccard threshold)", lo=0, hi=1, error=ParameterError)
+    seed = parse_number(seed, "seed", integer=True, lo=0, error=ParameterError)
     if order not in ("random", "given"):
         raise ParameterError(f"order: expected 'random' or 'given', got '{order}'")
     task_names = list(names) if names is not None else [Path(m).name.removesuffix(".safetensors") for m in masks]

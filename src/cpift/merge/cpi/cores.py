@@ -34,6 +34,7 @@ from cpift.merge.engine import check_compatible, model_paths, open_models
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.publish import check_output, publish_dir
 from cpift.merge.io.stream import TensorStream, progress_bar
+from cpift.numbers import parse_number
 
 PathLike = str | os.PathLike
 KINDS = ("attention", "mlp", "embeddings", "norms", "head", "other")
@@ -127,8 +128,8 @@ def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[s
 
 def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: PathLike, *, p: float = 1.0,
                   granularity: str = "element", include: Sequence[str] | None = None,
-                  exclude: Sequence[str] | None = None, overwrite: bool = False, progress: bool = True,
-                  backend: str | None = None, device: str | torch.device | None = None,
+                  exclude: Sequence[str] | None = None, overwrite: bool = False, allow_crimes: bool = False,
+                  progress: bool = True, backend: str | None = None, device: str | torch.device | None = None,
                   inputs: Sequence[PathLike] = ()) -> CoresResult:
     """Write each task's core mask (exact global top-p% of |θ_task − θ_base|) to ``out/NAME.safetensors``.
 
@@ -141,6 +142,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         include, exclude: glob patterns over tensor names (default: every floating-point tensor).
         overwrite: replace an earlier cpift output (or an empty directory) at ``out``, once the new
             masks are complete; any other existing path is refused (merge/io/publish.py).
+        allow_crimes: score models of different architectures, or whose integer tensors differ
+            (merge/consistency.py), with a note instead of an error.
         backend, device: the kernels' backend and where they run ("cuda": the tensors are staged on
             the GPU, the scoring, radix-select and packing kernels run there; merge/io/stream.py).
         inputs: files read besides the models (a recipe): ``out`` may not be, hold or lie inside them.
@@ -155,12 +158,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         >>> compute_cores("base", [("math", "math-probe"), ("code", "code-probe")], "cores", p=1)
     """
     start = time.perf_counter()
-    try:
-        p = float(p)
-    except (TypeError, ValueError):
-        raise ParameterError(f"p: expected a number, got {p!r}") from None
-    if not (0.0 < p <= 100.0) or not math.isfinite(p):
-        raise ParameterError(f"p: {p} is outside (0, 100] (a percentage of the model's entries)")
+    p = parse_number(p, "p", lo=0, lo_open=True, hi=100, error=ParameterError)  # a percentage of the entries
     if not tasks:
         raise ParameterError("model: give at least one task as --model NAME=PATH")
     check_task_names([n for n, _ in tasks])
@@ -169,7 +167,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     backend = check_backend(backend, dev)
     models = open_models([base, *[path for _, path in tasks]])
     out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), *inputs])
-    check_compatible(models)
+    check_compatible(models, allow_crimes=allow_crimes)
     first = models[0]
     names = _scored([n for n in first.names() if first.info(n).dtype.is_floating_point], include, exclude)
     if not names:

@@ -31,6 +31,7 @@ from cpift.merge.cpi.recipes import fuse_recipe
 from cpift.merge.engine import MergeResult, open_models, stream_merge
 from cpift.merge.io.dryrun import MergePlan
 from cpift.merge.options import MergeOptions, merge_options
+from cpift.numbers import parse_number
 
 PathLike = str | os.PathLike
 
@@ -72,9 +73,7 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
     if overlap == "last" and base is not None:
         raise ParameterError("base: only --overlap largest reads the base model; drop --base or use --overlap largest")
     if omega is not None:
-        omega = float(omega)
-        if not 0.0 <= omega <= 1.0:
-            raise ParameterError(f"omega: {omega} is outside [0, 1]")
+        omega = parse_number(omega, "omega", lo=0, hi=1, error=ParameterError)
     masks = [load_core_mask(m, lazy=True) for _, _, m in tasks]
     ckpts = open_models([backbone, *[m for _, m, _ in tasks], *([base] if overlap == "largest" else [])])
     shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}

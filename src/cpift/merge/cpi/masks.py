@@ -19,6 +19,7 @@ The header metadata (strings only, as safetensors requires) records:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from cpift.kernels.masks import packed_len, popcount, unpack_bits
 
 from cpift.errors import CheckpointError, MismatchError, ParameterError
 from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.numbers import parse_number, shown
 
 FORMAT = "cpift-core-mask/1"
 
@@ -40,13 +42,10 @@ def parse_granularity(value: str) -> str:
     if v in ("element", "row"):
         return v
     if v.startswith("block:"):
-        try:
-            n = int(v[6:])
-        except ValueError:
-            n = 0
-        if n >= 1:
-            return f"block:{n}"
-    raise ParameterError(f"granularity: expected element, row or block:N with N ≥ 1, got '{value}'")
+        n = parse_number(v[6:], "granularity: block:N", integer=True, lo=1, hi=2**40, error=ParameterError,
+                         what="an integer N ≥ 1")
+        return f"block:{n}"
+    raise ParameterError(f"granularity: expected element, row or block:N with N ≥ 1, got {shown(value)}")
 
 
 def block_size(granularity: str, shape: tuple[int, ...] | list[int]) -> int:
@@ -205,8 +204,13 @@ def load_core_mask(path: str | os.PathLike, *, lazy: bool = False) -> CoreMask:
                 packed = sizes = {n: f.get_tensor(n) for n in f.keys()}
             kinds = {n: (str(t.get_dtype()) if lazy else t.dtype, list(t.get_shape()) if lazy else list(t.shape))
                      for n, t in sizes.items()}
-            mask = CoreMask(path=path, granularity=parse_granularity(meta["granularity"]), p=float(meta["p"]),
-                            k=int(meta["k"]), threshold=float(meta["threshold"]), shapes=shapes,
+            def num(key: str, **bounds):
+                return parse_number(meta[key], f"{path}: metadata {key}", error=CheckpointError, **bounds)
+
+            mask = CoreMask(path=path, granularity=parse_granularity(meta["granularity"]),
+                            p=num("p", lo=0, lo_open=True, hi=100), k=num("k", integer=True, lo=0),
+                            threshold=math.inf if meta["threshold"] == "inf" else num("threshold"),
+                            shapes=shapes,
                             counts=_meta_map(path, meta, "counts", _is_count), base=_meta_map(path, meta, "base"),
                             task=_meta_map(path, meta, "task"), packed=packed)
     except CheckpointError:

@@ -16,6 +16,7 @@ from typing import Any
 
 from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_yaml_bounded, read_user_text
+from cpift.numbers import parse_number
 
 STEP_KEY = "cpift_step"
 _FIELDS = {
@@ -24,6 +25,9 @@ _FIELDS = {
     "fuse": {"required": ("backbone", "tasks"),
              "optional": ("overlap", "base", "omega", "dtype", "out_dtype", "max_shard_size", "relative_to_recipe")},
 }
+
+
+_NUMBERS = {"p": False, "omega": False}  # numeric fields, and whether each is an integer
 
 
 def _ref(p: str | os.PathLike, out: str | os.PathLike) -> str:
@@ -76,6 +80,9 @@ def load_step_recipe(path: str | os.PathLike) -> dict[str, Any]:
     for key in spec["required"]:
         if key not in data:
             raise ConfigError(f"{path}: {key}: missing (required for {STEP_KEY} {step})")
+    for key, integer in _NUMBERS.items():  # finite (int64); each step checks its own range
+        if data.get(key) is not None:
+            data[key] = parse_number(data[key], f"{path}: {key}", integer=integer)
     if data.get("relative_to_recipe") is True:
         data = _from_recipe_dir(data, path.parent)
     return data

@@ -16,7 +16,8 @@ from typing import Any
 from cpift.errors import ParameterError
 from cpift.merge.cpi.recipes import STEP_KEY, load_step_recipe, recipe_entries
 
-CORES_OPTIONS = ("overwrite", "progress", "backend", "device")  # and "inputs", read files -o may not hold
+# and "inputs", read files -o may not hold
+CORES_OPTIONS = ("overwrite", "allow_crimes", "progress", "backend", "device")
 # The command-line spelling of each option, for the refusal.
 FLAGS = {"dry_run": "--dry-run", "resume": "--resume", "allow_nonfinite": "--allow-nonfinite",
          "dtype": "--dtype", "out_dtype": "--out-dtype", "max_shard_size": "--max-shard-size",

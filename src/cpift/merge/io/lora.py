@@ -29,8 +29,10 @@ import torch
 
 from cpift.errors import CheckpointError
 from cpift.merge.io.checkpoint import Checkpoint
+from cpift.merge.io.fp8 import FP8, dequantized
 from cpift.merge.io.model_files import read_model_file
 from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.numbers import F32_MAX, parse_number, shown
 
 __all__ = ["ADAPTER_CONFIG", "AdaptedCheckpoint", "is_adapter_dir", "split_lora_ref"]
 
@@ -78,14 +80,36 @@ def read_adapter_config(adapter: Path) -> dict:
         if cfg.get(key) not in defaults:
             raise CheckpointError(f"{file}: {key}: {cfg[key]!r} is not supported (cpift merges plain LoRA "
                                   f"adapters only; merge this one with peft's merge_and_unload first)")
-    for key in ("r", "lora_alpha"):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise CheckpointError(f"{file}: {key}: expected a positive number, got {v!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
+    cfg["r"] = _rank(cfg.get("r"), f"{file}: r")
+    cfg["lora_alpha"] = _alpha(cfg.get("lora_alpha"), f"{file}: lora_alpha")
+    for key, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
             raise CheckpointError(f"{file}: {key}: expected an object of module pattern -> number")
+        for pattern, v in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as e:
+                raise CheckpointError(f"{file}: {key}: {shown(pattern)} is not a regular expression ({e})") from None
+            patterns[pattern] = check(v, f"{file}: {key}[{shown(pattern)}]")
+        cfg[key] = patterns
     return cfg
+
+
+def _rank(v, field: str) -> int:
+    """A LoRA rank: a JSON integer ≥ 1 (bounded: it is a matrix dimension)."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise CheckpointError(f"{field}: expected an integer ≥ 1, got {shown(v)}")
+    return parse_number(v, field, integer=True, lo=1, hi=2**31, error=CheckpointError)
+
+
+def _alpha(v, field: str) -> float:
+    """A LoRA alpha: a positive finite JSON number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CheckpointError(f"{field}: expected a positive number, got {shown(v)}")
+    return parse_number(v, field, lo=0, lo_open=True, hi=F32_MAX, error=CheckpointError)
 
 
 def _pattern(patterns: dict, module: str, default: float) -> float:
@@ -209,12 +233,21 @@ def open_model(ref: str | os.PathLike) -> Checkpoint:
 
     parts = split_lora_ref(ref)
     if parts is not None:
-        return AdaptedCheckpoint(resolve_model(parts[0]), resolve_model(parts[1]), ref=os.fspath(ref))
+        return _no_fp8(AdaptedCheckpoint(resolve_model(parts[0]), resolve_model(parts[1]), ref=os.fspath(ref)))
     path = resolve_model(ref)
     if is_adapter_dir(path):
         base = read_adapter_config(path).get("base_model_name_or_path")
         if not isinstance(base, str) or not base:
             raise CheckpointError(f"{path / ADAPTER_CONFIG}: base_model_name_or_path is not set; give the "
                                   f"model as BASE+{os.fspath(ref)}")
-        return AdaptedCheckpoint(resolve_model(base), path, ref=f"{base}+{os.fspath(ref)}")
-    return Checkpoint(path, ref=os.fspath(ref))
+        return _no_fp8(AdaptedCheckpoint(resolve_model(base), path, ref=f"{base}+{os.fspath(ref)}"))
+    return dequantized(Checkpoint(path, ref=os.fspath(ref)))  # fp8 tensors read as float32 (merge/io/fp8.py)
+
+
+def _no_fp8(ckpt: AdaptedCheckpoint) -> AdaptedCheckpoint:
+    bad = next((n for n, i in ckpt.tensors.items() if i.dtype in FP8), None)
+    if bad is not None:
+        ckpt.close()
+        raise CheckpointError(f"{ckpt.path}: tensor '{bad}' is fp8; a LoRA adapter is not merged into an fp8 base "
+                              f"(dequantise it first: cpift-merge passthrough {ckpt.base_ref} -o BASE-FP32)")
+    return ckpt

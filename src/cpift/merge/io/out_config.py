@@ -28,7 +28,8 @@ def config_with_dtype(source_dir: str | Path, raw: bytes | None, dtype: torch.dt
         source_dir: the directory config.json is copied from (named in errors).
         raw: its bytes, as merge/io/model_files.py read them (None: it has none).
         dtype: the dtype every floating-point output tensor is stored in; None keeps each input's.
-        updates: other keys to set (a layer stack's ``num_hidden_layers``).
+        updates: other keys to set (a layer stack's ``num_hidden_layers``); None removes the key (an
+            fp8 input's ``quantization_config``, merge/io/fp8.py).
 
     Raises:
         CheckpointError: config.json is not a JSON object (so its dtype cannot be set).
@@ -48,5 +49,7 @@ def config_with_dtype(source_dir: str | Path, raw: bytes | None, dtype: torch.dt
         new.update({k: name for k in ["dtype", *(["torch_dtype"] if "torch_dtype" in cfg else [])]})
     if all(cfg.get(k) == v for k, v in new.items()):
         return {}
-    cfg.update(new)
+    cfg.update({k: v for k, v in new.items() if v is not None})
+    for k in [k for k, v in new.items() if v is None]:
+        cfg.pop(k, None)
     return {CONFIG_NAME: json.dumps(cfg, indent=2, sort_keys=True) + "\n"}

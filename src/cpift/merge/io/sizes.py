@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from cpift.errors import ParameterError
+from cpift.numbers import parse_number, shown
 
 MIN_SHARD_BYTES = 10**6
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
@@ -36,20 +37,16 @@ def size_bytes(value: int | str, *, field: str = "max_shard_size") -> int:
         >>> size_bytes("1B"), size_bytes("1GiB"), size_bytes("2KB")
         (1000000000, 1073741824, 2000)
     """
-    if isinstance(value, bool):
-        raise ParameterError(f"{field}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE.match(str(value))
-        unit = m.group(2).upper() if m else None
-        if m is None or (unit and unit not in _UNITS):
-            raise ParameterError(f"{field}: cannot read '{value}' as a size (use bytes or a suffix like "
-                                 f"500M, 1B, 2GB, 1GiB)")
-        size = int(float(m.group(1)) * _UNITS[unit]) if unit else int(float(m.group(1)))
-    if size <= 0:
-        raise ParameterError(f"{field}: must be positive, got {value!r}")
-    return size
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ParameterError(f"{field}: expected a size, got {shown(value)}")
+    m = _SIZE.match(str(value))
+    unit = m.group(2).upper() if m else None
+    if m is None or (unit and unit not in _UNITS):
+        raise ParameterError(f"{field}: cannot read {shown(str(value))} as a size (use bytes or a suffix like "
+                             f"500M, 1B, 2GB, 1GiB)")
+    number = parse_number(m.group(1), field, integer=not unit, error=ParameterError)
+    return parse_number(int(number * _UNITS[unit]) if unit else number, field, integer=True, lo=1,
+                        error=ParameterError)
 
 
 def parse_size(value: int | str, *, field: str = "max_shard_size") -> int:

@@ -117,13 +117,14 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     cards = {ref: _card(ref, p, resolve, src) for ref, p in paths.items()}
     hub_ids = {ref: c.recipe_ref for ref, c in cards.items() if c.hub_repo or c.adapter}
     layers = None
+    opened = {**paths, **hub_ids}  # BASE+ADAPTER and Hub ids open as the method's own inputs do
     if cfg.stack:
         call = MethodCall(cfg.method, (), {})
     elif layered:
         check_no_remap(cfg, tok, paths)
-        call, layers = plan_slices(cfg, paths, native)
+        call, layers = plan_slices(cfg, paths, native, opened)
     else:
-        models = {**paths, **hub_ids}
+        models = dict(opened)
         if tok is not None:
             models = tok.wrap(models)  # the embedding rows remapped onto the output vocabulary
         call = plan_call(cfg, num_layers=num_layers, paths=models, native=native)
@@ -144,7 +145,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     if cfg.stack:
         from cpift.merge.mergekit.stack import run_stack
 
-        return run_stack(cfg, out, paths, **settings)
+        return run_stack(cfg, out, paths, opened=opened, **settings)
     if layered:
         settings["config_updates"] = {**(settings.get("config_updates") or {}), "num_hidden_layers": layers}
         settings["inputs"] = [*settings["inputs"], *paths.values()]

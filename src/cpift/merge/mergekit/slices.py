@@ -35,35 +35,21 @@ task_arithmetic divides each weight by a sum of the weights evaluated at that so
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cpift.errors import ConfigError
-from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.mergekit.checks import check_values
 from cpift.merge.mergekit.plan import MethodCall, plan_call
 from cpift.merge.mergekit.spec import MergeConfig, MergeSlice, ModelSpec
-from cpift.merge.mergekit.stack import LayerView, layer_config, layer_tensors
-from cpift.merge.mergekit.values import located, slice_sources, split_layer
+from cpift.merge.mergekit.stack import LayerView, layer_config, layer_tensors, open_sources
+from cpift.merge.mergekit.values import layer_range, located, slice_sources, split_layer
 from cpift.merge.methods.registry import METHODS
 
 
 # Whole-merge keywords the method functions take per tensor (a function of the name): a value that
 # differs between slices becomes one; any other (lambda, normalize, ...) must be the same in every slice.
 PER_TENSOR_SHARED = ("t",)
-
-
-def _range(lr: Any, fld: str, source) -> tuple[int, int]:
-    if lr is None:
-        raise ConfigError(f"{located(source, fld)}: missing")
-    if (not isinstance(lr, list) or len(lr) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-        raise ConfigError(f"{located(source, fld)}: expected [start, end] integers, got {lr!r}")
-    if not 0 <= lr[0] < lr[1]:
-        raise ConfigError(f"{located(source, fld)}: {lr} is empty or reversed (need 0 <= start < end; end "
-                          f"is excluded)")
-    return lr[0], lr[1]
 
 
 def parse_slices(raw: Any, source, method: str, top_base: str | None, params: Mapping, *,
@@ -84,7 +70,7 @@ def parse_slices(raw: Any, source, method: str, top_base: str | None, params: Ma
         for j, s in enumerate(slice_sources(sl, fld, source)):
             spec, lr = parse_model(s, f"{fld}.sources[{j}]")
             specs.append(spec)
-            ranges.append(_range(lr, f"{fld}.sources[{j}].layer_range", source))
+            ranges.append(layer_range(lr, f"{fld}.sources[{j}].layer_range", source))
         for j, (lo, hi) in enumerate(ranges):
             if hi - lo != ranges[0][1] - ranges[0][0]:
                 raise ConfigError(f"{located(source, f'{fld}.sources[{j}].layer_range')}: {[lo, hi]} has "
@@ -140,12 +126,11 @@ def _rebuild(args: tuple, flat: list) -> tuple:
 class _Layout:
     """Where each output tensor comes from: its slice, its place in it, its source names per slice source."""
 
-    def __init__(self, cfg: MergeConfig, paths: Mapping[str, Path]):
+    def __init__(self, cfg: MergeConfig, paths: Mapping[str, Path], opened: Mapping[str, Any] | None = None):
         src = cfg.source
         self._check_ranges(cfg, paths)  # config.json only: before any checkpoint is opened
-        used = {m.model: paths[m.model] for sl in cfg.slices for m in sl.sources}
-        self.ckpts = {p: Checkpoint(p, ref=ref) for ref, p in used.items()}
-        plans = {p: layer_tensors(c) for p, c in self.ckpts.items()}
+        self.ckpts = open_sources([m.model for sl in cfg.slices for m in sl.sources], paths, opened)
+        plans = {ref: layer_tensors(c) for ref, c in self.ckpts.items()}
         self.slice_of: dict[str, int] = {}
         self.position: dict[str, float] = {}
         # (slice i, source j) → [(output name, source name)], in the output's order
@@ -155,7 +140,7 @@ class _Layout:
         for i, sl in enumerate(cfg.slices):
             for j, (m, (lo, hi)) in enumerate(zip(sl.sources, sl.ranges)):
                 p = paths[m.model]
-                pre, layers, post = plans[p]
+                pre, layers, post = plans[m.model]
                 ent = self.entries.setdefault((i, j), [])
                 if i == 0:
                     ent += [(name, name) for name in pre]
@@ -164,7 +149,7 @@ class _Layout:
                         raise ConfigError(f"{located(src, f'{m.field}.layer_range')}: {p} holds no tensors of "
                                           f"layer {lo + o}")
                     for name, prefix, suffix in layers[lo + o]:
-                        shape = self.ckpts[p].info(name).shape
+                        shape = self.ckpts[m.model].info(name).shape
                         if shapes.setdefault(prefix + suffix, shape) != shape:
                             raise ConfigError(f"{located(src, f'{m.field}.model')}: tensor '{name}' of {p} has "
                                               f"shape {list(shape)}, the output's other layers "
@@ -183,19 +168,11 @@ class _Layout:
 
     @staticmethod
     def _check_ranges(cfg: MergeConfig, paths: Mapping[str, Path]) -> None:
-        src, arch = cfg.source, None
+        src = cfg.source
         for sl in cfg.slices:
             for m, (lo, hi) in zip(sl.sources, sl.ranges):
                 p = paths[m.model]
-                if "+" in m.model and not os.path.exists(m.model):
-                    raise ConfigError(f"{located(src, f'{m.field}.model')}: '{m.model}': model+lora sources are "
-                                      f"not supported in slices (merge the adapter first, or use models:)")
-                conf = layer_config(p, f"{m.field}.model", src)
-                if arch is None:
-                    arch = conf.get("architectures")
-                elif conf.get("architectures") != arch:
-                    raise ConfigError(f"{located(src, f'{m.field}.model')}: {p} is a {conf.get('architectures')}, "
-                                      f"the first source a {arch}; cpift does not merge different architectures")
+                conf = layer_config(p, f"{m.field}.model", src)  # architectures: merge/consistency.py
                 n = conf["num_hidden_layers"]
                 if hi > n:
                     raise ConfigError(f"{located(src, f'{m.field}.layer_range')}: {[lo, hi]} is outside the "
@@ -227,10 +204,12 @@ def _per_tensor(values: list, slice_of: Mapping[str, int], rename: list | None) 
     return value
 
 
-def plan_slices(cfg: MergeConfig, paths: Mapping[str, Path], native) -> tuple[MethodCall, int]:
-    """The method call over one LayerView per input position, and the output's layer count."""
+def plan_slices(cfg: MergeConfig, paths: Mapping[str, Path], native,
+                opened: Mapping[str, Any] | None = None) -> tuple[MethodCall, int]:
+    """The method call over one LayerView per input position, and the output's layer count; ``opened``:
+    how each reference opens (stack.py ``open_sources``)."""
     src = cfg.source
-    lay = _Layout(cfg, paths)
+    lay = _Layout(cfg, paths, opened)
     token = {}  # "slices[i]:resolved path" → source index in the slice
     calls_out, calls_src, orders = [], [], []
     for i, sl in enumerate(cfg.slices):
@@ -252,7 +231,7 @@ def plan_slices(cfg: MergeConfig, paths: Mapping[str, Path], native) -> tuple[Me
             raise ConfigError(f"{located(src, f'{cfg.slices[i].field}.sources')}: the method takes its inputs "
                               f"in another arrangement than in slices[0] (check each slice's base_model)")
     def view(js: list[int]) -> LayerView:  # source js[i] of each slice i
-        entries = [(out, lay.ckpts[paths[cfg.slices[i].sources[js[i]].model]], name)
+        entries = [(out, lay.ckpts[cfg.slices[i].sources[js[i]].model], name)
                    for (i, j), ent in lay.entries.items() for out, name in ent if js[i] == j]
         refs = " + ".join(f"{sl.sources[js[i]].model}{list(sl.ranges[js[i]])}" for i, sl in enumerate(cfg.slices))
         return LayerView(entries, path=paths[cfg.slices[0].sources[js[0]].model], ref=refs)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from cpift.errors import ConfigError
 from cpift.merge.io.checkpoint import INDEX_NAME, Checkpoint
 from cpift.merge.io.model_files import read_model_json
-from cpift.merge.mergekit.values import Setting, chain_param, located, slice_sources, split_layer
+from cpift.merge.mergekit.values import Setting, chain_param, layer_range, located, slice_sources, split_layer
 
 _PRE = ("embed", "wte", "wpe")
 
@@ -66,22 +66,16 @@ def parse_stack(raw: list, source, *, model_ref: Callable, parse_params: Callabl
         for key in s:
             if key not in ("model", "layer_range", "parameters"):
                 raise ConfigError(f"{located(source, f'{sfld}.{key}')}: unknown key")
-        lr = s.get("layer_range")
-        if (not isinstance(lr, list) or len(lr) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-            raise ConfigError(f"{located(source, f'{sfld}.layer_range')}: expected [start, end] integers, "
-                              f"got {lr!r}")
-        if not 0 <= lr[0] < lr[1]:
-            raise ConfigError(f"{located(source, f'{sfld}.layer_range')}: {lr} is empty or reversed (need "
-                              f"0 <= start < end; end is excluded)")
-        out.append(StackSlice(model_ref(s["model"], f"{sfld}.model", source), (lr[0], lr[1]),
+        lr = layer_range(s.get("layer_range"), f"{sfld}.layer_range", source)
+        out.append(StackSlice(model_ref(s["model"], f"{sfld}.model", source), lr,
                               parse_params(s.get("parameters"), f"{sfld}.parameters"),
                               parse_params(sl.get("parameters"), f"{fld}.parameters"), fld))
     return tuple(out)
 
 
 class LayerView(Checkpoint):
-    """A Checkpoint whose tensors are other checkpoints' tensors under new names (read zero-copy)."""
+    """A Checkpoint whose tensors are other checkpoints' tensors under new names, each read through its
+    source (zero-copy, or with a LoRA adapter merged in: an AdaptedCheckpoint source, merge/io/lora.py)."""
 
     def __init__(self, entries: list[tuple[str, Checkpoint, str]], *, path: Path, ref: str):
         for _, ckpt, _ in entries:
@@ -94,11 +88,35 @@ class LayerView(Checkpoint):
         self._bin = None  # safetensors sources only: tensors are read from their mapped files
         self.tensors = {out: ckpt.info(name) for out, ckpt, name in entries}
         self._order = [out for out, _, _ in entries]
+        self._src = {out: (ckpt, name) for out, ckpt, name in entries}
         self._maps = {}
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
         return list(self._order)
+
+    def sources(self) -> list[Checkpoint]:
+        """The checkpoints this view reads, once each (the card lists them: merge/card.py model_inputs)."""
+        return list({id(c): c for c, _ in self._src.values()}.values())
+
+    def get(self, name: str):
+        ckpt, src = self._src[name]
+        return ckpt.get(src)
+
+    def populate(self, name: str) -> None:
+        ckpt, src = self._src[name]
+        ckpt.populate(src)
+
+    def release(self, name: str) -> None:
+        ckpt, src = self._src[name]
+        ckpt.release(src)
+
+    def input_paths(self) -> list[Path]:
+        return list(dict.fromkeys(p for c in self.sources() for p in c.input_paths()))
+
+    def close(self) -> None:
+        for c in self.sources():
+            c.close()
 
 
 def layer_config(path: Path, fld: str, source) -> dict:
@@ -121,52 +139,53 @@ def layer_tensors(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[tuple[str
     return pre, layers, post
 
 
+def open_sources(refs, paths: Mapping[str, Path], opened: Mapping[str, Any] | None) -> dict[str, Checkpoint]:
+    """Each model reference opened as the ``models:`` form opens it (merge/io/lora.py ``open_model``): a
+    ``BASE+ADAPTER`` reference with its adapter merged in, a Hub id at the commit read (``opened``)."""
+    from cpift.merge.io.lora import open_model
+
+    return {ref: open_model((opened or {}).get(ref, paths[ref])) for ref in dict.fromkeys(refs)}
+
+
 def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: Mapping[str, Setting],
-               source) -> tuple[LayerView, Any, int]:
+               source, opened: Mapping[str, Any] | None = None) -> tuple[LayerView, Any, int]:
     """The stacked view, its ``scale`` (None, or a function of the output name) and its layer count."""
-    ckpts = {p: Checkpoint(p, ref=ref) for ref, p in paths.items()}
-    arch = None
+    ckpts = open_sources([sl.model for sl in slices], paths, opened)
     entries: list[tuple[str, Checkpoint, str]] = []
     position: dict[str, tuple[int, float]] = {}
     shapes: dict[str, tuple] = {}
     k = 0
-    plans = {p: layer_tensors(c) for p, c in ckpts.items()}
+    plans = {ref: layer_tensors(c) for ref, c in ckpts.items()}
     for si, sl in enumerate(slices):
         p = paths[sl.model]
-        conf = layer_config(p, f"{sl.field}.sources[0].model", source)
-        if arch is None:
-            arch = conf.get("architectures")
-        elif conf.get("architectures") != arch:
-            raise ConfigError(f"{located(source, f'{sl.field}.sources[0].model')}: {p} is a "
-                              f"{conf.get('architectures')}, the first slice's model a {arch}; cpift does not "
-                              f"stack different architectures (mergekit needs --allow-crimes)")
+        conf = layer_config(p, f"{sl.field}.sources[0].model", source)  # architectures: consistency.py
         n = conf["num_hidden_layers"]
         start, end = sl.layer_range
         if end > n:
             raise ConfigError(f"{located(source, f'{sl.field}.sources[0].layer_range')}: {list(sl.layer_range)} "
                               f"is outside the model's {n} layers (end is excluded: at most [0, {n}])")
-        _, layers, _ = plans[p]
+        _, layers, _ = plans[sl.model]
         for i in range(start, end):
             if i not in layers:
                 raise ConfigError(f"{located(source, f'{sl.field}.sources[0].layer_range')}: {p} holds no "
                                   f"tensors of layer {i}")
             for name, prefix, suffix in layers[i]:
                 out = f"{prefix}{k}{suffix}"
-                shape = ckpts[p].info(name).shape
+                shape = ckpts[sl.model].info(name).shape
                 if shapes.setdefault(prefix + suffix, shape) != shape:
                     raise ConfigError(f"{located(source, f'{sl.field}.sources[0].model')}: tensor '{name}' of "
                                       f"{p} has shape {list(shape)}, the stack's other layers "
                                       f"{list(shapes[prefix + suffix])}")
-                entries.append((out, ckpts[p], name))
+                entries.append((out, ckpts[sl.model], name))
                 position[out] = (si, (i - start) / (end - start - 1) if end - start > 1 else 1.0)
             k += 1
-    first, last = paths[slices[0].model], paths[slices[-1].model]
+    first, last = slices[0].model, slices[-1].model
     pre = [(n, ckpts[first], n) for n in plans[first][0]]
     post = [(n, ckpts[last], n) for n in plans[last][2]]
     position.update({n: (0, 0.0) for n, _, _ in pre})
     position.update({n: (len(slices) - 1, 0.0) for n, _, _ in post})
     refs = " + ".join(f"{sl.model}[{sl.layer_range[0]}, {sl.layer_range[1]})" for sl in slices)
-    view = LayerView(pre + entries + post, path=first, ref=refs)
+    view = LayerView(pre + entries + post, path=paths[first], ref=refs)
 
     chains = [[s[key] for s in (sl.source_parameters, sl.parameters, top) if key in s]
               for sl in slices for key in ("scale",)]
@@ -183,11 +202,12 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
 
 
 def run_stack(cfg, out: str | os.PathLike, paths: Mapping[str, Path], *, recipe: Mapping[str, Any],
-              **settings: Any):
-    """Run a passthrough ``slices`` config (``cfg.stack``) through ``passthrough``."""
+              opened: Mapping[str, Any] | None = None, **settings: Any):
+    """Run a passthrough ``slices`` config (``cfg.stack``) through ``passthrough``; ``opened``: how each
+    reference opens (run.py: ``BASE+ADAPTER`` and Hub ids as the ``models:`` form opens them)."""
     from cpift.merge.methods.layers import passthrough
 
-    view, scale, layers = plan_stack(cfg.stack, paths, cfg.parameters, cfg.source)
+    view, scale, layers = plan_stack(cfg.stack, paths, cfg.parameters, cfg.source, opened)
     settings["inputs"] = [*settings.get("inputs", ()), *paths.values()]
     updates = {**(settings.pop("config_updates", None) or {}), "num_hidden_layers": layers}  # vocab_size too
     return passthrough(view, out, scale=scale, recipe=recipe, config_updates=updates, **settings)

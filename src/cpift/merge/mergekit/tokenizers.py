@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from cpift.errors import ConfigError
 from cpift.merge.mergekit.values import located
 from cpift.merge.tokenizer.rules import TokenRule
+from cpift.numbers import parse_number, shown
 
 
 def _mapping(raw, fld: str, source, what: str) -> dict:
@@ -60,8 +61,10 @@ def _token_rule(tok: str, raw, source, model_ref) -> TokenRule:
     tid, stok = src.get("token_id"), src.get("token")
     if (tid is None) == (stok is None):
         raise ConfigError(f"{located(source, sfld)}: give exactly one of token and token_id")
-    if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
-        raise ConfigError(f"{located(source, f'{sfld}.token_id')}: expected an integer >= 0, got {tid!r}")
+    if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool)):
+        raise ConfigError(f"{located(source, f'{sfld}.token_id')}: expected an integer >= 0, got {shown(tid)}")
+    if tid is not None:
+        tid = parse_number(tid, located(source, f"{sfld}.token_id"), integer=True, lo=0)
     if stok is not None and not isinstance(stok, str):
         raise ConfigError(f"{located(source, f'{sfld}.token')}: expected a string, got {stok!r}")
     return TokenRule(tok, "model_token", model, tid, stok, force, located(source, sfld))
@@ -97,9 +100,11 @@ def tokenizer_fields(data: dict, source, model_ref) -> TokenizerFields | None:
                               f"got {t!r}")
         rules.append(_token_rule(t, raw, source, model_ref))
     pad = tok.get("pad_to_multiple_of")
-    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
-        raise ConfigError(f"{located(source, 'tokenizer.pad_to_multiple_of')}: expected an integer >= 1, "
-                          f"got {pad!r}")
+    if pad is not None:  # rows are padded up to a multiple: beyond 2^20 it is no padding but a blow-up
+        if isinstance(pad, bool) or not isinstance(pad, int):
+            raise ConfigError(f"{located(source, 'tokenizer.pad_to_multiple_of')}: expected an integer >= 1, "
+                              f"got {shown(pad)}")
+        pad = parse_number(pad, located(source, "tokenizer.pad_to_multiple_of"), integer=True, lo=1, hi=2**20)
     return TokenizerFields(src, tuple(rules), pad)
 
 

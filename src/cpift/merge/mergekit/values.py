@@ -21,7 +21,6 @@ Parameter values (mergekit's rules)
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ from typing import Any, Callable, Mapping, Union
 
 from cpift.errors import ConfigError
 from cpift.merge.methods.registry import mergekit_flags
+from cpift.numbers import F32_MAX, parse_number, shown
 
 Param = Union[float, Callable[[str], float]]
 
 _BOOL_PARAMS = ("normalize", "rescale", "int8_mask")  # and the registry's flags (mergekit_flags)
 _TRUE = ("1", "on", "t", "true", "y", "yes")
 _FALSE = ("0", "off", "f", "false", "n", "no")
-_F32_MAX = 3.4028234663852886e38  # largest finite float32: the merge math is float32
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 # --------------------------------------------------------------------------------------------------
@@ -61,16 +60,11 @@ def located(source: str | os.PathLike | None, fld: str) -> str:
 
 def _number(raw: Any, fld: str, source, what: str = "a number or a list of numbers") -> float:
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ConfigError(f"{located(source, fld)}: expected {what}, got {raw!r}")
-    try:
-        v = float(raw.strip()) if isinstance(raw, str) else float(raw)
-    except ValueError:
-        raise ConfigError(f"{located(source, fld)}: expected {what}, got {raw!r}") from None
-    if not math.isfinite(v):
-        raise ConfigError(f"{located(source, fld)}: expected a finite number, got {raw!r}")
-    if abs(v) > _F32_MAX:
+        raise ConfigError(f"{located(source, fld)}: expected {what}, got {shown(raw)}")
+    v = parse_number(raw, located(source, fld), what=what)
+    if abs(v) > F32_MAX:
         raise ConfigError(f"{located(source, fld)}: {v:g} overflows float32, in which the merge computes "
-                          f"(|value| must be at most {_F32_MAX:.7g})")
+                          f"(|value| must be at most {F32_MAX:.7g})")
     return v
 
 
@@ -300,8 +294,9 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
             if method not in ("dare_linear", "dare_ties"):
                 raise ConfigError(f"{located(source, fld)}: only dare_linear and dare_ties draw random "
                                   f"masks; remove it for {method}")
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            if isinstance(val, bool) or not isinstance(val, int):
                 raise ConfigError(f"{located(source, fld)}: expected a non-negative integer, got {val!r}")
+            val = parse_number(val, located(source, fld), integer=True, lo=0)
         elif key == "global_trim":
             if method != "ties":
                 raise ConfigError(f"{located(source, fld)}: only ties trims by magnitude; remove it for "
@@ -327,6 +322,20 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
             raise ConfigError(f"{located(source, fld)}: expected a model directory or Hub id, got {val!r}")
         out[key] = val
     return out
+
+
+def layer_range(lr: Any, fld: str, source) -> tuple[int, int]:
+    """A source's ``layer_range: [start, end]`` (end excluded): integers (cpift.numbers), 0 <= start < end."""
+    if lr is None:
+        raise ConfigError(f"{located(source, fld)}: missing")
+    if (not isinstance(lr, list) or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+        raise ConfigError(f"{located(source, fld)}: expected [start, end] integers, got {shown(lr)}")
+    start, end = (parse_number(x, located(source, fld), integer=True, lo=0, hi=2**31) for x in lr)
+    if not start < end:
+        raise ConfigError(f"{located(source, fld)}: {lr} is empty or reversed (need 0 <= start < end; end "
+                          f"is excluded)")
+    return start, end
 
 
 def slice_sources(sl: Mapping, fld: str, source) -> list:

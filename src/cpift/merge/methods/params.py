@@ -9,23 +9,20 @@ import os
 from typing import Callable, Sequence, Union
 
 from cpift.errors import ParameterError
+from cpift.numbers import F32_MAX, parse_number
 
 Param = Union[float, Callable[[str], float]]
 PathLike = Union[str, os.PathLike]
 
-# Largest finite float32: the kernels compute in float32, so a parameter (or a sum of weights, or
-# lambda times them) beyond it would turn into inf there and the merge into NaN.
-F32_MAX = 3.4028234663852886e38
+# F32_MAX: the kernels compute in float32, so a parameter (or a sum of weights, or lambda times them)
+# beyond the largest finite float32 would turn into inf there and the merge into NaN.
 
 
 def value(p: Param, name: str, field: str, *, lo: float = -math.inf, hi: float = math.inf,
           lo_open: bool = False) -> float:
     """Resolve a parameter for one tensor and range-check it; the error names field and tensor."""
     v = p(name) if callable(p) else p
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{field}: expected a number, got {v!r}") from None
+    v = float(parse_number(v, field, error=ParameterError))  # finite, or a one-line error
     bad_lo = v <= lo if lo_open else v < lo
     if not math.isfinite(v) or bad_lo or v > hi:
         lo_s = "(" if lo_open else "["

@@ -243,6 +243,8 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
     if case_timeout is not None and case_timeout <= 0:
         raise ParameterError(f"--case-timeout: must be a positive number of seconds, got {case_timeout}")
     check_arguments(methods, backends, repeat, threads, busy, {"--busy-repeat": busy_repeat, "--mergekit-repeat": mergekit_repeat})
+    if synthetic:
+        parse_synthetic(synthetic)  # a bad spec fails before the workdir is made
     if compare_mergekit:
         mergekit = mergekit or find_mergekit()
         if mergekit is None or shutil.which(mergekit) is None:

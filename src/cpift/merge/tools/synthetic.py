@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from cpift.errors import ParameterError
 from cpift.merge.io.sizes import size_bytes
+from cpift.numbers import parse_number, shown
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,9 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "fp32": torch.float32, "float32": torch.float32}
 
 
+MAX_LAYERS = 256  # of a synthetic model: more is a disk filled by mistake
+
+
 def parse_synthetic(spec: str) -> tuple[str, LlamaShape, torch.dtype]:
     """``PRESET[-layers:N][:DTYPE]`` (``1b``, ``7b-layers:4``, ``1b:bf16``) → (label, shape, dtype).
 
@@ -149,9 +153,11 @@ def parse_synthetic(spec: str) -> tuple[str, LlamaShape, torch.dtype]:
     name, layers = parts[0], None
     if name.endswith("-layers"):
         name = name.removesuffix("-layers")
-        if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
+        if len(parts) < 2:
             raise ParameterError(f"--synthetic: '{spec}': expected a layer count after '-layers:' (e.g. 7b-layers:4)")
-        layers, parts = int(parts[1]), parts[1:]
+        layers = parse_number(parts[1], f"--synthetic: {shown(spec)}: the layer count", integer=True, lo=1,
+                              hi=MAX_LAYERS, error=ParameterError)
+        parts = parts[1:]
     if name not in PRESETS or len(parts) > 2:
         raise ParameterError(f"--synthetic: '{spec}' is not PRESET[-layers:N][:DTYPE] with a preset among "
                              f"{', '.join(PRESETS)} (e.g. 1b, 1b:bf16, 7b-layers:4)")
