@@ -5,29 +5,17 @@ and the hang cases end in under 10 s."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from cpift.cli.train_cli import main
 from cpift.training.tiny import make_tokenizer
 
+from training_helpers import digest, run_cli
+
 BIG = "9" * 400
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
-
-
-def digest(*paths: Path) -> dict[str, str]:
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def refused(capsys, tmp_path, argv, *fragments, inputs=()) -> str:

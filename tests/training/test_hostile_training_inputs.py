@@ -4,7 +4,6 @@ inputs byte-identical, nothing published."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -15,21 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cpift.cli.train_cli import main
-
-from training_helpers import write_jsonl, write_mask
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
-
-
-def digest(*paths: Path) -> dict[str, str]:
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+from training_helpers import digest, run_cli, write_jsonl, write_mask
 
 
 def assert_refused(capsys, argv, *fragments, inputs=()):

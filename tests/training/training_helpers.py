@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 
+from cpift.cli.train_cli import main
 from cpift.kernels.masks import pack_bits
 from cpift.merge.cpi.masks import block_size, mask_entries, save_core_mask
 from cpift.training.tiny import (  # noqa: F401  (re-exported for the tests)
@@ -35,3 +37,16 @@ def element_mask_of(bits: torch.Tensor, granularity: str, shape) -> torch.Tensor
     b = block_size(granularity, shape)
     numel = torch.Size(shape).numel()
     return torch.tensor([bool(bits[i // b]) for i in range(numel)]).reshape(shape)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """cpift-train in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+def digest(*paths: Path) -> dict[str, str]:
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
