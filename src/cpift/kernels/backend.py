@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the CLI imports BACKENDS, and must start without torch
+    import torch
 
 # find_spec, not import: importing triton costs ~0.2 s that a CPU-only run should not pay.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
