@@ -61,7 +61,11 @@ def wrap(net: torch.nn.Module, dev: torch.device, *, world: int, fsdp: bool,
          activation_checkpointing: bool) -> torch.nn.Module:
     """The module to call in the loop: ``net`` (sharded in place under FSDP2), DDP-wrapped, or as is."""
     if activation_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.25 names it so
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
