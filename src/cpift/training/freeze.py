@@ -135,7 +135,8 @@ def check_supported(model: torch.nn.Module, optimizer=None) -> None:
             type(optimizer).__module__.startswith("deepspeed") or type(opt).__module__.startswith("deepspeed"):
         raise ParameterError("freeze_cores: DeepSpeed ZeRO partitions gradients outside p.grad, so frozen cores "
                              "cannot be masked there yet; use FSDP2 (accelerate fsdp_version: 2) or DDP")
-    if any(getattr(p, "_is_flat_param", False) for p in model.parameters()):
+    if any(getattr(p, "_is_flat_param", False) for p in model.parameters()) or \
+            any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
         raise ParameterError("freeze_cores: FSDP1 flattens parameters; shard with fully_shard "
                              "(FSDP2, accelerate fsdp_version: 2) instead")
 
