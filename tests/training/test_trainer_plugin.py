@@ -4,6 +4,10 @@ zero there, and the logged grad_norm is the norm of the trainable entries' gradi
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +16,7 @@ import torch
 from cpift.errors import ParameterError
 from cpift.training import CoreFreezeCallback
 
-from training_helpers import arithmetic_rows, element_mask_of, load_state, make_tokenizer, write_mask
+from training_helpers import arithmetic_rows, element_mask_of, load_state, make_tokenizer, write_jsonl, write_mask
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install 'cpift[trl]')")
@@ -112,3 +116,20 @@ def test_deepspeed_is_refused(tiny):
     callback = CoreFreezeCallback([])
     with pytest.raises(ParameterError, match="DeepSpeed ZeRO partitions gradients"):
         callback.on_train_begin(SimpleNamespace(deepspeed="ds_zero3.json"), None, None, model=torch.nn.Linear(2, 2))
+
+
+def test_example_script_runs(setup, tiny, tmp_path):
+    """examples/sft_frozen_cores.py as a user runs it (one process on the CPU)."""
+    pytest.importorskip("trl", reason="TRL is optional (pip install 'cpift[trl]')")
+    base, masks, frozen, _, _ = setup
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(16))
+    script = Path(__file__).resolve().parents[2] / "examples" / "sft_frozen_cores.py"
+    cmd = [sys.executable, str(script), "--model", str(tiny), "--train", str(data), "--out", str(tmp_path / "out"),
+           "--steps", "2", *[x for m in masks for x in ("--mask", str(m))]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_state(tmp_path / "out")
+    for name, f in frozen.items():
+        assert torch.equal(got[name][f], base[name][f]), name
+        assert not torch.equal(got[name][~f], base[name][~f]), name
