@@ -195,7 +195,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     tokenizer = load_tokenizer(model)
     data = load_dataset(train, tokenizer, max_length=max_length)
     eval_data = load_dataset(eval, tokenizer, max_length=max_length, for_eval=True) if eval is not None else None
-    net, stored_dtype = load_model(model, dev)
+    # FSDP2 moves each block's shard to the device as it shards it: the whole model never sits on one GPU
+    net, stored_dtype = load_model(model, torch.device("cpu") if fsdp else dev)
     check_masks(net, freeze, model_label=model)
     check_wrapping(fsdp, net)
     saved_dtype = stored_dtype if save_dtype == "auto" else getattr(torch, save_dtype)
@@ -218,7 +219,7 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
                             batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                             max_grad_norm=max_grad_norm, seed=seed, freeze=freeze, model_label=model,
                             world=world, rank=rank, fsdp=fsdp, activation_checkpointing=activation_checkpointing,
-                            progress=progress and rank == 0, window=schedule_window or (0, steps))
+                            progress=progress and rank == 0, window=schedule_window or (0, steps), dev=dev)
         result.out, result.truncated = out, data.truncated
         whole = gather_for_saving(net, rank) if fsdp else net  # collective: every rank takes part
         if rank == 0:
@@ -256,9 +257,8 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
 def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: float, weight_decay: float,
            batch_size: int, grad_accum: int, warmup: float, max_grad_norm: float | None, seed: int,
            freeze: Sequence[str | os.PathLike], model_label, world: int, rank: int, fsdp: bool,
-           activation_checkpointing: bool, progress: bool, window: tuple[int, int]) -> SFTResult:
+           activation_checkpointing: bool, progress: bool, window: tuple[int, int], dev: torch.device) -> SFTResult:
     """The optimisation loop; returns per-step loss, lr and gradient norm, token count and time."""
-    dev = next(net.parameters()).device
     model = wrap(net, dev, world=world, fsdp=fsdp, activation_checkpointing=activation_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},

@@ -82,7 +82,9 @@ def wrap(net: torch.nn.Module, dev: torch.device, *, world: int, fsdp: bool,
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy (4 B/parameter less)
+        return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
     return net
 
 
