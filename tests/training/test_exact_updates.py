@@ -37,7 +37,8 @@ def probes(tmp_path_factory, train_file):
 def test_bf16_save_rounds_the_update_away(probes):
     base = {n: t.float() for n, t in load_state(probes / "base").items()}
     rounded, exact = load_state(probes / "auto"), load_state(probes / "float32")
-    assert {t.dtype for t in rounded.values()} == {torch.bfloat16} and {t.dtype for t in exact.values()} == {torch.float32}
+    assert {t.dtype for t in rounded.values()} == {torch.bfloat16}
+    assert {t.dtype for t in exact.values()} == {torch.float32}
     assert json.loads((probes / "float32" / "metrics.json").read_text())["settings"]["saved_dtype"] == "float32"
     lost = zeros_r = zeros_e = total = 0
     for n, b in base.items():
@@ -80,7 +81,8 @@ def test_pipeline_keeps_intermediates_in_float32(tmp_path):
         "  - {name: b, train: b.jsonl, eval: b-eval.jsonl}\n"
         "probe: {steps: 1, lr: 1e-5, batch_size: 4}\np: 5\ntau: 1.0\n"
         "train: {steps_per_task: 1, lr: 1e-5, batch_size: 4}\n"
-        "calibration: {examples: 4, steps_per_task: 1, lr: 1e-5, batch_size: 4}\neval: {batch_size: 2, max_length: 16}\n")
+        "calibration: {examples: 4, steps_per_task: 1, lr: 1e-5, batch_size: 4}\n"
+        "eval: {batch_size: 2, max_length: 16}\n")
     lines = []
     run_pipeline(tmp_path / "recipe.yml", tmp_path / "wd", log=lines.append)
     wd = tmp_path / "wd"

@@ -77,7 +77,8 @@ def cli() -> None:
               help="Recompute each decoder block's activations in the backward pass (less memory, more compute).")
 @click.option("--save-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True,
-              help="dtype of the saved model; auto: the checkpoint's. float32 keeps small updates that bf16 rounds away.")
+              help="dtype of the saved model; auto: the checkpoint's. float32 keeps small updates that bf16 "
+                   "rounds away.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; the summary line only.")

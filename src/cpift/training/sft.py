@@ -9,8 +9,9 @@ float rounding, whether the batch runs in one piece, in micro-batches or on seve
 
 Step: forward/backward of each micro-batch (a hook zeroes the gradient of frozen entries as it is
 accumulated) → clip the global gradient norm → AdamW (decoupled weight decay on matrices only, as
-usual: norms and biases keep theirs) → a step hook writes frozen entries back (training/freeze.py). Learning rate: linear warm-up over the
-first ``warmup`` share of the steps, then a cosine to zero, never zero at a step.
+usual: norms and biases keep theirs) → a step hook writes frozen entries back (training/freeze.py).
+Learning rate: linear warm-up over the first ``warmup`` share of the steps, then a cosine to zero,
+never zero at a step.
 
 Precision: float32 master weights; the forward under bf16 autocast on CUDA, float32 on the CPU.
 The model is saved in the dtype its checkpoint stored (a frozen bf16 entry survives the float32
