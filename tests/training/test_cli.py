@@ -27,7 +27,10 @@ def test_help_explains_every_option(capsys, command):
                        "--batch-size", "--grad-accum", "--max-length", "--warmup", "--max-grad-norm", "--seed",
                        "--freeze", "--overwrite", "--device", "--threads"):
             assert option in out, option
-        assert "all torchrun processes" in out and "Tokens kept per example" in out
+        flat = " ".join(out.split())  # the help wraps with the width of the longest option
+        assert "all torchrun processes" in flat and "Tokens kept per example" in flat
+        for option in ("--fsdp", "--activation-checkpointing", "--save-dtype"):
+            assert option in out, option
     if command == ["eval"]:
         assert "--json" in out and "--max-new-tokens" in out
 

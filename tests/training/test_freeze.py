@@ -76,12 +76,14 @@ def test_mask_for_another_model_is_refused(tmp_path):
 
 
 def test_sft_guards_every_step(tmp_path, train_file, monkeypatch):
+    """sft attaches freeze_cores' hooks: each micro-batch's gradient masked as it accumulates, one restore per step."""
     base = make_model(tmp_path / "base")
     shape = tuple(load_state(base)["lm_head.weight"].shape)
     mask, _ = write_mask(tmp_path / "m.safetensors", {"lm_head.weight": shape}, share=0.1)
     calls = []
-    for guard in ("mask_grads", "restore"):
-        original = getattr(Freezer, guard)
-        monkeypatch.setattr(Freezer, guard, lambda self, _g=guard, _o=original: (calls.append(_g), _o(self))[1])
+    original_mask, original_restore = Freezer.mask_grad, Freezer.restore
+    monkeypatch.setattr(Freezer, "mask_grad", lambda self, p, idx: (calls.append("mask_grad"),
+                                                                      original_mask(self, p, idx))[1])
+    monkeypatch.setattr(Freezer, "restore", lambda self: (calls.append("restore"), original_restore(self))[1])
     sft(base, train_file, tmp_path / "out", steps=3, batch_size=8, grad_accum=2, freeze=[mask], progress=False)
-    assert calls == ["mask_grads", "restore"] * 3
+    assert calls == ["mask_grad", "mask_grad", "restore"] * 3

@@ -51,6 +51,8 @@ def cores(base, models, p, out, granularity, include, exclude, overwrite, allow_
         result = compute_cores(base, _named(models, "--model"), out, p=p, granularity=granularity,
                                include=list(include) or None, exclude=list(exclude) or None, overwrite=overwrite,
                                allow_crimes=allow_crimes, progress=not quiet, backend=backend, device=device)
+    for warning in result.warnings():
+        click.echo(warning, err=True)
     if not quiet:
         for note in result.notes:
             click.echo(note, err=True)

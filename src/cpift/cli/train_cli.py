@@ -71,11 +71,21 @@ def cli() -> None:
               help="Core-mask file (cpift core-mask safetensors); every entry set in it stays bit-identical. "
                    "Repeat for several masks.")
 @overwrite_option
+@click.option("--fsdp", is_flag=True,
+              help="Shard parameters, gradients and AdamW state over the torchrun processes with FSDP2 (each "
+                   "decoder block and the root; bf16 compute on CUDA) instead of DDP; alone: a world of one.")
+@click.option("--activation-checkpointing", is_flag=True,
+              help="Recompute each decoder block's activations in the backward pass (less memory, more compute).")
+@click.option("--save-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True,
+              help="dtype of the saved model; auto: the checkpoint's. float32 keeps small updates that bf16 "
+                   "rounds away.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else cpu).")
 @click.option("--threads", type=THREADS, default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; the summary line only.")
 def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length,
-        warmup, max_grad_norm, seed, freeze, overwrite, device, threads, quiet):
+        warmup, max_grad_norm, seed, freeze, fsdp, activation_checkpointing, save_dtype, overwrite, device, threads,
+        quiet):
     """Supervised fine-tuning; writes OUT (model, tokenizer, metrics.json) when complete."""
     from cpift.training.sft import sft as run_sft
 
@@ -83,7 +93,8 @@ def sft(model, train, out, eval_data, steps, epochs, lr, weight_decay, batch_siz
     result = run_sft(model, train, out, eval=eval_data, steps=steps, epochs=epochs, lr=lr,
                      weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, warmup=warmup, max_grad_norm=max_grad_norm or None, seed=seed,
-                     freeze=list(freeze), overwrite=overwrite, device=device, progress=not quiet)
+                     freeze=list(freeze), overwrite=overwrite, device=device, fsdp=fsdp,
+                     activation_checkpointing=activation_checkpointing, save_dtype=save_dtype, progress=not quiet)
     if env_int("RANK", 0) == 0:  # checked by sft() already
         click.echo(result.summary())
 

@@ -84,13 +84,16 @@ class _Run:
         return out
 
     def sft(self, key: str, model: Path, data: Path, out: Path, cfg: dict, steps: int, freeze: list[Path],
-            window: tuple[int, int] | None = None) -> Path:
+            window: tuple[int, int] | None = None, *, final: bool = False) -> Path:
+        """One SFT step; an intermediate model is saved in the recipe's intermediate_dtype, the final one in
+        the base checkpoint's dtype."""
         from .sft import sft
 
         opts = {k: v for k, v in cfg.items() if k not in ("steps", "steps_per_task", "examples", "data", "schedule")}
+        dtype = stored_dtype(self.r.base) if final else self.r.intermediate_dtype
         return self.step(key, out, lambda: sft(model, data, out, steps=steps, seed=self.r.seed, freeze=freeze,
                                                device=self.device, progress=self.progress, schedule_window=window,
-                                               **opts),
+                                               save_dtype=dtype, **opts),
                          optimizer_steps=steps)
 
     def data(self, name: str, lines: list[str]) -> Path:
@@ -106,11 +109,11 @@ class _Run:
                                  steps, []) for t in self.r.tasks}
 
     def staged(self, start: Path, stages: list[list[str]], folder: str, cfg: dict, *, masks: dict | None,
-               sample: int | None = None, mixed: bool = False) -> Path:
+               sample: int | None = None, mixed: bool = False, final: bool = False) -> Path:
         """Sequential SFT, one stage per group; with ``masks`` the cores of earlier groups are frozen.
 
         ``sample``: a balanced sample of that many lines per task instead of whole files, of the
-        stage's group, or with ``mixed`` of every task. ``cfg["schedule"] == "continue"``: one
+        stage's group, or with ``mixed`` of every task. ``final``: the last stage is the pipeline's result. ``cfg["schedule"] == "continue"``: one
         learning-rate schedule over all stages (each stage continues where the last one stopped).
         """
         model = start
@@ -127,9 +130,23 @@ class _Run:
             freeze = [masks[n] for g in stages[:s - 1] for n in g] if masks else []
             steps = len(group) * cfg["steps_per_task"]
             window = (first, total) if cfg.get("schedule") == "continue" else None
-            model = self.sft(f"{folder}:{s}", model, data, self.wd / folder / str(s), cfg, steps, freeze, window)
+            model = self.sft(f"{folder}:{s}", model, data, self.wd / folder / str(s), cfg, steps, freeze, window,
+                             final=final and s == len(stages))
             first += steps
         return model
+
+
+def stored_dtype(model: Path) -> str:
+    """The dtype name of a checkpoint's first floating-point tensor, read from its header."""
+    from cpift.merge.engine import open_models
+
+    (ckpt,) = open_models([model])
+    try:
+        name = next(str(i.dtype).removeprefix("torch.") for n in ckpt.names()
+                    if (i := ckpt.info(n)).dtype.is_floating_point)
+        return name if name in ("float32", "bfloat16", "float16") else "auto"
+    finally:
+        ckpt.close()
 
 
 def _check_data(r: Recipe) -> int:
@@ -253,7 +270,7 @@ def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike,
     if method == "cpi-ft":
         final, plan = _cpi_ft(run, r, calibration_n)
     elif plan is not None:
-        final = run.staged(r.base, plan, "stages", r.train, masks=None)
+        final = run.staged(r.base, plan, "stages", r.train, masks=None, final=True)
     else:
         probes = run.probes()
         models = [probes[n] for n in r.names]
@@ -284,8 +301,13 @@ def _cpi_ft(run: _Run, r: Recipe, calibration_n: int) -> tuple[Path, list[list[s
     wd = run.wd
     probes = run.probes()
     cores = wd / "cores"
-    run.step("cores", cores, lambda: compute_cores(r.base, [(n, probes[n]) for n in r.names], cores, p=r.p,
-                                                   granularity=r.granularity, progress=run.progress))
+    def find_cores() -> None:
+        found = compute_cores(r.base, [(n, probes[n]) for n in r.names], cores, p=r.p, granularity=r.granularity,
+                              progress=run.progress)
+        for warning in found.warnings():  # probes saved in a rounding dtype (intermediate_dtype)
+            run.log(warning)
+
+    run.step("cores", cores, find_cores)
     masks = {n: cores / f"{n}.safetensors" for n in r.names}
     cluster = wd / "cluster.json"
     run.step("cluster", cluster, lambda: write_json(
@@ -298,7 +320,7 @@ def _cpi_ft(run: _Run, r: Recipe, calibration_n: int) -> tuple[Path, list[list[s
                                          overlap=r.overlap, base=r.base if r.overlap == "largest" else None,
                                          omega=r.omega, progress=run.progress))
     final = run.staged(fused, plan, "calibrated", r.calibration, masks=masks, sample=calibration_n,
-                       mixed=r.calibration["data"] == "mixed")
+                       mixed=r.calibration["data"] == "mixed", final=True)
     return final, plan
 
 

@@ -20,6 +20,7 @@ Layout (paths relative to the recipe file; every key but ``base`` and ``tasks`` 
       task_arithmetic: {lam: 1.0}
       ties: {density: 0.2, lam: 1.0}
     eval: {batch_size: 8, max_length: 1024, max_new_tokens: null}
+    intermediate_dtype: float32       # probes, stages, fused, calibration: float32 | bfloat16 | float16 | auto
 
 SFT sections take sft()'s options: steps (probe) or steps_per_task (train, calibration), lr,
 weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm; train and calibration
@@ -30,6 +31,11 @@ warm-up and cosine laid over all stages of the phase, each stage taking its shar
 g × steps_per_task optimizer steps, so every staged method (CPI-FT, full SFT, both multi-stage
 baselines) spends N × steps_per_task steps on its main training whatever its grouping: comparable
 budgets by construction.
+
+``intermediate_dtype``: the dtype every model but the final one is saved in. float32 (the default)
+keeps each update exact: saved in bf16, most of a small-lr probe's update rounds to zero and its
+core marks where the weights are large. ``auto``: each model in its input checkpoint's dtype.
+The final model is saved in the base checkpoint's dtype whatever this says.
 
 Every error is a ConfigError "FILE: FIELD: what is wrong", raised before anything is written.
 """
@@ -49,7 +55,8 @@ SFT_DEFAULTS = {"lr": 2e-5, "weight_decay": 0.0, "batch_size": 8, "grad_accum": 
                 "warmup": 0.03, "max_grad_norm": 1.0}
 SCHEDULES = ("restart", "continue")  # of a staged phase's learning rate: per stage, or one over all stages
 TOP_KEYS = ("base", "seed", "tasks", "probe", "p", "granularity", "tau", "order", "train", "calibration", "fuse",
-            "baselines", "eval")
+            "baselines", "eval", "intermediate_dtype")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass
@@ -80,6 +87,7 @@ class Recipe:
     ties_density: float = 0.2
     ties_lam: float = 1.0
     eval: dict = field(default_factory=dict)  # evaluate() options
+    intermediate_dtype: str = "float32"  # sft()'s save_dtype for every model but the final one
 
     @property
     def names(self) -> list[str]:
@@ -194,6 +202,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         top.fail("", str(e))
     r.tau = top.num("tau", 0.1, lo=0, hi=1)
     r.order = top.choice("order", "random", ("random", "given"))
+    r.intermediate_dtype = top.choice("intermediate_dtype", "float32", DTYPES)
     r.train = _sft(file, "train", top.raw.get("train"), "steps_per_task", ("schedule",))
     r.train["schedule"] = _Fields(file, "train", top.raw.get("train"), ("steps_per_task", "schedule", *SFT_KEYS)
                                   ).choice("schedule", "restart", SCHEDULES)

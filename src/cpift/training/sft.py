@@ -7,14 +7,17 @@ one after the other. The loss of a step is the summed cross-entropy of its respo
 by the number of response tokens in the whole global batch, so the gradient is the same, up to
 float rounding, whether the batch runs in one piece, in micro-batches or on several ranks.
 
-Step: forward/backward of each micro-batch → zero the gradient of frozen entries → clip the global
-gradient norm → AdamW (decoupled weight decay on matrices only, as usual: norms and biases keep
-theirs) → write frozen entries back (training/freeze.py). Learning rate: linear warm-up over the
-first ``warmup`` share of the steps, then a cosine to zero, never zero at a step.
+Step: forward/backward of each micro-batch (a hook zeroes the gradient of frozen entries as it is
+accumulated) → clip the global gradient norm → AdamW (decoupled weight decay on matrices only, as
+usual: norms and biases keep theirs) → a step hook writes frozen entries back (training/freeze.py).
+Learning rate: linear warm-up over the first ``warmup`` share of the steps, then a cosine to zero,
+never zero at a step.
 
 Precision: float32 master weights; the forward under bf16 autocast on CUDA, float32 on the CPU.
 The model is saved in the dtype its checkpoint stored (a frozen bf16 entry survives the float32
-round trip bit for bit). On the CPU a run is deterministic for a given seed and thread count.
+round trip bit for bit), or in ``save_dtype``: float32 keeps the exact update, which a bf16 save
+rounds away at small learning rates (a core computed from a rounded probe marks where the weights
+are large, not where the update is). On the CPU a run is deterministic for a given seed and thread count.
 
 Output: the model (``save_pretrained``, safetensors), the tokenizer and ``metrics.json`` (per-step
 loss, learning rate and gradient norm, the final eval, the settings) are written to a hidden
@@ -22,16 +25,15 @@ sibling directory ``.NAME.cpift-partial`` and renamed to NAME when complete; a r
 no NAME.
 
 Scale-out: under ``torchrun --nproc-per-node N`` (WORLD_SIZE > 1) the model is wrapped in
-DistributedDataParallel, gloo on the CPU and NCCL on CUDA (one GPU per rank, cuda:LOCAL_RANK).
-Every rank reads the same files, so data order and freeze masks are identical everywhere; gradients
-are all-reduced before the masks apply; rank 0 alone writes. A caller that runs several ``sft``
-calls in one torchrun process may initialise the process group itself; ``sft`` then reuses it.
-How FSDP2 would shard the masks: see training/freeze.py.
+DistributedDataParallel, or sharded with FSDP2 (``fsdp=True``; training/shard.py), gloo on the CPU
+and NCCL on CUDA (one GPU per rank, cuda:LOCAL_RANK). Every rank reads the same files, so data
+order and freeze masks are identical everywhere (under FSDP2 each rank keeps the frozen entries of
+its own shards); rank 0 alone writes. A caller that runs several ``sft`` calls in one torchrun
+process may initialise the process group itself; ``sft`` then reuses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -44,12 +46,16 @@ import torch
 from cpift.errors import ParameterError, TrainingError
 from cpift.merge.io.publish import Publication, check_output
 from cpift.merge.io.stream import progress_bar
-from cpift.numbers import env_int, parse_number
+from cpift.numbers import parse_number
 
 from .data import Dataset, collate, load_dataset
 from .evaluate import (autocast, evaluate_model, json_text, load_model, load_tokenizer, pad_id, pick_device,
                        quiet_transformers, response_loss_sum)
-from .freeze import load_freezer
+from .freeze import check_masks, freeze_cores
+from .shard import (check_wrapping, dist_env, first_nonfinite, full_value, gather_for_saving, init_group, no_sync,
+                    rank_sum, wrap)
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -129,29 +135,13 @@ def split(items: list, parts: int) -> list[list]:
     return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
-def _dist_env() -> tuple[int, int, int]:
-    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) outside it.
-
-    Raises:
-        ParameterError: a malformed value, a rank outside the world, or WORLD_SIZE > 1 without the
-            rendezvous address torchrun sets (init_process_group would wait for ever).
-    """
-    world = env_int("WORLD_SIZE", 1, lo=1, hi=2**20, error=ParameterError)
-    rank = env_int("RANK", 0, lo=0, hi=world - 1, error=ParameterError)
-    local_rank = env_int("LOCAL_RANK", 0, lo=0, hi=world - 1, error=ParameterError)
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(v)]
-    if missing:
-        raise ParameterError(f"environment variable WORLD_SIZE: {world} processes, but {missing[0]} is unset; "
-                             f"start the run with torchrun, or unset WORLD_SIZE for one process")
-    return world, rank, local_rank
-
-
 def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLike, *,
         eval: str | os.PathLike | None = None, steps: int | None = None, epochs: float | None = None,
         lr: float = 2e-5, weight_decay: float = 0.0, batch_size: int = 8, grad_accum: int = 1,
         max_length: int = 1024, warmup: float = 0.03, max_grad_norm: float | None = 1.0, seed: int = 0,
         freeze: Sequence[str | os.PathLike] = (), overwrite: bool = False,
         schedule_window: tuple[int, int] | None = None, device: str | torch.device | None = None,
+        fsdp: bool = False, activation_checkpointing: bool = False, save_dtype: str = "auto",
         progress: bool = True) -> SFTResult:
     """Fine-tune a causal LM on JSONL prompt/response data, loss on response tokens only.
 
@@ -178,6 +168,9 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
             of ``total`` steps (warm-up and cosine laid over the total), so stages run one after the
             other continue one learning-rate schedule. Default: the schedule spans this run.
         device: default CUDA when available (cuda:LOCAL_RANK under torchrun), else the CPU.
+        fsdp: shard the model with FSDP2 (training/shard.py) instead of DDP; a world of one outside torchrun.
+        activation_checkpointing: recompute each decoder block's activations in the backward pass.
+        save_dtype: dtype of the saved model, one of SAVE_DTYPES; ``auto``: the dtype the checkpoint stored.
         progress: show a tqdm bar with loss and tokens/s (rank 0 only).
 
     Returns:
@@ -190,7 +183,9 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     Example:
         >>> sft("base", "math.jsonl", "probe-math", steps=200, lr=1e-5, batch_size=16).summary()
     """
-    world, rank, local_rank = _dist_env()
+    world, rank, local_rank = dist_env()
+    if save_dtype not in SAVE_DTYPES:
+        raise ParameterError(f"save_dtype: expected one of {', '.join(SAVE_DTYPES)}, got '{save_dtype}'")
     _check(steps, epochs, lr, weight_decay, batch_size, grad_accum, max_length, warmup, max_grad_norm, world,
            seed)
     if schedule_window is not None:
@@ -206,8 +201,11 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
     tokenizer = load_tokenizer(model)
     data = load_dataset(train, tokenizer, max_length=max_length)
     eval_data = load_dataset(eval, tokenizer, max_length=max_length, for_eval=True) if eval is not None else None
-    net, stored_dtype = load_model(model, dev)
-    freezer = load_freezer(net, freeze, model_label=model)
+    # FSDP2 moves each block's shard to the device as it shards it: the whole model never sits on one GPU
+    net, stored_dtype = load_model(model, torch.device("cpu") if fsdp else dev)
+    check_masks(net, freeze, model_label=model)
+    check_wrapping(fsdp, net)
+    saved_dtype = stored_dtype if save_dtype == "auto" else getattr(torch, save_dtype)
     if steps is None:
         steps = max(1, math.ceil((epochs or 1.0) * len(data) / batch_size))
         if steps > MAX_STEPS:
@@ -216,11 +214,9 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
 
     import torch.distributed as dist
 
-    own_group = world > 1 and not dist.is_initialized()
-    if world > 1 and dev.type == "cuda":
+    if (world > 1 or fsdp) and dev.type == "cuda":
         torch.cuda.set_device(dev)  # NCCL binds each rank to its current device
-    if own_group:
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    own_group = init_group(dev, world) if world > 1 or fsdp else False
     pub = Publication(out, overwrite=overwrite)
     tmp = pub.tmp
     if rank == 0:
@@ -230,23 +226,27 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
             torch.manual_seed(seed)
             result = _train(net, tokenizer, data, steps=steps, lr=lr, weight_decay=weight_decay,
                             batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
-                            max_grad_norm=max_grad_norm, seed=seed, freezer=freezer, world=world, rank=rank,
-                            progress=progress and rank == 0, window=schedule_window or (0, steps))
+                            max_grad_norm=max_grad_norm, seed=seed, freeze=freeze, model_label=model,
+                            world=world, rank=rank, fsdp=fsdp, activation_checkpointing=activation_checkpointing,
+                            progress=progress and rank == 0, window=schedule_window or (0, steps), dev=dev)
         result.out, result.truncated = out, data.truncated
+        whole = gather_for_saving(net, rank) if fsdp else net  # collective: every rank takes part
         if rank == 0:
             with quiet_transformers():
-                net.to(stored_dtype).save_pretrained(tmp)
+                whole.to(saved_dtype).save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             if eval_data is not None:
-                # evaluate the weights as saved: float32 of the stored dtype, as `cpift-train eval` loads them
-                result.eval = evaluate_model(net.float(), tokenizer, eval_data, progress=progress)
+                # evaluate the weights as saved: float32 of the saved dtype, as `cpift-train eval` loads them
+                whole = load_model(tmp, dev)[0] if fsdp else whole.float()
+                result.eval = evaluate_model(whole, tokenizer, eval_data, progress=progress)
             metrics = {"model": str(model), "train": str(train), "eval_data": None if eval is None else str(eval),
                        "settings": dict(steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
                                         warmup=warmup, max_grad_norm=max_grad_norm, seed=seed,
                                         freeze=[str(f) for f in freeze], world_size=world, device=str(dev),
                                         schedule_window=list(schedule_window) if schedule_window else None,
-                                        saved_dtype=str(stored_dtype).removeprefix("torch.")),
+                                        fsdp=fsdp, activation_checkpointing=activation_checkpointing,
+                                        saved_dtype=str(saved_dtype).removeprefix("torch.")),
                        "examples": result.examples, "truncated": result.truncated, "frozen_entries": result.frozen,
                        "tokens": result.tokens, "seconds": result.seconds, "train_loss": result.train_loss,
                        "lr": result.lr, "grad_norm": result.grad_norm, "eval": result.eval}
@@ -264,22 +264,30 @@ def sft(model: str | os.PathLike, train: str | os.PathLike, out: str | os.PathLi
 
 
 def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: float, weight_decay: float,
-           batch_size: int, grad_accum: int, warmup: float, max_grad_norm: float | None, seed: int, freezer,
-           world: int, rank: int, progress: bool, window: tuple[int, int]) -> SFTResult:
+           batch_size: int, grad_accum: int, warmup: float, max_grad_norm: float | None, seed: int,
+           freeze: Sequence[str | os.PathLike], model_label, world: int, rank: int, fsdp: bool,
+           activation_checkpointing: bool, progress: bool, window: tuple[int, int], dev: torch.device) -> SFTResult:
     """The optimisation loop; returns per-step loss, lr and gradient norm, token count and time."""
-    dev = next(net.parameters()).device
-    model = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    model = wrap(net, dev, world=world, fsdp=fsdp, activation_checkpointing=activation_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    with freeze_cores(model, freeze, opt, model_label=model_label) as freezer:
+        frozen = rank_sum(freezer.frozen, dev, world) if fsdp else freezer.frozen  # FSDP2: each rank its shards
+        return _loop(model, net, opt, frozen, tokenizer, data, steps=steps, lr=lr, batch_size=batch_size,
+                     grad_accum=grad_accum, warmup=warmup, max_grad_norm=max_grad_norm, seed=seed, world=world,
+                     rank=rank, progress=progress, window=window)
+
+
+def _loop(model, net, opt, frozen: int, tokenizer, data: Dataset, *, steps: int, lr: float, batch_size: int,
+          grad_accum: int, warmup: float, max_grad_norm: float | None, seed: int, world: int, rank: int,
+          progress: bool, window: tuple[int, int]) -> SFTResult:
+    dev = next(net.parameters()).device
+    params = [p for p in net.parameters() if p.requires_grad]
     first, total = window
     warm = round(warmup * total)
     pad = pad_id(tokenizer)
-    run = SFTResult(out=Path(), steps=steps, examples=len(data), truncated=0, frozen=freezer.frozen, tokens=0,
+    run = SFTResult(out=Path(), steps=steps, examples=len(data), truncated=0, frozen=frozen, tokens=0,
                     seconds=0.0)
     batches = global_batches(len(data), batch_size, seed)
     net.train()
@@ -296,22 +304,21 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
         for j, part in enumerate(micro):
             batch = {k: v.to(dev) for k, v in collate(part, pad).items()}
             sync = world == 1 or j == len(micro) - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
+            with no_sync(model, sync):
                 with autocast(dev):
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = response_loss_sum(logits, batch["labels"])
-                # DDP averages gradients over ranks; × world turns that average back into the global sum
+                # DDP and FSDP2 average gradients over ranks; × world turns that back into the global sum
                 (loss * (world / targets)).backward()
             stats += torch.tensor([loss.item(), batch["attention_mask"].sum().item()], dtype=torch.float64)
-        freezer.mask_grads()
-        # max_norm = inf still returns the norm and scales by exactly 1
-        run.grad_norm.append(float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)))
+        # frozen entries' gradients are zero already (freeze_cores' hooks); max_norm = inf returns the norm
+        # and scales by exactly 1
+        run.grad_norm.append(full_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)))
         if not math.isfinite(run.grad_norm[-1]):
             raise TrainingError(f"step {step + 1}: the gradient norm is {run.grad_norm[-1]} (training diverged; "
                                 f"lower --lr, now {lr:g}); nothing was written")
-        opt.step()
+        opt.step()  # its post-hook writes the frozen entries back
         opt.zero_grad(set_to_none=True)
-        freezer.restore()
         if world > 1:
             import torch.distributed as dist
 
@@ -327,7 +334,7 @@ def _train(net: torch.nn.Module, tokenizer, data: Dataset, *, steps: int, lr: fl
         bar.set_postfix(loss=f"{run.train_loss[-1]:.4f}", tok_s=f"{run.tokens / run.seconds:,.0f}")
         bar.update()
     bar.close()
-    bad = next((n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    bad = first_nonfinite(net, world)
     if bad is not None:
         raise TrainingError(f"step {steps}: parameter '{bad}' holds NaN or Inf after the last update (training "
                             f"diverged; lower --lr, now {lr:g}); nothing was written")

@@ -63,14 +63,18 @@ def make_tokenizer(chat: bool = False):
 
 
 def make_model(path: str | os.PathLike, *, chat: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
-               hidden: int = 32) -> Path:
-    """Save a random 2-layer Llama of width ``hidden`` with the character tokenizer to ``path``."""
+               hidden: int = 32, intermediate: int | None = None, tied: bool = False) -> Path:
+    """Save a random 2-layer Llama of width ``hidden`` with the character tokenizer to ``path``.
+
+    ``intermediate``: the MLP width (default 2 × hidden; an odd one shards unevenly over two ranks);
+    ``tied``: the head shares the embedding matrix.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer(chat)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None,
+                         max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     with quiet_transformers():

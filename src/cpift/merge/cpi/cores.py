@@ -38,6 +38,7 @@ from cpift.numbers import parse_number
 
 PathLike = str | os.PathLike
 KINDS = ("attention", "mlp", "embeddings", "norms", "head", "other")
+ZERO_WARN = 0.5  # warn when more than this share of a task's update is exactly zero
 
 
 def tensor_kind(name: str) -> str:
@@ -66,6 +67,8 @@ class TaskCore:
     threshold: float
     counts: dict[str, int]  # per tensor
     by_kind: dict[str, int] = field(default_factory=dict)
+    zero_share: float = 0.0  # share of the scored elements whose update θ_task − θ_base is exactly zero
+    model: str = ""  # the task model, as given
 
 
 @dataclass
@@ -79,6 +82,7 @@ class CoresResult:
     bytes_read: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    elements: int = 0  # scored elements (D at element granularity)
 
     def table(self) -> str:
         """Share of each task's core by kind of tensor, and the share of that kind that is core."""
@@ -93,8 +97,17 @@ class CoresResult:
                 c = t.by_kind.get(kind, 0)
                 cells.append(f"{100 * c / max(t.k, 1):6.2f}% ({100 * c / total:5.2f}%)".rjust(18))
             rows.append(f"{kind:<11} {total:>13,} " + " ".join(cells))
-        rows.append("cell: share of the task's core in this kind (share of this kind that is core)")
+        rows.append(f"{'zero Δ':<11} {self.elements:>13,} " +
+                    " ".join(f"{100 * t.zero_share:6.2f}%".rjust(18) for t in self.tasks))
+        rows.append("cell: share of the task's core in this kind (share of this kind that is core); "
+                    "zero Δ: share of elements the task left exactly unchanged")
         return "\n".join(rows)
+
+    def warnings(self) -> list[str]:
+        """One line per task whose update is mostly exact zeros: rounded to its stored dtype, not trained so."""
+        return [f"warning: {t.model} (task {t.name}): {100 * t.zero_share:.1f}% of its update is exactly zero in "
+                f"the stored dtype, so its core marks rounding more than the update; save probes in float32 "
+                f"(cpift-train sft --save-dtype float32)" for t in self.tasks if t.zero_share > ZERO_WARN]
 
     def summary(self) -> str:
         ks = ", ".join(f"{t.name}: k={t.k:,} threshold={t.threshold:.6g}" for t in self.tasks)
@@ -176,6 +189,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     blocks = {n: block_size(granularity, shapes[n]) for n in names}
     entries = {n: mask_entries(granularity, shapes[n]) for n in names}
     total = sum(entries.values())
+    elements = sum(math.prod(shapes[n]) for n in names)
     ks = [math.floor(p * total / 100)] * len(tasks)
 
     top = GlobalTopK(len(tasks), device=dev, backend=backend)
@@ -189,8 +203,12 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
             for item in stream:
                 step(item.name, item.inputs)
 
+    zeros = [0] * len(tasks)
+
     def count(name, views):
         top.count(views[0], views[1:], blocks[name])
+        for i, v in enumerate(views[1:]):
+            zeros[i] += int(torch.count_nonzero(v == views[0]))
 
     def pack(name, views):
         for i, (bits, c) in enumerate(top.pack(views[0], views[1:], blocks[name])):
@@ -228,7 +246,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
                 for n, c in counts[i].items():
                     by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
                 results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k,
-                                        t.value if t.k else math.inf, counts[i], by_kind))
+                                        t.value if t.k else math.inf, counts[i], by_kind,
+                                        zeros[i] / elements, os.fspath(task_path)))
             for fname, text in _card(models, tasks, p, granularity, include, exclude, results, out).items():
                 (tmp / fname).write_text(text)
     except OutputError:
@@ -239,7 +258,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     for n in names:
         kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + entries[n]
     return CoresResult(out, p, granularity, total, kinds, results, 3 * pass_bytes, time.perf_counter() - start,
-                       notes=[n for m in models for n in m.notes])
+                       notes=[n for m in models for n in m.notes], elements=elements)
 
 
 def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore], out: Path) -> dict[str, str]:
