@@ -245,3 +245,29 @@ def test_stages_out_of_range(project, capsys, tmp_path):
     code, _, err = run_cli(capsys, "pipeline", project / "recipe.yml", "-o", tmp_path / "wd", "--method",
                            "multistage-random", "--stages", 4, "-q")
     assert code == 2 and "stages: 4 stages cannot split 3 tasks" in err and not (tmp_path / "wd").exists()
+
+
+def test_pipeline_on_two_fsdp_ranks(cpi, project):
+    """torchrun, 2 gloo ranks, --fsdp: every rank trains, rank 0 alone runs the other steps and reports once;
+    the steps, plan and stage data are the one-process run's, the cores frozen across stages bit-identical,
+    and the scores those of one process up to the float32 sums' order."""
+    wd = project / "fsdp-ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cpift.cli.train_cli", "pipeline", str(project / "recipe.yml"), "-o", str(wd), "--fsdp", "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| task | eval loss |") == 1 and proc.stdout.count("probe:add: ") == 1
+    one, two = (json.loads((d / "report.json").read_text()) for d in (cpi, wd))
+    assert [s["step"] for s in two["steps"]] == [s["step"] for s in one["steps"]]
+    assert two["stages"] == one["stages"] and two["optimizer_steps"] == one["optimizer_steps"]
+    for data in (cpi / "data").iterdir():
+        assert (wd / "data" / data.name).read_bytes() == data.read_bytes()
+    stages = two["stages"]
+    for s in (2, 3):
+        before, after = load_state(wd / "calibrated" / str(s - 1)), load_state(wd / "calibrated" / str(s))
+        for name, mask in core_union(wd, [t for g in stages[:s - 1] for t in g], before).items():
+            assert torch.equal(before[name][mask], after[name][mask]), (s, name)
+    for task in TASKS:
+        assert two["tasks"][task]["loss"] == pytest.approx(one["tasks"][task]["loss"], rel=1e-3), task

@@ -150,8 +150,11 @@ def eval_command(model, data, json_path, batch_size, max_length, max_new_tokens,
               help="Replaces the recipe's seed (SFT data order, stage order, calibration sample, random split).")
 @click.option("--device", default=None, help="Of SFT and eval: cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--threads", type=THREADS, default=None, help=THREADS_HELP)
+@click.option("--fsdp", is_flag=True,
+              help="Every SFT step shards the model with FSDP2 (as sft --fsdp). Under torchrun the SFT steps run "
+                   "on every process and the others (cores, cluster, fuse, merges, eval) on rank 0.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; one line per step and the table.")
-def pipeline(recipe, workdir, method, stages, seed, device, threads, quiet):
+def pipeline(recipe, workdir, method, stages, seed, device, threads, fsdp, quiet):
     """Run CPI-FT (probes, cores, cluster, staged SFT, fuse, calibration, eval) or a baseline from RECIPE.yml."""
     from cpift.training.evaluate import pick_device
     from cpift.training.pipeline import run_pipeline
@@ -160,9 +163,10 @@ def pipeline(recipe, workdir, method, stages, seed, device, threads, quiet):
         pick_device(device)  # an unavailable --device fails before any step runs
     _threads(threads)
     run_pipeline(recipe, workdir, method=method, stages=stages, seed=seed, device=device, progress=not quiet,
-                 log=click.echo)
-    with open(os.path.join(workdir, "report.md")) as f:
-        click.echo(f.read().rstrip())
+                 log=click.echo, fsdp=fsdp)
+    if env_int("RANK", 0) == 0:  # checked by run_pipeline already
+        with open(os.path.join(workdir, "report.md")) as f:
+            click.echo(f.read().rstrip())
 
 
 @cli.command()

@@ -33,6 +33,7 @@ from pathlib import Path
 from cpift.errors import ConfigError, ParameterError
 from cpift.merge.io.publish import check_inputs, check_not_protected, write_atomic
 
+from .ranks import Ranks
 from .recipe import Recipe, load_recipe
 
 METHODS = ("cpi-ft", "full-sft", "multistage-random", "multistage-heuristic", "task-arithmetic", "ties")
@@ -58,14 +59,18 @@ def split_stages(names: list[str], k: int, seed: int) -> list[list[str]]:
 class _Run:
     """Runs steps that are not done yet, and remembers each step's time and optimizer steps."""
 
-    def __init__(self, recipe: Recipe, workdir: Path, *, device, progress: bool, log: Callable[[str], None]):
+    def __init__(self, recipe: Recipe, workdir: Path, *, device, progress: bool, log: Callable[[str], None],
+                 ranks: Ranks, fsdp: bool = False):
         self.r, self.wd, self.device, self.progress, self.log = recipe, workdir, device, progress, log
+        self.ranks, self.fsdp = ranks, fsdp
         self.ledger_path = workdir / "steps.json"
         self.ledger: dict = json.loads(self.ledger_path.read_text()) if self.ledger_path.exists() else {}
         self.done: list[dict] = []  # this run's steps in order, for the report
 
-    def step(self, key: str, out: Path, fn: Callable[[], None], *, optimizer_steps: int = 0) -> Path:
-        if out.exists():  # complete: every output is published by a rename
+    def step(self, key: str, out: Path, fn: Callable[[], None], *, optimizer_steps: int = 0,
+             collective: bool = False) -> Path:
+        """Run ``fn`` unless ``out`` exists: on every rank if ``collective`` (SFT), else on rank 0 alone."""
+        if self.ranks.agree(out.exists()):  # complete: every output is published by a rename
             self.log(f"{key}: done before, skipped ({out})")
             # no ledger entry: killed between the publish and the ledger write; the time is lost
             entry = self.ledger.get(key, {"output": str(out.relative_to(self.wd)), "seconds": 0.0,
@@ -74,11 +79,12 @@ class _Run:
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        fn()
+        fn() if collective else self.ranks.leader_runs(key, fn)
         entry = {"output": str(out.relative_to(self.wd)), "seconds": round(time.perf_counter() - start, 3),
                  "optimizer_steps": optimizer_steps}
         self.ledger[key] = entry
-        _write_atomic(self.ledger_path, json.dumps(self.ledger, indent=2) + "\n")
+        if self.ranks.leader:
+            _write_atomic(self.ledger_path, json.dumps(self.ledger, indent=2) + "\n")
         self.done.append({"step": key, **entry, "resumed": False})
         self.log(f"{key}: {entry['seconds']:.1f} s, {optimizer_steps} optimizer steps -> {out}")
         return out
@@ -93,12 +99,12 @@ class _Run:
         dtype = stored_dtype(self.r.base) if final else self.r.intermediate_dtype
         return self.step(key, out, lambda: sft(model, data, out, steps=steps, seed=self.r.seed, freeze=freeze,
                                                device=self.device, progress=self.progress, schedule_window=window,
-                                               save_dtype=dtype, **opts),
-                         optimizer_steps=steps)
+                                               save_dtype=dtype, fsdp=self.fsdp, **opts),
+                         optimizer_steps=steps, collective=True)
 
     def data(self, name: str, lines: list[str]) -> Path:
         path = self.wd / "data" / f"{name}.jsonl"
-        if not path.exists():  # derived from the recipe and the seed alone: same bytes on a rerun
+        if self.ranks.leader and not path.exists():  # from the recipe and the seed alone: same bytes on a rerun
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(path, "".join(line + "\n" for line in lines))
         return path
@@ -229,7 +235,7 @@ def claim_workdir(recipe: Recipe, workdir: str | os.PathLike, *, method: str) ->
 
 def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike, *, method: str = "cpi-ft",
                  stages: int | None = None, seed: int | None = None, device: str | None = None,
-                 progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
+                 progress: bool = False, log: Callable[[str], None] | None = None, fsdp: bool = False) -> dict:
     """Run CPI-FT or a baseline into ``workdir``, skipping the steps a previous run finished.
 
     Args:
@@ -240,7 +246,9 @@ def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike,
         seed: replaces the recipe's seed (SFT data order, stage order, calibration sample, random split).
         device: of every SFT and eval (default CUDA when available); merges run on the CPU.
         progress: tqdm bars of the inner steps.
-        log: called with one line per step (done or skipped).
+        log: called with one line per step (done or skipped); on rank 0 only under torchrun.
+        fsdp: every SFT step shards the model with FSDP2 (``sft(fsdp=True)``). Under torchrun each SFT
+            step runs on every process (DDP or FSDP2) and the other steps on rank 0 alone.
 
     Returns:
         The report (also written to workdir/report.json and report.md).
@@ -261,12 +269,36 @@ def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike,
         r.stages = stages
     if seed is not None:
         r.seed = seed
-    log = log or (lambda line: None)
     plan = _stage_plan(r, method)
     calibration_n = _check_data(r)
-    wd = claim_workdir(r, workdir, method=method)
+    from .evaluate import pick_device
+    from .shard import dist_env, init_group
 
-    run = _Run(r, wd, device=device, progress=progress, log=log)
+    world, rank, local_rank = dist_env()
+    dev = pick_device(device)
+    if world > 1 and dev.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(local_rank)
+    own_group = init_group(dev, world) if world > 1 else False
+    try:
+        ranks = Ranks(world, rank)
+        log = (log or (lambda line: None)) if ranks.leader else (lambda line: None)
+        ranks.leader_runs("WORKDIR", lambda: claim_workdir(r, workdir, method=method))
+        run = _Run(r, Path(workdir), device=device, progress=progress and ranks.leader, log=log, ranks=ranks,
+                   fsdp=fsdp)
+        final, plan = _run_method(run, r, method, plan, calibration_n)
+        return _report(run, r, method, plan, final, calibration_n)
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_method(run: _Run, r: Recipe, method: str, plan, calibration_n: int) -> tuple[Path, list | None]:
+    """The method's steps, then the evaluation of its final model: (final model, stage plan)."""
+    wd, device, progress = run.wd, run.device, run.progress
     if method == "cpi-ft":
         final, plan = _cpi_ft(run, r, calibration_n)
     elif plan is not None:
@@ -290,7 +322,7 @@ def run_pipeline(recipe: str | os.PathLike | Recipe, workdir: str | os.PathLike,
         _write_atomic(wd / "eval.json", json.dumps(scores, indent=2) + "\n")
 
     run.step("eval", wd / "eval.json", evaluate_all)
-    return _report(run, r, method, plan, final, calibration_n)
+    return final, plan
 
 
 def _cpi_ft(run: _Run, r: Recipe, calibration_n: int) -> tuple[Path, list[list[str]]]:
@@ -334,6 +366,8 @@ def _report(run: _Run, r: Recipe, method: str, plan, final: Path, calibration_n:
               "optimizer_steps": sum(s["optimizer_steps"] for s in run.done),
               "wall_seconds": round(sum(s["seconds"] for s in run.done), 3),
               "steps": run.done, "settings": {**r.to_json(), "calibration_examples_per_task": calibration_n}}
+    if not run.ranks.leader:
+        return report
     _write_atomic(run.wd / "report.json", json.dumps(report, indent=2) + "\n")
     md = [f"# {method} on {', '.join(r.names)}", "",
           f"Base `{r.base}`, recipe `{r.path}`, seed {r.seed}; final model `{report['final_model']}`.", ""]
