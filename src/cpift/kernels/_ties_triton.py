@@ -162,7 +162,7 @@ def delta_merge_triton(
     # int64 two's complement of each seed: the kernel's uint64 cast restores seeds ≥ 2^63.
     last_ties = [c.last_tie for c in cuts] if cuts else [-1] * count
     seeds = [s - (1 << 64) if s >= 1 << 63 else s for s in drop_seeds] if densities else [0] * count
-    iprm = torch.tensor(list(zip(last_ties, seeds)), dtype=torch.int64)
+    iprm = torch.tensor(list(zip(last_ties, seeds)), dtype=torch.int64, device="cpu")
     if base.is_cuda:  # pinned + non_blocking: no host sync for the 16·N bytes
         iprm = iprm.pin_memory().to(base.device, non_blocking=True)
     cut_v = tuple(float(c.value) for c in cuts) if cuts else (0.0,) * count

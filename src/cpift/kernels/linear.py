@@ -62,8 +62,8 @@ def _check(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
 def _sum_torch(xs: Sequence[torch.Tensor], ws: Sequence[float], out: torch.Tensor) -> torch.Tensor:
     dt = compute_dtype(*xs)
     for s, e in chunks(out.numel()):
-        acc = scratch("linear.acc", e - s, dt)
-        tmp = scratch("linear.x", e - s, dt)
+        acc = scratch("linear.acc", e - s, dt, out.device)
+        tmp = scratch("linear.x", e - s, dt, out.device)
         acc.copy_(xs[0][s:e]).mul_(ws[0])
         for x, w in zip(xs[1:], ws[1:]):
             tmp.copy_(x[s:e])
@@ -108,7 +108,7 @@ def linear_ref(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Te
     """float64 oracle: Σ w_i·x_i / Σ w_i, returned as float64."""
     if len(xs) == 0 or len(weights) != len(xs):
         raise ValueError("linear_ref: need one weight per tensor and at least one tensor")
-    acc = torch.zeros(xs[0].numel(), dtype=torch.float64)
+    acc = torch.zeros(xs[0].numel(), dtype=torch.float64, device=xs[0].device)
     for x, w in zip(xs, weights):
         acc += float(w) * x.double()
     return acc / math.fsum(float(w) for w in weights)
