@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import abs_delta
+from ._triton_utils import abs_delta, launch_options
 
 _BYTES = 512  # packed bytes per program (4096 entries)
 
@@ -28,7 +28,8 @@ def _unpack_kernel(packed_ptr, out_ptr, m, BYTES: tl.constexpr):
     values = tl.load(packed_ptr + byte, mask=byte < m, other=0).to(tl.int32)
     bits = (values[:, None] >> tl.arange(0, 8)[None, :]) & 1
     entry = byte[:, None] * 8 + tl.arange(0, 8)[None, :]
-    tl.store(out_ptr + entry, bits.to(tl.uint8), mask=entry < m * 8)
+    # m.to(int64): Triton passes m < 2^31 as int32, and m·8 overflows from 2^28 bytes (2^31 entries) on.
+    tl.store(out_ptr + entry, bits.to(tl.uint8), mask=entry < m.to(tl.int64) * 8)
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def pack_cut_triton(x: torch.Tensor, base: torch.Tensor | None, value: float, la
     # A last_tie beyond the tensor means every tie; clamping keeps it in int64 range either way.
     _pack_cut_kernel[(programs,)](x, base if base is not None else x, out, ties, n, value,
                                   max(-1, min(last_tie, n)), HAS_BASE=base is not None, F64=f64, BYTES=_BYTES,
-                                  PACK=True)
+                                  PACK=True, **launch_options())
     return int(ties.long().sum())
 
 
@@ -96,21 +97,24 @@ def tie_counts_triton(x: torch.Tensor, base: torch.Tensor | None, value: float) 
     if n:
         f64 = x.dtype == torch.float64 or (base is not None and base.dtype == torch.float64)
         _pack_cut_kernel[(programs,)](x, base if base is not None else x, ties, ties, n, value, -1,
-                                      HAS_BASE=base is not None, F64=f64, BYTES=_BYTES, PACK=False)
+                                      HAS_BASE=base is not None, F64=f64, BYTES=_BYTES, PACK=False,
+                                      **launch_options())
     return ties.long(), 8 * _BYTES
 
 
 def pack_bits_triton(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = mask.numel()
     if n:
-        _pack_kernel[(triton.cdiv(out.numel(), _BYTES),)](mask.view(torch.uint8), out, n, BYTES=_BYTES)
+        _pack_kernel[(triton.cdiv(out.numel(), _BYTES),)](mask.view(torch.uint8), out, n, BYTES=_BYTES,
+                                                          **launch_options())
     return out
 
 
 def unpack_bits_triton(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     m = packed.numel()
     if m:
-        _unpack_kernel[(triton.cdiv(m, _BYTES),)](packed, out.view(torch.uint8), m, BYTES=_BYTES)
+        _unpack_kernel[(triton.cdiv(m, _BYTES),)](packed, out.view(torch.uint8), m, BYTES=_BYTES,
+                                                 **launch_options())
     return out
 
 
@@ -120,6 +124,6 @@ def overlap_triton(p: torch.Tensor, q: torch.Tensor) -> tuple[int, int]:
     if not programs:
         return 0, 0
     parts = torch.zeros(programs * 2, dtype=torch.int32, device=p.device)
-    _overlap_kernel[(programs,)](p, q, parts, m, BYTES=_BYTES)
+    _overlap_kernel[(programs,)](p, q, parts, m, BYTES=_BYTES, **launch_options())
     inter, union = parts.view(-1, 2).long().sum(0).tolist()
     return inter, union

@@ -118,7 +118,8 @@ def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out
     for s, e in chunks(n):  # CHUNK is a multiple of 8: chunk s starts at byte s // 8
         scores = magnitude_scores(x, base, s, e)
         if count_ties:
-            ties += int(torch.count_nonzero(torch.eq(scores, cut.value, out=scratch("masks.eq", e - s, torch.bool, x.device))))
+            eq = scratch("masks.eq", e - s, torch.bool, x.device)
+            ties += int(torch.count_nonzero(torch.eq(scores, cut.value, out=eq)))
         _pack_into(cut_mask(scores, cut, s, out=scratch("masks.sel", e - s, torch.bool, x.device)), out[s // 8:])
     return out, ties
 

@@ -134,7 +134,8 @@ def sce_square_sums(base: torch.Tensor, xs: Sequence[torch.Tensor], *, scores: t
         fb = scratch("sce.base", m, dt, base.device).copy_(base[s:e])
         d = scratch("sce.d", m, dt, base.device)
         d64 = scratch("sce.d64", m, torch.float64, base.device)
-        keep = cut_keep(scores[s:e], cut, s, out=scratch("sce.keep", m, torch.float32, base.device)) if cut is not None else None
+        keep = None if cut is None else cut_keep(scores[s:e], cut, s,
+                                                 out=scratch("sce.keep", m, torch.float32, base.device))
         for i, x in enumerate(xs):
             d.copy_(x[s:e]).sub_(fb)
             if keep is not None:
@@ -177,7 +178,8 @@ def sce_combine(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequenc
     for s, e in chunks(n):
         m = e - s
         fb = scratch("sce.base", m, dt, base.device).copy_(base[s:e])
-        keep = cut_keep(scores[s:e], cut, s, out=scratch("sce.keep", m, torch.float32, base.device)) if cut is not None else None
+        keep = None if cut is None else cut_keep(scores[s:e], cut, s,
+                                                 out=scratch("sce.keep", m, torch.float32, base.device))
         total = scratch("sce.sum", m, dt, base.device).zero_()
         deltas = []
         for i, x in enumerate(xs):
