@@ -18,7 +18,10 @@
 #   pass 2  add_low: 2^16-bin histogram of the low 16 bits of the entries in that bin;
 #           threshold(): the exact value v, #(s > v) and #(s == v).
 #   pass 3  (magnitude_cut only, and only when some but not all ties at v are kept) the flat index
-#           of the r-th tie, lowest index first; it stops at the chunk that holds it.
+#           of the r-th tie, lowest index first; it stops at the chunk that holds it. On Triton it
+#           stays on the device: per-program tie counts (the pack_cut kernel, nothing packed), a
+#           prefix sum and searchsorted find the 4096-entry slice holding it (one host sync), and
+#           only that slice is scored again. Every scratch buffer lives on the inputs' device.
 # Each pass reads every input element once and writes nothing but 512 KiB of counts. The
 # histograms add across ranks (DESIGN §6: an all-reduce per round).
 #
