@@ -77,14 +77,15 @@ class Env:
 def realistic(env: Env, n: int, count: int = 3, seed: int = 0):
     """A bf16 base and `count` task models: a third of the deltas exactly 0, the rest ±1..3 steps of 2^-8."""
     torch = env.torch
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    dev = env.device  # drawn where they are used: 2^28 entries take seconds on a GPU, minutes on a CPU
+    g = torch.Generator(device=dev).manual_seed(seed)
+    base = torch.randn(n, generator=g, device=dev).to(torch.bfloat16)
     xs = []
     for _ in range(count):
-        step = torch.randint(-3, 4, (n,), generator=g, dtype=torch.float64) * 2.0 ** -8
-        step = torch.where(torch.rand(n, generator=g) < 0.2, 0.0, step)
-        xs.append((base.double() + step).to(torch.bfloat16))
-    return base.to(env.device), [x.to(env.device) for x in xs]
+        step = torch.randint(-3, 4, (n,), generator=g, device=dev).float() * 2.0 ** -8
+        step = torch.where(torch.rand(n, generator=g, device=dev) < 0.2, 0.0, step)
+        xs.append((base.float() + step).to(torch.bfloat16))  # exact in float32, one bf16 rounding
+    return base, xs
 
 
 def _cpu(ts):
