@@ -257,7 +257,7 @@ def case_bandwidth(env: Env) -> dict:
 
 def _kernel_resources() -> dict:
     """Registers and spills of every Triton kernel this process compiled (GPU only)."""
-    from cpift.kernels import _masks_triton, _scores_triton, _sce_triton, _slerp_triton, _ties_triton
+    from cpift.kernels import _masks_triton, _sce_triton, _scores_triton, _slerp_triton, _ties_triton
 
     found = {}
     for mod in (_masks_triton, _scores_triton, _sce_triton, _slerp_triton, _ties_triton):

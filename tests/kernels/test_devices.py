@@ -17,7 +17,7 @@ import pytest
 import torch
 from _compare import assert_exact
 
-from cpift.kernels import dare, masks, nearswap, scores, select, sce, slerp, ties, topk
+from cpift.kernels import dare, masks, nearswap, sce, scores, select, slerp, ties, topk
 from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels.linear import linear, weighted_sum
 

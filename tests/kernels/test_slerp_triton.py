@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, TORCH_FMA, assert_close_to_ref, assert_exact,
-                      nonzero_randn)
+from _compare import DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, TORCH_FMA, assert_close_to_ref, assert_exact, nonzero_randn
 
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON, resolve
 from cpift.kernels.slerp import slerp, slerp_blend, slerp_coefficients, slerp_reduce, slerp_ref
