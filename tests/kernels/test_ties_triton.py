@@ -35,7 +35,7 @@ def _both(base, xs, weights, opts, out_dtype=None):
     out_dtype = out_dtype or base.dtype
     got = delta_merge(base, xs, weights, out=torch.empty(base.numel(), dtype=out_dtype),
                       backend="triton", **opts)
-    if TORCH_FMA or not HAS_NUMBA:
+    if TORCH_FMA or not HAS_NUMBA or torch.float64 in {t.dtype for t in (base, *xs)}:  # float64: torch on both
         want = delta_merge(base, xs, weights, out=torch.empty(base.numel(), dtype=out_dtype), backend="torch", **opts)
     else:  # the fused CPU kernel stores no float64: its float32 result, which a float64 output holds exactly
         stand_in = torch.float32 if out_dtype == torch.float64 else out_dtype
