@@ -1,16 +1,19 @@
-"""GPU check of the Triton tensor core: correctness compiled, then bandwidth against torch eager and a copy.
+"""One-shot GPU check of the Triton path: results against torch on the CPU, then bandwidth, then a staged merge.
 
-On a CUDA machine:
-  1. runs tests/kernels with the kernels compiled (TRITON_INTERPRET unset), stopping on a failure;
-  2. times every kernel with triton.testing.do_bench (median of its runs) on several GB of random
-     bf16 data, beside torch eager doing the same work and a device-to-device copy of the same
-     bytes; prints GB/s, % of copy bandwidth and the speed-up over torch, and writes JSON.
-     Bytes counted per kernel = bytes it must read + bytes it must write (DRAM traffic at best).
-  python benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json     (< 5 minutes on one H200)
+  python benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json    (sized for < 5 min on one H100)
+  python benchmarks/gpu_check.py --dry-run --json /tmp/gpu_check.json        (CPU, Triton interpreter; CI)
 
---dry-run runs the same timing code on the CPU under TRITON_INTERPRET=1 with tiny sizes and
-time.perf_counter instead of CUDA events (CI runs it; its figures mean nothing).
-Targets (the issue): ≥ 80% of copy bandwidth for scoring, mask packing and the SLERP blend.
+Every case runs in its own process (a CUDA error poisons a context: the next case starts clean), with a
+time limit, and the JSON is rewritten after each case, so a crash still leaves every result before it.
+Inputs are realistic bf16 deltas: a third of the entries unchanged (zero scores) and the rest a few
+quantized steps, so the k-th largest |δ| is a tie that the cut splits. Correctness cases compare the
+device result with backend="torch" on CPU copies, bit for bit where cpift claims it (dyadic weights:
+the torch reference's fused or unfused multiply-adds then agree); "nan" checks a NaN input stays NaN.
+Timing cases report GB/s of the bytes each kernel must move (read + write) and a device copy's GB/s;
+"staged_merge" runs `cpift-merge ties --device cuda` end to end: input GB/s, host-device copy GB/s,
+the synchronizing calls torch counted (set_sync_debug_mode), and the registers and spills of every
+kernel compiled. --dry-run runs the same cases on the CPU under TRITON_INTERPRET=1 with tiny sizes
+(CI runs it: the comparisons hold there too; the timings mean nothing).
 """
 
 from __future__ import annotations
@@ -19,146 +22,359 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CASE_LIMIT_S = 240  # per case; the whole run is sized for < 5 minutes on one H100
 
 
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes (for CI).")
-    ap.add_argument("--gib", type=float, default=2.0,
-                    help="Size of each bf16 input tensor in GiB (default 2; dry run: ~64 KiB).")
-    ap.add_argument("--skip-tests", action="store_true", help="Do not run tests/kernels compiled first.")
-    ap.add_argument("--json", type=Path, default=None, help="Write the results here.")
+    ap.add_argument("--json", type=Path, default=None, help="Write the results here (rewritten after each case).")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # run one case in this process
     return ap.parse_args()
 
 
-def _timer(dry: bool):
-    if not dry:
-        from triton.testing import do_bench
+class Env:
+    """Device, backend and sizes of one run."""
 
-        return lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+    def __init__(self, dry: bool):
+        import torch
 
-    def cpu_median(fn) -> float:
+        self.dry = dry
+        self.device = "cpu" if dry else "cuda"
+        self.backend = "triton"
+        self.n_check = 3 * 4096 + 77 if dry else (1 << 22) + 3  # compared with torch on the CPU
+        self.n_time = (1 << 15) + 3 if dry else 1 << 28  # 512 MiB of bf16 per input
+        self.torch = torch
+
+    def sync(self) -> None:
+        if not self.dry:
+            self.torch.cuda.synchronize()
+
+    def seconds(self, fn) -> float:
+        """Median wall time of fn (CUDA events through triton's do_bench on a GPU)."""
+        if not self.dry:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=10, rep=100, return_mode="median") / 1e3
         fn()
         runs = []
         for _ in range(3):
             t = time.perf_counter()
             fn()
             runs.append(time.perf_counter() - t)
-        return statistics.median(runs)
-
-    return cpu_median
+        return sorted(runs)[1]
 
 
-def _cases(n: int, device: str):
-    """(name, bytes moved, cpift fn, torch eager fn): the same work both ways."""
-    import torch
+def realistic(env: Env, n: int, count: int = 3, seed: int = 0):
+    """A bf16 base and `count` task models: a third of the deltas exactly 0, the rest ±1..3 steps of 2^-8."""
+    torch = env.torch
+    dev = env.device  # drawn where they are used: 2^28 entries take seconds on a GPU, minutes on a CPU
+    g = torch.Generator(device=dev).manual_seed(seed)
+    base = torch.randn(n, generator=g, device=dev).to(torch.bfloat16)
+    xs = []
+    for _ in range(count):
+        step = torch.randint(-3, 4, (n,), generator=g, device=dev).float() * 2.0 ** -8
+        step = torch.where(torch.rand(n, generator=g, device=dev) < 0.2, 0.0, step)
+        xs.append((base.float() + step).to(torch.bfloat16))  # exact in float32, one bf16 rounding
+    return base, xs
 
+
+def _cpu(ts):
+    return [t.cpu() for t in ts]
+
+
+def _compare(got, want) -> dict:
+    """Bit comparison of a device result with the CPU reference (NaN equal to NaN)."""
+    got = got.cpu()
+    same = got == want
+    if got.is_floating_point():
+        same |= got.isnan() & want.isnan()
+    bad = (~same).nonzero().flatten()
+    return {"exact": not bad.numel(), "mismatches": int(bad.numel()), "first": bad[:5].tolist(),
+            "entries": got.numel()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness: device vs backend="torch" on CPU copies
+
+
+def case_magnitude_cut(env: Env) -> dict:
+    from cpift.kernels.select import magnitude_cut
+
+    base, xs = realistic(env, env.n_check, 1)
+    k = env.n_check // 3
+    got = magnitude_cut(xs[0], base, k, backend=env.backend)
+    want = magnitude_cut(xs[0].cpu(), base.cpu(), k, backend="torch")
+    return {"exact": got == want, "cut": [got.value, got.last_tie], "torch_cut": [want.value, want.last_tie],
+            "tie_split": 0 <= want.last_tie < env.n_check - 1}
+
+
+def case_global_topk(env: Env) -> dict:
+    from cpift.kernels.topk import GlobalTopK
+
+    base, xs = realistic(env, env.n_check, 2)
+    m = env.n_check // 2
+    stream = [(base[:m], [x[:m] for x in xs]), (base[m:], [x[m:] for x in xs])]
+    packs = []
+    for tensors, device, backend in ((stream, env.device, env.backend),
+                                     ([(b.cpu(), _cpu(t)) for b, t in stream], "cpu", "torch")):
+        top = GlobalTopK(2, device=device, backend=backend)
+        for b, t in tensors:
+            top.count(b, t)
+        top.fix([env.n_check // 5, env.n_check // 3])
+        for b, t in tensors:
+            top.refine(b, t)
+        packs.append([p for b, t in tensors for p, _ in top.pack(b, t)])
+    results = [_compare(p, p0) for p, p0 in zip(*packs)]
+    return {"exact": all(r["exact"] for r in results), "masks": len(results),
+            "mismatches": sum(r["mismatches"] for r in results)}
+
+
+def _delta_case(env: Env, **opts) -> dict:
+    from cpift.kernels.select import magnitude_cut
+    from cpift.kernels.ties import delta_merge
+
+    torch = env.torch
+    base, xs = realistic(env, env.n_check)
+    if opts.pop("trim", False):
+        opts["cuts"] = [magnitude_cut(x, base, env.n_check // 4, backend=env.backend) for x in xs]
+    ws = [1.0, 0.5, 0.25]  # dyadic: exact products, so fused and unfused torch sums agree
+    n = env.n_check
+    got = delta_merge(base, xs, ws, out=torch.empty(n, dtype=torch.bfloat16, device=env.device),
+                      backend=env.backend, **opts)
+    want = delta_merge(base.cpu(), _cpu(xs), ws, out=torch.empty(n, dtype=torch.bfloat16), backend="torch", **opts)
+    return _compare(got, want)
+
+
+def case_ties(env: Env) -> dict:
+    return _delta_case(env, elect_sign=True, trim=True)
+
+
+def case_dare(env: Env) -> dict:
+    return _delta_case(env, elect_sign=True, drop_density=0.5, drop_seeds=[1, 2, 3], normalize=False)
+
+
+def case_nan(env: Env) -> dict:
+    from cpift.kernels.ties import delta_merge
+
+    torch = env.torch
+    base, xs = realistic(env, env.n_check)
+    xs[1][5] = float("nan")
+    xs[2][9] = float("inf")
+    n, ws = env.n_check, [1.0, 1.0, 1.0]
+    row = {}
+    for mode, opts in {"ties": dict(elect_sign=True), "dare": dict(elect_sign=False, drop_density=0.5,
+                                                                   drop_seeds=[4, 5, 6])}.items():
+        got = delta_merge(base, xs, ws, out=torch.empty(n, dtype=torch.bfloat16, device=env.device),
+                          backend=env.backend, **opts)
+        want = delta_merge(base.cpu(), _cpu(xs), ws, out=torch.empty(n, dtype=torch.bfloat16), backend="torch",
+                           **opts)
+        row[mode] = {**_compare(got, want), "nan_at_input": bool(got[5].isnan())}
+    row["exact"] = all(r["exact"] and r["nan_at_input"] for r in row.values())
+    return row
+
+
+def case_sce(env: Env) -> dict:
+    from cpift.kernels.sce import sce_merge
+
+    torch = env.torch
+    base, xs = realistic(env, env.n_check)
+    n = env.n_check
+    got = sce_merge(base, xs, 0.5, out=torch.empty(n, dtype=torch.bfloat16, device=env.device), backend=env.backend)
+    return _compare(got, sce_merge(base.cpu(), _cpu(xs), 0.5, out=torch.empty(n, dtype=torch.bfloat16),
+                                   backend="torch"))
+
+
+def case_nearswap(env: Env) -> dict:
+    from cpift.kernels.nearswap import nearswap
+
+    torch = env.torch
+    _, xs = realistic(env, env.n_check, 2)
+    n = env.n_check
+    got = nearswap(xs[0], xs[1], 0.01, out=torch.empty(n, dtype=torch.bfloat16, device=env.device),
+                   backend=env.backend)
+    return _compare(got, nearswap(*_cpu(xs), 0.01, out=torch.empty(n, dtype=torch.bfloat16), backend="torch"))
+
+
+def case_device_tests(env: Env) -> dict:
+    """tests/kernels/test_devices.py's CUDA cases (every entry point on the device vs torch)."""
+    if env.dry:
+        return {"exact": True, "skipped": "dry run: the CPU cases run in CI itself"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+           str(ROOT / "tests" / "kernels" / "test_devices.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return {"exact": proc.returncode == 0, "tail": proc.stdout[-1500:]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Bandwidth: GB/s of the bytes a kernel must move, beside a device copy
+
+
+def case_bandwidth(env: Env) -> dict:
     from cpift.kernels.masks import overlap, pack_cut
     from cpift.kernels.scores import BINS, score_deltas
     from cpift.kernels.select import Cut
-    from cpift.kernels.slerp import slerp_blend, slerp_reduce
+    from cpift.kernels.slerp import slerp_blend
     from cpift.kernels.ties import delta_merge
 
-    g = torch.Generator(device=device).manual_seed(0)
-    bf = torch.bfloat16
-    a = torch.randn(n, generator=g, device=device).to(bf)
-    b = torch.randn(n, generator=g, device=device).to(bf)
-    xs = [(b.float() + 0.01 * torch.randn(n, generator=g, device=device)).to(bf) for _ in range(3)]
-    out = torch.empty(n, dtype=bf, device=device)
-    scores = torch.empty(n, dtype=torch.float32, device=device)
-    hist = torch.zeros(BINS, dtype=torch.int64, device=device)
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=device)
-    packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=device)
-    other = torch.randint(0, 256, packed.shape, dtype=torch.uint8, device=device, generator=g)
-    pop = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=device)
-    cut = Cut(0.5, n)  # ~40% of |a − b| above it
-    e = 2  # bytes per bf16 entry
-
-    def torch_scores():
-        s = (a.float() - b.float()).abs()
-        hist.add_(torch.bincount((s.view(torch.int32) >> 16), minlength=BINS))
-        return s
-
-    def torch_pack():
-        sel = ((a.float() - b.float()).abs() > cut.value).to(torch.uint8)
-        return (sel[: n // 8 * 8].view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-
-    def torch_ties():
-        ds = [x.float() - b.float() for x in xs]
-        s = torch.sign(sum(ds))
-        num = sum(torch.where(d * s > 0, d, 0.0) for d in ds)
-        den = sum(torch.where(d * s > 0, 1.0, 0.0) for d in ds)
-        return (b.float() + torch.where(den > 0, num / den.clamp(min=1), 0.0)).to(bf)
-
-    be = "triton"
-    return [
-        ("score+histogram", n * (2 * e + 4), lambda: score_deltas(a, b, hist=hist, out=scores, backend=be),
-         torch_scores),
-        ("compare+pack", n * 2 * e + n // 8, lambda: pack_cut(a, b, cut=cut, out=packed, backend=be), torch_pack),
-        ("slerp reduce", n * 2 * e, lambda: slerp_reduce(a, b, backend=be),
-         lambda: (torch.dot(a.float(), a.float()), torch.dot(b.float(), b.float()), torch.dot(a.float(), b.float()))),
-        ("slerp blend", n * 3 * e, lambda: slerp_blend(a, b, 0.6, 0.4, out=out, backend=be),
-         lambda: out.copy_(0.6 * a.float() + 0.4 * b.float())),
-        ("ties N=3", n * 5 * e, lambda: delta_merge(b, xs, [1.0, 1.0, 1.0], elect_sign=True, out=out, backend=be),
-         torch_ties),
-        ("popcount overlap", 2 * packed.numel(), lambda: overlap(packed, other, backend=be),
-         lambda: (pop[(packed & other).long()].sum(), pop[(packed | other).long()].sum())),
-    ]
+    torch = env.torch
+    n, e, be = env.n_time, 2, env.backend
+    base, xs = realistic(env, n)
+    out = torch.empty(n, dtype=torch.bfloat16, device=env.device)
+    scores = torch.empty(n, dtype=torch.float32, device=env.device)
+    hist = torch.zeros(BINS, dtype=torch.int64, device=env.device)
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=env.device)
+    cut = Cut(2.0 ** -7, n)
+    src = torch.empty(2 * n, dtype=torch.uint8, device=env.device)
+    dst = torch.empty_like(src)
+    kernels = {
+        "device copy": (4 * n, lambda: dst.copy_(src)),
+        "score+histogram (zero-heavy)": (n * (2 * e + 4), lambda: score_deltas(xs[0], base, hist=hist, out=scores,
+                                                                                backend=be)),
+        "compare+pack": (n * 2 * e + n // 8, lambda: pack_cut(xs[0], base, cut=cut, out=packed, backend=be)),
+        "slerp blend": (n * 3 * e, lambda: slerp_blend(xs[0], xs[1], 0.6, 0.4, out=out, backend=be)),
+        "ties N=3": (n * 5 * e, lambda: delta_merge(base, xs, [1.0, 1.0, 1.0], elect_sign=True, out=out, backend=be)),
+        "popcount overlap": (2 * packed.numel(), lambda: overlap(packed, packed, backend=be)),
+    }
+    rows = {name: {"bytes": nbytes, "s": env.seconds(fn)} for name, (nbytes, fn) in kernels.items()}
+    for r in rows.values():
+        r["gbps"] = r["bytes"] / r["s"] / 1e9
+    return {"exact": True, "entries": n, "rows": rows}
 
 
-def _run_tests() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "tests" / "kernels")], env=env)
+# --------------------------------------------------------------------------------------------------
+# A staged end-to-end merge
+
+
+def _kernel_resources() -> dict:
+    """Registers and spills of every Triton kernel this process compiled (GPU only)."""
+    from cpift.kernels import _masks_triton, _sce_triton, _scores_triton, _slerp_triton, _ties_triton
+
+    found = {}
+    for mod in (_masks_triton, _scores_triton, _sce_triton, _slerp_triton, _ties_triton):
+        for name, fn in vars(mod).items():
+            for cache in getattr(fn, "device_caches", {}).values():
+                for i, k in enumerate(cache[0].values()):
+                    try:
+                        k._init_handles()
+                        found[f"{name}#{i}"] = {"regs": k.n_regs, "spills": k.n_spills}
+                    except Exception as exc:  # a kernel object of another Triton version
+                        found[f"{name}#{i}"] = {"error": repr(exc)[:200]}
+    return found
+
+
+def case_staged_merge(env: Env) -> dict:
+    import warnings
+
+    from cpift.cli.merge_cli import main as merge_main
+    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
+
+    torch = env.torch
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = PRESETS["tiny" if env.dry else "small"]
+        base = make_checkpoint(Path(tmp, "base"), shape)
+        tasks = [make_checkpoint(Path(tmp, f"t{i}"), shape, seed=i + 1, base_seed=0) for i in range(2)]
+        read = sum(f.stat().st_size for d in (base, *tasks) for f in d.glob("*.safetensors"))
+        argv = ["ties", "--base", str(base), *map(str, tasks), "--density", "0.2", "--device", env.device,
+                "--backend", env.backend, "-o", str(Path(tmp, "out"))]
+        row = {"input_bytes": read}
+        if not env.dry:
+            host = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()
+            row["h2d_gbps"] = host.numel() / env.seconds(lambda: host.to(env.device, non_blocking=True)) / 1e9
+            torch.cuda.set_sync_debug_mode(1)
+        t = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                merge_main(argv + ["--quiet"])
+            except SystemExit as exc:
+                row["exit"] = exc.code
+        row["seconds"] = time.perf_counter() - t
+        if not env.dry:
+            torch.cuda.set_sync_debug_mode(0)
+            row["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+            row["kernels"] = _kernel_resources()
+        row["input_gbps"] = read / row["seconds"] / 1e9
+        row["exact"] = row.get("exit", 0) in (0, None) and Path(tmp, "out", "model.safetensors").exists()
+        return row
+
+
+CASES = {f.__name__[5:]: f for f in (case_magnitude_cut, case_global_topk, case_ties, case_dare, case_nan, case_sce,
+                                     case_nearswap, case_device_tests, case_bandwidth, case_staged_merge)}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_one(name: str, dry: bool) -> None:
+    """Child process: run one case, print its row as the last line of stdout."""
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton defines any kernel
+    env = Env(dry)
+    t = time.perf_counter()
+    row = CASES[name](env)
+    env.sync()
+    row["case_s"] = time.perf_counter() - t
+    print(json.dumps(row, default=str))
+
+
+def _child(name: str, dry: bool) -> dict:
+    cmd = [sys.executable, __file__, "--case", name] + (["--dry-run"] if dry else [])
+    penv = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_LIMIT_S, env=penv)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "limit_s": CASE_LIMIT_S}
     if proc.returncode:
-        sys.exit(f"gpu_check: tests/kernels failed compiled on the GPU (exit {proc.returncode})")
+        return {"status": "crashed", "exit": proc.returncode, "stderr": proc.stderr[-3000:]}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["status"] = "ok" if row.get("exact") else "mismatch"
+    return row
+
+
+def _write(path: Path | None, report: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def main() -> None:
     args = _parse()
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton defines any kernel
+    if args.case:
+        try:
+            _run_one(args.case, args.dry_run)
+        except Exception:
+            traceback.print_exc()
+            sys.exit(1)
+        return
     import torch
+    import triton
 
-    device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (use --dry-run on a CPU)")
-    if not args.dry_run and not args.skip_tests:
-        _run_tests()
-    n = (1 << 15) + 3 if args.dry_run else int(args.gib * 2**30) // 2
-    timer = _timer(args.dry_run)
-    src = torch.empty(n * 2, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = timer(lambda: dst.copy_(src))
-    copy_gbps = 2 * src.numel() / copy_s / 1e9
-    del src, dst
-    rows = []
-    for name, nbytes, ours, eager in _cases(n, device):
-        t_ours, t_eager = timer(ours), timer(eager)
-        gbps = nbytes / t_ours / 1e9
-        rows.append({"kernel": name, "entries": n, "bytes": nbytes, "cpift_s": t_ours, "torch_s": t_eager,
-                     "cpift_gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps, "speedup_vs_torch": t_eager / t_ours})
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU (interpreter), {platform.machine()}"
-    print(f"{device_name}; copy {copy_gbps:.1f} GB/s; {n:,} bf16 entries per input"
-          + ("  (dry run: interpreter timings, meaningless)" if args.dry_run else ""))
-    print(f"{'kernel':<18} {'GB/s':>9} {'% copy':>8} {'× torch':>8}")
-    for r in rows:
-        print(f"{r['kernel']:<18} {r['cpift_gbps']:9.1f} {r['pct_of_copy']:7.1f}% {r['speedup_vs_torch']:7.2f}×")
-    if args.json:
-        import triton
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name,
-            "dry_run": args.dry_run, "torch": torch.__version__, "triton": triton.__version__,
-            "copy_gbps": copy_gbps, "rows": rows}, indent=2) + "\n")
+    device = torch.cuda.get_device_name() if not args.dry_run else f"CPU (interpreter), {platform.machine()}"
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+              "dry_run": args.dry_run, "torch": torch.__version__, "triton": triton.__version__, "cases": {}}
+    for name in CASES:
+        t = time.perf_counter()
+        report["cases"][name] = row = _child(name, args.dry_run)
+        print(f"{name:<16} {row['status']:<9} {time.perf_counter() - t:6.1f} s", flush=True)
+        _write(args.json, report)
+    failed = [n for n, r in report["cases"].items() if r["status"] != "ok"]
+    if failed:
+        sys.exit(f"gpu_check: {len(failed)} case(s) not ok: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,24 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 _SHOW = 8
 
 
+def _torch_add_alpha_fuses() -> bool:
+    """Whether torch's float32 ``add_(t, alpha=w)`` rounds once (a fused multiply-add) on this CPU.
+
+    ATen's vectorized kernels (AVX2, AVX-512, NEON) use fmadd; its default capability (a CPU it does
+    not vectorize for, or ATEN_CPU_CAPABILITY=default) computes a + w·t with two roundings. cpift's
+    fused CPU and Triton kernels spell every such sum as an explicit fma, so they equal the torch path
+    bit for bit only where torch fuses. Probe: (1 + 2^-12)² − (1 + 2^-11) is 2^-24 with one rounding,
+    0 with two.
+    """
+    acc = torch.full((64,), -(1.0 + 2.0 ** -11))
+    acc.add_(torch.full((64,), 1.0 + 2.0 ** -12), alpha=1.0 + 2.0 ** -12)
+    return bool((acc == 2.0 ** -24).all())
+
+
+# Tests claiming bit-identity with a torch path that weights by a non-dyadic alpha check this first.
+TORCH_FMA = _torch_add_alpha_fuses()
+
+
 def nonzero_randn(n: int, dtype: torch.dtype, *, scale: float = 1.0, offset: float = 0.1) -> torch.Tensor:
     """randn pushed at least `offset` away from zero (in every storage dtype), then stored in dtype."""
     x = torch.randn(n, dtype=torch.float64) * scale

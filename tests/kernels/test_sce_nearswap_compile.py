@@ -45,10 +45,10 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from cpift.kernels._sce_triton import _no_fusion
+    from cpift.kernels._triton_utils import launch_options
 
     target = GPUTarget("cuda", 90, 32)
-    options = _no_fusion()  # what the launchers pass on a GPU
+    options = launch_options()  # what the launchers pass on a GPU
     assert options == {"enable_fp_fusion": False}, options
     for name, fn, sig, consts, rounded in _cases():
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import DTYPE_IDS, DTYPES, assert_close_to_ref, assert_exact, nonzero_randn
+from _compare import DTYPE_IDS, DTYPES, TORCH_FMA, assert_close_to_ref, assert_exact, nonzero_randn
 from _cpu_cases import BLOCK, CPU_LENGTH_IDS, CPU_LENGTHS, needs_numba, torch_threads
 
 from cpift.kernels.backend import resolve
@@ -55,7 +55,8 @@ def _check(n: int, dtype: torch.dtype, mode: str) -> None:
     opts = _options(MODES[mode], base, xs)
     got = delta_merge(base, xs, WEIGHTS, out=torch.empty_like(base), backend="cpu", **opts)
     want = delta_merge(base, xs, WEIGHTS, out=torch.empty_like(base), backend="torch", **opts)
-    assert_exact(got, want)
+    if TORCH_FMA:  # λ = 0.9: the kernel's fma(merged, λ, b) is torch's add_(alpha=λ) only where that fuses
+        assert_exact(got, want)
     ref = delta_merge_ref(base, xs, WEIGHTS, **opts)
     naive = delta_merge_ref(base, xs, WEIGHTS, precision=torch.float32, **opts).to(dtype)
     assert_close_to_ref(got, ref, naive)
@@ -84,7 +85,8 @@ def test_mixed_storage_dtypes() -> None:
         got = delta_merge(base, xs, [0.75, 0.5], out=torch.empty(base.numel(), dtype=out_dtype), backend="cpu", **opts)
         want = delta_merge(base, xs, [0.75, 0.5], out=torch.empty(base.numel(), dtype=out_dtype), backend="torch",
                            **opts)
-        assert_exact(got, want)
+        if TORCH_FMA:
+            assert_exact(got, want)
 
 
 @pytest.mark.parametrize("seed", [0, 123, (1 << 63) - 1, (1 << 64) - 1], ids=["0", "123", "2^63-1", "2^64-1"])

@@ -171,6 +171,24 @@ def test_nonfinite_input(capsys, work, tmp_path, value, method):
     assert code == 0 and victim in err and (tmp_path / "out").is_dir()
 
 
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "task-arithmetic"])
+def test_nonfinite_input_on_triton(capsys, work, tmp_path, method):
+    """--backend triton (the interpreter here) refuses a NaN input in one line as cpu and torch do: its
+    kernels carry the NaN to the output that the engine checks, even where a trim or drop removes it."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1")
+    index = json.loads((work["task2"] / "model.safetensors.index.json").read_text())
+    victim = "model.layers.1.mlp.down_proj.weight"
+    path = work["task2"] / index["weight_map"][victim]
+    tensors = load_file(str(path))
+    tensors[victim].view(-1)[5] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    argv = [a.format(**{k: str(v) for k, v in work.items()}) for a in NONFINITE_CASES[method]]
+    argv += ["--backend", "triton", "-o", tmp_path / "out"]
+    assert_user_error(capsys, argv, victim, "flat index 5", inputs=list(work.values()))
+    no_output(tmp_path)
+
+
 def test_overflow_is_reported(capsys, tmp_path):
     """Finite inputs whose merge overflows the output dtype: named as an overflow, not as bad input."""
     from cpift.merge.tools.synthetic import PRESETS, make_checkpoint

@@ -8,8 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreting
-from ._triton_utils import bf16_bits_rne
+from ._triton_utils import bf16_bits_rne, launch_options
 
 _BLOCK = 1024  # entries per program: 4 KiB of float32 per input in flight
 
@@ -38,8 +37,7 @@ def nearswap_triton(a: torch.Tensor, b: torch.Tensor, t: float, *, out: torch.Te
     n = a.numel()
     if n:
         bf16 = out.dtype == torch.bfloat16
-        extra = {} if interpreting() else {"enable_fp_fusion": False}
         _nearswap_kernel[(triton.cdiv(n, _BLOCK),)](
             a, b, out.view(torch.int16) if bf16 else out, n, float(t), 1e-6,
-            OUT_BF16=bf16, BLOCK=_BLOCK, **extra)
+            OUT_BF16=bf16, BLOCK=_BLOCK, **launch_options())
     return out

@@ -71,27 +71,37 @@ def _combine_kernel(base, base_kind, xs, kinds, ws, scores, has_cut, cut_v, last
         flag = 0
         for i in range(s, e):
             b = load_at(base, i, base_kind)
-            r = np.float32(b + zero)  # an entry not kept: every τ_i is 0, nobody agrees, b + 0
-            if _kept(scores, i, has_cut, cut_v, last_tie):
-                total = zero
-                pos_num = zero
-                neg_num = zero
-                pos_den = zero
-                neg_den = zero
-                for k in range(m):
-                    d = np.float32(load_at(xs[k], i, kinds[k]) - b)
-                    total = np.float32(total + d)
-                    if d > zero:
-                        pos_num = np.float32(pos_num + np.float32(d * ws[k]))
-                        pos_den = np.float32(pos_den + ws[k])
-                    elif d < zero:
-                        neg_num = np.float32(neg_num + np.float32(d * ws[k]))
-                        neg_den = np.float32(neg_den + ws[k])
-                num = pos_num if total >= zero else neg_num
-                den = pos_den if total >= zero else neg_den
-                if den < eps:
-                    den = eps
-                r = np.float32(b + np.float32(num / den))
+            # The torch path's 0/1 keep factor, multiplied in: a dropped NaN or ±inf delta becomes NaN
+            # there, not 0, and so it does here.
+            kf = np.float32(1.0) if _kept(scores, i, has_cut, cut_v, last_tie) else zero
+            total = zero
+            pos_num = zero
+            neg_num = zero
+            pos_den = zero
+            neg_den = zero
+            pos_nan = False  # a non-finite τ_i·w_i that the elected sign would multiply by 0: NaN
+            neg_nan = False
+            for k in range(m):
+                d = np.float32(np.float32(load_at(xs[k], i, kinds[k]) - b) * kf)
+                total = np.float32(total + d)
+                wd = np.float32(d * ws[k])
+                if d > zero:
+                    pos_num = np.float32(pos_num + wd)
+                    pos_den = np.float32(pos_den + ws[k])
+                elif d < zero:
+                    neg_num = np.float32(neg_num + wd)
+                    neg_den = np.float32(neg_den + ws[k])
+                if not np.isfinite(wd):
+                    pos_nan = pos_nan or not d > zero
+                    neg_nan = neg_nan or not d < zero
+            up = total >= zero
+            num = pos_num if up else neg_num
+            den = pos_den if up else neg_den
+            if den < eps:
+                den = eps
+            r = np.float32(b + np.float32(num / den))
+            if pos_nan if up else neg_nan:
+                r = np.float32(np.nan)
             flag |= store_at(out, i, r, out_kind)
         bad[blk] = flag
 

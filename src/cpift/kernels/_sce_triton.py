@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreting
-from ._triton_utils import bf16_bits_rne
+from ._triton_utils import bf16_bits_rne, launch_options
 from .select import Cut
 
 _BLOCK = 1024
@@ -65,26 +64,34 @@ def _combine_kernel(base_ptr, xs, ws, sc_ptr, tie_ptr, out_ptr, n, cut_v, eps, H
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     keep = _kept(sc_ptr, offs, mask, cut_v, tie_ptr, HAS_CUT)
+    # The torch path's 0/1 keep factor, multiplied in: a dropped NaN or ±inf delta becomes NaN there,
+    # not 0, and so it does here.
+    kf = tl.where(keep, 1.0, 0.0)
     b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     pos_num = tl.zeros([BLOCK], dtype=tl.float32)
     neg_num = tl.zeros([BLOCK], dtype=tl.float32)
     pos_den = tl.zeros([BLOCK], dtype=tl.float32)
     neg_den = tl.zeros([BLOCK], dtype=tl.float32)
+    pos_nan = tl.zeros([BLOCK], dtype=tl.int1)  # a non-finite τ_i·w_i the elected sign zeroes: NaN
+    neg_nan = tl.zeros([BLOCK], dtype=tl.int1)
     for k in tl.static_range(len(xs)):
-        d = tl.load(xs[k] + offs, mask=mask, other=0.0).to(tl.float32) - b
-        d = tl.where(keep, d, 0.0)
+        d = (tl.load(xs[k] + offs, mask=mask, other=0.0).to(tl.float32) - b) * kf
         total = total + d
         wd = d * ws[k]
         pos_num = tl.where(d > 0.0, pos_num + wd, pos_num)
         pos_den = tl.where(d > 0.0, pos_den + ws[k], pos_den)
         neg_num = tl.where(d < 0.0, neg_num + wd, neg_num)
         neg_den = tl.where(d < 0.0, neg_den + ws[k], neg_den)
+        odd = (wd != wd) | (tl.abs(wd) == float("inf"))
+        pos_nan = pos_nan | (odd & ~(d > 0.0))
+        neg_nan = neg_nan | (odd & ~(d < 0.0))
     up = total >= 0.0
     num = tl.where(up, pos_num, neg_num)
     den = tl.where(up, pos_den, neg_den)
     den = tl.where(den < eps, eps, den)
     r = b + tl.math.div_rn(num, den)
+    r = tl.where(tl.where(up, pos_nan, neg_nan), float("nan"), r)
     if OUT_BF16:
         tl.store(out_ptr + offs, bf16_bits_rne(r), mask=mask)
     else:
@@ -96,14 +103,10 @@ def _cut_args(base: torch.Tensor, scores: torch.Tensor | None, cut: Cut | None):
     return (scores if scores is not None else base), tie, float(cut.value) if cut is not None else 0.0
 
 
-def _no_fusion() -> dict:
-    return {} if interpreting() else {"enable_fp_fusion": False}
-
-
 def variance_triton(base: torch.Tensor, xs: list[torch.Tensor], *, out: torch.Tensor) -> torch.Tensor:
     n = base.numel()
     if n:
-        _variance_kernel[(triton.cdiv(n, _BLOCK),)](base, tuple(xs), out, n, BLOCK=_BLOCK, **_no_fusion())
+        _variance_kernel[(triton.cdiv(n, _BLOCK),)](base, tuple(xs), out, n, BLOCK=_BLOCK, **launch_options())
     return out
 
 
@@ -116,7 +119,7 @@ def square_sums_triton(base: torch.Tensor, xs: list[torch.Tensor], scores: torch
     parts = torch.zeros(programs * len(xs), dtype=torch.float64, device=base.device)
     sc, tie, cut_v = _cut_args(base, scores, cut)
     _square_sums_kernel[(programs,)](base, tuple(xs), sc, tie, parts, n, cut_v, HAS_CUT=cut is not None,
-                                     BLOCK=_BLOCK)
+                                     BLOCK=_BLOCK, **launch_options())
     return parts.view(programs, len(xs)).sum(0).tolist()
 
 
@@ -128,5 +131,5 @@ def combine_triton(base: torch.Tensor, xs: list[torch.Tensor], weights: list[flo
         sc, tie, cut_v = _cut_args(base, scores, cut)
         _combine_kernel[(triton.cdiv(n, _BLOCK),)](
             base, tuple(xs), tuple(float(w) for w in weights), sc, tie, out.view(torch.int16) if bf16 else out,
-            n, cut_v, 1e-6, HAS_CUT=cut is not None, OUT_BF16=bf16, BLOCK=_BLOCK, **_no_fusion())
+            n, cut_v, 1e-6, HAS_CUT=cut is not None, OUT_BF16=bf16, BLOCK=_BLOCK, **launch_options())
     return out

@@ -1,7 +1,10 @@
 # Triton kernel of kernels/scores.py (maths, precision and bytes per entry: see its header), imported
 # lazily by it. One launch scores ROWS blocks per program and, in the same pass, counts the high or
-# the low 16 bits of the scores into an int32 histogram with relaxed atomics (counts need no
-# ordering; acquire/release semantics would add a fence per atomic on the GPU).
+# the low 16 bits of the scores into the caller's int64 histogram with relaxed atomics (counts need no
+# ordering; acquire/release semantics would add a fence per atomic on the GPU; int64, as one launch
+# may put 2^31 scores in one bin). Real deltas crowd into few bins, and atomics to one address are
+# serialized: every exactly-zero score (an unchanged bf16 entry) would land on bin 0. Zero scores are
+# therefore summed per program and added by one atomic; the others go one atomic each.
 from __future__ import annotations
 
 import torch
@@ -9,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreting
-from ._triton_utils import abs_delta
+from ._triton_utils import abs_delta, launch_options
 
 BINS = 1 << 16
 
@@ -37,18 +40,27 @@ def _score_kernel(x_ptr, b_ptr, s_ptr, hist_ptr, n, n_scores, block, high_bin,
             acc += tl.sum(abs_delta(x_ptr, b_ptr, offs, m, HAS_BASE, F64), axis=1)
         count = tl.minimum(n - rows * block, block)
         count = tl.where(row_ok, count, 1)
+        # IEEE division, as torch's div_: float32 `/` compiles to an approximate divide on NVIDIA, so
+        # div_rn; float64 `/` is already div.rn.f64 (div_rn takes float32 only).
         if F64:
             s = (acc / count.to(tl.float64)).to(tl.float32)
         else:
-            s = acc / count.to(tl.float32)
+            s = tl.math.div_rn(acc, count.to(tl.float32))
     if WRITE:
         tl.store(s_ptr + rows, s, mask=row_ok)
     bits = s.to(tl.uint32, bitcast=True)
-    if PASS == 1:
-        tl.atomic_add(hist_ptr + (bits >> 16).to(tl.int32), 1, mask=row_ok, sem="relaxed")
-    if PASS == 2:
-        in_bin = row_ok & ((bits >> 16).to(tl.int32) == high_bin)
-        tl.atomic_add(hist_ptr + (bits & 0xFFFF).to(tl.int32), 1, mask=in_bin, sem="relaxed")
+    if PASS != 0:
+        counted = row_ok
+        if PASS == 2:
+            counted = counted & ((bits >> 16).to(tl.int32) == high_bin)
+        zero = counted & (bits == 0)  # bin 0 in either pass (a zero's low half is 0 too)
+        zeros = tl.sum(zero.to(tl.int64), axis=0)
+        tl.atomic_add(hist_ptr, zeros, mask=zeros > 0, sem="relaxed")
+        digit = bits >> 16
+        if PASS == 2:
+            digit = bits & 0xFFFF
+        tl.atomic_add(hist_ptr + digit.to(tl.int32), tl.full(digit.shape, 1, tl.int64), mask=counted & ~zero,
+                      sem="relaxed")
 
 
 def _tiles(block: int) -> tuple[int, int]:
@@ -67,13 +79,17 @@ def score_triton(x: torch.Tensor, base: torch.Tensor | None, block: int, *, out:
     m = (n + block - 1) // block
     if m == 0:
         return
-    counts = torch.zeros(BINS, dtype=torch.int32, device=x.device) if hist is not None else None
+    counts = None
+    if hist is not None:  # count into hist itself when it is the kernel's: int64 on x's device
+        direct = hist.dtype == torch.int64 and hist.device == x.device and hist.is_contiguous()
+        counts = hist if direct else torch.zeros(BINS, dtype=torch.int64, device=x.device)
     rows, inner = _tiles(block)
     f64 = x.dtype == torch.float64 or (base is not None and base.dtype == torch.float64)
     _score_kernel[(triton.cdiv(m, rows),)](
         x, base if base is not None else x, out if out is not None else x,
         counts if counts is not None else x, n, m, block, -1 if high_bin is None else int(high_bin),
         HAS_BASE=base is not None, F64=f64, WRITE=out is not None,
-        PASS=0 if hist is None else (1 if high_bin is None else 2), ROWS=rows, INNER=inner)
-    if hist is not None:
+        PASS=0 if hist is None else (1 if high_bin is None else 2), ROWS=rows, INNER=inner,
+        **launch_options())
+    if hist is not None and counts is not hist:
         hist += counts.to(hist.device)

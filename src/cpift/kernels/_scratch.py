@@ -11,6 +11,8 @@
 # different threads never share memory, and one kernel can hold several buffers at once by using
 # distinct slot names. A returned buffer is only valid until the next call with the same slot in
 # the same thread: never keep it across calls to another kernel that might use that slot.
+# Buffers live on the device of the data they hold (`device`, default the CPU): a fallback that runs
+# torch ops on CUDA inputs (a tie search, float64 inputs on the Triton path) keeps its scratch there.
 from __future__ import annotations
 
 import threading
@@ -23,16 +25,18 @@ CHUNK = 1 << 18
 _local = threading.local()
 
 
-def scratch(slot: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Return a cached, uninitialised 1-D buffer of length n for (slot, dtype) in this thread."""
-    cache: dict[tuple[str, torch.dtype], torch.Tensor] | None = getattr(_local, "buffers", None)
+def scratch(slot: str, n: int, dtype: torch.dtype = torch.float32,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """Return a cached, uninitialised 1-D buffer of length n for (slot, dtype, device) in this thread."""
+    cache: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] | None = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}
-    key = (slot, dtype)
+    dev = torch.device(device if device is not None else "cpu")
+    key = (slot, dtype, dev)
     buf = cache.get(key)
     if buf is None or buf.numel() < n:
         # Never smaller than one chunk, so the ragged tail and later calls reuse the same memory.
-        buf = torch.empty(max(n, CHUNK), dtype=dtype)
+        buf = torch.empty(max(n, CHUNK), dtype=dtype, device=dev)
         cache[key] = buf
     return buf[:n]
 

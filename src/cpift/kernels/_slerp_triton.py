@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import bf16_bits_rne
+from ._triton_utils import bf16_bits_rne, launch_options
 
 _BLOCK = 1024  # elements per Triton program: 4 KiB of float32 per input, 2 loads in flight
 
@@ -33,13 +33,14 @@ def _slerp_reduce_kernel(a_ptr, b_ptr, ex_ptr, part_ptr, n, HAS_EXCLUDE: tl.cons
 @triton.jit
 def _slerp_blend_kernel(a_ptr, b_ptr, keep_ptr, out_ptr, n, ca, cb, HAS_KEEP: tl.constexpr,
                         OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    # out = ca·a + cb·b in float32, one rounding on store; `keep` entries copy a (transplant).
+    # out = fma(a, ca, b·cb) in float32 (the torch path's fb·cb, then add_(a, alpha=ca): one fused
+    # multiply-add on vectorized CPUs, as in _slerp_cpu.py), one rounding on store; `keep` copies a.
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = ca * a + cb * b
+    r = tl.fma(a, ca, b * cb)
     if HAS_KEEP:
         r = tl.where(tl.load(keep_ptr + offs, mask=mask, other=0) != 0, a, r)
     if OUT_BF16:
@@ -61,7 +62,7 @@ def slerp_reduce_triton(a: torch.Tensor, b: torch.Tensor, *, exclude: torch.Tens
     if programs:
         ex = _mask_bytes(exclude)
         _slerp_reduce_kernel[(programs,)](a, b, ex if ex is not None else a, parts, n,
-                                          HAS_EXCLUDE=ex is not None, BLOCK=_BLOCK)
+                                          HAS_EXCLUDE=ex is not None, BLOCK=_BLOCK, **launch_options())
     aa, bb, ab = parts.view(-1, 3).double().sum(0).tolist()
     return aa, bb, ab
 
@@ -75,5 +76,5 @@ def slerp_blend_triton(a: torch.Tensor, b: torch.Tensor, ca: float, cb: float, *
         bf16 = out.dtype == torch.bfloat16
         _slerp_blend_kernel[(triton.cdiv(n, _BLOCK),)](
             a, b, k if k is not None else a, out.view(torch.int16) if bf16 else out, n, float(ca), float(cb),
-            HAS_KEEP=k is not None, OUT_BF16=bf16, BLOCK=_BLOCK)
+            HAS_KEEP=k is not None, OUT_BF16=bf16, BLOCK=_BLOCK, **launch_options())
     return out

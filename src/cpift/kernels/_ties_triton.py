@@ -31,8 +31,10 @@
 #   - weights, 1/p-folded weights, λ, densities and cut values reach the kernel as float32 scalars,
 #     rounded from the Python floats as torch rounds a float32 op's scalar argument;
 #   - one rounding on store: bf16 by bits (bf16_bits_rne, as the interpreter truncates), others `.to`.
-# Products with 0/1 masks and ±1 signs are exact; masks are tl.where instead of factors, which can
-# only change the sign of a zero term, and the accumulators start at +0 and so never become −0.
+# Products with 0/1 masks and ±1 signs are exact; masks are tl.where(keep, δ, δ·0) instead of factors,
+# which can only change the sign of a zero term, and the accumulators start at +0 and so never become −0.
+# Non-finite values as in torch: a removed NaN/±inf δ is δ·0 = NaN, and a NaN sum stays NaN through
+# the election (torch's sign(NaN) is 0, and NaN·0 is NaN in its numerator).
 from __future__ import annotations
 
 import torch
@@ -40,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreting
-from ._triton_utils import bf16_bits_rne
+from ._triton_utils import bf16_bits_rne, launch_options
 from .select import Cut
 
 _ROWS_GPU = 256  # 1024 entries per program: 4 KiB of float32 per input in flight, 4 warps
@@ -61,12 +63,12 @@ def _model_delta(x_ptr, b, idx, inside, g, q, lane, iprm_ptr, cut_v, dens,
         score = tl.abs(d)
         last_tie = tl.load(iprm_ptr + 2 * K)
         keep = (score > cut_v) | ((score == cut_v) & (g <= last_tie))
-        d = tl.where(keep, d, 0.0)
+        d = tl.where(keep, d, d * 0.0)  # the torch path's 0/1 factor: ±0, and NaN for NaN/±inf
     if HAS_DROP:
         seed = tl.load(iprm_ptr + 2 * K + 1)
         u0, u1, u2, u3 = tl.rand4x(seed, q.to(tl.uint32))
         u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
-        d = tl.where(u < dens, d, 0.0)
+        d = tl.where(u < dens, d, d * 0.0)
     return d
 
 
@@ -116,6 +118,9 @@ def _delta_merge_kernel(base_ptr, xs, out_ptr, iprm_ptr, cut_v, dens, num_w, w, 
             nonzero = den != 0.0
             # b where no weight agrees: divide by 1 there and zero the quotient, as torch does.
             merged = tl.math.div_rn(merged, tl.where(nonzero, den, 1.0)) * nonzero.to(tl.float32)
+        # torch: sign(NaN) = 0 and a NaN or ±inf δ_i times 0 is NaN, so a NaN sum stays NaN (the
+        # election's where/maximum above would drop it).
+        merged = tl.where(acc != acc, acc, merged)
     res = tl.fma(merged, lam, b)
     if OUT_BF16:
         tl.store(out_ptr + idx, bf16_bits_rne(res), mask=inside)
@@ -162,7 +167,7 @@ def delta_merge_triton(
     # int64 two's complement of each seed: the kernel's uint64 cast restores seeds ≥ 2^63.
     last_ties = [c.last_tie for c in cuts] if cuts else [-1] * count
     seeds = [s - (1 << 64) if s >= 1 << 63 else s for s in drop_seeds] if densities else [0] * count
-    iprm = torch.tensor(list(zip(last_ties, seeds)), dtype=torch.int64)
+    iprm = torch.tensor(list(zip(last_ties, seeds)), dtype=torch.int64, device="cpu")
     if base.is_cuda:  # pinned + non_blocking: no host sync for the 16·N bytes
         iprm = iprm.pin_memory().to(base.device, non_blocking=True)
     cut_v = tuple(float(c.value) for c in cuts) if cuts else (0.0,) * count
@@ -174,5 +179,5 @@ def delta_merge_triton(
         base, tuple(xs), out.view(torch.int16) if bf16 else out, iprm, cut_v, dens,
         tuple(float(v) for v in num_weights), tuple(float(v) for v in weights), float(lam), n, start // 4,
         SHIFT=start % 4, HAS_CUT=cuts is not None, HAS_DROP=densities is not None, ELECT=bool(elect_sign),
-        NORMALIZE=bool(normalize), OUT_BF16=bf16, ROWS=rows)
+        NORMALIZE=bool(normalize), OUT_BF16=bf16, ROWS=rows, **launch_options())
     return out

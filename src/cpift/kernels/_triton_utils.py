@@ -1,9 +1,21 @@
 # Triton helpers shared by the kernels. abs_delta is the scores' |x − base|. bf16 stores round to nearest even on the bits: the
 # interpreter truncates on fp32→bf16 casts, so doing it by hand gives the same bits on GPU and CPU.
+# Every launch passes **LAUNCH (the rounding policy, stated once): enable_fp_fusion=False, so the GPU
+# contracts no mul+add into an fma on its own; every product that the torch reference fuses (its
+# add_(t, alpha=a)) is spelled tl.fma in the kernel, and every other product is rounded before it is
+# added, as the interpreter and torch round it. Divisions that must be IEEE use tl.math.div_rn (`/` on
+# float32 compiles to the approximate div.full.f32). tests/kernels/test_triton_rounding.py checks the PTX.
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .backend import interpreting
+
+
+def launch_options() -> dict:
+    """Compiler options for every launch: fusion off on the GPU (the interpreter takes no options)."""
+    return {} if interpreting() else {"enable_fp_fusion": False}
 
 
 @triton.jit

@@ -113,14 +113,14 @@ def _uniform_chunk(seed: int, start: int, out: torch.Tensor) -> None:
     n = out.numel()
     q0, r = start >> 2, start & 3
     m = (r + n + 3) >> 2  # counters q0..q0+m-1 cover the elements
-    buf = [scratch(f"dare.w{i}", m, torch.int64) for i in range(8)]
+    buf = [scratch(f"dare.w{i}", m, torch.int64, out.device) for i in range(8)]
     state, spare = buf[:4], buf[4:]
-    torch.arange(q0, q0 + m, dtype=torch.int64, out=state[0]).bitwise_and_(_M32)
+    torch.arange(q0, q0 + m, dtype=torch.int64, device=out.device, out=state[0]).bitwise_and_(_M32)
     for w in state[1:]:
         w.zero_()
     words = _philox_rounds(state, spare, seed & _M32, (seed >> 32) & _M32)
     direct = r == 0 and n == 4 * m and out.is_contiguous()  # lanes land in out itself
-    lanes = (out if direct else scratch("dare.lanes", 4 * m, torch.float32)).view(m, 4)
+    lanes = (out if direct else scratch("dare.lanes", 4 * m, torch.float32, out.device)).view(m, 4)
     t = (spare if words[0] is state[0] else state)[0]  # the set the rounds did not return is free
     for j, w in enumerate(words):
         # Bitcast to int32 and x < 0 → −x − 1 (= ~x) fold w in [2^31, 2^32) onto 2^32 − 1 − w,
@@ -132,7 +132,7 @@ def _uniform_chunk(seed: int, start: int, out: torch.Tensor) -> None:
         lanes[:, j].copy_(w)  # int → float32 rounds to nearest, as Triton's int32 → fp32 does
     if not direct:
         out.copy_(lanes.view(-1)[r : r + n])
-    out.mul_(torch.tensor(UNIFORM_SCALE, dtype=torch.float32))
+    out.mul_(torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=out.device))
 
 
 def philox_uniform(
@@ -142,7 +142,7 @@ def philox_uniform(
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"philox_uniform: seed must be in [0, 2^64), got {seed}")
     if out is None:
-        out = torch.empty(n, dtype=torch.float32)
+        out = torch.empty(n, dtype=torch.float32, device="cpu")
     elif out.dtype != torch.float32 or out.numel() != n:
         raise ValueError("philox_uniform: out must be a float32 tensor of n elements")
     start %= INDEX_PERIOD  # also maps a negative start onto its wrapped index
@@ -158,11 +158,11 @@ def keep_mask(
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"keep_mask: density must be in [0, 1], got {density}")
     if out is None:
-        out = torch.empty(n, dtype=torch.bool)
+        out = torch.empty(n, dtype=torch.bool, device="cpu")
     for s, e in chunks(n):
-        u = scratch("dare.u", e - s, torch.float32)
+        u = scratch("dare.u", e - s, torch.float32, out.device)
         philox_uniform(seed, start + s, e - s, out=u)
-        torch.lt(u, torch.tensor(density, dtype=torch.float32), out=out[s:e])
+        torch.lt(u, torch.tensor(density, dtype=torch.float32, device=u.device), out=out[s:e])
     return out
 
 
@@ -175,7 +175,7 @@ def keep_factor(seed: int, start: int, n: int, density: float, *, out: torch.Ten
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"keep_factor: density must be in [0, 1], got {density}")
     philox_uniform(seed, start, n, out=out)
-    return out.neg_().add_(torch.tensor(density, dtype=torch.float32)).clamp_(min=0.0).sign_()
+    return out.neg_().add_(torch.tensor(density, dtype=torch.float32, device=out.device)).clamp_(min=0.0).sign_()
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:

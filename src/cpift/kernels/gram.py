@@ -27,7 +27,7 @@ _CUDA_CHUNK = 1 << 24  # elements per chunk on a GPU: fewer host round trips of 
 def buffer(slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A working buffer: the cached scratch on the CPU, the caching allocator's memory elsewhere."""
     if device.type == "cpu":
-        return scratch(slot, n, dtype)
+        return scratch(slot, n, dtype, device)
     return torch.empty(n, dtype=dtype, device=device)
 
 
@@ -65,7 +65,7 @@ def gram(xs: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,
     for i in range(k):
         for j in range(i):
             g[i][j] = g[j][i]
-    return torch.tensor(g, dtype=torch.float64)
+    return torch.tensor(g, dtype=torch.float64, device="cpu")  # N×N host numbers
 
 
 def gram_ref(xs: Sequence[torch.Tensor], *, base: torch.Tensor | None = None) -> torch.Tensor:

@@ -109,7 +109,7 @@ def multislerp_coefficients(g: torch.Tensor, weights: Sequence[float], *, normal
     g = g.double()
     if not torch.isfinite(g).all():
         return [math.nan] * g.shape[0]
-    w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    w = torch.tensor([float(v) for v in weights], dtype=torch.float64, device=g.device)
     if normalize_weights:
         w = w / w.sum()
     norms = g.diagonal().clamp(min=0.0).sqrt()
@@ -141,28 +141,28 @@ def karcher_coefficients(g: torch.Tensor, *, max_iter: int = KARCHER_ITER, tol: 
     if not valid:
         return [0.0] * k
     # Gram matrix of the unit vectors; ⟨u_i, u_i⟩ = 1 exactly, and (near-)opposites give −1 exactly.
-    gu = torch.zeros(k, k, dtype=torch.float64)
+    gu = torch.zeros(k, k, dtype=torch.float64, device=g.device)
     for i in valid:
         for j in valid:
             cos = float(g[i, j]) / math.sqrt(float(g[i, i]) * float(g[j, j]))
             gu[i, j] = 1.0 if i == j else (-1.0 if cos <= OPPOSITE - 1.0 else min(cos, 1.0))
     alpha = 1.0 / len(valid)
-    m = torch.zeros(k, dtype=torch.float64)
+    m = torch.zeros(k, dtype=torch.float64, device=g.device)
     m[valid] = alpha
     mean_norm = math.sqrt(max(_quad(m, gu), 0.0))
     if mean_norm < tol:
-        m = torch.zeros(k, dtype=torch.float64)
+        m = torch.zeros(k, dtype=torch.float64, device=g.device)
         m[valid[0]] = 1.0
     else:
         m = m / mean_norm
     for _ in range(max_iter):
         dots = (gu @ m).clamp(-1.0, 1.0)
-        tau = torch.zeros(k, dtype=torch.float64)
+        tau = torch.zeros(k, dtype=torch.float64, device=g.device)
         for i in valid:
             theta = math.acos(float(dots[i]))
             if theta < tol or float(dots[i]) <= ANTIPODAL - 1.0:
                 continue
-            step = torch.zeros(k, dtype=torch.float64)
+            step = torch.zeros(k, dtype=torch.float64, device=g.device)
             step[i] = 1.0
             tau += alpha * (theta / math.sin(theta)) * (step - float(dots[i]) * m)
         tn = math.sqrt(max(_quad(tau, gu), 0.0))
@@ -285,7 +285,7 @@ def nuslerp_columns(x0: torch.Tensor, x1: torch.Tensor, t: float, cols: int, *,
 def _combine64(xs, c, base):
     """float64 Σ c_i x_i, or b + Σ c_i (x_i − b)."""
     b = None if base is None else base.double()
-    acc = torch.zeros(xs[0].numel(), dtype=torch.float64) if b is None else b.clone()
+    acc = torch.zeros(xs[0].numel(), dtype=torch.float64, device=xs[0].device) if b is None else b.clone()
     for x, ci in zip(xs, c):
         acc += float(ci) * (x.double() if b is None else x.double() - b)
     return acc

@@ -8,7 +8,9 @@
 # rounding a few float32 ulps apart from the torch order, one rounding on store.
 # The "cpu" backend (default on CPU tensors when numba imports) runs the fused kernel of
 # _linear_cpu.py: one pass, N·s bytes read and s written per entry (s the storage size), the torch
-# path's operations in its order (x_0·w_0, then fused multiply-adds), so bit-identical to it; it tests
+# path's operations in its order (x_0·w_0, then explicit fused multiply-adds), so bit-identical to it
+# where torch's add_(alpha=) is an fma (ATen's AVX2/AVX-512/NEON kernels; its default capability
+# rounds the product first, up to a float32 ulp per step apart); it tests
 # each stored entry for NaN/±inf and records the answer (kernels/finite.py). float64 stays on torch.
 # weighted_sum: Σ c_i·x_i with the coefficients as given (the hypersphere methods' blend), the same
 # passes without the normalisation.
@@ -60,8 +62,8 @@ def _check(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
 def _sum_torch(xs: Sequence[torch.Tensor], ws: Sequence[float], out: torch.Tensor) -> torch.Tensor:
     dt = compute_dtype(*xs)
     for s, e in chunks(out.numel()):
-        acc = scratch("linear.acc", e - s, dt)
-        tmp = scratch("linear.x", e - s, dt)
+        acc = scratch("linear.acc", e - s, dt, out.device)
+        tmp = scratch("linear.x", e - s, dt, out.device)
         acc.copy_(xs[0][s:e]).mul_(ws[0])
         for x, w in zip(xs[1:], ws[1:]):
             tmp.copy_(x[s:e])
@@ -75,9 +77,11 @@ def weighted_sum(xs: Sequence[torch.Tensor], coefficients: Sequence[float], *, o
     """Write Σ c_i·x_i into out, the coefficients as given (not normalised: any finite values).
 
     The hypersphere methods' blend (kernels/hypersphere.py). torch and fused CPU: the passes of
-    ``linear`` (bit-identical to each other). Triton: the delta kernel over a zero base, out = 0 + Σ c_i
-    (x_i − 0) with out itself as that base (zeroed first: one more write and read of the output than
-    a dedicated kernel; bit-identical to the torch order, x_i − 0 being exact).
+    ``linear``. Triton: the delta kernel over a zero base, out = 0 + Σ c_i (x_i − 0) with out itself
+    as that base (zeroed first: one more write and read of the output than a dedicated kernel; x_i − 0
+    is exact). Triton and the fused CPU kernel both run the chain acc = fma(c_i, x_i, acc): bit-identical
+    to each other, and to the torch path where its add_(alpha=) fuses (ATen's vectorized CPU kernels;
+    not under its default capability, where it rounds c_i·x_i first).
     """
     if len(xs) == 0 or len(coefficients) != len(xs):
         raise ValueError(f"weighted_sum: got {len(xs)} tensors and {len(coefficients)} coefficients; give one "
@@ -104,7 +108,7 @@ def linear_ref(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Te
     """float64 oracle: Σ w_i·x_i / Σ w_i, returned as float64."""
     if len(xs) == 0 or len(weights) != len(xs):
         raise ValueError("linear_ref: need one weight per tensor and at least one tensor")
-    acc = torch.zeros(xs[0].numel(), dtype=torch.float64)
+    acc = torch.zeros(xs[0].numel(), dtype=torch.float64, device=xs[0].device)
     for x, w in zip(xs, weights):
         acc += float(w) * x.double()
     return acc / math.fsum(float(w) for w in weights)

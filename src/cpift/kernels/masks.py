@@ -25,9 +25,10 @@ from .backend import resolve
 from ._scratch import CHUNK, check_flat, chunks, scratch
 from .select import Cut, cut_mask, magnitude_scores
 
-_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+# Host constants: moved to the data's device where they meet it (8 or 256 entries).
+_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device="cpu")
+_SHIFTS = torch.arange(8, dtype=torch.uint8, device="cpu")
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device="cpu")
 
 
 def packed_len(n: int) -> int:
@@ -72,16 +73,16 @@ def _pack_into(mask: torch.Tensor, out: torch.Tensor) -> None:
     if full:
         body = mask[: full * 8].view(torch.uint8)
         if _LITTLE and body.storage_offset() % 8 == 0:
-            words = scratch("masks.words", full, torch.int64)
+            words = scratch("masks.words", full, torch.int64, mask.device)
             torch.mul(body.view(torch.int64), _GATHER, out=words)
             out[:full] = words.bitwise_right_shift_(56)  # the copy keeps the low byte
         else:
-            bits = scratch("masks.bits", full * 8, torch.uint8).view(full, 8)
-            torch.mul(body.view(full, 8), _WEIGHTS, out=bits)
+            bits = scratch("masks.bits", full * 8, torch.uint8, mask.device).view(full, 8)
+            torch.mul(body.view(full, 8), _WEIGHTS.to(mask.device), out=bits)
             out[:full] = bits.sum(1, dtype=torch.uint8)
     if mask.numel() % 8:
         tail = mask[full * 8:].view(torch.uint8)
-        out[full] = int((tail * _WEIGHTS[: tail.numel()]).sum())
+        out[full] = int((tail * _WEIGHTS[: tail.numel()].to(mask.device)).sum())
 
 
 def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out: torch.Tensor | None = None,
@@ -117,8 +118,9 @@ def pack_cut(x: torch.Tensor, base: torch.Tensor | None = None, *, cut: Cut, out
     for s, e in chunks(n):  # CHUNK is a multiple of 8: chunk s starts at byte s // 8
         scores = magnitude_scores(x, base, s, e)
         if count_ties:
-            ties += int(torch.count_nonzero(torch.eq(scores, cut.value, out=scratch("masks.eq", e - s, torch.bool))))
-        _pack_into(cut_mask(scores, cut, s, out=scratch("masks.sel", e - s, torch.bool)), out[s // 8:])
+            eq = scratch("masks.eq", e - s, torch.bool, x.device)
+            ties += int(torch.count_nonzero(torch.eq(scores, cut.value, out=eq)))
+        _pack_into(cut_mask(scores, cut, s, out=scratch("masks.sel", e - s, torch.bool, x.device)), out[s // 8:])
     return out, ties
 
 
@@ -134,7 +136,7 @@ def unpack_bits(packed: torch.Tensor, n: int, *, backend: str | None = None) -> 
         return unpack_bits_triton(packed, out)[:n]
     view = out.view(torch.uint8).view(-1, 8)
     for s, e in chunks(packed.numel(), CHUNK // 8):
-        torch.bitwise_right_shift(packed[s:e, None], _SHIFTS, out=view[s:e]).bitwise_and_(1)
+        torch.bitwise_right_shift(packed[s:e, None], _SHIFTS.to(packed.device), out=view[s:e]).bitwise_and_(1)
     return out[:n]
 
 
@@ -154,7 +156,7 @@ def overlap(p: torch.Tensor, q: torch.Tensor, *, backend: str | None = None) -> 
         return overlap_cpu(p, q)
     inter = union = 0
     for s, e in chunks(p.numel()):
-        both = scratch("masks.and", e - s, torch.uint8)
+        both = scratch("masks.and", e - s, torch.uint8, p.device)
         torch.bitwise_and(p[s:e], q[s:e], out=both)
         inter += _popcount(both)
         torch.bitwise_or(p[s:e], q[s:e], out=both)
@@ -174,8 +176,8 @@ def _popcount(b: torch.Tensor) -> int:
     words = b.numel() // 8
     total = int(_POPCOUNT.to(b.device)[b[words * 8:].long()].sum()) if b.numel() % 8 else 0
     if words and b.storage_offset() % 8 == 0:
-        x = scratch("masks.swar", words, torch.int64)
-        t = scratch("masks.swar2", words, torch.int64)
+        x = scratch("masks.swar", words, torch.int64, b.device)
+        t = scratch("masks.swar2", words, torch.int64, b.device)
         x.copy_(b[: words * 8].view(torch.int64))
         # Bit-parallel sums: pairs, nibbles, bytes, then all 8 bytes of a word into its top byte (≤ 64,
         # so arithmetic shifts of these non-negative values are exact).
@@ -204,4 +206,4 @@ def pack_bits_ref(mask: torch.Tensor) -> torch.Tensor:
     """Oracle: byte i = Σ_j mask[8i + j] << j, in Python integers."""
     values = mask.tolist()
     return torch.tensor([sum(1 << j for j in range(8) if 8 * i + j < len(values) and values[8 * i + j])
-                         for i in range(packed_len(len(values)))], dtype=torch.uint8)
+                         for i in range(packed_len(len(values)))], dtype=torch.uint8, device=mask.device)

@@ -55,9 +55,9 @@ def nearswap(a: torch.Tensor, b: torch.Tensor, t: float, *, out: torch.Tensor,
         return nearswap_triton(a, b, float(t), out=out)
     for s, e in chunks(n):
         m = e - s
-        fa = scratch("nearswap.a", m, dt).copy_(a[s:e])
-        fb = scratch("nearswap.b", m, dt).copy_(b[s:e])
-        w = scratch("nearswap.w", m, dt)
+        fa = scratch("nearswap.a", m, dt, a.device).copy_(a[s:e])
+        fb = scratch("nearswap.b", m, dt, a.device).copy_(b[s:e])
+        w = scratch("nearswap.w", m, dt, a.device)
         torch.sub(fa, fb, out=w).abs_().clamp_(min=EPS).reciprocal_().mul_(t).clamp_(0.0, 1.0)
         fb.mul_(w)  # w·b
         w.neg_().add_(1.0).mul_(fa)  # (1 − w)·a

@@ -83,11 +83,11 @@ def sce_variance(base: torch.Tensor, xs: Sequence[torch.Tensor], *, out: torch.T
     count = len(xs)
     for s, e in chunks(n):
         m = e - s
-        fb = scratch("sce.base", m, dt).copy_(base[s:e])
-        d = scratch("sce.d", m, dt)
-        mean = scratch("sce.mean", m, torch.float64).zero_()
-        var = scratch("sce.var", m, torch.float64).zero_()
-        d64 = scratch("sce.d64", m, torch.float64)
+        fb = scratch("sce.base", m, dt, base.device).copy_(base[s:e])
+        d = scratch("sce.d", m, dt, base.device)
+        mean = scratch("sce.mean", m, torch.float64, base.device).zero_()
+        var = scratch("sce.var", m, torch.float64, base.device).zero_()
+        d64 = scratch("sce.d64", m, torch.float64, base.device)
         for x in xs:
             d.copy_(x[s:e]).sub_(fb)  # τ_i rounded in the compute dtype, as mergekit forms it
             mean.add_(d64.copy_(d))
@@ -108,7 +108,7 @@ def select_cut(scores: torch.Tensor, select_topk: float, *, backend: str | None 
         return Cut.none()
     nonzero = int(torch.count_nonzero(scores))
     # mergekit multiplies the int64 count by the float in torch (a float32 result), then truncates.
-    k = int(torch.tensor(nonzero, dtype=torch.int64) * select_topk)
+    k = int(torch.tensor(nonzero, dtype=torch.int64, device="cpu") * select_topk)
     return magnitude_cut(scores, None, k, backend=backend)
 
 
@@ -131,10 +131,11 @@ def sce_square_sums(base: torch.Tensor, xs: Sequence[torch.Tensor], *, scores: t
     sums = [0.0] * len(xs)
     for s, e in chunks(n):
         m = e - s
-        fb = scratch("sce.base", m, dt).copy_(base[s:e])
-        d = scratch("sce.d", m, dt)
-        d64 = scratch("sce.d64", m, torch.float64)
-        keep = cut_keep(scores[s:e], cut, s, out=scratch("sce.keep", m)) if cut is not None else None
+        fb = scratch("sce.base", m, dt, base.device).copy_(base[s:e])
+        d = scratch("sce.d", m, dt, base.device)
+        d64 = scratch("sce.d64", m, torch.float64, base.device)
+        keep = None if cut is None else cut_keep(scores[s:e], cut, s,
+                                                 out=scratch("sce.keep", m, torch.float32, base.device))
         for i, x in enumerate(xs):
             d.copy_(x[s:e]).sub_(fb)
             if keep is not None:
@@ -176,22 +177,23 @@ def sce_combine(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequenc
         return combine_triton(base, list(xs), [float(w) for w in weights], scores, cut, out=out)
     for s, e in chunks(n):
         m = e - s
-        fb = scratch("sce.base", m, dt).copy_(base[s:e])
-        keep = cut_keep(scores[s:e], cut, s, out=scratch("sce.keep", m)) if cut is not None else None
-        total = scratch("sce.sum", m, dt).zero_()
+        fb = scratch("sce.base", m, dt, base.device).copy_(base[s:e])
+        keep = None if cut is None else cut_keep(scores[s:e], cut, s,
+                                                 out=scratch("sce.keep", m, torch.float32, base.device))
+        total = scratch("sce.sum", m, dt, base.device).zero_()
         deltas = []
         for i, x in enumerate(xs):
-            d = scratch(f"sce.d{i}", m, dt).copy_(x[s:e]).sub_(fb)
+            d = scratch(f"sce.d{i}", m, dt, base.device).copy_(x[s:e]).sub_(fb)
             if keep is not None:
                 d.mul_(keep)
             total.add_(d)
             deltas.append(d)
-        sign = torch.ge(total, 0.0, out=scratch("sce.ge", m, torch.bool))
+        sign = torch.ge(total, 0.0, out=scratch("sce.ge", m, torch.bool, base.device))
         s_f = torch.where(sign, 1.0, -1.0) if dt == torch.float64 else total.copy_(sign).mul_(2.0).sub_(1.0)
-        num = scratch("sce.num", m, dt).zero_()
-        den = scratch("sce.den", m, dt).zero_()
-        agree = scratch("sce.agree", m, dt)
-        tmp = scratch("sce.tmp", m, dt)
+        num = scratch("sce.num", m, dt, base.device).zero_()
+        den = scratch("sce.den", m, dt, base.device).zero_()
+        agree = scratch("sce.agree", m, dt, base.device)
+        tmp = scratch("sce.tmp", m, dt, base.device)
         for d, w in zip(deltas, weights):
             torch.mul(d, s_f, out=agree).gt_(0.0)  # 1 where sign(τ_i) = s
             num.add_(torch.mul(d, w, out=tmp).mul_(agree))
@@ -223,8 +225,8 @@ def sce_ref(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float) 
     tau = torch.stack([x.double() - base.double() for x in xs])
     if select_topk < 1:
         var = tau.float().double().var(0, unbiased=False).float().double() if n else tau.sum(0)
-        k = int(torch.tensor(int(torch.count_nonzero(var)), dtype=torch.int64) * select_topk)
-        keep = torch.zeros(n, dtype=torch.float64)
+        k = int(torch.tensor(int(torch.count_nonzero(var)), dtype=torch.int64, device="cpu") * select_topk)
+        keep = torch.zeros(n, dtype=torch.float64, device=base.device)
         keep[torch.sort(var, descending=True, stable=True).indices[:k]] = 1.0
         tau = tau * keep
     means = (tau * tau).mean(1)

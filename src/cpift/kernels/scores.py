@@ -58,7 +58,7 @@ def _fused(x: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None,
 def _chunk_scores(x: torch.Tensor, base: torch.Tensor | None, block: int, s: int, e: int) -> torch.Tensor:
     """float32 scores of entries s..e-1 (s a multiple of block), in reused scratch."""
     dt = compute_dtype(x, base)
-    work = scratch("scores.work", e - s, dt)
+    work = scratch("scores.work", e - s, dt, x.device)
     work.copy_(x[s:e])
     if base is not None:
         work.sub_(base[s:e])
@@ -66,7 +66,7 @@ def _chunk_scores(x: torch.Tensor, base: torch.Tensor | None, block: int, s: int
     if block > 1:
         full = (e - s) // block
         m = score_count(e - s, block)
-        sums = scratch("scores.sums", m, dt)
+        sums = scratch("scores.sums", m, dt, x.device)
         if full:
             torch.sum(work[: full * block].view(full, block), dim=1, out=sums[:full])
             sums[:full].div_(block)
@@ -75,7 +75,7 @@ def _chunk_scores(x: torch.Tensor, base: torch.Tensor | None, block: int, s: int
         work = sums
     if dt == torch.float32:
         return work
-    return scratch("scores.f32", work.numel(), torch.float32).copy_(work)
+    return scratch("scores.f32", work.numel(), torch.float32, work.device).copy_(work)
 
 
 def _span(block: int) -> int:
@@ -98,7 +98,7 @@ def add_high_counts(hist: torch.Tensor, scores: torch.Tensor) -> None:
     if halves is not None:
         high = halves[1]  # bincount reads the strided view: 1.5x faster than shifting first
     else:
-        high = scratch("scores.high", scores.numel(), torch.int32)
+        high = scratch("scores.high", scores.numel(), torch.int32, scores.device)
         torch.bitwise_right_shift(scores.view(torch.int32), 16, out=high)
     hist += torch.bincount(high, minlength=BINS)
 
@@ -112,7 +112,7 @@ def add_low_counts(hist: torch.Tensor, scores: torch.Tensor, high_bin: int) -> N
         low = low_half[high == high_bin].to(torch.int32).bitwise_and_(0xFFFF)
     else:
         bits = scores.view(torch.int32)
-        high = scratch("scores.high", bits.numel(), torch.int32)
+        high = scratch("scores.high", bits.numel(), torch.int32, bits.device)
         torch.bitwise_right_shift(bits, 16, out=high)
         low = bits[high == high_bin].bitwise_and_(0xFFFF)
     hist += torch.bincount(low, minlength=BINS)
@@ -188,9 +188,9 @@ def score_deltas_ref(x: torch.Tensor, base: torch.Tensor | None = None, *, block
     d = d.abs()
     n = d.numel()
     m = score_count(n, block)
-    pad = torch.zeros(m * block, dtype=torch.float64)
+    pad = torch.zeros(m * block, dtype=torch.float64, device=x.device)
     pad[:n] = d
-    counts = torch.full((m,), float(block), dtype=torch.float64)
+    counts = torch.full((m,), float(block), dtype=torch.float64, device=x.device)
     if m and n % block:
         counts[-1] = n % block
     return pad.view(m, block).sum(1) / counts if m else pad
@@ -198,7 +198,7 @@ def score_deltas_ref(x: torch.Tensor, base: torch.Tensor | None = None, *, block
 
 def histogram_ref(scores: torch.Tensor, high_bin: int | None = None) -> torch.Tensor:
     """Oracle histograms of float32 scores, by Python integers over their bit patterns."""
-    hist = torch.zeros(BINS, dtype=torch.int64)
+    hist = torch.zeros(BINS, dtype=torch.int64, device="cpu")
     for bits in scores.float().view(torch.int32).tolist():
         bits &= 0xFFFFFFFF
         if high_bin is None:

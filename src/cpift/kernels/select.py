@@ -18,7 +18,10 @@
 #   pass 2  add_low: 2^16-bin histogram of the low 16 bits of the entries in that bin;
 #           threshold(): the exact value v, #(s > v) and #(s == v).
 #   pass 3  (magnitude_cut only, and only when some but not all ties at v are kept) the flat index
-#           of the r-th tie, lowest index first; it stops at the chunk that holds it.
+#           of the r-th tie, lowest index first; it stops at the chunk that holds it. On Triton it
+#           stays on the device: per-program tie counts (the pack_cut kernel, nothing packed), a
+#           prefix sum and searchsorted find the 4096-entry slice holding it (one host sync), and
+#           only that slice is scored again. Every scratch buffer lives on the inputs' device.
 # Each pass reads every input element once and writes nothing but 512 KiB of counts. The
 # histograms add across ranks (DESIGN §6: an all-reduce per round).
 #
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 from .backend import resolve
-from ._scratch import check_flat, chunks, compute_dtype, scratch
+from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
 from .scores import BINS, add_high_counts, add_low_counts, score_histogram
 
 
@@ -150,14 +153,14 @@ def magnitude_scores(
     """float32 scores |x − base| of entries start..end-1, in a reused scratch buffer."""
     n = end - start
     dt = compute_dtype(x, base)
-    work = scratch("select.work", n, dt)
+    work = scratch("select.work", n, dt, x.device)
     work.copy_(x[start:end])
     if base is not None:
         work.sub_(base[start:end])
     work.abs_()
     if dt == torch.float32:
         return work
-    out = scratch("select.scores", n, torch.float32)
+    out = scratch("select.scores", n, torch.float32, x.device)
     return out.copy_(work)
 
 
@@ -172,7 +175,7 @@ def cut_mask(
         return torch.ge(scores, cut.value, out=out) if out is not None else torch.ge(scores, cut.value)
     mask = torch.gt(scores, cut.value, out=out) if out is not None else torch.gt(scores, cut.value)
     if m > 0:
-        tie = scratch("select.tie", m, torch.bool)
+        tie = scratch("select.tie", m, torch.bool, scores.device)
         torch.eq(scores[:m], cut.value, out=tie)
         mask[:m].logical_or_(tie)
     return mask
@@ -208,12 +211,12 @@ _MARGIN = 0.01  # ±1% of ranks around the sampled quantile: ~5 sample standard 
 # slower than float arithmetic on this CPU. sign(s − v) is exact (±1 or 0); a float32 sum of at most
 # CHUNK ones is exact too (CHUNK < 2^24).
 def _count_greater(scores: torch.Tensor, value: float) -> int:
-    t = scratch("select.count", scores.numel(), torch.float32)
+    t = scratch("select.count", scores.numel(), torch.float32, scores.device)
     return int(torch.sub(scores, value, out=t).sign_().clamp_(min=0.0).sum())
 
 
 def _count_equal(scores: torch.Tensor, value: float) -> int:
-    t = scratch("select.count", scores.numel(), torch.float32)
+    t = scratch("select.count", scores.numel(), torch.float32, scores.device)
     return scores.numel() - int(torch.sub(scores, value, out=t).abs_().sign_().sum())
 
 
@@ -239,8 +242,8 @@ def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
     for s, e in chunks(n):
         scores = magnitude_scores(x, base, s, e)
         above += _count_greater(scores, hi)
-        le = scratch("select.le", e - s, torch.bool)
-        gt = scratch("select.gt", e - s, torch.bool)
+        le = scratch("select.le", e - s, torch.bool, x.device)
+        gt = scratch("select.gt", e - s, torch.bool, x.device)
         torch.le(scores, hi, out=le).logical_and_(torch.gt(scores, lo, out=gt))
         inside.append(scores[le])
     cand = torch.cat(inside)
@@ -304,23 +307,51 @@ def _fused(x: torch.Tensor, base: torch.Tensor | None) -> bool:
 def tie_index(x: torch.Tensor, base: torch.Tensor | None, value: float, r: int, *,
               backend: str | None = None) -> int:
     """Flat index of the r-th (1-based, lowest index first) score |x − base| equal to value; −1 for r = 0."""
-    seen = 0
     if r <= 0:
         return -1
-    if resolve(backend, x, base) == "cpu" and _fused(x, base):
+    be = resolve(backend, x, base)
+    if be == "cpu" and _fused(x, base):
         from ._select_cpu import tie_index_cpu
 
         index, seen = tie_index_cpu(x, base, value, r)
-        if index >= 0:
-            return index
-        raise ValueError(f"tie_index: only {seen} scores equal {value}, asked for the {r}-th (input modified?)")
-    for s, e in chunks(x.numel()):
-        scores = magnitude_scores(x, base, s, e)
-        count = _count_equal(scores, value)
-        if seen + count >= r:
-            return s + int((scores == value).nonzero()[r - seen - 1])
-        seen += count
+    elif be == "triton":
+        from ._masks_triton import tie_counts_triton
+
+        index, seen = _tie_in_slices(x, base, value, r, *tie_counts_triton(x, base, value))
+    else:
+        index, seen = _tie_in_slices(x, base, value, r, None, min(x.numel(), CHUNK))
+    if index >= 0:
+        return index
     raise ValueError(f"tie_index: only {seen} scores equal {value}, asked for the {r}-th (input modified?)")
+
+
+def _tie_in_slices(x: torch.Tensor, base: torch.Tensor | None, value: float, r: int,
+                   counts: torch.Tensor | None, span: int) -> tuple[int, int]:
+    """(flat index of the r-th tie, −1 if fewer; ties seen) from per-slice tie counts.
+
+    counts[j]: the ties among entries j·span..(j+1)·span−1, on the inputs' device (a kernel's
+    per-program counts), or None to count chunk by chunk here. With counts, one prefix sum and one
+    searchsorted on the device find the slice (one host sync), and only that slice is scored again.
+    """
+    n = x.numel()
+    if counts is None:
+        seen = 0
+        for s, e in chunks(n, span):
+            scores = magnitude_scores(x, base, s, e)
+            count = _count_equal(scores, value)
+            if seen + count >= r:
+                return s + int((scores == value).nonzero()[r - seen - 1]), seen + count
+            seen += count
+        return -1, seen
+    prefix = torch.cumsum(counts, 0)  # int64 on the device
+    j = torch.searchsorted(prefix, torch.full((1,), r, dtype=prefix.dtype, device=prefix.device))
+    last = torch.clamp(j, max=counts.numel() - 1)
+    j, total, before = torch.cat([j, prefix[-1:], prefix[last] - counts[last]]).tolist()
+    if j >= counts.numel():
+        return -1, total
+    s, e = j * span, min(n, (j + 1) * span)
+    scores = magnitude_scores(x, base, s, e)
+    return s + int((scores == value).nonzero()[r - before - 1]), total
 
 
 def _scores_ref(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
@@ -346,6 +377,6 @@ def magnitude_mask_ref(x: torch.Tensor, base: torch.Tensor | None, k: int) -> to
     """Oracle bool mask of the k largest |x − base| (stable sort: lowest index wins ties)."""
     scores = _scores_ref(x, base)
     order = torch.sort(scores, descending=True, stable=True).indices
-    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     mask[order[:k]] = True
     return mask

@@ -74,8 +74,8 @@ def slerp_reduce(
         return slerp_reduce_triton(a, b, exclude=exclude)
     aa = bb = ab = 0.0
     for s, e in chunks(n):
-        fa = scratch("slerp.a", e - s, dt)
-        fb = scratch("slerp.b", e - s, dt)
+        fa = scratch("slerp.a", e - s, dt, a.device)
+        fb = scratch("slerp.b", e - s, dt, a.device)
         fa.copy_(a[s:e])
         fb.copy_(b[s:e])
         if exclude is not None:
@@ -140,8 +140,8 @@ def slerp_blend(
 
         return slerp_blend_triton(a, b, ca, cb, out=out, keep=keep)
     for s, e in chunks(n):
-        fa = scratch("slerp.a", e - s, dt)
-        fb = scratch("slerp.b", e - s, dt)
+        fa = scratch("slerp.a", e - s, dt, a.device)
+        fb = scratch("slerp.b", e - s, dt, a.device)
         fa.copy_(a[s:e])
         fb.copy_(b[s:e])
         # fb ← cb·b + ca·a, leaving fa = a (exact: the widening copy loses nothing) for `keep`.

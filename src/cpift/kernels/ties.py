@@ -130,14 +130,14 @@ def delta_merge(
                                   elect_sign=elect_sign, normalize=normalize, out=out)
     for s, e in chunks(n):
         m = e - s
-        fb = scratch("ties.base", m, dt)
-        acc = scratch("ties.acc", m, dt)
-        keep = scratch("ties.keep", m, torch.float32)
+        fb = scratch("ties.base", m, dt, base.device)
+        acc = scratch("ties.acc", m, dt, base.device)
+        keep = scratch("ties.keep", m, torch.float32, base.device)
         fb.copy_(base[s:e])
         acc.zero_()
         deltas = []
         for i, x in enumerate(xs):
-            d = scratch(f"ties.d{i}" if elect_sign else "ties.d", m, dt)
+            d = scratch(f"ties.d{i}" if elect_sign else "ties.d", m, dt, base.device)
             d.copy_(x[s:e]).sub_(fb)
             # Masks as 0/1 float factors: float ops cost a fraction of bool compares + fills here.
             if cuts is not None:
@@ -169,20 +169,20 @@ def _elect(
 ) -> torch.Tensor:
     """TIES election on one chunk: Σ_agree w_i' δ_i / Σ_agree w_i, 0 where that sum is 0."""
     sign = acc.sign_()  # acc is free again: reuse it as s
-    num = scratch("ties.num", m, dt).zero_()
+    num = scratch("ties.num", m, dt, acc.device).zero_()
     if not normalize:
-        tmp = scratch("ties.tmp", m, dt)
+        tmp = scratch("ties.tmp", m, dt, acc.device)
         for d, wn in zip(deltas, num_w):
             num.add_(torch.mul(d, sign, out=tmp).clamp_(min=0.0), alpha=wn)
         return num.mul_(sign)
-    den = scratch("ties.den", m, dt).zero_()
-    tmp = scratch("ties.tmp", m, dt)
+    den = scratch("ties.den", m, dt, acc.device).zero_()
+    tmp = scratch("ties.tmp", m, dt, acc.device)
     for d, wn, w in zip(deltas, num_w, weights):
         # δ_i·s is |δ_i| where model i agrees, ≤ 0 where it does not: clamp keeps the former.
         torch.mul(d, sign, out=tmp).clamp_(min=0.0)
         num.add_(tmp, alpha=wn)
         den.add_(tmp.sign_(), alpha=float(w))
-    nonzero = scratch("ties.nz", m, dt)
+    nonzero = scratch("ties.nz", m, dt, acc.device)
     torch.abs(den, out=nonzero).sign_()
     # den ← 1 where it is 0 (adding exactly 0 elsewhere), then zero those entries afterwards.
     den.add_(torch.sub(1.0, nonzero, out=tmp))
@@ -217,8 +217,9 @@ def delta_merge_ref(
         if densities is not None:
             d = torch.where(keep_mask(drop_seeds[i], 0, n, densities[i]), d / densities[i], 0.0)
         deltas.append(d)
-    c = torch.tensor([1.0] * len(xs) if scales is None else [float(v) for v in scales], dtype=precision).unsqueeze(1)
-    w = torch.tensor([float(v) for v in weights], dtype=precision).unsqueeze(1)
+    c = torch.tensor([1.0] * len(xs) if scales is None else [float(v) for v in scales], dtype=precision,
+                     device=b.device).unsqueeze(1)
+    w = torch.tensor([float(v) for v in weights], dtype=precision, device=b.device).unsqueeze(1)
     stacked = torch.stack(deltas)
     weighted = (w * c * stacked).sum(0)
     if not elect_sign:

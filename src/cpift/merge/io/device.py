@@ -1,19 +1,26 @@
 """Streaming merges on an accelerator: tensors go host → device through pinned buffers on a side stream.
 
 The CPU path computes straight from the memory-mapped inputs into the memory-mapped output. With
-``device="cuda"`` each tensor's inputs are copied into page-locked (pinned) host buffers, which the
-GPU's copy engine reads without a bounce buffer, then sent to the device on a separate CUDA stream
-while the previous tensor's kernels run on the compute stream; the result comes back through a
-pinned buffer into the output map. Two buffer slots alternate, and a slot is refilled only after
-the event of its previous copy has completed, so a copy never reads a buffer being overwritten.
+``device="cuda"`` each tensor's inputs are uploaded by a worker thread, piece by piece: a piece of at
+most ``piece_bytes`` is copied from the memory map into one of two page-locked (pinned) host buffers,
+which the GPU's copy engine reads without a bounce buffer, and sent into the device tensor on a side
+CUDA stream while the other buffer is filled; a buffer is refilled only after the event of its last
+copy has completed. The page faults of the memory-mapped reads and the copies run on the worker while
+the main thread launches the previous tensor's kernels; the compute stream waits on the upload's
+event. Results come back the same way: device pieces copied into two pinned buffers in turn, each
+drained into the output map once its copy's event has completed.
 
-Memory: two pinned slots per input and one for the output, each as large as the largest tensor
-staged so far (grown on demand), plus the device tensors of two tensors in flight.
-``device="cpu+staging"`` runs the same staging loop on the CPU without pinning or streams: the tests
-use it to check that the staged path gives byte-identical outputs on machines without a GPU.
+Memory: pinned host memory is bounded, whatever the tensor sizes: two input pieces and two output
+pieces (``pinned_bytes`` reports what is allocated, 4·piece_bytes at most); on the device, the inputs
+of the two tensors in flight. ``device="cpu+staging"`` runs the same loop on the CPU without pinning,
+streams or events: the tests use it to check that the staged path gives byte-identical outputs, and
+that pinned bytes stay bounded, on machines without a GPU.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 
@@ -55,64 +62,108 @@ def check_backend(backend: str | None, device: torch.device | None) -> str:
         raise ParameterError(str(e)) from None
 
 
+PIECE_BYTES = 64 << 20  # per pinned buffer: large enough for full PCIe speed, small beside any model
+
+
 class DeviceStager:
     """Stage tensor j's inputs on the device while tensor j − 1 computes; bring results back."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, piece_bytes: int = PIECE_BYTES) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._host: dict[tuple, torch.Tensor] = {}
-        self._events: dict[int, torch.cuda.Event] = {}
-        self._staged: dict[int, list[torch.Tensor]] = {}
+        self.piece_bytes = piece_bytes
+        self._rings: dict[str, list[torch.Tensor]] = {}
+        self._events: dict[tuple[str, int], torch.cuda.Event] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpift-stage")
+        self._jobs: dict[int, Future] = {}
 
-    def _buffer(self, key: tuple, nbytes: int) -> torch.Tensor:
-        buf = self._host.get(key)
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.cuda)
-            self._host[key] = buf
-        return buf
+    @property
+    def pinned_bytes(self) -> int:
+        """Host staging memory allocated (pinned on CUDA): at most 4·piece_bytes."""
+        return sum(b.numel() for ring in self._rings.values() for b in ring)
 
-    @staticmethod
-    def _typed(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return buf[: like.numel() * like.element_size()].view(like.dtype)
+    def _ring(self, kind: str, k: int, nbytes: int) -> torch.Tensor:
+        """Buffer k % 2 of ring `kind` ("in" or "out"), at least nbytes, once its last copy is done."""
+        ring = self._rings.setdefault(kind, [])
+        slot = k % 2
+        event = self._events.pop((kind, slot), None)
+        if event is not None:
+            event.synchronize()  # the copy that last used this buffer has finished with it
+        if len(ring) <= slot:
+            ring.append(torch.empty(0, dtype=torch.uint8))
+        if ring[slot].numel() < nbytes:  # grown in powers of two up to piece_bytes
+            size = min(self.piece_bytes, 1 << max(nbytes - 1, 1).bit_length())
+            ring[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+        return ring[slot]
 
-    def stage(self, j: int, views: list[torch.Tensor]) -> None:
-        """Copy tensor j's inputs into pinned slot j % 2 and start their upload on the side stream."""
-        slot = j % 2
-        if self.cuda and slot in self._events:
-            self._events[slot].synchronize()  # the slot's previous upload has finished reading it
-        device_views = []
-        for i, v in enumerate(views):
-            host = self._typed(self._buffer((slot, i), v.numel() * v.element_size()), v)
-            host.copy_(v)
-            if self.cuda:
-                with torch.cuda.stream(self.stream):
-                    device_views.append(host.to(self.device, non_blocking=True))
-            else:
-                device_views.append(host.clone())
+    def _record(self, kind: str, k: int, stream) -> None:
         if self.cuda:
             event = torch.cuda.Event()
-            event.record(self.stream)
-            self._events[slot] = event
-        self._staged[j] = device_views
+            event.record(stream)
+            self._events[(kind, k % 2)] = event
+
+    def _pieces(self, t: torch.Tensor):
+        """(start, end) element ranges of t, each at most piece_bytes."""
+        step = max(1, self.piece_bytes // t.element_size())
+        return [(s, min(s + step, t.numel())) for s in range(0, t.numel(), step)]
+
+    def _upload(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Worker thread: the views on the device, and the event after their last copy."""
+        out, k = [], 0
+        with torch.cuda.stream(self.stream) if self.cuda else nullcontext():
+            for v in views:
+                dev = torch.empty(v.numel(), dtype=v.dtype, device=self.device)
+                for s, e in self._pieces(v):
+                    nbytes = (e - s) * v.element_size()
+                    host = self._ring("in", k, nbytes)[:nbytes].view(v.dtype)
+                    host.copy_(v[s:e])
+                    dev[s:e].copy_(host, non_blocking=self.cuda)
+                    self._record("in", k, self.stream)
+                    k += 1
+                out.append(dev)
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return out, done
+
+    def stage(self, j: int, views: list[torch.Tensor]) -> None:
+        """Start tensor j's upload on the worker thread (reads, pinned copies and the side stream's copies)."""
+        self._jobs[j] = self._worker.submit(self._upload, list(views))
 
     def take(self, j: int) -> list[torch.Tensor]:
         """Tensor j's inputs on the device, ordered after their upload on the compute stream."""
-        views = self._staged.pop(j)
+        views, done = self._jobs.pop(j).result()
         if self.cuda:
             current = torch.cuda.current_stream(self.device)
-            current.wait_event(self._events[j % 2])
+            current.wait_event(done)
             for v in views:
                 v.record_stream(current)  # allocated on the side stream, used on this one
         return views
 
     def store(self, result: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy a device result into the (memory-mapped) host output."""
-        if not self.cuda:
-            out.copy_(result)
-            return
-        host = self._typed(self._buffer(("out",), result.numel() * result.element_size()), result)
-        host.copy_(result, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        out.copy_(host)
+        """Copy a device result into the (memory-mapped) host output, piece by piece through the out ring."""
+        flat, dst = result.reshape(-1), out.reshape(-1)
+        current = torch.cuda.current_stream(self.device) if self.cuda else None
+        pending = None
+        for k, (s, e) in enumerate(self._pieces(flat)):
+            nbytes = (e - s) * flat.element_size()
+            host = self._ring("out", k, nbytes)[:nbytes].view(flat.dtype)
+            host.copy_(flat[s:e], non_blocking=self.cuda)
+            self._record("out", k, current)
+            if pending is not None:  # drain the previous piece while this one copies
+                self._drain(*pending, dst)
+            pending = (k, s, e, host)
+        if pending is not None:
+            self._drain(*pending, dst)
+
+    def _drain(self, k: int, s: int, e: int, host: torch.Tensor, dst: torch.Tensor) -> None:
+        event = self._events.pop(("out", k % 2), None)
+        if event is not None:
+            event.synchronize()
+        dst[s:e].copy_(host)
+
+    def close(self) -> None:
+        """Finish pending uploads and stop the worker thread."""
+        self._worker.shutdown(wait=True)

@@ -193,7 +193,14 @@ class TensorStream:
             self._prefetch.done(item.index)
         self.bar.update(item.nbytes)
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Host staging memory the device path holds (0 without one): bounded, see merge/io/device.py."""
+        return self.stager.pinned_bytes if self.stager is not None else 0
+
     def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
         if self._prefetch is not None:
             self._prefetch.stop()
             self._prefetch = None
