@@ -6,16 +6,8 @@ import json
 
 import pytest
 
-from cpift.cli.train_cli import main
 
-from training_helpers import load_state, make_model, write_jsonl, write_mask
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+from training_helpers import load_state, make_model, run_cli, write_jsonl, write_mask
 
 
 @pytest.mark.parametrize("command", [[], ["sft"], ["eval"]], ids=["group", "sft", "eval"])

@@ -7,16 +7,10 @@ import json
 
 import pytest
 
-from cpift.cli.train_cli import main
 from cpift.training.recipe import load_recipe
 from cpift.training.tiny import TASKS, example_files
 
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+from training_helpers import run_cli
 
 
 def rows(path) -> list[dict]:

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpift.cli.train_cli import main
 from cpift.merge.cpi.masks import load_core_mask
 from cpift.training.evaluate import evaluate
 from cpift.training.pipeline import run_pipeline, split_stages
 
-from training_helpers import load_state, make_model, write_jsonl
+from training_helpers import load_state, make_model, run_cli, write_jsonl
 
 TASKS = {"add": lambda a, b: (f"{a}+{b}=", str(a + b)),  # every character is in the test tokenizer
          "cat": lambda a, b: (f"{a}:{b}=", f"{a}{b}"),
@@ -67,13 +66,6 @@ def project(tmp_path_factory) -> Path:
         write_jsonl(root / f"{task}-eval.jsonl", rows(task, 3, 10 + i))
     (root / "recipe.yml").write_text(RECIPE)
     return root
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cpift.cli.train_cli import main
 from cpift.merge.io.publish import MARKER
 
-from training_helpers import write_jsonl
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+from training_helpers import run_cli, write_jsonl
 
 
 def sha(*paths: Path) -> dict[str, str]:
