@@ -4,9 +4,9 @@ Tensors of 2^31 entries exist (a 128k-vocabulary embedding of 16k columns), and 
 scores in one bin. Full-size inputs do not fit this test machine's time and memory, so each path is
 tested at the boundary itself: the Triton unpack kernel with a byte count whose ×8 leaves int32 (Triton
 passes such counts as int32), the histograms with counts already at 2^31 − 1 before the pass, the fused
-CPU kernel's choice of per-worker count type at n = 2^31 − 1 and 2^31. The Triton histogram counts exact
-zeros once per program (one atomic) and every other score once: the counts must equal the oracle's bit
-for bit on data that is mostly zeros and ties.
+CPU kernel's choice of per-worker count type at n = 2^31 − 1 and 2^31. The Triton histogram pre-aggregates
+per program (zeros, crowded bins; tests/kernels/test_histogram_crowded.py): the counts must equal the
+oracle's bit for bit on data that is mostly zeros and ties.
 """
 
 from __future__ import annotations

@@ -39,12 +39,13 @@ def _cases():
     for dt in ("*bf16", "*fp32", "*fp64"):
         for inner, rows in ((1, 2048), (1024, 4)):
             for pas in (0, 1, 2):
-                sig = {"x_ptr": dt, "b_ptr": dt, "s_ptr": "*fp32", "hist_ptr": "*i64", "n": "i64", "n_scores": "i64",
-                       "block": "i64", "high_bin": "i32", "HAS_BASE": "constexpr", "F64": "constexpr",
-                       "WRITE": "constexpr", "PASS": "constexpr", "ROWS": "constexpr", "INNER": "constexpr"}
+                sig = {"x_ptr": dt, "b_ptr": dt, "s_ptr": "*fp32", "hist_ptr": "*i64", "stat_ptr": "*i64", "n": "i64",
+                       "n_scores": "i64", "block": "i64", "high_bin": "i32", "HAS_BASE": "constexpr",
+                       "F64": "constexpr", "WRITE": "constexpr", "PASS": "constexpr", "ROWS": "constexpr",
+                       "INNER": "constexpr", "WINDOW": "constexpr", "STATS": "constexpr"}
                 yield (f"score-{dt[1:]}-inner{inner}-pass{pas}", S._score_kernel, sig,
                        {"HAS_BASE": True, "F64": dt == "*fp64", "WRITE": pas == 0, "PASS": pas, "ROWS": rows,
-                        "INNER": inner})
+                        "INNER": inner, "WINDOW": S.WINDOW, "STATS": False})
         sig = {"x_ptr": dt, "b_ptr": dt, "out_ptr": "*u8", "tie_ptr": "*i32", "n": "i64", "value": "fp32",
                "last_tie": "i64", "HAS_BASE": "constexpr", "F64": "constexpr", "BYTES": "constexpr",
                "PACK": "constexpr"}

@@ -19,7 +19,8 @@
 # nothing else; the 512 KiB histogram stays in cache. Backends: "torch" works in CHUNK-sized scratch
 # (several eager ops per entry); "cpu" runs the fused numba kernel kernels/_scores_cpu.py (one pass,
 # per-worker int64 histograms added on the host: exact, no atomics; float64 inputs stay on torch);
-# "triton" kernels/_scores_triton.py counts with relaxed atomics into an int32 histogram per call.
+# "triton" kernels/_scores_triton.py counts with relaxed atomics straight into the int64 histogram,
+# pre-aggregated per program (zero scores, crowded bins) so that tied real deltas do not serialize.
 # Both fused kernels are imported only when they run.
 from __future__ import annotations
 
