@@ -30,6 +30,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gpu_inputs import compare, cpu, realistic, ulp_steps
+
 ROOT = Path(__file__).resolve().parent.parent
 CASE_LIMIT_S = 240  # per case; the whole run is sized for < 5 minutes on one H100
 
@@ -74,35 +76,6 @@ class Env:
         return sorted(runs)[1]
 
 
-def realistic(env: Env, n: int, count: int = 3, seed: int = 0):
-    """A bf16 base and `count` task models: a third of the deltas exactly 0, the rest ±1..3 steps of 2^-8."""
-    torch = env.torch
-    dev = env.device  # drawn where they are used: 2^28 entries take seconds on a GPU, minutes on a CPU
-    g = torch.Generator(device=dev).manual_seed(seed)
-    base = torch.randn(n, generator=g, device=dev).to(torch.bfloat16)
-    xs = []
-    for _ in range(count):
-        step = torch.randint(-3, 4, (n,), generator=g, device=dev).float() * 2.0 ** -8
-        step = torch.where(torch.rand(n, generator=g, device=dev) < 0.2, 0.0, step)
-        xs.append((base.float() + step).to(torch.bfloat16))  # exact in float32, one bf16 rounding
-    return base, xs
-
-
-def _cpu(ts):
-    return [t.cpu() for t in ts]
-
-
-def _compare(got, want) -> dict:
-    """Bit comparison of a device result with the CPU reference (NaN equal to NaN)."""
-    got = got.cpu()
-    same = got == want
-    if got.is_floating_point():
-        same |= got.isnan() & want.isnan()
-    bad = (~same).nonzero().flatten()
-    return {"exact": not bad.numel(), "mismatches": int(bad.numel()), "first": bad[:5].tolist(),
-            "entries": got.numel()}
-
-
 # --------------------------------------------------------------------------------------------------
 # Correctness: device vs backend="torch" on CPU copies
 
@@ -126,7 +99,7 @@ def case_global_topk(env: Env) -> dict:
     stream = [(base[:m], [x[:m] for x in xs]), (base[m:], [x[m:] for x in xs])]
     packs = []
     for tensors, device, backend in ((stream, env.device, env.backend),
-                                     ([(b.cpu(), _cpu(t)) for b, t in stream], "cpu", "torch")):
+                                     ([(b.cpu(), cpu(t)) for b, t in stream], "cpu", "torch")):
         top = GlobalTopK(2, device=device, backend=backend)
         for b, t in tensors:
             top.count(b, t)
@@ -134,7 +107,7 @@ def case_global_topk(env: Env) -> dict:
         for b, t in tensors:
             top.refine(b, t)
         packs.append([p for b, t in tensors for p, _ in top.pack(b, t)])
-    results = [_compare(p, p0) for p, p0 in zip(*packs)]
+    results = [compare(p, p0) for p, p0 in zip(*packs)]
     return {"exact": all(r["exact"] for r in results), "masks": len(results),
             "mismatches": sum(r["mismatches"] for r in results)}
 
@@ -151,8 +124,8 @@ def _delta_case(env: Env, **opts) -> dict:
     n = env.n_check
     got = delta_merge(base, xs, ws, out=torch.empty(n, dtype=torch.bfloat16, device=env.device),
                       backend=env.backend, **opts)
-    want = delta_merge(base.cpu(), _cpu(xs), ws, out=torch.empty(n, dtype=torch.bfloat16), backend="torch", **opts)
-    return _compare(got, want)
+    want = delta_merge(base.cpu(), cpu(xs), ws, out=torch.empty(n, dtype=torch.bfloat16), backend="torch", **opts)
+    return compare(got, want)
 
 
 def case_ties(env: Env) -> dict:
@@ -176,9 +149,9 @@ def case_nan(env: Env) -> dict:
                                                                    drop_seeds=[4, 5, 6])}.items():
         got = delta_merge(base, xs, ws, out=torch.empty(n, dtype=torch.bfloat16, device=env.device),
                           backend=env.backend, **opts)
-        want = delta_merge(base.cpu(), _cpu(xs), ws, out=torch.empty(n, dtype=torch.bfloat16), backend="torch",
+        want = delta_merge(base.cpu(), cpu(xs), ws, out=torch.empty(n, dtype=torch.bfloat16), backend="torch",
                            **opts)
-        row[mode] = {**_compare(got, want), "nan_at_input": bool(got[5].isnan())}
+        row[mode] = {**compare(got, want), "nan_at_input": bool(got[5].isnan())}
     row["exact"] = all(r["exact"] and r["nan_at_input"] for r in row.values())
     return row
 
@@ -190,7 +163,7 @@ def case_sce(env: Env) -> dict:
     base, xs = realistic(env, env.n_check)
     n = env.n_check
     got = sce_merge(base, xs, 0.5, out=torch.empty(n, dtype=torch.bfloat16, device=env.device), backend=env.backend)
-    return _compare(got, sce_merge(base.cpu(), _cpu(xs), 0.5, out=torch.empty(n, dtype=torch.bfloat16),
+    return compare(got, sce_merge(base.cpu(), cpu(xs), 0.5, out=torch.empty(n, dtype=torch.bfloat16),
                                    backend="torch"))
 
 
@@ -202,7 +175,7 @@ def case_nearswap(env: Env) -> dict:
     n = env.n_check
     got = nearswap(xs[0], xs[1], 0.01, out=torch.empty(n, dtype=torch.bfloat16, device=env.device),
                    backend=env.backend)
-    return _compare(got, nearswap(*_cpu(xs), 0.01, out=torch.empty(n, dtype=torch.bfloat16), backend="torch"))
+    return compare(got, nearswap(*cpu(xs), 0.01, out=torch.empty(n, dtype=torch.bfloat16), backend="torch"))
 
 
 def case_device_tests(env: Env) -> dict:
@@ -215,13 +188,37 @@ def case_device_tests(env: Env) -> dict:
     return {"exact": proc.returncode == 0, "tail": proc.stdout[-1500:]}
 
 
+def case_crowded_histogram(env: Env) -> dict:
+    """Both radix passes on crowded bins, bit for bit against torch on the CPU, and the global atomics
+    the kernel issued ([pre-aggregated, lone]; the bandwidth case times such inputs)."""
+    from cpift.kernels._scores_triton import score_triton
+    from cpift.kernels.scores import BINS, histogram_ref, score_deltas
+    from cpift.kernels.select import magnitude_cut
+
+    torch = env.torch
+    x, base = ulp_steps(env, env.n_check)
+    s = score_deltas(x.cpu(), base.cpu(), backend="torch")
+    busy = int(torch.bincount(s[s > 0].view(torch.int32) >> 16).argmax())
+    row = {"entries": env.n_check, "zeros": int((s == 0).sum())}
+    for name, hb in (("high", None), ("low_in_busiest", busy), ("low_in_zeros", 0)):
+        hist = torch.zeros(BINS, dtype=torch.int64, device=env.device)
+        stats = torch.zeros(2, dtype=torch.int64, device=env.device)
+        score_triton(x, base, 1, out=None, hist=hist, high_bin=hb, stats=stats)
+        row[name] = {**compare(hist, histogram_ref(s, hb)), "atomics": stats.tolist()}
+    k = int((s > 0).sum()) // 3  # a cut inside the ties
+    row["cut_exact"] = magnitude_cut(x, base, k, backend=env.backend) == magnitude_cut(*cpu([x, base]), k,
+                                                                                       backend="torch")
+    row["exact"] = row["cut_exact"] and all(row[k]["exact"] for k in ("high", "low_in_busiest", "low_in_zeros"))
+    return row
+
+
 # --------------------------------------------------------------------------------------------------
 # Bandwidth: GB/s of the bytes a kernel must move, beside a device copy
 
 
 def case_bandwidth(env: Env) -> dict:
     from cpift.kernels.masks import overlap, pack_cut
-    from cpift.kernels.scores import BINS, score_deltas
+    from cpift.kernels.scores import BINS, score_deltas, score_histogram
     from cpift.kernels.select import Cut
     from cpift.kernels.slerp import slerp_blend
     from cpift.kernels.ties import delta_merge
@@ -234,12 +231,16 @@ def case_bandwidth(env: Env) -> dict:
     hist = torch.zeros(BINS, dtype=torch.int64, device=env.device)
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=env.device)
     cut = Cut(2.0 ** -7, n)
+    one, half = torch.full_like(base, 0.75), torch.full_like(base, 0.5)  # every score in one bin: the worst case
+    steps = ulp_steps(env, n, 1)
     src = torch.empty(2 * n, dtype=torch.uint8, device=env.device)
     dst = torch.empty_like(src)
     kernels = {
         "device copy": (4 * n, lambda: dst.copy_(src)),
         "score+histogram (zero-heavy)": (n * (2 * e + 4), lambda: score_deltas(xs[0], base, hist=hist, out=scores,
                                                                                 backend=be)),
+        "histogram, one bin": (n * 2 * e, lambda: score_histogram(one, half, hist=hist, backend=be)),
+        "histogram, ulp steps": (n * 2 * e, lambda: score_histogram(*steps, hist=hist, backend=be)),
         "compare+pack": (n * 2 * e + n // 8, lambda: pack_cut(xs[0], base, cut=cut, out=packed, backend=be)),
         "slerp blend": (n * 3 * e, lambda: slerp_blend(xs[0], xs[1], 0.6, 0.4, out=out, backend=be)),
         "ties N=3": (n * 5 * e, lambda: delta_merge(base, xs, [1.0, 1.0, 1.0], elect_sign=True, out=out, backend=be)),
@@ -309,7 +310,8 @@ def case_staged_merge(env: Env) -> dict:
 
 
 CASES = {f.__name__[5:]: f for f in (case_magnitude_cut, case_global_topk, case_ties, case_dare, case_nan, case_sce,
-                                     case_nearswap, case_device_tests, case_bandwidth, case_staged_merge)}
+                                     case_nearswap, case_crowded_histogram, case_device_tests, case_bandwidth,
+                                     case_staged_merge)}
 
 
 # --------------------------------------------------------------------------------------------------

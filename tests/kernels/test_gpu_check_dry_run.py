@@ -25,14 +25,18 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads(out.read_text())
     cases = report["cases"]
     assert list(cases) == ["magnitude_cut", "global_topk", "ties", "dare", "nan", "sce", "nearswap",
-                           "device_tests", "bandwidth", "staged_merge"]
+                           "crowded_histogram", "device_tests", "bandwidth", "staged_merge"]
     assert report["dry_run"] is True
     assert all(r["status"] == "ok" for r in cases.values()), {n: r["status"] for n, r in cases.items()}
     assert cases["magnitude_cut"]["tie_split"] is True  # the realistic deltas split a tie at the cut
     assert cases["nan"]["ties"]["nan_at_input"] and cases["nan"]["dare"]["nan_at_input"]
+    crowded = cases["crowded_histogram"]  # both passes exact on ulp-step deltas, with few global atomics
+    assert all(crowded[p]["mismatches"] == 0 and sum(crowded[p]["atomics"]) < crowded["entries"] // 10
+               for p in ("high", "low_in_busiest", "low_in_zeros")) and crowded["cut_exact"]
     assert all(cases[c]["mismatches"] == 0 and cases[c]["entries"] > 4096 for c in ("ties", "dare", "sce", "nearswap"))
     rows = cases["bandwidth"]["rows"]
-    assert all(r["bytes"] > 0 and r["s"] > 0 for r in rows.values()) and "ties N=3" in rows
+    assert all(r["bytes"] > 0 and r["s"] > 0 for r in rows.values())
+    assert "ties N=3" in rows and "histogram, one bin" in rows and "histogram, ulp steps" in rows
     assert cases["staged_merge"]["exit"] == 0 and cases["staged_merge"]["input_bytes"] > 0
     for name in cases:
         assert name in proc.stdout

@@ -64,6 +64,7 @@ class MergeResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     backend: str | None = None  # the kernels that ran: "cpu" (fused), "torch" or "triton"
+    pinned_bytes: int = 0  # host staging memory of a device merge (merge/io/device.py: ≤ 4 pieces)
 
     @property
     def gbps(self) -> float:
@@ -73,7 +74,7 @@ class MergeResult:
         return (f"{self.method}: {self.tensors} tensors, read {self.bytes_read / 1e9:.3f} GB, "
                 f"wrote {self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s "
                 f"({self.gbps:.2f} GB/s of input{f', {self.backend} kernels' if self.backend else ''}) "
-                f"-> {self.out}")
+                f"{f'[{self.pinned_bytes / 2**20:.0f} MiB pinned] ' if self.pinned_bytes else ''}-> {self.out}")
 
 
 def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
@@ -195,7 +196,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
     total_in = sum(m.info(n).nbytes for n in names for m in models)
     floating = {s.name for s in plan if s.dtype.is_floating_point}
     stream = TensorStream(models, names, writer=writer, device=dev, bar=progress_bar(method, total_in, progress),
-                          staged=floating.__contains__)
+                          staged=floating.__contains__, dtype=compute_dtype)  # cast on the device, piece by piece
     bytes_read = 0
     try:
         for item in stream:
@@ -232,7 +233,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
         for m in models:
             m.close()
     return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
-                       time.perf_counter() - start, notes, backend=used)
+                       time.perf_counter() - start, notes, backend=used, pinned_bytes=stream.pinned_bytes)
 
 
 def model_paths(models: Sequence[Checkpoint]) -> list[Path]:

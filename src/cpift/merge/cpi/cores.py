@@ -31,7 +31,7 @@ from cpift.errors import NonFiniteError, OutputError, ParameterError
 from cpift.merge.cpi.masks import block_size, mask_entries, parse_granularity, save_core_mask
 from cpift.merge.cpi.names import check_task_names
 from cpift.merge.engine import check_compatible, model_paths, open_models
-from cpift.merge.io.device import check_backend, parse_device
+from cpift.merge.io.device import DeviceCache, check_backend, parse_device
 from cpift.merge.io.publish import check_output, publish_dir
 from cpift.merge.io.stream import TensorStream, progress_bar
 from cpift.numbers import parse_number
@@ -198,8 +198,10 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     packed: list[dict[str, torch.Tensor]] = [{} for _ in tasks]
     counts: list[dict[str, int]] = [{} for _ in tasks]
 
+    cache = DeviceCache.for_device(dev)  # device copies kept across the three passes, within a budget
+
     def run_pass(step) -> None:
-        with TensorStream(models, names, device=dev, bar=bar) as stream:
+        with TensorStream(models, names, device=dev, bar=bar, cache=cache) as stream:
             for item in stream:
                 step(item.name, item.inputs)
 
@@ -225,6 +227,8 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         run_pass(pack)
     finally:
         bar.close()
+        if cache is not None:
+            cache.clear()
         for m in models:
             m.close()
 

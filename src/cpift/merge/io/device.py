@@ -10,11 +10,18 @@ the main thread launches the previous tensor's kernels; the compute stream waits
 event. Results come back the same way: device pieces copied into two pinned buffers in turn, each
 drained into the output map once its copy's event has completed.
 
+A compute dtype other than the storage dtype (``--dtype float32`` over bf16 models) is applied piece
+by piece on the device: each piece lands in a one-piece device scratch in its storage dtype and is
+converted into the device tensor there, so no whole-tensor copy exists in either dtype besides the
+one the kernels read, and the bus carries the storage bytes.
+
 Memory: pinned host memory is bounded, whatever the tensor sizes: two input pieces and two output
 pieces (``pinned_bytes`` reports what is allocated, 4·piece_bytes at most); on the device, the inputs
-of the two tensors in flight. ``device="cpu+staging"`` runs the same loop on the CPU without pinning,
-streams or events: the tests use it to check that the staged path gives byte-identical outputs, and
-that pinned bytes stay bounded, on machines without a GPU.
+of the two tensors in flight, one scratch piece, and what a ``DeviceCache`` holds (within its budget:
+device copies kept across the passes of ``cores`` and global trim). ``device="cpu+staging"`` runs the
+same loop on the CPU without pinning, streams or events: the tests use it to check that the staged path
+gives byte-identical outputs, and that pinned bytes, pieces and the cache stay within their bounds, on
+machines without a GPU.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class DeviceStager:
         self._events: dict[tuple[str, int], torch.cuda.Event] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpift-stage")
         self._jobs: dict[int, Future] = {}
+        self._scratch = torch.empty(0, dtype=torch.uint8, device=device)
+        self.pieces = {"in": 0, "out": 0}  # copies made through the rings, for tests and reports
 
     @property
     def pinned_bytes(self) -> int:
@@ -108,29 +117,46 @@ class DeviceStager:
         step = max(1, self.piece_bytes // t.element_size())
         return [(s, min(s + step, t.numel())) for s in range(0, t.numel(), step)]
 
-    def _upload(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
-        """Worker thread: the views on the device, and the event after their last copy."""
+    def _piece_in(self, dev: torch.Tensor, s: int, e: int, host: torch.Tensor) -> None:
+        """dev[s:e] ← host (a pinned piece); a piece of another dtype goes through the device scratch and
+        is converted there (on the side stream, in order: the next piece waits for this conversion)."""
+        if host.dtype == dev.dtype:
+            dev[s:e].copy_(host, non_blocking=self.cuda)
+            return
+        if self._scratch.numel() < host.numel() * host.element_size():
+            self._scratch = torch.empty(self.piece_bytes, dtype=torch.uint8, device=self.device)
+        raw = self._scratch[:host.numel() * host.element_size()].view(host.dtype)
+        raw.copy_(host, non_blocking=self.cuda)
+        dev[s:e].copy_(raw)
+
+    def _upload(self, views: list[torch.Tensor], dtype: torch.dtype | None
+                ) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Worker thread: the views on the device (floating ones in `dtype` if given), and the event
+        after their last copy."""
         out, k = [], 0
         with torch.cuda.stream(self.stream) if self.cuda else nullcontext():
             for v in views:
-                dev = torch.empty(v.numel(), dtype=v.dtype, device=self.device)
+                to = dtype if dtype is not None and v.is_floating_point() else v.dtype
+                dev = torch.empty(v.numel(), dtype=to, device=self.device)
                 for s, e in self._pieces(v):
                     nbytes = (e - s) * v.element_size()
                     host = self._ring("in", k, nbytes)[:nbytes].view(v.dtype)
                     host.copy_(v[s:e])
-                    dev[s:e].copy_(host, non_blocking=self.cuda)
+                    self._piece_in(dev, s, e, host)
                     self._record("in", k, self.stream)
                     k += 1
                 out.append(dev)
+        self.pieces["in"] += k
         done = None
         if self.cuda:
             done = torch.cuda.Event()
             done.record(self.stream)
         return out, done
 
-    def stage(self, j: int, views: list[torch.Tensor]) -> None:
-        """Start tensor j's upload on the worker thread (reads, pinned copies and the side stream's copies)."""
-        self._jobs[j] = self._worker.submit(self._upload, list(views))
+    def stage(self, j: int, views: list[torch.Tensor], dtype: torch.dtype | None = None) -> None:
+        """Start tensor j's upload on the worker thread (reads, pinned copies and the side stream's copies);
+        floating views arrive in `dtype` when given (converted piece by piece on the device)."""
+        self._jobs[j] = self._worker.submit(self._upload, list(views), dtype)
 
     def take(self, j: int) -> list[torch.Tensor]:
         """Tensor j's inputs on the device, ordered after their upload on the compute stream."""
@@ -155,6 +181,7 @@ class DeviceStager:
             if pending is not None:  # drain the previous piece while this one copies
                 self._drain(*pending, dst)
             pending = (k, s, e, host)
+            self.pieces["out"] += 1
         if pending is not None:
             self._drain(*pending, dst)
 
@@ -167,3 +194,59 @@ class DeviceStager:
     def close(self) -> None:
         """Finish pending uploads and stop the worker thread."""
         self._worker.shutdown(wait=True)
+
+
+CPU_CACHE_BYTES = 256 << 20  # device="cpu+staging" (tests): big enough for test models
+
+
+class DeviceCache:
+    """Device copies of staged tensors, kept across the passes of one job (``cores``, global trim) so a
+    later pass does not read and upload them again; at most ``budget_bytes``.
+
+    The passes visit the tensors in one order, so a tensor is admitted only while it fits and stays
+    until ``clear``: evicting older entries for newer ones (LRU) would evict each one before its next
+    use and leave nothing to hit. The tensors are the kernels' inputs, which no kernel writes.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = max(0, int(budget_bytes))
+        self.used_bytes = 0
+        self.hits = self.misses = 0
+        self._held: dict[str, list[torch.Tensor]] = {}
+
+    @classmethod
+    def for_device(cls, device: torch.device | None, *, fraction: float = 0.5) -> DeviceCache | None:
+        """A cache for a job on `device` (None without staging): on CUDA, `fraction` of the memory free
+        now (the rest stays for the tensors in flight and the kernels' scratch)."""
+        if device is None:
+            return None
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return cls(int(free * fraction))
+        return cls(CPU_CACHE_BYTES)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._held
+
+    def get(self, name: str) -> list[torch.Tensor] | None:
+        """The device copies held for `name`, or None (counted as a hit or a miss)."""
+        held = self._held.get(name)
+        if held is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return held
+
+    def offer(self, name: str, tensors: list[torch.Tensor]) -> bool:
+        """Keep `tensors` for `name` if they fit in what is left of the budget; whether they were kept."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        if name in self._held or self.used_bytes + nbytes > self.budget_bytes:
+            return False
+        self._held[name] = list(tensors)
+        self.used_bytes += nbytes
+        return True
+
+    def clear(self) -> None:
+        """Drop every copy (the device memory returns to torch's allocator)."""
+        self._held.clear()
+        self.used_bytes = 0

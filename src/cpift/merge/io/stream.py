@@ -10,6 +10,8 @@ tensors where the math runs. Around that loop it does what every step needs:
   mapped ahead from one thread. Pages are released once the caller is done with a tensor.
 - device staging: with a device, the tensors go host → device through pinned buffers on a side
   stream (merge/io/device.py); ``stage_next`` starts the next upload while this tensor's kernels run.
+  A ``DeviceCache`` shared by the streams of several passes keeps device copies between them: a
+  tensor it holds is neither prefetched nor uploaded again.
 - progress: a tqdm bar in bytes read, with its rate (GB/s), off when stderr is no terminal.
 
 ``stream_merge`` (merge/engine.py), the three passes of ``cores``, global trim and ``cluster``
@@ -25,7 +27,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from .device import DeviceStager
+from .device import DeviceCache, DeviceStager
 
 
 class Source(Protocol):
@@ -128,6 +130,8 @@ class TensorStream:
         bar: progress, advanced by each tensor's input bytes when it is done.
         staged: which names go to the device (default: all); the others' inputs are the host views.
         prefetch: map pages ahead from a background thread.
+        cache: device copies kept across the streams of several passes (merge/io/device.py).
+        dtype: floating inputs arrive on the device in this dtype (converted piece by piece there).
 
     Example:
         with TensorStream(models, names, device=dev) as stream:
@@ -137,12 +141,18 @@ class TensorStream:
 
     def __init__(self, sources: Sequence[Source], names: Sequence[str], *, writer=None,
                  device: torch.device | None = None, bar: Bar | None = None,
-                 staged: Callable[[str], bool] | None = None, prefetch: bool = True) -> None:
+                 staged: Callable[[str], bool] | None = None, prefetch: bool = True,
+                 cache: DeviceCache | None = None, dtype: torch.dtype | None = None) -> None:
         self.sources, self.names = list(sources), list(names)
         self.bar = bar or NoBar()
         self.stager = DeviceStager(device) if device is not None else None
         self._staged = staged or (lambda name: True)
-        self._prefetch = Prefetcher(self.sources, writer, self.names) if prefetch else None
+        self.cache = cache if self.stager is not None else None
+        self.dtype = dtype
+        # Tensors the cache already holds need no pages: the prefetcher walks the others.
+        read = [n for n in self.names if self.cache is None or n not in self.cache]
+        self._order = {n: i for i, n in enumerate(read)}
+        self._prefetch = Prefetcher(self.sources, writer, read) if prefetch else None
         self._uploaded: set[int] = set()
         self._done: set[int] = set()
 
@@ -151,19 +161,29 @@ class TensorStream:
         return self.stager is not None
 
     def _views(self, j: int) -> list[torch.Tensor]:
-        if self._prefetch is not None:
-            self._prefetch.wait(j)
+        """Tensor j's host views (zero-copy maps), once the prefetcher has its pages (if it reads them)."""
+        if self._prefetch is not None and self.names[j] in self._order:
+            self._prefetch.wait(self._order[self.names[j]])
         return [s.get(self.names[j]).reshape(-1) for s in self.sources]
+
+    def _upload(self, j: int, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensor j on the device (its upload started here or by stage_next), offered to the cache."""
+        if j not in self._uploaded:
+            self.stager.stage(j, views, self.dtype)
+        inputs = self.stager.take(j)
+        if self.cache is not None:
+            self.cache.offer(self.names[j], inputs)
+        return inputs
 
     def __iter__(self) -> Iterator[StreamItem]:
         for j, name in enumerate(self.names):
-            views = self._views(j)
-            inputs = views
-            if self.stager is not None and self._staged(name):
-                if j not in self._uploaded:
-                    self.stager.stage(j, views)
-                inputs = self.stager.take(j)
-            item = StreamItem(j, name, views, inputs, sum(v.numel() * v.element_size() for v in views))
+            staged = self.stager is not None and self._staged(name)
+            inputs = self.cache.get(name) if staged and self.cache is not None else None
+            views = [] if inputs is not None else self._views(j)  # a cached tensor needs no host views
+            if inputs is None:
+                inputs = self._upload(j, views) if staged else views
+            nbytes = sum(t.numel() * t.element_size() for t in (views or inputs))
+            item = StreamItem(j, name, views, inputs, nbytes)
             del views, inputs  # only the item holds them: done() drops them before the pages go
             yield item
             self.done(item)
@@ -173,7 +193,9 @@ class TensorStream:
         j = item.index + 1
         if self.stager is None or j >= len(self.names) or not self._staged(self.names[j]):
             return
-        self.stager.stage(j, self._views(j))
+        if self.cache is not None and self.names[j] in self.cache:
+            return  # held on the device: nothing to upload
+        self.stager.stage(j, self._views(j), self.dtype)
         self._uploaded.add(j)
 
     def store(self, result: torch.Tensor, out: torch.Tensor) -> None:
@@ -189,8 +211,8 @@ class TensorStream:
             return
         self._done.add(item.index)
         item.views = item.inputs = []
-        if self._prefetch is not None:
-            self._prefetch.done(item.index)
+        if self._prefetch is not None and item.name in self._order:
+            self._prefetch.done(self._order[item.name])
         self.bar.update(item.nbytes)
 
     @property

@@ -17,6 +17,7 @@ import torch
 from cpift.kernels.select import Cut
 from cpift.kernels.topk import GlobalTopK
 from cpift.merge.io.checkpoint import Checkpoint
+from cpift.merge.io.device import DeviceCache
 from cpift.merge.io.stream import TensorStream
 
 
@@ -27,21 +28,24 @@ def global_magnitude_cuts(base: Checkpoint, models: list[Checkpoint], densities:
     total = sum(base.info(n).numel for n in names)
     top = GlobalTopK(len(models), device=device, backend=backend)
     everyone = [base, *models]
-    with TensorStream(everyone, names, device=device) as stream:
+    cache = DeviceCache.for_device(device)  # device copies kept for the later passes, within a budget
+    with TensorStream(everyone, names, device=device, cache=cache) as stream:
         for item in stream:
             top.count(item.inputs[0], item.inputs[1:])
     top.fix([math.floor(d * total) for d in densities])
-    with TensorStream(everyone, names, device=device) as stream:
+    with TensorStream(everyone, names, device=device, cache=cache) as stream:
         for item in stream:
             top.refine(item.inputs[0], item.inputs[1:])
     top.finish_refine()
     cuts: dict[str, list[Cut]] = {}
     if any(top.fixed_cut(i, 0) is None for i in range(len(models))):  # some task's ties split
-        with TensorStream(everyone, names, device=device) as stream:
+        with TensorStream(everyone, names, device=device, cache=cache) as stream:
             for item in stream:
                 if all(top.fixed_cut(i, 0) is not None for i in range(len(models))):
                     break  # every tie is placed: the later tensors need no reading
                 cuts[item.name] = top.cuts(item.inputs[0], item.inputs[1:])
+    if cache is not None:
+        cache.clear()
     for n in names:
         if n not in cuts:
             cuts[n] = [top.fixed_cut(i, base.info(n).numel) for i in range(len(models))]
