@@ -37,7 +37,7 @@ def _cases():
     from cpift.kernels import _slerp_triton as L
 
     for dt in ("*bf16", "*fp32", "*fp64"):
-        for inner, rows in ((1, 2048), (1024, 4)):
+        for inner, rows in ((1, 4096), (1024, 4)):
             for pas in (0, 1, 2):
                 sig = {"x_ptr": dt, "b_ptr": dt, "s_ptr": "*fp32", "hist_ptr": "*i64", "stat_ptr": "*i64", "n": "i64",
                        "n_scores": "i64", "block": "i64", "high_bin": "i32", "HAS_BASE": "constexpr",
@@ -45,7 +45,8 @@ def _cases():
                        "INNER": "constexpr", "WINDOW": "constexpr", "STATS": "constexpr"}
                 yield (f"score-{dt[1:]}-inner{inner}-pass{pas}", S._score_kernel, sig,
                        {"HAS_BASE": True, "F64": dt == "*fp64", "WRITE": pas == 0, "PASS": pas, "ROWS": rows,
-                        "INNER": inner, "WINDOW": S.WINDOW, "STATS": False})
+                        "INNER": inner, "WINDOW": min(S.WINDOW, rows), "STATS": False},
+                       {"num_warps": 8 if inner == 1 else 4})
         sig = {"x_ptr": dt, "b_ptr": dt, "out_ptr": "*u8", "tie_ptr": "*i32", "n": "i64", "value": "fp32",
                "last_tie": "i64", "HAS_BASE": "constexpr", "F64": "constexpr", "BYTES": "constexpr",
                "PACK": "constexpr"}
@@ -111,9 +112,9 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     options = launch_options()
     assert options == {"enable_fp_fusion": False}, options  # what every launcher passes on a GPU
-    for name, fn, sig, consts in _cases():
+    for name, fn, sig, consts, *extra in _cases():  # extra: the launcher's other options (num_warps)
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                             options=options).asm["ptx"]
+                             options={**options, **(extra[0] if extra else {})}).asm["ptx"]
         assert ".visible .entry" in ptx, name
         if consts.get("PASS"):
             # Histogram counts are fire-and-forget reductions (red), not returning atomics.

@@ -13,9 +13,10 @@ import triton.language as tl
 from .backend import interpreting
 
 
-def launch_options() -> dict:
-    """Compiler options for every launch: fusion off on the GPU (the interpreter takes no options)."""
-    return {} if interpreting() else {"enable_fp_fusion": False}
+def launch_options(**extra) -> dict:
+    """Compiler options for every launch: fusion off on the GPU, plus `extra` (e.g. num_warps) there; the
+    interpreter takes no options."""
+    return {} if interpreting() else {"enable_fp_fusion": False, **extra}
 
 
 @triton.jit
