@@ -153,12 +153,17 @@ def test_cores_and_global_trim_keep_device_copies_with_the_same_results(llama, t
 
 
 def test_float32_compute_on_the_staged_path_is_byte_identical(llama, tmp_path):
-    """--dtype float32 over bf16 models: cast on the device piece by piece, the same output bytes."""
+    """--dtype float32 over bf16 models: cast on the device piece by piece, the same output bytes; the
+    staging memory is reported (bounded by four pieces) in the result and its summary."""
     from cpift.merge import methods
 
+    results = {}
     for name, kw in (("plain", {}), ("staged", {"device": "cpu+staging"})):
-        methods.ties(llama["base"], [llama["task1"], llama["task2"]], tmp_path / name, density=0.4,
-                     dtype="float32", progress=False, **kw)
+        results[name] = methods.ties(llama["base"], [llama["task1"], llama["task2"]], tmp_path / name, density=0.4,
+                                     dtype="float32", progress=False, **kw)
+    assert results["plain"].pinned_bytes == 0 and "pinned" not in results["plain"].summary()
+    assert 0 < results["staged"].pinned_bytes <= 4 * device_mod.PIECE_BYTES
+    assert "MiB pinned" in results["staged"].summary()
     for f in sorted((tmp_path / "plain").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "staged" / f.name).read_bytes(), f.name
 
