@@ -89,6 +89,7 @@ def _score_kernel(x_ptr, b_ptr, s_ptr, hist_ptr, stat_ptr, n, n_scores, block, h
             digit = bits & 0xFFFF
         _count_digits(hist_ptr, stat_ptr, digit.to(tl.int32), counted, WINDOW, STATS)
 
+
 def _tiles(block: int) -> tuple[int, int, int]:
     """(ROWS, INNER, num_warps): scores per program, entries per step along a block, warps per program."""
     if block == 1:
@@ -104,8 +105,8 @@ WINDOW = 2048  # bins of the per-program shared-memory histogram (8 KiB): 16 bin
 def score_triton(x: torch.Tensor, base: torch.Tensor | None, block: int, *, out: torch.Tensor | None,
                  hist: torch.Tensor | None, high_bin: int | None, stats: torch.Tensor | None = None) -> None:
     """Launch the scoring kernel: write `out` (if given) and add to `hist` (if given). `stats` (int64[2]
-    on x's device, for tests and gpu_check) gets the histogram atomics issued: [one per pre-aggregated
-    bin (zeros and samples), one per lone score]."""
+    on x's device, for tests and gpu_check) gets the global atomics issued: [one per pre-aggregated
+    bin (bin 0, the window's non-empty bins), one per lone score]."""
     n = x.numel()
     m = (n + block - 1) // block
     if m == 0:
