@@ -74,6 +74,21 @@ def test_crowded_histograms_bit_identical(n, dtype, block, backend):
         assert int(low.sum()) == int(high[b])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_scores_are_counted_in_their_bins(backend):
+    """NaN and Inf scores top every program's digits (the window then ends at them): still exact."""
+    x, base = fine_tune(PROGRAM + 3, torch.bfloat16, seed=2)
+    x[[5, 700, PROGRAM + 1]] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype)
+    s = scores.score_deltas(x, base, backend="torch")
+    high = torch.zeros(scores.BINS, dtype=torch.int64)
+    scores.score_histogram(x, base, hist=high, backend=backend)
+    assert_exact(high, scores.histogram_ref(s))
+    for b in (int(s[5].view(torch.int32)) >> 16, int(s[700].view(torch.int32)) >> 16, 0):
+        low = torch.zeros(scores.BINS, dtype=torch.int64)
+        scores.score_histogram(x, base, hist=low, high_bin=b, backend=backend)
+        assert_exact(low, scores.histogram_ref(s, b))
+
+
 @TRITON
 @pytest.mark.parametrize("high_bin", [None, "busiest"])
 def test_triton_preaggregates_crowded_bins(high_bin):
