@@ -65,7 +65,7 @@ def test_compute_dtype_is_applied_piece_by_piece(src, dst):
         stager.close()
 
 
-def test_cache_admits_within_its_budget():
+def test_cache_admits_within_its_budget(monkeypatch):
     cache = DeviceCache(100)
     a, b, c = torch.zeros(10), torch.zeros(10), torch.zeros(3, dtype=torch.uint8)
     assert cache.get("a") is None
@@ -79,6 +79,8 @@ def test_cache_admits_within_its_budget():
     assert cache.used_bytes == 0 and "a" not in cache
     assert DeviceCache.for_device(None) is None
     assert DeviceCache.for_device(torch.device("cpu")).budget_bytes == device_mod.CPU_CACHE_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 << 30, 80 << 30))  # free, total
+    assert DeviceCache.for_device(torch.device("cuda")).budget_bytes == 3 << 30  # half the free memory
 
 
 class _Source:
