@@ -115,12 +115,12 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
                 best[win] = score[win]
         out_t.copy_(m)
 
-    params = {"tasks": [t[0] for t in tasks], "masks": [os.fspath(t[2]) for t in tasks], "overlap": overlap,
-              "omega": omega if omega is not None else "1/(k+1)"}
     given = {**(options.as_kwargs() if options else {}), **overrides}  # the recipe records what was asked
     recipe = fuse_recipe(backbone, tasks, out=out, overlap=overlap, base=base if overlap == "largest" else None,
                          omega=omega,
                          settings={k: given.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
+    params = {"tasks": [t[0] for t in tasks], "masks": [t["mask"] for t in recipe["tasks"]],  # relative to out
+              "overlap": overlap, "omega": omega if omega is not None else "1/(k+1)"}
     roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
     opts = opts.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *opts.inputs))  # -o may not hold a mask
     return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, **opts.as_kwargs())
