@@ -120,7 +120,7 @@ def test_cluster_jaccard_groups_json_and_plot(families, tmp_path, capsys):
 
 
 def _fuse64(backbone, tasks, masks, overlap, base=None, omega=None):
-    """DESIGN §1.4/§2 in float64, from the definitions."""
+    """docs/cpi-ft.md#fusion and #slerp in float64, from the definitions."""
     out = {}
     for n, b in backbone.items():
         if not b.is_floating_point():

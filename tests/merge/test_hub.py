@@ -267,7 +267,7 @@ def test_hub_errors_are_one_line(hub, llama, tmp_path):
 
 
 def test_push_publishes_nothing_from_outside_the_folder(hub, llama, tmp_path):
-    """Issue 22 class 3: a tokenizer.json linked to a file elsewhere is not uploaded; a FIFO does not block."""
+    """A tokenizer.json linked to a file elsewhere is not uploaded; a FIFO does not block."""
     out = tmp_path / "m"
     methods.slerp(llama["task1"], llama["task2"], out, progress=False)
     secret = tmp_path / "secret.json"

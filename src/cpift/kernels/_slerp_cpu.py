@@ -11,7 +11,7 @@
 # slerp_blend_cpu: out = fma(a, ca, b·cb) in float32 (the torch path's b·cb then add_(a, alpha=ca), a
 #   fused multiply-add), a copied where `keep`, one rounding on store: bit-identical to the torch path.
 #   Reads 2 elements (+1 mask byte), writes 1; out may be a itself (element by element, read first).
-# Masks are bool tensors read as bytes (merge/fuse.py passes unpacked element masks).
+# Masks are bool tensors read as bytes (merge/cpi/fuse.py passes unpacked element masks).
 from __future__ import annotations
 
 import numpy as np

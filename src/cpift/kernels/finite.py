@@ -1,4 +1,5 @@
-# Finiteness checks for input tensors (DESIGN §5: NaN/Inf in inputs is an error or a warning).
+# Finiteness checks for input tensors (NaN/Inf in an input is an error, or a warning with
+# --allow-nonfinite: docs/safety.md).
 #
 # Fast path: per chunk, a sum in float32 (float64 for float64 tensors). NaN and ±inf propagate
 # through a sum (inf − inf is NaN), so a finite sum proves the chunk finite; only a non-finite sum

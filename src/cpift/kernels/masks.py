@@ -1,4 +1,4 @@
-# Bit-packed core masks (DESIGN §4) and their overlaps, without unpacking.
+# Bit-packed core masks (docs/cpi-ft.md#mask-files) and their overlaps, without unpacking.
 #
 # Format: one uint8 per 8 entries of the row-major flattened tensor; bit j (little-endian, value
 # 1 << j) of byte i is entry 8i + j; the last byte's unused high bits are 0.

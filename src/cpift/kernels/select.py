@@ -23,7 +23,7 @@
 #           prefix sum and searchsorted find the 4096-entry slice holding it (one host sync), and
 #           only that slice is scored again. Every scratch buffer lives on the inputs' device.
 # Each pass reads every input element once and writes nothing but 512 KiB of counts. The
-# histograms add across ranks (DESIGN §6: an all-reduce per round).
+# histograms add across ranks (an all-reduce per round).
 #
 # Backends of magnitude_cut: "torch" first tries a sampled bracket (one pass, below) and falls back to
 # radix select; "cpu" (fused numba, kernels/_scores_cpu.py's histograms and kernels/_select_cpu.py's

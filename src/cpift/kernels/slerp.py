@@ -1,4 +1,4 @@
-# SLERP of two flattened tensors, as DESIGN §2 defines it (mergekit 0.1.5's constants).
+# SLERP of two flattened tensors, as docs/cpi-ft.md#slerp defines it (mergekit 0.1.5's constants).
 #
 # Maths: â = a/‖a‖, b̂ = b/‖b‖ (a norm ≤ eps leaves that vector as is, i.e. its norm counts as 1);
 # d = ⟨â, b̂⟩ clamped to [-1, 1]. If |d| > dot_threshold the pair is nearly (anti)colinear and the
@@ -171,7 +171,7 @@ def slerp_ref(
     exclude: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float64 oracle of DESIGN §2 (with the same optional exclude/keep masks); returns float64."""
+    """float64 oracle of docs/cpi-ft.md#slerp (with the same optional exclude/keep masks); returns float64."""
     a64 = a.double()
     b64 = b.double()
     ra, rb = a64, b64

@@ -1,5 +1,5 @@
 # Exact global top-k over a stream of tensors, for several tasks sharing one base: the selection of
-# CPI-FT's core regions (DESIGN §1.2), with memory independent of the number of tensors.
+# CPI-FT's core regions (docs/cpi-ft.md#core-region), with memory independent of the number of tensors.
 #
 # For task i the scores are s = fl32(mean |x_i − base|) per block of B entries (kernels/scores.py,
 # B = 1 for single entries); the k_i largest over ALL tensors are selected. Ties at the threshold

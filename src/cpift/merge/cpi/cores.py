@@ -1,4 +1,4 @@
-"""CPI-FT step 2 (DESIGN §1.2): each task's core region, the exact global top-p% of |θ_task − θ_base|.
+"""CPI-FT step 2: each task's core region, the exact global top-p% of |θ_task − θ_base| (docs/cpi-ft.md).
 
 One global selection over every scored tensor of the model (not per tensor): k = floor(p·D/100)
 of the D mask entries (single parameters, or blocks / rows with ``granularity``), ties broken by
@@ -8,7 +8,7 @@ bits, histogram of the low bits inside the bin that holds the k-th largest, comp
 every task sharing each read of the base. Memory: two 512 KiB histograms per task, the tensors in
 flight, and the packed masks (D/8 bytes per task, written at the end).
 
-Output: DIR/NAME.safetensors per task in the mask format of DESIGN §4 (merge/cpi/masks.py), written
+Output: DIR/NAME.safetensors per task in the mask format of docs/cpi-ft.md#mask-files (merge/cpi/masks.py), written
 into a hidden sibling directory that is renamed when every mask is complete.
 """
 
@@ -275,4 +275,4 @@ def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCor
                           granularity=granularity, include=include, exclude=exclude, out=out)
     return card_files(method="cores", params=params, inputs=inputs, recipe=recipe, out=out, relation=None,
                       definition="each task's core mask, the exact global top-p% of |θ_task − θ_base| "
-                                 "(DESIGN §1.2, mask format §4)")
+                                 "over the whole model, as bit-packed masks (cpift's docs/cpi-ft.md#core-region)")

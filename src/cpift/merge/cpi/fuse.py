@@ -1,4 +1,4 @@
-"""CPI-FT step 4 (DESIGN §1.4 and §2): fuse task models into a backbone, keeping every task's core.
+"""CPI-FT step 4 (docs/cpi-ft.md#fusion): fuse task models into a backbone, keeping every task's core.
 
 Per tensor, with backbone θ_b, task models θ_1..θ_N in stage order and their core masks C_i:
   1. non-core entries (in no C_i) are merged by incremental SLERP: m ← θ_b; for k = 1..N,

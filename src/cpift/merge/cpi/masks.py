@@ -1,4 +1,4 @@
-"""Core-mask files (DESIGN §4): one safetensors file per task, a packed-bit uint8 tensor per scored tensor.
+"""Core-mask files: one safetensors file per task, a packed-bit uint8 tensor per scored tensor (docs/cpi-ft.md).
 
 A mask entry covers a block of B consecutive entries of the row-major flattened parameter:
 granularity ``element`` (B = 1), ``row`` (B = the last dimension; a 1-D tensor is one row) or

@@ -109,7 +109,7 @@ class ShardWriter:
     maps a tensor's pages ahead of time (from the prefetch thread: page faults taken by torch's
     worker threads contend); ``release`` unmaps them once written (the page cache keeps the data).
     ``finish`` writes the index and side files and publishes the directory; ``abort`` removes the
-    partial directory. Both go through merge/publish.py: the partial directory is locked from
+    partial directory. Both go through merge/io/publish.py: the partial directory is locked from
     construction to the end (a second run on the same output is refused), and ``overwrite`` lets
     ``finish`` replace an earlier cpift output, only once the new one is complete.
 
@@ -253,7 +253,7 @@ class ShardWriter:
                 (self.tmp / fname).write_text(text)
         except OSError as e:
             raise OutputError(self._write_error(e)) from None
-        # Old output aside, new one in, old one removed (merge/publish.py); raises OutputError. A
+        # Old output aside, new one in, old one removed (merge/io/publish.py); raises OutputError. A
         # finished output holds model files only: the manifest goes right before the rename, so a
         # crash from there to the rename costs a recompute on resume, nothing worse.
         self.pub.commit(before_rename=self.journal.remove if self.journal is not None else None)

@@ -1,6 +1,6 @@
 """mergekit-compatible YAML configs: ``cpift-merge config FILE.yml -o OUT`` runs a mergekit user's
-config unchanged for the registered methods (merge/methods/registry.py: linear, slerp, task_arithmetic,
-ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; anything cpift cannot
+config unchanged for every method the registry gives a mergekit name (merge/methods/registry.py; the list:
+docs/methods.md), with mergekit 0.1.5's semantics; anything cpift cannot
 compute so is refused with a ConfigError naming the file and the field, before any tensor is read.
 
 Pipeline: ``load_config`` (YAML → MergeConfig, here; spec.py, checks.py) → ``plan_call`` (plan.py) →
@@ -15,9 +15,10 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
     linear           linear(models, weights) — a base_model missing from ``models`` is added as the last
                      input, as mergekit does (it then needs the top-level weight).
     slerp            slerp(base, other, t) — exactly two models, one of them base_model (t = 0 gives it).
-    task_arithmetic, ties, dare_linear, dare_ties
-                     fn(base, others, weights, density, lam) — the base's own delta is zero, so it is
-                     dropped from ``models`` (its per-model parameters have no effect; a note says so).
+    task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear
+                     fn(base, others, weights, density, lam, ...) — the base's own delta is zero, so it is
+                     dropped from ``models`` (its per-model parameters have no effect; a note says so);
+                     breadcrumbs' ``gamma`` and della's ``epsilon`` per model, as ``density``.
     model_stock      model_stock(base, others, filter_wise) — base_model and ≥ 2 others, no per-model keys.
     nuslerp, multislerp
                      fn(others, weights, base=base_model or None, ...) — base_model optional (mergekit's
@@ -30,6 +31,8 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
                      sce has no weight); select_topk may vary per tensor; int8_mask has no effect.
     nearswap         nearswap(base, other, t) — exactly two models, one of them base_model; t is a distance
                      ≥ 0 (no upper bound, unlike slerp's), required.
+    passthrough      passthrough(model, scale) — one model (or base_model alone); several ``slices`` stack
+                     layers (stack.py).
 
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``residual_weight`` (``model+lora`` runs: merge/io/lora.py);
