@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-SOURCE_REF = re.compile(r"\bdocs/([a-z0-9_-]+\.md)(#[a-z0-9-]+)?")
+SOURCE_REF = re.compile(r"\bdocs/([a-z0-9_-]+\.md)(#[a-z0-9_-]+)?")
 
 
 def slug(heading: str) -> str:
