@@ -1,4 +1,4 @@
-"""Issue 13's targets checked against a `cpift-merge bench` results file (every figure read from it).
+"""The merge-throughput targets checked against a `cpift-merge bench` results file (every figure read from it).
 
     python benchmarks/bench_targets.py [benchmarks/results/bench.json]
 
@@ -69,7 +69,7 @@ def checks(r: dict) -> list[tuple[str, str, str, float, float, bool, str]]:
 
 
 def table(r: dict) -> str:
-    lines = [f"Targets of issue 13 against `{r['date']}`'s run ({r['machine']['cpus']} CPUs; others used "
+    lines = [f"Targets against `{r['date']}`'s run ({r['machine']['cpus']} CPUs; others used "
              f"{r['load']['others_cpu_share_p50'] * 100:.0f}% of the CPUs in the median run, at most "
              f"{r['load']['others_cpu_share_max'] * 100:.0f}%):", "",
              "| target | op | provider | measured | limit | met | measured / limit | note |",

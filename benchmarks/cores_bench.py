@@ -5,7 +5,7 @@ page cache:
   floor      one plain read pass over every byte of base + task (os.readv into a reused buffer)
   cpift      cpift.merge.cpi.cores.compute_cores (three streaming passes, radix select, packed masks)
   in-memory  Localize-and-Stitch's way: load both models, concatenate |Δ| in float32, torch.topk
-Targets (issue 4): cpift ≤ 2.5× the floor; cpift peak RSS ≤ 2 × largest tensor + 1 GB.
+Targets: cpift ≤ 2.5× the floor; cpift peak RSS ≤ 2 × largest tensor + 1 GB.
 
   python benchmarks/cores_bench.py --base bench-work/models-1b/base --task bench-work/models-1b/task_a
 Writes benchmarks/results/cores.json and cores.md (--name: another file name; --backend: the kernels'

@@ -1,9 +1,11 @@
-"""Every `$ ...` line of README.md's ```console blocks runs as typed, in order, from an empty directory.
+"""Every `$ ...` line of the ```console blocks of README.md and docs/*.md runs as typed, in order, from an
+empty directory.
 
 Each block runs as one bash session (`bash -c`, so `cd` and `echo $?` behave as at a prompt) in a fresh
-empty directory, all blocks at once (their interpreter start-ups overlap), with this environment's cpift-merge / cpift-train / torchrun first on PATH and the Hub
-pointed at the loopback server of tests/merge/fake_hub.py (HF_ENDPOINT), so nothing reaches the
-network. Each line's exit status must be the one the README implies: the value a following
+empty directory, all blocks at once (their interpreter start-ups overlap), with this environment's
+cpift-merge / cpift-train / torchrun first on PATH and the Hub pointed at the loopback server of
+tests/merge/fake_hub.py (HF_ENDPOINT), so nothing reaches the network. Each line's exit status must be
+the one the page implies: the value a following
 `$ echo $?` shows, else 2 where the shown output has a `cpift-...: error:` line (and that line must
 be what the command printed), else 0; each `-o PATH` of a successful line must exist afterwards. A
 block is skipped only when the line right before it is a visible `<!-- not run by tests: REASON -->`.
@@ -24,7 +26,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "merge"))
 from fake_hub import FakeHub  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # every page whose blocks run
 SKIP_MARK = re.compile(r"^<!-- not run by tests: (.+?) -->$")
 ERROR_LINE = re.compile(r"^cpift-(merge|train): error: ")
 STATUS_ECHO = "echo $?"
@@ -42,13 +45,18 @@ class Block:
     title: str  # the section heading above it
     commands: list[Command]
     skip: str | None = None  # the marker's reason
+    page: str = "README.md"  # the document's path from the repository root
 
     @property
     def name(self) -> str:
-        return f"README.md:{self.line} ({self.title})"
+        return f"{self.page}:{self.line} ({self.title})"
+
+    @property
+    def key(self) -> str:
+        return f"{self.page.removesuffix('.md').replace('/', '-')}-line{self.line}"
 
 
-def parse_blocks(text: str) -> list[Block]:
+def parse_blocks(text: str, page: str = "README.md") -> list[Block]:
     """The ```console blocks of a Markdown text, with their `$ ` commands and the output shown under each."""
     lines = text.splitlines()
     blocks: list[Block] = []
@@ -62,7 +70,7 @@ def parse_blocks(text: str) -> list[Block]:
             continue
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         mark = SKIP_MARK.match(before)
-        block = Block(line=i + 1, title=title, commands=[], skip=mark.group(1) if mark else None)
+        block = Block(line=i + 1, title=title, commands=[], skip=mark.group(1) if mark else None, page=page)
         i += 1
         while i < len(lines) and lines[i].strip() != "```":
             line = lines[i]
@@ -108,7 +116,7 @@ def session_script(commands: list[Command], log: Path) -> str:
     return "".join(parts)
 
 
-BLOCKS = parse_blocks(README.read_text())
+BLOCKS = [b for doc in DOCUMENTS for b in parse_blocks(doc.read_text(), doc.relative_to(ROOT).as_posix())]
 
 
 def session_env(root: Path, hub: FakeHub) -> dict[str, str]:
@@ -125,17 +133,17 @@ def sessions(tmp_path_factory, request):
     """The selected blocks' sessions started at once (each in its own empty directory, one Hub for all),
     so their interpreter start-ups overlap; each test then waits for its own."""
     params = (getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items)
-    selected = {p["block"].line for p in params if isinstance(p.get("block"), Block)}  # other files have "block" too
+    selected = {p["block"].key for p in params if isinstance(p.get("block"), Block)}  # other files have "block" too
     hub = FakeHub()
     started = {}
     for block in BLOCKS:
-        if block.skip or block.line not in selected:
+        if block.skip or block.key not in selected:
             continue
-        root = tmp_path_factory.mktemp(f"readme-line{block.line}")
+        root = tmp_path_factory.mktemp(f"readme-{block.key}")
         (root / "work").mkdir()
         (root / "log").mkdir()
         script = session_script(block.commands, root / "log")
-        started[block.line] = (subprocess.Popen(["bash", "-c", script], cwd=root / "work",
+        started[block.key] = (subprocess.Popen(["bash", "-c", script], cwd=root / "work",
                                                 env=session_env(root, hub)), root / "log")
     yield started
     for proc, _ in started.values():
@@ -145,11 +153,11 @@ def sessions(tmp_path_factory, request):
     hub.close()
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"line{b.line}" for b in BLOCKS])
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.key for b in BLOCKS])
 def test_readme_console_block_runs_as_typed(block: Block, sessions):
     if block.skip:
         pytest.skip(f"{block.name}: {block.skip}")
-    proc, log = sessions[block.line]
+    proc, log = sessions[block.key]
     proc.wait(timeout=900)
     statuses = (log / "status").read_text().splitlines() if (log / "status").exists() else []
     assert len(statuses) == len(block.commands), f"{block.name}: the session stopped after {len(statuses)} lines"
@@ -173,6 +181,7 @@ def test_readme_console_block_runs_as_typed(block: Block, sessions):
 def test_every_console_block_is_run_or_visibly_skipped():
     skipped = [b for b in BLOCKS if b.skip]
     assert len(BLOCKS) >= 5 and all(b.commands for b in BLOCKS)
+    assert {b.page for b in BLOCKS} > {"README.md"}, "docs/*.md blocks are not collected"
     assert len(skipped) <= 1, f"{len(skipped)} blocks skipped: {[b.name for b in skipped]}"
     print(f"{len(BLOCKS) - len(skipped)} console blocks run, {len(skipped)} skipped"
           + "".join(f"\n  skipped {b.name}: {b.skip}" for b in skipped))
@@ -211,4 +220,5 @@ def test_parse_blocks_reads_commands_statuses_outputs_and_markers():
     assert output_paths(one.commands[3].text) == ["c d"]
     assert (one.line, one.title, one.skip) == (3, "One", None)
     assert two.skip == "needs the real Hub" and two.name == "README.md:18 (One)"
+    assert parse_blocks(SAMPLE, "docs/x.md")[0].key == "docs-x-line3"
     assert [c.text for c in two.commands] == ["cpift-merge push x org/y"]

@@ -55,7 +55,7 @@ class BenchError(CpiftError, RuntimeError):
 
 class UnsafeOutputError(OutputError):
     """The output would replace or lie inside something cpift did not write: an input, a user's
-    directory, a file, FIFO or device, ``/``, the current or the home directory (merge/publish.py)."""
+    directory, a file, FIFO or device, ``/``, the current or the home directory (merge/io/publish.py)."""
 
 
 class OutputBusyError(OutputError):

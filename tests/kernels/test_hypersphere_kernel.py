@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, TORCH_FMA, assert_close_to_ref, assert_exact, nonzero_randn
-from _sphere_oracles import karcher64, multislerp64, nuslerp64
+from oracles import karcher64, multislerp64, nuslerp64
 
 from cpift.kernels import hypersphere as H
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON

@@ -1,4 +1,4 @@
-"""kernels/masks.py: bit packing (DESIGN §4 layout) and popcount overlaps, torch and Triton, bit for bit."""
+"""kernels/masks.py: bit packing (docs/cpi-ft.md#mask-files) and popcount overlaps, torch and Triton, bit for bit."""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ import torch
 from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS, assert_close_to_ref,
                       assert_exact, nonzero_randn)
 
+from oracles import nearswap64
+
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
 from cpift.kernels.finite import all_finite
 from cpift.kernels.nearswap import nearswap
@@ -16,12 +18,6 @@ T = 0.004
 CASES = ([("torch", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)]
          + ([("cpu", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)] if HAS_NUMBA else [])
          + ([("triton", n, i) for n, i in zip(SMALL_LENGTHS, SMALL_LENGTH_IDS)] if HAS_TRITON else []))
-
-
-def oracle64(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    a, b = a.double(), b.double()
-    w = torch.clamp(t / torch.clamp((a - b).abs(), min=1e-6), 0.0, 1.0)
-    return w * b + (1.0 - w) * a
 
 
 def mergekit_expr(a: torch.Tensor, b: torch.Tensor, t: float, dtype: torch.dtype) -> torch.Tensor:
@@ -47,7 +43,7 @@ def test_matches_the_oracle_and_mergekits_float32_bits(backend: str, n: int, dty
     got = nearswap(a, b, T, out=torch.empty(n, dtype=dtype), backend=backend)
     assert_exact(got, mergekit_expr(a, b, T, dtype))
     w = torch.clamp(T / torch.clamp((a - b).abs(), min=1e-6), 0.0, 1.0)  # plain torch in the storage dtype
-    assert_close_to_ref(got, oracle64(a, b, T), (w * b + (1 - w) * a).to(dtype))
+    assert_close_to_ref(got, nearswap64(a, b, T), (w * b + (1 - w) * a).to(dtype))
     assert_exact(a, before[0])
     assert_exact(b, before[1])
     if n > 100:  # both regimes are exercised
@@ -69,7 +65,7 @@ def test_t_zero_gives_the_base_and_large_t_the_other_model(backend: str) -> None
 def test_float64_and_mixed_dtypes() -> None:
     a, b = pair(2049, torch.float64)
     got = nearswap(a, b, T, out=torch.empty(2049, dtype=torch.float64), backend="cpu" if HAS_NUMBA else "torch")
-    assert torch.allclose(got, oracle64(a, b, T), rtol=0, atol=1e-15)
+    assert torch.allclose(got, nearswap64(a, b, T), rtol=0, atol=1e-15)
     a16, b32 = a.to(torch.float16), b.float()
     for be in ["torch"] + (["cpu"] if HAS_NUMBA else []):
         out = nearswap(a16, b32, T, out=torch.empty(2049, dtype=torch.bfloat16), backend=be)

@@ -10,6 +10,8 @@ import torch
 from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS, assert_close_to_ref,
                       assert_exact, nonzero_randn)
 
+from oracles import sce64
+
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
 from cpift.kernels.sce import (sce_combine, sce_merge, sce_square_sums, sce_variance, sce_weights, select_cut)
 from cpift.kernels.select import cut_mask
@@ -18,24 +20,6 @@ FUSED = (["cpu"] if HAS_NUMBA else []) + (["triton"] if HAS_TRITON else [])
 CASES = ([("cpu", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)] if HAS_NUMBA else []) + (
     [("triton", n, i) for n, i in zip(SMALL_LENGTHS, SMALL_LENGTH_IDS)] if HAS_TRITON else [])
 TOPKS = [1.0, 0.5, 0.13, 0.0]
-
-
-def oracle64(base: torch.Tensor, xs: list[torch.Tensor], topk: float) -> torch.Tensor:
-    """mergekit's sce_merge in float64, the variance ranked as float32 (as mergekit's float32 torch.var
-    gives it), ties by the lowest index (a stable sort)."""
-    tau = torch.stack([x.double() - base.double() for x in xs])
-    n = base.numel()
-    if topk < 1:
-        var = torch.var(tau.float().double(), dim=0, unbiased=False).float().double()
-        k = int(torch.count_nonzero(var) * topk) if topk > 0 else 0
-        keep = torch.zeros(n, dtype=torch.float64)
-        keep[torch.sort(var, descending=True, stable=True).indices[:k]] = 1.0
-        tau = tau * keep
-    wts = tau.square().mean(dim=1)
-    wts = wts / wts.sum() if abs(float(wts.sum())) >= 1e-6 else torch.full_like(wts, 1.0 / len(xs))
-    majority = torch.where(tau.sum(dim=0) >= 0, 1.0, -1.0)
-    erased = wts[:, None] * (torch.sign(tau) == majority)
-    return base.double() + (tau * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
 
 
 def naive(base: torch.Tensor, xs: list[torch.Tensor], topk: float, dtype: torch.dtype) -> torch.Tensor:
@@ -74,12 +58,12 @@ def test_torch_backend_matches_the_oracle(n: int, dtype: torch.dtype, topk: floa
         # tie order (any) is not the rule; the oracle's and cpift's (lowest index) must agree exactly.
         base, xs = family(n, dtype)
         got = sce_merge(base, xs, topk, out=torch.empty(n, dtype=torch.float32), backend="torch")
-        assert_close_to_ref(got, oracle64(base, xs, topk), oracle64(base, xs, topk).float())
+        assert_close_to_ref(got, sce64(base, xs, topk), sce64(base, xs, topk).float())
         return
     base, xs = family(n, dtype)
     before = [x.clone() for x in (base, *xs)]
     got = sce_merge(base, xs, topk, out=torch.empty(n, dtype=dtype), backend="torch")
-    assert_close_to_ref(got, oracle64(base, xs, topk), naive(base, xs, topk, dtype))
+    assert_close_to_ref(got, sce64(base, xs, topk), naive(base, xs, topk, dtype))
     for x, x0 in zip((base, *xs), before):
         assert_exact(x, x0)
 
@@ -129,7 +113,7 @@ def test_tied_variances_keep_the_lowest_indices(backend: str) -> None:
     assert int(keep.sum()) == 500 and bool(keep[pattern].all())
     assert bool(keep[ones[:166]].all()) and not bool(keep[ones[166:]].any())
     got = sce_merge(base, [x1, x2], 0.5, out=torch.empty(n), backend=backend)
-    assert_close_to_ref(got, oracle64(base, [x1, x2], 0.5), oracle64(base, [x1, x2], 0.5).float())
+    assert_close_to_ref(got, sce64(base, [x1, x2], 0.5), sce64(base, [x1, x2], 0.5).float())
 
 
 @pytest.mark.parametrize("backend", ["torch", *FUSED])
@@ -139,7 +123,7 @@ def test_zero_sum_elects_plus_and_the_1e6_floor(backend: str) -> None:
     x1 = torch.tensor([1.0, -1.0, 3.0, 1e-5])  # model 1: tiny weight after the 1e-6 floor matters
     x2 = torch.tensor([-1.0, 1.0, -1.0, -1e4])
     got = sce_merge(base, [x1, x2], 1.0, out=torch.empty(4), backend=backend)
-    assert torch.allclose(got.double(), oracle64(base, [x1, x2], 1.0), rtol=1e-6, atol=0)
+    assert torch.allclose(got.double(), sce64(base, [x1, x2], 1.0), rtol=1e-6, atol=0)
     # Σ τ = 0 at entries 0 and 1: the positive delta wins alone (model 1's at 0, model 2's at 1)
     assert 0 < float(got[0]) < 1.0 and abs(float(got[1]) - 1.0) < 1e-6
     tau = torch.stack([x1, x2]).double()
@@ -166,7 +150,7 @@ def test_float64_inputs_run_the_oracle_precision() -> None:
     base, xs = family(3001, torch.float64)
     for topk in (1.0, 0.4):
         got = sce_merge(base, xs, topk, out=torch.empty(3001, dtype=torch.float64), backend="cpu" if HAS_NUMBA else "torch")
-        assert torch.allclose(got, oracle64(base, xs, topk), rtol=1e-12, atol=1e-14)
+        assert torch.allclose(got, sce64(base, xs, topk), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("topk", [-0.1, 1.5, float("nan")])

@@ -80,7 +80,7 @@ def test_slerp_against_the_oracle(n: int, dtype: torch.dtype) -> None:
 
 
 def test_blend_in_place_over_a_float32_running_mean() -> None:
-    # merge/fuse.py blends into its float32 running mean: out is a itself.
+    # merge/cpi/fuse.py blends into its float32 running mean: out is a itself.
     a, b = _pair(3 * BLOCK + 5, torch.bfloat16)
     m = a.float()
     keep = torch.rand(a.numel()) < 0.2

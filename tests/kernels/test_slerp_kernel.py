@@ -1,4 +1,4 @@
-"""kernels/slerp.py against its float64 oracle, DESIGN §2's edge cases and mergekit's rules."""
+"""kernels/slerp.py against its float64 oracle, docs/cpi-ft.md#slerp's edge cases and mergekit's rules."""
 
 from __future__ import annotations
 

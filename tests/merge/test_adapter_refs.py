@@ -1,4 +1,4 @@
-"""Issue 22, class 2: a ``BASE+ADAPTER`` model reference is applied wherever it appears, the
+"""A ``BASE+ADAPTER`` model reference is applied wherever it appears, the
 passthrough stack's ``slices:`` and the slices merged by a method included, exactly as the ``models:``
 form applies it: the same bytes, and a card and recipe that name the adapter (the recipe replays to the
 same bytes)."""

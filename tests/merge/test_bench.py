@@ -20,14 +20,6 @@ from test_bad_input import assert_user_error, run_cli
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _fuse_available() -> bool:
-    try:
-        from cpift.merge.fuse import fuse  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _alive(pid: int) -> bool:
     """True while a process with this pid runs the bench's competitor (a reused pid does not count)."""
     import psutil
@@ -225,7 +217,7 @@ def test_physical_floor_reads_every_byte_and_writes_one_model(tmp_path):
 
 
 def test_bench_on_given_models(capsys, llama, tmp_path):
-    methods = "task-arithmetic" + (",fuse" if _fuse_available() else "")
+    methods = "task-arithmetic,fuse"
     backend = "cpu" if HAS_NUMBA else "torch"
     code, out, err = run_cli(capsys, "bench", llama["base"], llama["task1"], llama["task2"], "--methods", methods,
                              "--backends", backend, "--repeat", "1", "--threads", "1", "--json", tmp_path / "r.json")

@@ -1,4 +1,4 @@
-"""Issue 22, class 6 on the merge side: every numeric field, from the command line, a YAML config, a
+"""Bounded numbers on the merge side: every numeric field, from the command line, a YAML config, a
 step recipe, adapter or mask metadata, passes cpift.numbers' one bounded parser (finite, in range,
 integers within int64). Each refusal: exit 2, one line naming the file/field, no traceback, inputs
 byte-identical, nothing at -o."""

@@ -69,8 +69,10 @@ def test_recipe_reproduces_every_method_byte_for_byte(capsys, llama, tmp_path, m
     out = tmp_path / "out"
     assert (out / "README.md").is_file() and (out / "cpift_recipe.yml").is_file()
 
-    # Local inputs only: no base_model (the Hub accepts repo ids only there), no absolute path anywhere.
-    assert front_matter(out / "README.md") == {"tags": ["cpift", "merge"], "library_name": "transformers"}
+    # Local inputs only: no base_model (the Hub accepts repo ids only there), no absolute path anywhere;
+    # a mergekit method writes mergekit_config.yml, and its card is tagged mergekit for the Hub's filters.
+    assert (out / "mergekit_config.yml").is_file()
+    assert front_matter(out / "README.md") == {"tags": ["cpift", "merge", "mergekit"], "library_name": "transformers"}
     card = (out / "README.md").read_text()
     for text in shows:
         assert text in card, (text, card)
@@ -174,7 +176,7 @@ def test_card_lists_hub_inputs_by_id_and_pins_the_commit_in_the_recipe(tmp_path,
     files = card_files(method="task_arithmetic", params={"weights": [1.0], "lambda": 1.0}, inputs=inputs,
                        settings={"max_shard_size": 10**9}, out=out)
     assert files["README.md"].startswith("---\nbase_model:\n- org/base\nbase_model_relation: merge\ntags:\n"
-                                         "- cpift\n- merge\nlibrary_name: transformers\n---\n")
+                                         "- cpift\n- merge\n- mergekit\nlibrary_name: transformers\n---\n")
     assert f"| base | `org/base` | {commit} |" in files["README.md"]
     assert str(llama["task1"]) not in files["README.md"]
     recipe = yaml.safe_load(files["cpift_recipe.yml"])
@@ -243,3 +245,26 @@ def test_bad_cpift_block_is_one_line_through_the_cli(capsys, tmp_path):
     code, _, err = run_cli(capsys, "config", cfg, "-o", tmp_path / "out")
     assert code == 2 and err.count("\n") == 1 and "cpift.seed" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_fuse_card_names_masks_relative_to_the_output_never_absolute_or_home(llama, tmp_path, monkeypatch):
+    """The card's mask paths are written as the recipe's: relative to the output; a mask under the home
+    directory of a user publishing from outside it is named by its file name alone."""
+    from cpift.merge.cpi.cores import compute_cores
+    from cpift.merge.cpi.fuse import fuse
+
+    home = tmp_path / "home" / "someone"
+    masks = home / "cores"
+    home.mkdir(parents=True)
+    compute_cores(llama["base"], [("a", llama["task1"]), ("b", llama["task2"])], masks, p=5, progress=False)
+    tasks = [("a", llama["task1"], masks / "a.safetensors"), ("b", llama["task2"], masks / "b.safetensors")]
+    fuse(llama["base"], tasks, tmp_path / "near", progress=False)
+    card = (tmp_path / "near" / "README.md").read_text()
+    assert "| masks | ../home/someone/cores/a.safetensors, ../home/someone/cores/b.safetensors |" in card
+    assert str(tmp_path) not in card and "mergekit" not in front_matter(tmp_path / "near" / "README.md")["tags"]
+
+    monkeypatch.setenv("HOME", str(home))  # the masks now lie in the home directory, the output outside it
+    fuse(llama["base"], tasks, tmp_path / "far", progress=False)
+    card = (tmp_path / "far" / "README.md").read_text()
+    assert "| masks | a.safetensors, b.safetensors |" in card
+    assert "someone" not in card and str(tmp_path) not in card and not re.search(r"\| /|`/", card)

@@ -1,4 +1,4 @@
-"""The core-mask file format (DESIGN §4): round trip, block expansion, validation."""
+"""The core-mask file format (docs/cpi-ft.md#mask-files): round trip, block expansion, validation."""
 
 from __future__ import annotations
 

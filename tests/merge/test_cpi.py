@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from cpift.kernels.scores import score_deltas
 from cpift.merge.cpi.masks import block_size, load_core_mask
 
+from oracles import fuse64
 from references import load_state
 from test_bad_input import assert_user_error, run_cli
 
@@ -119,47 +120,6 @@ def test_cluster_jaccard_groups_json_and_plot(families, tmp_path, capsys):
     assert code == 0 and "0: a, b, c, a2" in out  # members in input order
 
 
-def _fuse64(backbone, tasks, masks, overlap, base=None, omega=None):
-    """DESIGN §1.4/§2 in float64, from the definitions."""
-    out = {}
-    for n, b in backbone.items():
-        if not b.is_floating_point():
-            out[n] = b
-            continue
-        cores = [mk[n] if n in mk else None for mk in masks]
-        union = torch.zeros(b.numel(), dtype=torch.bool)
-        for c in cores:
-            if c is not None:
-                union |= c
-        m = b.double().reshape(-1)
-        for k, t in enumerate(tasks, 1):
-            x = t[n].double().reshape(-1)
-            tt = omega if omega is not None else 1 / (k + 1)
-            ma, xa = m[~union], x[~union]
-            na, nx = ma.norm().item(), xa.norm().item()
-            d = torch.dot(ma / (na if na > 1e-8 else 1), xa / (nx if nx > 1e-8 else 1)).item()
-            d = max(-1.0, min(1.0, d))
-            if abs(d) > 0.9995:
-                ca, cb = 1 - tt, tt
-            else:
-                om = math.acos(d)
-                ca, cb = math.sin((1 - tt) * om) / math.sin(om), math.sin(tt * om) / math.sin(om)
-            m = ca * m + cb * x
-        best = torch.full_like(m, -1.0)
-        for t, c in zip(tasks, cores):
-            if c is None:
-                continue
-            x = t[n].double().reshape(-1)
-            if overlap == "last":
-                m = torch.where(c, x, m)
-            else:
-                s = (t[n].float() - base[n].float()).abs().double().reshape(-1)
-                win = c & (s >= best)
-                m, best = torch.where(win, x, m), torch.where(win, s, best)
-        out[n] = m.reshape(b.shape)
-    return out
-
-
 @pytest.mark.parametrize("overlap,omega", [("last", None), ("largest", None), ("last", 0.3)])
 def test_fuse_matches_float64_reference(families, tmp_path, capsys, overlap, omega):
     m = families[("llama", torch.float32)]
@@ -178,7 +138,7 @@ def test_fuse_matches_float64_reference(families, tmp_path, capsys, overlap, ome
         mk = load_core_mask(tmp_path / "cores" / f"{n}.safetensors")
         masks.append({t: mk.bits(t) for t in mk.names})
     got = load_state(tmp_path / "fused")
-    want = _fuse64(load_state(m["base"]), [load_state(p) for p in tasks.values()], masks, overlap,
+    want = fuse64(load_state(m["base"]), [load_state(p) for p in tasks.values()], masks, overlap,
                    base=load_state(m["base"]), omega=omega)
     for n, w in want.items():
         g = got[n].double()

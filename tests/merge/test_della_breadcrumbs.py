@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from cpift.kernels.ties import delta_merge_ref
 from cpift.merge.methods.sparse_delta import breadcrumbs_keep, della_keep, l1_scale
 
+from oracles import breadcrumbs_keep64
 from references import load_state
 from test_bad_input import assert_user_error, run_cli
 
@@ -33,29 +34,18 @@ def pair(shape, dtype, seed=0):
     return b.to(dtype).reshape(-1), x.to(dtype).reshape(-1)
 
 
-def crumbs_ref(x, b, density, gamma):
-    """mergekit's magnitude_outliers mask: stable ascending sort of the float32 |δ|, keep bot..bot+t."""
-    n = x.numel()
-    t, top = int(density * n), int(gamma * n)
-    bot = max(0, n - t - top)
-    order = torch.sort((x.double() - b.double()).float().abs(), stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[bot:bot + t]] = True
-    return keep
-
-
 @pytest.mark.parametrize("density,gamma", [(0.9, 0.01), (0.5, 0.1), (0.3, 0.9), (0.05, 0.0)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_breadcrumbs_mask_is_mergekits(shape, dtype, density, gamma):
     b, x = pair(shape, dtype)
-    assert torch.equal(breadcrumbs_keep(x, b, density, gamma), crumbs_ref(x, b, density, gamma))
+    assert torch.equal(breadcrumbs_keep(x, b, density, gamma), breadcrumbs_keep64(x, b, density, gamma))
 
 
 def test_breadcrumbs_ties_follow_the_stable_sort():
     x = torch.tensor([1.0, 1, 1, 1, 2, 2, 2, 2, 3, 3])
     b = torch.zeros(10)
-    assert torch.equal(breadcrumbs_keep(x, b, 0.3, 0.2), crumbs_ref(x, b, 0.3, 0.2))
+    assert torch.equal(breadcrumbs_keep(x, b, 0.3, 0.2), breadcrumbs_keep64(x, b, 0.3, 0.2))
 
 
 @pytest.mark.parametrize("shape", [(4000,), (64, 512)], ids=["1d", "64x512"])
@@ -120,7 +110,7 @@ def test_della_mean_matches_expectation():
 
 def test_l1_rescale():
     b, x = pair((1023,), torch.float32)
-    keep = crumbs_ref(x, b, 0.5, 0.1)
+    keep = breadcrumbs_keep64(x, b, 0.5, 0.1)
     c = l1_scale(x, b, keep)
     d = (x - b).double()
     assert abs(c * float(d[keep].abs().sum()) - float(d.abs().sum())) < 1e-9 * float(d.abs().sum())
@@ -159,7 +149,7 @@ def oracle(fam, method, density, extra, w=(1.0, 0.5), lam=1.0, seed=0):
         for i, x in enumerate(xs):
             xf = x[name].reshape(-1)
             keep = (della_keep(xf, bf, bt.shape, density, extra, tensor_seed(seed, name, i)) if "della" in method
-                    else crumbs_ref(xf, bf, density, extra))
+                    else breadcrumbs_keep64(xf, bf, density, extra))
             cs.append(l1_scale(xf, bf, keep) if method.startswith("della") else 1.0)
             ys.append(torch.where(keep, xf, bf))
         if method == "della_linear":

@@ -1,4 +1,4 @@
-"""``cpift-merge demo`` writes only into directories it created (issue 22, classes 1 and 9).
+"""``cpift-merge demo`` writes only into directories it created.
 
 A user's model in the workdir (single file or sharded) is refused in one line naming it, exit 2,
 left byte-identical, and nothing is added next to it.

@@ -1,4 +1,4 @@
-"""Issue 22, class 4 (a): fp8 inputs (F8_E4M3, F8_E5M2), block-scaled with ``weight_scale_inv``, are read
+"""fp8 inputs (F8_E4M3, F8_E5M2), block-scaled with ``weight_scale_inv``, are read
 as float32 (merge/io/fp8.py): the read equals the float64 dequantisation rounded to float32 bit for bit,
 and every method variant and ``cores`` gives exactly what it gives on the dequantised float32 copies;
 malformed scales are one-line errors naming the tensor."""

@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 11): crafted headers, parser bombs, overflowing parameters, ambiguous model
+"""Hostile inputs: crafted headers, parser bombs, overflowing parameters, ambiguous model
 directories. Each refusal: exit 2, one line naming the culprit, no traceback, inputs byte-identical,
 nothing at -o."""
 

@@ -106,7 +106,7 @@ def test_push_uploads_every_file_with_the_card(hub, llama, tmp_path):
     card = arrived["README.md"].decode()
     meta = yaml.safe_load(card.split("---\n")[1])
     # local inputs: no base_model (the Hub takes repo ids only), and no absolute path in what is published
-    assert meta == {"tags": ["cpift", "merge"], "library_name": "transformers"}
+    assert meta == {"tags": ["cpift", "merge", "mergekit"], "library_name": "transformers"}
     assert hub.validated == [card]
     assert all(str(tmp_path) not in v.decode() and str(llama["base"].parent) not in v.decode()
                for k, v in arrived.items() if k.endswith((".md", ".yml")))
@@ -198,7 +198,7 @@ def test_pull_then_merge_hub_models_offline_and_reproduce(hub, llama, tmp_path):
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:\n- org/base\n- org/task1\nbase_model_relation: merge\n"
-                           "tags:\n- cpift\n- merge\nlibrary_name: transformers\n---\n")
+                           "tags:\n- cpift\n- merge\n- mergekit\nlibrary_name: transformers\n---\n")
     assert str(tmp_path) not in card
     assert f"| base | `org/base` | {commits['base']} |" in card
     recipe = yaml.safe_load((out / "cpift_recipe.yml").read_text())
@@ -267,7 +267,7 @@ def test_hub_errors_are_one_line(hub, llama, tmp_path):
 
 
 def test_push_publishes_nothing_from_outside_the_folder(hub, llama, tmp_path):
-    """Issue 22 class 3: a tokenizer.json linked to a file elsewhere is not uploaded; a FIFO does not block."""
+    """A tokenizer.json linked to a file elsewhere is not uploaded; a FIFO does not block."""
     out = tmp_path / "m"
     methods.slerp(llama["task1"], llama["task2"], out, progress=False)
     secret = tmp_path / "secret.json"

@@ -1,5 +1,5 @@
 """nuslerp, multislerp, karcher (merge/methods/hypersphere.py) on checkpoints: the subcommands against the
-float64 oracles (mergekit 0.1.5's formulas, tests/kernels/_sphere_oracles.py), mergekit YAML configs
+float64 oracles (mergekit 0.1.5's formulas, tests/oracles.py), mergekit YAML configs
 giving the subcommand's bytes, recipes that replay, bad input, and parity with mergekit itself where
 CPIFT_MERGEKIT_YAML names a mergekit-yaml."""
 
@@ -8,18 +8,15 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from oracles import karcher64, multislerp64, nuslerp64
 from references import load_state
 from test_bad_input import assert_user_error, no_output, run_cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from _sphere_oracles import karcher64, multislerp64, nuslerp64  # noqa: E402
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 

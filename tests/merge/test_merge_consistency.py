@@ -1,4 +1,4 @@
-"""Issue 22, class 4 (b, c): one consistency rule for every merge plan (merge/consistency.py, applied by
+"""One consistency rule for every merge plan (merge/consistency.py, applied by
 engine.check_compatible for every method, YAML config, layer stack and ``cores``): the same architecture,
 non-floating tensors equal in every input, no tensor integer in one input and float in another; each
 breach refused in one line naming the tensor or config.json (exit 2, inputs untouched, nothing at -o)

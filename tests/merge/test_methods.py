@@ -10,7 +10,8 @@ import torch
 from cpift.kernels.dare import keep_mask, tensor_seed
 from cpift.merge import methods
 
-from references import (assert_matches, load_state, elect64, linear64, slerp64, task_arithmetic64, ties64)
+from oracles import elect64, linear64, slerp64, task_arithmetic64, ties64
+from references import assert_matches, load_state
 
 FAMILIES = [("llama", torch.float32), ("llama", torch.bfloat16), ("qwen2", torch.float32),
             ("qwen2", torch.bfloat16)]

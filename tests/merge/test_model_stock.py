@@ -20,6 +20,7 @@ from cpift.kernels.model_stock import model_stock, model_stock_rows, stock_ratio
 from cpift.kernels.threads import serial_reductions
 from cpift.merge import methods
 
+from oracles import stock64
 from references import assert_matches, load_state
 from test_bad_input import assert_user_error, no_output, run_cli
 
@@ -29,21 +30,6 @@ SHAPE_IDS = ["n1", "n1023", "n3000", "chunk+1", "33x97", "1x5", "7x1"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 BACKENDS = ["torch"] + (["cpu"] if HAS_NUMBA else [])
-
-
-def stock64(base, xs, filter_wise=False):
-    """Model Stock in float64 from its definition (mergekit 0.1.5's model_stock): returns (out, t)."""
-    b = base.double()
-    rows = b.reshape(1, -1) if not filter_wise or b.dim() < 2 else b.reshape(-1, b.shape[-1])
-    ds = [x.double().reshape(rows.shape) - rows for x in xs]
-    n = len(ds)
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    cos = sum(((ds[i] * ds[j]).sum(-1) / (ds[i].norm(dim=-1) * ds[j].norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
-              for i, j in pairs) / len(pairs)
-    den = 1 + (n - 1) * cos
-    t = torch.where(den.abs() < 1e-6, torch.zeros_like(cos), n * cos / den)
-    out = t[:, None] * sum(x.double().reshape(rows.shape) for x in xs) / n + (1 - t[:, None]) * rows
-    return out.reshape(base.shape), t
 
 
 def inputs(shape, dtype, n, seed=0):

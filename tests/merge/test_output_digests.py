@@ -1,7 +1,7 @@
 """Refactors keep outputs byte-identical: every method's, cores' and fuse's tensor files, computed with
 the reference (torch) kernels on fixed synthetic models, hash to the digests committed beside this test.
 
-The digests were recorded from main before the redesign of issue 12; a change that alters them changes
+The digests were recorded before the streaming engine's redesign; a change that alters them changes
 what cpift computes and must say so (regenerate with CPIFT_WRITE_DIGESTS=1 only for such a change).
 
 SLERP and fuse (whose non-core entries are SLERPed) are recorded on the fused cpu backend: the torch

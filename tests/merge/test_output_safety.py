@@ -1,4 +1,4 @@
-"""Outputs never destroy anything cpift did not write (DESIGN §5, merge/publish.py).
+"""Outputs never destroy anything cpift did not write (docs/safety.md#data-safety, merge/io/publish.py).
 
 Every refusal: exit code 2, one line on stderr naming the path, no traceback, every input file
 byte-identical, nothing finished-looking at -o, an old output intact where one existed.
@@ -155,7 +155,7 @@ def test_overwrite_replaces_a_previous_cpift_output(capsys, own, tmp_path):
 
 @pytest.mark.parametrize("where", ["notes.txt", "sub/notes.txt"], ids=["top", "nested"])
 def test_overwrite_never_deletes_a_file_the_user_added(capsys, own, tmp_path, where):
-    """Issue 22 class 5: the marker proves the directory is cpift's, its file list which files are."""
+    """The marker proves the directory is cpift's, its file list which files are."""
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "linear", own["task1"], own["task2"], "-o", out, "-q")
     assert code == 0, err

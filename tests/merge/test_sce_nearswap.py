@@ -13,60 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from oracles import nearswap64, sce64, ties64
 from references import load_state
 from test_bad_input import assert_user_error, run_cli
 from test_della_breadcrumbs import llama_fam  # noqa: F401  (the real tiny Llama family mergekit accepts)
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
-
-
-def sce64(b: torch.Tensor, xs: list[torch.Tensor], topk: float) -> torch.Tensor:
-    """mergekit's sce_merge in float64; the variance ranked as its float32 value, ties to the lowest index."""
-    shape = b.shape
-    b = b.reshape(-1).double()
-    tau = torch.stack([x.reshape(-1).double() - b for x in xs])
-    if topk < 1:
-        var = torch.var(tau.float().double(), dim=0, unbiased=False).float().double()
-        k = int(torch.count_nonzero(var) * topk)
-        keep = torch.zeros_like(b)
-        keep[torch.sort(var, descending=True, stable=True).indices[:k]] = 1.0
-        tau = tau * keep
-    w = tau.square().mean(dim=1)
-    w = w / w.sum() if abs(float(w.sum())) >= 1e-6 else torch.full_like(w, 1.0 / len(xs))
-    erased = w[:, None] * (torch.sign(tau) == torch.where(tau.sum(0) >= 0, 1.0, -1.0))
-    return (b + (tau * erased).sum(0) / erased.sum(0).clamp(min=1e-6)).reshape(shape)
-
-
-def nearswap64(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    a, b = a.double(), b.double()
-    w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
-    return w * b + (1 - w) * a
-
-
-def ties64(b, xs, ws, density, *, rescale=False, normalize=True):
-    """mergekit's ties in float64: magnitude trim (k = int(density·n), ties to the lowest index), the
-    L1 rescale, s = sign(Σ w_i δ_i) (+1 at 0), Σ_agree w_i δ_i (/ Σ_agree w_i, 1 where that is 0)."""
-    shape = b.shape
-    b = b.reshape(-1).double()
-    ds = []
-    for x in xs:
-        d = x.reshape(-1).double() - b
-        k = int(density * d.numel())
-        keep = torch.zeros_like(d)
-        keep[torch.sort(d.float().abs(), descending=True, stable=True).indices[:k]] = 1.0
-        kept = d * keep
-        if rescale and density < 1:
-            before, after = float(d.abs().sum()), float(kept.abs().sum())
-            if before >= 1e-7 and after >= 1e-7:
-                kept = kept * (before / after)
-        ds.append(kept)
-    wd = torch.stack([w * d for w, d in zip(ws, ds)])
-    mask = (torch.sign(wd) == torch.where(wd.sum(0) >= 0, 1.0, -1.0)).double()
-    mixed = (wd * mask).sum(0)
-    if normalize:
-        div = (torch.tensor(ws, dtype=torch.float64)[:, None] * mask).sum(0)
-        mixed = mixed / torch.where(div == 0, 1.0, div)
-    return (b + mixed).reshape(shape)
 
 
 def assert_close(got: dict, want: dict, rtol=1e-6, atol=1e-6) -> None:
@@ -235,7 +187,7 @@ def _delta_yaml(fam, method, params, density=0.4):
 def test_ties_options_match_the_oracle(capsys, fam, tmp_path, params, kw):
     out = yaml_out(capsys, tmp_path, _delta_yaml(fam, "ties", params))
     b, *xs = states(fam, "base", "ft1", "ft2")
-    assert_close(load_state(out), {k: ties64(b[k], [x[k] for x in xs], [1.0, 0.5], 0.4, **kw) for k in b})
+    assert_close(load_state(out), {k: ties64(b[k], [x[k] for x in xs], [1.0, 0.5], 0.4, mergekit=True, **kw) for k in b})
     if kw.get("rescale"):  # the rescale changes the result (it is not silently ignored)
         plain = yaml_out(capsys, tmp_path, _delta_yaml(fam, "ties", "  rescale: false\n"), name="plain")
         assert not torch.equal(load_state(plain)["a.weight"], load_state(out)["a.weight"])

@@ -1,4 +1,4 @@
-"""Side files (issue 22, class 3): every file read from a model directory passes one rule
+"""Side files: every file read from a model directory passes one rule
 (merge/io/model_files.py): no link out of the directory, no FIFO or device, and every file copied into
 an output is validated as the format it claims. Each refusal: exit 2, one line naming the file, no
 traceback, inputs byte-identical, nothing at -o; a FIFO never blocks (each case ends in < 10 s)."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from oracles import slerp64, ties64
 from references import load_state
 from test_bad_input import run_cli
 
@@ -81,33 +82,6 @@ def resolve(key, scopes, name, t, default=None):
             return v
     assert default is not None, key
     return default
-
-
-def slerp64(a, b, t):
-    na, nb = a.norm(), b.norm()
-    na, nb = (na if na > 1e-8 else 1), (nb if nb > 1e-8 else 1)
-    dot = float((a / na * b / nb).sum().clamp(-1, 1))
-    if abs(dot) > 0.9995:
-        return (1 - t) * a + t * b
-    th = math.acos(dot)
-    return math.sin((1 - t) * th) / math.sin(th) * a + math.sin(t * th) / math.sin(th) * b
-
-
-def ties64(base, xs, ws, dens, lam):
-    deltas = []
-    for x, d in zip(xs, dens):
-        delta = (x - base).flatten()
-        k = int(d * delta.numel())
-        keep = torch.zeros_like(delta, dtype=torch.bool)
-        keep[delta.abs().topk(k).indices] = True  # the test's random values have no ties in |δ|
-        deltas.append(torch.where(keep, delta, 0).reshape(base.shape))
-    weighted = torch.stack([w * d for w, d in zip(ws, deltas)])
-    sign = torch.sign(weighted.sum(0))
-    agree = torch.sign(weighted) == sign
-    mixed = (weighted * agree).sum(0)
-    div = (torch.tensor(ws, dtype=torch.float64).view(-1, *[1] * base.dim()) * agree).sum(0)
-    div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
-    return base + lam * mixed / div
 
 
 def oracle(cfg, states):

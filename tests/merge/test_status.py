@@ -1,4 +1,4 @@
-"""Exit status, leftovers and advice (issue 22, class 8): an option whose optional package is missing
+"""Exit status, leftovers and advice: an option whose optional package is missing
 is refused before anything is written; a finished merge whose stdout reader left exits 141 (128 +
 SIGPIPE, the Unix convention for a writer whose reader went away) with no traceback; a write error
 advises --resume only where a rerun with the same shard plan can succeed."""

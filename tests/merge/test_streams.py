@@ -1,4 +1,4 @@
-"""Config and recipe files named on the command line (issue 22, classes 7 and 8): one rule,
+"""Config and recipe files named on the command line: one rule,
 merge/io/safe_parse.py ``read_user_text``. A FIFO with no writer ends in one line naming it within
 10 s (never a hang); a process substitution ``<(cat good.yml)`` works (read once, its text kept for the
 second reader); a device is refused before reading."""

@@ -1,4 +1,4 @@
-"""Issue 22, classes 6 and 7 on the training side: every number (options, recipe, environment) through
+"""Bounded numbers and files on the training side: every number (options, recipe, environment) through
 cpift.numbers' bounded parser, JSONL text that is no text, chat templates that raise or never end.
 Each refusal: exit 2, one line naming the field or file, no traceback, inputs byte-identical, nothing at -o,
 and the hang cases end in under 10 s."""

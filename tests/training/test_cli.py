@@ -116,7 +116,7 @@ def test_eval_bad_input(capsys, tiny, tmp_path):
 
 
 def test_sft_progress_is_silent_when_stderr_is_not_a_terminal(capsys, tiny, train_file, tmp_path):
-    """Issue 22 class 9: no carriage-return progress redraws (a ~10 kB line) in logs and pipes."""
+    """No carriage-return progress redraws (a ~10 kB line) in logs and pipes."""
     code, out, err = run_cli(capsys, "sft", "--model", tiny, "--train", train_file, "-o", tmp_path / "out",
                              "--steps", 3, "--batch-size", 4)  # progress not turned off with -q
     assert code == 0, err

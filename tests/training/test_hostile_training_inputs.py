@@ -1,4 +1,4 @@
-"""Hostile inputs to cpift-train (issue 11): unavailable devices, a diverging run, non-finite eval results,
+"""Hostile inputs to cpift-train: unavailable devices, a diverging run, non-finite eval results,
 parser bombs in JSONL and recipes, tampered freeze masks. Refusals: exit 2, one line, no traceback,
 inputs byte-identical, nothing published."""
 

@@ -1,4 +1,4 @@
-"""Per-rank memory formula (training/memory.py): exact arithmetic, the README's table, the committed CPU check."""
+"""Per-rank memory formula (training/memory.py): exact arithmetic, docs/training.md's table, the committed CPU check."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_out_of_range_refused():
 
 
 def test_readme_table_is_the_formula():
-    assert memory_table() in (ROOT / "README.md").read_text()
+    assert memory_table() in (ROOT / "docs" / "training.md").read_text()
 
 
 def test_committed_cpu_measurement_agrees_with_the_formula():

@@ -1,4 +1,4 @@
-"""cpift-train never writes over what it did not write: sft -o, eval --json, pipeline -o (merge/publish.py).
+"""cpift-train never writes over what it did not write: sft -o, eval --json, pipeline -o (merge/io/publish.py).
 
 Every refusal: exit code 2, one line on stderr naming the path, no traceback, inputs byte-identical.
 """

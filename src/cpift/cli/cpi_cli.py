@@ -26,7 +26,7 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
               help="A task's fine-tuned model; repeat for each task (they share each read of the base).")
 @click.option("--p", "p", type=Number(), default=1.0, show_default=True,
               help="Core size: percentage of all scored entries, in (0, 100] (the paper: 1).")
-@out_option("Directory for the masks, one NAME.safetensors per task (DESIGN §4 format).")
+@out_option("Directory for the masks, one NAME.safetensors per task (format: docs/cpi-ft.md#mask-files).")
 @click.option("--granularity", default="element", show_default=True,
               help="What one mask entry covers: element (one parameter), row (a row of the last dimension) "
                    "or block:N (N consecutive parameters; score = mean |Δ| over the block).")
@@ -111,7 +111,7 @@ def cluster(masks, tau, order, seed, json_path, plot, threads, backend, device):
 @common_options
 def fuse(backbone, tasks, overlap, base, omega, out, common):
     """Fuse task models into the backbone: incremental SLERP of non-core entries, then each task's core
-    transplanted unchanged (DESIGN §1.4, §2)."""
+    transplanted unchanged (docs/cpi-ft.md#fusion)."""
     from cpift.merge.cpi.fuse import fuse as fuse_models, parse_task
 
     return fuse_models(backbone, [parse_task(t) for t in tasks], out, overlap=overlap, base=base, omega=omega,

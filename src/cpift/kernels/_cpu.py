@@ -1,21 +1,8 @@
-# Shared pieces of the fused CPU kernels (the `_*_cpu.py` files beside each operation), compiled by
-# numba. Imported lazily by the kernels that run on the CPU backend, never at package import: numba's
-# own import costs ~0.3 s that a run on another backend should not pay.
-#
-# Storage: a tensor reaches a kernel as a 1-D numpy view of its bytes (no copy) plus a `kind` code:
-# float32 as float32, bfloat16 and float16 as uint16 bit patterns (numba has no bfloat16 type and no
-# CPU float16 arithmetic). `load` widens one entry to float32, `store` rounds a float32 once into the
-# storage dtype, both inlined into the caller's loop, so a kernel reads each input byte once and
-# writes each output byte once with no temporaries.
-#   bfloat16 → float32: the 16 bits shifted into the high half (exact).
-#   float32 → bfloat16: round to nearest even on the bits (bits + 0x7FFF + lowest kept bit, >> 16),
-#       as torch's c10::BFloat16 does; NaN becomes the quiet NaN 0x7FC0 (its payload is not kept;
-#       torch's vectorised CPU path writes other NaN bits, so NaN entries compare as NaN, not by bits).
-#   float16 ↔ float32: LLVM's fpext / fptrunc on a half value (IEEE round to nearest even), the same
-#       results as torch's conversions.
-# Threads: kernels split their work into fixed blocks of BLOCK entries and run them in a `prange`
-# over blocks, so reductions are per-block partial sums folded in block order on the host:
-# deterministic for any thread count. The thread count follows torch's (`sync_threads`).
+# Shared pieces of the fused CPU kernels (the `_*_cpu.py` files), compiled by numba and imported only
+# when a CPU-backend kernel runs: storage loads and stores (bfloat16 and float16 as uint16 bits, one
+# rounding to nearest even on store, as torch's), the BLOCK size and numba's thread count.
+# Deterministic: reductions are per-block partials folded in block order on the host.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernels_cpupy
 from __future__ import annotations
 
 import os
@@ -294,15 +281,9 @@ def store_at(addr, i, v, kind):
 
 
 # --- Threading layer ------------------------------------------------------------------------------
-# Measured with benchmarks/cpu_kernels.py --busy (2026-12-02, the 2-core shared machine, load average
-# 10-15 from other work throughout): the fused 3-model TIES kernel on 20M bf16 entries x 3 models,
-# 2 threads, GB/s of input+output, median of 3, alone -> beside two `while True: pass` processes:
-#   workqueue  BLOCK 2^14: 0.25 -> 0.15   2^16: 0.29 -> 0.14   2^18: 0.31 -> 0.18
-#   omp        BLOCK 2^14: 0.52 -> 0.18   2^16: 0.37 -> 0.12   2^18: 0.29 -> 0.14
-#   tbb        not installable here (no tbb package in this environment).
-# The machine's own load swamps the differences between layers and block sizes; omp was as fast or
-# faster alone, and unlike workqueue it is safe when two Python threads launch kernels at once
-# (workqueue aborts the process). So: omp first, then tbb, then workqueue as the last resort;
-# BLOCK stays 2^16 (no size won consistently). NUMBA_THREADING_LAYER still overrides this.
+# omp first, then tbb, then workqueue as the last resort: omp was as fast or faster in the measurement
+# (docs/benchmarks.md#fused-cpu-kernels-threading-layer-and-block-size), and unlike workqueue it is safe
+# when two Python threads launch kernels at once (workqueue aborts the process). NUMBA_THREADING_LAYER
+# still overrides this.
 if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
     numba_config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]

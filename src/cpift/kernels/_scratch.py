@@ -1,18 +1,7 @@
-# Reused scratch buffers and the chunk loop shared by every kernel in this package.
-#
-# Why: on the reference machine a fresh large allocation costs page faults (~3.5 GB/s), several
-# times slower than the arithmetic done on it. Every kernel therefore walks its 1-D inputs in
-# chunks of CHUNK elements, converts each chunk into a cached float32 (or float64) buffer, works in
-# place there and copies the result into a caller-given output. CHUNK = 2^18 (1 MiB of float32) was
-# measured fastest: large enough to amortise the Python overhead per chunk, small enough to stay
-# in L2/L3 between the ops of one chunk.
-#
-# Buffers are cached per thread (threading.local) and per named slot, so two kernels running in
-# different threads never share memory, and one kernel can hold several buffers at once by using
-# distinct slot names. A returned buffer is only valid until the next call with the same slot in
-# the same thread: never keep it across calls to another kernel that might use that slot.
-# Buffers live on the device of the data they hold (`device`, default the CPU): a fallback that runs
-# torch ops on CUDA inputs (a tie search, float64 inputs on the Triton path) keeps its scratch there.
+# Reused per-thread scratch buffers and the chunk loop (CHUNK = 2^18 elements) shared by the torch
+# kernels: a fresh large tensor costs page faults that are slower than the arithmetic done on it.
+# A buffer is valid until the next call with the same slot name in the same thread.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernels_scratchpy
 from __future__ import annotations
 
 import threading

@@ -1,17 +1,7 @@
-# Fused CPU kernels of kernels/slerp.py's two passes, compiled by numba and imported lazily by it.
-#
-# slerp_reduce_cpu: ‖a‖², ‖b‖², ⟨a,b⟩ in one pass. Each BLOCK of entries (a prange over blocks) sums
-#   the float64 products of the float32 values (exact) in LANES interleaved float64 accumulators, folded
-#   in lane order; the host folds the per-block partials in block order, so the sums are the same for
-#   any thread count. Reads 2 elements (+1 mask byte) per entry, writes 3 float64 per block.
-#   Precision: the products are exact and the float64 sums carry a relative error of at most about
-#   (BLOCK/LANES + blocks)·2^-53 of Σ|terms|, far below the torch path's float32 torch.dot partials
-#   (measured up to ~70·2^-24 of Σ|terms| on 1823x781 bf16 entries): the two agree to the torch
-#   path's own error, not bit for bit, and the fused sums are the closer to the exact ones.
-# slerp_blend_cpu: out = fma(a, ca, b·cb) in float32 (the torch path's b·cb then add_(a, alpha=ca), a
-#   fused multiply-add), a copied where `keep`, one rounding on store: bit-identical to the torch path.
-#   Reads 2 elements (+1 mask byte), writes 1; out may be a itself (element by element, read first).
-# Masks are bool tensors read as bytes (merge/fuse.py passes unpacked element masks).
+# Fused CPU kernels of kernels/slerp.py's two passes (numba, imported lazily): the reduction sums exact
+# float64 products in float64 per block (closer to exact than the torch path's float32 partials, so the
+# two agree to that error, not bit for bit); the blend is fma(a, ca, b·cb), bit-identical to torch.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernels_slerp_cpupy
 from __future__ import annotations
 
 import numpy as np

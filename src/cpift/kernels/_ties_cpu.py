@@ -1,19 +1,8 @@
-# Fused CPU kernel of kernels/ties.py (delta_merge: task arithmetic, TIES trim/elect, DARE drop), compiled
-# by numba and imported lazily by it. Maths: see the header of kernels/ties.py.
-#
-# One pass: each BLOCK of entries (a prange over blocks) reads base and the N task tensors once and writes
-# the output once: (N + 1)·s bytes read and s written per entry, s the storage size. The trim compares
-# |δ| against its Cut, the DARE mask is recomputed from the Philox counter (kernels/dare.py's stream:
-# counter q = g // 4 mod 2^32 for global flat index g = start + i, lane g % 4, one Philox evaluation per
-# model for 4 entries), so no mask is read. The N deltas of one entry live in a tiny per-block array.
-#
-# Exactness: every step is the torch path's float32 operation, in its order, so results are its bits:
-#   δ = x − b; trim and drop as 0/1 factors multiplied in (cut_keep / keep_factor: NaN and Inf reach the
-#   output as they do there); Σ as fma (torch's add_(alpha=) is a fused multiply-add); sign as torch's
-#   (NaN → 0); election with clamp at 0 (NaN kept), den += w·sign, 1 − sign|den| added, quotient with
-#   IEEE division; out = fma(merged, λ, b), rounded once on store. Scalars are float32 as torch rounds a
-#   float32 op's Python scalars.
-# It also returns, per block, whether a stored entry is NaN/±inf (the engine's finiteness check).
+# Fused CPU kernel of kernels/ties.py's delta_merge (numba, imported lazily): one pass, (N + 1)·s bytes
+# read and s written per entry (s the storage size), the trim and the DARE Philox mask recomputed in the
+# kernel; the torch path's float32 operations in its order, so bit-identical to it. Also reports whether
+# every stored entry is finite.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernels_ties_cpupy
 from __future__ import annotations
 
 import numpy as np

@@ -1,40 +1,7 @@
-# Triton kernel of kernels/ties.py (delta_merge: task arithmetic, TIES trim/elect, DARE drop), imported
-# lazily by it. Maths: see the header of kernels/ties.py; this kernel does the same float32 operations
-# in the same order, so its results are the torch backend's bit for bit (see "Exactness" below).
-#
-# One pass: each program loads base and the N task tensors for its entries, and writes one output.
-# Bytes per element: (N + 1)·s read + s written, s the storage size (2 for bf16/fp16, 4 for fp32);
-# nothing else touches memory (the trim compares against the cut, the DARE mask is recomputed from the
-# counter, per-model scalars are kernel arguments or one tiny int64 table).
-#
-# Layout: a program covers ROWS Philox counters q, each counting 4 consecutive entries (global flat
-# index g = 4q + lane), so one tl.rand4x call serves 4 entries, as in kernels/dare.py; u_g is lane
-# g % 4 of rand4x(seed, q mod 2^32). `start` is the global flat index of the tensors' first entry (a
-# streamed piece of a larger tensor): the tie rule and the DARE counter use g, so a result depends on
-# neither the block size, the launch shape nor how a tensor is cut into pieces.
-#
-# TIES election without keeping N deltas in registers: alongside Σ w'_i δ_i the loop accumulates the
-# numerators for both possible signs, Σ w'_i max(±δ_i, 0), and, with normalize, the denominators
-# Σ w_i [±δ_i > 0]; the elected sign then picks one pair. For the elected sign these are the very
-# fmas, in the same order, that the torch path runs on δ_i·s clamped at 0 (the terms of the other
-# models are exact zeros), so nothing changes but register pressure.
-#
-# Exactness against the torch backend (in float32; float64 inputs stay on the torch path): every
-# rounding step is the same IEEE operation, so results are bit-identical:
-#   - δ = x − b, one float32 rounding (torch: copy then sub_);
-#   - weighted sums as explicit tl.fma: on the CPU torch's add_(t, alpha=a) is one fused multiply-add
-#     per entry, tails included (Vectorized fmadd; checked on AVX2/AVX-512 builds, a CPU without FMA
-#     would round twice), and the interpreter's fma rounds once too; with every product that is
-#     added spelled as an fma, Triton's mul+add contraction on the GPU has nothing left to change;
-#   - the TIES quotient with tl.math.div_rn (IEEE round-to-nearest): Triton's `/` on float32 compiles
-#     to the approximate div.full.f32 on NVIDIA (checked in the sm_90 PTX);
-#   - weights, 1/p-folded weights, λ, densities and cut values reach the kernel as float32 scalars,
-#     rounded from the Python floats as torch rounds a float32 op's scalar argument;
-#   - one rounding on store: bf16 by bits (bf16_bits_rne, as the interpreter truncates), others `.to`.
-# Products with 0/1 masks and ±1 signs are exact; masks are tl.where(keep, δ, δ·0) instead of factors,
-# which can only change the sign of a zero term, and the accumulators start at +0 and so never become −0.
-# Non-finite values as in torch: a removed NaN/±inf δ is δ·0 = NaN, and a NaN sum stays NaN through
-# the election (torch's sign(NaN) is 0, and NaN·0 is NaN in its numerator).
+# Triton kernel of kernels/ties.py's delta_merge (imported lazily): one pass, (N + 1)·s bytes read and
+# s written per entry, the DARE mask from tl.rand4x; the torch path's float32 operations in its order
+# (explicit fmas, IEEE division by div_rn, bf16 rounded on the bits), so bit-identical to it.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernels_ties_tritonpy
 from __future__ import annotations
 
 import torch

@@ -1,45 +1,8 @@
-# DARE's random drop mask from a counter-based RNG, bit-identical to Triton's tl.rand4x, 4 lanes.
-#
-# Maths: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11;
-# Random123), as triton-lang/triton python/triton/language/random.py implements it:
-#   round (10 of them), all words uint32:
-#     (hi0, lo0) = mulhilo(0xD2511F53, c0)      # PHILOX_ROUND_A
-#     (hi1, lo1) = mulhilo(0xCD9E8D57, c2)      # PHILOX_ROUND_B
-#     (c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
-#     (k0, k1) += (0x9E3779B9, 0xBB67AE85)      # PHILOX_KEY_A/B (golden ratio, sqrt(3) − 1)
-# The uniform of flat element i (seed as uint64):
-#   (w0, w1, w2, w3) = Philox4x32-10 of counter (i // 4 mod 2^32, 0, 0, 0) under key
-#                      (k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)
-#   u_i = F(w_(i mod 4)),  F = Triton's uint_to_uniform_float: bitcast to int32, x < 0 → −x − 1
-#         (i.e. ~x), then float32(x) · 4.6566127342e-10 (float32 multiply), a value in [0, 1).
-#   keep_i = u_i < density (density rounded to float32, as a Triton fp32 argument would be).
-# One Philox evaluation serves 4 consecutive elements. Element indices wrap at 2^34 (the counter
-# i // 4 is taken mod 2^32). In Triton:
-#   u0, u1, u2, u3 = tl.rand4x(seed, (offs // 4).to(tl.uint32))
-#   lane = offs % 4
-#   u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
-# (tl.rand4x(seed, off) returns uint_to_uniform_float of the words c0, c1, c2, c3 of
-# philox(seed, off, 0, 0, 0), in that order.) The counter must be uint32/int32: with int64
-# offsets Triton switches to the 64-bit Philox variant and draws other numbers.
-#
-# Checked: philox4x32 against the Random123 known-answer vectors (tests), philox_uniform bit for
-# bit against triton 3.9.0's tl.rand4x under TRITON_INTERPRET=1 (pinned values in the tests, and
-# a test that reruns the comparison wherever triton is installed).
-#
-# torch's unsigned dtypes lack most ops (its uint64 multiply exists but measured no faster), so
-# every word is an int64 holding a value in [0, 2^32) and mulhilo is ONE int64 multiply
-# p = c · a (see _philox_rounds for why the wrap is safe): lo = p mod 2^32,
-# hi = (p >> 32) mod 2^32. In the rounds the masks are applied lazily: lo words are kept unmasked
-# (only their low 32 bits are ever used: they are xored into a word that is then masked, or
-# masked at the end), and the new c0/c2 = ((p >> 32) ^ c ^ k) & 0xFFFFFFFF take one mask for hi
-# and the xors together: 10 int64 ops per round for 4 output words. Cost: ~25 int64 ops per
-# element for Philox plus ~6 for the float mapping (~100 M elements/s on 2 cores, was ~14 M with
-# one Philox per element); work is done in place in reused scratch buffers, chunk by chunk. The
-# Triton kernel remains the fast path.
-#
-# Streams: tensor_seed(seed, name, index) hashes (seed, tensor name, model index) with blake2b to
-# a 63-bit seed, so every tensor of every model draws an independent stream and the mask of an
-# element depends only on (seed, name, index, flat offset): never on chunking or threads.
+# DARE's random drop mask: keep entry i when u_i < density, u_i from a Philox4x32-10 counter-based
+# stream keyed by (seed, tensor name, model index), bit-identical to Triton's tl.rand4x (lane i mod 4 of
+# counter i // 4), so a mask depends on neither chunking, threads nor device.
+# Precision: exact integer arithmetic (uint32 words held in int64); u_i is float32 in [0, 1).
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsdarepy
 from __future__ import annotations
 
 import hashlib

@@ -1,20 +1,8 @@
-# Finiteness checks for input tensors (DESIGN §5: NaN/Inf in inputs is an error or a warning).
-#
-# Fast path: per chunk, a sum in float32 (float64 for float64 tensors). NaN and ±inf propagate
-# through a sum (inf − inf is NaN), so a finite sum proves the chunk finite; only a non-finite sum
-# (a real NaN/Inf, or an overflow of finite values) falls back to the exact element-wise isfinite.
-# Reads each element once, writes nothing large. Integer and bool tensors are always finite.
-# Chunks of 2^24 elements: a sum allocates nothing, and large chunks run at memory speed
-# (≈12–19 GB/s here for bf16) where 2^18-element chunks pay per-call overhead.
-#
-# Checked by the writer: the fused CPU kernels ("cpu" backend) test every entry they store for NaN/±inf
-# in the same pass (an integer test on the stored bits, no extra read) and record the answer with
-# note_written; all_finite(x) then answers from that record instead of reading x again. Measured on
-# 60M bf16 entries, 2 threads, load average ~6 on 2 cores: a separate pass costs 44 ms (this sum) to
-# 61 ms (a fused numba pass over the bits, tried and not kept), ~3-5% of a 3-model TIES merge (1.8 s) and more of a
-# linear one; the in-pass test costs nothing measurable. A record is (address, length, dtype, version
-# counter): any later in-place torch write to the tensor or a view of it bumps the version and voids it;
-# the next all_finite call consumes it, whether it matches or not, and records are per thread.
+# Finiteness checks for input tensors (NaN/Inf in an input is an error, or a warning with
+# --allow-nonfinite: docs/safety.md): a float32 sum per chunk proves a chunk finite, an exact isfinite
+# only where the sum is not; the fused CPU kernels record the finiteness of what they store, so the
+# writer's check reads nothing again. Exact: never a false answer.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsfinitepy
 from __future__ import annotations
 
 import math

@@ -1,16 +1,8 @@
-# Gram matrix of N flattened tensors, optionally about a base: G_ij = ⟨x_i − b, x_j − b⟩ (b = 0 when
-# no base is given). Model Stock (kernels/model_stock.py) and the hypersphere methods
-# (kernels/hypersphere.py: nuslerp, multislerp, karcher) need nothing more of the data than G: every
-# norm, cosine, mean and tangent of theirs is a combination of these inner products.
-#
-# One pass over the data: per chunk the N float32 vectors (x_i − b, or x_i) are formed in reused
-# scratch buffers on the tensors' device, and kernels/slerp.slerp_reduce runs on each pair i < j
-# (fused CPU: exact float64 products summed in float64 per block; Triton: float32 block partials;
-# torch: float32 torch.dot partials); the partials are folded on the host in float64. Each squared
-# norm is taken once, from the first pair that holds it. Reads N (+1 with a base) elements per entry,
-# writes nothing; the pair reductions re-read float32 chunks that are still in cache. Memory: N (+1)
-# chunk buffers, whatever the tensor's size.
-# Precision: storage dtype → float32 (float64 if any input is float64). gram_ref is the float64 oracle.
+# Gram matrix G_ij = ⟨x_i − b, x_j − b⟩ of N flattened tensors (b = 0 without a base), in one read:
+# per chunk the N deltas through kernels/slerp.slerp_reduce on each pair, folded on the host in float64.
+# Model Stock and the hypersphere methods need nothing more of the data.
+# Precision: float32 per element (float64 inputs: float64), float64 fold. gram_ref is the float64 oracle.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsgrampy
 from __future__ import annotations
 
 from collections.abc import Sequence

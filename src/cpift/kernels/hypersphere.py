@@ -1,45 +1,9 @@
-# The hypersphere merges of mergekit 0.1.5: nuslerp, multislerp and karcher (its merge_methods/
-# nuslerp.py, multislerp.py, karcher.py), over flattened tensors x_i, optionally about a base b
-# (nuslerp and multislerp then work on the deltas δ_i = x_i − b and add b back).
-#
-# The idea: each method's result is a linear combination Σ c_i δ_i of its inputs, and every quantity
-# the coefficients depend on (norms, cosines, the weighted mean, the tangent vectors, the exponential
-# map, karcher's iterated mean) is a combination of the same vectors, whose inner products are the
-# N×N Gram matrix G_ij = ⟨δ_i, δ_j⟩. So per tensor:
-#   1. G by kernels/gram.py: one read of the inputs through the SLERP reduction (fused CPU, Triton,
-#      torch), folded in float64;
-#   2. the coefficients c on the host in float64 from G alone (nuslerp_coefficients,
-#      multislerp_coefficients, karcher_coefficients below: mergekit's formulas, with a vector v
-#      represented by its coefficients a on the inputs, ⟨v, w⟩ = aᵀ G b);
-#   3. one blend pass: Σ c_i x_i (kernels/linear.weighted_sum) or b + Σ c_i (x_i − b)
-#      (kernels/ties.delta_merge), fused CPU, Triton or torch.
-# Reads 2N (+2 with a base) elements per entry, writes 1 (the Triton weighted sum without a base: +1
-# read and write of the output, see kernels/linear.weighted_sum), whatever karcher's iteration count:
-# mergekit's float32 iteration passes over its N full-size unit vectors twice per iteration (the dot
-# products, the tangent) and keeps them all in memory.
-#
-# Definitions (mergekit's; eps and the fallbacks as there):
-#   nuslerp(t): n_i = max(‖δ_i‖, 1e-7), cos = ⟨δ_0, δ_1⟩ / (n_0 n_1) clamped to [−1, 1];
-#     1 − cos² ≤ eps² (eps = 1e-8: colinear or antipodal) → (1 − t) δ_0 + t δ_1, else θ = acos cos,
-#     (sin((1 − t)θ) δ_0 + sin(tθ) δ_1) / sin θ.  t = w_1 / (w_0 + w_1), 0.5 if |w_0 + w_1| < 1e-6.
-#   multislerp(w, eps): w normalised to sum 1 (normalize_weights); u_i = δ_i / (‖δ_i‖ + eps);
-#     m = Σ w_i u_i; ‖m‖ < eps → N = 2: w_0 δ_0 + w_1 δ_1, else an error (ZeroMean); m̂ = m / ‖m‖;
-#     τ = Σ w_i (u_i − ⟨u_i, m̂⟩ m̂); s = ‖τ‖ + eps; r = m̂ cos s + τ sin(s)/s; result Σ w_i ‖δ_i‖ · r.
-#   karcher(max_iter, tol): equal weights 1/N; u_i = x_i / ‖x_i‖ over the x_i with ‖x_i‖ > tol (none:
-#     0); m = normalised mean of those u_i (its norm < tol: u of the first); max_iter times: τ = Σ α_i
-#     θ_i / sin θ_i (u_i − cos θ_i m) over θ_i = acos⟨m, u_i⟩ ≥ tol; ‖τ‖ < tol stops; m ← m cos‖τ‖ +
-#     τ/‖τ‖ sin‖τ‖, renormalised; result (Σ_i ‖x_i‖ / N) · m (all N norms).
-# Rounding: the coefficients come from float64 inner products where mergekit computes every step in
-# float32 per element (in the config's dtype), so the results agree to float32 rounding of the
-# result (a few ulps of each tensor's scale), and branch decisions taken at a threshold (karcher's tol,
-# nuslerp's colinearity test) can differ only for inputs within float32 error of it. Karcher's
-# iteration in float32 is noisier than here: its arccos of a float32 dot product near 1 loses half the
-# digits of small angles; float64 keeps them.
-# Row forms of nuslerp (nuslerp_flatten: false): one vector per row of the last dimension
-# (nuslerp_rows), or per index of the other dimensions along dimension 0 (nuslerp_row_wise:
-# nuslerp_columns); the reductions and the blend run as torch operations per block of rows.
-# A non-finite input makes G non-finite, and then every coefficient NaN: the output is NaN and the
-# engine names the input that holds the value.
+# The hypersphere merges of mergekit 0.1.5 (nuslerp, multislerp, karcher) as Σ c_i x_i (or b + Σ c_i δ_i
+# with a base): the N×N Gram matrix in one read (kernels/gram.py), mergekit's coefficients on the host
+# in float64 from it alone, then one blend pass (weighted_sum or delta_merge); nuslerp's row forms in
+# torch ops per block of rows.
+# Precision: float32 per element (float64 inputs: float64), float64 coefficients, one rounding on store.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelshyperspherepy
 from __future__ import annotations
 
 import math

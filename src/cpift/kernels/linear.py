@@ -1,19 +1,8 @@
-# Weighted average of N flattened tensors: out = Σ w_i·x_i / Σ w_i.
-#
-# The weights are normalised once on the host in float64 (w_i / Σw), so each chunk costs one
-# multiply-add per model: reads N elements per element, writes 1.
-# Precision: storage dtype → float32 per chunk (float64 if any input is float64), accumulate,
-# round once into out.dtype. linear_ref is the float64 oracle. The Triton backend runs the
-# equivalent x_0 + Σ_{i≥1} w_i (x_i − x_0) through the delta kernel (kernels/ties.py): one pass,
-# rounding a few float32 ulps apart from the torch order, one rounding on store.
-# The "cpu" backend (default on CPU tensors when numba imports) runs the fused kernel of
-# _linear_cpu.py: one pass, N·s bytes read and s written per entry (s the storage size), the torch
-# path's operations in its order (x_0·w_0, then explicit fused multiply-adds), so bit-identical to it
-# where torch's add_(alpha=) is an fma (ATen's AVX2/AVX-512/NEON kernels; its default capability
-# rounds the product first, up to a float32 ulp per step apart); it tests
-# each stored entry for NaN/±inf and records the answer (kernels/finite.py). float64 stays on torch.
-# weighted_sum: Σ c_i·x_i with the coefficients as given (the hypersphere methods' blend), the same
-# passes without the normalisation.
+# Weighted average of N flattened tensors, out = Σ w_i·x_i / Σ w_i (weights normalised once on the host
+# in float64), and weighted_sum (Σ c_i·x_i, coefficients as given). One pass, N read and 1 written per entry.
+# Precision: float32 per chunk (float64 inputs: float64), one rounding on store. linear_ref is the float64
+# oracle.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelslinearpy
 from __future__ import annotations
 
 import math

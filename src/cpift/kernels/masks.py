@@ -1,20 +1,8 @@
-# Bit-packed core masks (DESIGN §4) and their overlaps, without unpacking.
-#
-# Format: one uint8 per 8 entries of the row-major flattened tensor; bit j (little-endian, value
-# 1 << j) of byte i is entry 8i + j; the last byte's unused high bits are 0.
-#   pack_bits(mask)            bool[n]  → uint8[ceil(n/8)]
-#   unpack_bits(packed, n)     uint8[m] → bool[n]
-#   overlap(p, q)              (|P ∩ Q|, |P ∪ Q|) by popcount of p & q and p | q, for Jaccard
-#   pack_cut(x, base, cut)     score |x − base|, apply a select.Cut (ties: flat index ≤ last_tie) and
-#                              pack, in one pass; also counts the scores equal to the cut's value
-# Bytes per entry: pack reads 1 (bool) and writes 1/8; overlap reads 2/8; pack_cut reads the two
-# inputs and writes 1/8 (the bool mask never exists).
-#
-# The torch functions work in chunks of CHUNK bytes through reused scratch (no fresh large tensors);
-# the Triton kernels (kernels/_masks_triton.py) do the same per block. Backend "cpu" runs pack_cut and
-# overlap as fused numba kernels (kernels/_masks_cpu.py: one pass, per-block tie / popcount partials;
-# float64 inputs stay on torch); pack_bits and unpack_bits (not on the selection path) run on torch.
-# Every backend gives the same bytes and counts. Fused kernels are imported only when they run.
+# Bit-packed core masks (docs/cpi-ft.md#mask-files): pack and unpack (8 entries a byte, little-endian
+# bits), a fused score-compare-pack with the tie rule (pack_cut), and popcount overlaps |P ∩ Q|, |P ∪ Q|
+# for Jaccard, without unpacking.
+# Exact: every backend gives the same bytes and counts.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsmaskspy
 from __future__ import annotations
 
 import sys

@@ -1,29 +1,9 @@
-# Model Stock (Jang et al. 2024; mergekit 0.1.5's `model_stock`) of N ≥ 2 flattened task tensors x_i
-# over a base b, built from the existing reduction and delta kernels.
-#
-# Maths (mergekit's, checked in its merge_methods/model_stock.py):
-#   δ_i = x_i − b
-#   cos_ij = ⟨δ_i, δ_j⟩ / max(‖δ_i‖·‖δ_j‖, 1e-6), clamped to [−1, 1];  c = mean over pairs i < j
-#   t = N·c / (1 + (N−1)·c)        (N = number of task tensors, the base not counted)
-#   out = t·mean_i x_i + (1−t)·b = b + t·mean_i δ_i
-#   t = 0 (out = b) where |1 + (N−1)·c| < 1e-6 (mergekit 0.1.5's guard, e.g. N = 2 with δ_2 = −δ_1).
-# t is not clamped to [0, 1], as in mergekit: c < 0 gives t < 0 (a step away from the average).
-# One difference: mergekit computes in the config's dtype (bf16 math for `dtype: bfloat16`); cpift
-# in float32 whatever the storage, as for every method.
-#
-# Whole tensor (mergekit's default), two passes like SLERP's:
-#   1. delta_gram: the N×N Gram matrix ⟨δ_i, δ_j⟩ (kernels/gram.py: per chunk the N float32 deltas
-#      in reused scratch buffers, kernels/slerp.slerp_reduce on each pair, fused CPU / Triton / torch,
-#      partials folded on the host in float64). Reads N + 1 elements per entry, writes nothing.
-#   2. stock_ratio on the host (float64), then kernels/ties.delta_merge with λ = t and w_i = 1/N:
-#      out = b + t·Σ δ_i / N, the fused CPU / Triton / torch kernel of task arithmetic. Reads N + 1
-#      elements per entry, writes 1. t = 0 gives b bit for bit.
-# Rows (mergekit's `filter_wise: true`): cosines and t per row of the last dimension (a 1-D tensor is
-#   one row, i.e. the whole-tensor case). model_stock_rows does both steps per block of rows in one
-#   pass of torch operations on the tensors' device (float32 row dots): there is no fused CPU or
-#   Triton kernel for the per-row form yet.
-# Precision: storage dtype → float32 (float64 if any input is float64), one rounding on store.
-# model_stock_ref is the float64 oracle.
+# Model Stock (Jang et al. 2024; mergekit 0.1.5's `model_stock`): t = N·c / (1 + (N − 1)·c) from the
+# mean pairwise cosine c of the deltas, out = b + t·mean δ_i; the Gram matrix pass (kernels/gram.py),
+# then the delta kernel with λ = t; the per-row form (filter_wise) in torch ops per block of rows.
+# Precision: float32 per element (float64 inputs: float64), one rounding on store. model_stock_ref is
+# the float64 oracle.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsmodel_stockpy
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,18 +1,8 @@
-# NearSwap of two flattened tensors (mergekit 0.1.5's `nearswap`): a = the base, b = the other model,
-#   w   = clamp(t / max(|a − b|, 1e-6), 0, 1)
-#   out = w·b + (1 − w)·a
-# where the two models are within t of each other the other model's value is taken (w = 1); further
-# apart, the base moves towards b by t (w·|a − b| = t), so no entry moves by more than t.
-#
-# Precision: storage → float32 (float64 for float64 inputs), one rounding on store. Every step is one
-# IEEE operation in mergekit's order: torch's `t / d` is `d.reciprocal() * t` (two roundings), then
-# w·b, 1 − w, (1 − w)·a and their sum, each rounded, never fused; with float32 math on both sides the
-# result is mergekit's bit for bit. nearswap_ref is the float64 oracle.
-# Cost per element: reads 2, writes 1; no reduction, so every backend gives the same bits:
-#   "torch": chunks of 2^18 through reused scratch buffers;
-#   "cpu"  : _nearswap_cpu.py (numba, one pass, the same float32 operations; records finiteness);
-#   "triton": _nearswap_triton.py (division by div_rn, no mul+add contraction).
-# float64 inputs always take the torch path.
+# NearSwap (mergekit 0.1.5's `nearswap`) of a base a and a model b: w = clamp(t / max(|a − b|, 1e-6), 0, 1),
+# out = w·b + (1 − w)·a. One pass, 2 read and 1 written per entry.
+# Precision: float32 (float64 inputs: float64), mergekit's operations in its order, each rounded once and
+# never fused: bit-identical to mergekit in float32 and across backends. nearswap_ref is the float64 oracle.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsnearswappy
 from __future__ import annotations
 
 import math

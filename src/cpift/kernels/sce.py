@@ -1,30 +1,9 @@
-# SCE (select, calculate, erase; mergekit 0.1.5's `sce`) of N task tensors x_i over a base b, per tensor:
-#   τ_i = x_i − b
-#   select (select_topk < 1): v_j = Var_i(τ_ij), the population variance over the models (unbiased=False);
-#            keep the k = int(count_nonzero(v) · select_topk) entries of largest v (ties: lowest flat
-#            index first; mergekit's torch.topk breaks ties its own way), τ_i ← τ_i · keep
-#   calculate: W_i = mean_j(τ_ij²);  w_i = W_i / Σ W (1/N when |Σ W| < 1e-6)
-#   erase:   s_j = +1 if Σ_i τ_ij ≥ 0 else −1 (the unweighted sum; a zero sum elects +1, as mergekit's
-#            get_mask(method="sum") does);  A_j = {i : sign(τ_ij) = s_j}
-#   out_j  = b_j + Σ_{i∈A_j} w_i τ_ij / max(Σ_{i∈A_j} w_i, 1e-6)   (b_j where no model agrees)
-# These are not kernels/ties.py's TIES (its sign is weighted, a zero sum elects nothing, it divides by
-# the exact agreeing weight sum and fuses its products into fmas), hence kernels of their own.
-#
-# Passes over the inputs (each reads (N + 1)·s bytes per entry, s the storage size):
-#   1. sce_variance (select_topk < 1 only): writes v as float32 (4 bytes per entry): τ_i rounded in
-#      float32 as mergekit forms them, the variance in float64 rounded once to float32, which is what
-#      torch.var computes on CPU float32 (Welford in double), so the ranked scores are mergekit's.
-#      The selection is kernels/select.py's exact radix select on v (magnitude_cut with no base).
-#   2. sce_square_sums: Σ_j τ_ij² per model (kept entries only; +4 bytes per entry for v), float64.
-#   3. sce_combine: the erase and the weighted disjoint mean, one rounding on store.
-# Precision of pass 3: float32 (float64 for float64 inputs) in mergekit's order: τ_i·w_i rounded, then
-# added in model order, the weights added in model order, one IEEE division, b + that; no fma. With
-# float32 math on both sides the results are mergekit's up to the weights' last bits (mergekit takes
-# the mean of τ² in float32).
-# Backends: "torch" (chunks of 2^18 in reused scratch), "cpu" (_sce_cpu.py: numba, one pass per step,
-# per-block float64 partials folded in block order), "triton" (_sce_triton.py: the same float32
-# operations, float64 partials per program); float64 inputs take the torch path. All give the same
-# scores and combine bits; the square sums agree to float64 rounding. sce_ref is the float64 oracle.
+# SCE (select, calculate, erase; mergekit 0.1.5's `sce`) of N task tensors over a base: variance scores
+# and an exact top-k selection on them, per-model square sums for the weights, then the sign-elected
+# weighted disjoint mean (sign +1 at a zero sum, the 1e-6 floor), each one pass over the inputs.
+# Precision: mergekit's float32 operations in its order, no fma; float64 partials; scores and combine
+# bit-identical across torch, fused CPU and Triton. sce_ref is the float64 oracle.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsscepy
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,27 +1,8 @@
-# Delta scoring: how far a fine-tune moved each entry (or block of entries), plus the radix-select
-# histograms of those scores, in one pass over (task, base).
-#
-# Maths: for blocks of B consecutive entries of the flattened tensors (B = 1: every entry; the last
-# block may be shorter, its mean is over the entries it has),
-#   s_j = fl32( mean_{e in block j} |x_e − base_e| )        (base None: |x_e|)
-# computed in float32 (float64 for float64 inputs) and rounded once to float32. For B = 1 this is
-# exactly kernels/select.py's score, so every backend gives bit-identical element scores; block means
-# are sums in different orders on the backends (a few float32 ulps apart; the cpu backend's are
-# within 2^-22 relative of the exact mean, kernels/_scores_cpu.py).
-#
-# Histograms (radix select, kernels/select.py): a non-negative float32 orders like its bits read as
-# an unsigned integer, so the k-th largest of a stream of scores is found from
-#   high pass:  hist[bits(s) >> 16] += 1               over every score
-#   low pass:   hist[bits(s) & 0xFFFF] += 1             over scores with bits(s) >> 16 == high_bin
-# Both are accumulated into a caller-owned int64[65536] across calls (tensors, tasks, ranks).
-#
-# Bytes per entry: reads the two inputs (2× the storage size), writes 4/B (scores, when asked) and
-# nothing else; the 512 KiB histogram stays in cache. Backends: "torch" works in CHUNK-sized scratch
-# (several eager ops per entry); "cpu" runs the fused numba kernel kernels/_scores_cpu.py (one pass,
-# per-worker int64 histograms added on the host: exact, no atomics; float64 inputs stay on torch);
-# "triton" kernels/_scores_triton.py counts with relaxed atomics straight into the int64 histogram,
-# pre-aggregated per program (zero scores, crowded bins) so that tied real deltas do not serialize.
-# Both fused kernels are imported only when they run.
+# Delta scoring: s_j = fl32(mean |x − base| over block j of B entries) (B = 1: every entry), with the
+# radix-select histogram of the scores' high or low 16 bits in the same pass over (task, base).
+# Precision: float32 (float64 inputs: float64), one rounding to float32; element scores bit-identical on
+# every backend, block means a few float32 ulps apart; histograms exact.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsscorespy
 from __future__ import annotations
 
 import sys

@@ -1,37 +1,9 @@
-# Exact selection of the k largest scores, with deterministic ties, by radix select.
-#
-# Score: s = fl32(|x − base|), the difference taken in the compute dtype (float32, or float64 for
-# float64 inputs) and rounded to float32; base None means s = |x|. Selection is exact for these
-# float32 scores; the reference defines the score the same way, then sorts.
-#
-# The k largest are described by a Cut (value v, last_tie j): an entry is selected when s > v, or
-# when s == v and its flat index ≤ j. Among equal scores the lowest indices win, so the selection
-# is unique and independent of chunking, thread count and device. Conventions: k = 0 gives
-# Cut.none() (v = +inf, j = −1), k = n gives Cut.all() (v = −inf, j = −1), and when every tie at v
-# is kept j = n − 1 (no third pass). cut_mask applies a Cut as a bool mask, cut_keep as 0/1
-# float32 factors (cheaper on CPU when the mask only multiplies deltas).
-#
-# Radix select: a non-negative float32 orders like its bit pattern read as an unsigned integer, so
-# the k-th largest can be found from histograms of the bits, with no sort and no copy of the data:
-#   pass 1  add_high: 2^16-bin histogram of bits >> 16 over every chunk (int64 counts);
-#           select_bin(k): the bin holding the k-th largest, and how many lie in higher bins;
-#   pass 2  add_low: 2^16-bin histogram of the low 16 bits of the entries in that bin;
-#           threshold(): the exact value v, #(s > v) and #(s == v).
-#   pass 3  (magnitude_cut only, and only when some but not all ties at v are kept) the flat index
-#           of the r-th tie, lowest index first; it stops at the chunk that holds it. On Triton it
-#           stays on the device: per-program tie counts (the pack_cut kernel, nothing packed), a
-#           prefix sum and searchsorted find the 4096-entry slice holding it (one host sync), and
-#           only that slice is scored again. Every scratch buffer lives on the inputs' device.
-# Each pass reads every input element once and writes nothing but 512 KiB of counts. The
-# histograms add across ranks (DESIGN §6: an all-reduce per round).
-#
-# Backends of magnitude_cut: "torch" first tries a sampled bracket (one pass, below) and falls back to
-# radix select; "cpu" (fused numba, kernels/_scores_cpu.py's histograms and kernels/_select_cpu.py's
-# tie search: bytes read per entry 2× the storage size per pass, nothing written; float64 inputs stay
-# on torch) and "triton" run the two radix passes, plus the tie pass when needed. All give the same Cut.
-#
-# Scores must be finite and non-negative (|·| gives +0.0, never −0.0): NaN would rank above +inf
-# in the histograms but is never selected by a Cut. Callers check finiteness first.
+# Exact selection of the k largest scores s = fl32(|x − base|) of one tensor, as a Cut (value v, last
+# tie index j: selected when s > v, or s == v at flat index ≤ j; ties to the lowest index), by radix
+# select: two 2^16-bin histogram passes and, when the ties split, a third for the r-th tie; the torch
+# backend first tries a sampled bracket. No sort, no copy of the data.
+# Precision: exact for the float32 scores; every backend gives the same Cut.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsselectpy
 from __future__ import annotations
 
 import math

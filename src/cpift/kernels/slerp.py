@@ -1,32 +1,9 @@
-# SLERP of two flattened tensors, as DESIGN §2 defines it (mergekit 0.1.5's constants).
-#
-# Maths: â = a/‖a‖, b̂ = b/‖b‖ (a norm ≤ eps leaves that vector as is, i.e. its norm counts as 1);
-# d = ⟨â, b̂⟩ clamped to [-1, 1]. If |d| > dot_threshold the pair is nearly (anti)colinear and the
-# result is the lerp (1−t)·a + t·b; otherwise Ω = acos d and the result is
-#   sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b      (applied to the ORIGINAL a and b).
-#
-# Two passes, the pattern a Triton port keeps:
-#   1. slerp_reduce: ‖a‖², ‖b‖², ⟨a,b⟩ as float32 per-chunk torch.dot partials, folded on the host
-#      in Python floats (float64), so the fold is deterministic and its error does not grow with n.
-#      Reads 2 elements per element (+1 byte for the optional exclusion mask), writes nothing.
-#   2. slerp_coefficients: host scalar maths in float64 → (ca, cb).
-#   3. slerp_blend: out = ca·a + cb·b in float32, rounded once into out.dtype (nearest even).
-#      Reads 2 elements (+1 mask byte), writes 1.
-# `exclude` (reduction) and `keep` (blend) exist for CPI fusion: norms over non-core entries only,
-# core entries transplanted unchanged.
-#
-# The Triton kernels of both passes live in _slerp_triton.py, imported only when the Triton backend
-# runs: importing triton costs ~0.2 s, which every CPU-only cpift-merge call would otherwise pay.
-# The "cpu" backend (default on CPU tensors when numba imports) runs _slerp_cpu.py's fused passes:
-# the same bytes per element as above; the reduction sums exact float64 products in float64 per
-# block (deterministic for any thread count, more accurate than the float32 torch.dot partials, so it
-# agrees with them to their float32 error, not bit for bit); the blend is bit-identical to the torch
-# path and records whether every stored entry is finite (kernels/finite.py). float64 stays on torch.
-#
-# Precision: storage dtype (bf16/fp16/fp32) → float32 per chunk, compute, cast once on store;
-# float64 inputs compute in float64. slerp_ref is the float64 oracle, written independently.
-# Caveat shared with mergekit: squares are summed unscaled, so entries above ~1e19 overflow the
-# float32 sums (not a concern for model weights, which are checked finite upstream).
+# SLERP of two flattened tensors (docs/cpi-ft.md#slerp, mergekit 0.1.5's constants) in two passes:
+# slerp_reduce (‖a‖², ‖b‖², ⟨a,b⟩, optionally over non-excluded entries), host coefficients in float64,
+# slerp_blend (ca·a + cb·b, optionally keeping masked entries of b: CPI's transplant).
+# Precision: float32 per chunk (float64 inputs: float64), float64 fold of the partials, one rounding on
+# store. slerp_ref is the float64 oracle.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsslerppy
 from __future__ import annotations
 
 import math
@@ -171,7 +148,7 @@ def slerp_ref(
     exclude: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float64 oracle of DESIGN §2 (with the same optional exclude/keep masks); returns float64."""
+    """float64 oracle of docs/cpi-ft.md#slerp (with the same optional exclude/keep masks); returns float64."""
     a64 = a.double()
     b64 = b.double()
     ra, rb = a64, b64

@@ -1,38 +1,10 @@
-# The element-wise core of task arithmetic, TIES and DARE: merge N task deltas onto a base.
-#
-# Maths, per entry, for models i = 1..N with weights w_i:
-#   δ_i = x_i − b
-#   trim (TIES, `cuts`):        δ_i ← δ_i where cut_mask(|δ_i|, cuts[i]) else 0
-#   drop (DARE, `drop_density` p, one for all or p_i per model):
-#                               δ_i ← δ_i / p_i where keep_mask(drop_seeds[i], offset, p_i) else 0
-#   scale (`scales` c_i, e.g. an L1 rescale of a sparsified delta): δ_i ← c_i·δ_i in the sums
-#                               of w_i δ_i only (the TIES denominator keeps w_i, as mergekit's does)
-#   not elect_sign:  out = b + λ Σ_i w_i δ_i
-#   elect_sign:      s = sign(Σ_i w_i δ_i);  A = {i : sign(δ_i) = s ≠ 0}
-#                    out = b + λ Σ_{i∈A} w_i δ_i / Σ_{i∈A} w_i, and b where that denominator is 0
-#                    (no model agrees, or the agreeing weights cancel);
-#                    with normalize=False (mergekit's dare_ties default) no division:
-#                    out = b + λ Σ_{i∈A} w_i δ_i.
-# Agreement is tested as δ_i·s > 0 with s ∈ {−1, 0, 1}: the product is exact, and zero deltas and
-# a zero sum never agree. Differences from mergekit's TIES, deliberate (the definition):
-# mergekit breaks a zero sum towards +1 and takes signs of w_i·δ_i (equal for positive weights).
-# Caveat: where Σ w_i δ_i is zero in exact arithmetic but the weights are not exact binary
-# fractions (0.8), float32 and float64 round it to different tiny values, so their elected signs
-# (and results there) may legitimately differ; exact zeros (dyadic weights) agree.
-#
-# Cost per element: reads N + 1 elements and writes 1; no mask is read (trim compares against
-# the cut, the DARE mask is recomputed from the counter); masks are applied as 0/1 float factors
-# (cut_keep, keep_factor), cheaper on CPU than bool compares and masked fills. The N deltas of a
-# chunk live in reused scratch buffers, so TIES takes its second look at them, not at the inputs.
-# Precision: storage → float32 per chunk (float64 if any input is float64), one rounding on store.
-# delta_merge_ref is the float64 oracle (a `precision` argument gives the naive float32 variant).
-# Triton path (backend="triton", default on CUDA): one fused kernel in _ties_triton.py, imported only
-# when it runs; the same float32 operations in the same order, bit-identical to this torch path.
-# Fused CPU path (backend="cpu", default on CPU tensors when numba imports): _ties_cpu.py, one pass,
-# (N + 1)·s bytes read and s written per entry (s the storage size), the DARE Philox stream and the
-# trim recomputed in the kernel; the same float32 operations in the same order, bit-identical to this
-# torch path; it tests each stored entry for NaN/±inf and records the answer (kernels/finite.py).
-# float64 inputs always take the torch path (the oracle's precision, not a GPU workload).
+# The element-wise core of task arithmetic, TIES and DARE (delta_merge): per entry δ_i = x_i − b,
+# trimmed by a Cut and/or dropped by the DARE mask (÷ density), then b + λ Σ w_i δ_i, or with sign
+# election b + λ Σ_{agreeing i} w_i δ_i / Σ_{agreeing i} w_i (normalize=False: no division).
+# One pass, (N + 1) inputs read and 1 output written per entry; no mask is read.
+# Precision: float32 per chunk (float64 inputs: float64), one rounding on store; torch, fused CPU and
+# Triton are bit-identical. delta_merge_ref is the float64 oracle.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelstiespy
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,28 +1,9 @@
-# Exact global top-k over a stream of tensors, for several tasks sharing one base: the selection of
-# CPI-FT's core regions (DESIGN §1.2), with memory independent of the number of tensors.
-#
-# For task i the scores are s = fl32(mean |x_i − base|) per block of B entries (kernels/scores.py,
-# B = 1 for single entries); the k_i largest over ALL tensors are selected. Ties at the threshold
-# are broken by position: tensors in stream order (callers stream in name order), then lowest flat
-# index, so exactly k_i entries are selected and the selection does not depend on chunking,
-# backend or device.
-#
-# Three passes over the stream, each reading every tensor once, in the same order:
-#   count   radix select pass 1: a 2^16-bin histogram of the scores' high 16 bits per task;
-#   refine  pass 2: the low 16 bits of the scores inside the bin that holds the k-th largest →
-#           the exact threshold v, #(s > v) and #(s == v) (kernels/select.py RadixSelect);
-#   pack    pass 3: packed masks of s > v plus the first r = k − #(s > v) ties in stream order;
-#   cuts    or, for a selection applied as cuts (TIES's global trim, single entries), one Cut per
-#           tensor: after pass 2 it is known for every task whose ties are all in or all out
-#           (fixed_cut), and pass 3 (cuts) is needed only for a task whose tie budget splits.
-#           Each tensor is packed with all its ties selected (kernels/masks.py pack_cut, which also
-#           counts them); only in the tensor where the tie budget runs out is it packed again
-#           with its local last tie index: usually one tensor, usually none re-packed twice.
-# Element scores are recomputed from the inputs in each pass (nothing of size n is kept); block
-# scores (n / B floats) are computed per tensor and per pass and then treated as the inputs.
-# Memory: two 512 KiB histograms per task, plus the packed output of the tensor at hand. Every pass
-# runs on the backend given (scores, pack_cut, overlap, tie_index): on CPU tensors "auto" and "cpu"
-# are the fused numba kernels, bit-identical to "torch".
+# Exact global top-k over a stream of tensors for several tasks sharing one base (CPI-FT's core regions,
+# docs/cpi-ft.md#core-region): count and refine (radix select over the whole stream), then pack (or
+# per-tensor cuts); ties by tensor in stream order, then lowest flat index. Memory: two 512 KiB
+# histograms per task, whatever the number of tensors.
+# Precision: exact for the float32 scores of kernels/scores.py; every backend gives the same bits.
+# Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelstopkpy
 from __future__ import annotations
 
 import math

@@ -327,7 +327,8 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
 
     The front matter lists under ``base_model`` only the inputs pulled from the Hub (their commits are
     in the body and the recipe), with ``base_model_relation`` (the Hub's spelling: ``merge``); with no
-    Hub input it has no ``base_model``. Local inputs appear in the body and the recipe only, relative
+    Hub input it has no ``base_model``. Its tags are ``cpift`` and ``merge``, and ``mergekit`` whenever
+    mergekit_config.yml is written. Local inputs appear in the body and the recipe only, relative
     to ``out`` (``local_ref``): no absolute path or home directory name is published.
 
     Args:
@@ -360,11 +361,12 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
     why = None
     if recipe is None:
         recipe, why = mergekit_recipe(method=method, params=params, inputs=inputs, settings=settings, out=out)
+    as_mergekit = recipe is not None and "merge_method" in recipe  # a mergekit config, not a cpift step
     hub = list(dict.fromkeys(i.hub_repo for i in inputs if i.hub_repo))
     front: dict[str, Any] = {"base_model": hub} if hub else {}
     if hub and relation is not None:
         front["base_model_relation"] = relation
-    front.update({"tags": ["cpift", "merge"], "library_name": "transformers"})
+    front.update({"tags": ["cpift", "merge", *(["mergekit"] if as_mergekit else [])], "library_name": "transformers"})
     lines = ["---", _dump(front).rstrip("\n"), "---", "",
              f"# {method} merge of {len(inputs)} models", "",
              f"Made with cpift (`cpift-merge`), method **{method}**"
@@ -386,7 +388,7 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
     if recipe is not None:
         text = f"# Reproduce with: cpift-merge config {RECIPE_NAME} -o OUT\n" + _dump(dict(recipe))
         files[RECIPE_NAME] = text
-        if "merge_method" in recipe:  # a mergekit config, not a cpift step
+        if as_mergekit:  # the card's tags say so too: Hub tools filter on "mergekit"
             files[MERGEKIT_NAME] = (f"# mergekit's record of this merge (cpift adds {RECIPE_NAME}); local paths "
                                     f"are relative to this directory\n"
                                     + _dump({k: v for k, v in recipe.items() if k != "cpift"}))

@@ -1,4 +1,4 @@
-"""Exact freezing of core entries (DESIGN §1.5): bit-identical after any number of optimizer steps.
+"""Exact freezing of core entries (docs/cpi-ft.md#final-phase): bit-identical after any number of optimizer steps.
 
 One mechanism for every training loop (cpift's own, transformers' Trainer, TRL, a hand-written
 one), as two hooks that ``freeze_cores`` attaches and ``Freezer.remove`` detaches:
@@ -171,7 +171,7 @@ def check_masks(model: torch.nn.Module, masks: Sequence[str | os.PathLike], *,
 
 def load_freezer(model: torch.nn.Module, masks: Sequence[str | os.PathLike], *,
                  model_label: str | os.PathLike = "the model") -> Freezer:
-    """Freeze every entry set in any of the mask files (DESIGN §4 format), at the model's current values.
+    """Freeze every entry set in any of the mask files (docs/cpi-ft.md#mask-files), at the model's current values.
 
     Args:
         model: the model to train, on its device, in its training dtype, already sharded when FSDP2 is used.

@@ -1,4 +1,4 @@
-"""The CPI-FT pipeline (../shared/DESIGN.md §1) and the paper's baselines, one resumable run per WORKDIR.
+"""The CPI-FT pipeline (docs/cpi-ft.md) and the paper's baselines, one resumable run per WORKDIR.
 
 ``cpi-ft``: probe SFT per task (from the base, that task alone) → cores → cluster → staged SFT of
 the backbone (stage s trains on its group's mixed data from stage s−1's model, the cores of the

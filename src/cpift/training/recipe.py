@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cpift.errors import ConfigError, ParameterError
-from cpift.merge.io.safe_parse import load_yaml_bounded, read_user_text
+from cpift.merge.io.safe_parse import load_yaml_file
 from cpift.numbers import parse_number
 
 SFT_KEYS = ("lr", "weight_decay", "batch_size", "grad_accum", "max_length", "warmup", "max_grad_norm")
@@ -162,7 +162,7 @@ def _existing(f: _Fields, key: str, base_dir: Path, *, directory: bool = False) 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Parse and validate a pipeline recipe; ConfigError naming the file and field on any problem."""
     file = Path(path)
-    raw = load_yaml_bounded(read_user_text(file, what="recipe"), source=file)
+    raw = load_yaml_file(file, what="recipe")
     top = _Fields(file, "", raw, TOP_KEYS)
     here = file.resolve().parent
     if "base" not in top.raw:

@@ -1,4 +1,4 @@
-"""CPI-FT step 3 (DESIGN §1.3): group tasks whose core regions overlap.
+"""CPI-FT step 3 (docs/cpi-ft.md#grouping): group tasks whose core regions overlap.
 
 Jaccard S(C_i, C_j) = |C_i ∩ C_j| / |C_i ∪ C_j| by popcount over the packed masks, tensor by tensor
 (one tensor of every mask in memory at a time, never unpacked); tasks are linked when S ≥ τ and

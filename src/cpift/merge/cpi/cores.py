@@ -1,4 +1,4 @@
-"""CPI-FT step 2 (DESIGN §1.2): each task's core region, the exact global top-p% of |θ_task − θ_base|.
+"""CPI-FT step 2: each task's core region, the exact global top-p% of |θ_task − θ_base| (docs/cpi-ft.md).
 
 One global selection over every scored tensor of the model (not per tensor): k = floor(p·D/100)
 of the D mask entries (single parameters, or blocks / rows with ``granularity``), ties broken by
@@ -8,7 +8,7 @@ bits, histogram of the low bits inside the bin that holds the k-th largest, comp
 every task sharing each read of the base. Memory: two 512 KiB histograms per task, the tensors in
 flight, and the packed masks (D/8 bytes per task, written at the end).
 
-Output: DIR/NAME.safetensors per task in the mask format of DESIGN §4 (merge/cpi/masks.py), written
+Output: DIR/NAME.safetensors per task in the mask format of docs/cpi-ft.md#mask-files (merge/cpi/masks.py), written
 into a hidden sibling directory that is renamed when every mask is complete.
 """
 
@@ -181,49 +181,84 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     models = open_models([base, *[path for _, path in tasks]])
     out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), *inputs])
     check_compatible(models, allow_crimes=allow_crimes)
-    first = models[0]
+    plan = _plan(models[0], granularity, include, exclude)
+    ks = [math.floor(p * plan.total / 100)] * len(tasks)
+    sel = _select(models, plan, ks, dev=dev, backend=backend, progress=progress)
+    results = _save(out, overwrite, models, tasks, plan, sel, p=p, granularity=granularity,
+                    include=include, exclude=exclude)
+    kinds: dict[str, int] = {}
+    for n in plan.names:
+        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + plan.entries[n]
+    return CoresResult(out, p, granularity, plan.total, kinds, results, 3 * sel.pass_bytes,
+                       time.perf_counter() - start, notes=[n for m in models for n in m.notes],
+                       elements=plan.elements)
+
+
+@dataclass
+class _Plan:
+    """The scored tensors (name order: the tie rule's order) and their mask geometry."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    blocks: dict[str, int]  # score block per tensor (1: single entries)
+    entries: dict[str, int]  # mask entries per tensor
+    total: int  # D
+    elements: int  # scored parameters
+
+
+@dataclass
+class _Selection:
+    """What the three passes found, per task: packed bits and counts per tensor, the threshold, zeros."""
+
+    packed: list[dict[str, torch.Tensor]]
+    counts: list[dict[str, int]]
+    thresholds: list
+    zeros: list[int]  # scored elements whose update is exactly zero
+    pass_bytes: int  # bytes one pass reads
+
+
+def _plan(first, granularity: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> _Plan:
     names = _scored([n for n in first.names() if first.info(n).dtype.is_floating_point], include, exclude)
     if not names:
         raise ParameterError("include/exclude: no floating-point tensor is left to score")
     shapes = {n: first.info(n).shape for n in names}
-    blocks = {n: block_size(granularity, shapes[n]) for n in names}
     entries = {n: mask_entries(granularity, shapes[n]) for n in names}
-    total = sum(entries.values())
-    elements = sum(math.prod(shapes[n]) for n in names)
-    ks = [math.floor(p * total / 100)] * len(tasks)
+    return _Plan(names, shapes, {n: block_size(granularity, shapes[n]) for n in names}, entries,
+                 sum(entries.values()), sum(math.prod(shapes[n]) for n in names))
 
-    top = GlobalTopK(len(tasks), device=dev, backend=backend)
-    pass_bytes = sum(m.info(n).nbytes for m in models for n in names)
+
+def _select(models, plan: _Plan, ks: list[int], *, dev, backend, progress: bool) -> _Selection:
+    """count → refine → pack: the three streaming passes of the global top-k; closes the models."""
+    n_tasks = len(ks)
+    top = GlobalTopK(n_tasks, device=dev, backend=backend)
+    pass_bytes = sum(m.info(n).nbytes for m in models for n in plan.names)
     bar = progress_bar("cores", 3 * pass_bytes, progress)
-    packed: list[dict[str, torch.Tensor]] = [{} for _ in tasks]
-    counts: list[dict[str, int]] = [{} for _ in tasks]
+    sel = _Selection([{} for _ in ks], [{} for _ in ks], [], [0] * n_tasks, pass_bytes)
 
     cache = DeviceCache.for_device(dev)  # device copies kept across the three passes, within a budget
 
     def run_pass(step) -> None:
-        with TensorStream(models, names, device=dev, bar=bar, cache=cache) as stream:
+        with TensorStream(models, plan.names, device=dev, bar=bar, cache=cache) as stream:
             for item in stream:
                 step(item.name, item.inputs)
 
-    zeros = [0] * len(tasks)
-
     def count(name, views):
-        top.count(views[0], views[1:], blocks[name])
+        top.count(views[0], views[1:], plan.blocks[name])
         for i, v in enumerate(views[1:]):
-            zeros[i] += int(torch.count_nonzero(v == views[0]))
+            sel.zeros[i] += int(torch.count_nonzero(v == views[0]))
 
     def pack(name, views):
-        for i, (bits, c) in enumerate(top.pack(views[0], views[1:], blocks[name])):
-            packed[i][name] = bits.cpu()
-            counts[i][name] = c
+        for i, (bits, c) in enumerate(top.pack(views[0], views[1:], plan.blocks[name])):
+            sel.packed[i][name] = bits.cpu()
+            sel.counts[i][name] = c
 
     try:
         run_pass(count)
         if any(int(rs.high[_NONFINITE_BINS:].sum()) for rs in top.selects):
-            _explain_nonfinite(models, names)
+            _explain_nonfinite(models, plan.names)
         top.fix(ks)
-        run_pass(lambda name, views: top.refine(views[0], views[1:], blocks[name]))
-        thresholds = top.finish_refine()
+        run_pass(lambda name, views: top.refine(views[0], views[1:], plan.blocks[name]))
+        sel.thresholds = top.finish_refine()
         run_pass(pack)
     finally:
         bar.close()
@@ -231,7 +266,12 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
             cache.clear()
         for m in models:
             m.close()
+    return sel
 
+
+def _save(out: Path, overwrite: bool, models, tasks, plan: _Plan, sel: _Selection, *, p: float,
+          granularity: str, include, exclude) -> list[TaskCore]:
+    """Every task's mask file, the card and the recipe, published into ``out`` when all are written."""
     from cpift.merge.card import CardInput, input_hash
 
     # The recipe's form of each model (absolute path, or Hub id pinned to its commit): a replay of
@@ -242,27 +282,24 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     try:
         with publish_dir(out, overwrite=overwrite) as tmp:  # locked; renamed into place when complete
             for i, (task_name, task_path) in enumerate(tasks):
-                t = thresholds[i]
-                save_core_mask(tmp / f"{task_name}.safetensors", packed[i], shapes, granularity=granularity,
-                               p=p, k=t.k, threshold=t.value if t.k else math.inf, counts=counts[i],
+                t = sel.thresholds[i]
+                threshold = t.value if t.k else math.inf
+                save_core_mask(tmp / f"{task_name}.safetensors", sel.packed[i], plan.shapes,
+                               granularity=granularity, p=p, k=t.k, threshold=threshold, counts=sel.counts[i],
                                base=identity[0], task=identity[i + 1])
                 by_kind: dict[str, int] = {}
-                for n, c in counts[i].items():
+                for n, c in sel.counts[i].items():
                     by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
-                results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k,
-                                        t.value if t.k else math.inf, counts[i], by_kind,
-                                        zeros[i] / elements, os.fspath(task_path)))
+                results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k, threshold,
+                                        sel.counts[i], by_kind, sel.zeros[i] / plan.elements,
+                                        os.fspath(task_path)))
             for fname, text in _card(models, tasks, p, granularity, include, exclude, results, out).items():
                 (tmp / fname).write_text(text)
     except OutputError:
         raise
     except OSError as e:
         raise OutputError(f"{out}: cannot write the masks ({e.strerror or e})") from None
-    kinds: dict[str, int] = {}
-    for n in names:
-        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + entries[n]
-    return CoresResult(out, p, granularity, total, kinds, results, 3 * pass_bytes, time.perf_counter() - start,
-                       notes=[n for m in models for n in m.notes], elements=elements)
+    return results
 
 
 def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCore], out: Path) -> dict[str, str]:
@@ -279,4 +316,4 @@ def _card(models, tasks, p, granularity, include, exclude, results: list[TaskCor
                           granularity=granularity, include=include, exclude=exclude, out=out)
     return card_files(method="cores", params=params, inputs=inputs, recipe=recipe, out=out, relation=None,
                       definition="each task's core mask, the exact global top-p% of |θ_task − θ_base| "
-                                 "(DESIGN §1.2, mask format §4)")
+                                 "over the whole model, as bit-packed masks (cpift's docs/cpi-ft.md#core-region)")

@@ -1,4 +1,4 @@
-"""CPI-FT step 4 (DESIGN §1.4 and §2): fuse task models into a backbone, keeping every task's core.
+"""CPI-FT step 4 (docs/cpi-ft.md#fusion): fuse task models into a backbone, keeping every task's core.
 
 Per tensor, with backbone θ_b, task models θ_1..θ_N in stage order and their core masks C_i:
   1. non-core entries (in no C_i) are merged by incremental SLERP: m ← θ_b; for k = 1..N,
@@ -63,6 +63,27 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
     Example:
         >>> fuse("stage3", [("math", "probe-math", "cores/math.safetensors")], "fused")
     """
+    omega = _check_arguments(tasks, overlap, base, omega)
+    masks = [load_core_mask(m, lazy=True) for _, _, m in tasks]
+    ckpts = open_models([backbone, *[m for _, m, _ in tasks], *([base] if overlap == "largest" else [])])
+    shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}
+    for mask in masks:
+        mask.check_matches(shapes, ckpts[0].path)
+    opts = merge_options(options, overrides)
+    combine = _combine(masks, overlap=overlap, omega=omega, backend=opts.backend)
+    given = {**(options.as_kwargs() if options else {}), **overrides}  # the recipe records what was asked
+    recipe = fuse_recipe(backbone, tasks, out=out, overlap=overlap, base=base if overlap == "largest" else None,
+                         omega=omega,
+                         settings={k: given.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
+    params = {"tasks": [t[0] for t in tasks], "masks": [t["mask"] for t in recipe["tasks"]],  # relative to out
+              "overlap": overlap, "omega": omega if omega is not None else "1/(k+1)"}
+    roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
+    opts = opts.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *opts.inputs))  # -o may not hold a mask
+    return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, **opts.as_kwargs())
+
+
+def _check_arguments(tasks, overlap: str, base, omega) -> float | None:
+    """ParameterError for a bad task list, overlap rule or ω; returns ω parsed (None: t_k = 1/(k+1))."""
     if not tasks:
         raise ParameterError("task: give at least one --task NAME=MODEL:MASK")
     check_task_names([t[0] for t in tasks], "task")
@@ -72,55 +93,57 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
         raise ParameterError("overlap: 'largest' compares |θ_i − θ_base|: give --base BASE")
     if overlap == "last" and base is not None:
         raise ParameterError("base: only --overlap largest reads the base model; drop --base or use --overlap largest")
-    if omega is not None:
-        omega = parse_number(omega, "omega", lo=0, hi=1, error=ParameterError)
-    masks = [load_core_mask(m, lazy=True) for _, _, m in tasks]
-    ckpts = open_models([backbone, *[m for _, m, _ in tasks], *([base] if overlap == "largest" else [])])
-    shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}
-    for mask, (_, _, path) in zip(masks, tasks):
-        mask.check_matches(shapes, ckpts[0].path)
-    n_tasks = len(tasks)
-    opts = merge_options(options, overrides)
-    be = opts.backend
+    return None if omega is None else parse_number(omega, "omega", lo=0, hi=1, error=ParameterError)
+
+
+def _combine(masks, *, overlap: str, omega: float | None, backend):
+    """The per-tensor step of stream_merge: xs = backbone, the task models in stage order[, the base]."""
+    n_tasks = len(masks)
 
     def combine(name, xs, out_t):
         task_xs = xs[1:1 + n_tasks]
         cores = [m.element_mask(name).reshape(-1).to(out_t.device) if name in m.shapes else None for m in masks]
-        present = [c for c in cores if c is not None]
-        union = None
-        if present:
-            union = present[0].clone()
-            for c in present[1:]:
-                union |= c
-        m = xs[0].to(torch.float32 if xs[0].dtype != torch.float64 else torch.float64, copy=True)
-        for k, x in enumerate(task_xs, start=1):
-            t = omega if omega is not None else 1.0 / (k + 1)
-            with serial_reductions():  # norms independent of the thread count: byte-identical outputs
-                aa, bb, ab = slerp_reduce(m, x, exclude=union, backend=be)
-            ca, cb = slerp_coefficients(aa, bb, ab, t)
-            slerp_blend(m, x, ca, cb, out=m, backend=be)
+        m = _slerp_outside_cores(xs[0], task_xs, _union(cores), omega, backend)
         if overlap == "last":
             for x, core in zip(task_xs, cores):
                 if core is not None:
                     m[core] = x[core].to(m.dtype)
         else:
-            b = xs[-1]
-            best = torch.full_like(m, -1.0)
-            for x, core in zip(task_xs, cores):
-                if core is None:
-                    continue
-                score = (x.to(m.dtype) - b.to(m.dtype)).abs()
-                win = core & (score >= best)
-                m[win] = x[win].to(m.dtype)
-                best[win] = score[win]
+            _transplant_largest(m, task_xs, cores, xs[-1])
         out_t.copy_(m)
 
-    params = {"tasks": [t[0] for t in tasks], "masks": [os.fspath(t[2]) for t in tasks], "overlap": overlap,
-              "omega": omega if omega is not None else "1/(k+1)"}
-    given = {**(options.as_kwargs() if options else {}), **overrides}  # the recipe records what was asked
-    recipe = fuse_recipe(backbone, tasks, out=out, overlap=overlap, base=base if overlap == "largest" else None,
-                         omega=omega,
-                         settings={k: given.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
-    roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
-    opts = opts.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *opts.inputs))  # -o may not hold a mask
-    return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, **opts.as_kwargs())
+    return combine
+
+
+def _union(cores: list[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [c for c in cores if c is not None]
+    if not present:
+        return None
+    union = present[0].clone()
+    for c in present[1:]:
+        union |= c
+    return union
+
+
+def _slerp_outside_cores(backbone: torch.Tensor, task_xs, union, omega: float | None, backend) -> torch.Tensor:
+    """m ← θ_b; m ← SLERP(m, θ_k, t_k) for each task, norms and dots over the entries in no core."""
+    m = backbone.to(torch.float32 if backbone.dtype != torch.float64 else torch.float64, copy=True)
+    for k, x in enumerate(task_xs, start=1):
+        t = omega if omega is not None else 1.0 / (k + 1)
+        with serial_reductions():  # norms independent of the thread count: byte-identical outputs
+            aa, bb, ab = slerp_reduce(m, x, exclude=union, backend=backend)
+        ca, cb = slerp_coefficients(aa, bb, ab, t)
+        slerp_blend(m, x, ca, cb, out=m, backend=backend)
+    return m
+
+
+def _transplant_largest(m: torch.Tensor, task_xs, cores, base: torch.Tensor) -> None:
+    """Each core entry from the task with the larger |θ_i − θ_0| there (the later one on equal scores)."""
+    best = torch.full_like(m, -1.0)
+    for x, core in zip(task_xs, cores):
+        if core is None:
+            continue
+        score = (x.to(m.dtype) - base.to(m.dtype)).abs()
+        win = core & (score >= best)
+        m[win] = x[win].to(m.dtype)
+        best[win] = score[win]

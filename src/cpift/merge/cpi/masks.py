@@ -1,4 +1,4 @@
-"""Core-mask files (DESIGN §4): one safetensors file per task, a packed-bit uint8 tensor per scored tensor.
+"""Core-mask files: one safetensors file per task, a packed-bit uint8 tensor per scored tensor (docs/cpi-ft.md).
 
 A mask entry covers a block of B consecutive entries of the row-major flattened parameter:
 granularity ``element`` (B = 1), ``row`` (B = the last dimension; a 1-D tensor is one row) or
@@ -31,6 +31,7 @@ from cpift.kernels.masks import packed_len, popcount, unpack_bits
 
 from cpift.errors import CheckpointError, MismatchError, ParameterError
 from cpift.merge.io.safe_parse import load_json_bounded
+from cpift.merge.io.writer import safetensors_header
 from cpift.numbers import parse_number, shown
 
 FORMAT = "cpift-core-mask/1"
@@ -141,19 +142,12 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     """A uint8-only safetensors file with a canonical header (sorted keys, tensors in name order).
 
     safetensors' own writer orders the metadata by a randomly seeded hash map, so two runs would
-    give different bytes; the format (8-byte little-endian header length, JSON padded with spaces
-    to 8 bytes, then the data) is simple enough to write deterministically.
+    give different bytes; the header is merge/io/writer.py's, with its keys sorted.
     """
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        header[name] = {"dtype": "U8", "shape": [t.numel()], "data_offsets": [offset, offset + t.numel()]}
-        offset += t.numel()
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    head, _ = safetensors_header([(n, "U8", [t.numel()], t.numel()) for n, t in tensors.items()], metadata,
+                                 sort_keys=True)
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(head)
         for t in tensors.values():
             f.write(t.contiguous().cpu().numpy().tobytes())
 

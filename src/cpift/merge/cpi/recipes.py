@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cpift.errors import ConfigError
-from cpift.merge.io.safe_parse import load_yaml_bounded, read_user_text
+from cpift.merge.io.safe_parse import load_yaml_file
 from cpift.numbers import parse_number
 
 STEP_KEY = "cpift_step"
@@ -58,7 +58,7 @@ def fuse_recipe(backbone, tasks, *, out, overlap, base, omega, settings: dict[st
 def is_step_recipe(path: str | os.PathLike) -> bool:
     """True when the YAML file is a step recipe (has a top-level cpift_step key)."""
     try:
-        data = load_yaml_bounded(read_user_text(path, what="config"), source=path)
+        data = load_yaml_file(path, what="config")
     except ConfigError:
         return False  # the mergekit loader reports the problem with its own message
     return isinstance(data, dict) and STEP_KEY in data
@@ -68,7 +68,7 @@ def load_step_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe's mapping, its fields checked (unknown keys and missing fields are ConfigErrors) and,
     with ``relative_to_recipe``, its local paths resolved from the recipe's directory."""
     path = Path(path)
-    data = load_yaml_bounded(read_user_text(path, what="recipe"), source=path)
+    data = load_yaml_file(path, what="recipe")
     step = data.get(STEP_KEY)
     if step not in _FIELDS:
         raise ConfigError(f"{path}: {STEP_KEY}: {step!r} is not a step (use cores or fuse)")

@@ -4,7 +4,7 @@ A model directory holds ``model.safetensors`` or ``model.safetensors.index.json`
 failing both, ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` plus its shards (PyTorch
 pickles, read with weights_only and mmap by merge/io/bin_shards.py, behind the same interface, with a
 note that safetensors is faster), in the order transformers looks for them.
-We parse the safetensors headers ourselves (merge/st_header.py: as strictly as the safetensors
+We parse the safetensors headers ourselves (merge/io/st_header.py: as strictly as the safetensors
 library, offsets contiguous and covering the file exactly) so every shard is validated before the first byte of output is written: a missing shard, an index naming a file
 that is not there, a truncated file or a tensor the index promises but the shard lacks all fail
 here, with the file named. With both a single file and an index present, the single file is read,

@@ -1,6 +1,6 @@
 """What cpift wrote into one of its outputs: the ``.cpift-output`` marker's file list.
 
-The rule (DESIGN §5, issue 22): ``--overwrite`` removes only what cpift recorded. When an output is
+The rule (docs/safety.md#data-safety): ``--overwrite`` removes only what cpift recorded. When an output is
 published, its marker is rewritten with every entry the output holds (relative paths, directories
 included), and a later ``--overwrite`` compares the directory with that list: an entry the list does
 not name (a file the user put there afterwards, or anything in an output of a cpift that recorded no

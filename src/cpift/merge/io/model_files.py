@@ -1,4 +1,4 @@
-"""The one rule for every file cpift reads from a model directory (issue 22, class 3).
+"""The one rule for every file cpift reads from a model directory.
 
 - ``model_file``: a name inside the directory, never followed out of it: a symbolic link must resolve
   inside the directory (or, for a Hub cache snapshot, into the repo's ``blobs/``, where the Hub links

@@ -1,4 +1,4 @@
-"""Publishing outputs without destroying anything cpift did not write (DESIGN §5).
+"""Publishing outputs without destroying anything cpift did not write (docs/safety.md#data-safety).
 
 Every command that writes goes through this module:
 
@@ -20,7 +20,7 @@ Every command that writes goes through this module:
   once the new output is in place), or ``mv .NAME.cpift-old NAME`` restores the old one.
 - ``write_atomic`` writes a single file: temporary sibling, fsync, ``os.replace``.
 
-Self-contained (standard library and merge/errors.py only), so any module may import it.
+Self-contained (standard library, cpift/errors.py and merge/io/manifest.py only), so any module may import it.
 """
 
 from __future__ import annotations

@@ -194,6 +194,12 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
+def load_yaml_file(path: str | os.PathLike, *, what: str, error: type[CpiftError] = ConfigError) -> Any:
+    """A YAML file named by the user (a config, a recipe), read by ``read_user_text`` and parsed by
+    ``load_yaml_bounded``: the one way cpift reads YAML. ``what`` names the file in errors."""
+    return load_yaml_bounded(read_user_text(path, what=what, error=error), source=path, error=error)
+
+
 def load_yaml_bounded(text: str, *, source: str | os.PathLike, max_depth: int = MAX_DEPTH,
                       max_bytes: int = 10_000_000, max_nodes: int = MAX_YAML_NODES,
                       error: type[CpiftError] = ConfigError) -> Any:

@@ -20,6 +20,8 @@ import resource
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Sequence
+
 import torch
 
 from . import _mman
@@ -87,16 +89,26 @@ def plan_shards(tensors: list[OutTensor], max_shard_size: int,
     shards = []
     for i, group in enumerate(groups):
         name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-        offset = 0
-        for t in group:
-            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors pads the header so tensor data is 8-aligned
-        shards.append(Shard(name, [t.name for t in group], len(raw).to_bytes(8, "little") + raw, offset))
+        head, size = safetensors_header([(t.name, DTYPE_NAMES[t.dtype], t.shape, t.nbytes) for t in group],
+                                        {"format": "pt", **(metadata or {})})
+        shards.append(Shard(name, [t.name for t in group], head, size))
     return shards
+
+
+def safetensors_header(tensors: Iterable[tuple[str, str, Sequence[int], int]], metadata: dict[str, str], *,
+                       sort_keys: bool = False) -> tuple[bytes, int]:
+    """The first bytes of a safetensors file: the 8-byte little-endian length, then the JSON header
+    (``__metadata__`` and each (name, dtype name, shape, nbytes), data laid out in the order given),
+    padded with spaces so the tensor data is 8-aligned. ``sort_keys``: keys in sorted order (a
+    canonical header). Returns (those bytes, the size of the data that follows)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, sort_keys=sort_keys, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offset
 
 
 class ShardWriter:
@@ -109,7 +121,7 @@ class ShardWriter:
     maps a tensor's pages ahead of time (from the prefetch thread: page faults taken by torch's
     worker threads contend); ``release`` unmaps them once written (the page cache keeps the data).
     ``finish`` writes the index and side files and publishes the directory; ``abort`` removes the
-    partial directory. Both go through merge/publish.py: the partial directory is locked from
+    partial directory. Both go through merge/io/publish.py: the partial directory is locked from
     construction to the end (a second run on the same output is refused), and ``overwrite`` lets
     ``finish`` replace an earlier cpift output, only once the new one is complete.
 
@@ -253,7 +265,7 @@ class ShardWriter:
                 (self.tmp / fname).write_text(text)
         except OSError as e:
             raise OutputError(self._write_error(e)) from None
-        # Old output aside, new one in, old one removed (merge/publish.py); raises OutputError. A
+        # Old output aside, new one in, old one removed (merge/io/publish.py); raises OutputError. A
         # finished output holds model files only: the manifest goes right before the rename, so a
         # crash from there to the rename costs a recompute on resume, nothing worse.
         self.pub.commit(before_rename=self.journal.remove if self.journal is not None else None)

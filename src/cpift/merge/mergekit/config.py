@@ -1,6 +1,6 @@
 """mergekit-compatible YAML configs: ``cpift-merge config FILE.yml -o OUT`` runs a mergekit user's
-config unchanged for the registered methods (merge/methods/registry.py: linear, slerp, task_arithmetic,
-ties, dare_linear, dare_ties, model_stock), with mergekit 0.1.5's semantics; anything cpift cannot
+config unchanged for every method the registry gives a mergekit name (merge/methods/registry.py; the list:
+docs/methods.md), with mergekit 0.1.5's semantics; anything cpift cannot
 compute so is refused with a ConfigError naming the file and the field, before any tensor is read.
 
 Pipeline: ``load_config`` (YAML → MergeConfig, here; spec.py, checks.py) → ``plan_call`` (plan.py) →
@@ -15,9 +15,10 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
     linear           linear(models, weights) — a base_model missing from ``models`` is added as the last
                      input, as mergekit does (it then needs the top-level weight).
     slerp            slerp(base, other, t) — exactly two models, one of them base_model (t = 0 gives it).
-    task_arithmetic, ties, dare_linear, dare_ties
-                     fn(base, others, weights, density, lam) — the base's own delta is zero, so it is
-                     dropped from ``models`` (its per-model parameters have no effect; a note says so).
+    task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear
+                     fn(base, others, weights, density, lam, ...) — the base's own delta is zero, so it is
+                     dropped from ``models`` (its per-model parameters have no effect; a note says so);
+                     breadcrumbs' ``gamma`` and della's ``epsilon`` per model, as ``density``.
     model_stock      model_stock(base, others, filter_wise) — base_model and ≥ 2 others, no per-model keys.
     nuslerp, multislerp
                      fn(others, weights, base=base_model or None, ...) — base_model optional (mergekit's
@@ -30,6 +31,8 @@ Mapping onto cpift (``base`` = ``base_model``; it may also be listed in ``models
                      sce has no weight); select_topk may vary per tensor; int8_mask has no effect.
     nearswap         nearswap(base, other, t) — exactly two models, one of them base_model; t is a distance
                      ≥ 0 (no upper bound, unlike slerp's), required.
+    passthrough      passthrough(model, scale) — one model (or base_model alone); several ``slices`` stack
+                     layers (stack.py).
 
 Refused, with the reason in the message
     * other merge methods, ``modules``, ``residual_weight`` (``model+lora`` runs: merge/io/lora.py);
@@ -58,11 +61,12 @@ constant linear weight sum). Known differences: DARE's drops come from cpift's c
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cpift.errors import ConfigError
-from cpift.merge.io.safe_parse import load_yaml_bounded, read_user_text
+from cpift.merge.io.safe_parse import load_yaml_file
 from cpift.merge.mergekit.checks import check_values
 from cpift.merge.mergekit.spec import MergeConfig, ModelSpec
 from cpift.merge.mergekit.slices import parse_slices, slice_models
@@ -87,9 +91,6 @@ def _shared_params(method: str) -> tuple[str, ...]:
 _TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "cpift")
 _DTYPES = ("bfloat16", "float16", "float32", "float64")
-
-def _read_yaml(path: Path) -> Any:
-    return load_yaml_bounded(read_user_text(path, what="config"), source=path)
 
 
 def _mapping(raw: Any, fld: str, source, what: str) -> dict:
@@ -177,7 +178,34 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
         ('slerp', 'models/base')
     """
     source = Path(path)
-    data = _read_yaml(source)
+    data = load_yaml_file(source, what="config")
+    method, name = _check_top(data, source)
+    base = data.get("base_model")
+    if base is not None:
+        base = _model_ref(base, "base_model", source)
+    params = _parse_params(data.get("parameters"), "parameters", source, method,
+                           _input_params(method) + _shared_params(method), per_model=False)
+    if data.get("models") is not None:
+        form = _Form(_parse_models(data["models"], source, method))
+    elif method == "passthrough":
+        form = _stack_form(data["slices"], source)
+    else:
+        form = _slices_form(data["slices"], source, method, base, params)
+        base = base if base is not None else form.slices[0].base_model
+    if not form.slices:  # each slice is checked by parse_slices
+        check_values(method, form.models, base, params, form.slice_params, source,
+                     slice_form=data.get("slices") is not None)
+    return MergeConfig(method=method, models=form.models, base_model=base, parameters=params,
+                       dtype=_dtype(data.get("dtype"), "dtype", source),
+                       out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
+                       source=source, slice_parameters=form.slice_params, layer_range=form.layer_range,
+                       tokenizer_source=parse_tokenizer_source(data, source, _model_ref), name=name, raw=data,
+                       cpift=parse_cpift_block(data.get("cpift"), method, source), stack=form.stack,
+                       slices=form.slices)
+
+
+def _check_top(data: Any, source: Path) -> tuple[str, str | None]:
+    """The top level's keys, merge_method, modules, chat_template and name checked; (method, name)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level (merge_method, models, ...), "
                           f"got {type(data).__name__}")
@@ -196,46 +224,47 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{source}: name: expected a string, got {name!r}")
-
-    has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
-    if has_models == has_slices:
+    if (data.get("models") is not None) == (data.get("slices") is not None):
         raise ConfigError(f"{source}: models: give exactly one of 'models' and 'slices'")
-    base = data.get("base_model")
-    if base is not None:
-        base = _model_ref(base, "base_model", source)
-    params = _parse_params(data.get("parameters"), "parameters", source, method,
-                           _input_params(method) + _shared_params(method), per_model=False)
-    slice_params: dict = {}
-    layer_range, stack, slices = None, (), ()
-    if has_models:
-        raw_models = data["models"]
-        if not isinstance(raw_models, list) or not raw_models:
-            raise ConfigError(f"{source}: models: expected a non-empty list of {{model, parameters}}")
-        models = tuple(_parse_model(m, f"models[{i}]", source, method, slice_form=False)[0]
-                       for i, m in enumerate(raw_models))
-    elif method == "passthrough":
-        if not isinstance(data["slices"], list) or not data["slices"]:
-            raise ConfigError(f"{located(source, 'slices')}: expected a non-empty list of slices")
-        stack = parse_stack(data["slices"], source, model_ref=_model_ref, parse_params=lambda raw, fld:
-                            _parse_params(raw, fld, source, method, ("scale",), per_model=False))
-        models = tuple(ModelSpec(m, {}, f"slices[{i}].sources[0]") for m, i in
-                       {sl.model: i for i, sl in reversed(list(enumerate(stack)))}.items())
-    else:
-        slices = parse_slices(data["slices"], source, method, base, params, model_ref=_model_ref,
-                              parse_model=lambda raw, fld: _parse_model(raw, fld, source, method, slice_form=True),
-                              parse_params=lambda raw, fld: _parse_params(
-                                  raw, fld, source, method, _input_params(method) + _shared_params(method),
-                                  per_model=False))
-        models = slices[0].sources if len(slices) == 1 else slice_models(slices)
-        slice_params = dict(slices[0].parameters) if len(slices) == 1 else {}
-        layer_range = slices[0].ranges[0]
-        base = base if base is not None else slices[0].base_model
-    if not slices:  # each slice is checked by parse_slices
-        check_values(method, models, base, params, slice_params, source, slice_form=has_slices)
-    return MergeConfig(method=method, models=models, base_model=base, parameters=params,
-                       dtype=_dtype(data.get("dtype"), "dtype", source),
-                       out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
-                       source=source, slice_parameters=slice_params, layer_range=layer_range,
-                       tokenizer_source=parse_tokenizer_source(data, source, _model_ref), name=name, raw=data,
-                       cpift=parse_cpift_block(data.get("cpift"), method, source), stack=stack,
-                       slices=slices)
+    return method, name
+
+
+@dataclass(frozen=True)
+class _Form:
+    """The inputs of a config, from its ``models:`` or its ``slices:``."""
+
+    models: tuple[ModelSpec, ...]
+    slice_params: dict = field(default_factory=dict)
+    layer_range: Any = None
+    stack: tuple = ()
+    slices: tuple = ()
+
+
+def _parse_models(raw_models: Any, source: Path, method: str) -> tuple[ModelSpec, ...]:
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError(f"{source}: models: expected a non-empty list of {{model, parameters}}")
+    return tuple(_parse_model(m, f"models[{i}]", source, method, slice_form=False)[0]
+                 for i, m in enumerate(raw_models))
+
+
+def _stack_form(raw_slices: Any, source: Path) -> _Form:
+    """A passthrough layer stack (stack.py); its models are each slice's source, in first-use order."""
+    if not isinstance(raw_slices, list) or not raw_slices:
+        raise ConfigError(f"{located(source, 'slices')}: expected a non-empty list of slices")
+    stack = parse_stack(raw_slices, source, model_ref=_model_ref, parse_params=lambda raw, fld:
+                        _parse_params(raw, fld, source, "passthrough", ("scale",), per_model=False))
+    models = tuple(ModelSpec(m, {}, f"slices[{i}].sources[0]") for m, i in
+                   {sl.model: i for i, sl in reversed(list(enumerate(stack)))}.items())
+    return _Form(models, stack=stack)
+
+
+def _slices_form(raw_slices: Any, source: Path, method: str, base: str | None, params: dict) -> _Form:
+    """Slices merged by the method (slices.py); one slice spanning every layer is the models: form."""
+    allowed = _input_params(method) + _shared_params(method)
+    slices = parse_slices(raw_slices, source, method, base, params, model_ref=_model_ref,
+                          parse_model=lambda raw, fld: _parse_model(raw, fld, source, method, slice_form=True),
+                          parse_params=lambda raw, fld: _parse_params(raw, fld, source, method, allowed,
+                                                                      per_model=False))
+    models = slices[0].sources if len(slices) == 1 else slice_models(slices)
+    slice_params = dict(slices[0].parameters) if len(slices) == 1 else {}
+    return _Form(models, slice_params, slices[0].ranges[0], slices=slices)

@@ -102,56 +102,67 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     paths = {m.model: resolve(m.model, f"{m.field}.model", src) for m in cfg.models}
     if cfg.base_model is not None and cfg.base_model not in paths:
         paths[cfg.base_model] = resolve(cfg.base_model, "base_model", src)
-    first = paths[cfg.models[0].model]
-    num_layers = num_layers_of(model_config(first))
+    num_layers = num_layers_of(model_config(paths[cfg.models[0].model]))
     layered = bool(cfg.slices) and not is_whole(cfg, paths)  # slices merged and stacked (slices.py)
-    donor = paths[cfg.base_model] if cfg.base_model is not None else first
+    donor = _default_donor(cfg, paths, here)
     tok = tokenizer_setup(cfg, paths, donor, lambda ref, fld: resolve(ref, fld, src))  # merge/tokenizer/
     if "copy_tokenizer_from" in cfg.cpift:
         donor = resolve(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
+    fn = METHODS[cfg.method].function  # the engine, imported only once the config is known to be good
+    call, layers, opened = _plan(cfg, paths, tok, resolve, layered=layered, num_layers=num_layers, seed=seed)
+    settings = _settings(cfg, call, paths, donor, tok, common, path=path, out=out, here=here, layers=layers)
+    if cfg.stack:
+        from cpift.merge.mergekit.stack import run_stack
 
+        return run_stack(cfg, out, paths, opened=opened, **settings)
+    result = fn(*call.args, out, **call.kwargs, **settings)
+    result.notes.extend(call.notes)
+    return result
+
+
+def _plan(cfg: MergeConfig, paths: Mapping[str, Path], tok, resolve, *, layered: bool, num_layers: int | None,
+          seed: int | None) -> tuple[MethodCall, int | None, dict[str, Any]]:
+    """The method call a config makes (a stack's is run by stack.py), the stacked layer count of merged
+    slices, and the references the inputs open as (a Hub model as org/name@<commit read>, so its card and
+    recipe name it by id; BASE+ADAPTER as given)."""
     spec = METHODS[cfg.method]
-    fn = spec.function  # the engine, imported only once the config is known to be good
     native = set(spec.native)
-    # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
-    cards = {ref: _card(ref, p, resolve, src) for ref, p in paths.items()}
-    hub_ids = {ref: c.recipe_ref for ref, c in cards.items() if c.hub_repo or c.adapter}
+    cards = {ref: _card(ref, p, resolve, cfg.source) for ref, p in paths.items()}
+    opened = {**paths, **{ref: c.recipe_ref for ref, c in cards.items() if c.hub_repo or c.adapter}}
     layers = None
-    opened = {**paths, **hub_ids}  # BASE+ADAPTER and Hub ids open as the method's own inputs do
     if cfg.stack:
         call = MethodCall(cfg.method, (), {})
     elif layered:
         check_no_remap(cfg, tok, paths)
         call, layers = plan_slices(cfg, paths, native, opened)
     else:
-        models = dict(opened)
-        if tok is not None:
-            models = tok.wrap(models)  # the embedding rows remapped onto the output vocabulary
+        models = tok.wrap(dict(opened)) if tok is not None else dict(opened)  # rows onto the output vocabulary
         call = plan_call(cfg, num_layers=num_layers, paths=models, native=native)
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):
         call.kwargs["global_trim"] = True
+    return call, layers, opened
+
+
+def _settings(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], donor: Path, tok,
+              common: Mapping[str, Any], *, path, out, here: str | None, layers: int | None) -> dict[str, Any]:
+    """The merge's output settings: the config's, overridden by the caller's, with the recipe to record,
+    the files ``out`` may not touch, and the built tokenizer's side directory and config.json updates."""
     settings = {"dtype": cfg.dtype, "out_dtype": cfg.out_dtype or cfg.dtype, "copy_tokenizer_from": donor,
                 **{k: cfg.cpift[k] for k in ("max_shard_size",) if k in cfg.cpift}}
     settings.update({k: v for k, v in common.items() if v is not None})
-    settings["recipe"] = _recipe(cfg, call, paths, settings, out, here, layered)
+    settings["recipe"] = _recipe(cfg, call, paths, settings, out, here, layers is not None)
     settings["inputs"] = [path, *settings.get("inputs", ())]  # -o may not be or hold the config file
     if tok is not None:  # the built tokenizer and config.json go to the output (merge/tokenizer/prepare.py)
         if "copy_tokenizer_from" not in cfg.cpift:
             settings["copy_tokenizer_from"] = tok.side_dir
         settings["config_updates"] = {**tok.config_updates, **(settings.get("config_updates") or {})}
         call.notes.extend(tok.notes)
-    if cfg.stack:
-        from cpift.merge.mergekit.stack import run_stack
-
-        return run_stack(cfg, out, paths, opened=opened, **settings)
-    if layered:
+    if layers is not None:  # slices merged and stacked
         settings["config_updates"] = {**(settings.get("config_updates") or {}), "num_hidden_layers": layers}
         settings["inputs"] = [*settings["inputs"], *paths.values()]
-    result = fn(*call.args, out, **call.kwargs, **settings)
-    result.notes.extend(call.notes)
-    return result
+    return settings
 
 
 def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], settings: Mapping[str, Any],

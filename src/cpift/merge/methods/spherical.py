@@ -1,4 +1,4 @@
-"""slerp: spherical interpolation of two models, each tensor one vector (DESIGN §2; mergekit's ``slerp``)."""
+"""slerp: spherical interpolation of two models, each tensor one vector (docs/cpi-ft.md#slerp; mergekit's ``slerp``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .params import Param, PathLike, check_all, float_names, value
 
 def slerp(model_a: PathLike, model_b: PathLike, out: PathLike, *, t: Param = 0.5,
           options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
-    """Spherical interpolation of two models, each tensor one vector (DESIGN §2); t = 0 gives model_a.
+    """Spherical interpolation of two models, each tensor one vector (docs/cpi-ft.md#slerp); t = 0 gives model_a.
 
     Matches mergekit's ``slerp`` (same colinearity threshold 0.9995 and epsilon 1e-8).
 

@@ -83,7 +83,7 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
 def summarize(cases: list, samples: dict, compile_runs: dict, size: dict, cold_walls: dict, *, date: str,
               machine: dict) -> dict:
     """Rows (one per case and condition, quiet first), the cold-compile rows and the load, from the
-    runs of merge/bench.py (``samples[(case, condition)]``: one dict per run)."""
+    runs of merge/tools/bench.py (``samples[(case, condition)]``: one dict per run)."""
     rows, by = [], {}
     conditions = list(dict.fromkeys(c for _, c in samples))
     for condition in conditions:

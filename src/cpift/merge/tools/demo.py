@@ -1,7 +1,7 @@
 """``cpift-merge demo``: build a base and two fine-tunes, merge them with five methods (``METHODS``),
 then run the CPI chain cores → cluster → fuse on them, and report.
 
-The demo writes only into directories it created (issue 22): its workdir is new, empty, or one an
+The demo writes only into directories it created: its workdir is new, empty, or one an
 earlier demo made, which the file ``.cpift-demo`` in it records; anything else is refused before the
 first byte is written, naming the path. Inside, every checkpoint and output is published through
 merge/io/publish.py, so a model the user put there later is refused too, never replaced.
