@@ -21,7 +21,8 @@ from test_bad_input import run_cli
 
 REGISTERED = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "breadcrumbs",
          "breadcrumbs_ties", "della", "della_linear", "passthrough",
-         "nuslerp", "multislerp", "karcher", "sce", "nearswap"}
+         "nuslerp", "multislerp", "karcher", "sce", "nearswap",
+         "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties"}
 
 
 def test_every_method_is_registered_with_its_function_and_parameters():
@@ -33,7 +34,8 @@ def test_every_method_is_registered_with_its_function_and_parameters():
             assert p.name in signature and signature[p.name].kind is inspect.Parameter.KEYWORD_ONLY, (name, p.name)
         assert spec.definition and spec.paper and spec.summary
     assert set(delta_methods()) == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock",
-                                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"}
+                                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce",
+                                    "ram", "ramplus_tl", "consensus_ta", "consensus_ties"}
 
 
 def test_cli_config_card_and_bench_list_the_registered_methods(capsys):

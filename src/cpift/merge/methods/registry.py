@@ -13,10 +13,10 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 # What a parameter's value is on the command line.
-KINDS = ("number", "per_model", "number_or_per_model", "flag", "seed")
+KINDS = ("number", "integer", "per_model", "number_or_per_model", "flag", "seed")
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,15 @@ class MethodSpec:
     # most models it takes besides a base (None: no limit)
     optional_base: bool = False
     max_models: int | None = None
+    # A declared method (merge/methods/declare.py): its per-tensor function and cross-parameter check;
+    # its public function is then built by merge/methods/runner.py.
+    tensor: Callable[..., None] | None = None
+    check: Callable[..., None] | None = None
 
     @property
     def function(self) -> Callable[..., Any]:
+        if self.tensor is not None:
+            return importlib.import_module("cpift.merge.methods.runner").public(self)
         return getattr(importlib.import_module(self.module), self.name)
 
     @property
@@ -316,3 +322,27 @@ register(MethodSpec(
     "mergekit (https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
     "NearSwap: take the other model's value where it lies within t of the base, else move towards it by t.",
     MergekitSpec((), ("t",), normalize=None, cpift_normalize=None), bench={"--t": "0.001"}))
+
+
+def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]) -> dict[str, Any]:
+    """The mergekit config of a merge by a declared method (merge/card.py writes it as the recipe):
+    base_model if it takes one, each model with its per-model parameters, the whole-merge parameters."""
+    def plain(p, v: Any) -> Any:
+        return bool(v) if p.kind == "flag" else int(v) if p.kind in ("integer", "seed") else float(v)
+
+    pair, base = spec.roles[0] == "model_a", spec.has_base
+    models = refs if pair else refs[1:] if base else refs
+    per = [p for p in spec.params if p.mergekit and p.per_model]
+    values = {p.name: params[p.name] if isinstance(params[p.name], (list, tuple))
+              else [1.0 if params[p.name] is None else params[p.name]] * len(models) for p in per}
+    cfg: dict[str, Any] = {"base_model": refs[0]} if pair or base else {}
+    cfg["models"] = [{"model": r, **({"parameters": {p.mergekit: plain(p, values[p.name][i]) for p in per}}
+                                     if per and not (pair and i == 0) else {})} for i, r in enumerate(models)]
+    shared = {p.mergekit: plain(p, params[p.name]) for p in spec.params if p.mergekit and not p.per_model}
+    return {**cfg, **({"parameters": shared} if shared else {})}
+
+
+# Declared methods (merge/methods/declare.py), one file each, registered when imported.
+DECLARED = ("arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
+for _module in DECLARED:
+    importlib.import_module(f"cpift.merge.methods.{_module}")
