@@ -76,6 +76,10 @@ _SCE = ("merge_method: sce\nbase_model: {{base}}\nmodels:\n  - model: {{ft1}}\n 
         "parameters:\n  select_topk: {topk}\ndtype: {{dtype}}\n")
 _NEARSWAP = ("merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft1}\n"
              "parameters:\n  t: 0.01\ndtype: {dtype}\n")
+_RAM = ("merge_method: {method}\nbase_model: {{base}}\nmodels:\n  - model: {{ft1}}\n  - model: {{ft2}}\n"
+        "parameters: {{{{epsilon: 0.001{extra}}}}}\ndtype: {{dtype}}\n")
+_FUSION = ("merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft1}\n"
+           "dtype: {dtype}\n")
 _BF16_MATH = ("mergekit computes in the config's dtype (bf16 sums), cpift in float32 with one rounding")
 
 CASES: tuple[ParityCase, ...] = (
@@ -133,6 +137,13 @@ CASES: tuple[ParityCase, ...] = (
                "float32", ("rel", 1e-6), "L1 norms from float64 (cpift) vs float32 (mergekit) sums"),
     ParityCase("ties normalize false", _two("ties", "weight: 0.7, density: 0.5", "weight: 0.4, density: 0.3",
                                             "normalize: false"), "float32", ("rel", 1e-6)),
+    ParityCase("ram", _RAM.format(method="ram", extra=""), "float32", ("exact", 0)),
+    ParityCase("ram bf16", _RAM.format(method="ram", extra=""), "bfloat16", ("agree", 0.99), _BF16_MATH),
+    ParityCase("ramplus_tl", _RAM.format(method="ramplus_tl", extra=", r: 0.5, alpha: 0.4"), "float32", ("exact", 0)),
+    ParityCase("arcee_fusion", _FUSION, "float32", ("exact", 0)),
+    ParityCase("arcee_fusion bf16", _FUSION + "out_dtype: {dtype}\n", "bfloat16", ("agree", 0.85),
+               "mergekit takes softmax, KL and quantiles in bf16, cpift in float32: other entries cross the fence "
+               "(10.3% vs 6.8% moved, measured); without out_dtype mergekit writes float32 (its mask is float32)"),
 )
 
 
