@@ -40,6 +40,13 @@ class ParityCase:
     dtype: str  # float32 | bfloat16: the family's storage and the config's dtype
     bound: tuple[str, float]  # ("exact", 0) | ("ulp", n) | ("rel", r) | ("random", 0) | ("agree", share)
     note: str = ""
+    tool: str = "mergekit"  # whose -yaml runs the config: mergekit, or mergekitty (the LGPL fork) for its methods
+
+
+def tool_command(tool: str) -> str | None:
+    """The ``mergekit-yaml`` (or ``mergekitty-yaml``) to compare with: $CPIFT_MERGEKIT_YAML
+    ($CPIFT_MERGEKITTY_YAML), else the one on PATH; None when there is none."""
+    return os.environ.get(f"CPIFT_{tool.upper()}_YAML") or shutil.which(f"{tool}-yaml")
 
 
 def _two(method: str, p1: str, p2: str, shared: str = "") -> str:
@@ -141,6 +148,13 @@ CASES: tuple[ParityCase, ...] = (
     ParityCase("ram bf16", _RAM.format(method="ram", extra=""), "bfloat16", ("agree", 0.99), _BF16_MATH),
     ParityCase("ramplus_tl", _RAM.format(method="ramplus_tl", extra=", r: 0.5, alpha: 0.4"), "float32", ("exact", 0)),
     ParityCase("arcee_fusion", _FUSION, "float32", ("exact", 0)),
+    ParityCase("consensus_ta", _two("consensus_ta", "weight: 0.7", "weight: 0.4", "lambda: 0.8, k: 2"), "float32",
+               ("exact", 0), tool="mergekitty"),
+    ParityCase("consensus_ta bf16", _two("consensus_ta", "weight: 0.7", "weight: 0.4", "lambda: 0.8, k: 2"),
+               "bfloat16", ("agree", 0.99), _BF16_MATH, tool="mergekitty"),
+    ParityCase("consensus_ties", _two("consensus_ties", "weight: 0.7, density: 0.5, lambda: 1.0",
+                                      "weight: 0.4, density: 0.3, lambda: 0.6", "k: 1"), "float32", ("exact", 0),
+               tool="mergekitty"),
     ParityCase("arcee_fusion bf16", _FUSION + "out_dtype: {dtype}\n", "bfloat16", ("agree", 0.85),
                "mergekit takes softmax, KL and quantiles in bf16, cpift in float32: other entries cross the fence "
                "(10.3% vs 6.8% moved, measured); without out_dtype mergekit writes float32 (its mask is float32)"),
