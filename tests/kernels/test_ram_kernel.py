@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS, assert_close_to_ref,
-                      assert_exact, nonzero_randn)
+from _compare import (
+    DTYPE_IDS,
+    DTYPES,
+    LENGTH_IDS,
+    LENGTHS,
+    SMALL_LENGTH_IDS,
+    SMALL_LENGTHS,
+    assert_close_to_ref,
+    assert_exact,
+    nonzero_randn,
+)
 
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
 from cpift.kernels.ram import RAM_EPS, ram_blend, ram_counts, ram_ref, ramplus_scales
@@ -60,7 +69,7 @@ def test_ram_matches_the_oracle_and_mergekits_float32_bits(backend: str, n: int,
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("backend,n", [(b, n) for b, n, _ in CASES if n], ids=[i for i, (_, n, _) in zip(IDS, CASES) if n])
+@pytest.mark.parametrize("backend,n", [(b, n) for b, n, _ in CASES if n], ids=[i for i, c in zip(IDS, CASES) if c[1]])
 def test_ramplus_counts_scales_and_blend(backend: str, n: int, dtype: torch.dtype) -> None:
     base, xs = family(n, dtype)
     shared, alone = ram_counts(base, xs, backend=backend)
@@ -77,9 +86,9 @@ def test_ramplus_counts_scales_and_blend(backend: str, n: int, dtype: torch.dtyp
 
 def test_ramplus_scales_follow_mergekits_float32_formula() -> None:
     # ρ = S / max(U, ε): a model that moves nothing alone gets the capped ratio, one that moves nothing gets 1.
-    assert ramplus_scales([10, 0, 7], [5, 0, 0], 0.1, 0.2) == [float(torch.tensor(1 + 0.1 * 0.2, dtype=torch.float32)),
-                                                               1.0, float(torch.tensor(1 + 0.1 * 0.2,
-                                                                                       dtype=torch.float32))]
+    capped = float(torch.tensor(1 + 0.1 * 0.2, dtype=torch.float32))
+    assert ramplus_scales([10, 0, 7], [5, 0, 0], 0.1, 0.2) == [capped, 1.0, capped]
+    assert ramplus_scales([1], [10], 0.1, 0.2) == [float(1 + torch.tensor(0.1, dtype=torch.float32) * 0.1)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])

@@ -9,14 +9,13 @@ import math
 
 import pytest
 import torch
+from references import load_state
+from test_bad_input import assert_user_error, digest, no_output, run_cli
 
 from cpift.kernels.arcee_fusion import arcee_fusion
 from cpift.kernels.ram import ram_blend, ram_counts, ramplus_scales
 from cpift.kernels.select import magnitude_cut
 from cpift.kernels.tall import tall_merge
-from test_bad_input import assert_user_error, digest, no_output, run_cli
-
-from references import load_state
 
 W = [1.0, 0.5, 0.8]
 
