@@ -41,10 +41,10 @@ def _ties(b, xs, name):
 
 # command, its arguments besides the inputs, the YAML parameters (per model, shared), the per-tensor expectation
 CASES = {
-    "ram": (["--epsilon", "1e-3"], "", "epsilon: 0.001", _ram),
+    "ram": (["--epsilon", "1e-3"], "", "{epsilon: 0.001}", _ram),
     "ramplus-tl": (["--epsilon", "1e-3", "--r", "0.5", "--alpha", "0.4"], "", "{epsilon: 0.001, r: 0.5, alpha: 0.4}",
                    _ramplus),
-    "consensus-ta": (["--weights", "1,0.5,0.8", "--tall-lambda", "0.8", "--k", "2"], "weight: {w}",
+    "consensus-ta": (["--weights", "1,0.5,0.8", "--tall-lambda", "0.8", "--k", "2"], "{{weight: {w}}}",
                      "{lambda: 0.8, k: 2}", _ta),
     "consensus-ties": (["--weights", "1,0.5,0.8", "--density", "0.5", "--tall-lambda", "1,0.7,1.5"],
                        "{{weight: {w}, density: 0.5, lambda: {lam}}}", "{k: 1}", _ties),

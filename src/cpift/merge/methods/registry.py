@@ -39,6 +39,7 @@ class ParamSpec:
     lo_open: bool = False
     mergekit: str | None = None
     mergekit_default: Any = None
+    missing: str = ""  # what to say when a parameter without a default is not given
 
     @property
     def per_model(self) -> bool:
@@ -301,27 +302,7 @@ register(MethodSpec(
     "Karcher mean: the equal-weight Riemannian mean of N models on the hypersphere.",
     MergekitSpec((), ("max_iter", "tol"), normalize=None, cpift_normalize=None),
     bench={}))
-register(MethodSpec(
-    "sce", "sce", "cpift.merge.methods.consensus", ("base", "models"),
-    (ParamSpec("select_topk", "--select-topk", "number", 1.0,
-               "Share in [0, 1] of the entries (those of non-zero variance over the models) kept, by variance.",
-               lo=0.0, hi=1.0, mergekit="select_topk", mergekit_default=1.0),),
-    "keep the select_topk share of entries of largest variance of the deltas over the models, weigh "
-    "model i by mean(δ_i²) / Σ_j mean(δ_j²), elect s = sign(Σ δ_i) (+1 at 0), "
-    "b + Σ_{sign δ_i = s} w_i δ_i / max(Σ_{same i} w_i, 1e-6)",
-    "Deng et al. 2024, FuseChat (SCE: select, calculate, erase; arXiv:2408.07990)",
-    "SCE: keep the entries where the deltas vary most, weigh models by their mean squared delta, TIES-style erase.",
-    MergekitSpec((), ("select_topk", "int8_mask"), normalize=None, cpift_normalize=None),
-    bench={"--select-topk": "0.5"}))
-register(MethodSpec(
-    "nearswap", "nearswap", "cpift.merge.methods.swap", ("model_a", "model_b"),
-    (ParamSpec("t", "--t", "number", None,
-               "Distance ≥ 0: entries of MODEL_B within t of MODEL_A (the base) are taken, the rest move by t.",
-               lo=0.0, mergekit="t"),),
-    "w = clamp(t / max(|a − b|, 1e-6), 0, 1), w·b + (1 − w)·a with a the base; t = 0 gives the base",
-    "mergekit (https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
-    "NearSwap: take the other model's value where it lies within t of the base, else move towards it by t.",
-    MergekitSpec((), ("t",), normalize=None, cpift_normalize=None), bench={"--t": "0.001"}))
+
 
 
 def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]) -> dict[str, Any]:
@@ -343,6 +324,6 @@ def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]
 
 
 # Declared methods (merge/methods/declare.py), one file each, registered when imported.
-DECLARED = ("arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
+DECLARED = ("sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
 for _module in DECLARED:
     importlib.import_module(f"cpift.merge.methods.{_module}")

@@ -24,7 +24,7 @@ _POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
 def _inputs(spec: MethodSpec, args: tuple, base: PathLike | None) -> tuple[list, list[str], int]:
     """(model paths in stream order, their card roles, the number of models besides a base)."""
     if spec.roles == ("model_a", "model_b"):
-        return list(args[:2]), ["base", "model"], 1
+        return list(args[:2]), ["model", "model"], 1
     if spec.roles == ("model",):
         return [args[0]], ["model"], 1
     if spec.roles == ("base", "models"):
@@ -69,7 +69,7 @@ def validate(spec: MethodSpec, given: dict[str, Any], count: int, names: list[st
         if raw is None and p.name == "weights":
             raw = weights_for(None, count)
         elif raw is None:
-            raise ParameterError(f"{p.name}: missing; {spec.name} needs {p.cli} ({p.help})")
+            raise ParameterError(f"{p.name}: missing; {spec.name} needs {p.missing or p.cli}")
         if p.per_model:
             raw = per_model(raw, count, p.name)
         raws[p.name] = raw
