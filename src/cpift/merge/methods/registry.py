@@ -155,14 +155,6 @@ _DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
 _TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 
 register(MethodSpec(
-    "slerp", "slerp", "cpift.merge.methods.spherical", ("model_a", "model_b"),
-    (ParamSpec("t", "--t", "number", 0.5, "Interpolation factor in [0, 1]: 0 gives MODEL_A, 1 gives MODEL_B.",
-               lo=0.0, hi=1.0, mergekit="t"),),
-    "spherical interpolation, each tensor one vector; t = 0 gives the first model",
-    "Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
-    "Spherical interpolation of two models, tensor by tensor (each tensor one vector).",
-    MergekitSpec((), ("t", "int8_mask"), normalize=None, cpift_normalize=None), bench={"--t": "0.3"}))
-register(MethodSpec(
     "linear", "linear", "cpift.merge.methods.average", ("models",), (WEIGHTS,),
     "Σ w_i x_i / Σ w_i", "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
     "Weighted average Σ w_i x_i / Σ w_i of two or more models.",
@@ -324,6 +316,6 @@ def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]
 
 
 # Declared methods (merge/methods/declare.py), one file each, registered when imported.
-DECLARED = ("sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
+DECLARED = ("slerp", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
 for _module in DECLARED:
     importlib.import_module(f"cpift.merge.methods.{_module}")
