@@ -123,4 +123,4 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
                          settings={k: given.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
     roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
     opts = opts.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *opts.inputs))  # -o may not hold a mask
-    return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, **opts.as_kwargs())
+    return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, options=opts)

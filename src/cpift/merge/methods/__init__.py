@@ -1,5 +1,5 @@
 """The merge methods: a declared method is one file named after it (declare.py; the runner is runner.py);
-the methods not yet declared live one file per family (average: linear; delta: task_arithmetic,
+the methods not yet declared live one file per family (delta: task_arithmetic,
 ties, dare_linear, dare_ties; sparse_delta: breadcrumbs, breadcrumbs_ties, della, della_linear; stock:
 model_stock; layers: passthrough; hypersphere: nuslerp, multislerp, karcher), all
 listed in the registry (registry.py).

@@ -155,11 +155,6 @@ _DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
 _TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 
 register(MethodSpec(
-    "linear", "linear", "cpift.merge.methods.average", ("models",), (WEIGHTS,),
-    "Σ w_i x_i / Σ w_i", "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-    "Weighted average Σ w_i x_i / Σ w_i of two or more models.",
-    MergekitSpec(("weight",), ("normalize", "int8_mask"), normalize=True, cpift_normalize=True)))
-register(MethodSpec(
     "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", ("base", "models"), (WEIGHTS, LAMBDA),
     "b + λ Σ w_i (x_i − b)", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
     "b + λ Σ w_i (x_i − b).",
@@ -316,6 +311,6 @@ def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]
 
 
 # Declared methods (merge/methods/declare.py), one file each, registered when imported.
-DECLARED = ("slerp", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
+DECLARED = ("slerp", "linear", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
 for _module in DECLARED:
     importlib.import_module(f"cpift.merge.methods.{_module}")

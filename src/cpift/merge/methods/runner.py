@@ -34,7 +34,7 @@ def _inputs(spec: MethodSpec, args: tuple, base: PathLike | None) -> tuple[list,
     lo, hi = spec.min_models, spec.max_models
     if len(models) < lo or (hi is not None and len(models) > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}"
-        raise ParameterError(f"models: {spec.name} merges {want} model{'s' if lo > 1 else ''}"
+        raise ParameterError(f"models: {spec.name} needs {want} model{'s' if lo > 1 else ''}"
                              f"{' besides the base' if base is not None else ''}, got {len(models)}")
     head = [base] if base is not None else []
     return head + models, ["base"] * len(head) + ["model"] * len(models), len(models)
@@ -61,8 +61,10 @@ def _resolve_one(p: ParamSpec, raw: Any, tensor: str, field: str) -> Any:
     return v
 
 
-def validate(spec: MethodSpec, given: dict[str, Any], count: int, names: list[str]) -> Callable[[str], dict]:
-    """Check every parameter on every tensor it can vary over; return tensor name → resolved values."""
+def validate(spec: MethodSpec, given: dict[str, Any], count: int,
+             names: list[str]) -> tuple[Callable[[str], dict], dict[str, Any]]:
+    """Check every parameter on every tensor it can vary over; return (tensor name → resolved values, the
+    parameters as the card and the recipe show them: one value per model for a per-model parameter)."""
     raws: dict[str, Any] = {}
     for p in spec.params:
         raw = given[p.name]
@@ -89,7 +91,7 @@ def validate(spec: MethodSpec, given: dict[str, Any], count: int, names: list[st
     varies = any(callable(r) or (isinstance(r, list) and any(map(callable, r))) for r in raws.values())
     for n in names if varies else names[:1]:
         resolve(n)
-    return resolve
+    return resolve, raws
 
 
 def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, base: PathLike | None = None,
@@ -98,14 +100,14 @@ def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, 
     opts = options or MergeOptions()
     paths, roles, count = _inputs(spec, args, base)
     ckpts = open_models(paths)
-    resolve = validate(spec, given, count, float_names(ckpts))
+    resolve, shown = validate(spec, given, count, float_names(ckpts))
     shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}
     fn, backend = spec.tensor, opts.backend
 
     def combine(name, xs, out_t):
         fn(xs, out_t, backend=backend, shape=shapes[name], **resolve(name))
 
-    return stream_merge(spec.name, ckpts, out, combine, params=dict(given), roles=roles, **opts.as_kwargs())
+    return stream_merge(spec.name, ckpts, out, combine, params=shown, roles=roles, options=opts)
 
 
 def _signature(spec: MethodSpec) -> inspect.Signature:
