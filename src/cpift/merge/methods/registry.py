@@ -3,9 +3,11 @@
 The ``cpift-merge`` command of each method (cli/merge_cli.py), YAML planning (merge/mergekit/),
 the model card's definition and recipe (merge/card.py), step recipes and the bench
 (merge/tools/bench_cases.py) derive from ``METHODS``; none of them names a method itself. Adding a
-method is one file in merge/methods/ (its typed function, built from kernels/) and one ``register``
-call here. This module is plain data: a spec names its function by module and attribute, loaded on
-first use, so the registry imports no method (nor torch).
+method is one file in merge/methods/ named after it: a per-tensor function built from kernels/ and its
+``@method`` declaration (declare.py), listed in ``DECLARED`` below; merge/methods/runner.py runs it.
+The methods not yet declared that way register a MethodSpec here that names their whole-model function
+by module and attribute. This module is plain data, loaded on first use: the registry imports no
+kernel (nor torch).
 """
 
 from __future__ import annotations
