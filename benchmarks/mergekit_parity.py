@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cpift.errors import OutputError
 from cpift.merge.io.publish import check_side_file, write_atomic
-from cpift.merge.tools.parity import CASES, compare, make_family, run_both
+from cpift.merge.tools.parity import CASES, compare, make_family, run_both, tool_command
 
 
 def _mergekit_version(exe: str) -> str:
@@ -70,7 +70,11 @@ def main() -> int:
         for i, case in enumerate(c for c in CASES if wanted is None or c.name in wanted):
             fam = families.get(case.dtype) or families.setdefault(case.dtype, make_family(Path(tmp) / case.dtype,
                                                                                           case.dtype))
-            ours, theirs = run_both(case, fam, Path(tmp) / f"case{i}", mergekit)
+            exe = mergekit if case.tool == "mergekit" else tool_command(case.tool)
+            if exe is None:  # mergekitty's methods: compared where CPIFT_MERGEKITTY_YAML names its -yaml
+                print(f"{case.name:<32} skipped: {case.tool}-yaml not found")
+                continue
+            ours, theirs = run_both(case, fam, Path(tmp) / f"case{i}", exe)
             row = compare(case, ours, theirs, fam["base"])
             rows.append(row)
             print(f"{row['case']:<32} {'ok ' if row['ok'] else 'NO '} bit-identical "

@@ -56,7 +56,7 @@ def test_wheel_holds_every_module_and_installs_from_the_repo_root(tmp_path: Path
     assert run.returncode == 0, run.stderr[-2000:]
     first, module = run.stdout.split()
     assert Path(first).is_relative_to(target)
-    assert module == "cpift.merge.methods.spherical"
+    assert module == "cpift.merge.methods.slerp"
 
 
 def test_facade_names_are_the_library_functions() -> None:

@@ -245,13 +245,13 @@ def test_error_in_subprocess_has_no_traceback(tmp_path):
 SLOW_MERGE = """
 import sys, time
 import cpift.kernels.slerp as k
-import cpift.merge.methods.spherical as m
+import cpift
 blend = k.slerp_blend
 def slow(*a, **kw):
     time.sleep(0.05)
     return blend(*a, **kw)
-m.slerp_blend = slow
-m.slerp(sys.argv[1], sys.argv[2], sys.argv[3], t=0.5, max_shard_size="30000", progress=False)
+k.slerp_blend = slow
+cpift.slerp(sys.argv[1], sys.argv[2], sys.argv[3], t=0.5, max_shard_size="30000", progress=False)
 """
 
 

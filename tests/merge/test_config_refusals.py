@@ -56,7 +56,7 @@ GOOD_MODELS = "models: [{model: a, parameters: {weight: 1}}, {model: b, paramete
     (f"merge_method: linear\n{GOOD_MODELS}\nparameters: {{density: 0.5}}\n",
      r"parameters\.density: unknown parameter for linear"),
     (f"merge_method: linear\n{GOOD_MODELS}\nrandom_seed: 3\n", r"merge\.yml: random_seed: unknown key"),
-    (f"merge_method: arcee_fusion\n{GOOD_MODELS}\n", r"merge_method: 'arcee_fusion' is not supported by cpift"),
+    (f"merge_method: fourier_slerp\n{GOOD_MODELS}\n", r"merge_method: 'fourier_slerp' is not supported by cpift"),
     (f"{GOOD_MODELS}\n", r"merge_method: missing"),
     ("merge_method: linear\n", r"models: give exactly one of 'models' and 'slices'"),
     (f"merge_method: linear\n{GOOD_MODELS}\nslices: []\n", r"give exactly one of 'models' and 'slices'"),

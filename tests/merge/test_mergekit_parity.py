@@ -42,7 +42,7 @@ def test_slerp_agrees_with_mergekit(llama, tmp_path, t):
 
 # Every case of cpift.merge.tools.parity (the table benchmarks/mergekit_parity.py writes) within its bound.
 
-from cpift.merge.tools.parity import CASES, ParityCase, compare, make_family, run_both  # noqa: E402
+from cpift.merge.tools.parity import CASES, ParityCase, compare, make_family, run_both, tool_command  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,13 @@ def tiny_families(tmp_path_factory):
     return {dt: make_family(root / dt, dt) for dt in ("float32", "bfloat16")}
 
 
-@pytest.mark.skipif(not MERGEKIT, reason="mergekit-yaml not found (set CPIFT_MERGEKIT_YAML)")
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_config_agrees_with_mergekit(case, tiny_families, tmp_path):
+    tool = tool_command(case.tool)
+    if tool is None:
+        pytest.skip(f"{case.tool}-yaml not found (set CPIFT_{case.tool.upper()}_YAML)")
     fam = tiny_families[case.dtype]
-    ours, theirs = run_both(case, fam, tmp_path, MERGEKIT)
+    ours, theirs = run_both(case, fam, tmp_path, tool)
     row = compare(case, ours, theirs, fam["base"])
     assert row["ok"], row
 

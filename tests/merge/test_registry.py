@@ -4,24 +4,25 @@ registered in a test is a command, plans from a mergekit config and is benchmark
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import pytest
 import torch
+from references import load_state
+from test_bad_input import run_cli
 
 import cpift
 from cpift.merge import methods
 from cpift.merge.card import MERGEKIT_METHODS, card_files
-from cpift.merge.methods.registry import METHODS, MethodSpec, MergekitSpec, ParamSpec, delta_methods
 from cpift.merge.mergekit.config import METHODS as CONFIG_METHODS
+from cpift.merge.methods.registry import METHODS, MergekitSpec, MethodSpec, ParamSpec, delta_methods
 from cpift.merge.tools.bench_cases import METHODS as BENCH_METHODS
-
-from references import load_state
-from test_bad_input import run_cli
 
 REGISTERED = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "breadcrumbs",
          "breadcrumbs_ties", "della", "della_linear", "passthrough",
-         "nuslerp", "multislerp", "karcher", "sce", "nearswap"}
+         "nuslerp", "multislerp", "karcher", "sce", "nearswap",
+         "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties"}
 
 
 def test_every_method_is_registered_with_its_function_and_parameters():
@@ -33,7 +34,8 @@ def test_every_method_is_registered_with_its_function_and_parameters():
             assert p.name in signature and signature[p.name].kind is inspect.Parameter.KEYWORD_ONLY, (name, p.name)
         assert spec.definition and spec.paper and spec.summary
     assert set(delta_methods()) == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock",
-                                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"}
+                                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce",
+                                    "ram", "ramplus_tl", "consensus_ta", "consensus_ties"}
 
 
 def test_cli_config_card_and_bench_list_the_registered_methods(capsys):
@@ -48,13 +50,13 @@ def test_cli_config_card_and_bench_list_the_registered_methods(capsys):
 @pytest.fixture
 def negate(monkeypatch):
     """A test method, 'negated_slerp' = slerp with 1 − t, registered only for the test."""
-    import cpift.merge.methods.spherical as spherical
+    spherical = importlib.import_module("cpift.merge.methods.slerp")  # the module (the package's name is the function)
 
     def negated_slerp(model_a, model_b, out, *, u: float = 0.25, **common):
-        return spherical.slerp(model_a, model_b, out, t=1.0 - u, **common)
+        return methods.slerp(model_a, model_b, out, t=1.0 - u, **common)
 
     monkeypatch.setattr(spherical, "negated_slerp", negated_slerp, raising=False)
-    spec = MethodSpec("negated_slerp", "negated-slerp", "cpift.merge.methods.spherical", ("model_a", "model_b"),
+    spec = MethodSpec("negated_slerp", "negated-slerp", "cpift.merge.methods.slerp", ("model_a", "model_b"),
                       (ParamSpec("u", "--u", "number", 0.25, "1 − t.", lo=0.0, hi=1.0, mergekit="t"),),
                       "slerp at t = 1 − u", "a test", "SLERP with t = 1 − u (a test method).",
                       MergekitSpec((), ("t", "int8_mask"), normalize=None, cpift_normalize=None), bench={"--u": "0.7"})

@@ -14,7 +14,7 @@ import click
 
 from cpift.errors import ParameterError
 from cpift.kernels.backend import BACKENDS
-from cpift.merge.io.sizes import HELP as SIZE_HELP
+from cpift.merge.options import CLI_FIELDS
 from cpift.numbers import parse_number
 
 # More torch threads than this many per CPU only slows the work; far more crashes the process.
@@ -58,28 +58,28 @@ def out_option(help_text: str):
     return click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help=help_text)
 
 
-allow_crimes_option = click.option(
-    "--allow-crimes", is_flag=True,
-    help="Merge anyway when the inputs' config.json name different architectures (model_type, architectures) "
-         "or an integer tensor differs between them (mergekit's flag; default: stop with an error).")
-overwrite_option = click.option(
-    "--overwrite", is_flag=True,
-    help=("Replace an earlier cpift output (a directory whose .cpift-output marker lists every file in it) "
-          "or an empty directory, atomically, once the new one is complete; any other existing path, or a "
-          "file added to a cpift output, is refused."))
+def merge_option(name: str):
+    """The click option of a MergeOptions field, from its ``cli`` metadata (merge/options.py)."""
+    meta = dict(CLI_FIELDS[name].metadata["cli"])
+    flag, kind = meta.pop("flag"), meta.pop("kind")
+    if kind == "flag":
+        return click.option(flag, is_flag=True, **meta)
+    if kind == "dir":
+        meta["type"] = click.Path(file_okay=False)
+    elif kind == "backend":
+        meta["type"] = click.Choice(list(BACKENDS))
+    meta.setdefault("default", CLI_FIELDS[name].default)
+    return click.option(flag, **meta)
+
+
+allow_crimes_option = merge_option("allow_crimes")
+overwrite_option = merge_option("overwrite")
 threads_option = click.option(
     "--threads", type=THREADS, default=None,
     help="torch compute threads (default: torch's choice, one per core). Use 1 when other "
          "work shares the CPU: torch's per-op thread barriers stall when a core is taken.")
-backend_option = click.option(
-    "--backend", type=click.Choice(list(BACKENDS)), default=None,
-    help="Kernel implementation: triton (CUDA; on the CPU only under TRITON_INTERPRET=1, "
-         "for testing), cpu (the fused CPU kernels), torch (the reference), or auto = triton for CUDA "
-         "tensors, else cpu. Default: $CPIFT_BACKEND, else auto.")
-device_option = click.option(
-    "--device", default="cpu", show_default=True,
-    help="Where the math runs: cpu (straight from the memory-mapped files), or cuda / cuda:N "
-         "(tensors are streamed through pinned host buffers, copy and compute overlapped).")
+backend_option = merge_option("backend")
+device_option = merge_option("device")
 
 
 def compute_options(fn):
@@ -101,31 +101,26 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _merge_options(fn):
+    """Every MergeOptions field with a command-line option, in field order; --threads before --backend
+    and -q/--quiet (progress off) after --device, as the merge commands have always listed them."""
+    for name in reversed(CLI_FIELDS):
+        if name == "device":
+            fn = quiet_option(fn)
+        fn = merge_option(name)(fn)
+        if name == "backend":
+            fn = threads_option(fn)
+    return fn
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
+
+
 def common_options(fn):
     """Options every merge command takes, passed on as keyword arguments of the library function."""
 
     @out_option("Output model directory; written to a hidden sibling and renamed when complete.")
-    @click.option("--dtype", default=None,
-                  help="Cast inputs to this dtype before merging (float32, bfloat16, float16, float64); "
-                       "default: keep each input's dtype. Math is float32 either way (float64 for float64).")
-    @click.option("--out-dtype", default=None,
-                  help="Dtype of the output tensors; default: --dtype, else the first model's dtype.")
-    @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
-    @overwrite_option
-    @click.option("--allow-nonfinite", is_flag=True,
-                  help="Merge even if an input tensor holds NaN or Inf (default: stop with an error).")
-    @allow_crimes_option
-    @click.option("--copy-tokenizer-from", type=click.Path(file_okay=False), default=None,
-                  help="Directory to copy config.json, tokenizer and chat-template files from "
-                       "(default: the first model).")
-    @compute_options
-    @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes; the summary line only.")
-    @click.option("--dry-run", is_flag=True,
-                  help="Validate every input and print the plan (tensors, bytes to read and write, output "
-                       "shards, expected peak memory); write nothing.")
-    @click.option("--resume", is_flag=True,
-                  help="Continue an interrupted merge into the same -o with the same inputs and options: "
-                       "the output shards it finished (SHA-256 checked) are kept, the rest computed.")
+    @_merge_options
     @click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
                   help="After the merge, upload the output (with its model card) to this Hub model repo, "
                        "creating it if needed (as cpift-merge push). A new repo is public unless --private.")
@@ -135,9 +130,9 @@ def common_options(fn):
     @click.option("--commit-message", metavar="TEXT", default=None,
                   help="With --push-to-hub: the commit message (default: Upload NAME with cpift).")
     @functools.wraps(fn)
-    def wrapper(*args, out, dtype, out_dtype, max_shard_size, overwrite, allow_nonfinite, allow_crimes,
-                copy_tokenizer_from, threads, backend, device, quiet, push_to_hub, private, commit_message,
-                dry_run, resume, **kwargs):
+    def wrapper(*args, out, threads, quiet, push_to_hub, private, commit_message, **kwargs):
+        given = {name: kwargs.pop(name) for name in CLI_FIELDS}
+        dry_run, resume, allow_crimes = given["dry_run"], given["resume"], given["allow_crimes"]
         if dry_run and push_to_hub is not None:
             raise click.UsageError("--push-to-hub: a --dry-run writes nothing to push")
         if push_to_hub is None and (private or commit_message is not None):
@@ -148,9 +143,8 @@ def common_options(fn):
 
             check_repo_id(push_to_hub)  # before the merge, not after it
 
-        common = dict(dtype=dtype, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                      allow_nonfinite=allow_nonfinite, copy_tokenizer_from=copy_tokenizer_from,
-                      progress=not quiet, backend=backend, device=device)
+        common = {k: v for k, v in given.items() if k not in ("dry_run", "resume", "allow_crimes")}
+        common["progress"] = not quiet
         # Only when asked: a command whose function takes no such keyword still runs without them.
         common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume),
                                              ("allow_crimes", allow_crimes)) if on})

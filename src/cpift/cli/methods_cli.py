@@ -34,8 +34,9 @@ def _option(spec: MethodSpec, p: ParamSpec):
     if p.kind == "seed":
         return click.option(p.cli, p.name, type=SEED, default=p.default, show_default=True,
                             help=p.help)
-    if p.kind == "number":
-        return click.option(p.cli, p.name, type=Number(), default=p.default, show_default=True, help=p.help)
+    if p.kind in ("number", "integer"):
+        return click.option(p.cli, p.name, type=Number(integer=p.kind == "integer"), default=p.default,
+                            show_default=True, help=p.help)
     text = p.help.format(base=", base excluded" if spec.has_base or spec.optional_base else "")
     return click.option(p.cli, p.name, default=None if p.default is None else str(p.default),
                         show_default=p.default is not None, help=text)
@@ -56,14 +57,7 @@ def method_command(spec: MethodSpec) -> click.Command:
         raise ValueError(f"method '{spec.name}': no command for inputs {spec.roles}")
 
     def command(out, common, **given):
-        if spec.roles == ("model_a", "model_b"):
-            inputs = [given.pop("model_a"), given.pop("model_b")]
-        elif spec.roles == ("model",):
-            inputs = [given.pop("model")]
-        elif spec.roles == ("models",):
-            inputs = [list(given.pop("models"))]
-        else:
-            inputs = [given.pop("base"), list(given.pop("models"))]
+        inputs = [list(v) if role == "models" else v for role in spec.roles for v in [given.pop(role)]]
         kwargs = {p.name: _value(p, given.pop(p.name)) for p in spec.params}
         if spec.optional_base:
             kwargs["base"] = given.pop("base")

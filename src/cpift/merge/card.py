@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 from cpift.errors import CheckpointError
 from cpift.merge.hub import snapshot_commit, split_ref
 from cpift.merge.io.checkpoint import BIN_INDEX_NAME, BIN_SINGLE_NAME, INDEX_NAME, SINGLE_NAME
-from cpift.merge.methods.registry import METHODS, mergekit_methods
+from cpift.merge.methods.registry import METHODS, declared_recipe, mergekit_methods
 
 SAMPLE_BYTES = 65536
 CARD_NAME = "README.md"
@@ -188,7 +188,9 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
     refs = [i.shown(out) for i in inputs]
     cfg: dict[str, Any] = {"merge_method": method}
     spec = METHODS[method]
-    if spec.roles == ("model_a", "model_b"):
+    if spec.tensor is not None:
+        cfg.update(declared_recipe(spec, params, refs))
+    elif spec.roles == ("model_a", "model_b"):
         cfg["base_model"] = refs[0]
         cfg["models"] = [{"model": r} for r in refs]
         cfg["parameters"] = {p.mergekit: float(params[p.name]) for p in spec.params if p.mergekit}

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, overload
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,6 +33,7 @@ from cpift.merge.io.resume import fingerprint
 from cpift.merge.io.sizes import parse_size
 from cpift.merge.io.stream import TensorStream, progress_bar
 from cpift.merge.io.writer import OutTensor, ShardWriter, plan_shards
+from cpift.merge.options import MergeOptions
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]
@@ -107,90 +108,118 @@ def check_compatible(models: list[Checkpoint], *, allow_crimes: bool = False) ->
     return check_consistency(models, allow_crimes=allow_crimes)
 
 
-@overload
 def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,
-                 dry_run: Literal[True], **options: Any) -> MergePlan: ...
-@overload
-def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,
-                 dry_run: Literal[False] = False, **options: Any) -> MergeResult: ...
-
-
-def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,
-                 dtype: str | torch.dtype | None = None, out_dtype: str | torch.dtype | None = None,
-                 max_shard_size: int | str = "5GB", overwrite: bool = False,
-                 allow_nonfinite: bool = False, copy_tokenizer_from: str | os.PathLike | None = None,
-                 allow_crimes: bool = False, progress: bool = True, recipe: dict | None = None,
-                 notes: list[str] | None = None, params: dict | None = None,
-                 backend: str | None = None, device: str | torch.device | None = None,
-                 dry_run: bool = False, resume: bool = False,
-                 roles: Sequence[str] | None = None, config_updates: dict | None = None,
-                 inputs: Sequence[str | os.PathLike] = ()) -> MergeResult | MergePlan:
+                 options: MergeOptions | None = None, params: dict | None = None, notes: list[str] | None = None,
+                 roles: Sequence[str] | None = None) -> MergeResult | MergePlan:
     """Run ``combine`` over every floating-point tensor of ``models`` and write the result to ``out``.
 
     Non-floating tensors (integer buffers) are copied from the first model. Everything that can be
-    checked is checked before the output directory is created. The output gets a model card
-    (README.md) listing ``params`` (the method's parameters) and the inputs, and ``cpift_recipe.yml``:
-    ``recipe`` if given (e.g. the YAML config that asked for this merge), else one generated from
-    ``params`` (merge/card.py). ``backend`` is the kernels' (the method's combine uses it; checked
-    here); ``device`` "cuda" computes on the GPU through pinned staging buffers (merge/io/device.py).
+    checked is checked before the output directory is created (validate → plan → write or dry run →
+    publish). ``options`` (merge/options.py) says how to read, compute and write; the output gets a
+    model card (README.md) listing ``params`` (the method's parameters) and the inputs, and
+    ``cpift_recipe.yml``: ``options.recipe`` if given (e.g. the YAML config that asked for this merge),
+    else one generated from ``params`` (merge/card.py). ``options.backend`` is the kernels' (the method's
+    combine uses it; checked here); ``options.device`` "cuda" computes on the GPU through pinned staging
+    buffers (merge/io/device.py).
 
     ``roles``: what each model is to the method, for the card (default: base/model).
-    ``config_updates``: keys set in the output's config.json (a layer stack's ``num_hidden_layers``).
-    ``inputs``: files read besides the models (masks, the config or recipe file): ``out`` may not be,
-    hold or lie inside any of them, nor any model, shard or ``copy_tokenizer_from`` (merge/io/publish.py);
-    ``overwrite`` replaces only an earlier cpift output or an empty directory.
-    ``dry_run``: validate everything, write nothing, return the MergePlan (merge/io/dryrun.py).
-    ``resume``: continue a merge into ``out`` that was interrupted, keeping the output shards it
+    ``options.config_updates``: keys set in the output's config.json (a layer stack's ``num_hidden_layers``).
+    ``options.inputs``: files read besides the models (masks, the config or recipe file): ``out`` may not
+    be, hold or lie inside any of them, nor any model, shard or ``copy_tokenizer_from``
+    (merge/io/publish.py); ``overwrite`` replaces only an earlier cpift output or an empty directory.
+    ``options.dry_run``: validate everything, write nothing, return the MergePlan (merge/io/dryrun.py).
+    ``options.resume``: continue a merge into ``out`` that was interrupted, keeping the output shards it
     finished (merge/io/resume.py); refused if its options or inputs differ from this call's. ``params``
     must then name everything ``combine`` depends on: they are part of what is compared.
     """
     start = time.perf_counter()
-    dev = parse_device(device)
-    used = check_backend(backend, dev)
-    compute_dtype = parse_dtype(dtype, "dtype")
+    opts = options or MergeOptions()
+    run = _validate(method, models, out, opts, notes=notes, params=params, roles=roles)
+    names, plan, metadata, fp = _plan(method, models, run, opts, params=params)
+    if opts.dry_run:
+        return plan_merge(method=method, models=models, out=run.out, plan=plan, max_shard_size=run.shard_bytes,
+                          metadata=metadata, compute_dtype=run.compute_dtype,
+                          fingerprint=fp if opts.resume else None, notes=run.notes, fused_cpu=run.used == "cpu")
+    writer = ShardWriter(run.out, plan, max_shard_size=run.shard_bytes, metadata=metadata, fingerprint=fp,
+                         resume=opts.resume, overwrite=opts.overwrite)
+    tensors, bytes_read, pinned = _write(method, models, combine, run, writer, names, plan,
+                                         allow_nonfinite=opts.allow_nonfinite, progress=opts.progress)
+    return MergeResult(method, run.out, tensors, bytes_read, writer.bytes_written,
+                       time.perf_counter() - start, run.notes, backend=run.used, pinned_bytes=pinned)
+
+
+@dataclass
+class _Run:
+    """What validation settles before anything is written: the output path, the device and kernels, the
+    dtypes and shard size, the side files and the card to publish, the notes so far."""
+
+    out: Path
+    dev: torch.device | None
+    used: str
+    compute_dtype: torch.dtype | None
+    store_dtype: torch.dtype | None
+    shard_bytes: int
+    side: dict
+    card: dict
+    notes: list[str]
+
+
+def _validate(method: str, models: list[Checkpoint], out: str | os.PathLike, opts: MergeOptions, *, notes,
+              params, roles) -> _Run:
+    """Every check of stream_merge's arguments and inputs, and the card, before the output is created."""
+    dev = parse_device(opts.device)
+    used = check_backend(opts.backend, dev)
+    compute_dtype = parse_dtype(opts.dtype, "dtype")
+    copy_tokenizer_from, config_updates = opts.copy_tokenizer_from, opts.config_updates
     if compute_dtype == torch.float64:
         used = "torch"  # float64 math always runs the torch kernels (the oracle precision)
-    store_dtype = parse_dtype(out_dtype, "out_dtype") or compute_dtype
-    shard_bytes = parse_size(max_shard_size)
-    out = check_output(out, overwrite=overwrite, inputs=[*model_paths(models), copy_tokenizer_from, *inputs])
+    store_dtype = parse_dtype(opts.out_dtype, "out_dtype") or compute_dtype
+    shard_bytes = parse_size(opts.max_shard_size)
+    out = check_output(out, overwrite=opts.overwrite, inputs=[*model_paths(models), copy_tokenizer_from, *opts.inputs])
     side_from = Path(copy_tokenizer_from) if copy_tokenizer_from is not None else models[0].dir
     if not side_from.is_dir():
         raise ParameterError(f"copy_tokenizer_from: {side_from} is not a directory")
     side = read_side_files(side_from)  # copied into the output: vetted and validated before anything is written
     notes = list(notes or []) + [n for m in models for n in m.notes] + check_compatible(models,
-                                                                                         allow_crimes=allow_crimes)
-    card = card_files(method=method, params=params or {}, recipe=recipe, out=out,
+                                                                                         allow_crimes=opts.allow_crimes)
+    card = card_files(method=method, params=params or {}, recipe=opts.recipe, out=out,
                       inputs=[i for m, role in zip(models, roles or roles_for(method, len(models)))
                               for i in model_inputs(m, role)],
-                      settings={"dtype": compute_dtype, "out_dtype": parse_dtype(out_dtype, "out_dtype"),
+                      settings={"dtype": compute_dtype, "out_dtype": parse_dtype(opts.out_dtype, "out_dtype"),
                                 "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
                                 "backend": used})
 
     if any(getattr(leaf, "dequantized", False) for m in models for leaf in leaves(m)):  # merge/io/fp8.py
         config_updates = {**(config_updates or {}), "quantization_config": None}
     card.update(config_with_dtype(side_from, side.get("config.json"), store_dtype, config_updates))  # replaces it
+    return _Run(out, dev, used, compute_dtype, store_dtype, shard_bytes, side, card, notes)
 
+
+def _plan(method: str, models: list[Checkpoint], run: _Run, opts: MergeOptions, *,
+          params) -> tuple[list[str], list[OutTensor], dict, Any]:
+    """The output tensors (dtype, shape), the shards' metadata and the fingerprint a resume compares."""
     first = models[0]
     names = first.names()
     plan = []
     for name in names:
         info = first.info(name)
         floating = info.dtype.is_floating_point
-        plan.append(OutTensor(name, (store_dtype or info.dtype) if floating else info.dtype, info.shape))
+        plan.append(OutTensor(name, (run.store_dtype or info.dtype) if floating else info.dtype, info.shape))
     metadata = {"cpift_method": method}
-    fp = fingerprint(method=method, params=params, recipe=recipe, models=models,
+    fp = fingerprint(method=method, params=params, recipe=opts.recipe, models=models,
                      names=[s.name for s in plan if s.dtype.is_floating_point],
-                     options={"dtype": compute_dtype, "out_dtype": store_dtype, "max_shard_size": shard_bytes,
-                              "allow_nonfinite": allow_nonfinite, "backend": backend,
-                              "device": None if dev is None else str(dev)},
-                     headers=[(s.file, s.header) for s in plan_shards(plan, shard_bytes, metadata)])
-    if dry_run:
-        return plan_merge(method=method, models=models, out=out, plan=plan, max_shard_size=shard_bytes,
-                          metadata=metadata, compute_dtype=compute_dtype, fingerprint=fp if resume else None,
-                          notes=notes, fused_cpu=used == "cpu")
+                     options={"dtype": run.compute_dtype, "out_dtype": run.store_dtype,
+                              "max_shard_size": run.shard_bytes, "allow_nonfinite": opts.allow_nonfinite,
+                              "backend": opts.backend, "device": None if run.dev is None else str(run.dev)},
+                     headers=[(s.file, s.header) for s in plan_shards(plan, run.shard_bytes, metadata)])
+    return names, plan, metadata, fp
 
-    writer = ShardWriter(out, plan, max_shard_size=shard_bytes, metadata=metadata, fingerprint=fp, resume=resume,
-                         overwrite=overwrite)
+
+def _write(method: str, models: list[Checkpoint], combine: Combine, run: _Run, writer: ShardWriter,
+           names: list[str], plan: list[OutTensor], *, allow_nonfinite: bool, progress: bool) -> tuple[int, int, int]:
+    """Stream, combine and write every pending tensor, then publish (writer.finish): (tensors, bytes read,
+    pinned bytes)."""
+    dev, compute_dtype, notes, side, card = run.dev, run.compute_dtype, run.notes, run.side, run.card
     names, plan = writer.pending(names, plan)  # a resume computes only the shards it does not keep
     notes += writer.notes
     total_in = sum(m.info(n).nbytes for n in names for m in models)
@@ -232,8 +261,7 @@ def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, 
         stream.bar.close()
         for m in models:
             m.close()
-    return MergeResult(method, out, len(names), bytes_read, writer.bytes_written,
-                       time.perf_counter() - start, notes, backend=used, pinned_bytes=stream.pinned_bytes)
+    return len(names), bytes_read, stream.pinned_bytes
 
 
 def model_paths(models: Sequence[Checkpoint]) -> list[Path]:

@@ -3,17 +3,33 @@
 Every merge function (the methods, ``fuse``) takes them as keywords, ``ties(..., dry_run=True,
 device="cuda")``, or as one ``options=MergeOptions(...)`` (keywords given beside it win);
 ``merge_options`` checks their names, so a misspelt option is a one-line ParameterError instead of a
-silently ignored keyword. ``stream_merge`` (merge/engine.py) receives them field by field.
+silently ignored keyword. ``stream_merge`` (merge/engine.py) receives the object. A field's ``cli``
+metadata is its command-line option (flag, help, kind); cli/_options.py builds the click options from it,
+in field order (mergekit's options.py::add_merge_options does the same from its options model).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from cpift.errors import ParameterError
+from cpift.merge.io.sizes import HELP as SIZE_HELP
+
+
+def _cli(flag: str, help: str, kind: str = "text", **extra: Any) -> dict[str, Any]:
+    """A field's command-line option: ``kind`` text, flag (--name), dir (a directory path) or backend."""
+    return {"cli": {"flag": flag, "help": help, "kind": kind, **extra}}
+
+
+OVERWRITE_HELP = ("Replace an earlier cpift output (a directory whose .cpift-output marker lists every file in it) "
+                  "or an empty directory, atomically, once the new one is complete; any other existing path, or a "
+                  "file added to a cpift output, is refused.")
+ALLOW_CRIMES_HELP = ("Merge anyway when the inputs' config.json name different architectures (model_type, "
+                     "architectures) or an integer tensor differs between them (mergekit's flag; default: stop with "
+                     "an error).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,18 +40,35 @@ class MergeOptions:
         >>> plan = ties("base", ["a", "b"], "out", density=0.3, options=MergeOptions(dry_run=True))
     """
 
-    dtype: Any = None  # str or torch.dtype: cast the inputs for the math
-    out_dtype: Any = None  # str or torch.dtype of the output tensors
-    max_shard_size: int | str = "5GB"
-    overwrite: bool = False
-    allow_nonfinite: bool = False
-    allow_crimes: bool = False  # merge different architectures / disagreeing integer tensors (consistency.py)
-    copy_tokenizer_from: str | os.PathLike | None = None
-    progress: bool = True
-    backend: str | None = None
-    device: Any = None  # str or torch.device: where the math runs
-    dry_run: bool = False
-    resume: bool = False
+    dtype: Any = field(default=None, metadata=_cli(  # str or torch.dtype: cast the inputs for the math
+        "--dtype", "Cast inputs to this dtype before merging (float32, bfloat16, float16, float64); "
+        "default: keep each input's dtype. Math is float32 either way (float64 for float64)."))
+    out_dtype: Any = field(default=None, metadata=_cli(  # str or torch.dtype of the output tensors
+        "--out-dtype", "Dtype of the output tensors; default: --dtype, else the first model's dtype."))
+    max_shard_size: int | str = field(default="5GB", metadata=_cli("--max-shard-size", SIZE_HELP, show_default=True))
+    overwrite: bool = field(default=False, metadata=_cli("--overwrite", OVERWRITE_HELP, "flag"))
+    allow_nonfinite: bool = field(default=False, metadata=_cli(
+        "--allow-nonfinite", "Merge even if an input tensor holds NaN or Inf (default: stop with an error).", "flag"))
+    # merge different architectures / disagreeing integer tensors (consistency.py)
+    allow_crimes: bool = field(default=False, metadata=_cli("--allow-crimes", ALLOW_CRIMES_HELP, "flag"))
+    copy_tokenizer_from: str | os.PathLike | None = field(default=None, metadata=_cli(
+        "--copy-tokenizer-from", "Directory to copy config.json, tokenizer and chat-template files from "
+        "(default: the first model).", "dir"))
+    backend: str | None = field(default=None, metadata=_cli(
+        "--backend", "Kernel implementation: triton (CUDA; on the CPU only under TRITON_INTERPRET=1, "
+        "for testing), cpu (the fused CPU kernels), torch (the reference), or auto = triton for CUDA "
+        "tensors, else cpu. Default: $CPIFT_BACKEND, else auto.", "backend"))
+    device: Any = field(default=None, metadata=_cli(  # str or torch.device: where the math runs
+        "--device", "Where the math runs: cpu (straight from the memory-mapped files), or cuda / cuda:N "
+        "(tensors are streamed through pinned host buffers, copy and compute overlapped).", default="cpu",
+        show_default=True))
+    progress: bool = True  # the CLI's -q/--quiet turns it off
+    dry_run: bool = field(default=False, metadata=_cli(
+        "--dry-run", "Validate every input and print the plan (tensors, bytes to read and write, output "
+        "shards, expected peak memory); write nothing.", "flag"))
+    resume: bool = field(default=False, metadata=_cli(
+        "--resume", "Continue an interrupted merge into the same -o with the same inputs and options: "
+        "the output shards it finished (SHA-256 checked) are kept, the rest computed.", "flag"))
     inputs: tuple[str | os.PathLike, ...] = ()  # files read besides the models (-o may not hold them)
     recipe: Mapping[str, Any] | None = None  # the config that asked for this merge, recorded as is
     config_updates: Mapping[str, Any] | None = None  # keys set in the output config.json (num_hidden_layers)
@@ -49,6 +82,7 @@ class MergeOptions:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(MergeOptions))
+CLI_FIELDS = {f.name: f for f in dataclasses.fields(MergeOptions) if "cli" in f.metadata}  # in option order
 
 
 def merge_options(options: MergeOptions | None = None, overrides: Mapping[str, Any] | None = None) -> MergeOptions:

@@ -79,7 +79,7 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
               "overlap": overlap, "omega": omega if omega is not None else "1/(k+1)"}
     roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
     opts = opts.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *opts.inputs))  # -o may not hold a mask
-    return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, **opts.as_kwargs())
+    return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, options=opts)
 
 
 def _check_arguments(tasks, overlap: str, base, omega) -> float | None:

@@ -134,6 +134,9 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         where = spec.field.partition(".sources")[0] if ".sources" in spec.field else "slices[0]"
         return f"{where}.parameters.{key}" if key in cfg.slice_parameters else f"parameters.{key}"
 
+    if METHODS[method].tensor is not None and METHODS[method].roles != ("models",):  # linear: the branch below
+        return _declared_call(cfg, path, param, fld_of, base_key, notes)
+
     mk = METHODS[method].mergekit
     normalize = _shared(cfg, "normalize", mk.normalize)
     # int8_mask needs nothing: mergekit uses it only as the dtype of the TIES sign mask.
@@ -219,3 +222,35 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
                               f"{str(not normalize).lower()} to get that")
     kwargs = {"weights": ws, **kwargs}
     return MethodCall(method, (path(cfg.base_model), tuple(path(m.model) for m in specs)), kwargs, notes)
+
+
+def _declared_call(cfg: MergeConfig, path, param, fld_of, base_key, notes: list[str]) -> MethodCall:
+    """A declared method (merge/methods/declare.py): the inputs its declaration takes, each declared
+    parameter from its mergekit key (per model, or for the whole merge); a mergekit setting it does not
+    declare (normalize, rescale) must keep the value the method computes."""
+    spec = METHODS[cfg.method]
+    mk = spec.mergekit
+    specs = [m for m in cfg.models if path(m.model) != base_key] if spec.has_base or spec.roles[0] == "model_a" \
+        else list(cfg.models)
+    for m in cfg.models:
+        if path(m.model) == base_key and m.parameters:
+            notes.append(f"note: {m.field}.parameters ({', '.join(m.parameters)}) have no effect: "
+                         f"{m.model} is base_model (mergekit ignores them too)")
+    kwargs: dict[str, Any] = {}
+    for p in spec.params:
+        if p.mergekit is None:
+            continue
+        if p.per_model:
+            kwargs[p.name] = [param(m, p.mergekit, p.mergekit_default, fld_of(m, p.mergekit)) for m in specs]
+        else:
+            kwargs[p.name] = _whole_merge(cfg, p, param)
+    declared = {p.mergekit for p in spec.params}
+    for key, default, computed in (("normalize", mk.normalize, mk.cpift_normalize),
+                                   ("rescale", mk.rescale, mk.cpift_rescale)):
+        if key in mk.shared and key not in declared and _shared(cfg, key, default) != computed:
+            raise ConfigError(f"{cfg.source}: parameters.{key}: {str(not computed).lower()} is not supported "
+                              f"for {cfg.method} (cpift's {cfg.method} computes {key}: {str(computed).lower()})")
+    models = tuple(path(m.model) for m in specs)
+    if spec.roles[0] == "model_a":
+        return MethodCall(cfg.method, (path(cfg.base_model), models[0]), kwargs, notes)
+    return MethodCall(cfg.method, (path(cfg.base_model), models) if spec.has_base else (models,), kwargs, notes)

@@ -1,31 +1,24 @@
-"""The merge methods, one file per family (average: linear; spherical: slerp; delta: task_arithmetic,
+"""The merge methods: a declared method is one file named after it (declare.py; the runner is runner.py);
+the methods not yet declared live one file per family (delta: task_arithmetic,
 ties, dare_linear, dare_ties; sparse_delta: breadcrumbs, breadcrumbs_ties, della, della_linear; stock:
-model_stock; layers: passthrough; hypersphere: nuslerp, multislerp, karcher; consensus: sce; swap: nearswap), all
+model_stock; layers: passthrough; hypersphere: nuslerp, multislerp, karcher), all
 listed in the registry (registry.py).
 ``cpift.merge.methods.ties`` etc. are the functions themselves, loaded on first use from the registry,
-so importing the registry (as the card and the mergekit planner do) loads no method. (A family file
-is never named like one of its functions: the submodule would shadow the function.)"""
+so importing the registry (as the card and the mergekit planner do) loads no method (a declared method's
+file imports its kernels only when it runs). A family file is never named like one of its functions."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .registry import METHODS
+from .registry import DECLARED, METHODS
 
-__all__ = ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "breadcrumbs",
-           "breadcrumbs_ties", "della", "della_linear", "passthrough",
-           "nuslerp", "multislerp", "karcher", "sce", "nearswap"]
+__all__ = list(METHODS)
 
-if TYPE_CHECKING:
-    from .average import linear
-    from .consensus import sce
-    from .delta import dare_linear, dare_ties, task_arithmetic, ties
-    from .hypersphere import karcher, multislerp, nuslerp
-    from .layers import passthrough
-    from .sparse_delta import breadcrumbs, breadcrumbs_ties, della, della_linear
-    from .stock import model_stock
-    from .spherical import slerp
-    from .swap import nearswap
+# A declared method's file is named after it: importing it (the registry does) bound the submodule here,
+# which would shadow the function; unbound, the name goes to __getattr__ and so to the function.
+for _module in DECLARED:
+    globals().pop(_module, None)
 
 
 def __getattr__(name: str) -> Any:

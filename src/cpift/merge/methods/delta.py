@@ -107,7 +107,7 @@ def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: 
               **({"normalize": normalize} if elect_sign else {}),
               **({"global_trim": global_trim} if trim else {}), **({"rescale": True} if rescale else {}),
               **({"seed": seed} if drop else {})}
-    return stream_merge(method, ckpts, out, combine, params=params, **opts.as_kwargs())
+    return stream_merge(method, ckpts, out, combine, params=params, options=opts)
 
 
 def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *,

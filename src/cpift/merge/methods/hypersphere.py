@@ -102,7 +102,7 @@ def nuslerp(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Para
                      "mergekit, where nuslerp_flatten: true wins); add --no-flatten / nuslerp_flatten: false")
     return stream_merge("nuslerp", ckpts, out, combine, params={"weights": ws, "flatten": flatten,
                                                                "row_wise": row_wise},
-                        notes=notes, roles=roles, **opts.as_kwargs())
+                        notes=notes, roles=roles, options=opts)
 
 
 def multislerp(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[Param] | None = None,
@@ -157,7 +157,7 @@ def multislerp(models: Sequence[PathLike], out: PathLike, *, weights: Sequence[P
 
     return stream_merge("multislerp", ckpts, out, combine,
                         params={"weights": ws, "normalize_weights": normalize_weights, "eps": eps},
-                        roles=roles, **opts.as_kwargs())
+                        roles=roles, options=opts)
 
 
 def karcher(models: Sequence[PathLike], out: PathLike, *, max_iter: Param = sphere.KARCHER_ITER,
@@ -195,4 +195,4 @@ def karcher(models: Sequence[PathLike], out: PathLike, *, max_iter: Param = sphe
 
     shown = max_iter if callable(max_iter) else iterations(names[0])
     return stream_merge("karcher", ckpts, out, combine, params={"max_iter": shown, "tol": tol}, roles=roles,
-                        **opts.as_kwargs())
+                        options=opts)

@@ -42,4 +42,4 @@ def passthrough(model: PathLike, out: PathLike, *, scale: Param | None = None,
         s = None if scale is None else value(scale, name, "scale")
         out_t.copy_(xs[0] if s is None or s == 1.0 else xs[0] * s)
 
-    return stream_merge("passthrough", ckpts, out, combine, params={"scale": scale}, **opts.as_kwargs())
+    return stream_merge("passthrough", ckpts, out, combine, params={"scale": scale}, options=opts)

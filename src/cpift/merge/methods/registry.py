@@ -3,9 +3,11 @@
 The ``cpift-merge`` command of each method (cli/merge_cli.py), YAML planning (merge/mergekit/),
 the model card's definition and recipe (merge/card.py), step recipes and the bench
 (merge/tools/bench_cases.py) derive from ``METHODS``; none of them names a method itself. Adding a
-method is one file in merge/methods/ (its typed function, built from kernels/) and one ``register``
-call here. This module is plain data: a spec names its function by module and attribute, loaded on
-first use, so the registry imports no method (nor torch).
+method is one file in merge/methods/ named after it: a per-tensor function built from kernels/ and its
+``@method`` declaration (declare.py), listed in ``DECLARED`` below; merge/methods/runner.py runs it.
+The methods not yet declared that way register a MethodSpec here that names their whole-model function
+by module and attribute. This module is plain data, loaded on first use: the registry imports no
+kernel (nor torch).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 # What a parameter's value is on the command line.
-KINDS = ("number", "per_model", "number_or_per_model", "flag", "seed")
+KINDS = ("number", "integer", "per_model", "number_or_per_model", "flag", "seed")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ParamSpec:
     lo_open: bool = False
     mergekit: str | None = None
     mergekit_default: Any = None
+    missing: str = ""  # what to say when a parameter without a default is not given
 
     @property
     def per_model(self) -> bool:
@@ -84,9 +87,15 @@ class MethodSpec:
     # most models it takes besides a base (None: no limit)
     optional_base: bool = False
     max_models: int | None = None
+    # A declared method (merge/methods/declare.py): its per-tensor function and cross-parameter check;
+    # its public function is then built by merge/methods/runner.py.
+    tensor: Callable[..., None] | None = None
+    check: Callable[..., None] | None = None
 
     @property
     def function(self) -> Callable[..., Any]:
+        if self.tensor is not None:
+            return importlib.import_module("cpift.merge.methods.runner").public(self)
         return getattr(importlib.import_module(self.module), self.name)
 
     @property
@@ -147,19 +156,6 @@ _DROP = "drop each delta entry with probability 1 − density, rescale by 1/dens
 _DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
 _TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 
-register(MethodSpec(
-    "slerp", "slerp", "cpift.merge.methods.spherical", ("model_a", "model_b"),
-    (ParamSpec("t", "--t", "number", 0.5, "Interpolation factor in [0, 1]: 0 gives MODEL_A, 1 gives MODEL_B.",
-               lo=0.0, hi=1.0, mergekit="t"),),
-    "spherical interpolation, each tensor one vector; t = 0 gives the first model",
-    "Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
-    "Spherical interpolation of two models, tensor by tensor (each tensor one vector).",
-    MergekitSpec((), ("t", "int8_mask"), normalize=None, cpift_normalize=None), bench={"--t": "0.3"}))
-register(MethodSpec(
-    "linear", "linear", "cpift.merge.methods.average", ("models",), (WEIGHTS,),
-    "Σ w_i x_i / Σ w_i", "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-    "Weighted average Σ w_i x_i / Σ w_i of two or more models.",
-    MergekitSpec(("weight",), ("normalize", "int8_mask"), normalize=True, cpift_normalize=True)))
 register(MethodSpec(
     "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", ("base", "models"), (WEIGHTS, LAMBDA),
     "b + λ Σ w_i (x_i − b)", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
@@ -295,24 +291,28 @@ register(MethodSpec(
     "Karcher mean: the equal-weight Riemannian mean of N models on the hypersphere.",
     MergekitSpec((), ("max_iter", "tol"), normalize=None, cpift_normalize=None),
     bench={}))
-register(MethodSpec(
-    "sce", "sce", "cpift.merge.methods.consensus", ("base", "models"),
-    (ParamSpec("select_topk", "--select-topk", "number", 1.0,
-               "Share in [0, 1] of the entries (those of non-zero variance over the models) kept, by variance.",
-               lo=0.0, hi=1.0, mergekit="select_topk", mergekit_default=1.0),),
-    "keep the select_topk share of entries of largest variance of the deltas over the models, weigh "
-    "model i by mean(δ_i²) / Σ_j mean(δ_j²), elect s = sign(Σ δ_i) (+1 at 0), "
-    "b + Σ_{sign δ_i = s} w_i δ_i / max(Σ_{same i} w_i, 1e-6)",
-    "Deng et al. 2024, FuseChat (SCE: select, calculate, erase; arXiv:2408.07990)",
-    "SCE: keep the entries where the deltas vary most, weigh models by their mean squared delta, TIES-style erase.",
-    MergekitSpec((), ("select_topk", "int8_mask"), normalize=None, cpift_normalize=None),
-    bench={"--select-topk": "0.5"}))
-register(MethodSpec(
-    "nearswap", "nearswap", "cpift.merge.methods.swap", ("model_a", "model_b"),
-    (ParamSpec("t", "--t", "number", None,
-               "Distance ≥ 0: entries of MODEL_B within t of MODEL_A (the base) are taken, the rest move by t.",
-               lo=0.0, mergekit="t"),),
-    "w = clamp(t / max(|a − b|, 1e-6), 0, 1), w·b + (1 − w)·a with a the base; t = 0 gives the base",
-    "mergekit (https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
-    "NearSwap: take the other model's value where it lies within t of the base, else move towards it by t.",
-    MergekitSpec((), ("t",), normalize=None, cpift_normalize=None), bench={"--t": "0.001"}))
+
+
+
+def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]) -> dict[str, Any]:
+    """The mergekit config of a merge by a declared method (merge/card.py writes it as the recipe):
+    base_model if it takes one, each model with its per-model parameters, the whole-merge parameters."""
+    def plain(p, v: Any) -> Any:
+        return bool(v) if p.kind == "flag" else int(v) if p.kind in ("integer", "seed") else float(v)
+
+    pair, base = spec.roles[0] == "model_a", spec.has_base
+    models = refs if pair else refs[1:] if base else refs
+    per = [p for p in spec.params if p.mergekit and p.per_model]
+    values = {p.name: params[p.name] if isinstance(params[p.name], (list, tuple))
+              else [1.0 if params[p.name] is None else params[p.name]] * len(models) for p in per}
+    cfg: dict[str, Any] = {"base_model": refs[0]} if pair or base else {}
+    cfg["models"] = [{"model": r, **({"parameters": {p.mergekit: plain(p, values[p.name][i]) for p in per}}
+                                     if per and not (pair and i == 0) else {})} for i, r in enumerate(models)]
+    shared = {p.mergekit: plain(p, params[p.name]) for p in spec.params if p.mergekit and not p.per_model}
+    return {**cfg, **({"parameters": shared} if shared else {})}
+
+
+# Declared methods (merge/methods/declare.py), one file each, registered when imported.
+DECLARED = ("slerp", "linear", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
+for _module in DECLARED:
+    importlib.import_module(f"cpift.merge.methods.{_module}")

@@ -159,7 +159,7 @@ def _sparse_method(method: str, base: PathLike, models: Sequence[PathLike], out:
 
     params = {"weights": ws, "density": ds, extra_name: es, "lambda": lam, "normalize": normalize,
               "rescale": rescale, **({"seed": seed} if della else {})}
-    return stream_merge(method, ckpts, out, combine, params=params, **opts.as_kwargs())
+    return stream_merge(method, ckpts, out, combine, params=params, options=opts)
 
 
 def breadcrumbs(base: PathLike, models: Sequence[PathLike], out: PathLike, *,

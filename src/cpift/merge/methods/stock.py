@@ -62,4 +62,4 @@ def model_stock(base: PathLike, models: Sequence[PathLike], out: PathLike, *, fi
     notes = (["note: filter_wise: the per-row cosines and blend run as torch operations "
               "(no fused kernel for them yet)"] if filter_wise else [])
     return stream_merge("model_stock", ckpts, out, combine, params={"filter_wise": filter_wise}, notes=notes,
-                        **opts.as_kwargs())
+                        options=opts)

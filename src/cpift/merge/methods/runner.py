@@ -1,0 +1,153 @@
+"""The runner of every declared method (merge/methods/declare.py): open the inputs, validate the
+parameters against their declared ranges, stream the per-tensor function over the models, publish the
+output with its card and recipe (merge/engine.py). ``public(spec)`` is the method's Python function,
+``cpift.<method>``, with the declared inputs as arguments and the declared parameters as keywords.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+from cpift.errors import ParameterError
+from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.io.dryrun import MergePlan
+from cpift.merge.options import MergeOptions, merge_options
+
+from .params import PathLike, float_names, per_model, value, weights_for
+from .registry import MethodSpec, ParamSpec
+
+_KW = inspect.Parameter.KEYWORD_ONLY
+_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def _inputs(spec: MethodSpec, args: tuple, base: PathLike | None) -> tuple[list, list[str], int]:
+    """(model paths in stream order, their card roles, the number of models besides a base)."""
+    if spec.roles == ("model_a", "model_b"):
+        return list(args[:2]), ["model", "model"], 1
+    if spec.roles == ("model",):
+        return [args[0]], ["model"], 1
+    if spec.roles == ("base", "models"):
+        base, models = args[0], list(args[1])
+    else:
+        models = list(args[0])
+    lo, hi = spec.min_models, spec.max_models
+    if len(models) < lo or (hi is not None and len(models) > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+        raise ParameterError(f"models: {spec.name} needs {want} model{'s' if lo > 1 else ''}"
+                             f"{' besides the base' if base is not None else ''}, got {len(models)}")
+    head = [base] if base is not None else []
+    return head + models, ["base"] * len(head) + ["model"] * len(models), len(models)
+
+
+def _field(p: ParamSpec, raw: Any, i: int) -> str:
+    return f"{p.name}[{i}]" if isinstance(raw, (list, tuple)) else p.name
+
+
+def _resolve_one(p: ParamSpec, raw: Any, tensor: str, field: str) -> Any:
+    if p.kind == "flag":
+        if not isinstance(raw, bool):
+            raise ParameterError(f"{field}: expected true or false, got {raw!r}")
+        return raw
+    if p.kind == "seed":
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+            raise ParameterError(f"{field}: expected a non-negative integer, got {raw!r}")
+        return raw
+    v = value(raw, tensor, field, lo=p.lo, hi=p.hi, lo_open=p.lo_open)
+    if p.kind == "integer":
+        if not v.is_integer():
+            raise ParameterError(f"{field}: expected a whole number, got {v:g}")
+        return int(v)
+    return v
+
+
+def validate(spec: MethodSpec, given: dict[str, Any], count: int,
+             names: list[str]) -> tuple[Callable[[str], dict], dict[str, Any]]:
+    """Check every parameter on every tensor it can vary over; return (tensor name → resolved values, the
+    parameters as the card and the recipe show them: one value per model for a per-model parameter)."""
+    raws: dict[str, Any] = {}
+    for p in spec.params:
+        raw = given[p.name]
+        if raw is None and p.name == "weights":
+            raw = weights_for(None, count)
+        elif raw is None:
+            raise ParameterError(f"{p.name}: missing; {spec.name} needs {p.missing or p.cli}")
+        if p.per_model:
+            raw = per_model(raw, count, p.name)
+        raws[p.name] = raw
+
+    def resolve(tensor: str) -> dict[str, Any]:
+        values = {}
+        for p in spec.params:
+            raw = raws[p.name]
+            if p.per_model:
+                values[p.name] = [_resolve_one(p, r, tensor, _field(p, given[p.name], i)) for i, r in enumerate(raw)]
+            else:
+                values[p.name] = _resolve_one(p, raw, tensor, p.name)
+        if spec.check is not None:
+            spec.check(values, tensor)
+        return values
+
+    varies = any(callable(r) or (isinstance(r, list) and any(map(callable, r))) for r in raws.values())
+    for n in names if varies else names[:1]:
+        resolve(n)
+    return resolve, raws
+
+
+def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, base: PathLike | None = None,
+        options: MergeOptions | None = None) -> MergeResult | MergePlan:
+    """Open, validate, stream ``spec.tensor`` over every floating tensor, publish (merge/engine.py)."""
+    opts = options or MergeOptions()
+    paths, roles, count = _inputs(spec, args, base)
+    ckpts = open_models(paths)
+    resolve, shown = validate(spec, given, count, float_names(ckpts))
+    shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}
+    fn, backend = spec.tensor, opts.backend
+
+    def combine(name, xs, out_t):
+        fn(xs, out_t, backend=backend, shape=shapes[name], **resolve(name))
+
+    return stream_merge(spec.name, ckpts, out, combine, params=shown, roles=roles, options=opts)
+
+
+def _signature(spec: MethodSpec) -> inspect.Signature:
+    inputs = {("model_a", "model_b"): ["model_a", "model_b"], ("model",): ["model"],
+              ("base", "models"): ["base", "models"]}.get(spec.roles, ["models"])
+    params = [inspect.Parameter(n, _POS) for n in (*inputs, "out")]
+    if spec.optional_base:
+        params.append(inspect.Parameter("base", _KW, default=None))
+    params += [inspect.Parameter(p.name, _KW, default=p.default) for p in spec.params]
+    params += [inspect.Parameter("options", _KW, default=None),
+               inspect.Parameter("overrides", inspect.Parameter.VAR_KEYWORD)]
+    return inspect.Signature(params)
+
+
+_PUBLIC: dict[int, Callable[..., MergeResult | MergePlan]] = {}
+
+
+def public(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
+    """The Python function of a declared method: ``ram(base, models, out, *, epsilon=1e-5, options=None)``
+    (one function object per spec: ``cpift.ram is cpift.merge.methods.ram``)."""
+    if id(spec) not in _PUBLIC:
+        _PUBLIC[id(spec)] = _build(spec)
+    return _PUBLIC[id(spec)]
+
+
+def _build(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
+    sig = _signature(spec)
+
+    def merge(*args: Any, **kwargs: Any) -> MergeResult | MergePlan:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        opts = merge_options(a.pop("options"), a.pop("overrides"))
+        given = {p.name: a[p.name] for p in spec.params}
+        inputs: Sequence[Any] = [a[n] for n, q in sig.parameters.items() if q.kind is _POS and n != "out"]
+        return run(spec, tuple(inputs), a["out"], given, base=a.get("base"), options=opts)
+
+    merge.__name__ = merge.__qualname__ = spec.name
+    merge.__module__ = spec.module
+    merge.__doc__ = f"{spec.summary}\n\nDefinition: {spec.definition}.\nSource: {spec.paper}.\n" + "".join(
+        f"\n    {p.name}: {p.help}" for p in spec.params)
+    merge.__signature__ = sig  # type: ignore[attr-defined]
+    return merge
