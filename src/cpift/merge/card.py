@@ -1,10 +1,8 @@
 """The model card (README.md) and the recipe (cpift_recipe.yml) that every merge output carries.
 
-``card_files(method=, params=, inputs=, settings=)`` returns both texts; the engine calls it before
-the first byte is written and the writer puts the files into the hidden partial directory, so they
-appear together with the model or not at all. A step with its own streaming loop (e.g. ``fuse``)
-calls it the same way, with its own parameters and input roles, and passes the result to
-``ShardWriter.finish``.
+``card_files(method=, params=, inputs=, settings=)`` returns both texts before the first byte is written;
+the writer puts them into the hidden partial directory, so they appear with the model or not at all
+(a step with its own streaming loop, e.g. ``fuse``, passes them to ``ShardWriter.finish`` itself).
 
 Recipe: a mergekit-style YAML that ``cpift-merge config cpift_recipe.yml -o OUT2`` runs to write the
 same bytes. For the registered mergekit methods it is generated from the call's parameters; what
