@@ -177,7 +177,8 @@ def _derived_masks(cores: Path, out: Path, names: list[str], fn) -> None:
             e = fn(k, m.element_mask(k), i)
             packed[k], counts[k] = pack_bits(e.flatten().to(torch.bool)), int(e.sum())
         save_core_mask(out / f".{task}.safetensors.part", packed, m.shapes, granularity=m.granularity, p=m.p,
-                       k=sum(counts.values()), threshold=m.threshold, counts=counts, base=m.base, task={**m.task, "derived": True})
+                       k=sum(counts.values()), threshold=m.threshold, counts=counts, base=m.base,
+                       task={**m.task, "derived": True})
         os.replace(out / f".{task}.safetensors.part", out / f"{task}.safetensors")
 
 

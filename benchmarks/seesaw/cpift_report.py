@@ -32,6 +32,11 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _last_write(work: Path) -> float:
+    """When the newest score was written (the run's wall time ends there, whenever the report is made)."""
+    return max([p.stat().st_mtime for p in work.glob("**/scores/*.json")] or [time.time()])
+
+
 def choose_lr(work: Path, cfg: dict) -> float:
     """The grid's lr with the best mean validation EM of the seed-0 probes and Full SFT together."""
     best, key = None, -1.0
@@ -86,7 +91,8 @@ def aggregate(work: Path, *, cfg: dict, scale: str, base: str) -> dict:
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "scale": scale,
                  "machine": f"{platform.machine()}, {jobs.device()}, {platform.processor() or platform.system()}",
                  "base": base, "tasks": tasks, "settings": {k: v for k, v in cfg.items() if k != "wall_start"},
-                 "wall_minutes": (time.time() - cfg["wall_start"]) / 60, "budget_note": cfg.get("budget_note", "")}
+                 "wall_minutes": (_last_write(work) - cfg["wall_start"]) / 60,
+                 "budget_note": cfg.get("budget_note", "")}
     res["lr_grid"] = {}
     for lr in cfg["lrs"]:
         sd = work / f"lr{lr:g}" / "s0" / "scores"

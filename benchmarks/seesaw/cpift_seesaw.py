@@ -45,7 +45,7 @@ SCALES = {
     # worker (teacher-forced, 135M parameters, 2 shared cores) 500 x 5 tasks is ~10 min per model scored
     "cpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2], "lrs": [1e-4, 3e-4], "n_train": 600, "n_val": 100,
             "n_test": 200, "n_people": 100, "batch": 8, "steps": [6, 30], "cal_frac": 0.25, "cal_examples": 32,
-            "gate_min": 38, "jobs": 2, "omegas": [0.0, 0.1, 0.25]},
+            "gate_min": 32, "jobs": 2, "omegas": [0.0, 0.1, 0.25]},
     "gpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2, 3, 4], "lrs": [1e-4, 3e-4], "n_train": 2000,
             "n_val": 200, "n_test": 500, "n_people": 150, "batch": 16, "steps": [20, 120], "cal_frac": 0.25,
             "cal_examples": 64, "gate_min": 3, "jobs": 4, "omegas": [0.0, 0.1, 0.25]},
@@ -109,10 +109,18 @@ def size(cfg: dict, timing: dict, say) -> dict:
     return cfg
 
 
+def guarded(stop_at: float | None, fn, *a) -> str:
+    """Run ``fn(*a)`` unless the wall clock is past ``stop_at`` (epoch seconds) when a worker picks it up."""
+    if stop_at is not None and time.time() > stop_at:
+        return f"not started (past --stop-at): {fn.__name__}{tuple(a[1:])}"
+    return fn(*a)
+
+
 def pool_run(todo: list, cfg: dict, say, done=None) -> list[str]:
     failed = []
     with ProcessPoolExecutor(cfg["jobs"], mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
-        futures = {pool.submit(fn, *a): f"{fn.__name__}{tuple(a[1:])}" for fn, *a in todo}
+        futures = {pool.submit(guarded, cfg.get("stop_at"), fn, *a): f"{fn.__name__}{tuple(a[1:])}"
+                   for fn, *a in todo}
         for f in as_completed(futures):
             try:
                 say(f.result())
@@ -143,6 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "WORK/cpift-SCALE/results for ci)")
     ap.add_argument("--jobs", type=int, help="worker processes (one torch thread each on the CPU)")
     ap.add_argument("--budget-note", default="", help="the budget actually used and why, for the report")
+    ap.add_argument("--stop-at", help="UTC time HH:MM after which no job starts (running ones finish)")
     ap.add_argument("--report-only", action="store_true", help="aggregate what finished; train nothing")
     ap.add_argument("--dry-run", action="store_true", help="write tasks and recipes, print the plan, stop")
     return ap.parse_args(argv)
@@ -155,6 +164,10 @@ def main(argv=None) -> int:
     cfg = dict(SCALES[args.scale])
     os.environ["CPIFT_SEESAW_DEVICE"] = args.device or ("cuda" if args.scale == "gpu" else "cpu")
     cfg["jobs"] = args.jobs or cfg["jobs"]
+    if args.stop_at:
+        hh, mm = (int(x) for x in args.stop_at.split(":"))
+        now = time.gmtime()
+        cfg["stop_at"] = time.time() + ((hh - now.tm_hour) * 60 + mm - now.tm_min) * 60 - now.tm_sec
     work = (args.work / f"cpift-{args.scale}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     name = "cpift-seesaw" if args.scale == "cpu" else f"cpift-seesaw-{args.scale}"
@@ -182,6 +195,7 @@ def main(argv=None) -> int:
     else:
         timing = timed_probe(base_dir, files, cfg, work)
         cfg = size(cfg, timing, say)
+        cfg["timing"] = timing
         jobs.write_json(state, {"S": cfg["S"], "C": cfg["C"], "timing": timing, "started": time.time(),
                                 "budget_note": args.budget_note})
     cfg["wall_start"] = json.loads(state.read_text())["started"]
