@@ -59,6 +59,8 @@ def ensure_score(sd: Path, name: str, model: Path, tasks: list[str], split: str,
         return json.loads(out.read_text())
     files = split_files()
     tasks = [t for t in tasks if split in files[t]]
+    if not tasks:  # e.g. no cross-talk file for this task
+        return {}
     tok = load_tokenizer(model)
     net, _ = load_model(model, torch.device(jobs.device()))  # once for every task
     res = {t: _compact(evaluate_model(net, tok, load_dataset(files[t][split], tok, max_length=r.eval["max_length"],

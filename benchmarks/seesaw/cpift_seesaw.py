@@ -196,7 +196,8 @@ def main(argv=None) -> int:
         timing = timed_probe(base_dir, files, cfg, work)
         cfg = size(cfg, timing, say)
         cfg["timing"] = timing
-        jobs.write_json(state, {"S": cfg["S"], "C": cfg["C"], "timing": timing, "started": time.time(),
+        started = time.time() - (time.perf_counter() - t0)  # the run's start, the timed probe included
+        jobs.write_json(state, {"S": cfg["S"], "C": cfg["C"], "timing": timing, "started": started,
                                 "budget_note": args.budget_note})
     cfg["wall_start"] = json.loads(state.read_text())["started"]
     cfg["budget_note"] = args.budget_note or json.loads(state.read_text()).get("budget_note", "")
