@@ -92,6 +92,8 @@ def ensure_probe(sd: Path, r, task: str) -> Path:
 
 def run_probe(sd: str, recipe: str, seed: int, task: str, splits: list[str]) -> str:
     sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    if all(score_file(sd, f"probe-{task}", s).exists() for s in splits):
+        return f"{sd.name}/probe {task} {splits}: done before"
     probe = ensure_probe(sd, r, task)
     for split in splits:
         ensure_score(sd, f"probe-{task}", probe, [task], split, r)

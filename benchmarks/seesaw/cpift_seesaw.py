@@ -43,7 +43,7 @@ SCALES = {
            "gate_min": None, "jobs": 2, "omegas": [0.0]},
     # cpu: val 100 and test 200 items per task, not 200 and 500: at the measured 0.2-0.35 s per item and
     # worker (teacher-forced, 135M parameters, 2 shared cores) 500 x 5 tasks is ~10 min per model scored
-    "cpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2], "lrs": [1e-4, 3e-4], "n_train": 600, "n_val": 100,
+    "cpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2], "lrs": [3e-4, 1e-3], "n_train": 600, "n_val": 100,
             "n_test": 200, "n_people": 100, "batch": 8, "steps": [6, 30], "cal_frac": 0.25, "cal_examples": 32,
             "gate_min": 32, "jobs": 2, "omegas": [0.0, 0.1, 0.25]},
     "gpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2, 3, 4], "lrs": [1e-4, 3e-4], "n_train": 2000,
@@ -87,6 +87,9 @@ def timed_probe(base_dir: Path, files: dict, cfg: dict, work: Path) -> dict:
     data = load_dataset(files[task]["val"], tok, max_length=lm.MAX_LENGTH, for_eval=True)
     start = time.perf_counter()
     n = evaluate_model(net, tok, data, batch_size=50, progress=False, exact_match="teacher-forced")["n"]
+    import shutil
+
+    shutil.rmtree(out)  # 0.5 GB
     return {"seconds_per_step": r.seconds / 2, "seconds_per_item": (time.perf_counter() - start) / n,
             "batch": cfg["batch"]}
 
@@ -107,6 +110,27 @@ def size(cfg: dict, timing: dict, say) -> dict:
         f"{per_s:.2f} min per step of S on {workers} workers -> S = {s} steps per task, calibration {cfg['C']} "
         f"(~{fixed + per_s * s:.0f} min for the gate)")
     return cfg
+
+
+def prune(root: Path) -> None:
+    """Free disk (a model is 0.5 GB in float32): the intermediate stages of finished runs that nothing links
+    or resumes from (every calibration stage but the last; the stages of the staged baselines; replay's)."""
+    import shutil
+
+    for wd in root.glob("lr*/s*/*/"):
+        if (wd / "report.json").exists():
+            n = len(json.loads((wd / "report.json").read_text())["stages"] or [])
+            subs = ["calibrated"] + ([] if wd.name == "cpi-ft" or wd.name.startswith("omega") else ["stages"])
+        elif wd.name == "replay" and any(wd.glob("*/model.safetensors")):
+            n = max(int(p.name) for p in wd.iterdir() if p.name.isdigit())
+            subs = ["."] if (wd / str(n) / "model.safetensors").exists() else []
+        else:
+            continue
+        for sub in subs:
+            for i in range(1, n):
+                d = wd / sub / str(i)
+                if d.is_dir() and not d.is_symlink() and (d / "model.safetensors").exists():
+                    shutil.rmtree(d)
 
 
 def guarded(stop_at: float | None, fn, *a) -> str:
@@ -205,6 +229,7 @@ def main(argv=None) -> int:
                for lr in cfg["lrs"]}
 
     def report() -> None:
+        prune(work)
         res = cpift_report.aggregate(work, cfg=cfg, scale=args.scale, base=str(base_dir))
         cpift_report.write(res, out, name=name)
 
@@ -221,6 +246,12 @@ def main(argv=None) -> int:
     failed = pool_run(grid, cfg, say)
     lr = cpift_report.choose_lr(work, cfg)
     jobs.write_json(work / "lr.json", {"lr": lr})
+    for other in cfg["lrs"]:  # the grid's other models: their scores are kept, the weights are not needed
+        if other != lr:
+            import shutil
+
+            for d in (work / f"lr{other:g}" / "s0").glob("probes/*/"):
+                shutil.rmtree(d)
     say(f"lr chosen on validation: {lr:g}")
     main_recipe = str(recipes[lr])
     variants = {f"omega{o:g}": str(write_recipe(work / f"lr{lr:g}" / f"omega{o:g}.json",
