@@ -221,7 +221,38 @@ def markdown(res: dict) -> str:
         if x:
             md.append(f"| {LABELS[m]} | {x['seeds']} | {_diff(x['mean'])} |")
     md += ["", f"ω chosen on validation per seed: {res.get('omega_chosen')}", ""]
+    md += ["## Verdict (generated from the numbers above)", "", *verdict(res), "",
+           "## What finished", "", "Seeds finished per method (all tasks scored on the test split): "
+           + "; ".join(f"{LABELS.get(m, 'probes')}: {v}" for m, v in res.get("seeds_done", {}).items()) + ".",
+           "Not built in this round: Table 2 (A→B forgetting) for these methods.", ""]
     return "\n".join(md) + "\n"
+
+
+def _word(x: dict) -> str:
+    lo, hi = x["ci"]
+    return "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
+
+
+def verdict(res: dict) -> list[str]:
+    """One line per finding: the gate per family, CPI-FT against Full SFT and each baseline and control."""
+    g = (res.get("gate") or {}).get("tasks") or {}
+    out = []
+    if g:
+        passed = [t for t, x in g.items() if x["passes"]]
+        out.append(f"- Seesaw gate (seeds {res['gate']['seeds']}): passes for {', '.join(passed) or 'no task'}; "
+                   + "; ".join(f"{t} {_diff(x)}" for t, x in g.items()) + ".")
+        if not passed:
+            out.append("- No task passes: the comparison below is in a regime without a seesaw.")
+    for m in ("cpi-ft", "cpi-ft-omega-val"):
+        x = (res.get("vs_full_sft") or {}).get(m)
+        if x:
+            out.append(f"- {LABELS[m]} − Full SFT, mean EM over tasks: {_diff(x['mean'])} (seeds {x['seeds']}; "
+                       f"detectable ≈ {x['mean']['mdd']:.3f}): {_word(x['mean'])}.")
+    for m, x in (res.get("vs_cpi_ft") or {}).items():
+        if x:
+            out.append(f"- CPI-FT − {LABELS[m]}: {_diff(x['mean'])} (seeds {x['seeds']}): "
+                       f"CPI-FT {_word(x['mean'])}.")
+    return out
 
 
 def charts(res: dict, out: Path, name: str) -> list[Path]:
