@@ -57,6 +57,9 @@ def ensure_score(sd: Path, name: str, model: Path, tasks: list[str], split: str,
     out = score_file(sd, name, split)
     if out.exists():
         return json.loads(out.read_text())
+    only = Path(os.environ[SPLITS_ENV]).with_name("cross_seeds.json")  # optional: ["s0"], a compute budget
+    if split == "cross" and only.exists() and sd.name not in json.loads(only.read_text()):
+        return {}  # cross-talk scored on the listed seeds only
     files = split_files()
     tasks = [t for t in tasks if split in files[t]]
     if not tasks:  # e.g. no cross-talk file for this task

@@ -153,8 +153,10 @@ def gate(root: Path, hits: dict, cfg: dict) -> dict:
         cross = {}
         for m, name in (("full-sft", "full-sft"), ("probe", f"probe-{t}")):
             xs = [(_load(root / f"s{s}" / "scores" / f"{name}.cross.json") or {}).get(t) for s in d["seeds"]]
-            if all(xs):
+            xs = [x for x in xs if x]
+            if xs:
                 cross[m] = float(np.mean([x["exact_match"] for x in xs]))
+                cross["seeds"] = len(xs)
         if cross:
             out["tasks"][t]["cross_talk"] = cross
     return out
