@@ -166,6 +166,10 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return "n/a" if x is None else (f"{x:+.3f}" if signed else f"{x:.3f}")
 
 
+def _cross(ct: dict | None) -> str:
+    return f"{_fmt(ct.get('probe'))} / {_fmt(ct.get('full-sft'))} ({ct['seeds']} seed)" if ct else ""
+
+
 def _diff(x: dict) -> str:
     return f"{x['diff']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
 
@@ -196,7 +200,7 @@ def markdown(res: dict) -> str:
             md.append(f"| {t} | {_fmt(res['base_em'].get(t))} | {_fmt(res['em']['probe'][t])} | "
                       f"{_fmt(res['em']['full-sft'][t])} | {_diff(x)} | {x['mdd']:.3f} | "
                       f"{'**yes**' if x['passes'] else 'no'} | "
-                      f"{_fmt(ct.get('probe')) + ' / ' + _fmt(ct.get('full-sft')) if ct else ''} |")
+                      f"{_cross(ct)} |")
     else:
         md.append("Not finished.")
     md += ["", "## Methods (test EM, mean over finished seeds; normalized = (EM − base)/(probe − base), uncapped)",
