@@ -148,7 +148,9 @@ def gate(root: Path, hits: dict, cfg: dict) -> dict:
         return {}
     out = {"seeds": d["seeds"], "tasks": {}}
     for t, x in d["tasks"].items():
-        out["tasks"][t] = {**x, "passes": x["diff"] <= -GATE_DROP and x["ci"][1] < 0}
+        em = {m: float(np.mean([hits[m][s][t].mean() for s in d["seeds"]])) for m in ("probe", "full-sft")}
+        out["tasks"][t] = {**x, "probe_em": em["probe"], "full_sft_em": em["full-sft"],
+                           "passes": x["diff"] <= -GATE_DROP and x["ci"][1] < 0}
     for t in cfg["tasks"]:
         cross = {}
         for m, name in (("full-sft", "full-sft"), ("probe", f"probe-{t}")):
@@ -197,8 +199,8 @@ def markdown(res: dict) -> str:
                "(probe / Full SFT) |", "|---|---:|---:|---:|---|---:|---|---|"]
         for t, x in g["tasks"].items():
             ct = x.get("cross_talk")
-            md.append(f"| {t} | {_fmt(res['base_em'].get(t))} | {_fmt(res['em']['probe'][t])} | "
-                      f"{_fmt(res['em']['full-sft'][t])} | {_diff(x)} | {x['mdd']:.3f} | "
+            md.append(f"| {t} | {_fmt(res['base_em'].get(t))} | {_fmt(x['probe_em'])} | "
+                      f"{_fmt(x['full_sft_em'])} | {_diff(x)} | {x['mdd']:.3f} | "
                       f"{'**yes**' if x['passes'] else 'no'} | "
                       f"{_cross(ct)} |")
     else:
