@@ -90,7 +90,7 @@ def logic_row(rng: random.Random) -> tuple[str, str]:
 SKILLS = {"arith": arith_row, "pyexpr": pyexpr_row, "json": json_row, "logic": logic_row}
 
 
-def _rows(name: str, n_train: int, n_eval: int, seed: int) -> tuple[list, list]:
+def task_rows(name: str, n_train: int, n_eval: int, seed: int) -> tuple[list, list]:
     rng = random.Random(f"{seed}:{name}")
     if name in ("facts", "lexicon"):
         if name == "facts":
@@ -115,8 +115,8 @@ def _rows(name: str, n_train: int, n_eval: int, seed: int) -> tuple[list, list]:
     return train, evals
 
 
-def _write(path: Path, rows: list[tuple[str, str]]) -> None:
-    lines = [json.dumps({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p},
+def write_rows(path: Path, rows: list[tuple[str, str]], system: str = SYSTEM) -> None:
+    lines = [json.dumps({"messages": [{"role": "system", "content": system}, {"role": "user", "content": p},
                                       {"role": "assistant", "content": r}]}) for p, r in rows]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
@@ -128,8 +128,8 @@ def make_tasks(out: Path, names: list[str], *, n_train: int, n_eval: int, seed: 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for name in names:
-        train, evals = _rows(name, n_train, n_eval, seed)
+        train, evals = task_rows(name, n_train, n_eval, seed)
         files[name] = (out / f"{name}.jsonl", out / f"{name}-eval.jsonl")
-        _write(files[name][0], train)
-        _write(files[name][1], evals)
+        write_rows(files[name][0], train)
+        write_rows(files[name][1], evals)
     return files

@@ -91,3 +91,34 @@ def test_bad_protocol_option(root, field, value, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         run_pipeline(path, root / "bad-wd")
     assert not (root / "bad-wd").exists()
+
+
+def test_eval_teacher_forced_per_item(root):
+    """eval.exact_match / eval.per_item reach the pipeline's eval: the per-item verdicts of teacher forcing
+    equal greedy generation's on the same trained model (the full-sft run of the default recipe)."""
+    from cpift.training.evaluate import evaluate
+
+    text = RECIPE.replace("eval: {batch_size: 4, max_length: 32}",
+                          "eval: {batch_size: 4, max_length: 32, exact_match: teacher-forced, per_item: true}")
+    path = root / "tf.yml"
+    path.write_text(text)
+    wd = root / "tf"
+    report = run_pipeline(path, wd, method="full-sft")
+    final = wd / report["final_model"]
+    for task in TASKS:
+        tf = report["tasks"][task]
+        greedy = evaluate(final, root / f"{task}-eval.jsonl", batch_size=4, max_length=32, progress=False,
+                          per_item=True)
+        assert [i["hit"] for i in tf["items"]] == [i["hit"] for i in greedy["items"]]
+        assert tf["exact_match"] == greedy["exact_match"] and len(tf["items"]) == 3
+    assert report["settings"]["eval"]["exact_match"] == "teacher-forced"
+
+
+def test_bad_eval_mode(root):
+    from cpift.errors import ConfigError
+
+    path = root / "bad-eval.yml"
+    path.write_text(RECIPE.replace("max_length: 32}", "max_length: 32, exact_match: beam}"))
+    with pytest.raises(ConfigError, match=r"eval\.exact_match: expected one of greedy, teacher-forced"):
+        run_pipeline(path, root / "bad-eval-wd")
+    assert not (root / "bad-eval-wd").exists()

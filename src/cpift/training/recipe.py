@@ -19,7 +19,7 @@ Layout (paths relative to the recipe file; every key but ``base`` and ``tasks`` 
       groups: [[math], [code, chat]]  # stages of multistage-heuristic, in order
       task_arithmetic: {lam: 1.0}
       ties: {density: 0.2, lam: 1.0}
-    eval: {batch_size: 8, max_length: 1024, max_new_tokens: null}
+    eval: {batch_size: 8, max_length: 1024, max_new_tokens: null, exact_match: greedy, per_item: false}
     intermediate_dtype: float32       # probes, stages, fused, calibration: float32 | bfloat16 | float16 | auto
 
 SFT sections take sft()'s options: steps (probe) or steps_per_task (train, calibration), lr,
@@ -36,6 +36,9 @@ budgets by construction.
 keeps each update exact: saved in bf16, most of a small-lr probe's update rounds to zero and its
 core marks where the weights are large. ``auto``: each model in its input checkpoint's dtype.
 The final model is saved in the base checkpoint's dtype whatever this says.
+
+``eval.exact_match``: ``greedy`` (generate) or ``teacher-forced`` (the same verdict from one forward
+pass); ``eval.per_item``: eval.json also holds each example's hit and loss (for paired tests).
 
 Every error is a ConfigError "FILE: FIELD: what is wrong", raised before anything is written.
 """
@@ -235,8 +238,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     r.ties_density = ti.num("density", 0.2, lo=0, lo_open=True, hi=1)
     r.ties_lam = ti.num("lam", 1.0)
 
-    ev = _Fields(file, "eval", top.raw.get("eval"), ("batch_size", "max_length", "max_new_tokens"))
+    ev = _Fields(file, "eval", top.raw.get("eval"), ("batch_size", "max_length", "max_new_tokens", "exact_match",
+                                                     "per_item"))
     r.eval = {"batch_size": ev.num("batch_size", 8, lo=1, integer=True),
               "max_length": ev.num("max_length", 1024, lo=2, integer=True),
-              "max_new_tokens": ev.num("max_new_tokens", None, lo=1, integer=True, optional=True)}
+              "max_new_tokens": ev.num("max_new_tokens", None, lo=1, integer=True, optional=True),
+              "exact_match": ev.choice("exact_match", "greedy", ("greedy", "teacher-forced")),
+              "per_item": ev.choice("per_item", False, (False, True))}
     return r
