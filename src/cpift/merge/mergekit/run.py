@@ -17,6 +17,7 @@ from cpift.merge.mergekit.spec import MergeConfig
 from cpift.merge.tokenizer.prepare import tokenizer_setup
 from cpift.merge.mergekit.values import located
 from cpift.merge.methods.registry import METHODS
+from cpift.merge.precheck import check_models, model_refs
 
 
 def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *,
@@ -111,7 +112,6 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
         donor = resolve(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
 
     spec = METHODS[cfg.method]
-    fn = spec.function  # the engine, imported only once the config is known to be good
     native = set(spec.native)
     # A Hub model goes to the method as org/name@<commit read>: its card and recipe then name it by id.
     cards = {ref: _card(ref, p, resolve, src) for ref, p in paths.items()}
@@ -128,6 +128,8 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
         if tok is not None:
             models = tok.wrap(models)  # the embedding rows remapped onto the output vocabulary
         call = plan_call(cfg, num_layers=num_layers, paths=models, native=native)
+        if tok is None:
+            check_models(model_refs(call.args))  # headers and shapes, before torch is imported
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):
@@ -149,6 +151,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     if layered:
         settings["config_updates"] = {**(settings.get("config_updates") or {}), "num_hidden_layers": layers}
         settings["inputs"] = [*settings["inputs"], *paths.values()]
+    fn = spec.function  # the engine, imported only once the config is known to be good
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result
