@@ -26,9 +26,11 @@
 # histograms add across ranks (DESIGN §6: an all-reduce per round).
 #
 # Backends of magnitude_cut: "torch" first tries a sampled bracket (one pass, below) and falls back to
-# radix select; "cpu" (fused numba, kernels/_scores_cpu.py's histograms and kernels/_select_cpu.py's
-# tie search: bytes read per entry 2× the storage size per pass, nothing written; float64 inputs stay
-# on torch) and "triton" run the two radix passes, plus the tie pass when needed. All give the same Cut.
+# radix select; "cpu" (fused numba) tries the same bracket in one fused pass that keeps the scores inside
+# it in a reused buffer and selects there, ties included (kernels/_select_cpu.py bracket_select_cpu),
+# and falls back to kernels/_scores_cpu.py's histograms and kernels/_select_cpu.py's tie search (bytes
+# read per entry 2× the storage size per pass, nothing written; float64 inputs stay on torch); "triton"
+# runs the two radix passes, plus the tie pass when needed. All give the same Cut.
 #
 # Scores must be finite and non-negative (|·| gives +0.0, never −0.0): NaN would rank above +inf
 # in the histograms but is never selected by a Cut. Callers check finiteness first.
@@ -205,6 +207,8 @@ def cut_keep(scores: torch.Tensor, cut: Cut, start: int, *, out: torch.Tensor) -
 # One score pass and no 65536-bin histograms instead of two passes with bincount: ~2x faster.
 _SAMPLE = 1 << 16
 _MARGIN = 0.01  # ±1% of ranks around the sampled quantile: ~5 sample standard deviations
+# The cpu backend's one-pass selection reserves 1 byte of candidate buffer per entry (mostly untouched):
+BRACKET_BUDGET = 1 << 30  # for tensors of at most this many entries; larger ones run radix select
 
 
 # Counting with float ops: comparisons that produce bool tensors, and sums of them, run 3-5x
@@ -273,6 +277,10 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     be = resolve(backend, x, base)
     if be == "cpu" and not _fused(x, base):
         be = "torch"  # float64 inputs: the oracle precision stays on the torch path
+    if be == "cpu":
+        bracketed = _bracket_cpu(x, base, k, n)
+        if bracketed is not None:
+            return bracketed
     if be in ("triton", "cpu"):
         rs = RadixSelect(x.device, reuse=True)
         score_histogram(x, base, hist=rs.high, backend=be)
@@ -296,6 +304,15 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     if ties == equal:
         return Cut(value=value, last_tie=n - 1)
     return Cut(value=value, last_tie=tie_index(x, base, value, ties, backend=be))
+
+
+def _bracket_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int) -> Cut | None:
+    """The Cut in one fused pass over (x, base) if a sample brackets the k-th largest (else None)."""
+    from ._select_cpu import bracket_select_cpu
+
+    bracket = _bracket(x, base, k, n) if n <= BRACKET_BUDGET else None
+    found = bracket_select_cpu(x, base, k, *bracket) if bracket is not None else None
+    return None if found is None else Cut(value=found[0], last_tie=found[3])
 
 
 def _fused(x: torch.Tensor, base: torch.Tensor | None) -> bool:
