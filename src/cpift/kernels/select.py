@@ -25,12 +25,10 @@
 # Each pass reads every input element once and writes nothing but 512 KiB of counts. The
 # histograms add across ranks (DESIGN §6: an all-reduce per round).
 #
-# Backends of magnitude_cut: "torch" first tries a sampled bracket (one pass, below) and falls back to
-# radix select; "cpu" (fused numba) tries the same bracket in one fused pass that keeps the scores inside
-# it in a reused buffer and selects there, ties included (kernels/_select_cpu.py bracket_select_cpu),
-# and falls back to kernels/_scores_cpu.py's histograms and kernels/_select_cpu.py's tie search (bytes
-# read per entry 2× the storage size per pass, nothing written; float64 inputs stay on torch); "triton"
-# runs the two radix passes, plus the tie pass when needed. All give the same Cut.
+# Backends of magnitude_cut: "torch" tries a sampled bracket (one pass, below), else radix select; "cpu"
+# (fused numba; float64 stays on torch) the same bracket in one fused pass that keeps the scores inside it
+# in a reused buffer and selects there, ties included (kernels/_select_cpu.py), else the radix passes and
+# tie search (2× the storage size read per entry per pass); "triton" the radix passes. All give one Cut.
 #
 # Scores must be finite and non-negative (|·| gives +0.0, never −0.0): NaN would rank above +inf
 # in the histograms but is never selected by a Cut. Callers check finiteness first.
@@ -224,12 +222,13 @@ def _count_equal(scores: torch.Tensor, value: float) -> int:
     return scores.numel() - int(torch.sub(scores, value, out=t).abs_().sign_().sum())
 
 
-def _bracket(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int) -> tuple[float, float] | None:
+def _bracket(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
+             sample: torch.Tensor | None = None) -> tuple[float, float] | None:  # sample: sorted, strided
     if n < 8 * _SAMPLE:
         return None
-    stride = n // _SAMPLE
-    xs = x[::stride][:_SAMPLE].to(compute_dtype(x, base))
-    sample = (xs if base is None else xs - base[::stride][:_SAMPLE]).abs().float().sort().values
+    if sample is None:
+        xs = x[::n // _SAMPLE][:_SAMPLE].to(compute_dtype(x, base))
+        sample = (xs if base is None else xs - base[::n // _SAMPLE][:_SAMPLE]).abs().float().sort().values
     below = 1.0 - k / n  # share of scores under the k-th largest
     lo_q, hi_q = below - _MARGIN, below + _MARGIN
     if lo_q <= 0.0 or hi_q >= 1.0:
@@ -308,9 +307,11 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
 
 def _bracket_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int) -> Cut | None:
     """The Cut in one fused pass over (x, base) if a sample brackets the k-th largest (else None)."""
-    from ._select_cpu import bracket_select_cpu
+    from ._select_cpu import bracket_select_cpu, sample_scores_cpu
 
-    bracket = _bracket(x, base, k, n) if n <= BRACKET_BUDGET else None
+    if not 8 * _SAMPLE <= n <= BRACKET_BUDGET:
+        return None
+    bracket = _bracket(x, base, k, n, torch.from_numpy(sample_scores_cpu(x, base, n // _SAMPLE, _SAMPLE)))
     found = bracket_select_cpu(x, base, k, *bracket) if bracket is not None else None
     return None if found is None else Cut(value=found[0], last_tie=found[3])
 
