@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_exact, nonzero_randn
-from _selection_cases import HAS_NUMBA, LENGTH_IDS, LENGTHS, NEEDS_NUMBA, quantized, threads
+from _selection_cases import BLOCK, HAS_NUMBA, LENGTH_IDS, LENGTHS, NEEDS_NUMBA, quantized, threads
 
 from cpift.kernels.select import magnitude_cut, magnitude_cut_ref, tie_index
 from cpift.kernels.topk import GlobalTopK
@@ -96,3 +96,44 @@ def test_global_top_k_routes_through_fused_kernels(monkeypatch, block):
             assert gc == wc
             assert_exact(gp, wp)
     assert sum(per[0][1] for per in got[1]) == want[0][0].k  # task 0's counts add up to its k
+
+
+@pytest.mark.parametrize("kind", ["distinct", "many-ties", "few-values"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_one_pass_bracket_select_equals_radix_select(monkeypatch, dtype, kind):
+    """The cpu backend's one-pass selection (a sampled bracket, the candidates kept in a buffer) gives the
+    Cut of radix select and of the sort, ties and all; it is taken where the bracket holds the k-th largest."""
+    import cpift.kernels._select_cpu as select_cpu
+    import cpift.kernels.select as select
+
+    n = 8 * BLOCK + 3  # the smallest tensor the sample brackets
+    if kind == "distinct":
+        x, base = nonzero_randn(n, dtype), nonzero_randn(n, dtype)
+    else:
+        step = 1 / 64 if kind == "many-ties" else 1 / 2
+        x, base = quantized(n, dtype, step), quantized(n, dtype, step / 2)
+    taken = []
+    one_pass = select_cpu.bracket_select_cpu
+    monkeypatch.setattr(select_cpu, "bracket_select_cpu", lambda *a: taken.append(one_pass(*a)) or taken[-1])
+    ks = [1, n // 100, n // 3, n // 2, n - n // 50, n - 1]
+    got = [magnitude_cut(x, base, k, backend="cpu") for k in ks]
+    assert any(t is not None for t in taken), "the one-pass path never ran"
+    monkeypatch.setattr(select, "BRACKET_BUDGET", 0)  # radix select only
+    assert got == [magnitude_cut(x, base, k, backend="cpu") for k in ks]
+    assert got[2] == magnitude_cut_ref(x, base, ks[2])
+
+
+def test_bracket_select_reports_a_miss_and_an_overflow():
+    from cpift.kernels._select_cpu import bracket_select_cpu
+
+    n = 8 * BLOCK + 3
+    x, base = nonzero_randn(n, torch.float32), nonzero_randn(n, torch.float32)
+    scores = (x - base).abs()
+    k = n // 3
+    kth = float(scores.sort(descending=True).values[k - 1])
+    assert bracket_select_cpu(x, base, k, kth * 2, kth * 3) is None  # the k-th largest lies below lo
+    assert bracket_select_cpu(x, base, k, 0.0, kth / 2) is None  # ... above hi
+    assert bracket_select_cpu(x, base, k, 0.0, float("inf")) is None  # every entry a candidate: slots overflow
+    value, greater, equal, last = bracket_select_cpu(x, base, k, kth, kth)
+    assert (value, greater, equal) == (kth, int((scores > kth).sum()), int((scores == kth).sum()))
+    assert magnitude_cut(x, base, k, backend="cpu") == magnitude_cut_ref(x, base, k)

@@ -89,12 +89,15 @@ def compute_options(fn):
 
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the enclosed work on ``threads`` torch threads (None: leave torch's choice)."""
+    """Run the enclosed work on ``threads`` torch threads (None: leave torch's choice, and leave
+    importing torch to the work, after its input checks)."""
+    if threads is None:
+        yield
+        return
     import torch
 
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -148,6 +151,7 @@ def common_options(fn):
         # Only when asked: a command whose function takes no such keyword still runs without them.
         common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume),
                                              ("allow_crimes", allow_crimes)) if on})
+        precheck_command(kwargs, max_shard_size)
         with torch_threads(threads):
             result = fn(*args, out=out, common=common, **kwargs)
         if not quiet:
@@ -161,6 +165,19 @@ def common_options(fn):
             click.echo(f"pushed {result.out} to {push_to_hub}: {url}")
 
     return wrapper
+
+
+def precheck_command(given: dict, max_shard_size: str) -> None:
+    """Refuse the bad input that can be seen without torch before anything imports it (merge/precheck.py):
+    a refusal then takes a fraction of a second instead of torch's import time."""
+    from cpift.merge.methods.registry import by_cli
+    from cpift.merge.precheck import precheck
+
+    spec = by_cli(click.get_current_context().command.name)
+    if spec is not None:  # per-model lists parsed as the command will parse them (same errors)
+        given = {k: floats(v, p.cli) if (p := spec.param(k)) is not None and p.per_model and isinstance(v, str)
+                 else v for k, v in given.items()}
+    precheck(spec, given, max_shard_size=max_shard_size)
 
 
 def require_module(module: str, option: str, extra: str) -> None:

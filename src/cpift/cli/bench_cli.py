@@ -66,7 +66,10 @@ def _check_target(path: str | None, option: str, models: tuple[str, ...]) -> Pat
 @click.option("--case-timeout", type=Number(lo=0, lo_open=True), default=None, metavar="SECONDS",
               help="Kill a run still going after this long and record it as timed out (its wall time a lower "
                    "bound), so one stalled case cannot hold up the bench.")
-@click.option("--cold", is_flag=True, help="One more run per case with the page cache dropped (root only).")
+@click.option("--cold", is_flag=True,
+              help="One more run per case with the inputs evicted from the page cache first (posix_fadvise "
+                   "DONTNEED per file, no root needed), beside the O_DIRECT disk floor (every input byte read from "
+                   "the disk, one model written to it).")
 @click.option("--note", default=None, help="Free text stored with the results, e.g. what else ran meanwhile.")
 def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_mergekit, mergekit_methods,
           mergekit_repeat, repeat, json_path, plot_path, md_path, workdir, max_shard_size, threads, case_timeout, cold,

@@ -1,7 +1,8 @@
 # Exact selection of the k largest scores s = fl32(|x − base|) of one tensor, as a Cut (value v, last
 # tie index j: selected when s > v, or s == v at flat index ≤ j; ties to the lowest index), by radix
 # select: two 2^16-bin histogram passes and, when the ties split, a third for the r-th tie; the torch
-# backend first tries a sampled bracket. No sort, no copy of the data.
+# and cpu backends first try a sampled bracket (cpu: one fused pass keeping the scores inside it in a
+# reused buffer). No sort.
 # Precision: exact for the float32 scores; every backend gives the same Cut.
 # Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsselectpy
 from __future__ import annotations
@@ -177,6 +178,8 @@ def cut_keep(scores: torch.Tensor, cut: Cut, start: int, *, out: torch.Tensor) -
 # One score pass and no 65536-bin histograms instead of two passes with bincount: ~2x faster.
 _SAMPLE = 1 << 16
 _MARGIN = 0.01  # ±1% of ranks around the sampled quantile: ~5 sample standard deviations
+# The cpu backend's one-pass selection reserves 1 byte of candidate buffer per entry (mostly untouched):
+BRACKET_BUDGET = 1 << 30  # for tensors of at most this many entries; larger ones run radix select
 
 
 # Counting with float ops: comparisons that produce bool tensors, and sums of them, run 3-5x
@@ -192,12 +195,13 @@ def _count_equal(scores: torch.Tensor, value: float) -> int:
     return scores.numel() - int(torch.sub(scores, value, out=t).abs_().sign_().sum())
 
 
-def _bracket(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int) -> tuple[float, float] | None:
+def _bracket(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
+             sample: torch.Tensor | None = None) -> tuple[float, float] | None:  # sample: sorted, strided
     if n < 8 * _SAMPLE:
         return None
-    stride = n // _SAMPLE
-    xs = x[::stride][:_SAMPLE].to(compute_dtype(x, base))
-    sample = (xs if base is None else xs - base[::stride][:_SAMPLE]).abs().float().sort().values
+    if sample is None:
+        xs = x[::n // _SAMPLE][:_SAMPLE].to(compute_dtype(x, base))
+        sample = (xs if base is None else xs - base[::n // _SAMPLE][:_SAMPLE]).abs().float().sort().values
     below = 1.0 - k / n  # share of scores under the k-th largest
     lo_q, hi_q = below - _MARGIN, below + _MARGIN
     if lo_q <= 0.0 or hi_q >= 1.0:
@@ -245,6 +249,10 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     be = resolve(backend, x, base)
     if be == "cpu" and not _fused(x, base):
         be = "torch"  # float64 inputs: the oracle precision stays on the torch path
+    if be == "cpu":
+        bracketed = _bracket_cpu(x, base, k, n)
+        if bracketed is not None:
+            return bracketed
     if be in ("triton", "cpu"):
         rs = RadixSelect(x.device, reuse=True)
         score_histogram(x, base, hist=rs.high, backend=be)
@@ -268,6 +276,17 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     if ties == equal:
         return Cut(value=value, last_tie=n - 1)
     return Cut(value=value, last_tie=tie_index(x, base, value, ties, backend=be))
+
+
+def _bracket_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int) -> Cut | None:
+    """The Cut in one fused pass over (x, base) if a sample brackets the k-th largest (else None)."""
+    from ._select_cpu import bracket_select_cpu, sample_scores_cpu
+
+    if not 8 * _SAMPLE <= n <= BRACKET_BUDGET:
+        return None
+    bracket = _bracket(x, base, k, n, torch.from_numpy(sample_scores_cpu(x, base, n // _SAMPLE, _SAMPLE)))
+    found = bracket_select_cpu(x, base, k, *bracket) if bracket is not None else None
+    return None if found is None else Cut(value=found[0], last_tie=found[3])
 
 
 def _fused(x: torch.Tensor, base: torch.Tensor | None) -> bool:

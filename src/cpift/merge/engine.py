@@ -20,10 +20,10 @@ import torch
 
 from cpift.kernels.finite import all_finite, first_nonfinite
 
-from cpift.errors import MismatchError, NonFiniteError, OutputError, ParameterError
+from cpift.errors import NonFiniteError, OutputError, ParameterError
 from cpift.merge.card import card_files, model_inputs, roles_for
 from cpift.merge.consistency import check_consistency, leaves
-from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
+from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_same_tensors
 from cpift.merge.io.model_files import read_side_files
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
@@ -90,21 +90,7 @@ def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
 def check_compatible(models: list[Checkpoint], *, allow_crimes: bool = False) -> list[str]:
     """Every model must hold the same tensor names with the same shapes, and be consistent by
     merge/consistency.py's rule (architecture, dtypes; ``allow_crimes``: notes instead); return its notes."""
-    first = models[0]
-    for other in models[1:]:
-        missing = [n for n in first.tensors if n not in other.tensors]
-        if missing:
-            raise MismatchError(f"tensor '{missing[0]}' is in {first.path} but missing from {other.path}"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        extra = [n for n in other.tensors if n not in first.tensors]
-        if extra:
-            raise MismatchError(f"tensor '{extra[0]}' is in {other.path} but missing from {first.path}"
-                                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-        for name, info in first.tensors.items():
-            o = other.tensors[name]
-            if o.shape != info.shape:
-                raise MismatchError(f"tensor '{name}': shape {list(info.shape)} in {first.path} but "
-                                    f"{list(o.shape)} in {other.path}")
+    check_same_tensors(models)
     return check_consistency(models, allow_crimes=allow_crimes)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 
-import numpy as np
-
 PAGE = mmap.PAGESIZE
 WILLNEED, DONTNEED, POPULATE_READ, POPULATE_WRITE = 3, 4, 22, 23  # <sys/mman.h> on Linux
 
@@ -30,6 +28,8 @@ _madvise = _load()
 
 def address(mm: mmap.mmap) -> int:
     """Base address of a mapping (numpy reads it without needing a writable buffer)."""
+    import numpy as np  # here, not at the top: reading headers (a refusal) imports no numpy
+
     return np.frombuffer(mm, dtype=np.uint8).ctypes.data
 
 

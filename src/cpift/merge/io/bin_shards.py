@@ -33,10 +33,8 @@ from . import _mman
 from cpift.errors import CheckpointError
 from cpift.merge.io.st_header import DTYPE_NAMES, HeaderEntry
 
-__all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "BinShards"]
+__all__ = ["BinShards"]
 
-BIN_SINGLE_NAME = "pytorch_model.bin"
-BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since 1.6 is a zip archive
 COPIED_SHARDS = 2  # shards that cannot be mapped held in memory at once: the one in use and the next
 UNPICKLER = "WeightsUnpickler error:"  # where torch's weights_only message says what it refused

@@ -27,21 +27,33 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
-from . import _mman
-from cpift.errors import CheckpointError
-from cpift.merge.io.bin_shards import BIN_INDEX_NAME, BIN_SINGLE_NAME, BinShards
+from . import _mman, st_header
+from cpift.errors import CheckpointError, MismatchError
 from cpift.merge.io.model_files import model_file, read_model_file
 from cpift.merge.io.safe_parse import load_json_bounded
-from cpift.merge.io.st_header import DTYPE_NAMES, DTYPES, HeaderEntry, header_entries, read_header
+from cpift.merge.io.st_header import HeaderEntry, header_entries, read_header, torch_dtype
 
-__all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "DTYPES", "DTYPE_NAMES", "INDEX_NAME", "LAYOUTS", "SINGLE_NAME",
+if TYPE_CHECKING:
+    import torch
+
+    from cpift.merge.io.bin_shards import BinShards
+
+__all__ = ["BIN_INDEX_NAME", "BIN_SINGLE_NAME", "INDEX_NAME", "LAYOUTS", "SINGLE_NAME",
            "Checkpoint", "TensorInfo"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_SINGLE_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+def __getattr__(name: str) -> Any:
+    """DTYPES and DTYPE_NAMES (merge/io/st_header.py), built with the torch import when first asked for."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        return getattr(st_header, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 # (single file, index) of each format, in the order transformers' from_pretrained looks for them
 # (modeling_utils._get_resolved_checkpoint_files): safetensors first, then PyTorch pickles.
 LAYOUTS = ((SINGLE_NAME, INDEX_NAME), (BIN_SINGLE_NAME, BIN_INDEX_NAME))
@@ -73,9 +85,9 @@ class TensorInfo(HeaderEntry):
         return n
 
 
-def _shard_tensors(file: Path) -> dict[str, TensorInfo]:
+def _shard_tensors(file: Path, typed: bool) -> dict[str, TensorInfo]:
     header, data_start = read_header(file)
-    entries = header_entries(file, header, file.stat().st_size - data_start)
+    entries = header_entries(file, header, file.stat().st_size - data_start, dtype_of=torch_dtype if typed else str)
     return {e.name: TensorInfo(e.name, e.dtype, e.shape, data_start + e.begin, data_start + e.end, file)
             for e in entries}
 
@@ -87,6 +99,10 @@ class Checkpoint:
         path: the model directory, or one ``.safetensors`` or ``.bin`` file.
         ref: the model argument it was resolved from (a Hub id such as ``org/name@main``), for the
             model card; default: ``path``.
+        typed: False reads and validates the safetensors headers without importing torch (the checks
+            that refuse bad input before a merge starts, cli/precheck.py): each tensor's ``dtype`` is then
+            its header name, ``.bin`` shards (unpickled by torch) are not read (``tensors`` is empty and
+            ``complete`` False), and nothing is readable with ``get``.
 
     Raises:
         CheckpointError: the directory, index or a shard is missing, truncated or malformed.
@@ -96,7 +112,7 @@ class Checkpoint:
         >>> w = ckpt.get("model.embed_tokens.weight")
     """
 
-    def __init__(self, path: str | os.PathLike, *, ref: str | None = None):
+    def __init__(self, path: str | os.PathLike, *, ref: str | None = None, typed: bool = True):
         self.path = Path(path)
         self.ref = ref if ref is not None else os.fspath(path)
         self.notes: list[str] = []  # one-line notes for the user (e.g. which files were read)
@@ -115,7 +131,12 @@ class Checkpoint:
             files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
         self._bin: BinShards | None = None
-        if self.index_name == BIN_INDEX_NAME:
+        self.complete = typed or self.index_name != BIN_INDEX_NAME
+        if not self.complete:
+            self._index = None
+        elif self.index_name == BIN_INDEX_NAME:
+            from cpift.merge.io.bin_shards import BinShards
+
             self.notes.append(f"note: reading .bin checkpoints of {self.path} (slower than safetensors, "
                               f"which needs no unpickling)")
             self._bin = BinShards(files)
@@ -125,7 +146,7 @@ class Checkpoint:
                                      for e in entries})
         else:
             for file in files:
-                self.tensors.update(_shard_tensors(file))
+                self.tensors.update(_shard_tensors(file, typed))
         if self._index is not None:
             self._check_index()
         self._maps: dict[Path, tuple[mmap.mmap, int]] = {}
@@ -198,6 +219,8 @@ class Checkpoint:
     def _open_map(self, file: Path) -> tuple[mmap.mmap, int]:
         fd = os.open(file, os.O_RDONLY)
         try:
+            if hasattr(os, "posix_fadvise"):  # tensors are read in storage order: a larger read-ahead window
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             # PROT_READ: the input cannot be written through the map (a stray write faults).
             mm = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
@@ -207,6 +230,8 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as a zero-copy, read-only view of the shard (never write into it)."""
+        import torch
+
         info = self.tensors[name]
         if self._bin is not None:
             return self._bin.get(info.file, name)
@@ -233,6 +258,12 @@ class Checkpoint:
         if not self._advise(name, _mman.POPULATE_READ, True):  # kernels before 5.14
             self._advise(name, _mman.WILLNEED, True)
 
+    def hint(self, name: str) -> None:
+        """Ask the kernel to read a tensor's pages into the page cache in the background (madvise
+        WILLNEED: returns at once, maps nothing into this process)."""
+        if self._bin is None:
+            self._advise(name, _mman.WILLNEED, True)
+
     def release(self, name: str) -> None:
         """Unmap a finished tensor's pages from this process (the page cache keeps them)."""
         if self._bin is not None:
@@ -252,3 +283,26 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self.tensors)})"
+
+
+def check_same_tensors(models: Sequence[Any]) -> None:
+    """Every model holds the same tensor names with the same shapes as the first one.
+
+    Raises:
+        MismatchError: naming the first tensor that is missing from a model, or whose shape differs.
+    """
+    first = models[0]
+    for other in models[1:]:
+        missing = [n for n in first.tensors if n not in other.tensors]
+        if missing:
+            raise MismatchError(f"tensor '{missing[0]}' is in {first.path} but missing from {other.path}"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = [n for n in other.tensors if n not in first.tensors]
+        if extra:
+            raise MismatchError(f"tensor '{extra[0]}' is in {other.path} but missing from {first.path}"
+                                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        for name, info in first.tensors.items():
+            o = other.tensors[name]
+            if o.shape != info.shape:
+                raise MismatchError(f"tensor '{name}': shape {list(info.shape)} in {first.path} but "
+                                    f"{list(o.shape)} in {other.path}")

@@ -31,12 +31,12 @@ from cpift.errors import CheckpointError
 from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.fp8 import FP8, dequantized
 from cpift.merge.io.model_files import read_model_file
+from cpift.merge.io.refs import ADAPTER_CONFIG, is_adapter_dir, split_lora_ref
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.numbers import F32_MAX, parse_number, shown
 
 __all__ = ["ADAPTER_CONFIG", "AdaptedCheckpoint", "is_adapter_dir", "split_lora_ref"]
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 # Config fields whose non-default value changes the merge in a way cpift does not implement.
@@ -44,24 +44,6 @@ REFUSED = {"use_dora": (False, None), "lora_bias": (False, None), "layer_replica
            "trainable_token_indices": (None, {}, []), "target_parameters": (None, []),
            "alora_invocation_tokens": (None,), "arrow_config": (None,)}
 _FACTOR = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight|(?P<emb>.+)\.(?P<ekind>lora_embedding_[AB])")
-
-
-def split_lora_ref(ref: str | os.PathLike) -> tuple[str, str] | None:
-    """``(base, adapter)`` for ``BASE+ADAPTER`` (an existing path with a ``+`` in it stays a path)."""
-    text = os.fspath(ref)
-    if "+" not in text or os.path.exists(text):
-        return None
-    parts = text.split("+")
-    if len(parts) != 2 or not all(parts):
-        raise CheckpointError(f"{text}: expected BASE+ADAPTER with exactly one '+'")
-    return parts[0], parts[1]
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """A PEFT adapter directory: adapter_config.json and no model weights of its own."""
-    p = Path(path)
-    return (p.is_dir() and (p / ADAPTER_CONFIG).is_file()
-            and not any((p / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")))
 
 
 def read_adapter_config(adapter: Path) -> dict:

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from cpift.errors import CheckpointError
 from cpift.merge.io.safe_parse import load_json_bounded
@@ -36,13 +35,36 @@ HEADER_MAX_BYTES = 100_000_000  # the library's MAX_HEADER_SIZE
 HEADER_MAX_DEPTH = 127  # serde_json's recursion limit 128: 127 nested levels parse, 128 do not
 _USIZE = 1 << 64
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# Each dtype cpift reads: its header name, its torch attribute and its size in bytes. The headers are
+# parsed and validated without torch (a refusal of a bad input costs no torch import, cli/precheck.py);
+# DTYPES and DTYPE_NAMES (torch dtypes) are built on first use.
+_DTYPE_TABLE = (("F64", "float64", 8), ("F32", "float32", 4), ("F16", "float16", 2), ("BF16", "bfloat16", 2),
+                ("I64", "int64", 8), ("I32", "int32", 4), ("I16", "int16", 2), ("I8", "int8", 1),
+                ("U64", "uint64", 8), ("U32", "uint32", 4), ("U16", "uint16", 2), ("U8", "uint8", 1),
+                ("BOOL", "bool", 1), ("F8_E4M3", "float8_e4m3fn", 1), ("F8_E5M2", "float8_e5m2", 1))
+ITEMSIZE: dict[str, int] = {name: size for name, _, size in _DTYPE_TABLE}
+FLOATING_NAMES = frozenset(name for name, _, _ in _DTYPE_TABLE if name.startswith(("F", "BF")))
+_TORCH_TABLES: dict[str, dict] = {}
+
+
+def __getattr__(name: str) -> dict:
+    """``DTYPES`` (header name -> torch.dtype) and ``DTYPE_NAMES`` (its inverse), built when first asked for."""
+    if name not in ("DTYPES", "DTYPE_NAMES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not _TORCH_TABLES:
+        import torch
+
+        dtypes = {key: getattr(torch, attr) for key, attr, _ in _DTYPE_TABLE}
+        _TORCH_TABLES.update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+    return _TORCH_TABLES[name]
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a header dtype name (imports torch)."""
+    return __getattr__("DTYPES")[name]
 
 
 @dataclass(frozen=True)
@@ -50,7 +72,7 @@ class HeaderEntry:
     """One tensor of a validated header: offsets relative to the start of the data section."""
 
     name: str
-    dtype: torch.dtype
+    dtype: Any  # a torch.dtype; the header's name (a str) where parsed with dtype_of=str
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -87,24 +109,27 @@ def _usize(v: object) -> bool:
     return type(v) is int and 0 <= v < _USIZE
 
 
-def _entry(file: Path, name: str, meta: object) -> HeaderEntry:
-    """Rule 4 for one tensor."""
+def _entry(file: Path, name: str, meta: object, dtype_of: Callable[[str], Any]) -> tuple[HeaderEntry, int]:
+    """Rule 4 for one tensor; (its entry, its itemsize)."""
     bad = f"{file}: tensor '{name}' has a malformed header entry"
     if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
         raise CheckpointError(f"{bad} (expected an object with dtype, shape and data_offsets)")
     dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise CheckpointError(f"{bad} (dtype {dtype!r} is unknown or not supported; cpift reads "
-                              f"{', '.join(DTYPES)})")
+                              f"{', '.join(ITEMSIZE)})")
     if not isinstance(shape, list) or not all(_usize(d) for d in shape):
         raise CheckpointError(f"{bad} (shape {shape!r} is not a list of non-negative integers)")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(x) for x in offsets):
         raise CheckpointError(f"{bad} (data_offsets {offsets!r} is not two non-negative integers)")
-    return HeaderEntry(name, DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
+    return HeaderEntry(name, dtype_of(dtype), tuple(shape), offsets[0], offsets[1]), ITEMSIZE[dtype]
 
 
-def header_entries(file: Path, header: dict, data_size: int) -> list[HeaderEntry]:
+def header_entries(file: Path, header: dict, data_size: int, *,
+                   dtype_of: Callable[[str], Any] = torch_dtype) -> list[HeaderEntry]:
     """Validate a parsed header against a data section of ``data_size`` bytes (rules 3-7).
+
+    ``dtype_of`` maps a header dtype name to the entries' ``dtype`` (``str``: keep the name, no torch).
 
     Returns:
         The tensors in offset order.
@@ -115,10 +140,10 @@ def header_entries(file: Path, header: dict, data_size: int) -> list[HeaderEntry
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise CheckpointError(f"{file}: malformed header: __metadata__ must be an object of strings")
-    entries = sorted((_entry(file, n, m) for n, m in header.items() if n != "__metadata__"),
-                     key=lambda e: (e.begin, e.end))
+    sized = sorted((_entry(file, n, m, dtype_of) for n, m in header.items() if n != "__metadata__"),
+                   key=lambda pair: (pair[0].begin, pair[0].end))
     start = 0
-    for e in entries:
+    for e, itemsize in sized:
         if e.begin != start or e.end < e.begin:
             why = ("overlaps the previous tensor" if e.begin < start else
                    "leaves a gap after the previous tensor" if e.begin > start else "ends before it begins")
@@ -130,7 +155,7 @@ def header_entries(file: Path, header: dict, data_size: int) -> list[HeaderEntry
             numel *= d
             if numel >= _USIZE:
                 break
-        nbytes = numel * e.dtype.itemsize
+        nbytes = numel * itemsize
         if nbytes >= _USIZE:
             raise CheckpointError(f"{file}: tensor '{e.name}': shape {list(e.shape)} overflows "
                                   f"the byte count")
@@ -143,4 +168,4 @@ def header_entries(file: Path, header: dict, data_size: int) -> list[HeaderEntry
     if start < data_size:
         raise CheckpointError(f"{file}: malformed: {data_size - start} bytes after the last tensor's "
                               f"data (safetensors requires the tensors to cover the file exactly)")
-    return entries
+    return [e for e, _ in sized]

@@ -4,10 +4,12 @@ A ``TensorStream`` walks a list of tensor names over N sources (checkpoints, or 
 ``get(name)``) and yields, per name, the flat zero-copy host views of every source and the same
 tensors where the math runs. Around that loop it does what every step needs:
 
-- prefetch: a background thread maps (and, on a cold cache, reads) the pages of the next ``depth``
-  tensors of every source, and of the optional writer's output, while the current one computes;
-  page faults taken by torch's worker threads contend (0.85 GB/s measured), which is why pages are
-  mapped ahead from one thread. Pages are released once the caller is done with a tensor.
+- prefetch: a background thread maps (and, on a cold cache, reads) the pages of the next tensors of
+  every source, and of the optional writer's output, while the current one computes, as far ahead
+  as a budget of mapped bytes allows (PREFETCH_BYTES), and asks the kernel to read ahead the bytes
+  after those (HINT_BYTES, madvise WILLNEED); page faults taken by torch's worker threads contend
+  (0.85 GB/s measured), which is why pages are mapped ahead from one thread. Pages are released
+  once the caller is done with a tensor, which frees room in the budget.
 - device staging: with a device, the tensors go host → device through pinned buffers on a side
   stream (merge/io/device.py); ``stage_next`` starts the next upload while this tensor's kernels run.
   A ``DeviceCache`` shared by the streams of several passes keeps device copies between them: a
@@ -59,25 +61,69 @@ def progress_bar(desc: str, total: int, enabled: bool, **units: object) -> Bar:
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
 
-class Prefetcher:
-    """Maps the pages of the next ``depth`` tensors of every source, and of their outputs, from a
-    background thread. Sources without ``populate`` / ``release`` (packed masks) are skipped."""
+# How far the prefetch runs ahead, in input bytes mapped into this process (resident): the tensor being
+# computed counts, and one tensor larger than this is still mapped alone. Beyond that window the next
+# HINT_BYTES are only announced to the kernel (madvise WILLNEED: read-ahead into the page cache, not into
+# this process), so a cold disk keeps a queue of reads while the window waits for the math.
+PREFETCH_BYTES = 1 << 30
+HINT_BYTES = 1 << 30
 
-    def __init__(self, sources: Sequence[Source], writer, names: list[str], depth: int = 2):
+
+def tensor_bytes(source: object, name: str) -> int:
+    """Bytes of tensor ``name`` in ``source`` (0 when the source does not say)."""
+    info = getattr(source, "tensors", {}).get(name)
+    return int(getattr(info, "nbytes", 0))
+
+
+class Prefetcher:
+    """Maps the pages of the next tensors of every source, and of their outputs, from a background
+    thread, while the mapped input bytes stay within ``budget`` (PREFETCH_BYTES); hints the read-ahead of
+    the next ``hint_budget`` bytes beyond. Sources without ``populate`` / ``release`` (packed masks) are
+    skipped; ``hint`` is optional."""
+
+    def __init__(self, sources: Sequence[Source], writer, names: list[str], *, budget: int | None = None,
+                 hint_budget: int | None = None):
         self.sources = [s for s in sources if hasattr(s, "populate")]
         self.writer, self.names = writer, names
+        self.budget = PREFETCH_BYTES if budget is None else budget
+        self.hint_budget = HINT_BYTES if hint_budget is None else hint_budget
+        self.sizes = [sum(tensor_bytes(s, n) for s in self.sources) for n in names]
         self._ready = [threading.Event() for _ in names]
-        self._slots = threading.Semaphore(depth)
+        self._room = threading.Condition()
+        self.mapped = 0  # input bytes populated and not yet released
+        self.in_flight = 0  # tensors populated and not yet released
+        self._hinted = 0  # tensors whose read-ahead was asked for
         self._stop = False
         self._error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="cpift-prefetch", daemon=True)
         self.thread.start()
 
+    def _take(self, j: int) -> bool:
+        """Wait until tensor j fits the budget (or nothing is mapped); False when stopped."""
+        with self._room:
+            while not self._stop and self.in_flight and self.mapped + self.sizes[j] > self.budget:
+                self._room.wait()
+            if self._stop:
+                return False
+            self.mapped += self.sizes[j]
+            self.in_flight += 1
+            return True
+
+    def _hint(self, j: int) -> None:
+        """Ask for the read-ahead of the tensors after j, up to hint_budget bytes past the budget."""
+        ahead = sum(self.sizes[j:self._hinted])
+        while self._hinted < len(self.names) and ahead + self.sizes[self._hinted] <= self.hint_budget + self.budget:
+            ahead += self.sizes[self._hinted]
+            for s in self.sources:
+                if hasattr(s, "hint"):
+                    s.hint(self.names[self._hinted])
+            self._hinted += 1
+
     def _run(self) -> None:
         try:
             for j, name in enumerate(self.names):
-                self._slots.acquire()
-                if self._stop:
+                self._hint(j)
+                if not self._take(j):
                     return
                 for s in self.sources:
                     s.populate(name)
@@ -99,11 +145,15 @@ class Prefetcher:
             s.release(self.names[j])
         if self.writer is not None:
             self.writer.release(self.names[j])
-        self._slots.release()
+        with self._room:
+            self.mapped -= self.sizes[j]
+            self.in_flight -= 1
+            self._room.notify()
 
     def stop(self) -> None:
-        self._stop = True
-        self._slots.release()
+        with self._room:
+            self._stop = True
+            self._room.notify()
         self.thread.join()
 
 

@@ -17,6 +17,7 @@ from cpift.merge.mergekit.spec import MergeConfig
 from cpift.merge.tokenizer.prepare import tokenizer_setup
 from cpift.merge.mergekit.values import located
 from cpift.merge.methods.registry import METHODS
+from cpift.merge.precheck import check_models, model_refs
 
 
 def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *,
@@ -108,13 +109,13 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
     tok = tokenizer_setup(cfg, paths, donor, lambda ref, fld: resolve(ref, fld, src))  # merge/tokenizer/
     if "copy_tokenizer_from" in cfg.cpift:
         donor = resolve(cfg.cpift["copy_tokenizer_from"], "cpift.copy_tokenizer_from", src)
-    fn = METHODS[cfg.method].function  # the engine, imported only once the config is known to be good
     call, layers, opened = _plan(cfg, paths, tok, resolve, layered=layered, num_layers=num_layers, seed=seed)
     settings = _settings(cfg, call, paths, donor, tok, common, path=path, out=out, here=here, layers=layers)
     if cfg.stack:
         from cpift.merge.mergekit.stack import run_stack
 
         return run_stack(cfg, out, paths, opened=opened, **settings)
+    fn = METHODS[cfg.method].function  # the engine, imported only once the config is known to be good
     result = fn(*call.args, out, **call.kwargs, **settings)
     result.notes.extend(call.notes)
     return result
@@ -138,6 +139,8 @@ def _plan(cfg: MergeConfig, paths: Mapping[str, Path], tok, resolve, *, layered:
     else:
         models = tok.wrap(dict(opened)) if tok is not None else dict(opened)  # rows onto the output vocabulary
         call = plan_call(cfg, num_layers=num_layers, paths=models, native=native)
+        if tok is None:
+            check_models(model_refs(call.args))  # headers and shapes, before torch is imported
     if spec.param("seed") is not None:
         call.kwargs["seed"] = seed if seed is not None else cfg.cpift.get("seed", 0)
     if cfg.cpift.get("global_trim"):

@@ -45,6 +45,7 @@ from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.errors import BenchError, ParameterError
 from cpift.merge.tools.bench_cases import (BENCH_BACKENDS, DEFAULT_METHODS, Case, check_arguments, check_task_count,
                                            plan_cases)
+from cpift.merge.tools.page_cache import evict, model_files, resident_fraction
 from cpift.merge.tools.synthetic import describe, make_checkpoint, parse_synthetic
 
 # Files that mark what the bench built, so that it only ever removes its own models and outputs.
@@ -69,7 +70,9 @@ def synthetic_models(workdir: Path, spec: str, *, echo: Callable[[str], None] = 
                                      f"or pick another --workdir")
                 shutil.rmtree(path)
             echo(f"building {path}: {describe(shape, dtype)}")
-            make_checkpoint(path, shape, dtype=dtype, seed=i, base_seed=None if i == 0 else 0, max_shard_size="500MB")
+            # Sharded as the Hub ships models (5 GB shards) from 2 GB up; smaller presets in 500 MB shards.
+            shard = "5GB" if shape.numel() * dtype.itemsize > 2e9 else "500MB"
+            make_checkpoint(path, shape, dtype=dtype, seed=i, base_seed=None if i == 0 else 0, max_shard_size=shard)
             (path / SYNTHETIC_MARKER).write_text("built by cpift-merge bench\n")
         out.append(path)
     return out
@@ -184,15 +187,6 @@ def _clean(path: Path) -> None:
     os.sync()  # no run pays for the previous run's dirty pages being written back
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def mergekit_version(path: str) -> str:
     pip = Path(path).with_name("pip")
     try:
@@ -276,7 +270,7 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         outs.mkdir(exist_ok=True)
         (outs / OUT_MARKER).write_text("cpift-merge bench writes and removes its runs' outputs here\n")
         cases = plan_cases(paths, methods, outs, mergekit=mergekit, max_shard_size=max_shard_size,
-                           threads=threads, backends=backends, mergekit_methods=mergekit_methods)
+                           threads=threads, backends=backends, mergekit_methods=mergekit_methods, disk_floor=cold)
         caches = Path(tempfile.mkdtemp(prefix="numba-caches-", dir=root))  # ours: removed at the end
         result = _measure(cases, paths, repeat=repeat, cold=cold, busy=busy, busy_repeat=busy_repeat or repeat,
                           mergekit_repeat=mergekit_repeat or repeat, caches=caches, echo=echo, timeout=case_timeout)
@@ -353,15 +347,15 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, b
     cold_walls: dict[Case, float] = {}
     cold_state = NOT_ASKED
     if cold:
+        files, left = model_files(paths), 0.0
         for case in cases:
             _clean(case.out)
-            if not drop_caches():
-                cold_state = "skipped: cannot write /proc/sys/vm/drop_caches (not root or not permitted here)"
-                break
+            evict(files)
+            left = max(left, resident_fraction(files))
             cold_walls[case] = run_case(case, env=_env(case, caches), timeout=timeout)["wall"]
-            echo(f"cold {case.provider:17s} {case.op:16s} wall {cold_walls[case]:.2f} s")
-        else:
-            cold_state = "dropped before each cold run: see rows' cold_wall_s"
+            echo(f"cold {case.provider:17s} {case.op:16s} wall {cold_walls[case]:.2f} s (inputs evicted)")
+        cold_state = (f"inputs evicted from the page cache before each cold run (posix_fadvise DONTNEED per file, "
+                      f"after sync; at most {left * 100:.1f}% of their pages still cached): see rows' cold_wall_s")
     for case in cases:
         _clean(case.out)
     models = [Checkpoint(p) for p in paths]

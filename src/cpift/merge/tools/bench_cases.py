@@ -76,6 +76,40 @@ print(f"work_seconds={time.perf_counter() - t0:.4f} read_bytes={nread} written_b
 """
 
 
+# The disk floor: the physical floor with O_DIRECT (no page cache): every input byte read from the
+# disk, one model's bytes written to it, each in 8 MiB page-aligned pieces (a file's tail is written as
+# whole 4 KiB blocks, then the file is cut to its size). What a cold merge cannot beat on this disk.
+DISK = """
+import mmap, os, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+out = Path(sys.argv[1])
+out.mkdir()
+buf = memoryview(mmap.mmap(-1, 8 << 20))
+nread = nwritten = 0
+for i, d in enumerate(sys.argv[2:]):
+    for f in sorted(Path(d).glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+        wfd = os.open(out / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644) if i == 0 else -1
+        size = 0
+        try:
+            while n := os.readv(fd, [buf]):
+                nread += n
+                size += n
+                whole, done = -(-n // 4096) * 4096, 0
+                while wfd >= 0 and done < whole:
+                    done += os.write(wfd, buf[done:whole])
+        finally:
+            os.close(fd)
+            if wfd >= 0:
+                os.ftruncate(wfd, size)
+                os.fsync(wfd)
+                os.close(wfd)
+                nwritten += size
+print(f"work_seconds={time.perf_counter() - t0:.4f} read_bytes={nread} written_bytes={nwritten}")
+"""
+
+
 @dataclass(frozen=True)
 class Case:
     op: str  # floor, or a method
@@ -208,10 +242,11 @@ def _method_args(method: str, base: Path, tasks: list[Path], pair: list[Path],
 
 def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, mergekit: str | None,
                max_shard_size: str, threads: int | None = None, backends: Sequence[str] = BENCH_BACKENDS,
-               mergekit_methods: Sequence[str] | None = None) -> list[Case]:
-    """The floors of every distinct input set (physical and python; one read pass for ``cores``), then
-    each method with cpift on each of ``backends`` and with mergekit (for ``mergekit_methods``, default
-    all it has); ``threads`` sets both tools' threads (cpift --threads, mergekit -j)."""
+               mergekit_methods: Sequence[str] | None = None, disk_floor: bool = False) -> list[Case]:
+    """The floors of every distinct input set (physical and python, and the O_DIRECT disk floor with
+    ``disk_floor``; one read pass for ``cores``), then each method with cpift on each of ``backends``
+    and with mergekit (for ``mergekit_methods``, default all it has); ``threads`` sets both tools'
+    threads (cpift --threads, mergekit -j)."""
     base, tasks = models[0], list(models[1:])
     pair = tasks[:2] if len(tasks) >= 2 else [base, tasks[0]]
     dtype = str(next(iter(Checkpoint(base).tensors.values())).dtype).removeprefix("torch.")
@@ -226,14 +261,14 @@ def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, me
         name = f"floor-{kind}-{len(inputs)}"  # input sets of one size coincide (slerp's pair, linear's tasks)
         if (kind, inputs) not in floors:
             floors.add((kind, inputs))
-            script, out = (FLOOR, outs / name) if kind == "python" else (PHYSICAL, outs / name)
+            script, out = {"python": FLOOR, "disk": DISK}.get(kind, PHYSICAL), outs / name
             target = "-" if kind == "read" else str(out)
             cases.append(Case("floor", name, (sys.executable, "-c", script, target, *map(str, inputs)), inputs, out))
 
     for method in methods:
         args, inputs, params = _method_args(method, base, tasks, pair, outs)
         key = tuple(inputs)
-        for kind in (("read",) if method == "cores" else ("physical", "python")):
+        for kind in (("read",) if method == "cores" else ("physical", "python", *(("disk",) if disk_floor else ()))):
             floor(kind, key)
         if method != "cores":
             args = [*args, "--max-shard-size", max_shard_size]

@@ -250,10 +250,14 @@ def markdown(r: dict) -> str:
                   f"of its tensor's largest |value|."]
     cold = [x for x in r["rows"] if "cold_wall_s" in x]
     if cold:
-        lines += ["", "Cold page cache (dropped before each command, one run each):", "",
-                  "| op | provider | wall s | GB/s input |", "|---|---|---|---|"]
+        disk = {x["input_bytes"]: x["cold_wall_s"] for x in cold if x["provider"].startswith("floor-disk-")}
+        lines += ["", "Cold page cache (the inputs evicted with posix_fadvise DONTNEED per file before each "
+                  "command, one run each; the disk floor reads every input byte with O_DIRECT and writes one "
+                  "model):", "", "| op | provider | wall s | GB/s input | × disk floor |", "|---|---|---|---|---|"]
         lines += [f"| {x['op']} | {x['provider']} | {x['cold_wall_s']:.2f} | "
-                  f"{x['input_bytes'] / x['cold_wall_s'] / 1e9:.2f} |" for x in cold]
+                  f"{x['input_bytes'] / x['cold_wall_s'] / 1e9:.2f} | "
+                  f"{_x(x['cold_wall_s'] / disk[x['input_bytes']]) if x['input_bytes'] in disk else '-'} |"
+                  for x in cold]
     elif r.get("cold_cache") != NOT_ASKED:  # asked for and skipped: say why; not asked: say nothing
         lines += ["", f"Cold page cache: {r['cold_cache']}"]
     lines.append("")

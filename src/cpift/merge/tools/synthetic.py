@@ -77,6 +77,8 @@ PRESETS = {
     "1b": LlamaShape(hidden=2048, intermediate=5632, layers=8, heads=32, kv_heads=4, vocab=32000),
     # Llama-2-7B and Llama-3-8B (13.5 and 16.1 GB in bf16); dataclasses.replace(shape, layers=4)
     # keeps their tensor sizes with fewer layers (cpift-merge bench --synthetic 7b-layers:4).
+    # ≈7.2 GB in bf16: Llama-3.2-3B's widths, embeddings untied (3b-layers:20 ≈ 5.6 GB).
+    "3b": LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=128256),
     "7b": LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
     "8b": LlamaShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
 }
