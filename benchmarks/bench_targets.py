@@ -45,7 +45,8 @@ def checks(r: dict) -> list[tuple[str, str, str, float, float, bool, str]]:
                         cap / GB, x["peak_rss_bytes"] <= cap, ""))
         if x["op"] in MERGEKIT_LIMITS and "speedup_vs_mergekit_wall" in x:
             s, limit = x["speedup_vs_mergekit_wall"], MERGEKIT_LIMITS[x["op"]]
-            mk = next(m for m in r["rows"] if (m["op"], m["provider"], m["condition"]) == (x["op"], "mergekit", "quiet"))
+            mk = next(m for m in r["rows"]
+                      if (m["op"], m["provider"], m["condition"]) == (x["op"], "mergekit", "quiet"))
             if x.get("timed_out_runs"):
                 s, met, note = float("nan"), None, "both killed at the time limit: not measured"
             elif mk.get("timed_out_runs"):
@@ -76,7 +77,8 @@ def table(r: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for target, op, provider, got, limit, met, note in checks(r):
         shown = ("–", "–") if got != got else (f"{got:.2f}", f"{got / limit:.2f}")  # NaN: not measured
-        lines.append(f"| {target} | {op} | {provider} | {shown[0]} | {limit:.2f} | {'met' if met else 'unknown' if met is None else '**not met**'} | "
+        lines.append(f"| {target} | {op} | {provider} | {shown[0]} | {limit:.2f} | "
+                     f"{'met' if met else 'unknown' if met is None else '**not met**'} | "
                      f"{shown[1]} | {note} |")
     return "\n".join(lines) + "\n"
 

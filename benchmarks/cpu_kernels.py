@@ -90,7 +90,8 @@ def busy(n: int, repeats: int) -> list[dict]:
                        "NUMBA_CACHE_DIR": f"/tmp/cpift-numba-block{block}"}
                 hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
                 try:
-                    proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(repeats), str(block)], env=env,
+                    proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(repeats), str(block)],
+                                          env=env,
                                           capture_output=True, text=True)
                 finally:
                     for h in hogs:

@@ -102,7 +102,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     base = smollm2.prepare(args.work)
-    train, evals = lm_tasks.make_tasks(args.work / "data", [args.task], n_train=40 * args.batch_size, n_eval=32)[args.task]
+    train, evals = lm_tasks.make_tasks(args.work / "data", [args.task], n_train=40 * args.batch_size,
+                                       n_eval=32)[args.task]
     exact, rounded = args.work / "probe-float32", args.work / "probe-bfloat16"
     start = time.perf_counter()
     if not exact.exists():
@@ -120,7 +121,8 @@ def main() -> None:
     found = compute_cores(base, [("float32", exact), ("bfloat16", rounded)], cores, p=1.0, progress=False)
     for warning in found.warnings():
         print(warning, flush=True)
-    jac = jaccard_matrix([load_core_mask(cores / "float32.safetensors"), load_core_mask(cores / "bfloat16.safetensors")])
+    jac = jaccard_matrix([load_core_mask(cores / "float32.safetensors"),
+                          load_core_mask(cores / "bfloat16.safetensors")])
     result = {"benchmark": "exact_updates_smollm2", "model": "SmolLM2-135M-Instruct (bf16, from the Q4_1 GGUF)",
               "task": args.task, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
               "max_length": args.max_length, "p": 1.0, "entries": found.elements,

@@ -12,7 +12,7 @@ loops, which cProfile sees as one call each), write (the shard writer, hashing),
 thread blocked on the prefetch or writer threads, whose own work cProfile does not see: the CPU
 times and page faults count every thread), other; plus the top functions. The output directory is removed before each run; results go to
 benchmarks/results/profile-NAME.{json,md}.
-"""
+"""  # noqa: E501 - argparse prints this docstring raw (RawDescriptionHelpFormatter)
 
 from __future__ import annotations
 

@@ -55,5 +55,6 @@ def test_docs_references_in_the_package_resolve():
 
 def test_slug_follows_github():
     assert slug("CPI-FT: seesaw") == "cpi-ft-seesaw"
-    assert slug("Dry runs, resumable merges, deterministic outputs") == "dry-runs-resumable-merges-deterministic-outputs"
+    assert (slug("Dry runs, resumable merges, deterministic outputs")
+            == "dry-runs-resumable-merges-deterministic-outputs")
     assert slug("breadcrumbs, breadcrumbs TIES") == "breadcrumbs-breadcrumbs-ties"

@@ -38,7 +38,8 @@ SCALES = {
     "cpu": {"tasks": ["facts", "arith", "pyexpr"], "seeds": [0], "n_train": 400, "n_eval": 50, "batch": 8,
             "lr": 5e-5, "probe_steps": 40, "steps_per_task": 40, "cal_steps": 8, "cal_examples": 32,
             "gate_p": [0.1, 1.0, 5.0], "omegas": [0.1, 0.0], "budget_min": 100, "jobs": 2},
-    "gpu": {"tasks": ["facts", "arith", "pyexpr", "json", "lexicon"], "seeds": [0, 1, 2], "n_train": 2000, "n_eval": 200, "batch": 16,
+    "gpu": {"tasks": ["facts", "arith", "pyexpr", "json", "lexicon"], "seeds": [0, 1, 2], "n_train": 2000,
+            "n_eval": 200, "batch": 16,
             "lr": 5e-5, "probe_steps": 120, "steps_per_task": 120, "cal_steps": 12, "cal_examples": 64,
             "gate_p": [0.1, 1.0, 5.0], "omegas": [0.1, 0.0], "budget_min": 8, "jobs": 6},
 }
@@ -77,11 +78,13 @@ def size(cfg: dict, n: int, timing: dict, say) -> dict:
     evals = len(cfg["seeds"]) * n * (8 + 2 * len(cfg["gate_p"]) + len(cfg["omegas"]) + 1) + 4
     per_eval = timing["eval_seconds"]
     workers = min(cfg["jobs"], 2) if jobs.device() == "cpu" else cfg["jobs"]
-    est = lambda c: (len(c["seeds"]) * planned_steps(c, n) * timing["seconds_per_step"] + evals * per_eval) / workers / 60  # noqa: E731
+    est = lambda c: (len(c["seeds"]) * planned_steps(c, n) * timing["seconds_per_step"]  # noqa: E731
+                     + evals * per_eval) / workers / 60
     minutes = est(cfg)
     say(f"timed probe: {timing['seconds_per_step']:.2f} s per SFT step (batch {cfg['batch']}, "
         f"{timing['tokens_per_step']:.0f} tokens), {per_eval:.1f} s per eval of {cfg['n_eval']} examples; "
-        f"plan: {planned_steps(cfg, n)} optimizer steps per seed, ~{evals} evals, ~{minutes:.0f} min on {workers} workers")
+        f"plan: {planned_steps(cfg, n)} optimizer steps per seed, ~{evals} evals, "
+        f"~{minutes:.0f} min on {workers} workers")
     if cfg["budget_min"] and minutes > cfg["budget_min"]:
         f = cfg["budget_min"] / minutes
         for key in ("probe_steps", "steps_per_task", "cal_steps"):

@@ -87,7 +87,8 @@ def aggregate(work: Path, *, scale: str, cfg: dict, tasks: list[str], base: str,
     res = {"benchmark": "seesaw-smollm2", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": machine(), "scale": scale, "base": base, "settings": cfg, "timing": timing,
            "wall_seconds": round(wall, 1), "seeds": seeds, "tasks": tasks,
-           "normalization": f"(EM - base EM) / (probe EM - base EM), capped at 1; none where the probe gains < {MIN_GAIN}"}
+           "normalization": "(EM - base EM) / (probe EM - base EM), capped at 1; "
+                            f"none where the probe gains < {MIN_GAIN}"}
     res["task_check"] = {t: {"base_em": base_eval[t]["exact_match"], "n": base_eval[t]["n"],
                              "probe_em": _ms([probes[s][t]["exact_match"] for s in seeds]),
                              "base_ok": base_eval[t]["exact_match"] <= BASE_MAX,
@@ -158,7 +159,8 @@ def _f(d, digits: int = 3) -> str:
 def markdown(r: dict) -> str:
     tasks, mc = r["tasks"], r["machine"]
     lines = [f"# CPI-FT on SmolLM2-135M-Instruct ({r['scale']} scale)", "",
-             f"{r['date']}; {mc['cpu']} ({mc['cpus']} CPUs){', ' + mc['gpu'] if mc['gpu'] else ''}; torch {mc['torch']}; "
+             f"{r['date']}; {mc['cpu']} ({mc['cpus']} CPUs){', ' + mc['gpu'] if mc['gpu'] else ''}; "
+             f"torch {mc['torch']}; "
              f"wall {r['wall_seconds'] / 60:.1f} min; seeds {r['seeds']}; base `{Path(r['base']).name}`.", "",
              f"Timed probe: {r['timing']['seconds_per_step']:.2f} s per SFT step ({r['timing']['tokens_per_step']:.0f} "
              f"tokens), {r['timing']['eval_seconds']:.1f} s per eval. Settings: " +
@@ -177,7 +179,8 @@ def markdown(r: dict) -> str:
     for p, g in r["gate"].items():
         for t in tasks:
             x = g["tasks"][t]
-            lines.append(f"| {p} | {t} | {_f(x['share_of_delta_sq'])} ({g['gaussian_share']:.3f}) | {_f(x['core_only'])} | "
+            lines.append(f"| {p} | {t} | {_f(x['share_of_delta_sq'])} ({g['gaussian_share']:.3f}) | "
+                         f"{_f(x['core_only'])} | "
                          f"{_f(x['without_core'])} | {_f(x['probe'])} | {x['base']:.3f} |")
     p1 = r["gate"].get("1") or next(iter(r["gate"].values()))
     kinds = list(p1["entries_by_kind"])
@@ -187,14 +190,16 @@ def markdown(r: dict) -> str:
               "|---:|---|" + "---:|" * len(kinds)]
     for p, g in r["gate"].items():
         for t in tasks:
-            lines.append(f"| {p} | {t} | " + " | ".join(f"{g['tasks'][t]['where'].get(k, 0):.1%}" for k in kinds) + " |")
+            lines.append(f"| {p} | {t} | "
+                         + " | ".join(f"{g['tasks'][t]['where'].get(k, 0):.1%}" for k in kinds) + " |")
     lines += ["", "Pairwise Jaccard of the cores against two random sets of the same size (p/(200 − p)):", "",
               "| p % | pair | Jaccard | random |", "|---:|---|---:|---:|"]
     for p, g in r["gate"].items():
         lines += [f"| {p} | {k} | {_f(v, 4)} | {g['random_jaccard']:.4f} |" for k, v in g["jaccard"].items()]
     d = {t: p1["tasks"][t] for t in tasks}
     lines += ["", "Update density: " + "; ".join(f"{t}: ‖δ‖/‖θ0‖ {_f(v['delta_rel_norm'], 4)}, "
-                                              f"{v['moved_1e-3']['mean']:.4%} of entries move > 1e-3" for t, v in d.items()),
+                                              f"{v['moved_1e-3']['mean']:.4%} of entries move > 1e-3"
+                                              for t, v in d.items()),
               "", "## Table 1: methods on equal terms", "",
               "Raw EM (± binomial SE of the eval) and the normalized score (capped at 1) per task.", "",
               "| method | " + " | ".join(tasks) + " | mean normalized | mean EM | optimizer steps |",
@@ -243,8 +248,10 @@ def plots(r: dict, out: Path, name: str) -> None:
     fg = r["forgetting"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ms = list(fg["methods"])
-    ax.bar([i - 0.2 for i in range(len(ms))], [fg["methods"][m]["drop_A"]["mean"] for m in ms], 0.4, label=f"drop on {fg['A']}")
-    ax.bar([i + 0.2 for i in range(len(ms))], [fg["methods"][m]["gain_B"]["mean"] for m in ms], 0.4, label=f"gain on {fg['B']}")
+    ax.bar([i - 0.2 for i in range(len(ms))], [fg["methods"][m]["drop_A"]["mean"] for m in ms], 0.4,
+           label=f"drop on {fg['A']}")
+    ax.bar([i + 0.2 for i in range(len(ms))], [fg["methods"][m]["gain_B"]["mean"] for m in ms], 0.4,
+           label=f"gain on {fg['B']}")
     ax.set_xticks(range(len(ms)), ms)
     ax.set_ylabel("exact match")
     ax.set_title("forgetting: A then B")

@@ -144,7 +144,8 @@ def _calibration(work: Path, steps: list[int], probes: dict, tasks: list[str], s
             for t in tasks:
                 em[t].append(rep["tasks"][t]["exact_match"])
         res["runs"][str(n)] = {"steps_per_task": n, "mean_normalized": mean_std(means) if means else None,
-                               "mean_normalized_loss": mean_std(by_loss), "exact_match": {t: mean_std(v) for t, v in em.items()}}
+                               "mean_normalized_loss": mean_std(by_loss),
+                               "exact_match": {t: mean_std(v) for t, v in em.items()}}
     return res
 
 
@@ -181,7 +182,8 @@ def write(res: dict, out: Path, name: str = "seesaw") -> None:
     (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     tasks, seeds = res["tasks"], res["seeds"]
     st = res["settings"]
-    md = [f"# Seesaw benchmark ({res['scale']} scale{', variant ' + name.removeprefix('seesaw-') if name != 'seesaw' else ''})", "",
+    md = [f"# Seesaw benchmark ({res['scale']} scale"
+          f"{', variant ' + name.removeprefix('seesaw-') if name != 'seesaw' else ''})", "",
           f"Base `{Path(res['base']).name}`; tasks {', '.join(tasks)} ({st['n_train']} train / {st['n_eval']} eval "
           f"each); seeds {seeds}; probe {st['probe_steps']} steps, main training {st['steps_per_task']} steps per "
           f"task, calibration {st['cal_steps']} steps per task on {st['cal_examples']} examples, batch "
@@ -240,7 +242,8 @@ def write(res: dict, out: Path, name: str = "seesaw") -> None:
     if "core_transplant" in res:
         ct = res["core_transplant"]
         base_row = res.get("cpi_phases", {}).get("phases", {}).get("base")
-        md += ["", f"## Where a probe's skill lives: its core alone vs the probe without its core (seeds {ct['seeds']})",
+        md += ["", "## Where a probe's skill lives: its core alone vs the probe without its core "
+                   f"(seeds {ct['seeds']})",
                "", "Exact match (%) on the probe's own task. `core only`: the base with the probe's core entries "
                "transplanted (the rest at the base); `without core`: the probe with its core entries reset to the "
                "base. If the core held the skill, `core only` would approach the probe and `without core` the base.",

@@ -40,7 +40,8 @@ HEURISTIC = [["math", "code"], ["logic", "instruct"], ["facts"]]  # numeric, sym
 
 SCALES = {
     "ci": {"seeds": [0], "n_train": 64, "n_eval": 12, "batch": 8, "lr": 2e-3, "probe_steps": 6, "steps_per_task": 6,
-           "cal_steps": 2, "cal_examples": 8, "sens_p": [1.0, 5.0], "sens_tau": [0.1, 0.3], "forget_seeds": [0], "sens_seeds": [0],
+           "cal_steps": 2, "cal_examples": 8, "sens_p": [1.0, 5.0], "sens_tau": [0.1, 0.3], "forget_seeds": [0],
+           "sens_seeds": [0],
            "cal_sweep": [4]},
     "full": {"seeds": [0, 1, 2], "n_train": 2000, "n_eval": 200, "batch": 16, "lr": 2e-3, "probe_steps": 150,
              "steps_per_task": 150, "cal_steps": 15, "cal_examples": 64, "sens_p": [0.1, 1.0, 5.0],

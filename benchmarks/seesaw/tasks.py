@@ -6,7 +6,8 @@ Each mirrors one of the paper's task families at a size a char-level model learn
 - ``code``: the REPL output of a short Python expression (len, slicing, str methods, arithmetic,
   max/min/sorted); the reference is Python's own ``repr(eval(expr))`` (CodeAlpaca-like).
 - ``logic``: deduction over a three-element ordering given by two shuffled comparisons (LogiQA-like).
-- ``instruct``: an instruction naming a string operation: count letters, first/last letter, contains e, first two letters (Alpaca-like).
+- ``instruct``: an instruction naming a string operation: count letters, first/last letter, contains e,
+  first two letters (Alpaca-like).
 - ``facts``: closed-book QA over a synthetic knowledge base of invented countries (capital, colour);
   the eval questions ask about facts present in the training split (recall, as in knowledge QA),
   each in one of the two phrasings that training uses.

@@ -149,7 +149,8 @@ def test_degenerate_inputs(backend: str) -> None:
 def test_float64_inputs_run_the_oracle_precision() -> None:
     base, xs = family(3001, torch.float64)
     for topk in (1.0, 0.4):
-        got = sce_merge(base, xs, topk, out=torch.empty(3001, dtype=torch.float64), backend="cpu" if HAS_NUMBA else "torch")
+        got = sce_merge(base, xs, topk, out=torch.empty(3001, dtype=torch.float64),
+                        backend="cpu" if HAS_NUMBA else "torch")
         assert torch.allclose(got, sce64(base, xs, topk), rtol=1e-12, atol=1e-14)
 
 

@@ -61,7 +61,8 @@ def _cases():
                "ca": "fp32", "cb": "fp32", "HAS_KEEP": "constexpr", "OUT_BF16": "constexpr", "BLOCK": "constexpr"}
         yield f"slerp_blend-{dt[1:]}", L._slerp_blend_kernel, sig, {"HAS_KEEP": True, "OUT_BF16": dt == "*bf16",
                                                                      "BLOCK": 1024}
-    yield "pack", M._pack_kernel, {"mask_ptr": "*u8", "out_ptr": "*u8", "n": "i64", "BYTES": "constexpr"}, {"BYTES": 512}
+    yield "pack", M._pack_kernel, {"mask_ptr": "*u8", "out_ptr": "*u8", "n": "i64", "BYTES": "constexpr"}, \
+        {"BYTES": 512}
     yield "unpack", M._unpack_kernel, {"packed_ptr": "*u8", "out_ptr": "*u8", "m": "i64", "BYTES": "constexpr"}, \
         {"BYTES": 512}
     yield "overlap", M._overlap_kernel, {"p_ptr": "*u8", "q_ptr": "*u8", "part_ptr": "*i32", "m": "i64",

@@ -204,7 +204,8 @@ def test_overflow_is_reported(capsys, tmp_path):
     (["slerp", "{task1}", "{task2}", "--t", "-0.1"], "t: -0.1 is outside"),
     (["ties", "--base", "{base}", "{task1}", "{task2}", "--density", "0"], "density: 0.0 is outside (0.0, 1.0]"),
     (["ties", "--base", "{base}", "{task1}", "{task2}", "--density", "1.2"], "density: 1.2 is outside"),
-    (["ties", "--base", "{base}", "{task1}", "{task2}", "--density", "0.3,0.4,0.5"], "density: got 3 values for 2 models"),
+    (["ties", "--base", "{base}", "{task1}", "{task2}", "--density", "0.3,0.4,0.5"],
+     "density: got 3 values for 2 models"),
     (["dare-ties", "--base", "{base}", "{task1}", "{task2}", "--density", "abc"], "--density"),
     (["linear", "{task1}", "{task2}", "--weights", "1,2,3"], "weights: got 3 values for 2 models"),
     (["linear", "{task1}", "{task2}", "--weights", "1,-1"], "weights: sum to 0"),
@@ -313,7 +314,8 @@ def test_config_command_end_to_end(capsys, llama, tmp_path, monkeypatch):
     bad = tmp_path / "bad.yml"
     bad.write_text(good.read_text().replace("density: 0.5", "density: 1.5", 1))
     assert "density: 1.5" in bad.read_text()
-    assert_user_error(capsys, ["config", bad, "-o", tmp_path / "out2"], "bad.yml", "density", inputs=list(llama.values()))
+    assert_user_error(capsys, ["config", bad, "-o", tmp_path / "out2"], "bad.yml", "density",
+                      inputs=list(llama.values()))
     no_output(tmp_path, "out2")
 
 

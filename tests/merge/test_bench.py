@@ -41,15 +41,18 @@ def check_rows(result: dict, inputs: dict[str, list[Path]]) -> None:
     for (op, provider, condition), r in rows.items():
         w, k = r["wall_s"], r["work_s"]
         n = result["repeat"] if condition == "quiet" else result["busy"]["repeat"]
-        assert len(w["all"]) == len(k["all"]) == n and w["p20"] <= w["p50"] <= w["p80"] and k["p20"] <= k["p50"] <= k["p80"]
+        assert (len(w["all"]) == len(k["all"]) == n and w["p20"] <= w["p50"] <= w["p80"]
+                and k["p20"] <= k["p50"] <= k["p80"])
         files = inputs[op if op != "floor" else provider.rsplit("-", 1)[0]]
         assert r["input_bytes"] == _size(files) and r["inputs"] == len(files)
         assert r["gbps_input_wall"]["all"] == pytest.approx([r["input_bytes"] / x / 1e9 for x in w["all"]])
         assert r["gbps_input_work"]["all"] == pytest.approx([r["input_bytes"] / x / 1e9 for x in k["all"]])
         assert 0 < k["p50"] < w["p50"]
         assert 5e6 < r["peak_rss_bytes"] < 4e9  # the child's own, not its parent's
-        assert 0 <= r["others_cpu_share_p50"] <= max(r["others_cpu_share_all"]) <= result["load"]["others_cpu_share_max"] <= 1
-        assert r["device"] == "cpu" and r["date"] == result["date"] and r["machine"].startswith(f"{os.cpu_count()} CPUs")
+        assert (0 <= r["others_cpu_share_p50"] <= max(r["others_cpu_share_all"])
+                <= result["load"]["others_cpu_share_max"] <= 1)
+        assert (r["device"] == "cpu" and r["date"] == result["date"]
+                and r["machine"].startswith(f"{os.cpu_count()} CPUs"))
         assert r["config"]["competitors"] == (0 if condition == "quiet" else result["busy"]["competitors"])
         if op == "floor":
             assert "ratios" not in r and r["config"]["backend"] is None
@@ -73,7 +76,8 @@ def test_bench_synthetic_writes_json_png_markdown(capsys, tmp_path):
     """Physical, python and read floors, each method on both backends, a busy round beside a competitor
     that is gone afterwards, cold-compile rows, and JSON, markdown and PNG that agree."""
     backends = ["torch", "cpu"] if HAS_NUMBA else ["torch"]
-    argv = ["bench", "--synthetic", "tiny", "--methods", "slerp,cores", "--backends", ",".join(backends), "--repeat", "2",
+    argv = ["bench", "--synthetic", "tiny", "--methods", "slerp,cores", "--backends", ",".join(backends),
+            "--repeat", "2",
             "--busy", "1", "--busy-repeat", "1", "--threads", "1", "--workdir", tmp_path / "w",
             "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png", "--markdown", tmp_path / "r.md"]
     code, out, err = run_cli(capsys, *argv)
@@ -178,11 +182,13 @@ def test_a_run_past_the_case_timeout_is_killed_and_marked(tmp_path):
     from cpift.merge.tools.bench_cases import Case
 
     flag = tmp_path / "finished"
-    slow = Case("floor", "floor-read-1", (sys.executable, "-c", f"import time; time.sleep(30); open({str(flag)!r}, 'w')"),
+    slow = Case("floor", "floor-read-1",
+                (sys.executable, "-c", f"import time; time.sleep(30); open({str(flag)!r}, 'w')"),
                 (tmp_path,), tmp_path / "out")
     s = run_case(slow, timeout=1.0)
     assert s["timed_out"] and s["work"] is None and 1.0 <= s["wall"] < 25
-    quick = Case("floor", "floor-read-1", (sys.executable, "-c", "print('work_seconds=0.5')"), (tmp_path,), tmp_path / "o")
+    quick = Case("floor", "floor-read-1", (sys.executable, "-c", "print('work_seconds=0.5')"), (tmp_path,),
+                 tmp_path / "o")
     s = run_case(quick, timeout=20.0)
     assert not s["timed_out"] and s["work"] == 0.5
     failing = Case("floor", "floor-read-1", (sys.executable, "-c", "raise SystemExit(3)"), (tmp_path,), tmp_path / "o")
@@ -248,7 +254,8 @@ def test_bench_plans_each_backend_and_threads_reach_both_tools(tmp_path):
                    ("floor", "floor-read-3"), ("cores", "cpift-torch"), ("cores", "cpift-cpu")]
     cmds = {(c.op, c.provider): c.cmd for c in cases}
     assert cmds[("ties", "cpift-cpu")][-2:] == ("--threads", "1") and cmds[("ties", "mergekit")][-2:] == ("-j", "1")
-    assert "--threads" not in cmds[("floor", "floor-python-3")] and "--threads" not in cmds[("floor", "floor-physical-3")]
+    assert ("--threads" not in cmds[("floor", "floor-python-3")]
+            and "--threads" not in cmds[("floor", "floor-physical-3")])
     assert cmds[("floor", "floor-read-3")][3] == "-" and "--max-shard-size" not in cmds[("cores", "cpift-cpu")]
     assert [c.backend for c in cases if c.op == "cores"] == ["torch", "cpu"]
     assert {c.params for c in cases if c.op == "ties"} == {"weights=1.0,0.5 density=0.3"}
@@ -260,7 +267,8 @@ def test_bench_plans_each_backend_and_threads_reach_both_tools(tmp_path):
 @pytest.mark.skipif(find_mergekit() is None, reason="mergekit-yaml not found (set CPIFT_MERGEKIT_YAML)")
 def test_bench_compares_mergekit(capsys, tmp_path):
     code, out, err = run_cli(capsys, "bench", "--synthetic", "tiny", "--methods", "slerp", "--repeat", "1",
-                             "--threads", "1", "--compare-mergekit", "--workdir", tmp_path, "--json", tmp_path / "r.json")
+                             "--threads", "1", "--compare-mergekit", "--workdir", tmp_path,
+                             "--json", tmp_path / "r.json")
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
     rows = {(r["op"], r["provider"]): r for r in result["rows"]}
@@ -287,7 +295,8 @@ def test_bench_compares_mergekit(capsys, tmp_path):
     (["bench", "--synthetic", "tiny", "--backends", "torch,gpu"], "--backends: 'torch,gpu' is not a list"),
     (["bench", "--synthetic", "tiny", "--backends", "cpu,cpu"], "--backends: 'cpu,cpu' is not a list of distinct"),
     (["bench", "--synthetic", "tiny", "--busy", "-1"], "--busy"),
-    (["bench", "--synthetic", "tiny", "--busy", "2", "--busy-repeat", "4"], "--busy-repeat: must be between 1 and --repeat (3)"),
+    (["bench", "--synthetic", "tiny", "--busy", "2", "--busy-repeat", "4"],
+     "--busy-repeat: must be between 1 and --repeat (3)"),
     (["bench", "--synthetic", "tiny", "--mergekit-repeat", "0"], "--mergekit-repeat"),
     (["bench", "--synthetic", "tiny", "--case-timeout", "0"], "'--case-timeout': 0 is not > 0"),
     (["bench", "--synthetic", "tiny", "--json", "/nonexistent-dir/r.json"], "--json: /nonexistent-dir does not exist"),
@@ -334,6 +343,6 @@ def test_benchmark_script_uses_the_library(tmp_path):
                         "--results", str(tmp_path / "res"), "--mergekit", ""], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((tmp_path / "res" / "merge_throughput.json").read_text())
-    assert [(x["op"], x["provider"]) for x in result["rows"]] == [("floor", "floor-physical-2"),
-                                                                   ("floor", "floor-python-2"), ("slerp", "cpift-torch")]
+    assert [(x["op"], x["provider"]) for x in result["rows"]] == [
+        ("floor", "floor-physical-2"), ("floor", "floor-python-2"), ("slerp", "cpift-torch")]
     assert (tmp_path / "res" / "merge_throughput.md").read_text().startswith("# Merge throughput")

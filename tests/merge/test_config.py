@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -299,7 +298,8 @@ def tiny(tmp_path_factory) -> Path:
             for p in model.parameters():
                 p.normal_(0.0, 0.05)
         model.save_pretrained(root / name, max_shard_size="20KB")
-        save_tokenizer(root / name, ["<unk>", "<s>", "</s>", *list(vocab)[3:]], [])  # a real one: tokenizer_source loads it
+        # a real one: tokenizer_source loads it
+        save_tokenizer(root / name, ["<unk>", "<s>", "</s>", *list(vocab)[3:]], [])
         assert len(list((root / name).glob("*.safetensors"))) > 2
     return root
 

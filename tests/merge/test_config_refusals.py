@@ -107,7 +107,8 @@ GOOD_MODELS = "models: [{model: a, parameters: {weight: 1}}, {model: b, paramete
      r"tokenizer\.tokens\.x\.force: expected true or false"),
     (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{tokens: {{x: {{source: {{kind: one}}}}}}}}\n",
      r"tokenizer\.tokens\.x\.source\.kind: expected 'zero' or 'model_token'"),
-    (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{tokens: {{x: {{source: {{kind: model_token, model: a}}}}}}}}\n",
+    (f"merge_method: linear\n{GOOD_MODELS}\n"
+     f"tokenizer: {{tokens: {{x: {{source: {{kind: model_token, model: a}}}}}}}}\n",
      r"tokenizer\.tokens\.x\.source: give exactly one of token and token_id"),
     (f"merge_method: linear\n{GOOD_MODELS}\ntokenizer: {{pad_to_multiple_of: 0}}\n",
      r"tokenizer\.pad_to_multiple_of: 0 is outside \[1, 1048576\]"),

@@ -91,8 +91,9 @@ def test_cores_include_exclude_and_metadata(families, tmp_path, capsys):
     want = _oracle_masks(base, task, mask.names, 1.0, "element")
     assert all(torch.equal(mask.bits(n), want[n]) for n in mask.names)
     assert mask.task["model"] == str(Path(m["task1"]).resolve()) and len(mask.base["sha256"]) == 64
-    assert mask.threshold == pytest.approx(min(float((task[n].float() - base[n].float()).abs().reshape(-1)[want[n]].min())
-                                               for n in mask.names if want[n].any()))
+    assert mask.threshold == pytest.approx(
+        min(float((task[n].float() - base[n].float()).abs().reshape(-1)[want[n]].min())
+            for n in mask.names if want[n].any()))
 
 
 def test_cluster_jaccard_groups_json_and_plot(families, tmp_path, capsys):
@@ -209,9 +210,11 @@ def test_cores_and_fuse_recipes_reproduce_their_outputs(families, tmp_path, caps
     m = families[("llama", torch.bfloat16)]
     _cores(capsys, m["base"], {"a": m["task1"], "b": m["task2"]}, tmp_path / "cores", "--p", "3",
            "--granularity", "row", "--exclude", "*norm*")
-    code, _, err = run_cli(capsys, "fuse", "--backbone", m["base"], "--task", f"a={m['task1']}:{tmp_path}/cores/a.safetensors",
+    code, _, err = run_cli(capsys, "fuse", "--backbone", m["base"],
+                           "--task", f"a={m['task1']}:{tmp_path}/cores/a.safetensors",
                            "--task", f"b={m['task2']}:{tmp_path}/cores/b.safetensors", "--overlap", "largest",
-                           "--base", m["base"], "--omega", "0.4", "--max-shard-size", "30000", "-o", tmp_path / "fused", "-q")
+                           "--base", m["base"], "--omega", "0.4", "--max-shard-size", "30000", "-o", tmp_path / "fused",
+                           "-q")
     assert code == 0, err
     for step, out in (("cores", tmp_path / "cores"), ("fuse", tmp_path / "fused")):
         card = (out / "README.md").read_text()
@@ -225,7 +228,8 @@ def test_cores_and_fuse_recipes_reproduce_their_outputs(families, tmp_path, caps
         assert not (out / "mergekit_config.yml").exists()  # mergekit has no cores or fuse
         code, _, err = run_cli(capsys, "config", out / "cpift_recipe.yml", "-o", tmp_path / f"{step}-again", "-q")
         assert code == 0, err
-        files = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "config.json")
+        files = sorted(p.name for p in out.iterdir()
+                       if p.suffix in (".safetensors", ".json") and p.name != "config.json")
         assert files and files == sorted(p.name for p in (tmp_path / f"{step}-again").iterdir()
                                          if p.suffix in (".safetensors", ".json") and p.name != "config.json")
         for f in files:
@@ -233,7 +237,8 @@ def test_cores_and_fuse_recipes_reproduce_their_outputs(families, tmp_path, caps
     recipe = tmp_path / "bad.yml"
     recipe.write_text((tmp_path / "fused" / "cpift_recipe.yml").read_text() + "colour: blue\n")
     assert_user_error(capsys, ["config", recipe, "-o", tmp_path / "x"], "colour", "unknown field")
-    assert_user_error(capsys, ["fuse", "--backbone", m["base"], "--task", f"a={m['task1']}:{tmp_path}/cores/a.safetensors",
+    assert_user_error(capsys, ["fuse", "--backbone", m["base"],
+                               "--task", f"a={m['task1']}:{tmp_path}/cores/a.safetensors",
                                "--base", m["base"], "-o", tmp_path / "x"], "--overlap largest")
 
 
@@ -247,7 +252,8 @@ def test_cores_and_fuse_are_byte_identical_across_runs_and_thread_counts(familie
                                f"b={m['task2']}", "--p", "5", "--granularity", "block:7", "-o", d / "cores",
                                "--threads", threads, "-q")
         assert code == 0, err
-        code, _, err = run_cli(capsys, "fuse", "--backbone", m["base"], "--task", f"a={m['task1']}:{d}/cores/a.safetensors",
+        code, _, err = run_cli(capsys, "fuse", "--backbone", m["base"],
+                               "--task", f"a={m['task1']}:{d}/cores/a.safetensors",
                                "--task", f"b={m['task2']}:{d}/cores/b.safetensors", "-o", d / "fused",
                                "--threads", threads, "-q")
         assert code == 0, err

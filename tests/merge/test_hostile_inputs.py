@@ -171,7 +171,8 @@ def test_single_file_wins_over_index_as_in_transformers(tmp_path, good, capsys):
     d = tmp_path / "both"
     shutil.copytree(good, d)
     save_file({"a": torch.tensor([100.0, 100.0])}, d / "model-00001-of-00001.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in ["linear", d, good, "-o", tmp_path / "out"]])
     assert exc.value.code == 0
@@ -277,8 +278,10 @@ def test_mask_popcount_disagreeing_with_metadata(how, masks, llama, tmp_path, ca
     _tamper_mask(masks / "t1.safetensors", bad / "t1.safetensors", **kw)
     with pytest.raises(CheckpointError, match=r"t1\.safetensors.*corrupt"):
         load_core_mask(bad / "t1.safetensors", lazy=True)
-    assert_user_error(capsys, ["cluster", bad / "t1.safetensors", masks / "t2.safetensors"], "t1.safetensors", "corrupt",
+    assert_user_error(capsys, ["cluster", bad / "t1.safetensors", masks / "t2.safetensors"], "t1.safetensors",
+                      "corrupt",
                       inputs=[bad, masks])
-    assert_user_error(capsys, ["fuse", "--backbone", llama["base"], "--task", f"t1={llama['task1']}:{bad / 't1.safetensors'}",
+    assert_user_error(capsys, ["fuse", "--backbone", llama["base"],
+                               "--task", f"t1={llama['task1']}:{bad / 't1.safetensors'}",
                                "-o", tmp_path / "out", "-q"], "t1.safetensors", "corrupt", inputs=[bad])
     no_output(tmp_path)

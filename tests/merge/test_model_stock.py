@@ -57,7 +57,8 @@ def check(got, base, xs, filter_wise, name="", t_err=1e-5):
     rows = ref.reshape(t.shape[0], -1)
     mean_delta = (sum(x.double().reshape(rows.shape) for x in xs) / len(xs) - base.double().reshape(rows.shape)).abs()
     t_room = t_err * t.abs().clamp(min=1.0)[:, None] * mean_delta
-    blend = (base.double().abs() + sum(x.double().abs() for x in xs)).reshape(rows.shape) * t.abs().clamp(min=1.0)[:, None]
+    blend = ((base.double().abs() + sum(x.double().abs() for x in xs)).reshape(rows.shape)
+             * t.abs().clamp(min=1.0)[:, None])
     scale = blend + t_room / (4 * torch.finfo(torch.float32).eps)  # assert_matches allows 4 eps × scale
     assert_matches(got.reshape(base.shape), ref, name, scale.reshape(base.shape))
 
@@ -204,13 +205,15 @@ def test_cli_end_to_end(capsys, stock, tmp_path, dtype, filter_wise):
     code, _, err = run_cli(capsys, "config", tmp_path / "out" / "cpift_recipe.yml", "-o", tmp_path / "again",
                            "-q", "--threads", "1")
     assert code == 0, err
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "out" / "model.safetensors").read_bytes()
+            == (tmp_path / "again" / "model.safetensors").read_bytes())
 
 
 @pytest.mark.parametrize("filter_wise", [False, True], ids=["whole", "filter-wise"])
 def test_threads_and_backends_give_the_same_bytes(capsys, stock, tmp_path, filter_wise):
     fam = stock[torch.bfloat16]
-    argv = ["model-stock", "--base", fam["base"], fam["ft1"], fam["ft2"], "-q", *(["--filter-wise"] if filter_wise else [])]
+    argv = ["model-stock", "--base", fam["base"], fam["ft1"], fam["ft2"], "-q",
+            *(["--filter-wise"] if filter_wise else [])]
     runs = [(threads, be) for threads in ("1", "2") for be in BACKENDS]
     for threads, be in runs:
         code, _, err = run_cli(capsys, *argv, "-o", tmp_path / f"{threads}-{be}", "--threads", threads, "--backend", be)
@@ -258,7 +261,8 @@ def test_bad_yaml_is_one_line(capsys, stock, tmp_path, text, fragment):
     fam = stock[torch.bfloat16]
     good = _yaml(fam)
     bad = {"one": good.replace(f"  - model: {fam['ft2']}\n", ""),
-           "weight": good.replace(f"  - model: {fam['ft1']}\n", f"  - model: {fam['ft1']}\n    parameters: {{weight: 1}}\n"),
+           "weight": good.replace(f"  - model: {fam['ft1']}\n",
+                                  f"  - model: {fam['ft1']}\n    parameters: {{weight: 1}}\n"),
            "filter": _yaml(fam).replace("dtype:", "parameters:\n  filter_wise: maybe\ndtype:"),
            "unknown": _yaml(fam).replace("dtype:", "parameters:\n  lambda: 1.0\ndtype:")}[text]
     cfg = tmp_path / "bad.yml"
@@ -273,7 +277,8 @@ def test_one_model_is_a_one_line_error(capsys, stock, tmp_path):
                       "models: model_stock needs at least 2 models besides the base, got 1",
                       inputs=list(fam.values()))
     no_output(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "cpift.cli.merge_cli", "model-stock", "--base", str(fam["base"]), str(fam["ft1"]), "-o",
+    r = subprocess.run([sys.executable, "-m", "cpift.cli.merge_cli", "model-stock", "--base", str(fam["base"]),
+                        str(fam["ft1"]), "-o",
                         str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
@@ -281,7 +286,8 @@ def test_one_model_is_a_one_line_error(capsys, stock, tmp_path):
 def test_bench_refuses_model_stock_with_one_task_model(capsys, stock, tmp_path):
     fam = stock[torch.float32]
     assert_user_error(capsys, ["bench", fam["base"], fam["ft1"], "--methods", "model-stock", "--workdir",
-                               tmp_path / "w"], "--methods: model-stock needs at least 2 task models besides the base, got 1",
+                               tmp_path / "w"],
+                      "--methods: model-stock needs at least 2 task models besides the base, got 1",
                       inputs=list(fam.values()))
 
 

@@ -195,7 +195,8 @@ def test_fuse_and_config_recipe_inside_the_output(capsys, own, tmp_path):
     code, _, err = run_cli(capsys, "cores", "--base", own["base"], "--model", f"a={own['task1']}", "--model",
                            f"b={own['task2']}", "-o", cores, "-q")
     assert code == 0, err
-    tasks = ["--task", f"a={own['task1']}:{cores / 'a.safetensors'}", "--task", f"b={own['task2']}:{cores / 'b.safetensors'}"]
+    tasks = ["--task", f"a={own['task1']}:{cores / 'a.safetensors'}",
+             "--task", f"b={own['task2']}:{cores / 'b.safetensors'}"]
     # the masks directory is a cpift output, but fuse reads its masks: refused, even with --overwrite
     refused(capsys, ["fuse", "--backbone", own["base"], *tasks, "-o", cores, "--overwrite"],
             [cores, "contains the input"], watch=[*own.values(), cores])
@@ -318,7 +319,8 @@ def test_two_real_processes_on_one_output(own, tmp_path):
     out, partial = tmp_path / "out", tmp_path / ".out.cpift-partial"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     gate = tmp_path / "go"
-    slow = subprocess.Popen([sys.executable, "-c", SLOW, str(gate), "slerp", str(own["task1"]), str(own["task2"]), "--t", "0.3",
+    slow = subprocess.Popen([sys.executable, "-c", SLOW, str(gate), "slerp", str(own["task1"]), str(own["task2"]),
+                             "--t", "0.3",
                              "-o", str(out), "-q", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 120

@@ -18,7 +18,7 @@ from cpift.merge.engine import open_models
 from cpift.merge.io.resume import MANIFEST
 
 from kill_helpers import digest, killed_run
-from test_bad_input import run_cli, work  # noqa: F401  (work: a fixture)
+from test_bad_input import run_cli, work as work  # noqa: F401  (work: a fixture)
 
 SHARD = "30000"
 

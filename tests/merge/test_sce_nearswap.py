@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from oracles import nearswap64, sce64, ties64
 from references import load_state
 from test_bad_input import assert_user_error, run_cli
-from test_della_breadcrumbs import llama_fam  # noqa: F401  (the real tiny Llama family mergekit accepts)
+from test_della_breadcrumbs import llama_fam as llama_fam  # noqa: F401  (the real tiny Llama family mergekit accepts)
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 
@@ -102,7 +102,8 @@ def test_sce_select_topk_outside_0_1_is_one_line(capsys, fam, tmp_path, value):
 ])
 def test_sce_bad_yaml_is_one_line(capsys, fam, tmp_path, text, fragment):
     good = f"merge_method: sce\nbase_model: {fam['base']}\nmodels:\n  - model: {fam['ft1']}\n  - model: {fam['ft2']}\n"
-    bad = {"weight": good.replace(f"  - model: {fam['ft1']}\n", f"  - model: {fam['ft1']}\n    parameters: {{weight: 1}}\n"),
+    bad = {"weight": good.replace(f"  - model: {fam['ft1']}\n",
+                                  f"  - model: {fam['ft1']}\n    parameters: {{weight: 1}}\n"),
            "nobase": good.replace(f"base_model: {fam['base']}\n", ""),
            "lambda": good + "parameters:\n  lambda: 0.5\n"}[text]
     cfg = tmp_path / "bad.yml"
@@ -187,7 +188,8 @@ def _delta_yaml(fam, method, params, density=0.4):
 def test_ties_options_match_the_oracle(capsys, fam, tmp_path, params, kw):
     out = yaml_out(capsys, tmp_path, _delta_yaml(fam, "ties", params))
     b, *xs = states(fam, "base", "ft1", "ft2")
-    assert_close(load_state(out), {k: ties64(b[k], [x[k] for x in xs], [1.0, 0.5], 0.4, mergekit=True, **kw) for k in b})
+    assert_close(load_state(out),
+                 {k: ties64(b[k], [x[k] for x in xs], [1.0, 0.5], 0.4, mergekit=True, **kw) for k in b})
     if kw.get("rescale"):  # the rescale changes the result (it is not silently ignored)
         plain = yaml_out(capsys, tmp_path, _delta_yaml(fam, "ties", "  rescale: false\n"), name="plain")
         assert not torch.equal(load_state(plain)["a.weight"], load_state(out)["a.weight"])
@@ -273,7 +275,8 @@ def test_ties_rescale_and_normalize_reach_the_function(tmp_path):
     from cpift.merge.mergekit.plan import plan_call
 
     cfg = tmp_path / "t.yml"
-    cfg.write_text("merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 0.5}\n"
+    cfg.write_text("merge_method: ties\nbase_model: base\nmodels:\n"
+                   "  - model: a\n    parameters: {weight: 1, density: 0.5}\n"
                    "parameters: {rescale: true, normalize: false, int8_mask: true}\n")
     call = plan_call(load_config(cfg), native=METHODS["ties"].native)
     assert call.kwargs["rescale"] is True and call.kwargs["normalize"] is False
@@ -287,7 +290,8 @@ def test_the_recorded_recipe_replays_to_the_same_bytes(capsys, fam, tmp_path, ar
     assert code == 0, err
     code, _, err = run_cli(capsys, "config", tmp_path / "out" / "cpift_recipe.yml", "-o", tmp_path / "again", "-q")
     assert code == 0, err
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "out" / "model.safetensors").read_bytes()
+            == (tmp_path / "again" / "model.safetensors").read_bytes())
     assert f"method **{argv[0]}**" in (tmp_path / "out" / "README.md").read_text()
 
 
@@ -301,7 +305,8 @@ def test_a_ties_rescale_recipe_replays_the_rescale(fam, tmp_path):
     from cpift.merge.mergekit.run import run_config
 
     run_config(tmp_path / "out" / "cpift_recipe.yml", tmp_path / "again", progress=False)
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "out" / "model.safetensors").read_bytes()
+            == (tmp_path / "again" / "model.safetensors").read_bytes())
 
 
 @pytest.fixture(scope="module")

@@ -119,8 +119,10 @@ def test_backend_triton_on_cpu_without_interpreter_is_a_one_line_error(llama, tm
     _cores(llama, tmp_path / "masks", backend="torch")
     before = digest(tmp_path / "masks")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CPIFT_BACKEND")}
-    argv = {"cores": ["cores", "--base", str(llama["base"]), "--model", f"a={llama['task1']}", "-o", str(tmp_path / "out")],
-            "cluster": ["cluster", str(tmp_path / "masks" / "a.safetensors"), str(tmp_path / "masks" / "b.safetensors")]}
+    argv = {"cores": ["cores", "--base", str(llama["base"]), "--model", f"a={llama['task1']}",
+                      "-o", str(tmp_path / "out")],
+            "cluster": ["cluster", str(tmp_path / "masks" / "a.safetensors"),
+                        str(tmp_path / "masks" / "b.safetensors")]}
     proc = subprocess.run([sys.executable, "-m", "cpift.cli.merge_cli", *argv[command], "--backend", "triton"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr

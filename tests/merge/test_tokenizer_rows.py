@@ -240,7 +240,8 @@ def test_bad_token_sources_are_one_line(fam, tmp_path, capsys, monkeypatch, body
 def test_missing_transformers_is_one_line(fam, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     p = write_cfg(tmp_path, fam, "tokenizer_source: union\n")
-    with pytest.raises(ConfigError, match=r"need the 'transformers' package \(pip install 'cpift\[tokenizer\]', or transformers\)"):
+    with pytest.raises(ConfigError,
+                       match=r"need the 'transformers' package \(pip install 'cpift\[tokenizer\]', or transformers\)"):
         run_config(p, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -259,7 +260,8 @@ def test_recipe_replays_and_card_names_the_tokenizer(fam, tmp_path, monkeypatch)
             f"    w3: {{source: {{kind: model_token, model: {fam['ft1']}, token: '<|im_start|>'}}, force: true}}\n")
     p = write_cfg(tmp_path, fam, body)
     run_config(p, tmp_path / "out", progress=False)
-    assert "| copy_tokenizer_from | built from the config's tokenizer fields |" in (tmp_path / "out" / "README.md").read_text()
+    assert ("| copy_tokenizer_from | built from the config's tokenizer fields |"
+            in (tmp_path / "out" / "README.md").read_text())
     monkeypatch.chdir(tmp_path / "out")
     run_config(tmp_path / "out" / "cpift_recipe.yml", tmp_path / "again", progress=False)
     a, b = load_state(tmp_path / "out"), load_state(tmp_path / "again")

@@ -23,7 +23,8 @@ def test_example_writes_the_model_data_and_a_recipe_that_loads(tmp_path, capsys)
     names = list(example_files())
     assert out == f"wrote {', '.join(names)} in {tmp_path}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no partial left behind
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "tiny-llama").iterdir()}
+    assert ({"config.json", "model.safetensors", "tokenizer.json"}
+            <= {p.name for p in (tmp_path / "tiny-llama").iterdir()})
     sums = rows(tmp_path / "sums.jsonl")
     assert len(sums) == 512 and len(rows(tmp_path / "sums-test.jsonl")) == 64
     assert all(int(r["prompt"][0]) + int(r["prompt"][2]) == int(r["response"]) for r in sums)

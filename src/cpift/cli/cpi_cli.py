@@ -21,7 +21,8 @@ def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
 
 
 @click.command()
-@click.option("--base", required=True, help="The pre-trained model the tasks were fine-tuned from (directory or org/name).")
+@click.option("--base", required=True,
+              help="The pre-trained model the tasks were fine-tuned from (directory or org/name).")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
               help="A task's fine-tuned model; repeat for each task (they share each read of the base).")
 @click.option("--p", "p", type=Number(), default=1.0, show_default=True,

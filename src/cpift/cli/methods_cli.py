@@ -13,7 +13,8 @@ from cpift.merge.methods.registry import METHODS, MethodSpec, ParamSpec, by_cli
 from ._options import SEED, Number, common_options, floats
 
 ROLE_ARGUMENTS = {
-    ("model_a", "model_b"): [click.argument("model_a", type=click.Path()), click.argument("model_b", type=click.Path())],
+    ("model_a", "model_b"): [click.argument("model_a", type=click.Path()),
+                             click.argument("model_b", type=click.Path())],
     ("model",): [click.argument("model", type=click.Path())],
     ("models",): [click.argument("models", nargs=-1, required=True, type=click.Path())],
     ("base", "models"): [click.argument("models", nargs=-1, required=True, type=click.Path()),

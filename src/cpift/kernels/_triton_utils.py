@@ -1,5 +1,5 @@
-# Triton helpers shared by the kernels. abs_delta is the scores' |x − base|. bf16 stores round to nearest even on the bits: the
-# interpreter truncates on fp32→bf16 casts, so doing it by hand gives the same bits on GPU and CPU.
+# Triton helpers shared by the kernels. abs_delta is the scores' |x − base|. bf16 stores round to nearest even on
+# the bits: the interpreter truncates on fp32→bf16 casts, so doing it by hand gives the same bits on GPU and CPU.
 # Every launch passes **LAUNCH (the rounding policy, stated once): enable_fp_fusion=False, so the GPU
 # contracts no mul+add into an fma on its own; every product that the torch reference fuses (its
 # add_(t, alpha=a)) is spelled tl.fma in the kernel, and every other product is rounded before it is

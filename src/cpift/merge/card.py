@@ -286,7 +286,8 @@ def rewrite_config(raw: Mapping[str, Any], refs: Mapping[str, str], *, top: Mapp
     fix(cfg, "base_model")
     fix(cfg, "tokenizer_source")
     fix(cfg.get("tokenizer"), "source")
-    for rule in ((cfg.get("tokenizer") or {}).get("tokens") or {}).values() if isinstance(cfg.get("tokenizer"), dict) else ():
+    for rule in (((cfg.get("tokenizer") or {}).get("tokens") or {}).values()
+                 if isinstance(cfg.get("tokenizer"), dict) else ()):
         fix(rule, "source")  # tokenizer.tokens.<t>.source: a model, or {kind: model_token, model: ...}
         fix(rule.get("source") if isinstance(rule, dict) else None, "model")
     for m in cfg.get("models") or []:
@@ -379,7 +380,8 @@ def card_files(*, method: str, params: Mapping[str, Any], inputs: Sequence[CardI
         shown["copy_tokenizer_from"] = _donor(inputs, settings, out)
     lines += [f"| {k} | {v} |" for k, v in shown.items()]
     lines += ["", "## Inputs", "", "| role | model | Hub commit | fingerprint (sha256) |", "|---|---|---|---|"]
-    lines += [f"| {i.role} | `{i.hub_repo or local_ref(i.path, out)}{'+' + local_ref(i.adapter, out) if i.adapter else ''}` | {i.commit or '–'} | `{input_hash(i.path)}` |"
+    lines += [f"| {i.role} | `{i.hub_repo or local_ref(i.path, out)}"
+              f"{'+' + local_ref(i.adapter, out) if i.adapter else ''}` | {i.commit or '–'} | `{input_hash(i.path)}` |"
               for i in inputs]
     lines += ["", "Fingerprint: SHA-256 of the index JSON (or the single file's safetensors header) and the "
                   f"first {SAMPLE_BYTES // 1024} KiB of tensor data of each shard; a Hub commit pins all "

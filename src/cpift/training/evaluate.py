@@ -213,7 +213,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data: Dataset, *, batch_si
                 hits = [t.strip() == e.reference.strip() for t, e in zip(texts, chunk)]
             else:
                 hits = teacher_forced_hits(logits, chunk, stops)
-            items += [{"where": e.where, "hit": h, "loss": x, "tokens": e.targets} for e, h, x in zip(chunk, hits, losses)]
+            items += [{"where": e.where, "hit": h, "loss": x, "tokens": e.targets}
+                      for e, h, x in zip(chunk, hits, losses)]
             bar.update(len(chunk))
     finally:
         bar.close()

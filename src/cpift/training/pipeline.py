@@ -119,7 +119,8 @@ class _Run:
         """Sequential SFT, one stage per group; with ``masks`` the cores of earlier groups are frozen.
 
         ``sample``: a balanced sample of that many lines per task instead of whole files, of the
-        stage's group, or with ``mixed`` of every task. ``final``: the last stage is the pipeline's result. ``cfg["schedule"] == "continue"``: one
+        stage's group, or with ``mixed`` of every task. ``final``: the last stage is the pipeline's result.
+        ``cfg["schedule"] == "continue"``: one
         learning-rate schedule over all stages (each stage continues where the last one stopped).
         """
         model = start
@@ -131,7 +132,8 @@ class _Run:
                 lines = [line for n in group for line in _lines(train[n])]
             else:  # balanced: the same count from every task of the group (or all tasks), drawn with the seed
                 rng = random.Random(f"{self.r.seed}:{folder}:{s}")
-                lines = [line for n in (self.r.names if mixed else group) for line in rng.sample(_lines(train[n]), sample)]
+                lines = [line for n in (self.r.names if mixed else group)
+                         for line in rng.sample(_lines(train[n]), sample)]
             data = self.data(f"{folder}-{s}", lines)
             freeze = [masks[n] for g in stages[:s - 1] for n in g] if masks else []
             steps = len(group) * cfg["steps_per_task"]

@@ -148,7 +148,8 @@ def load_manifest(tmp: Path) -> dict | None:
     return data
 
 
-def inspect_partial(tmp: Path, out: Path, files: Sequence[tuple[str, int]], fp: Mapping) -> tuple[dict[int, str], list[str]]:
+def inspect_partial(tmp: Path, out: Path, files: Sequence[tuple[str, int]],
+                    fp: Mapping) -> tuple[dict[int, str], list[str]]:
     """Which shards of an interrupted merge in ``tmp`` can be kept: ``({shard index: sha256}, notes)``.
 
     ``files``: (file name, full size) per planned shard. Reads, never writes.

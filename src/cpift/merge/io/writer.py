@@ -3,8 +3,9 @@
 The shard plan (which tensor goes in which file, at which offset) is fixed before the first byte is
 written, because every tensor's dtype and shape is known from the inputs' headers. Each shard is
 therefore created at its final size with its header, and kernels write tensors straight into it
-through a memory map (no serialisation copy, no output buffer). Sharding follows transformers' rule: fill a shard until the next
-tensor would push it past ``max_shard_size``; a tensor larger than that gets a shard of its own.
+through a memory map (no serialisation copy, no output buffer). Sharding follows transformers' rule:
+fill a shard until the next tensor would push it past ``max_shard_size``; a tensor larger than that
+gets a shard of its own.
 
 Everything is assembled in a hidden sibling directory ``.NAME.cpift-partial`` and renamed to NAME only
 when complete, so a merge that dies leaves nothing that looks like a finished model.
@@ -25,7 +26,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import _mman
-from cpift.errors import OutputError, ParameterError
+from cpift.errors import OutputError
 from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from cpift.merge.io.publish import Publication
 from cpift.merge.io.resume import Journal, inspect_partial

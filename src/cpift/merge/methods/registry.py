@@ -137,7 +137,8 @@ def mergekit_flags() -> tuple[str, ...]:
                                if p.kind == "flag" and p.mergekit))
 
 
-WEIGHTS = ParamSpec("weights", "--weights", "per_model", None, "Comma-separated weight per model{base} (default: all 1).",
+WEIGHTS = ParamSpec("weights", "--weights", "per_model", None,
+                    "Comma-separated weight per model{base} (default: all 1).",
                     mergekit="weight")
 LAMBDA = ParamSpec("lam", "--lambda", "number", 1.0, "Scale λ of the combined delta added to the base.",
                    mergekit="lambda", mergekit_default=1.0)
@@ -287,7 +288,8 @@ register(MethodSpec(
     "Karcher mean of the unit vectors x_i / ‖x_i‖ (norms > tol), weights 1/N: from their normalised mean, "
     "m ← exp_m(Σ_i θ_i/sin θ_i·(u_i − cos θ_i·m) / N) up to max_iter times (a step < tol stops), "
     "times Σ_i ‖x_i‖ / N",
-    "arXiv:2603.04972, as mergekit 0.1.5 cites it; the Karcher mean: Karcher 1977, Riemannian center of mass and mollifier smoothing",
+    "arXiv:2603.04972, as mergekit 0.1.5 cites it; the Karcher mean: Karcher 1977, Riemannian center of mass and "
+    "mollifier smoothing",
     "Karcher mean: the equal-weight Riemannian mean of N models on the hypersphere.",
     MergekitSpec((), ("max_iter", "tol"), normalize=None, cpift_normalize=None),
     bench={}))

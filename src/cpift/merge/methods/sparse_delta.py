@@ -165,7 +165,8 @@ def _sparse_method(method: str, base: PathLike, models: Sequence[PathLike], out:
 def breadcrumbs(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
                 weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 0.9,
                 gamma: Param | Sequence[Param] = 0.01, lam: float = 1.0, normalize: bool = False,
-                rescale: bool = False, options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
+                rescale: bool = False, options: MergeOptions | None = None,
+                **overrides: Any) -> MergeResult | MergePlan:
     """Model Breadcrumbs: drop each delta's smallest and its ``gamma`` share of largest entries (keeping
     a ``density`` share), then task arithmetic b + λ Σ w_i δ_i'.
 

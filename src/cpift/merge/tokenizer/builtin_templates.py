@@ -3,7 +3,7 @@
 
 BUILTIN_TEMPLATES = {
     'alpaca': (
-        "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if (messages|selectattr('role', 'equalto', 'system')|list) else '' }}\n"
+        "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if (messages|selectattr('role', 'equalto', 'system')|list) else '' }}\n"  # noqa: E501
         '\n'
         '{% for message in messages %}\n'
         "{% if message['role'] == 'user' %}\n"
@@ -34,7 +34,7 @@ BUILTIN_TEMPLATES = {
         '{% endif %}\n'
     ),
     'chatml': (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\n"
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\n"  # noqa: E501
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"
     ),
     'exaone': (
@@ -56,7 +56,7 @@ BUILTIN_TEMPLATES = {
     'llama3': (
         '{% set loop_messages = messages %}\n'
         '{% for message in loop_messages %}\n'
-        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}\n"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}\n"  # noqa: E501
         '{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n'
         '{{ content }}\n'
         '{% endfor %}\n'
@@ -73,7 +73,7 @@ BUILTIN_TEMPLATES = {
         '{{- bos_token }}\n'
         '{%- for message in loop_messages %}\n'
         "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
-        "        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n"
+        "        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n"  # noqa: E501
         '    {%- endif %}\n'
         "    {%- if message['role'] == 'user' %}\n"
         '        {%- if loop.first and system_message is defined %}\n'
@@ -84,7 +84,7 @@ BUILTIN_TEMPLATES = {
         "    {%- elif message['role'] == 'assistant' %}\n"
         "        {{- ' ' + message['content'] + eos_token}}\n"
         '    {%- else %}\n'
-        "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n"
+        "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n"  # noqa: E501
         '    {%- endif %}\n'
         '{%- endfor %}\n'
     ),

@@ -67,7 +67,8 @@ _STACK = ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1
           "  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\ndtype: {dtype}\n")
 _SLICES_SLERP = ("merge_method: slerp\nbase_model: {ft1}\nslices:\n  - sources:\n      - model: {ft1}\n"
                  "        layer_range: [0, 2]\n      - model: {ft2}\n        layer_range: [0, 2]\n  - sources:\n"
-                 "      - model: {ft1}\n        layer_range: [1, 2]\n      - model: {base}\n        layer_range: [0, 1]\n"
+                 "      - model: {ft1}\n        layer_range: [1, 2]\n"
+                 "      - model: {base}\n        layer_range: [0, 1]\n"
                  "    parameters: {{t: 0.3}}\nparameters:\n  t: [0, 0.5, 1]\ndtype: {dtype}\n")
 _SLICES_TIES = ("merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n      - model: {base}\n"
                 "        layer_range: [0, 2]\n      - model: {ft1}\n        layer_range: [0, 2]\n"
@@ -134,7 +135,8 @@ CASES: tuple[ParityCase, ...] = (
                "float32", ("ulp", 4), _SPHERE),
     ParityCase("multislerp base", _two("multislerp", "weight: 1.0", "weight: 0.5"), "float32", ("ulp", 4), _SPHERE),
     ParityCase("karcher", "merge_method: karcher\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n  - model: {base}\n"
-               "dtype: {dtype}\n", "float32", ("ulp", 6), _SPHERE + "; mergekit's float32 iteration alone drifts ~3 ulps"),
+               "dtype: {dtype}\n", "float32", ("ulp", 6),
+               _SPHERE + "; mergekit's float32 iteration alone drifts ~3 ulps"),
     ParityCase("sce", _SCE.format(topk=1.0), "float32", ("rel", 1e-6),
                "weights from float64 (cpift) vs float32 (mergekit) means"),
     ParityCase("sce select_topk 0.5", _SCE.format(topk=0.5), "float32", ("rel", 1e-6),
@@ -181,7 +183,8 @@ def _cpift_command() -> list[str]:
 
 
 def run_both(case: ParityCase, family: dict[str, Path], workdir: str | os.PathLike, mergekit: str) -> tuple[Path, Path]:
-    """Write the case's config and run it through mergekit-yaml and ``cpift-merge config``: (cpift, mergekit) outputs."""
+    """Write the case's config and run it through mergekit-yaml and ``cpift-merge config``:
+    (cpift, mergekit) outputs."""
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "config.yml"
@@ -218,7 +221,8 @@ def compare(case: ParityCase, ours: Path, theirs: Path, base: Path) -> dict:
     for name in sorted(x):
         a, c = x[name], y[name]
         if a.shape != c.shape or a.dtype != c.dtype:
-            return {"case": case.name, "ok": False, "why": f"{name}: {a.dtype}{list(a.shape)} vs {c.dtype}{list(c.shape)}"}
+            return {"case": case.name, "ok": False,
+                    "why": f"{name}: {a.dtype}{list(a.shape)} vs {c.dtype}{list(c.shape)}"}
         a64, c64 = a.double(), c.double()
         diff = (a64 - c64).abs()
         scale = float(c64.abs().max()) if c.numel() else 0.0
