@@ -237,8 +237,8 @@ def run_transplant(work: str, main_recipe: str, seed: int, p_runs: dict[str, str
     import torch
     from safetensors.torch import load_file
 
-    from cpift.merge.cpi.masks import load_core_mask
     from cpift.merge.cpi.cores import tensor_kind
+    from cpift.merge.cpi.masks import load_core_mask
     from cpift.training.data import load_dataset
     from cpift.training.evaluate import evaluate_model, load_model, load_tokenizer
 

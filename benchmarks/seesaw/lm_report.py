@@ -18,7 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from report import load_json as _load, mean_std as _ms
+from report import load_json as _load
+from report import mean_std as _ms
 
 METHODS = ("full-sft", "multistage-random", "multistage-heuristic", "cpi-ft", "task-arithmetic", "ties")
 MIN_GAIN = 0.05

@@ -94,7 +94,8 @@ def task_rows(name: str, n_train: int, n_eval: int, seed: int) -> tuple[list, li
     rng = random.Random(f"{seed}:{name}")
     if name in ("facts", "lexicon"):
         if name == "facts":
-            kb, phrasings = [(k, CITIES[i % len(CITIES)]) for i, (k, _) in enumerate(knowledge(24, 1234))], FACT_PHRASINGS
+            kb = [(k, CITIES[i % len(CITIES)]) for i, (k, _) in enumerate(knowledge(24, 1234))]
+            phrasings = FACT_PHRASINGS
         else:
             words = knowledge(len(ENGLISH), 4321)
             kb, phrasings = [(w.split()[0].lower(), e) for (w, _), e in zip(words, ENGLISH)], LEXICON_PHRASINGS
@@ -123,7 +124,8 @@ def write_rows(path: Path, rows: list[tuple[str, str]], system: str = SYSTEM) ->
     tmp.replace(path)
 
 
-def make_tasks(out: Path, names: list[str], *, n_train: int, n_eval: int, seed: int = 0) -> dict[str, tuple[Path, Path]]:
+def make_tasks(out: Path, names: list[str], *, n_train: int, n_eval: int,
+               seed: int = 0) -> dict[str, tuple[Path, Path]]:
     """Write NAME.jsonl and NAME-eval.jsonl for each task into ``out``; returns {name: (train, eval)}."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}

@@ -21,7 +21,6 @@ HERE = Path(__file__).resolve().parents[2] / "benchmarks" / "seesaw"
 SCRIPT = HERE / "seesaw.py"
 sys.path.insert(0, str(HERE))
 import smollm2  # noqa: E402
-
 from test_seesaw_ci import _mean_std, _numbers  # noqa: E402
 
 METHODS = {"full-sft", "multistage-random", "multistage-heuristic", "cpi-ft", "task-arithmetic", "ties"}

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS,
-                      assert_close_to_ref, assert_exact, nonzero_randn)
+from _compare import (
+    DTYPE_IDS,
+    DTYPES,
+    LENGTH_IDS,
+    LENGTHS,
+    SMALL_LENGTH_IDS,
+    SMALL_LENGTHS,
+    assert_close_to_ref,
+    assert_exact,
+    nonzero_randn,
+)
 
 from cpift.kernels.backend import HAS_TRITON
-
 from cpift.kernels.linear import linear, linear_ref
 
 

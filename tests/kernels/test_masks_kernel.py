@@ -6,8 +6,8 @@ import pytest
 import torch
 from _compare import assert_exact
 
-from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels._scratch import CHUNK
+from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels.masks import overlap, overlap_ref, pack_bits, pack_bits_ref, pack_cut, packed_len, unpack_bits
 from cpift.kernels.select import magnitude_cut, magnitude_mask_ref
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS, assert_close_to_ref,
-                      assert_exact, nonzero_randn)
-
+from _compare import (
+    DTYPE_IDS,
+    DTYPES,
+    LENGTH_IDS,
+    LENGTHS,
+    SMALL_LENGTH_IDS,
+    SMALL_LENGTHS,
+    assert_close_to_ref,
+    assert_exact,
+    nonzero_randn,
+)
 from oracles import nearswap64
 
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON

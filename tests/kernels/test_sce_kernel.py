@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, SMALL_LENGTH_IDS, SMALL_LENGTHS, assert_close_to_ref,
-                      assert_exact, nonzero_randn)
-
+from _compare import (
+    DTYPE_IDS,
+    DTYPES,
+    LENGTH_IDS,
+    LENGTHS,
+    SMALL_LENGTH_IDS,
+    SMALL_LENGTHS,
+    assert_close_to_ref,
+    assert_exact,
+    nonzero_randn,
+)
 from oracles import sce64
 
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
-from cpift.kernels.sce import (sce_combine, sce_merge, sce_square_sums, sce_variance, sce_weights, select_cut)
+from cpift.kernels.sce import sce_combine, sce_merge, sce_square_sums, sce_variance, sce_weights, select_cut
 from cpift.kernels.select import cut_mask
 
 FUSED = (["cpu"] if HAS_NUMBA else []) + (["triton"] if HAS_TRITON else [])

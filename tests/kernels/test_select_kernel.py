@@ -8,10 +8,18 @@ import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_exact, nonzero_randn
 
-from cpift.kernels.backend import HAS_TRITON
 from cpift.kernels._scratch import CHUNK, chunks
-from cpift.kernels.select import (Cut, RadixSelect, cut_keep, cut_mask, magnitude_cut,
-                                  magnitude_cut_ref, magnitude_mask_ref, magnitude_scores)
+from cpift.kernels.backend import HAS_TRITON
+from cpift.kernels.select import (
+    Cut,
+    RadixSelect,
+    cut_keep,
+    cut_mask,
+    magnitude_cut,
+    magnitude_cut_ref,
+    magnitude_mask_ref,
+    magnitude_scores,
+)
 
 SIZES = [1, 1023, 3000, CHUNK + 1, 1823 * 781]
 SIZE_IDS = ["n1", "n1023", "n3000", "chunk+1", "1823x781"]

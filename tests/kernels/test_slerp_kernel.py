@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, assert_close_to_ref, assert_exact,
-                      nonzero_randn)
+from _compare import DTYPE_IDS, DTYPES, LENGTH_IDS, LENGTHS, assert_close_to_ref, assert_exact, nonzero_randn
 
 from cpift.kernels._scratch import CHUNK
-from cpift.kernels.slerp import (slerp, slerp_blend, slerp_coefficients, slerp_reduce, slerp_ref)
+from cpift.kernels.slerp import slerp, slerp_blend, slerp_coefficients, slerp_reduce, slerp_ref
 
 
 def _naive(a: torch.Tensor, b: torch.Tensor, t: float, dtype: torch.dtype) -> torch.Tensor:

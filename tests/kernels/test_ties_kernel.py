@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import (DTYPE_IDS, DTYPES, SMALL_LENGTH_IDS, SMALL_LENGTHS, assert_close_to_ref,
-                      assert_exact, nonzero_randn)
+from _compare import (
+    DTYPE_IDS,
+    DTYPES,
+    SMALL_LENGTH_IDS,
+    SMALL_LENGTHS,
+    assert_close_to_ref,
+    assert_exact,
+    nonzero_randn,
+)
 
 from cpift.kernels.dare import tensor_seed
 from cpift.kernels.select import magnitude_cut

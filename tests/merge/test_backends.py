@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
-
-from cpift.kernels.backend import HAS_TRITON
-
 from references import load_state
 from test_bad_input import assert_user_error, no_output, run_cli
+
+from cpift.kernels.backend import HAS_TRITON
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from references import load_state
 from safetensors.torch import load_file, save_file
 
 from cpift.cli.merge_cli import main
-
-from references import load_state
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -114,8 +113,9 @@ def test_tensor_missing_in_one_model(capsys, work, tmp_path):
 
 
 def test_shape_mismatch(capsys, tmp_path):
-    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
     from dataclasses import replace
+
+    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
 
     a = make_checkpoint(tmp_path / "a", PRESETS["tiny"])
     b = make_checkpoint(tmp_path / "b", replace(PRESETS["tiny"], vocab=300))

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_input import assert_user_error, run_cli
 
 from cpift.kernels.backend import HAS_NUMBA
 from cpift.merge.tools.bench import COMPETITOR, competing, find_mergekit, parse_synthetic
-
-from test_bad_input import assert_user_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 

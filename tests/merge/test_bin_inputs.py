@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from references import load_state
 from safetensors.torch import load_file, save_file
+from test_bad_input import assert_user_error, digest, run_cli
+from test_hub import cpift_merge_each  # noqa: F401 - hub: the loopback Hub fixture
+from test_hub import hub as hub
 
 from cpift.merge.io.checkpoint import Checkpoint
-
-from references import load_state
-from test_bad_input import assert_user_error, digest, run_cli
-from test_hub import cpift_merge_each, hub as hub  # noqa: F401 - hub: the loopback Hub fixture
 
 SHAPES = {"model.embed_tokens.weight": (37, 24), "model.layers.0.self_attn.q_proj.weight": (24, 24),
           "model.layers.0.mlp.up_proj.weight": (41, 24), "model.layers.0.input_layernorm.weight": (24,),

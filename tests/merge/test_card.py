@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from cpift.cli.merge_cli import main
+from cpift.errors import ConfigError
 from cpift.merge import methods
 from cpift.merge.card import CardInput, card_files, input_hash
 from cpift.merge.mergekit.config import load_config
-from cpift.errors import ConfigError
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

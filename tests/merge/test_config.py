@@ -6,13 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from config_helpers import L4, SLERP, cfg_of, value, write
 
+from cpift.errors import ConfigError
 from cpift.merge.mergekit.plan import plan_call
 from cpift.merge.mergekit.run import run_config
-from cpift.errors import ConfigError
-
-from config_helpers import SLERP, L4, cfg_of, value, write
-
 
 # ------------------------------------------------------------------------------------------------
 # Configs: every supported form, and the call each maps to

@@ -7,13 +7,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from cpift.merge.mergekit.config import load_config
-from cpift.merge.mergekit.run import resolve_model, run_config
-from cpift.errors import ConfigError
-
 from config_helpers import SLERP, write
 
+from cpift.errors import ConfigError
+from cpift.merge.mergekit.config import load_config
+from cpift.merge.mergekit.run import resolve_model, run_config
 
 # ------------------------------------------------------------------------------------------------
 # Refusals: each names the file and the field

@@ -3,14 +3,11 @@ t = i/(L−1), outside the layers at t = 0; n values interpolated at s = t·(n�
 
 from __future__ import annotations
 
-
 import pytest
-
-from cpift.merge.mergekit.values import Conditional, param_fn, parse_setting, tensor_position
-from cpift.errors import ConfigError
-
 from config_helpers import L4, OUTSIDE
 
+from cpift.errors import ConfigError
+from cpift.merge.mergekit.values import Conditional, param_fn, parse_setting, tensor_position
 
 # ------------------------------------------------------------------------------------------------
 # Values: forms, gradients, filters

@@ -6,10 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cpift.kernels.masks import pack_bits
-from cpift.merge.cpi.masks import (block_size, load_core_mask, mask_entries, parse_granularity,
-                                    save_core_mask)
 from cpift.errors import CheckpointError, MismatchError, ParameterError
+from cpift.kernels.masks import pack_bits
+from cpift.merge.cpi.masks import block_size, load_core_mask, mask_entries, parse_granularity, save_core_mask
 
 
 @pytest.mark.parametrize("g,shape,b,n", [("element", (3, 5), 1, 15), ("row", (3, 5), 5, 3), ("row", (7,), 7, 1),

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
+from test_bad_input import assert_user_error, run_cli
 
 from cpift.kernels.backend import HAS_NUMBA
 from cpift.merge.io.device import check_backend
-
-from test_bad_input import assert_user_error, run_cli
 
 
 def _cores(capsys, m, out, *extra):

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import fuse64
+from references import load_state
 from safetensors.torch import save_file
+from test_bad_input import assert_user_error, run_cli
 
 from cpift.kernels.scores import score_deltas
 from cpift.merge.cpi.masks import block_size, load_core_mask
-
-from oracles import fuse64
-from references import load_state
-from test_bad_input import assert_user_error, run_cli
 
 
 def _cores(capsys, base, tasks: dict, out: Path, *extra) -> str:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from cpift.kernels.backend import HAS_NUMBA
-
 from test_backends import COMMANDS
 from test_bad_input import run_cli, shards
+
+from cpift.kernels.backend import HAS_NUMBA
 
 pytestmark = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 

@@ -11,14 +11,13 @@ import subprocess
 
 import pytest
 import torch
+from oracles import breadcrumbs_keep64
+from references import load_state
 from safetensors.torch import save_file
+from test_bad_input import assert_user_error, run_cli
 
 from cpift.kernels.ties import delta_merge_ref
 from cpift.merge.methods.sparse_delta import breadcrumbs_keep, della_keep, l1_scale
-
-from oracles import breadcrumbs_keep64
-from references import load_state
-from test_bad_input import assert_user_error, run_cli
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 SHAPES = [(1,), (1023,), (3000,), (33, 97), (7, 1)]

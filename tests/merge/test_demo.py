@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-
-from cpift.merge.tools.demo import DEMO_MARKER, METHODS
-
 from test_bad_input import run_cli
 from test_output_safety import refused, sha
+
+from cpift.merge.tools.demo import DEMO_MARKER, METHODS
 
 
 def _user_model(path: Path, src: Path, *, sharded: bool) -> Path:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from cpift.merge.tools.synthetic import LlamaShape, make_checkpoint
-
 from kill_helpers import digest
 from test_bad_input import run_cli
+
+from cpift.merge.tools.synthetic import LlamaShape, make_checkpoint
 
 # Odd sizes above torch's parallel grain (32768 elements): with 2 or 3 threads a tensor's range is
 # split at points that are no multiple of the vector width, so any thread-dependent reduction or

@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from kill_helpers import digest, killed_run
+from test_bad_input import assert_user_error, run_cli
 
 from cpift.merge import methods
 from cpift.merge.tools.synthetic import LlamaShape, make_checkpoint
-
-from kill_helpers import digest, killed_run
-from test_bad_input import assert_user_error, run_cli
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

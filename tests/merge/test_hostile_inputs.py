@@ -14,12 +14,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from cpift.merge.io.checkpoint import Checkpoint
-from cpift.merge.cpi.masks import load_core_mask
-from cpift.errors import CheckpointError
-
 from test_bad_input import assert_user_error, no_output
+
+from cpift.errors import CheckpointError
+from cpift.merge.cpi.masks import load_core_mask
+from cpift.merge.io.checkpoint import Checkpoint
 
 F = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 

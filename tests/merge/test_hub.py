@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_hub import FakeHub
 
 from cpift.merge import methods
-
-from fake_hub import FakeHub
 
 TOKENIZER = {"tokenizer.model": b"spm", "merges.txt": b"#version: 0.2\n", "chat_template.jinja": b"{{ x }}"}
 ALLOWED = {"config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER}

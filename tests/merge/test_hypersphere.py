@@ -11,12 +11,10 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from oracles import karcher64, multislerp64, nuslerp64
 from references import load_state
+from safetensors.torch import save_file
 from test_bad_input import assert_user_error, no_output, run_cli
-
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 

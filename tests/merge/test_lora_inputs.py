@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from cpift.merge.io.lora import AdaptedCheckpoint
-from cpift.merge.io.lora import open_model
-
 from references import load_state
+from safetensors.torch import save_file
 from test_bad_input import assert_user_error, no_output, run_cli
+
+from cpift.merge.io.lora import AdaptedCheckpoint, open_model
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

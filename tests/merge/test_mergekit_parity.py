@@ -13,9 +13,9 @@ import subprocess
 
 import pytest
 import torch
+from references import load_state
 
 from cpift.merge import methods
-from references import load_state
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
 

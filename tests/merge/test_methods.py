@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from oracles import elect64, linear64, slerp64, task_arithmetic64, ties64
+from references import assert_matches, load_state
 
 from cpift.kernels.dare import keep_mask, tensor_seed
 from cpift.merge import methods
-
-from oracles import elect64, linear64, slerp64, task_arithmetic64, ties64
-from references import assert_matches, load_state
 
 FAMILIES = [("llama", torch.float32), ("llama", torch.bfloat16), ("qwen2", torch.float32),
             ("qwen2", torch.bfloat16)]
@@ -165,8 +164,9 @@ def test_ties_global_trim(fam, tmp_path):
 def test_ties_global_trim_with_heavy_ties(tmp_path):
     """bf16 deltas drawn from four values: the global threshold falls inside a run of ties spanning
     tensors, so the tie placement across tensors is exercised."""
-    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
     from safetensors.torch import save_file
+
+    from cpift.merge.tools.synthetic import PRESETS, make_checkpoint
 
     base = make_checkpoint(tmp_path / "base", PRESETS["tiny"])
     state = load_state(base)

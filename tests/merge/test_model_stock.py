@@ -13,16 +13,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
-from cpift.kernels.model_stock import model_stock, model_stock_rows, stock_ratio, delta_gram
-from cpift.kernels.threads import serial_reductions
-from cpift.merge import methods
-
 from oracles import stock64
 from references import assert_matches, load_state
+from safetensors.torch import save_file
 from test_bad_input import assert_user_error, no_output, run_cli
+
+from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
+from cpift.kernels.model_stock import delta_gram, model_stock, model_stock_rows, stock_ratio
+from cpift.kernels.threads import serial_reductions
+from cpift.merge import methods
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 SHAPES = [(1,), (1023,), (3000,), (1 << 18) + 1, (33, 97), (1, 5), (7, 1)]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-
 from test_bad_input import digest, run_cli
 from test_determinism import CASES, fill, odd  # noqa: F401  (odd is a fixture)
 

@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+from kill_helpers import killed_run
 from safetensors import safe_open
+from test_bad_input import run_cli
 
+from cpift.errors import OutputBusyError, OutputError, UnsafeOutputError
 from cpift.merge import methods
 from cpift.merge.io import publish
-from cpift.errors import OutputBusyError, OutputError, UnsafeOutputError
 from cpift.merge.io.publish import MARKER, Publication, check_output, check_side_file, write_atomic
 
-from kill_helpers import killed_run
-from test_bad_input import run_cli
 
 def sha(*paths: Path) -> dict[str, str]:
     """SHA-256 of every file under (or at) each path; FIFOs and other non-files are listed by kind."""
@@ -364,8 +364,8 @@ def test_commit_refuses_an_output_published_meanwhile(tmp_path):
 
 def test_bench_workdir_never_removes_what_it_did_not_build(tmp_path):
     """A stale model or an output folder in --workdir that the bench did not make is refused, not removed."""
-    from cpift.merge.tools.bench import OUT_MARKER, SYNTHETIC_MARKER, run_bench, synthetic_models
     from cpift.errors import BenchError
+    from cpift.merge.tools.bench import OUT_MARKER, SYNTHETIC_MARKER, run_bench, synthetic_models
 
     work = tmp_path / "work"
     user_model = work / "models-tiny" / "base"

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from kill_helpers import digest, killed_run
+from test_bad_input import run_cli  # noqa: F401  (work: a fixture)
+from test_bad_input import work as work
 
 from cpift.merge import methods
 from cpift.merge.engine import open_models
 from cpift.merge.io.resume import MANIFEST
-
-from kill_helpers import digest, killed_run
-from test_bad_input import run_cli, work as work  # noqa: F401  (work: a fixture)
 
 SHARD = "30000"
 

@@ -11,10 +11,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from oracles import nearswap64, sce64, ties64
 from references import load_state
+from safetensors.torch import save_file
 from test_bad_input import assert_user_error, run_cli
 from test_della_breadcrumbs import llama_fam as llama_fam  # noqa: F401  (the real tiny Llama family mergekit accepts)
 
@@ -154,7 +153,7 @@ def test_nearswap_bad_yaml_is_one_line(capsys, fam, tmp_path, text, fragment):
     bad = {"three": good.replace(f"  - model: {fam['ft1']}\n", f"  - model: {fam['ft1']}\n  - model: {fam['ft2']}\n"),
            "no_t": good.replace("parameters:\n  t: 0.01\n", ""),
            "negative": good.replace("t: 0.01", "t: -0.1"),
-           "nobase": good.replace(f"base_model: {fam['base']}\n", f"").replace(
+           "nobase": good.replace(f"base_model: {fam['base']}\n", "").replace(
                f"  - model: {fam['ft1']}\n", f"  - model: {fam['ft1']}\n  - model: {fam['ft2']}\n")}[text]
     cfg = tmp_path / "bad.yml"
     cfg.write_text(bad)
@@ -270,9 +269,9 @@ def test_bench_gives_mergekit_the_same_settings(tmp_path, method, key, want):
 
 
 def test_ties_rescale_and_normalize_reach_the_function(tmp_path):
-    from cpift.merge.methods.registry import METHODS
     from cpift.merge.mergekit.config import load_config
     from cpift.merge.mergekit.plan import plan_call
+    from cpift.merge.methods.registry import METHODS
 
     cfg = tmp_path / "t.yml"
     cfg.write_text("merge_method: ties\nbase_model: base\nmodels:\n"

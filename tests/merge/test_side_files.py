@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_bad_input import assert_user_error, no_output, run_cli
 
 from cpift.errors import CheckpointError
-
-from test_bad_input import assert_user_error, no_output, run_cli
 
 SECRET = b'{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"top-secret": 0}, "unk_token": "top-secret"}}'
 

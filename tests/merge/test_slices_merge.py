@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from oracles import slerp64, ties64
 from references import load_state
 from test_bad_input import run_cli

@@ -11,7 +11,6 @@ import subprocess
 
 import pytest
 import torch
-
 from references import load_state
 from test_bad_input import run_cli
 

@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bad_input import assert_user_error, no_output, run_cli
+from test_output_safety import sha
 
 from cpift.merge.cpi.cores import compute_cores
 from cpift.merge.io.writer import write_error_remedy
-
-from test_bad_input import assert_user_error, no_output, run_cli
-from test_output_safety import sha
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from test_bad_input import assert_user_error, digest, no_output, run_cli
 
 import cpift.kernels._masks_triton as masks_triton
 import cpift.kernels._scores_triton as scores_triton
@@ -19,8 +20,6 @@ from cpift.merge.cpi.cores import compute_cores
 from cpift.merge.engine import open_models
 from cpift.merge.io.stream import TensorStream
 from cpift.merge.methods.global_trim import global_magnitude_cuts
-
-from test_bad_input import assert_user_error, digest, no_output, run_cli
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

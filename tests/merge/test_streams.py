@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_output_safety import sha
 
 from cpift.cli.merge_cli import main as merge_main
 from cpift.cli.train_cli import main as train_main
 from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import read_user_text
-
-from test_output_safety import sha
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from training_helpers import arithmetic_rows, make_model, write_jsonl
 
 

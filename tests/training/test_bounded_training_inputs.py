@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from training_helpers import digest, run_cli
 
 from cpift.training.tiny import make_tokenizer
-
-from training_helpers import digest, run_cli
 
 BIG = "9" * 400
 

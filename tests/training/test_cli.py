@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
-
 from training_helpers import load_state, make_model, run_cli, write_jsonl, write_mask
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from training_helpers import make_tokenizer, write_jsonl
 
 from cpift.errors import DataError
 from cpift.training.data import IGNORE, collate, load_dataset
-
-from training_helpers import make_tokenizer, write_jsonl
 
 M = IGNORE
 

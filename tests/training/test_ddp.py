@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import torch
+from training_helpers import element_mask_of, load_state, write_mask
 
 from cpift.training.sft import sft
-
-from training_helpers import element_mask_of, load_state, write_mask
 
 
 def test_two_gloo_ranks_match_one_process(tiny, train_file, tmp_path):

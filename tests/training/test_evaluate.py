@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from training_helpers import arithmetic_rows, write_jsonl
 
 from cpift.training.data import load_dataset
 from cpift.training.evaluate import evaluate, evaluate_model, load_model, load_tokenizer
-
-from training_helpers import arithmetic_rows, write_jsonl
 
 PROMPTS = ["1+2=", "13+4=", "7=", "20+19=", "5+5="]  # different lengths: the generation batch is left-padded
 

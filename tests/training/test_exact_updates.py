@@ -9,13 +9,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from training_helpers import arithmetic_rows, load_state, make_model, write_jsonl
 
 from cpift.cli.merge_cli import main as merge_main
 from cpift.merge.cpi.cores import compute_cores
 from cpift.training.pipeline import run_pipeline
 from cpift.training.sft import sft
-
-from training_helpers import arithmetic_rows, load_state, make_model, write_jsonl
 
 ARGS = dict(steps=3, lr=1e-5, batch_size=8, seed=0, warmup=0.0, progress=False)
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from training_helpers import run_cli
 
 from cpift.training.recipe import load_recipe
 from cpift.training.tiny import TASKS, example_files
-
-from training_helpers import run_cli
 
 
 def rows(path) -> list[dict]:

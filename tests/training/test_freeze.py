@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from training_helpers import load_state, make_model, write_mask
 
 from cpift.errors import MismatchError
 from cpift.training.freeze import Freezer, load_freezer
 from cpift.training.sft import sft
-
-from training_helpers import load_state, make_model, write_mask
 
 
 class Tiny(torch.nn.Module):

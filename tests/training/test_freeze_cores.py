@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import torch
+from test_freeze import Tiny
+from training_helpers import write_mask
 
 from cpift.errors import ParameterError
 from cpift.training import freeze_cores
-
-from test_freeze import Tiny
-from training_helpers import write_mask
 
 SHAPES = {"proj.weight": (6, 6), "proj.bias": (6,), "head.weight": (11, 6)}
 

@@ -10,11 +10,10 @@ import sys
 
 import pytest
 import torch
-
-from cpift.training.sft import sft
-
 from test_cli import bad_run
 from training_helpers import element_mask_of, load_state, make_model, write_mask
+
+from cpift.training.sft import sft
 
 ARGS = dict(steps=4, lr=1e-3, weight_decay=0.1, batch_size=8, grad_accum=2, seed=5)
 GATE, DOWN, EMBED = ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.down_proj.weight",

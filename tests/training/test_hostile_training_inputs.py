@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
 from training_helpers import digest, run_cli, write_jsonl, write_mask
 
 

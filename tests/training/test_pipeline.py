@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import load_state, make_model, run_cli, write_jsonl
 
 from cpift.merge.cpi.masks import load_core_mask
 from cpift.training.evaluate import evaluate
 from cpift.training.pipeline import run_pipeline, split_stages
-
-from training_helpers import load_state, make_model, run_cli, write_jsonl
 
 TASKS = {"add": lambda a, b: (f"{a}+{b}=", str(a + b)),  # every character is in the test tokenizer
          "cat": lambda a, b: (f"{a}:{b}=", f"{a}{b}"),

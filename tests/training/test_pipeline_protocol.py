@@ -8,12 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_pipeline import CAL, PER_TASK, RECIPE, TASKS, rows
+from training_helpers import make_model, write_jsonl
 
 from cpift.training.pipeline import run_pipeline
 from cpift.training.sft import lr_factor
-
-from test_pipeline import CAL, PER_TASK, RECIPE, TASKS, rows
-from training_helpers import make_model, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
+from training_helpers import element_mask_of, load_state, make_model, write_mask
 
 from cpift.training.sft import global_batches, lr_factor, sft, split
-
-from training_helpers import element_mask_of, load_state, make_model, write_mask
 
 
 def test_loss_decreases(tiny, train_file, tmp_path):

@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from training_helpers import run_cli, write_jsonl
 
 from cpift.merge.io.publish import MARKER
-
-from training_helpers import run_cli, write_jsonl
 
 
 def sha(*paths: Path) -> dict[str, str]:

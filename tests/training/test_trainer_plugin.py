@@ -12,11 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from training_helpers import arithmetic_rows, element_mask_of, load_state, make_tokenizer, write_jsonl, write_mask
 
 from cpift.errors import ParameterError
 from cpift.training import CoreFreezeCallback
-
-from training_helpers import arithmetic_rows, element_mask_of, load_state, make_tokenizer, write_jsonl, write_mask
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install 'cpift[trl]')")

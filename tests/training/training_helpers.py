@@ -11,8 +11,7 @@ import torch
 from cpift.cli.train_cli import main
 from cpift.kernels.masks import pack_bits
 from cpift.merge.cpi.masks import block_size, mask_entries, save_core_mask
-from cpift.training.tiny import (  # noqa: F401  (re-exported for the tests)
-    arithmetic_rows, make_model, make_tokenizer, write_jsonl)
+from cpift.training.tiny import arithmetic_rows, make_model, make_tokenizer, write_jsonl  # noqa: F401  (re-exported for the tests)
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -151,7 +151,7 @@ def common_options(fn):
         # Only when asked: a command whose function takes no such keyword still runs without them.
         common.update({k: True for k, on in (("dry_run", dry_run), ("resume", resume),
                                              ("allow_crimes", allow_crimes)) if on})
-        precheck_command(kwargs, max_shard_size)
+        precheck_command(kwargs, given["max_shard_size"])
         with torch_threads(threads):
             result = fn(*args, out=out, common=common, **kwargs)
         if not quiet:

@@ -105,7 +105,8 @@ def bench(models, synthetic, methods, backends, busy, busy_repeat, compare_merge
     result = run_bench(models=list(models), synthetic=synthetic, methods=items(methods), backends=items(backends),
                        busy=busy, busy_repeat=busy_repeat, compare_mergekit=compare_mergekit,
                        mergekit_methods=items(mergekit_methods), mergekit_repeat=mergekit_repeat, repeat=repeat,
-                       workdir=workdir, cold=cold, max_shard_size=max_shard_size, threads=threads, case_timeout=case_timeout,
+                       workdir=workdir, cold=cold, max_shard_size=max_shard_size, threads=threads,
+                       case_timeout=case_timeout,
                        note=note,
                        echo=lambda s: click.echo(s, err=True))
     json_target, plot_target, md_target = targets

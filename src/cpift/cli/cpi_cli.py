@@ -6,8 +6,17 @@ import click
 
 from cpift.errors import ParameterError
 
-from ._options import (SEED, Number, allow_crimes_option, common_options, compute_options, out_option,
-                       overwrite_option, require_module, torch_threads)
+from ._options import (
+    SEED,
+    Number,
+    allow_crimes_option,
+    common_options,
+    compute_options,
+    out_option,
+    overwrite_option,
+    require_module,
+    torch_threads,
+)
 
 
 def _named(specs: tuple[str, ...], option: str) -> list[tuple[str, str]]:
@@ -113,7 +122,8 @@ def cluster(masks, tau, order, seed, json_path, plot, threads, backend, device):
 def fuse(backbone, tasks, overlap, base, omega, out, common):
     """Fuse task models into the backbone: incremental SLERP of non-core entries, then each task's core
     transplanted unchanged (docs/cpi-ft.md#fusion)."""
-    from cpift.merge.cpi.fuse import fuse as fuse_models, parse_task
+    from cpift.merge.cpi.fuse import fuse as fuse_models
+    from cpift.merge.cpi.fuse import parse_task
 
     return fuse_models(backbone, [parse_task(t) for t in tasks], out, overlap=overlap, base=base, omega=omega,
                        **common)

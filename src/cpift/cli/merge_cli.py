@@ -45,9 +45,9 @@ def config(config_file, seed, out, common):
 
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """
-    from cpift.merge.mergekit.run import run_config
     from cpift.merge.cpi.recipes import is_step_recipe
     from cpift.merge.cpi.replay import run_step_recipe
+    from cpift.merge.mergekit.run import run_config
 
     if click.get_current_context().get_parameter_source("max_shard_size").name == "DEFAULT":
         del common["max_shard_size"]  # the recipe's cpift.max_shard_size, else 5GB, applies

@@ -66,7 +66,8 @@ def tie_index_cpu(x: torch.Tensor, base: torch.Tensor | None, value: float, r: i
     if w == nwork:
         return -1, int(seen[-1])
     before = int(seen[w - 1]) if w else 0
-    return _nth_tie(xa, xk, ba, bk, base is not None, w * BLOCK, min(n, w * BLOCK + BLOCK), v, r - before), int(seen[-1])
+    index = _nth_tie(xa, xk, ba, bk, base is not None, w * BLOCK, min(n, w * BLOCK + BLOCK), v, r - before)
+    return index, int(seen[-1])
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreting
 from ._triton_utils import bf16_bits_rne, launch_options
+from .backend import interpreting
 from .select import Cut
 
 _ROWS_GPU = 256  # 1024 entries per program: 4 KiB of float32 per input in flight, 4 warps

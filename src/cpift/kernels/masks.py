@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from .backend import resolve
 from ._scratch import CHUNK, check_flat, chunks, scratch
+from .backend import resolve
 from .select import Cut, cut_mask, magnitude_scores
 
 # Host constants: moved to the data's device where they meet it (8 or 256 entries).

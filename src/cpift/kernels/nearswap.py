@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from .backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
+from .backend import resolve
 from .finite import note_written
 
 EPS = 1e-6  # mergekit's floor under |a − b|

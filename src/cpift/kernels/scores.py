@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from .backend import resolve
 from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
+from .backend import resolve
 
 BINS = 1 << 16
 

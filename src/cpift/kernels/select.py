@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backend import resolve
 from ._scratch import CHUNK, check_flat, chunks, compute_dtype, scratch
+from .backend import resolve
 from .scores import BINS, add_high_counts, add_low_counts, score_histogram
 
 

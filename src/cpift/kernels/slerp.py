@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .backend import resolve
 from ._scratch import check_flat, chunks, compute_dtype, scratch
+from .backend import resolve
 from .finite import note_written
 
 DOT_THRESHOLD = 0.9995

@@ -18,15 +18,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from cpift.kernels.finite import all_finite, first_nonfinite
-
 from cpift.errors import NonFiniteError, OutputError, ParameterError
+from cpift.kernels.finite import all_finite, first_nonfinite
 from cpift.merge.card import card_files, model_inputs, roles_for
 from cpift.merge.consistency import check_consistency, leaves
 from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_same_tensors
-from cpift.merge.io.model_files import read_side_files
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
+from cpift.merge.io.model_files import read_side_files
 from cpift.merge.io.out_config import config_with_dtype
 from cpift.merge.io.publish import check_output
 from cpift.merge.io.resume import fingerprint

@@ -96,8 +96,13 @@ def pull(ref: str, *, local_files_only: bool = False) -> Path:
         raise ParameterError(f"{ref}: not a Hub model reference (expected org/name or org/name@revision)")
     repo, rev = parts
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = local_files_only or _offline()
     try:

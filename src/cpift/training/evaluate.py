@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpift.merge.io.stream import progress_bar
 
+from cpift.errors import CheckpointError, ParameterError
 from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.device import parse_device
 from cpift.merge.io.model_files import read_side_files
-from cpift.errors import CheckpointError, ParameterError
+from cpift.merge.io.stream import progress_bar
 from cpift.numbers import parse_number
 
 from .data import IGNORE, Dataset, collate, load_dataset

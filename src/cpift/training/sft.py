@@ -49,11 +49,29 @@ from cpift.merge.io.stream import progress_bar
 from cpift.numbers import parse_number
 
 from .data import Dataset, collate, load_dataset
-from .evaluate import (autocast, evaluate_model, json_text, load_model, load_tokenizer, pad_id, pick_device,
-                       quiet_transformers, response_loss_sum)
+from .evaluate import (
+    autocast,
+    evaluate_model,
+    json_text,
+    load_model,
+    load_tokenizer,
+    pad_id,
+    pick_device,
+    quiet_transformers,
+    response_loss_sum,
+)
 from .freeze import check_masks, freeze_cores
-from .shard import (check_wrapping, dist_env, first_nonfinite, full_value, gather_for_saving, init_group, no_sync,
-                    rank_sum, wrap)
+from .shard import (
+    check_wrapping,
+    dist_env,
+    first_nonfinite,
+    full_value,
+    gather_for_saving,
+    init_group,
+    no_sync,
+    rank_sum,
+    wrap,
+)
 
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 

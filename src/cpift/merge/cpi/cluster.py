@@ -18,9 +18,8 @@ from typing import Sequence
 
 import torch
 
-from cpift.kernels.masks import overlap
-
 from cpift.errors import MismatchError, ParameterError
+from cpift.kernels.masks import overlap
 from cpift.merge.cpi.masks import CoreMask, load_core_mask
 from cpift.merge.cpi.names import check_task_names
 from cpift.merge.io.device import check_backend, parse_device

@@ -24,10 +24,9 @@ from typing import Sequence
 
 import torch
 
+from cpift.errors import NonFiniteError, OutputError, ParameterError
 from cpift.kernels.finite import first_nonfinite
 from cpift.kernels.topk import GlobalTopK
-
-from cpift.errors import NonFiniteError, OutputError, ParameterError
 from cpift.merge.cpi.masks import block_size, mask_entries, parse_granularity, save_core_mask
 from cpift.merge.cpi.names import check_task_names
 from cpift.merge.engine import check_compatible, model_paths, open_models

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from cpift.kernels.masks import packed_len, popcount, unpack_bits
-
 from cpift.errors import CheckpointError, MismatchError, ParameterError
+from cpift.kernels.masks import packed_len, popcount, unpack_bits
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.io.writer import safetensors_header
 from cpift.numbers import parse_number, shown

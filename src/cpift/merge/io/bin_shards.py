@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from . import _mman
 from cpift.errors import CheckpointError
 from cpift.merge.io.st_header import DTYPE_NAMES, HeaderEntry
+
+from . import _mman
 
 __all__ = ["BinShards"]
 

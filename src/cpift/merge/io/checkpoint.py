@@ -5,7 +5,8 @@ failing both, ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` plus its
 pickles, read with weights_only and mmap by merge/io/bin_shards.py, behind the same interface, with a
 note that safetensors is faster), in the order transformers looks for them.
 We parse the safetensors headers ourselves (merge/io/st_header.py: as strictly as the safetensors
-library, offsets contiguous and covering the file exactly) so every shard is validated before the first byte of output is written: a missing shard, an index naming a file
+library, offsets contiguous and covering the file exactly) so every shard is validated before the
+first byte of output is written: a missing shard, an index naming a file
 that is not there, a truncated file or a tensor the index promises but the shard lacks all fail
 here, with the file named. With both a single file and an index present, the single file is read,
 as transformers does (a note says so).
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import _mman, st_header
 from cpift.errors import CheckpointError, MismatchError
 from cpift.merge.io.model_files import model_file, read_model_file
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.io.st_header import HeaderEntry, header_entries, read_header, torch_dtype
+
+from . import _mman, st_header
 
 if TYPE_CHECKING:
     import torch

@@ -25,11 +25,13 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import _mman
 from cpift.errors import OutputError
 from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from cpift.merge.io.publish import Publication
 from cpift.merge.io.resume import Journal, inspect_partial
+
+from . import _mman
+
 
 def write_error_remedy(e: OSError, where: Path, sizes: list[int]) -> tuple[str, bool]:
     """What to do about a write error of shards of ``sizes`` bytes under ``where``, and whether a rerun with

@@ -68,13 +68,13 @@ from typing import Any
 from cpift.errors import ConfigError
 from cpift.merge.io.safe_parse import load_yaml_file
 from cpift.merge.mergekit.checks import check_values
-from cpift.merge.mergekit.spec import MergeConfig, ModelSpec
 from cpift.merge.mergekit.slices import parse_slices, slice_models
+from cpift.merge.mergekit.spec import MergeConfig, ModelSpec
 from cpift.merge.mergekit.stack import parse_stack
 from cpift.merge.mergekit.tokenizers import parse_chat_template, parse_tokenizer_source
 from cpift.merge.mergekit.values import Setting, located, parse_cpift_block, parse_setting
-from cpift.merge.methods.registry import METHODS as REGISTRY, mergekit_methods
-
+from cpift.merge.methods.registry import METHODS as REGISTRY
+from cpift.merge.methods.registry import mergekit_methods
 
 # The methods a config can name and mergekit 0.1.5's parameters of each (per model, whole merge)
 # are the registry's (merge/methods/registry.py), read when a config is loaded.

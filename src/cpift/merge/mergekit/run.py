@@ -14,10 +14,10 @@ from cpift.merge.mergekit.config import load_config
 from cpift.merge.mergekit.plan import MethodCall, plan_call
 from cpift.merge.mergekit.slices import check_no_remap, is_whole, plan_slices
 from cpift.merge.mergekit.spec import MergeConfig
-from cpift.merge.tokenizer.prepare import tokenizer_setup
 from cpift.merge.mergekit.values import located
 from cpift.merge.methods.registry import METHODS
 from cpift.merge.precheck import check_models, model_refs
+from cpift.merge.tokenizer.prepare import tokenizer_setup
 
 
 def resolve_model(ref: str, fld: str, source: str | os.PathLike | None = None, *,

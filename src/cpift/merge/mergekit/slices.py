@@ -46,7 +46,6 @@ from cpift.merge.mergekit.stack import LayerView, layer_config, layer_tensors, o
 from cpift.merge.mergekit.values import layer_range, located, slice_sources, split_layer
 from cpift.merge.methods.registry import METHODS
 
-
 # Whole-merge keywords the method functions take per tensor (a function of the name): a value that
 # differs between slices becomes one; any other (lambda, normalize, ...) must be the same in every slice.
 PER_TENSOR_SHARED = ("t",)

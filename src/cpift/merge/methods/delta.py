@@ -29,7 +29,6 @@ from cpift.merge.options import MergeOptions, merge_options
 
 from .params import Param, PathLike, check_all, check_scale, float_names, per_model, value, weights_for
 
-
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: below this either L1 norm leaves the delta as is
 
 

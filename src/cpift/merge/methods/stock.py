@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from cpift.errors import ParameterError
-from cpift.kernels.model_stock import model_stock as stock_kernel, model_stock_rows
+from cpift.kernels.model_stock import model_stock as stock_kernel
+from cpift.kernels.model_stock import model_stock_rows
 from cpift.kernels.threads import serial_reductions
 from cpift.merge.engine import MergeResult, open_models, stream_merge
 from cpift.merge.io.dryrun import MergePlan

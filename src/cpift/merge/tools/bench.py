@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -39,12 +38,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import torch
-
-from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.errors import BenchError, ParameterError
-from cpift.merge.tools.bench_cases import (BENCH_BACKENDS, DEFAULT_METHODS, Case, check_arguments, check_task_count,
-                                           plan_cases)
+from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
+from cpift.merge.tools.bench_cases import (
+    BENCH_BACKENDS,
+    DEFAULT_METHODS,
+    Case,
+    check_arguments,
+    check_task_count,
+    plan_cases,
+)
 from cpift.merge.tools.page_cache import evict, model_files, resident_fraction
 from cpift.merge.tools.synthetic import describe, make_checkpoint, parse_synthetic
 
@@ -138,7 +141,8 @@ def competing(n: int, *, pids: list[int] | None = None) -> Iterator[list[subproc
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(n):
-            procs.append(subprocess.Popen([sys.executable, "-S", "-c", COMPETITOR, str(os.getpid())], stdin=subprocess.DEVNULL,
+            procs.append(subprocess.Popen([sys.executable, "-S", "-c", COMPETITOR, str(os.getpid())],
+                                          stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             if pids is not None:
                 pids.append(procs[-1].pid)
@@ -236,13 +240,15 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
         raise ParameterError("bench: give MODEL arguments (base first) or --synthetic PRESET, not both or neither")
     if case_timeout is not None and case_timeout <= 0:
         raise ParameterError(f"--case-timeout: must be a positive number of seconds, got {case_timeout}")
-    check_arguments(methods, backends, repeat, threads, busy, {"--busy-repeat": busy_repeat, "--mergekit-repeat": mergekit_repeat})
+    check_arguments(methods, backends, repeat, threads, busy,
+                    {"--busy-repeat": busy_repeat, "--mergekit-repeat": mergekit_repeat})
     if synthetic:
         parse_synthetic(synthetic)  # a bad spec fails before the workdir is made
     if compare_mergekit:
         mergekit = mergekit or find_mergekit()
         if mergekit is None or shutil.which(mergekit) is None:
-            raise ParameterError(f"--compare-mergekit: {'mergekit-yaml is not on PATH' if mergekit is None else mergekit + ' is not an executable'} "
+            why = "mergekit-yaml is not on PATH" if mergekit is None else mergekit + " is not an executable"
+            raise ParameterError(f"--compare-mergekit: {why} "
                                  f"(install mergekit, or set CPIFT_MERGEKIT_YAML to its mergekit-yaml)")
     else:
         mergekit = None
@@ -306,7 +312,8 @@ def _compile(cases: list[Case], caches: Path, echo: Callable[[str], None], timeo
         _clean(case.out)
         runs[case] = run_case(case, env=env, timeout=timeout)
         echo(f"cold-compile {case.provider:12s} {case.op:16s} wall {runs[case]['wall']:7.2f} s  work "
-             f"{runs[case]['work'] or 0:.2f} s (empty numba cache)" + ("  TIMED OUT (killed)" if runs[case]["timed_out"] else ""))
+             f"{runs[case]['work'] or 0:.2f} s (empty numba cache)"
+             + ("  TIMED OUT (killed)" if runs[case]["timed_out"] else ""))
     return runs
 
 

@@ -12,8 +12,8 @@ from typing import Sequence
 
 from cpift.errors import ParameterError
 from cpift.merge.io.checkpoint import Checkpoint
-from cpift.merge.methods.registry import METHODS as REGISTRY, by_cli
-
+from cpift.merge.methods.registry import METHODS as REGISTRY
+from cpift.merge.methods.registry import by_cli
 
 
 def bench_methods() -> tuple[str, ...]:
@@ -200,7 +200,8 @@ def check_arguments(methods: Sequence[str], backends: Sequence[str], repeat: int
     known = bench_methods()
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise ParameterError(f"--methods: unknown method '{unknown[0] if unknown else ''}' (use some of {', '.join(known)})")
+        raise ParameterError(f"--methods: unknown method '{unknown[0] if unknown else ''}' "
+                             f"(use some of {', '.join(known)})")
     bad = [b for b in backends if b not in BENCH_BACKENDS]
     if bad or not backends or len(set(backends)) != len(backends):
         raise ParameterError(f"--backends: '{','.join(backends)}' is not a list of distinct backends among "
@@ -276,7 +277,8 @@ def plan_cases(models: Sequence[Path], methods: Sequence[str], outs: Path, *, me
             out = outs / f"cpift-{backend}-{method}"
             cases.append(Case(method, f"cpift-{backend}", (*cli, method, *args, "-o", str(out), "-q", *thread_args),
                               key, out, backend=backend, params=params))
-        if mergekit is not None and method not in ("fuse", "cores") and by_cli(method).mergekit is not None and (mergekit_methods is None or method in mergekit_methods):
+        if (mergekit is not None and method not in ("fuse", "cores") and by_cli(method).mergekit is not None
+                and (mergekit_methods is None or method in mergekit_methods)):
             cfg = outs / f"mergekit-{method}.yml"
             cfg.write_text(mergekit_config(method, base, tasks, pair, dtype))
             out = outs / f"mergekit-{method}"

@@ -124,7 +124,8 @@ def summarize(cases: list, samples: dict, compile_runs: dict, size: dict, cold_w
                          "warm_work_s_p50": warm_work,
                          "compile_s": cold["work"] - warm_work if cold["work"] is not None and warm_work else None,
                          "cold_wall_vs_torch_wall": cold["wall"] / ref["wall_s"]["p50"] if ref else None,
-                         "others_cpu_share": cold["others_cpu_share"], "numba_cache": "empty (a fresh NUMBA_CACHE_DIR)"})
+                         "others_cpu_share": cold["others_cpu_share"],
+                         "numba_cache": "empty (a fresh NUMBA_CACHE_DIR)"})
     shares = [(s["others_cpu_share"], case, cond) for (case, cond), runs in samples.items() for s in runs]
     worst = max(shares, key=lambda x: x[0])
     load = {"others_cpu_share_p50": statistics.median(x[0] for x in shares), "others_cpu_share_max": worst[0],
@@ -187,7 +188,8 @@ def _conditions(r: dict) -> str:
             f"numba {v.get('numba')}, safetensors {v.get('safetensors')}"
             + (f", {r['mergekit']}" if r.get("mergekit") else "") + f". Model: {r['model']}. "
             f"Median (p20–p80) of {r['repeat']} runs per case"
-            + (f" ({r['mergekit_repeat']} for mergekit)" if r.get("mergekit") and r.get("mergekit_repeat", r["repeat"]) != r["repeat"] else "")
+            + (f" ({r['mergekit_repeat']} for mergekit)"
+               if r.get("mergekit") and r.get("mergekit_repeat", r["repeat"]) != r["repeat"] else "")
             + ", cases alternating, warm page cache; wall = the whole command including interpreter start-up, "
             "work = the time the tool itself reports"
             + (f"; both tools with {threads} thread{'s' if threads != 1 else ''}." if threads
@@ -209,24 +211,26 @@ def markdown(r: dict) -> str:
                   f"{load.get('worst_run', 'one run')}); load average {load['loadavg_start'][0]:.2f} at the start, "
                   f"{load['loadavg_end'][0]:.2f} at the end." + (f" {r['note']}" if r.get("note") else ""), ""]
     quiet = [x for x in r["rows"] if x.get("condition", "quiet") == "quiet"]
-    lines += ["| op | provider | inputs | wall s p50 (p20–p80) | work s p50 (p20–p80) | GB/s input (work) | peak RSS GB "
-              "| × floor-physical or -read (work) | × floor-python (work) | × floor-physical (wall) | vs mergekit (wall) "
-              "| others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| op | provider | inputs | wall s p50 (p20–p80) | work s p50 (p20–p80) | GB/s input (work) "
+              "| peak RSS GB | × floor-physical or -read (work) | × floor-python (work) | × floor-physical (wall) "
+              "| vs mergekit (wall) | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in quiet:
         ratios, merge = x.get("ratios", {}), x["op"] == "cores"  # cores: against its read pass only
         lines.append(
             f"| {x['op']} | {x['provider']} | {x['inputs']} | {_spread(x['wall_s'], x)} | {_spread(x['work_s'])} | "
             f"{_f(x['gbps_input_work'] and x['gbps_input_work']['p50'])} | {x['peak_rss_bytes'] / 1e9:.2f} | "
             f"{_x(_floor_ratio(x))} | {_x(None if merge else ratios.get('floor-python', {}).get('work'))} | "
-            f"{_x(None if merge else ratios.get('floor-physical', {}).get('wall'))} | {_x(x.get('speedup_vs_mergekit_wall'), '.1f')} | "
+            f"{_x(None if merge else ratios.get('floor-physical', {}).get('wall'))} | "
+            f"{_x(x.get('speedup_vs_mergekit_wall'), '.1f')} | "
             f"{x['others_cpu_share_p50'] * 100:.0f}% |")
     busy_rows = [x for x in r["rows"] if x.get("condition", "quiet") != "quiet"]
     if busy_rows:
         lines += ["", f"With {busy['competitors']} competing CPU-bound processes (`python -S -c` of a pure-Python "
                   f"busy loop, not pinned, started before and killed after each round; {busy['repeat']} "
                   f"round{'s' if busy['repeat'] != 1 else ''}; mergekit not run):", "",
-                  "| op | provider | wall s p50 (p20–p80) | work s p50 (p20–p80) | busy/quiet (wall) | busy/quiet (work) "
-                  "| × floor-physical or -read (work) | peak RSS GB | others' CPU | competitors' CPU |",
+                  "| op | provider | wall s p50 (p20–p80) | work s p50 (p20–p80) | busy/quiet (wall) "
+                  "| busy/quiet (work) | × floor-physical or -read (work) | peak RSS GB | others' CPU "
+                  "| competitors' CPU |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for x in busy_rows:
             slow = {} if x.get("timed_out_runs") else x.get("slowdown_vs_quiet", {})  # killed: not measured
@@ -244,7 +248,8 @@ def markdown(r: dict) -> str:
                   for c in r["compile"]]
     p = r.get("slerp_parity_vs_mergekit")
     if p:
-        lines += ["", f"SLERP parity ({p.get('cpift', 'cpift')}) with {r['mergekit']}: {p['identical_fraction'] * 100:.3f}% of "
+        lines += ["", f"SLERP parity ({p.get('cpift', 'cpift')}) with {r['mergekit']}: "
+                  f"{p['identical_fraction'] * 100:.3f}% of "
                   f"{p['entries']:,} entries bit-identical, {p['within_1_ulp_fraction'] * 100:.4f}% within one "
                   f"bf16 ulp of the entry; largest difference {p['max_diff_in_ulps_of_tensor_scale']:.2f} bf16 ulp "
                   f"of its tensor's largest |value|."]
@@ -293,7 +298,8 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
         if not have:
             continue
         p50 = [x["wall_s"]["p50"] for x in have]
-        err = [[x["wall_s"]["p50"] - x["wall_s"]["p20"] for x in have], [x["wall_s"]["p80"] - x["wall_s"]["p50"] for x in have]]
+        err = [[x["wall_s"]["p50"] - x["wall_s"]["p20"] for x in have],
+               [x["wall_s"]["p80"] - x["wall_s"]["p50"] for x in have]]
         ax.bar(xs, p50, width, yerr=err, capsize=2, hatch="//" if k else None, edgecolor="white" if k else None,
                color=[color[i] for i in range(len(quiet)) if rows[i] is not None])
         for xpos, v in zip(xs, p50):
