@@ -71,7 +71,8 @@ def tall_triton(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]
     """Triton tall_merge (float32 math; inputs and output float32, bf16 or fp16)."""
     n = base.numel()
     if n:
-        ties = torch.tensor([c.last_tie for c in cuts] if cuts else [-1] * len(xs), dtype=torch.int64)
+        ties = torch.tensor([c.last_tie for c in cuts] if cuts else [-1] * len(xs), dtype=torch.int64,
+                            device=base.device)
         bf16 = out.dtype == torch.bfloat16
         _tall_kernel[(triton.cdiv(n, _BLOCK),)](
             base, tuple(xs), tuple(weights), tuple(lambdas),

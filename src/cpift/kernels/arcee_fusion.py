@@ -37,7 +37,7 @@ def _importance(a: torch.Tensor, b: torch.Tensor, shape: Sequence[int]) -> torch
 def _threshold(importance: torch.Tensor) -> torch.Tensor:
     """Q(0.5) + 1.5·(Q(0.75) − Q(0.25)) as mergekit rounds it (float32 positions and arithmetic)."""
     n = importance.numel()
-    ranks = (torch.tensor(QUANTILES) * (n - 1)).long()
+    ranks = (torch.tensor(QUANTILES, device="cpu") * (n - 1)).long()
     q1, median, q3 = (torch.kthvalue(importance, int(r) + 1).values for r in ranks)
     return median + 1.5 * (q3 - q1)
 

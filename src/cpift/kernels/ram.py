@@ -75,8 +75,8 @@ def ram_counts(base: torch.Tensor, xs: list[torch.Tensor], eps: float = RAM_EPS,
 
 def ramplus_scales(shared: list[int], alone: list[int], r: float, alpha: float, eps: float = RAM_EPS) -> list[float]:
     """λ_i = 1 + r·clamp(S_i / max(U_i, eps), 0, α), in float32 as mergekit computes it."""
-    s = torch.tensor(shared, dtype=torch.int64)
-    u = torch.tensor(alone, dtype=torch.int64)
+    s = torch.tensor(shared, dtype=torch.int64, device="cpu")
+    u = torch.tensor(alone, dtype=torch.int64, device="cpu")
     rho = s / u.clamp(min=eps)
     return [float(v) for v in 1 + r * rho.clamp(min=0, max=alpha)]
 
@@ -106,7 +106,7 @@ def ram_blend(base: torch.Tensor, xs: list[torch.Tensor], eps: float = RAM_EPS, 
         one = (c == 1).to(dt)
         many = (c > 1).to(dt)
         cc = c.clamp(min=1).to(dt)
-        acc = torch.zeros(e - s, dtype=dt)
+        acc = torch.zeros(e - s, dtype=dt, device=base.device)
         for i in range(len(xs)):
             acc += dz[i] * one * lam[i] + dz[i] * many / cc
         out[s:e].copy_(base[s:e].to(dt) + acc)
@@ -121,7 +121,7 @@ def ram_ref(base: torch.Tensor, xs: list[torch.Tensor], eps: float = RAM_EPS, *,
     nz = d.abs() > eps
     c = nz.sum(dim=0)
     one, many = nz & (c == 1), nz & (c > 1)
-    lam = torch.ones(len(xs), dtype=torch.float64)
+    lam = torch.ones(len(xs), dtype=torch.float64, device=b.device)
     if r is not None:
         rho = many.sum(dim=1).double() / one.sum(dim=1).double().clamp(min=eps)
         lam = 1 + r * rho.clamp(min=0, max=alpha)

@@ -38,7 +38,7 @@ def _check(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], lam
 
 
 def _divisor(weights: list[float]) -> float:
-    d = float(torch.tensor(weights, dtype=torch.float32).sum())
+    d = float(torch.tensor(weights, dtype=torch.float32, device="cpu").sum())
     return 1.0 if abs(d) < NORMALIZE_EPS else d
 
 
@@ -76,26 +76,26 @@ def _tall_chunk(base, xs, weights, lambdas, k, cuts, elect, normalize, divisor, 
     if cuts is not None:
         for i, c in enumerate(cuts):
             t[i] *= cut_mask(d[i].abs(), c, s).to(dt)
-    w = torch.tensor(weights, dtype=dt)[:, None]
+    w = torch.tensor(weights, dtype=dt, device=base.device)[:, None]
     v = t * w
     if elect:
-        total = torch.zeros(e - s, dtype=dt)
+        total = torch.zeros(e - s, dtype=dt, device=base.device)
         for i in range(len(xs)):
             total += v[i]
         agree = (v.sign() == ((total >= 0).to(dt) * 2 - 1)).to(dt)
-        m, den = torch.zeros(e - s, dtype=dt), torch.zeros(e - s, dtype=dt)
+        m, den = torch.zeros(e - s, dtype=dt, device=base.device), torch.zeros(e - s, dtype=dt, device=base.device)
         for i in range(len(xs)):
             m += v[i] * agree[i]
             den += w[i] * agree[i]
         den[den == 0] = 1
     else:
-        m = torch.zeros(e - s, dtype=dt)
+        m = torch.zeros(e - s, dtype=dt, device=base.device)
         for i in range(len(xs)):
             m += v[i]
-        den = torch.full((e - s,), divisor, dtype=dt)
+        den = torch.full((e - s,), divisor, dtype=dt, device=base.device)
     if normalize:
         m = m / den
-    n = torch.zeros(e - s, dtype=torch.int64)
+    n = torch.zeros(e - s, dtype=torch.int64, device=base.device)
     for i in range(len(xs)):
         n += d[i].abs() > lambdas[i] * (m - d[i]).abs()
     return b + m * (n >= k).to(dt)
@@ -107,7 +107,7 @@ def tall_ref(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], l
     b = base.double()
     d = torch.stack([x.double() - b for x in xs])
     t = d * torch.stack(keep).double() if keep is not None else d
-    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    w = torch.tensor(weights, dtype=torch.float64, device=b.device)[:, None]
     v = t * w
     if elect_sign:
         agree = (v.sign() == torch.where(v.sum(dim=0) >= 0, 1.0, -1.0).double()).double()
@@ -118,6 +118,6 @@ def tall_ref(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], l
         den = 1.0 if abs(den) < NORMALIZE_EPS else den
     if normalize:
         m = m / den
-    lam = torch.tensor(lambdas, dtype=torch.float64)[:, None]
+    lam = torch.tensor(lambdas, dtype=torch.float64, device=b.device)[:, None]
     n = (d.abs() > lam * (m - d).abs()).sum(dim=0)
     return b + m * (n >= k).double()
