@@ -8,7 +8,7 @@ import functools
 import importlib
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import click
 
@@ -52,6 +52,17 @@ def floats(value: str | None, option: str) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated finite numbers like 1,0.5,2; got "
                                  f"'{value if len(value) <= 60 else value[:48] + '...'}'",
                                  param_hint=option) from None
+
+
+def param_value(p, raw: Any) -> Any:
+    """A method parameter as its command passes it on: per-model lists parsed (one value of a
+    number-or-per-model parameter stays a number); other kinds as given."""
+    if p.kind == "per_model":
+        return floats(raw, p.cli)
+    if p.kind == "number_or_per_model":
+        values = floats(raw, p.cli)
+        return values[0] if values and len(values) == 1 else values
+    return raw
 
 
 def out_option(help_text: str):
@@ -175,8 +186,8 @@ def precheck_command(given: dict, max_shard_size: str) -> None:
 
     spec = by_cli(click.get_current_context().command.name)
     if spec is not None:  # per-model lists parsed as the command will parse them (same errors)
-        given = {k: floats(v, p.cli) if (p := spec.param(k)) is not None and p.per_model and isinstance(v, str)
-                 else v for k, v in given.items()}
+        given = {k: param_value(p, v) if (p := spec.param(k)) is not None and isinstance(v, str) else v
+                 for k, v in given.items()}
     precheck(spec, given, max_shard_size=max_shard_size)
 
 

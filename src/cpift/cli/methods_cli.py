@@ -4,13 +4,11 @@ calls the method's function with them and the common options (cli/_options.py)."
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from cpift.merge.methods.registry import METHODS, MethodSpec, ParamSpec, by_cli
 
-from ._options import SEED, Number, common_options, floats
+from ._options import SEED, Number, common_options, param_value
 
 ROLE_ARGUMENTS = {
     ("model_a", "model_b"): [click.argument("model_a", type=click.Path()),
@@ -43,15 +41,6 @@ def _option(spec: MethodSpec, p: ParamSpec):
                         show_default=p.default is not None, help=text)
 
 
-def _value(p: ParamSpec, raw: Any) -> Any:
-    if p.kind == "per_model":
-        return floats(raw, p.cli)
-    if p.kind == "number_or_per_model":
-        values = floats(raw, p.cli)
-        return values[0] if values and len(values) == 1 else values
-    return raw
-
-
 def method_command(spec: MethodSpec) -> click.Command:
     """The click command of a registered method."""
     if spec.roles not in ROLE_ARGUMENTS:
@@ -59,7 +48,7 @@ def method_command(spec: MethodSpec) -> click.Command:
 
     def command(out, common, **given):
         inputs = [list(v) if role == "models" else v for role in spec.roles for v in [given.pop(role)]]
-        kwargs = {p.name: _value(p, given.pop(p.name)) for p in spec.params}
+        kwargs = {p.name: param_value(p, given.pop(p.name)) for p in spec.params}
         if spec.optional_base:
             kwargs["base"] = given.pop("base")
         return spec.function(*inputs, out, **kwargs, **common)

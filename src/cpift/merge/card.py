@@ -14,12 +14,10 @@ config, or a library caller's) has no generated form: a config run passes its ow
 by ``rewrite_config``; otherwise the card says why there is no recipe. A method other than those
 passes ``recipe=`` itself or gets none.
 
-Fingerprint of an input (the card's sha256): SHA-256 over the bytes of model.safetensors.index.json
-(sharded) or of the single file's safetensors header (its 8-byte length and the JSON), followed by
-the first 64 KiB of tensor data of each shard in file-name order. The layout part pins tensor names
-(and shapes, dtypes, offsets for a single file); the data samples tell apart fine-tunes of one base,
-which share their layout. It reads a few KiB per shard, never the whole model, so it does not pin
-weights beyond the samples; for a Hub input the card also records the commit, which does.
+Fingerprint of an input (the card's sha256): SHA-256 over model.safetensors.index.json (sharded) or the
+single file's header (8-byte length and JSON), then the first 64 KiB of tensor data of each shard in name
+order: the layout pins names (and shapes, dtypes, offsets), the samples tell fine-tunes of one base apart.
+It reads a few KiB per shard, so it pins no weights beyond them; a Hub input's card also records the commit.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from cpift.merge.io.checkpoint import Checkpoint, check_same_tensors
 from cpift.merge.io.refs import is_adapter_dir, split_lora_ref
 from cpift.merge.io.sizes import parse_size
 from cpift.merge.methods.params import value
-from cpift.merge.methods.registry import MethodSpec
+from cpift.merge.methods.registry import DECLARED, MethodSpec
 
 # The click arguments that hold model references, in the order the methods open them.
 MODEL_ARGUMENTS = ("model_a", "model_b", "model", "base", "models")
@@ -66,9 +66,12 @@ def check_params(spec: MethodSpec, given: dict[str, Any]) -> None:
         v = given.get(p.name)
         bounded = math.isfinite(p.lo) or math.isfinite(p.hi)
         if bounded and p.kind in ("number", "per_model", "number_or_per_model") and v is not None:
-            for x in v if isinstance(v, (list, tuple)) else [v]:
+            many = isinstance(v, (list, tuple))
+            for i, x in enumerate(v if many else [v]):
+                # Named as the method names it: a declared method (runner.py) says which entry of a list.
+                field = f"{p.name}[{i}]" if many and spec.name in DECLARED else p.name
                 if isinstance(x, (int, float)) and not isinstance(x, bool):
-                    value(x, "<none>", p.name, lo=p.lo, hi=p.hi, lo_open=p.lo_open)
+                    value(x, "<none>", field, lo=p.lo, hi=p.hi, lo_open=p.lo_open)
 
 
 def check_models(refs: Sequence[str]) -> None:
