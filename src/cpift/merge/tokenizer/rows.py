@@ -155,6 +155,7 @@ class RemappedCheckpoint(Checkpoint):
         self.inner, self.key, self.plan, self._views = inner, key, plan, views
         self.path, self.dir, self.ref, self.notes = inner.path, inner.dir, inner.ref, inner.notes
         self.index_name, self._bin = inner.index_name, None
+        self._lock, self._maps = inner._lock, inner._maps  # the inner files' maps, shared with the prefetch thread
         for attr in ("adapter_dir", "base_ref"):  # an AdaptedCheckpoint, for the card
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
