@@ -44,6 +44,19 @@ def _torch_add_alpha_fuses() -> bool:
 TORCH_FMA = _torch_add_alpha_fuses()
 
 
+def backend_cases(backends=("torch", "cpu", "triton"), *, skip: int = 0) -> list[tuple[str, int, str]]:
+    """(backend, length, length id) for each backend present: LENGTHS on torch and cpu (numba), the
+    interpreter-sized SMALL_LENGTHS on triton; ``skip`` drops the first lengths (e.g. n = 0)."""
+    from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
+
+    present = {"torch": True, "cpu": HAS_NUMBA, "triton": HAS_TRITON}
+    cases = []
+    for b in backends:
+        lengths, ids = (SMALL_LENGTHS, SMALL_LENGTH_IDS) if b == "triton" else (LENGTHS, LENGTH_IDS)
+        cases += [(b, n, i) for n, i in zip(lengths[skip:], ids[skip:])] if present[b] else []
+    return cases
+
+
 def nonzero_randn(n: int, dtype: torch.dtype, *, scale: float = 1.0, offset: float = 0.1) -> torch.Tensor:
     """randn pushed at least `offset` away from zero (in every storage dtype), then stored in dtype."""
     x = torch.randn(n, dtype=torch.float64) * scale

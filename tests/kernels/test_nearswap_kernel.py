@@ -8,12 +8,9 @@ import torch
 from _compare import (
     DTYPE_IDS,
     DTYPES,
-    LENGTH_IDS,
-    LENGTHS,
-    SMALL_LENGTH_IDS,
-    SMALL_LENGTHS,
     assert_close_to_ref,
     assert_exact,
+    backend_cases,
     nonzero_randn,
 )
 from oracles import nearswap64
@@ -23,9 +20,7 @@ from cpift.kernels.finite import all_finite
 from cpift.kernels.nearswap import nearswap
 
 T = 0.004
-CASES = ([("torch", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)]
-         + ([("cpu", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)] if HAS_NUMBA else [])
-         + ([("triton", n, i) for n, i in zip(SMALL_LENGTHS, SMALL_LENGTH_IDS)] if HAS_TRITON else []))
+CASES = backend_cases()
 
 
 def mergekit_expr(a: torch.Tensor, b: torch.Tensor, t: float, dtype: torch.dtype) -> torch.Tensor:

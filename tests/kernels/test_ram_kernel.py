@@ -8,21 +8,16 @@ import torch
 from _compare import (
     DTYPE_IDS,
     DTYPES,
-    LENGTH_IDS,
-    LENGTHS,
-    SMALL_LENGTH_IDS,
-    SMALL_LENGTHS,
     assert_close_to_ref,
     assert_exact,
+    backend_cases,
     nonzero_randn,
 )
 
 from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
 from cpift.kernels.ram import RAM_EPS, ram_blend, ram_counts, ram_ref, ramplus_scales
 
-CASES = ([("torch", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)]
-         + ([("cpu", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)] if HAS_NUMBA else [])
-         + ([("triton", n, i) for n, i in zip(SMALL_LENGTHS, SMALL_LENGTH_IDS)] if HAS_TRITON else []))
+CASES = backend_cases()
 IDS = [f"{b}-{i}" for b, _, i in CASES]
 
 

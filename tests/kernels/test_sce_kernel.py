@@ -12,10 +12,9 @@ from _compare import (
     DTYPES,
     LENGTH_IDS,
     LENGTHS,
-    SMALL_LENGTH_IDS,
-    SMALL_LENGTHS,
     assert_close_to_ref,
     assert_exact,
+    backend_cases,
     nonzero_randn,
 )
 from oracles import sce64
@@ -25,8 +24,7 @@ from cpift.kernels.sce import sce_combine, sce_merge, sce_square_sums, sce_varia
 from cpift.kernels.select import cut_mask
 
 FUSED = (["cpu"] if HAS_NUMBA else []) + (["triton"] if HAS_TRITON else [])
-CASES = ([("cpu", n, i) for n, i in zip(LENGTHS, LENGTH_IDS)] if HAS_NUMBA else []) + (
-    [("triton", n, i) for n, i in zip(SMALL_LENGTHS, SMALL_LENGTH_IDS)] if HAS_TRITON else [])
+CASES = backend_cases(("cpu", "triton"))
 TOPKS = [1.0, 0.5, 0.13, 0.0]
 
 

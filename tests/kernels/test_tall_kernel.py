@@ -10,12 +10,9 @@ import pytest
 import torch
 from _compare import (
     DTYPES,
-    LENGTH_IDS,
-    LENGTHS,
-    SMALL_LENGTH_IDS,
-    SMALL_LENGTHS,
     assert_close_to_ref,
     assert_exact,
+    backend_cases,
     nonzero_randn,
 )
 
@@ -23,9 +20,7 @@ from cpift.kernels.backend import HAS_NUMBA, HAS_TRITON
 from cpift.kernels.select import cut_mask, magnitude_cut
 from cpift.kernels.tall import tall_merge, tall_ref
 
-CASES = ([("torch", n, i) for n, i in zip(LENGTHS[1:], LENGTH_IDS[1:])]
-         + ([("cpu", n, i) for n, i in zip(LENGTHS[1:], LENGTH_IDS[1:])] if HAS_NUMBA else [])
-         + ([("triton", n, i) for n, i in zip(SMALL_LENGTHS[1:], SMALL_LENGTH_IDS[1:])] if HAS_TRITON else []))
+CASES = backend_cases(skip=1)
 IDS = [f"{b}-{i}" for b, _, i in CASES]
 W, LAM = [1.0, 0.5, 0.8], [1.0, 0.7, 1.5]
 VARIANTS = {"ta": (False, False, 1, None), "ta-normalize-k2": (False, True, 2, None),
