@@ -2,7 +2,7 @@
 every method and control with common seeds, teacher-forced exact match per item, paired bootstrap.
 
     python benchmarks/seesaw/cpift_seesaw.py --scale ci    # a smoke run of every phase (CI)
-    python benchmarks/seesaw/cpift_seesaw.py --scale cpu   # ~60 min on 2 shared cores: results committed
+    python benchmarks/seesaw/cpift_seesaw.py --scale cpu   # ~2 h on 2 cores: results committed
     python benchmarks/seesaw/cpift_seesaw.py --scale gpu   # 5 seeds, every method, one H100/H200 (≤ 8 min)
     python benchmarks/seesaw/cpift_seesaw.py --scale cpu --report-only   # aggregate what finished
 
@@ -41,11 +41,12 @@ SCALES = {
     "ci": {"tasks": ["fmt-terse", "attr-home"], "seeds": [0], "lrs": [1e-4], "n_train": 48, "n_val": 4,
            "n_test": 4, "n_people": 8, "batch": 2, "steps": [1, 1], "cal_frac": 0.25, "cal_examples": 2,
            "gate_min": None, "jobs": 2, "omegas": [0.0]},
-    # cpu: val 100 and test 200 items per task, not 200 and 500: at the measured 0.2-0.35 s per item and
-    # worker (teacher-forced, 135M parameters, 2 shared cores) 500 x 5 tasks is ~10 min per model scored
-    "cpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2], "lrs": [3e-4, 1e-3], "n_train": 600, "n_val": 100,
-            "n_test": 200, "n_people": 100, "batch": 8, "steps": [6, 30], "cal_frac": 0.25, "cal_examples": 32,
-            "gate_min": 32, "jobs": 2, "omegas": [0.0, 0.1, 0.25]},
+    # cpu: the format-conflict pair and the control. The attribute family needs several epochs over its
+    # people (6 steps left its probes at 0.14, near the 1/12 chance rate) and stays at the gpu scale; at
+    # 0.08 s per teacher-forced item (2 quiet cores) 500 test items x 3 tasks is 2 min per model scored
+    "cpu": {"tasks": ["fmt-terse", "fmt-explain", "ctrl-pyexpr"], "seeds": [0, 1, 2], "lrs": [3e-4, 1e-3],
+            "n_train": 600, "n_val": 200, "n_test": 500, "n_people": 120, "batch": 8, "steps": [10, 40],
+            "cal_frac": 0.25, "cal_examples": 32, "gate_min": 40, "jobs": 2, "omegas": [0.0, 0.1, 0.25]},
     "gpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2, 3, 4], "lrs": [1e-4, 3e-4], "n_train": 2000,
             "n_val": 200, "n_test": 500, "n_people": 150, "batch": 16, "steps": [20, 120], "cal_frac": 0.25,
             "cal_examples": 64, "gate_min": 3, "jobs": 4, "omegas": [0.0, 0.1, 0.25]},
@@ -98,7 +99,8 @@ def size(cfg: dict, timing: dict, say) -> dict:
     """Steps per task S (and calibration C) that fit the gate (phases A and B) into gate_min minutes."""
     n, lo, hi = len(cfg["tasks"]), *cfg["steps"]
     runs = (len(cfg["lrs"]) + len(cfg["seeds"]) - 1) * 2 * n  # S-step units: probes + Full SFT's N × S
-    items = (len(cfg["lrs"]) * 2 * n * cfg["n_val"] + len(cfg["seeds"]) * (2 * n + 4) * cfg["n_test"]
+    cross = sum(t in cpift_tasks.OTHER for t in cfg["tasks"]) * 2  # probe and Full SFT on the cross files
+    items = (len(cfg["lrs"]) * 2 * n * cfg["n_val"] + len(cfg["seeds"]) * (2 * n + cross) * cfg["n_test"]
              + n * (cfg["n_val"] + cfg["n_test"]))  # grid (val), gate (test, cross-talk), base
     workers = cfg["jobs"]
     fixed = items * timing["seconds_per_item"] / workers / 60

@@ -94,8 +94,10 @@ def _ctrl(n_train: int, n_val: int, n_test: int, seed: int) -> dict:
 def make(out: Path, names: list[str], *, n_train: int, n_val: int, n_test: int, n_people: int = 120,
          seed: int = 0) -> dict[str, dict[str, Path]]:
     """Write NAME-{train,val,test[,cross]}.jsonl into ``out``; returns {name: {split: path}}."""
-    rows = {**_fmt(n_train, n_val, n_test, seed), **_attr(n_people, n_train, n_val, n_test, seed),
-            **_ctrl(n_train, n_val, n_test, seed)}
+    build = {"fmt": lambda: _fmt(n_train, n_val, n_test, seed),
+             "attr": lambda: _attr(n_people, n_train, n_val, n_test, seed),
+             "ctrl": lambda: _ctrl(n_train, n_val, n_test, seed)}
+    rows = {k: v for f, ts in FAMILIES.items() if set(ts) & set(names) for k, v in build[f]().items()}
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, Path]] = {}
     for name in names:
