@@ -30,7 +30,7 @@ def split_files() -> dict[str, dict[str, str]]:
     return json.loads(Path(os.environ[SPLITS_ENV]).read_text())
 
 
-def _recipe(recipe: str, seed: int):
+def recipe_for(recipe: str, seed: int):
     from cpift.training.recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -94,7 +94,7 @@ def ensure_probe(sd: Path, r, task: str) -> Path:
 
 
 def run_probe(sd: str, recipe: str, seed: int, task: str, splits: list[str]) -> str:
-    sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     if all(score_file(sd, f"probe-{task}", s).exists() for s in splits):
         return f"{sd.name}/probe {task} {splits}: done before"
     probe = ensure_probe(sd, r, task)
@@ -124,7 +124,7 @@ def _pipeline(sd: Path, recipe: str, r, wd: Path, method: str, probes: bool, see
 
 def run_method(sd: str, recipe: str, seed: int, method: str, splits: list[str], name: str | None = None) -> str:
     """A pipeline method (full-sft, multistage-*, cpi-ft, task-arithmetic, ties) into sd/NAME, scored."""
-    sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     name = name or method
     final = _pipeline(sd, recipe, r, sd / name, method, method in ("cpi-ft", "task-arithmetic", "ties"), seed)
     _val_from_pipeline(sd, name, sd / name)
@@ -136,7 +136,7 @@ def run_method(sd: str, recipe: str, seed: int, method: str, splits: list[str], 
 def run_variant(sd: str, recipe: str, main_recipe: str, seed: int, name: str) -> str:
     """CPI-FT with one fuse setting changed (omega): probes, cores, cluster and stages linked from the
     seed's main CPI-FT run; the fusion and calibration run here. Validation only (selection)."""
-    sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     run_method(str(sd), main_recipe, seed, "cpi-ft", [])
     main, wd = sd / "cpi-ft", sd / name
     with jobs.lock(sd / f".{name}.lock"):
@@ -153,7 +153,7 @@ def run_variant(sd: str, recipe: str, main_recipe: str, seed: int, name: str) ->
 
 def run_omega_choice(sd: str, main_recipe: str, seed: int, variants: dict[str, str]) -> str:
     """CPI-FT with omega chosen on validation among the main run (1/(k+1)) and ``variants``; test of the pick."""
-    sd, r, start = Path(sd), _recipe(main_recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(main_recipe, seed), time.perf_counter()
     for name, recipe in variants.items():
         run_variant(str(sd), recipe, main_recipe, seed, name)
     run_method(str(sd), main_recipe, seed, "cpi-ft", ["test"])
@@ -169,7 +169,7 @@ def run_omega_choice(sd: str, main_recipe: str, seed: int, variants: dict[str, s
     return f"{sd.name}/omega chosen on validation: {best} ({time.perf_counter() - start:.0f} s)"
 
 
-def _derived_masks(cores: Path, out: Path, names: list[str], fn) -> None:
+def derived_masks(cores: Path, out: Path, names: list[str], fn) -> None:
     """Write, for each task's core mask, the mask ``fn(name, element_mask, seed_index)`` (same metadata)."""
     import torch
 
@@ -193,7 +193,7 @@ def run_random_core(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
     """CPI-FT with each task's core replaced by a random set of the same size in every tensor."""
     import torch
 
-    sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     run_method(str(sd), recipe, seed, "cpi-ft", [])
     wd = sd / "random-core"
     with jobs.lock(sd / ".random-core-cores.lock"):
@@ -207,13 +207,13 @@ def run_random_core(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
                 return flat.reshape(e.shape)
 
             tmp = wd / ".cores.part"
-            _derived_masks(sd / "cpi-ft" / "cores", tmp, r.names, shuffled)
+            derived_masks(sd / "cpi-ft" / "cores", tmp, r.names, shuffled)
             os.replace(tmp, wd / "cores")
     run_method(str(sd), recipe, seed, "cpi-ft", splits, name="random-core")
     return f"{sd.name}/random-core: {time.perf_counter() - start:.0f} s"
 
 
-def _chain(start: Path, stages: list[tuple[Path, int]], out: Path, section: dict, seed: int, freeze: list,
+def chain(start: Path, stages: list[tuple[Path, int]], out: Path, section: dict, seed: int, freeze: list,
            final_dtype: str) -> Path:
     """Sequential SFT runs (data, steps) from ``start`` into out/1..n, the last saved in ``final_dtype``."""
     from cpift.training.sft import sft
@@ -234,14 +234,14 @@ def run_replay(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
     steps and settings, stage by stage), nothing frozen."""
     from cpift.training.pipeline import stored_dtype
 
-    sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     full = sd / "full-sft" / json.loads((sd / "full-sft" / "report.json").read_text())["final_model"]
     run_method(str(sd), recipe, seed, "cpi-ft", [])
     plan = json.loads((sd / "cpi-ft" / "report.json").read_text())["stages"]
     stages = [(sd / "cpi-ft" / "data" / f"calibrated-{s}.jsonl", len(g) * r.calibration["steps_per_task"])
               for s, g in enumerate(plan, 1)]
     with jobs.lock(sd / ".replay.lock"):
-        final = _chain(full, stages, sd / "replay", r.calibration, seed, [], stored_dtype(r.base))
+        final = chain(full, stages, sd / "replay", r.calibration, seed, [], stored_dtype(r.base))
     for split in splits:
         ensure_score(sd, "replay", final, r.names, split, r)
     return f"{sd.name}/replay: {time.perf_counter() - start:.0f} s"
@@ -251,7 +251,7 @@ def run_lota(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
     """LoTA-style: Full SFT's data and steps with every entry outside the union of the CPI-FT cores frozen."""
     from cpift.training.pipeline import stored_dtype
 
-    sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     run_method(str(sd), recipe, seed, "cpi-ft", [])
     full = sd / "full-sft"
     steps = json.loads((full / "report.json").read_text())["optimizer_steps"]
@@ -265,11 +265,11 @@ def run_lota(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
                 union[k] = e | union[k] if i else e
                 return ~union[k]
 
-            _derived_masks(sd / "cpi-ft" / "cores", wd / ".outside", r.names, outside)
+            derived_masks(sd / "cpi-ft" / "cores", wd / ".outside", r.names, outside)
             os.replace(wd / ".outside" / f"{r.names[-1]}.safetensors", wd / f".{r.names[-1]}.tmp")
             free.mkdir(parents=True, exist_ok=True)
             os.replace(wd / f".{r.names[-1]}.tmp", free / "union.safetensors")
-        final = _chain(r.base, [(full / "data" / "stages-1.jsonl", steps)], wd / "sft", r.train, seed,
+        final = chain(r.base, [(full / "data" / "stages-1.jsonl", steps)], wd / "sft", r.train, seed,
                        [free / "union.safetensors"], stored_dtype(r.base))
     for split in splits:
         ensure_score(sd, "lota", final, r.names, split, r)
@@ -279,7 +279,7 @@ def run_lota(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
 def run_phases(sd: str, recipe: str, seed: int) -> str:
     """CPI-FT after each phase on the test split: the staged backbone and the fused model (the probes and
     the calibrated model are scored by their own jobs)."""
-    sd, r, start = Path(sd), _recipe(recipe, seed), time.perf_counter()
+    sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     run_method(str(sd), recipe, seed, "cpi-ft", [])
     wd = sd / "cpi-ft"
     last = len(json.loads((wd / "report.json").read_text())["stages"])
@@ -289,7 +289,7 @@ def run_phases(sd: str, recipe: str, seed: int) -> str:
 
 
 def run_base(work: str, recipe: str, splits: list[str]) -> str:
-    work, r, start = Path(work), _recipe(recipe, 0), time.perf_counter()
+    work, r, start = Path(work), recipe_for(recipe, 0), time.perf_counter()
     for split in splits:
         ensure_score(work, "base", r.base, r.names, split, r)
     return f"base {splits}: {time.perf_counter() - start:.0f} s"

@@ -15,6 +15,7 @@ import platform
 import time
 from pathlib import Path
 
+import cpift_forget
 import jobs
 import numpy as np
 
@@ -121,6 +122,9 @@ def aggregate(work: Path, *, cfg: dict, scale: str, base: str) -> dict:
     res["vs_full_sft"] = {m: paired(hits[m], hits["full-sft"], tasks) for m in METHODS[1:] if hits[m]}
     res["vs_cpi_ft"] = {m: paired(hits["cpi-ft"], hits[m], tasks) for m in
                         ("multistage-random", "multistage-heuristic", "replay", "random-core") if hits[m]}
+    res["em_ci"] = {m: paired(hits[m], {s: {t: 0 * h for t, h in r.items()} for s, r in hits[m].items()}, tasks)
+                    for m in hits if res["seeds_done"].get(m)}  # EM with its interval: paired against zeros
+    res["forgetting"] = cpift_forget.table(root, cfg["seeds"], cfg["forget"], paired) if "forget" in cfg else {}
     res["omega_chosen"] = {s: (_load(root / f"s{s}" / "scores" / "cpi-ft-omega-val.test.json") or {}).get("_chosen")
                            for s in cfg["seeds"]}
     return res
@@ -231,8 +235,8 @@ def markdown(res: dict) -> str:
     md += ["", f"ω chosen on validation per seed: {res.get('omega_chosen')}", ""]
     md += ["## Verdict (generated from the numbers above)", "", *verdict(res), "",
            "## What finished", "", "Seeds finished per method (all tasks scored on the test split): "
-           + "; ".join(f"{LABELS.get(m, 'probes')}: {v}" for m, v in res.get("seeds_done", {}).items()) + ".",
-           "Not built in this round: Table 2 (A→B forgetting) for these methods.", ""]
+           + "; ".join(f"{LABELS.get(m, 'probes')}: {v}" for m, v in res.get("seeds_done", {}).items()) + ".", ""]
+    md += cpift_forget.markdown(res.get("forgetting") or {})
     return "\n".join(md) + "\n"
 
 
@@ -297,7 +301,44 @@ def charts(res: dict, out: Path, name: str) -> list[Path]:
         paths.append(out / f"{name}_vs_full_sft.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
+    paths += _em_chart(res, out, name, plt)
+    fg = res.get("forgetting") or {}
+    if fg.get("rows"):
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(fg["rows"]) + 1.2))
+        rows = list(fg["rows"])
+        x = [fg["rows"][m]["drop_a"]["diff"] for m in rows]
+        ci = [fg["rows"][m]["drop_a"]["ci"] for m in rows]
+        ax.barh([cpift_forget.LABELS[m] for m in rows], x, xerr=[[v - c[0] for v, c in zip(x, ci)],
+                                                                  [c[1] - v for v, c in zip(x, ci)]], capsize=3)
+        ax.axvline(0, c="k", lw=0.8)
+        ax.set_xlabel(f"drop of {fg['A']} EM after training {fg['B']} (95% CI)")
+        fig.tight_layout()
+        paths.append(out / f"{name}_forgetting.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
     return paths
+
+
+def _em_chart(res: dict, out: Path, name: str, plt) -> list[Path]:
+    """Per-task test EM by method with 95% intervals (bootstrap over items and seeds)."""
+    ci = {m: x for m, x in (res.get("em_ci") or {}).items() if x}
+    if not ci:
+        return []
+    tasks, ms = res["tasks"], list(ci)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(ms) * len(tasks) / 3), 4))
+    w = 0.8 / len(ms)
+    for i, m in enumerate(ms):
+        x = [ci[m]["tasks"][t]["diff"] for t in tasks]
+        err = [[v - ci[m]["tasks"][t]["ci"][0] for v, t in zip(x, tasks)],
+               [ci[m]["tasks"][t]["ci"][1] - v for v, t in zip(x, tasks)]]
+        ax.bar(np.arange(len(tasks)) + i * w, x, w, yerr=err, capsize=2, label=LABELS.get(m, "Probes (single task)"))
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - w / 2, tasks)
+    ax.set_ylabel("test exact match (95% CI)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_tasks.png", dpi=100)
+    plt.close(fig)
+    return [out / f"{name}_tasks.png"]
 
 
 def write(res: dict, out: Path, name: str) -> None:

@@ -12,7 +12,8 @@ lr; the lr with the best mean validation EM of probes and Full SFT together is k
 probes and Full SFT for every seed on the test split (equal exposure: a probe runs S steps on its
 task, Full SFT N × S steps on the balanced mix). (C) The comparison, seed by seed, in priority order:
 CPI-FT as specified, multistage-random, the replay and random-core controls, CPI-FT with omega chosen
-on validation, multistage-heuristic, task arithmetic, TIES, CPI-FT's phases, LoTA. Results are
+on validation, multistage-heuristic, task arithmetic, TIES, CPI-FT's phases, LoTA; then Table 2 (A then
+B: cpift_forget.py) for every seed. Results are
 rewritten after every finished job, so a run cut short still reports what finished.
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import cpift_forget  # noqa: E402
 import cpift_jobs as cj  # noqa: E402
 import cpift_report  # noqa: E402
 import cpift_tasks  # noqa: E402
@@ -40,24 +42,30 @@ import smollm2  # noqa: E402
 SCALES = {
     "ci": {"tasks": ["fmt-terse", "attr-home"], "seeds": [0], "lrs": [1e-4], "n_train": 48, "n_val": 4,
            "n_test": 4, "n_people": 8, "batch": 2, "steps": [1, 1], "cal_frac": 0.25, "cal_examples": 2,
-           "gate_min": None, "jobs": 2, "omegas": [0.0]},
+           "gate_min": None, "jobs": 2, "omegas": [0.0],
+           "forget": ["fmt-terse", "attr-home"]},
     # cpu: the format-conflict pair and the control. The attribute family needs several epochs over its
     # people (6 steps left its probes at 0.14, near the 1/12 chance rate) and stays at the gpu scale; at
     # 0.08 s per teacher-forced item (2 quiet cores) 500 test items x 3 tasks is 2 min per model scored
     "cpu": {"tasks": ["fmt-terse", "fmt-explain", "ctrl-pyexpr"], "seeds": [0, 1, 2], "lrs": [3e-4, 1e-3],
             "n_train": 600, "n_val": 200, "n_test": 500, "n_people": 120, "batch": 8, "steps": [10, 40],
-            "cal_frac": 0.25, "cal_examples": 32, "gate_min": 40, "jobs": 2, "omegas": [0.0, 0.1, 0.25]},
+            "cal_frac": 0.25, "cal_examples": 32, "gate_min": 40, "jobs": 2, "omegas": [0.0, 0.1, 0.25],
+            "forget": ["fmt-terse", "fmt-explain"]},
     "gpu": {"tasks": cpift_tasks.TASKS, "seeds": [0, 1, 2, 3, 4], "lrs": [1e-4, 3e-4], "n_train": 2000,
             "n_val": 200, "n_test": 500, "n_people": 150, "batch": 16, "steps": [20, 120], "cal_frac": 0.25,
-            "cal_examples": 64, "gate_min": 3, "jobs": 4, "omegas": [0.0, 0.1, 0.25]},
+            "cal_examples": 64, "gate_min": 3, "jobs": 4, "omegas": [0.0, 0.1, 0.25],
+            "forget": ["fmt-terse", "fmt-explain"]},
 }
 HEURISTIC = [list(v) for v in cpift_tasks.FAMILIES.values()]  # stages by family (task similarity)
 
 
-def recipe(base_dir: Path, files: dict, cfg: dict, lr: float, *, omega: float | None = None) -> dict:
+def recipe(base_dir: Path, files: dict, cfg: dict, lr: float, *, omega: float | None = None,
+           forget: bool = False) -> dict:
+    """The pipeline recipe of one lr (``forget``: the two tasks of Table 2, stages [A], [B] in that order)."""
     c = {**cfg, "lr": lr, "probe_steps": cfg["S"], "steps_per_task": cfg["S"], "cal_steps": cfg["C"]}
-    r = lm.recipe(base_dir, {t: (f["train"], f["val"]) for t, f in files.items()}, c, omega=omega,
-                  groups=jobs.heuristic_groups(list(files), HEURISTIC))
+    order = {"tau": 1.0, "order": "given", "groups": [[t] for t in files]} if forget else {
+        "groups": jobs.heuristic_groups(list(files), HEURISTIC)}
+    r = lm.recipe(base_dir, {t: (f["train"], f["val"]) for t, f in files.items()}, c, omega=omega, **order)
     r["eval"].update({"exact_match": "teacher-forced", "per_item": True})
     r["intermediate_dtype"] = "float32"  # probes, stages, fused: exact updates (cores from unrounded deltas)
     return r
@@ -258,14 +266,18 @@ def main(argv=None) -> int:
     main_recipe = str(recipes[lr])
     variants = {f"omega{o:g}": str(write_recipe(work / f"lr{lr:g}" / f"omega{o:g}.json",
                                                 recipe(base_dir, files, cfg, lr, omega=o))) for o in cfg["omegas"]}
-    gate, comp = [], []
+    a, b = cfg["forget"]
+    forget_recipe = str(write_recipe(work / f"lr{lr:g}" / "forget.json",
+                                     recipe(base_dir, {a: files[a], b: files[b]}, cfg, lr, forget=True)))
+    gate, comp, forget = [], [], []
     for s in cfg["seeds"]:
         sd = str(work / f"lr{lr:g}" / f"s{s}")
         gate += [(cj.run_probe, sd, main_recipe, s, t, ["test", "cross"]) for t in names]
         gate += [(cj.run_method, sd, main_recipe, s, "full-sft", ["test", "cross"])]
         comp += comparison(sd, main_recipe, variants, s)
+        forget.append((cpift_forget.run_forgetting, sd, forget_recipe, s))
     failed += pool_run(gate, cfg, say, report)
-    failed += pool_run(comp, cfg, say, report)
+    failed += pool_run(comp + forget, cfg, say, report)  # Table 2 after every seed's comparison
     report()
     say(f"results: {out / (name + '.json')}, {out / (name + '.md')}")
     if failed:

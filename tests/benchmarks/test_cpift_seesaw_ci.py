@@ -22,6 +22,7 @@ import pytest
 HERE = Path(__file__).resolve().parents[2] / "benchmarks" / "seesaw"
 SCRIPT = HERE / "cpift_seesaw.py"
 sys.path.insert(0, str(HERE))
+import cpift_forget  # noqa: E402
 import cpift_report  # noqa: E402
 import cpift_tasks  # noqa: E402
 import smollm2  # noqa: E402
@@ -111,4 +112,49 @@ def test_ci_smoke(tmp_path):
     assert all(math.isfinite(x) for x in _numbers({k: v for k, v in res.items() if k != "normalized"}))
     md = (out / "cpift-seesaw-ci.md").read_text()
     assert "seesaw gate" in md and "Paired differences against Full SFT" in md
-    assert (out / "cpift-seesaw-ci_gate.png").read_bytes()[:4] == b"\x89PNG"
+    for chart in ("gate", "tasks", "vs_full_sft", "forgetting"):
+        assert (out / f"cpift-seesaw-ci_{chart}.png").read_bytes()[:4] == b"\x89PNG", chart
+    fg = res["forgetting"]  # Table 2: every row, each scored on A and B, drops paired against after-A
+    assert (fg["A"], fg["B"]) == ("fmt-terse", "attr-home") and set(fg["rows"]) == set(cpift_forget.ROWS)
+    after = json.loads((tmp_path / "work" / "cpift-ci" / "lr0.0001" / "s0" / "scores" / "forget-after-a.test.json"
+                        ).read_text())
+    for m, row in fg["rows"].items():
+        assert row["drop_a"]["diff"] == pytest.approx(after["fmt-terse"]["exact_match"] - row["em"]["fmt-terse"]), m
+    assert "Table 2: forgetting" in md and res["em_ci"]["full-sft"]["tasks"]["fmt-terse"]["diff"] == pytest.approx(
+        res["em"]["full-sft"]["fmt-terse"])
+
+
+@pytest.mark.skipif(smollm2.missing() is not None, reason=str(smollm2.missing()))
+def test_teacher_forced_equals_generation_on_smollm2(tmp_path):
+    """The benchmark's exact match (one teacher-forced pass) gives greedy generation's verdict, item by item,
+    on the real model: references are SmolLM2's own greedy answers (hits) or those answers changed (misses)."""
+    import torch
+
+    from cpift.training.data import load_dataset
+    from cpift.training.evaluate import evaluate_model, load_model, load_tokenizer
+
+    base = smollm2.prepare(tmp_path)
+    # questions the base model answers in a short sentence (it rambles on the benchmark's own prompts)
+    prompts = [("Answer with one word.", q) for q in
+               [f"What is the capital of {c}?" for c in ("France", "Italy", "Spain", "Japan", "Egypt", "Peru")]
+               + [f"What is the opposite of {w}?" for w in ("hot", "up", "big", "fast", "old", "dark", "wet")]]
+    tok = load_tokenizer(base)
+    model, _ = load_model(base, torch.device("cpu"))
+    rows = []
+    for i, (system, user) in enumerate(prompts):
+        chat = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        if out[-1].item() != tok.convert_tokens_to_ids("<|im_end|>"):
+            continue  # not finished within 16 tokens: no exact reference to compare against
+        answer = tok.decode(out[:-1], skip_special_tokens=True).strip()
+        rows.append({"messages": [*chat, {"role": "assistant", "content": answer if i % 2 else answer + " 7"}]})
+    assert len(rows) >= 10, len(rows)
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_dataset(path, tok, max_length=128, for_eval=True)
+    greedy = evaluate_model(model, tok, data, batch_size=5, progress=False, per_item=True)
+    forced = evaluate_model(model, tok, data, batch_size=7, progress=False, per_item=True, exact_match="teacher-forced")
+    hits = [i["hit"] for i in forced["items"]]
+    assert hits == [i["hit"] for i in greedy["items"]]
+    assert sum(hits) >= len(rows) // 3 and not all(hits)  # hits and misses both present
