@@ -1,5 +1,5 @@
-"""nuslerp, multislerp, karcher (merge/methods/hypersphere.py) on checkpoints: the subcommands against the
-float64 oracles (mergekit 0.1.5's formulas, tests/oracles.py), mergekit YAML configs
+"""nuslerp, multislerp, karcher (merge/methods/nuslerp.py, multislerp.py, karcher.py) on checkpoints: the
+subcommands against the float64 oracles (mergekit 0.1.5's formulas, tests/oracles.py), mergekit YAML configs
 giving the subcommand's bytes, recipes that replay, bad input, and parity with mergekit itself where
 CPIFT_MERGEKIT_YAML names a mergekit-yaml."""
 
@@ -340,3 +340,22 @@ def test_bf16_models_agree_with_mergekit(fam, tmp_path, case, monkeypatch):
     same = sum(int((x == theirs[k]).sum()) for k, x in ours.items()) / sum(x.numel() for x in ours.values())
     print(f"parity bf16 {cid}: max {worst:.2f} bf16 ulps of the tensor's scale, {100 * same:.2f}% bit-identical")
     assert worst <= 1.0, worst
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["karcher", "task1", "task2", "--max-iter", "1000001"], "max_iter: 1000001.0 is outside [0.0, 1000000.0]"),
+    (["karcher", "task1", "task2", "--max-iter", "-1"], "max_iter: -1.0 is outside [0.0, 1000000.0]"),
+    (["multislerp", "task1", "neg", "task2", "--weights", "1,1,0"],
+     "tensor 'model.embed_tokens.weight': multislerp: the weighted mean of the unit vectors is zero"),
+], ids=["max-iter-above", "max-iter-below", "zero-mean-names-the-tensor"])
+def test_declared_range_is_the_one_enforced(capsys, fam, tmp_path, argv, fragment):
+    """karcher's max_iter is declared as the merge enforces it (an integer in [0, 1e6]); a refusal that
+    depends on a tensor's values names the tensor."""
+    from cpift.merge.methods.registry import METHODS
+
+    p = METHODS["karcher"].param("max_iter")
+    assert (p.kind, p.lo, p.hi) == ("integer", 0.0, 1e6)
+    f = fam[torch.float32]
+    argv = [f[a] if a in f else a for a in argv]
+    assert_user_error(capsys, [*argv, "-o", tmp_path / "out"], fragment, inputs=[f["task1"], f["neg"]])
+    no_output(tmp_path)

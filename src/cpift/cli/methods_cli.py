@@ -33,8 +33,8 @@ def _option(spec: MethodSpec, p: ParamSpec):
     if p.kind == "seed":
         return click.option(p.cli, p.name, type=SEED, default=p.default, show_default=True,
                             help=p.help)
-    if p.kind in ("number", "integer"):
-        return click.option(p.cli, p.name, type=Number(integer=p.kind == "integer"), default=p.default,
+    if p.kind in ("number", "integer"):  # a count with a unit (karcher's iterations): the method says a whole number
+        return click.option(p.cli, p.name, type=Number(integer=p.kind == "integer" and not p.unit), default=p.default,
                             show_default=True, help=p.help)
     text = p.help.format(base=", base excluded" if spec.has_base or spec.optional_base else "")
     return click.option(p.cli, p.name, default=None if p.default is None else str(p.default),

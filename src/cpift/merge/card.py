@@ -185,7 +185,7 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
     cfg: dict[str, Any] = {"merge_method": method}
     spec = METHODS[method]
     if spec.tensor is not None:
-        cfg.update(declared_recipe(spec, params, refs))
+        cfg.update(declared_recipe(spec, params, refs, base=bool(inputs) and inputs[0].role == "base"))
     elif spec.roles == ("model_a", "model_b"):
         cfg["base_model"] = refs[0]
         cfg["models"] = [{"model": r} for r in refs]

@@ -205,7 +205,7 @@ def run_stack(cfg, out: str | os.PathLike, paths: Mapping[str, Path], *, recipe:
               opened: Mapping[str, Any] | None = None, **settings: Any):
     """Run a passthrough ``slices`` config (``cfg.stack``) through ``passthrough``; ``opened``: how each
     reference opens (run.py: ``BASE+ADAPTER`` and Hub ids as the ``models:`` form opens them)."""
-    from cpift.merge.methods.layers import passthrough
+    from cpift.merge.methods import passthrough
 
     view, scale, layers = plan_stack(cfg.stack, paths, cfg.parameters, cfg.source, opened)
     settings["inputs"] = [*settings.get("inputs", ()), *paths.values()]

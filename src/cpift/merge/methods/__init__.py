@@ -1,7 +1,6 @@
 """The merge methods: a declared method is one file named after it (declare.py; the runner is runner.py);
 the methods not yet declared live one file per family (delta: task_arithmetic,
-ties, dare_linear, dare_ties; sparse_delta: breadcrumbs, breadcrumbs_ties, della, della_linear; stock:
-model_stock; layers: passthrough; hypersphere: nuslerp, multislerp, karcher), all
+ties, dare_linear, dare_ties; sparse_delta: breadcrumbs, breadcrumbs_ties, della, della_linear), all
 listed in the registry (registry.py).
 ``cpift.merge.methods.ties`` etc. are the functions themselves, loaded on first use from the registry,
 so importing the registry (as the card and the mergekit planner do) loads no method (a declared method's

@@ -6,9 +6,11 @@ registers it (merge/methods/registry.py). The per-tensor function then only comp
 
     fn(xs, out, *, backend, shape, **values)
 
-``xs``: the inputs' flat float views of one tensor (the base first where the method has one), ``out``:
-the flat output to fill, ``shape``: the tensor's shape, ``values``: every declared parameter resolved
-for this tensor and range-checked (a number, a list with one number per model, a flag). Opening the
+``xs``: the inputs' flat float views of one tensor (the base first where the method requires one; an
+optional base comes as the keyword ``base``, None when not given), ``out``: the flat output to fill,
+``shape``: the tensor's shape, ``values``: every declared parameter resolved for this tensor and
+range-checked (a number, a list with one number per model, a flag). A ParameterError it raises (a
+refusal that depends on the tensor's values) is reported naming the tensor. Opening the
 models, validating the parameters, streaming, publishing, the card and the recipe are the runner's
 (merge/methods/runner.py); the command, the mergekit planning and the ``cpift.<method>`` function are
 derived from the declaration. A method file imports its kernels inside its function, so declaring
@@ -50,8 +52,10 @@ class Inputs:
 
 def method(name: str, *, inputs: Inputs, params: tuple[ParamSpec, ...] = (), definition: str, paper: str,
            summary: str, mergekit: MergekitSpec | None = None, bench: Mapping[str, str] | None = None,
-           check: Check | None = None, cli: str | None = None) -> Callable[[Callable], Callable]:
-    """Declare and register the per-tensor function it decorates as the merge method ``name``."""
+           check: Check | None = None, cli: str | None = None,
+           notes: Callable[[Mapping[str, Any]], list[str]] | None = None) -> Callable[[Callable], Callable]:
+    """Declare and register the per-tensor function it decorates as the merge method ``name``
+    (``notes``: the notes a merge prints, from the parameters as the card shows them)."""
     if inputs.base not in ("required", "optional", "pair", "none"):
         raise ValueError(f"method '{name}': inputs.base must be required, optional, pair or none")
 
@@ -59,7 +63,7 @@ def method(name: str, *, inputs: Inputs, params: tuple[ParamSpec, ...] = (), def
         register(MethodSpec(name, cli or name.replace("_", "-"), fn.__module__, inputs.roles(), tuple(params),
                             definition, paper, summary, mergekit, bench=dict(bench or {}),
                             min_models=inputs.min_models, optional_base=inputs.base == "optional",
-                            max_models=inputs.max_models, tensor=fn, check=check))
+                            max_models=inputs.max_models, tensor=fn, check=check, notes=notes))
         return fn
 
     return declare

@@ -28,7 +28,9 @@ class ParamSpec:
     ``name`` is the function's keyword, ``cli`` its option, ``kind`` one of KINDS (``per_model``: a
     comma-separated list, one value per model; ``number_or_per_model``: one value or such a list).
     ``lo``/``hi`` bound it (``lo_open``: lo excluded). ``mergekit``: the key of a mergekit config
-    that sets it, and ``mergekit_default`` mergekit's default (None: required there).
+    that sets it, and ``mergekit_default`` mergekit's default (None: required there). ``optional``: None
+    is a value (not given: the function gets None). ``unit``: what an integer counts, named in its error
+    ("expected a whole number of iterations"), which the method then gives for the command line too.
     """
 
     name: str
@@ -42,6 +44,8 @@ class ParamSpec:
     mergekit: str | None = None
     mergekit_default: Any = None
     missing: str = ""  # what to say when a parameter without a default is not given
+    optional: bool = False
+    unit: str = ""
 
     @property
     def per_model(self) -> bool:
@@ -91,6 +95,7 @@ class MethodSpec:
     # its public function is then built by merge/methods/runner.py.
     tensor: Callable[..., None] | None = None
     check: Callable[..., None] | None = None
+    notes: Callable[..., list[str]] | None = None  # the notes a merge prints, from its parameters
 
     @property
     def function(self) -> Callable[..., Any]:
@@ -188,27 +193,6 @@ def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...
 
 register(_dare("dare_linear", "task arithmetic", cpift_normalize=False, native=()))
 register(_dare("dare_ties", "TIES sign election", cpift_normalize=True, native=("normalize",)))
-register(MethodSpec(
-    "model_stock", "model-stock", "cpift.merge.methods.stock", ("base", "models"),
-    (ParamSpec("filter_wise", "--filter-wise", "flag", False,
-               "One t per row of the last dimension instead of one per tensor (torch ops, not fused).",
-               mergekit="filter_wise", mergekit_default=False),),
-    "c = mean pairwise cosine of the deltas x_i − b, t = N·c / (1 + (N−1)·c), "
-    "t·mean x_i + (1 − t)·b (t = 0 where 1 + (N−1)·c ≈ 0)",
-    "Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models (arXiv:2403.19522)",
-    "Model Stock: move from the base towards the fine-tunes' average by a ratio set by their deltas' angle.",
-    MergekitSpec((), ("filter_wise",), normalize=None, cpift_normalize=None),
-    bench={}, min_models=2))  # no parameter to set: the bench runs it with its defaults
-register(MethodSpec(
-    "passthrough", "passthrough", "cpift.merge.methods.layers", ("model",),
-    (ParamSpec("scale", "--scale", "number", None,
-               "Multiply every tensor by this (default: copy bit for bit).", mergekit="scale"),),
-    "x (or scale · x): one model's tensors; with mergekit slices, layer ranges of several models stacked",
-    "mergekit (Goddard et al. 2024, arXiv:2403.13257); SOLAR depth up-scaling (Kim et al. 2023, arXiv:2312.15166)",
-    "Copy one model (times --scale); stacking layer ranges (slices) runs from a mergekit YAML.",
-    MergekitSpec(("scale",), (), normalize=None, cpift_normalize=None)))
-
-
 def _sparse(name: str, extra: ParamSpec, density: float, definition: str, paper: str, summary: str, *,
             normalize: bool, rescale: bool, seed: bool) -> MethodSpec:
     """mergekit's breadcrumbs / della family (merge/methods/sparse_delta.py): normalize and rescale are
@@ -244,65 +228,14 @@ register(_sparse("della_linear", _EPSILON, 0.5, _MAGPRUNE + "task arithmetic", _
                  "DELLA's drops and rescale, then task arithmetic.", normalize=False, rescale=True, seed=True))
 
 
-# The hypersphere merges (merge/methods/hypersphere.py): nuslerp and multislerp take an optional base.
-_SPHERE_WEIGHTS = ParamSpec("weights", "--weights", "per_model", None,
-                            "Comma-separated weight per model, base excluded (default: all 1).", mergekit="weight")
-register(MethodSpec(
-    "nuslerp", "nuslerp", "cpift.merge.methods.hypersphere", ("models",),
-    (_SPHERE_WEIGHTS,
-     ParamSpec("flatten", "--flatten", "flag", True,
-               "Each tensor one vector (default); --no-flatten: one vector per row of the last dimension "
-               "(torch ops, not fused).", mergekit="nuslerp_flatten", mergekit_default=True),
-     ParamSpec("row_wise", "--row-wise", "flag", False,
-               "With --no-flatten: the vectors run along dimension 0 instead (torch ops, not fused).",
-               mergekit="nuslerp_row_wise", mergekit_default=False)),
-    "SLERP of two models by t = w_1 / (w_0 + w_1) (0.5 where |w_0 + w_1| < 1e-6): cos = ⟨x_0, x_1⟩ / "
-    "(max(‖x_0‖, 1e-7)·max(‖x_1‖, 1e-7)), (1 − t)·x_0 + t·x_1 where 1 − cos² ≤ 1e-16, else "
-    "(sin((1 − t)θ)·x_0 + sin(tθ)·x_1) / sin θ; with a base on the deltas x_i − b, b added back",
-    "mergekit (Goddard et al. 2024, arXiv:2403.13257): NuSLERP",
-    "NuSLERP: SLERP of two models by their weights' ratio, optionally on deltas from --base.",
-    MergekitSpec(("weight",), ("nuslerp_flatten", "nuslerp_row_wise"), normalize=None, cpift_normalize=None),
-    bench={}, min_models=2, optional_base=True, max_models=2))
-register(MethodSpec(
-    "multislerp", "multislerp", "cpift.merge.methods.hypersphere", ("models",),
-    (_SPHERE_WEIGHTS,
-     ParamSpec("normalize_weights", "--normalize-weights", "flag", True,
-               "Divide the weights by their sum (default); --no-normalize-weights uses them as given.",
-               mergekit="normalize_weights", mergekit_default=True),
-     ParamSpec("eps", "--eps", "number", 1e-8, "Stabilising constant added to the norms (mergekit's eps).",
-               lo=0.0, mergekit="eps", mergekit_default=1e-8)),
-    "barycentric interpolation on the hypersphere: u_i = x_i / (‖x_i‖ + eps), m̂ the normalised Σ w_i u_i, "
-    "τ = Σ w_i (u_i − ⟨u_i, m̂⟩ m̂), s = ‖τ‖ + eps, (m̂ cos s + τ sin(s)/s)·Σ w_i ‖x_i‖; with a base on "
-    "the deltas x_i − b, b added back; ‖Σ w_i u_i‖ < eps: two models the lerp Σ w_i x_i, more an error",
-    "C. Goddard, Multi-SLERP (blog: https://goddard.blog/posts/multislerp-wow-what-a-cool-idea), as mergekit cites it",
-    "Multi-SLERP: barycentric interpolation of N models on the hypersphere, optionally on deltas from --base.",
-    MergekitSpec(("weight",), ("normalize_weights", "eps"), normalize=None, cpift_normalize=None),
-    bench={}, optional_base=True))
-register(MethodSpec(
-    "karcher", "karcher", "cpift.merge.methods.hypersphere", ("models",),
-    (ParamSpec("max_iter", "--max-iter", "number", 10, "Iterations at most (a whole number ≥ 0).",
-               lo=0.0, mergekit="max_iter", mergekit_default=10),
-     ParamSpec("tol", "--tol", "number", 1e-5,
-               "Norms and angles below it count as zero; a step below it ends the iteration.",
-               lo=0.0, mergekit="tol", mergekit_default=1e-5)),
-    "Karcher mean of the unit vectors x_i / ‖x_i‖ (norms > tol), weights 1/N: from their normalised mean, "
-    "m ← exp_m(Σ_i θ_i/sin θ_i·(u_i − cos θ_i·m) / N) up to max_iter times (a step < tol stops), "
-    "times Σ_i ‖x_i‖ / N",
-    "arXiv:2603.04972, as mergekit 0.1.5 cites it; the Karcher mean: Karcher 1977, Riemannian center of mass and "
-    "mollifier smoothing",
-    "Karcher mean: the equal-weight Riemannian mean of N models on the hypersphere.",
-    MergekitSpec((), ("max_iter", "tol"), normalize=None, cpift_normalize=None),
-    bench={}))
-
-
-
-def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]) -> dict[str, Any]:
+def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str], *, base: bool) -> dict[str, Any]:
     """The mergekit config of a merge by a declared method (merge/card.py writes it as the recipe):
-    base_model if it takes one, each model with its per-model parameters, the whole-merge parameters."""
+    base_model if it has one (``base``: refs[0] is a base, required or optional), each model with its
+    per-model parameters, the whole-merge parameters (those not given left out)."""
     def plain(p, v: Any) -> Any:
         return bool(v) if p.kind == "flag" else int(v) if p.kind in ("integer", "seed") else float(v)
 
-    pair, base = spec.roles[0] == "model_a", spec.has_base
+    pair = spec.roles[0] == "model_a"
     models = refs if pair else refs[1:] if base else refs
     per = [p for p in spec.params if p.mergekit and p.per_model]
     values = {p.name: params[p.name] if isinstance(params[p.name], (list, tuple))
@@ -310,11 +243,13 @@ def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]
     cfg: dict[str, Any] = {"base_model": refs[0]} if pair or base else {}
     cfg["models"] = [{"model": r, **({"parameters": {p.mergekit: plain(p, values[p.name][i]) for p in per}}
                                      if per and not (pair and i == 0) else {})} for i, r in enumerate(models)]
-    shared = {p.mergekit: plain(p, params[p.name]) for p in spec.params if p.mergekit and not p.per_model}
-    return {**cfg, **({"parameters": shared} if shared else {})}
+    whole = [p for p in spec.params if p.mergekit and not p.per_model]
+    shared = {p.mergekit: plain(p, params[p.name]) for p in whole if params[p.name] is not None}
+    return {**cfg, **({"parameters": shared} if whole else {})}
 
 
 # Declared methods (merge/methods/declare.py), one file each, registered when imported.
-DECLARED = ("slerp", "linear", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
+DECLARED = ("slerp", "linear", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties",
+            "nuslerp", "multislerp", "karcher", "model_stock", "passthrough")
 for _module in DECLARED:
     importlib.import_module(f"cpift.merge.methods.{_module}")

@@ -33,8 +33,8 @@ def _inputs(spec: MethodSpec, args: tuple, base: PathLike | None) -> tuple[list,
         models = list(args[0])
     lo, hi = spec.min_models, spec.max_models
     if len(models) < lo or (hi is not None and len(models) > hi):
-        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
-        raise ParameterError(f"models: {spec.name} needs {want} model{'s' if lo > 1 else ''}"
+        want = f"merges exactly {lo}" if lo == hi else f"needs at least {lo}"
+        raise ParameterError(f"models: {spec.name} {want} model{'s' if lo > 1 else ''}"
                              f"{' besides the base' if base is not None else ''}, got {len(models)}")
     head = [base] if base is not None else []
     return head + models, ["base"] * len(head) + ["model"] * len(models), len(models)
@@ -45,6 +45,8 @@ def _field(p: ParamSpec, raw: Any, i: int) -> str:
 
 
 def _resolve_one(p: ParamSpec, raw: Any, tensor: str, field: str) -> Any:
+    if raw is None and p.optional:
+        return None
     if p.kind == "flag":
         if not isinstance(raw, bool):
             raise ParameterError(f"{field}: expected true or false, got {raw!r}")
@@ -56,7 +58,7 @@ def _resolve_one(p: ParamSpec, raw: Any, tensor: str, field: str) -> Any:
     v = value(raw, tensor, field, lo=p.lo, hi=p.hi, lo_open=p.lo_open)
     if p.kind == "integer":
         if not v.is_integer():
-            raise ParameterError(f"{field}: expected a whole number, got {v:g}")
+            raise ParameterError(f"{field}: expected a whole number{' of ' + p.unit if p.unit else ''}, got {v:g}")
         return int(v)
     return v
 
@@ -70,10 +72,12 @@ def validate(spec: MethodSpec, given: dict[str, Any], count: int,
         raw = given[p.name]
         if raw is None and p.name == "weights":
             raw = weights_for(None, count)
-        elif raw is None:
+        elif raw is None and not p.optional:
             raise ParameterError(f"{p.name}: missing; {spec.name} needs {p.missing or p.cli}")
         if p.per_model:
             raw = per_model(raw, count, p.name)
+        elif p.kind == "integer" and isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)  # shown as the whole number it is
         raws[p.name] = raw
 
     def resolve(tensor: str) -> dict[str, Any]:
@@ -105,9 +109,16 @@ def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, 
     fn, backend = spec.tensor, opts.backend
 
     def combine(name, xs, out_t):
-        fn(xs, out_t, backend=backend, shape=shapes[name], **resolve(name))
+        values = resolve(name)
+        if spec.optional_base:  # the function takes the base (or None) as ``base``, the models as xs
+            values["base"], xs = (xs[0], xs[1:]) if base is not None else (None, xs)
+        try:
+            fn(xs, out_t, backend=backend, shape=shapes[name], **values)
+        except ParameterError as e:  # a refusal that depends on the tensor's values: name the tensor
+            raise ParameterError(f"tensor '{name}': {e}") from None
 
-    return stream_merge(spec.name, ckpts, out, combine, params=shown, roles=roles, options=opts)
+    notes = spec.notes(shown) if spec.notes is not None else None
+    return stream_merge(spec.name, ckpts, out, combine, params=shown, notes=notes, roles=roles, options=opts)
 
 
 def _signature(spec: MethodSpec) -> inspect.Signature:
