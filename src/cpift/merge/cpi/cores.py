@@ -25,12 +25,11 @@ from typing import Sequence
 import torch
 
 from cpift.errors import NonFiniteError, OutputError, ParameterError
-from cpift.kernels.finite import first_nonfinite
 from cpift.kernels.topk import GlobalTopK
 from cpift.merge.cpi.masks import block_size, mask_entries, parse_granularity, save_core_mask
 from cpift.merge.cpi.names import check_task_names
-from cpift.merge.engine import check_compatible, model_paths, open_models
 from cpift.merge.io.device import DeviceCache, check_backend, parse_device
+from cpift.merge.io.models import check_compatible, explain_nonfinite, model_paths, open_models
 from cpift.merge.io.publish import check_output, publish_dir
 from cpift.merge.io.stream import TensorStream, progress_bar
 from cpift.numbers import parse_number
@@ -118,18 +117,6 @@ class CoresResult:
 # Scores of +inf and NaN have float32 bit patterns ≥ 0x7F800000: pass 1's histograms already show
 # whether any input entry is non-finite, so no separate finiteness pass over the inputs is needed.
 _NONFINITE_BINS = 0x7F80
-
-
-def _explain_nonfinite(models, names: list[str]) -> None:
-    """Some score is NaN/Inf: name the input entry that makes it (rare path, a second look)."""
-    for name in names:
-        for m in models:
-            v = m.get(name).reshape(-1)
-            i = first_nonfinite(v)
-            if i is not None:
-                raise NonFiniteError(f"tensor '{name}' in {m.path} holds a non-finite value ({v[i].item()}) "
-                                     f"at flat index {i}; scores need finite weights")
-    raise NonFiniteError("|task − base| overflows float32 for some entry (the inputs are finite)")
 
 
 def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[str]:
@@ -254,7 +241,9 @@ def _select(models, plan: _Plan, ks: list[int], *, dev, backend, progress: bool)
     try:
         run_pass(count)
         if any(int(rs.high[_NONFINITE_BINS:].sum()) for rs in top.selects):
-            _explain_nonfinite(models, plan.names)
+            msg = explain_nonfinite(models, plan.names)
+            raise NonFiniteError(f"{msg}; scores need finite weights" if msg
+                                 else "|task − base| overflows float32 for some entry (the inputs are finite)")
         top.fix(ks)
         run_pass(lambda name, views: top.refine(views[0], views[1:], plan.blocks[name]))
         sel.thresholds = top.finish_refine()

@@ -28,8 +28,9 @@ from cpift.kernels.threads import serial_reductions
 from cpift.merge.cpi.masks import load_core_mask
 from cpift.merge.cpi.names import check_task_names
 from cpift.merge.cpi.recipes import fuse_recipe
-from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
+from cpift.merge.io.models import open_models
 from cpift.merge.options import MergeOptions, merge_options
 from cpift.numbers import parse_number
 

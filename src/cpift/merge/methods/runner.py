@@ -10,8 +10,9 @@ import inspect
 from typing import Any, Callable, Sequence
 
 from cpift.errors import ParameterError
-from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
+from cpift.merge.io.models import open_models
 from cpift.merge.options import MergeOptions, merge_options
 
 from .params import PathLike, float_names, per_model, value, weights_for

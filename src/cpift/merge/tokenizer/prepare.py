@@ -48,7 +48,7 @@ class TokenizerSetup:
             return dict(models)
         import torch
 
-        from cpift.merge.engine import open_models
+        from cpift.merge.io.models import open_models
         from cpift.merge.tokenizer.rows import RemappedCheckpoint, RowPlan, is_vocab_tensor
 
         keys = list(models)
