@@ -1,9 +1,9 @@
 """The options every merge takes (the CLI's common options), typed: ``MergeOptions``, keyword-only.
 
-Every merge function (the methods, ``fuse``) takes them as keywords, ``ties(..., dry_run=True,
-device="cuda")``, or as one ``options=MergeOptions(...)`` (keywords given beside it win);
-``merge_options`` checks their names, so a misspelt option is a one-line ParameterError instead of a
-silently ignored keyword. ``stream_merge`` (merge/engine.py) receives the object. A field's ``cli``
+A public merge function takes them as keywords, ``slerp(..., dry_run=True, device="cuda")``, declared in
+its signature from the fields (``option_parameters``), so ``inspect.signature`` lists them and a misspelt
+one is a TypeError naming it; ``options_from`` makes them the one object that the runner and
+``stream_merge`` (merge/engine.py) receive. Internal callers build the object and pass it on. A field's ``cli``
 metadata is its command-line option (flag, help, kind); cli/_options.py builds the click options from it,
 in field order (mergekit's options.py::add_merge_options does the same from its options model).
 """
@@ -11,6 +11,7 @@ in field order (mergekit's options.py::add_merge_options does the same from its 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -37,7 +38,7 @@ class MergeOptions:
     """How a merge reads, computes and writes; see ``stream_merge`` for each field.
 
     Example:
-        >>> plan = ties("base", ["a", "b"], "out", density=0.3, options=MergeOptions(dry_run=True))
+        >>> plan = slerp("a", "b", "out", t=0.3, dry_run=True)  # the keywords make a MergeOptions
     """
 
     dtype: Any = field(default=None, metadata=_cli(  # str or torch.dtype: cast the inputs for the math
@@ -85,8 +86,23 @@ FIELDS = tuple(f.name for f in dataclasses.fields(MergeOptions))
 CLI_FIELDS = {f.name: f for f in dataclasses.fields(MergeOptions) if "cli" in f.metadata}  # in option order
 
 
+def option_parameters() -> list[inspect.Parameter]:
+    """Every field as a keyword-only parameter of a public merge function, with its default and type."""
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            for f in dataclasses.fields(MergeOptions)]
+
+
+def options_from(arguments: dict[str, Any]) -> MergeOptions:
+    """Take the option keywords out of a public function's bound ``arguments`` (the rest stay) as the object."""
+    given = {name: arguments.pop(name) for name in FIELDS if name in arguments}
+    if "inputs" in given:
+        given["inputs"] = tuple(given["inputs"] or ())
+    return MergeOptions(**given)
+
+
 def merge_options(options: MergeOptions | None = None, overrides: Mapping[str, Any] | None = None) -> MergeOptions:
-    """``options`` (default: all defaults) with the keywords in ``overrides`` replacing its fields.
+    """``options`` (default: all defaults) with the keywords in ``overrides`` replacing its fields (the
+    method files not yet declared take both; a declared method takes keywords only: ``options_from``).
 
     Raises:
         ParameterError: a keyword that is no merge option (the message lists them).

@@ -13,7 +13,7 @@ from cpift.errors import ParameterError
 from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
 from cpift.merge.io.models import open_models
-from cpift.merge.options import MergeOptions, merge_options
+from cpift.merge.options import MergeOptions, option_parameters, options_from
 
 from .params import PathLike, float_names, per_model, value, weights_for
 from .registry import MethodSpec, ParamSpec
@@ -118,8 +118,7 @@ def _signature(spec: MethodSpec) -> inspect.Signature:
     if spec.optional_base:
         params.append(inspect.Parameter("base", _KW, default=None))
     params += [inspect.Parameter(p.name, _KW, default=p.default) for p in spec.params]
-    params += [inspect.Parameter("options", _KW, default=None),
-               inspect.Parameter("overrides", inspect.Parameter.VAR_KEYWORD)]
+    params += option_parameters()  # the merge options as keywords (merge/options.py)
     return inspect.Signature(params)
 
 
@@ -127,8 +126,9 @@ _PUBLIC: dict[int, Callable[..., MergeResult | MergePlan]] = {}
 
 
 def public(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
-    """The Python function of a declared method: ``ram(base, models, out, *, epsilon=1e-5, options=None)``
-    (one function object per spec: ``cpift.ram is cpift.merge.methods.ram``)."""
+    """The Python function of a declared method, its parameters and then the merge options as keywords:
+    ``ram(base, models, out, *, epsilon=1e-5, dtype=None, ...)`` (one function object per spec:
+    ``cpift.ram is cpift.merge.methods.ram``)."""
     if id(spec) not in _PUBLIC:
         _PUBLIC[id(spec)] = _build(spec)
     return _PUBLIC[id(spec)]
@@ -141,7 +141,7 @@ def _build(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        opts = merge_options(a.pop("options"), a.pop("overrides"))
+        opts = options_from(a)
         given = {p.name: a[p.name] for p in spec.params}
         inputs: Sequence[Any] = [a[n] for n, q in sig.parameters.items() if q.kind is _POS and n != "out"]
         return run(spec, tuple(inputs), a["out"], given, base=a.get("base"), options=opts)
