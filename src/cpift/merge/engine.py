@@ -33,7 +33,7 @@ from cpift.merge.io.resume import fingerprint
 from cpift.merge.io.sizes import parse_size
 from cpift.merge.io.stream import TensorStream, progress_bar
 from cpift.merge.io.writer import OutTensor, ShardWriter, plan_shards
-from cpift.merge.options import MergeOptions
+from cpift.merge.options import CARD_FIELDS, RESUME_FIELDS, MergeOptions
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]
@@ -155,9 +155,8 @@ def _validate(method: str, models: list[Checkpoint], out: str | os.PathLike, opt
     card = card_files(method=method, params=params or {}, recipe=opts.recipe, out=out,
                       inputs=[i for m, role in zip(models, roles or roles_for(method, len(models)))
                               for i in model_inputs(m, role)],
-                      settings={"dtype": compute_dtype, "out_dtype": parse_dtype(opts.out_dtype, "out_dtype"),
-                                "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
-                                "backend": used})
+                      settings=opts.replace(dtype=compute_dtype, out_dtype=parse_dtype(opts.out_dtype, "out_dtype"),
+                                            max_shard_size=shard_bytes, backend=used).pick(CARD_FIELDS))
 
     if any(getattr(leaf, "dequantized", False) for m in models for leaf in leaves(m)):  # merge/io/fp8.py
         config_updates = {**(config_updates or {}), "quantization_config": None}
@@ -178,9 +177,9 @@ def _plan(method: str, models: list[Checkpoint], run: _Run, opts: MergeOptions, 
     metadata = {"cpift_method": method}
     fp = fingerprint(method=method, params=params, recipe=opts.recipe, models=models,
                      names=[s.name for s in plan if s.dtype.is_floating_point],
-                     options={"dtype": run.compute_dtype, "out_dtype": run.store_dtype,
-                              "max_shard_size": run.shard_bytes, "allow_nonfinite": opts.allow_nonfinite,
-                              "backend": opts.backend, "device": None if run.dev is None else str(run.dev)},
+                     options=opts.replace(dtype=run.compute_dtype, out_dtype=run.store_dtype,
+                                          max_shard_size=run.shard_bytes,  # the backend asked for, not the one used
+                                          device=None if run.dev is None else str(run.dev)).pick(RESUME_FIELDS),
                      headers=[(s.file, s.header) for s in plan_shards(plan, run.shard_bytes, metadata)])
     return names, plan, metadata, fp
 

@@ -77,12 +77,18 @@ class MergeOptions:
     def replace(self, **changes: Any) -> MergeOptions:
         return dataclasses.replace(self, **changes)
 
+    def pick(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The named fields (``CARD_FIELDS``, ``RESUME_FIELDS``), in that order."""
+        return {name: getattr(self, name) for name in names}
+
     def as_kwargs(self) -> dict[str, Any]:
         """The fields as keywords of ``stream_merge``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(MergeOptions))
+CARD_FIELDS = ("dtype", "out_dtype", "max_shard_size", "copy_tokenizer_from", "backend")  # a card's and recipe's
+RESUME_FIELDS = ("dtype", "out_dtype", "max_shard_size", "allow_nonfinite", "backend", "device")  # a resume compares
 CLI_FIELDS = {f.name: f for f in dataclasses.fields(MergeOptions) if "cli" in f.metadata}  # in option order
 
 

@@ -160,6 +160,17 @@ def parity(a: Path, b: Path) -> dict:
             "max_diff_in_ulps_of_tensor_scale": worst, "tensors": len(x), "same_names": set(x) == set(y)}
 
 
+def slerp_parity(cases: list) -> dict | None:
+    """cpift's SLERP output against mergekit's, when both ran (each case's last output is still there)."""
+    by_key = {(c.op, c.provider): c for c in cases}
+    slerp_cpift = by_key.get(("slerp", "cpift-cpu")) or by_key.get(("slerp", "cpift-torch"))
+    if slerp_cpift is None or ("slerp", "mergekit") not in by_key:
+        return None
+    par = parity(slerp_cpift.out, by_key[("slerp", "mergekit")].out)
+    par["cpift"] = slerp_cpift.provider
+    return par
+
+
 def _f(v: float | None, spec: str = ".2f") -> str:
     return "" if v is None else format(v, spec)
 
@@ -198,7 +209,13 @@ def _conditions(r: dict) -> str:
 
 def markdown(r: dict) -> str:
     """The results as a markdown page: conditions, the quiet and busy tables, cold compile, parity."""
-    load, busy = r.get("load", {}), r.get("busy", {})
+    lines = [*_md_intro(r), *_md_quiet(r), *_md_busy(r), *_md_compile(r), *_md_parity(r), *_md_cold(r), ""]
+    return "\n".join(lines)
+
+
+def _md_intro(r: dict) -> list[str]:
+    """The title, the conditions, what the floors are and the machine's load."""
+    load = r.get("load", {})
     lines = [f"# Merge throughput ({r['date']})", "", _conditions(r), "",
              "Floors: floor-physical = every input byte read with 8 MiB sequential reads and one model's bytes "
              "written to a new file (page cache, no fsync), as cat/dd would; floor-python = every tensor opened "
@@ -210,10 +227,15 @@ def markdown(r: dict) -> str:
                   f"of the CPUs during the median run, at most {load['others_cpu_share_max'] * 100:.0f}% (during "
                   f"{load.get('worst_run', 'one run')}); load average {load['loadavg_start'][0]:.2f} at the start, "
                   f"{load['loadavg_end'][0]:.2f} at the end." + (f" {r['note']}" if r.get("note") else ""), ""]
+    return lines
+
+
+def _md_quiet(r: dict) -> list[str]:
+    """The quiet runs' table."""
     quiet = [x for x in r["rows"] if x.get("condition", "quiet") == "quiet"]
-    lines += ["| op | provider | inputs | wall s p50 (p20–p80) | work s p50 (p20–p80) | GB/s input (work) "
-              "| peak RSS GB | × floor-physical or -read (work) | × floor-python (work) | × floor-physical (wall) "
-              "| vs mergekit (wall) | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | provider | inputs | wall s p50 (p20–p80) | work s p50 (p20–p80) | GB/s input (work) "
+             "| peak RSS GB | × floor-physical or -read (work) | × floor-python (work) | × floor-physical (wall) "
+             "| vs mergekit (wall) | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in quiet:
         ratios, merge = x.get("ratios", {}), x["op"] == "cores"  # cores: against its read pass only
         lines.append(
@@ -223,6 +245,12 @@ def markdown(r: dict) -> str:
             f"{_x(None if merge else ratios.get('floor-physical', {}).get('wall'))} | "
             f"{_x(x.get('speedup_vs_mergekit_wall'), '.1f')} | "
             f"{x['others_cpu_share_p50'] * 100:.0f}% |")
+    return lines
+
+
+def _md_busy(r: dict) -> list[str]:
+    """The runs beside competing processes, if any."""
+    busy, lines = r.get("busy", {}), []
     busy_rows = [x for x in r["rows"] if x.get("condition", "quiet") != "quiet"]
     if busy_rows:
         lines += ["", f"With {busy['competitors']} competing CPU-bound processes (`python -S -c` of a pure-Python "
@@ -238,6 +266,12 @@ def markdown(r: dict) -> str:
                          f"{_x(slow.get('wall'))} | {_x(slow.get('work'))} | {_x(_floor_ratio(x))} | "
                          f"{x['peak_rss_bytes'] / 1e9:.2f} | {x['others_cpu_share_p50'] * 100:.0f}% | "
                          f"{x['competitors_cpu_share_p50'] * 100:.0f}% |")
+    return lines
+
+
+def _md_compile(r: dict) -> list[str]:
+    """The fused kernels' cold compile, if measured."""
+    lines: list[str] = []
     if r.get("compile"):
         lines += ["", "Cold compile of the fused kernels (one run each with an empty numba cache, before the warm "
                   "runs, which reuse the cache it fills):", "",
@@ -246,6 +280,12 @@ def markdown(r: dict) -> str:
         lines += [f"| {c['op']} | {c['provider']} | {c['cold_wall_s']:.2f} | {_f(c['cold_work_s'])} | "
                   f"{_f(c['warm_work_s_p50'])} | {_f(c['compile_s'])} | {_x(c['cold_wall_vs_torch_wall'])} |"
                   for c in r["compile"]]
+    return lines
+
+
+def _md_parity(r: dict) -> list[str]:
+    """SLERP parity with mergekit, if both ran."""
+    lines: list[str] = []
     p = r.get("slerp_parity_vs_mergekit")
     if p:
         lines += ["", f"SLERP parity ({p.get('cpift', 'cpift')}) with {r['mergekit']}: "
@@ -253,6 +293,12 @@ def markdown(r: dict) -> str:
                   f"{p['entries']:,} entries bit-identical, {p['within_1_ulp_fraction'] * 100:.4f}% within one "
                   f"bf16 ulp of the entry; largest difference {p['max_diff_in_ulps_of_tensor_scale']:.2f} bf16 ulp "
                   f"of its tensor's largest |value|."]
+    return lines
+
+
+def _md_cold(r: dict) -> list[str]:
+    """The cold page cache runs, or why there are none when they were asked for."""
+    lines: list[str] = []
     cold = [x for x in r["rows"] if "cold_wall_s" in x]
     if cold:
         disk = {x["input_bytes"]: x["cold_wall_s"] for x in cold if x["provider"].startswith("floor-disk-")}
@@ -265,8 +311,7 @@ def markdown(r: dict) -> str:
                   for x in cold]
     elif r.get("cold_cache") != NOT_ASKED:  # asked for and skipped: say why; not asked: say nothing
         lines += ["", f"Cold page cache: {r['cold_cache']}"]
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 _COLORS = {"floor": "#999999", "cpift-torch": "#ff7f0e", "cpift-cpu": "#1f77b4", "mergekit": "#d62728"}
