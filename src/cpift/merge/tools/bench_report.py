@@ -96,41 +96,48 @@ def summarize(cases: list, samples: dict, compile_runs: dict, size: dict, cold_w
     for case in cases:
         for condition in conditions:
             row = by.get((case.op, case.provider, case.inputs, condition))
-            if row is None:
-                continue
-            if case.op != "floor":
-                row["ratios"] = {}
-                for kind in (("read",) if case.op == "cores" else ("physical", "python")):
-                    floor = by.get(("floor", f"floor-{kind}-{len(case.inputs)}", case.inputs, condition))
-                    if floor is not None:
-                        row["ratios"][f"floor-{kind}"] = {"wall": _ratio(row["wall_s"], floor["wall_s"]),
-                                                          "work": _ratio(row["work_s"], floor["work_s"])}
-            mk = by.get((case.op, "mergekit", case.inputs, condition))
-            if case.provider.startswith("cpift") and mk is not None:
-                row["speedup_vs_mergekit_wall"] = _ratio(mk["wall_s"], row["wall_s"])
-            quiet = by.get((case.op, case.provider, case.inputs, "quiet"))
-            if condition != "quiet" and quiet is not None and not (row["timed_out_runs"] or quiet["timed_out_runs"]):
-                row["slowdown_vs_quiet"] = {"wall": _ratio(row["wall_s"], quiet["wall_s"]),
-                                            "work": _ratio(row["work_s"], quiet["work_s"])}
-            if condition == "quiet" and case in cold_walls:
-                row["cold_wall_s"] = cold_walls[case]
-    compiled = []
-    for case, cold in compile_runs.items():
-        warm = by.get((case.op, case.provider, case.inputs, "quiet"))
-        ref = by.get((case.op, "cpift-torch", case.inputs, "quiet"))
-        warm_work = warm["work_s"]["p50"] if warm and warm["work_s"] else None
-        compiled.append({"op": case.op, "provider": case.provider, "cold_wall_s": cold["wall"],
-                         "cold_work_s": cold["work"], "warm_wall_s_p50": warm and warm["wall_s"]["p50"],
-                         "warm_work_s_p50": warm_work,
-                         "compile_s": cold["work"] - warm_work if cold["work"] is not None and warm_work else None,
-                         "cold_wall_vs_torch_wall": cold["wall"] / ref["wall_s"]["p50"] if ref else None,
-                         "others_cpu_share": cold["others_cpu_share"],
-                         "numba_cache": "empty (a fresh NUMBA_CACHE_DIR)"})
+            if row is not None:
+                _compare(row, case, condition, by, cold_walls)
+    compiled = [_compiled(case, cold, by) for case, cold in compile_runs.items()]
     shares = [(s["others_cpu_share"], case, cond) for (case, cond), runs in samples.items() for s in runs]
     worst = max(shares, key=lambda x: x[0])
     load = {"others_cpu_share_p50": statistics.median(x[0] for x in shares), "others_cpu_share_max": worst[0],
             "worst_run": f"{worst[1].provider} {worst[1].op} ({worst[2]})"}
     return {"rows": rows, "compile": compiled, "load": load}
+
+
+def _compare(row: dict, case, condition: str, by: dict, cold_walls: dict) -> None:
+    """Add a row's ratios: to its floors, to mergekit, busy to quiet; its cold wall time."""
+    if case.op != "floor":
+        row["ratios"] = {}
+        for kind in (("read",) if case.op == "cores" else ("physical", "python")):
+            floor = by.get(("floor", f"floor-{kind}-{len(case.inputs)}", case.inputs, condition))
+            if floor is not None:
+                row["ratios"][f"floor-{kind}"] = {"wall": _ratio(row["wall_s"], floor["wall_s"]),
+                                                  "work": _ratio(row["work_s"], floor["work_s"])}
+    mk = by.get((case.op, "mergekit", case.inputs, condition))
+    if case.provider.startswith("cpift") and mk is not None:
+        row["speedup_vs_mergekit_wall"] = _ratio(mk["wall_s"], row["wall_s"])
+    quiet = by.get((case.op, case.provider, case.inputs, "quiet"))
+    if condition != "quiet" and quiet is not None and not (row["timed_out_runs"] or quiet["timed_out_runs"]):
+        row["slowdown_vs_quiet"] = {"wall": _ratio(row["wall_s"], quiet["wall_s"]),
+                                    "work": _ratio(row["work_s"], quiet["work_s"])}
+    if condition == "quiet" and case in cold_walls:
+        row["cold_wall_s"] = cold_walls[case]
+
+
+def _compiled(case, cold: dict, by: dict) -> dict:
+    """A fused-backend case's cold-compile row, against its warm runs and the torch backend's."""
+    warm = by.get((case.op, case.provider, case.inputs, "quiet"))
+    ref = by.get((case.op, "cpift-torch", case.inputs, "quiet"))
+    warm_work = warm["work_s"]["p50"] if warm and warm["work_s"] else None
+    return {"op": case.op, "provider": case.provider, "cold_wall_s": cold["wall"],
+            "cold_work_s": cold["work"], "warm_wall_s_p50": warm and warm["wall_s"]["p50"],
+            "warm_work_s_p50": warm_work,
+            "compile_s": cold["work"] - warm_work if cold["work"] is not None and warm_work else None,
+            "cold_wall_vs_torch_wall": cold["wall"] / ref["wall_s"]["p50"] if ref else None,
+            "others_cpu_share": cold["others_cpu_share"],
+            "numba_cache": "empty (a fresh NUMBA_CACHE_DIR)"}
 
 
 def parity(a: Path, b: Path) -> dict:
@@ -336,6 +343,14 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
     color = [_COLORS.get(x["provider"], _COLORS.get(x["provider"].split("-")[0], "#999999")) for x in quiet]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(7.0, 0.8 * len(quiet) + 2), 8.5),
                                   gridspec_kw={"height_ratios": [3, 2]})
+    _wall_bars(ax, r, quiet, busy, color)
+    _floor_bars(ax2, quiet)
+    fig.tight_layout()
+    return write_png(fig, path, dpi=110)
+
+
+def _wall_bars(ax, r: dict, quiet: list[dict], busy: dict, color: list[str]) -> None:
+    """The top panel: wall seconds per case, quiet and (hatched) busy, with the legend and title."""
     width = 0.4 if busy else 0.8
     for k, rows in enumerate([quiet, [busy.get((x["op"], x["provider"], x["inputs"])) for x in quiet]]):
         xs = [i + (k - 0.5) * width if busy else i for i in range(len(quiet)) if rows[i] is not None]
@@ -362,6 +377,10 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
                  f"({r['machine'].get('cpu_model', '')}), warm cache,\n"
                  + (f"plain: quiet, hatched: {busy and r['busy']['competitors']} competing processes " if busy else "")
                  + f"({r['date'][:16]})", fontsize=9)
+
+
+def _floor_bars(ax2, quiet: list[dict]) -> None:
+    """The bottom panel: each cpift case's work against its floor's."""
     cp = [x for x in quiet if x["provider"].startswith("cpift") and _floor_ratio(x)]
     ax2.bar(range(len(cp)), [_floor_ratio(x) for x in cp], color=[_COLORS.get(x["provider"], "#1f77b4") for x in cp])
     for i, x in enumerate(cp):
@@ -369,5 +388,3 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
     ax2.set_xticks(range(len(cp)), [f"{x['op']}\n{x['provider']}" for x in cp], fontsize=7, rotation=90)
     ax2.set_ylabel("work / floor work (physical;\ncores: read pass), quiet")
     ax2.axhline(1.0, color="#999999", lw=0.8)
-    fig.tight_layout()
-    return write_png(fig, path, dpi=110)
