@@ -13,7 +13,7 @@ from cpift.errors import ParameterError
 from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
 from cpift.merge.io.models import open_models
-from cpift.merge.options import MergeOptions, option_parameters, options_from
+from cpift.merge.options import FIELDS, MergeOptions, option_parameters, options_from
 
 from .params import PathLike, float_names, per_model, value, weights_for
 from .registry import MethodSpec, ParamSpec
@@ -140,11 +140,8 @@ def _build(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
     def merge(*args: Any, **kwargs: Any) -> MergeResult | MergePlan:
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        a = bound.arguments
-        opts = options_from(a)
-        given = {p.name: a[p.name] for p in spec.params}
-        inputs: Sequence[Any] = [a[n] for n, q in sig.parameters.items() if q.kind is _POS and n != "out"]
-        return run(spec, tuple(inputs), a["out"], given, base=a.get("base"), options=opts)
+        opts = options_from(bound.arguments)
+        return _run_bound(spec, sig, bound.arguments, opts)
 
     merge.__name__ = merge.__qualname__ = spec.name
     merge.__module__ = spec.module
@@ -152,3 +149,23 @@ def _build(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
         f"\n    {p.name}: {p.help}" for p in spec.params)
     merge.__signature__ = sig  # type: ignore[attr-defined]
     return merge
+
+
+def run_method(spec: MethodSpec, *args: Any, options: MergeOptions, **params: Any) -> MergeResult | MergePlan:
+    """Run a method with the merge options as one object (the CLI, mergekit configs): ``args`` and
+    ``params`` as its Python function takes them, less the option keywords (a TypeError names any other)."""
+    if spec.tensor is None:  # a method file not yet declared: its whole-model function takes options=
+        return spec.function(*args, options=options, **params)
+    sig = _signature(spec)
+    sig = sig.replace(parameters=[q for q in sig.parameters.values() if q.name not in FIELDS])
+    bound = sig.bind(*args, **params)
+    bound.apply_defaults()
+    return _run_bound(spec, sig, bound.arguments, options)
+
+
+def _run_bound(spec: MethodSpec, sig: inspect.Signature, a: dict[str, Any],
+               options: MergeOptions) -> MergeResult | MergePlan:
+    """``run`` with the arguments bound to the method's signature."""
+    given = {p.name: a[p.name] for p in spec.params}
+    inputs: Sequence[Any] = [a[n] for n, q in sig.parameters.items() if q.kind is _POS and n != "out"]
+    return run(spec, tuple(inputs), a["out"], given, base=a.get("base"), options=options)
