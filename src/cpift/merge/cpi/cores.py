@@ -157,11 +157,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         >>> compute_cores("base", [("math", "math-probe"), ("code", "code-probe")], "cores", p=1)
     """
     start = time.perf_counter()
-    p = parse_number(p, "p", lo=0, lo_open=True, hi=100, error=ParameterError)  # a percentage of the entries
-    if not tasks:
-        raise ParameterError("model: give at least one task as --model NAME=PATH")
-    check_task_names([n for n, _ in tasks])
-    granularity = parse_granularity(granularity)
+    p, granularity = _check_request(p, tasks, granularity)
     dev = parse_device(device)
     backend = check_backend(backend, dev)
     models = open_models([base, *[path for _, path in tasks]])
@@ -172,12 +168,26 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     sel = _select(models, plan, ks, dev=dev, backend=backend, progress=progress)
     results = _save(out, overwrite, models, tasks, plan, sel, p=p, granularity=granularity,
                     include=include, exclude=exclude)
-    kinds: dict[str, int] = {}
-    for n in plan.names:
-        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + plan.entries[n]
-    return CoresResult(out, p, granularity, plan.total, kinds, results, 3 * sel.pass_bytes,
+    return CoresResult(out, p, granularity, plan.total, _by_kind(plan.entries), results, 3 * sel.pass_bytes,
                        time.perf_counter() - start, notes=[n for m in models for n in m.notes],
                        elements=plan.elements)
+
+
+def _check_request(p: float, tasks: Sequence, granularity: str) -> tuple[float, str]:
+    """p as a number in (0, 100], at least one task, distinct task names; (p, granularity) parsed."""
+    p = parse_number(p, "p", lo=0, lo_open=True, hi=100, error=ParameterError)  # a percentage of the entries
+    if not tasks:
+        raise ParameterError("model: give at least one task as --model NAME=PATH")
+    check_task_names([n for n, _ in tasks])
+    return p, parse_granularity(granularity)
+
+
+def _by_kind(counts: dict[str, int]) -> dict[str, int]:
+    """Per-tensor counts summed by tensor kind (attention, mlp, ...)."""
+    kinds: dict[str, int] = {}
+    for n, c in counts.items():
+        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + c
+    return kinds
 
 
 @dataclass
@@ -275,11 +285,8 @@ def _save(out: Path, overwrite: bool, models, tasks, plan: _Plan, sel: _Selectio
                 save_core_mask(tmp / f"{task_name}.safetensors", sel.packed[i], plan.shapes,
                                granularity=granularity, p=p, k=t.k, threshold=threshold, counts=sel.counts[i],
                                base=identity[0], task=identity[i + 1])
-                by_kind: dict[str, int] = {}
-                for n, c in sel.counts[i].items():
-                    by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
                 results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k, threshold,
-                                        sel.counts[i], by_kind, sel.zeros[i] / plan.elements,
+                                        sel.counts[i], _by_kind(sel.counts[i]), sel.zeros[i] / plan.elements,
                                         os.fspath(task_path)))
             for fname, text in _card(models, tasks, p, granularity, include, exclude, results, out).items():
                 (tmp / fname).write_text(text)
