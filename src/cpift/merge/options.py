@@ -100,15 +100,12 @@ def option_parameters() -> list[inspect.Parameter]:
 
 def options_from(arguments: dict[str, Any]) -> MergeOptions:
     """Take the option keywords out of a public function's bound ``arguments`` (the rest stay) as the object."""
-    given = {name: arguments.pop(name) for name in FIELDS if name in arguments}
-    if "inputs" in given:
-        given["inputs"] = tuple(given["inputs"] or ())
-    return MergeOptions(**given)
+    return merge_options(None, {name: arguments.pop(name) for name in FIELDS if name in arguments})
 
 
 def merge_options(options: MergeOptions | None = None, overrides: Mapping[str, Any] | None = None) -> MergeOptions:
-    """``options`` (default: all defaults) with the keywords in ``overrides`` replacing its fields (the
-    method files not yet declared take both; a declared method takes keywords only: ``options_from``).
+    """The object from option keywords: ``overrides`` (the CLI's options, a config's settings) replacing the
+    fields of ``options`` (default: all defaults). The method files not yet declared take both as arguments.
 
     Raises:
         ParameterError: a keyword that is no merge option (the message lists them).
