@@ -11,10 +11,11 @@ in field order (mergekit's options.py::add_merge_options does the same from its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from cpift.errors import ParameterError
 from cpift.merge.io.sizes import HELP as SIZE_HELP
@@ -81,12 +82,13 @@ class MergeOptions:
         """The named fields (``CARD_FIELDS``, ``RESUME_FIELDS``), in that order."""
         return {name: getattr(self, name) for name in names}
 
-    def as_kwargs(self) -> dict[str, Any]:
-        """The fields as keywords of ``stream_merge``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    def changed(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The named fields whose value is not the default (what a recipe records)."""
+        return {name: v for name in names if (v := getattr(self, name)) != _DEFAULTS[name]}
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(MergeOptions))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MergeOptions)}
 CARD_FIELDS = ("dtype", "out_dtype", "max_shard_size", "copy_tokenizer_from", "backend")  # a card's and recipe's
 RESUME_FIELDS = ("dtype", "out_dtype", "max_shard_size", "allow_nonfinite", "backend", "device")  # a resume compares
 CLI_FIELDS = {f.name: f for f in dataclasses.fields(MergeOptions) if "cli" in f.metadata}  # in option order
@@ -96,6 +98,27 @@ def option_parameters() -> list[inspect.Parameter]:
     """Every field as a keyword-only parameter of a public merge function, with its default and type."""
     return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
             for f in dataclasses.fields(MergeOptions)]
+
+
+R = TypeVar("R")
+
+
+def with_options(fn: Callable[..., R], name: str) -> Callable[..., R]:
+    """The public form of ``fn(..., *, options: MergeOptions)``, called ``name``: the options as keywords
+    instead, each listed in its signature (``option_parameters``); an unknown keyword is a TypeError naming it."""
+    inner = inspect.signature(fn)
+    sig = inner.replace(parameters=[*(q for q in inner.parameters.values() if q.name != "options"),
+                                    *option_parameters()])
+
+    @functools.wraps(fn)
+    def public(*args: Any, **kwargs: Any) -> R:
+        bound = sig.bind(*args, **kwargs)
+        options = options_from(bound.arguments)
+        return fn(*bound.args, **bound.kwargs, options=options)
+
+    public.__signature__ = sig  # type: ignore[attr-defined]
+    public.__name__ = public.__qualname__ = name
+    return public
 
 
 def options_from(arguments: dict[str, Any]) -> MergeOptions:
