@@ -154,8 +154,8 @@ def _build(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
 def run_method(spec: MethodSpec, *args: Any, options: MergeOptions, **params: Any) -> MergeResult | MergePlan:
     """Run a method with the merge options as one object (the CLI, mergekit configs): ``args`` and
     ``params`` as its Python function takes them, less the option keywords (a TypeError names any other)."""
-    if spec.tensor is None:  # a method file not yet declared: its whole-model function takes options=
-        return spec.function(*args, options=options, **params)
+    if spec.tensor is None:  # an undeclared whole-model function (a plug-in): the options as its keywords
+        return spec.function(*args, **params, **options.pick(FIELDS))
     sig = _signature(spec)
     sig = sig.replace(parameters=[q for q in sig.parameters.values() if q.name not in FIELDS])
     bound = sig.bind(*args, **params)
