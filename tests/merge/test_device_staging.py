@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from cpift.merge.cpi.cores import compute_cores
-from cpift.merge.engine import open_models
 from cpift.merge.io import device as device_mod
 from cpift.merge.io.device import DeviceCache, DeviceStager
+from cpift.merge.io.models import open_models
 from cpift.merge.io.stream import TensorStream
 from cpift.merge.methods.global_trim import global_magnitude_cuts
 

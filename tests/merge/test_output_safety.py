@@ -365,7 +365,8 @@ def test_commit_refuses_an_output_published_meanwhile(tmp_path):
 def test_bench_workdir_never_removes_what_it_did_not_build(tmp_path):
     """A stale model or an output folder in --workdir that the bench did not make is refused, not removed."""
     from cpift.errors import BenchError
-    from cpift.merge.tools.bench import OUT_MARKER, SYNTHETIC_MARKER, run_bench, synthetic_models
+    from cpift.merge.tools.bench import OUT_MARKER, run_bench
+    from cpift.merge.tools.synthetic import SYNTHETIC_MARKER, synthetic_models
 
     work = tmp_path / "work"
     user_model = work / "models-tiny" / "base"

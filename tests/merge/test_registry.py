@@ -94,16 +94,25 @@ def test_a_registered_method_derives_its_card_definition_and_bench_case(negate, 
 
 
 def test_merge_options_are_typed_checked_and_a_dry_run_returns_the_plan(llama, tmp_path):
-    from cpift.errors import ParameterError
+    import dataclasses
+    import inspect
+
     from cpift.merge.io.dryrun import MergePlan
     from cpift.merge.options import MergeOptions
 
-    with pytest.raises(ParameterError, match="progres: not an option"):
+    # a declared method lists every option in its signature, with MergeOptions' defaults, and no options=
+    params = inspect.signature(methods.slerp).parameters
+    for f in dataclasses.fields(MergeOptions):
+        assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY and params[f.name].default == f.default
+    assert "options" not in params
+    with pytest.raises(TypeError, match="progres"):
         methods.slerp(llama["task1"], llama["task2"], tmp_path / "out", progres=False)
-    plan = methods.ties(llama["base"], [llama["task1"]], tmp_path / "out", density=0.3,
-                        options=MergeOptions(dry_run=True, progress=False))
+    with pytest.raises(TypeError, match="options"):
+        methods.slerp(llama["task1"], llama["task2"], tmp_path / "out", options=MergeOptions(dry_run=True))
+    assert not (tmp_path / "out").exists()
+    plan = methods.ties(llama["base"], [llama["task1"]], tmp_path / "out", density=0.3, dry_run=True, progress=False)
     assert isinstance(plan, MergePlan) and not (tmp_path / "out").exists()
-    # keywords beside options win over its fields
-    result = methods.slerp(llama["task1"], llama["task2"], tmp_path / "out", t=0.3,
-                           options=MergeOptions(dry_run=True), dry_run=False, progress=False)
+    plan = methods.slerp(llama["task1"], llama["task2"], tmp_path / "out", t=0.3, dry_run=True, progress=False)
+    assert isinstance(plan, MergePlan) and not (tmp_path / "out").exists()
+    result = methods.slerp(llama["task1"], llama["task2"], tmp_path / "out", t=0.3, dry_run=False, progress=False)
     assert result.out == tmp_path / "out" and (tmp_path / "out").is_dir()

@@ -17,7 +17,7 @@ from test_bad_input import run_cli  # noqa: F401  (work: a fixture)
 from test_bad_input import work as work
 
 from cpift.merge import methods
-from cpift.merge.engine import open_models
+from cpift.merge.io.models import open_models
 from cpift.merge.io.resume import MANIFEST
 
 SHARD = "30000"

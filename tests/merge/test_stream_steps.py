@@ -17,7 +17,7 @@ import cpift.kernels._scores_triton as scores_triton
 from cpift.kernels.backend import HAS_TRITON
 from cpift.merge.cpi.cluster import cluster_masks
 from cpift.merge.cpi.cores import compute_cores
-from cpift.merge.engine import open_models
+from cpift.merge.io.models import open_models
 from cpift.merge.io.stream import TensorStream
 from cpift.merge.methods.global_trim import global_magnitude_cuts
 

@@ -122,8 +122,8 @@ def cluster(masks, tau, order, seed, json_path, plot, threads, backend, device):
 def fuse(backbone, tasks, overlap, base, omega, out, common):
     """Fuse task models into the backbone: incremental SLERP of non-core entries, then each task's core
     transplanted unchanged (docs/cpi-ft.md#fusion)."""
-    from cpift.merge.cpi.fuse import fuse as fuse_models
-    from cpift.merge.cpi.fuse import parse_task
+    from cpift.merge.cpi.fuse import parse_task, run_fuse
+    from cpift.merge.options import merge_options
 
-    return fuse_models(backbone, [parse_task(t) for t in tasks], out, overlap=overlap, base=base, omega=omega,
-                       **common)
+    return run_fuse(backbone, [parse_task(t) for t in tasks], out, overlap=overlap, base=base, omega=omega,
+                    options=merge_options(None, common))

@@ -1,12 +1,13 @@
 """One ``cpift-merge`` command per registered merge method, built from its MethodSpec
 (merge/methods/registry.py): its inputs become arguments, its parameters options, and the command
-calls the method's function with them and the common options (cli/_options.py)."""
+runs the method with them and the common options as one MergeOptions (cli/_options.py)."""
 
 from __future__ import annotations
 
 import click
 
 from cpift.merge.methods.registry import METHODS, MethodSpec, ParamSpec, by_cli
+from cpift.merge.options import merge_options
 
 from ._options import SEED, Number, common_options, param_value
 
@@ -51,7 +52,9 @@ def method_command(spec: MethodSpec) -> click.Command:
         kwargs = {p.name: param_value(p, given.pop(p.name)) for p in spec.params}
         if spec.optional_base:
             kwargs["base"] = given.pop("base")
-        return spec.function(*inputs, out, **kwargs, **common)
+        from cpift.merge.methods.runner import run_method  # the engine: imported once the arguments are parsed
+
+        return run_method(spec, *inputs, out, options=merge_options(None, common), **kwargs)
 
     command.__name__ = spec.name
     command.__doc__ = spec.summary

@@ -19,20 +19,21 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cpift.errors import NonFiniteError, OutputError, ParameterError
-from cpift.kernels.finite import all_finite, first_nonfinite
+from cpift.kernels.finite import all_finite
 from cpift.merge.card import card_files, model_inputs, roles_for
-from cpift.merge.consistency import check_consistency, leaves
-from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint, check_same_tensors
+from cpift.merge.consistency import leaves
+from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
 from cpift.merge.io.model_files import read_side_files
+from cpift.merge.io.models import check_compatible, explain_nonfinite, model_paths, open_models  # noqa: F401 (re-export)
 from cpift.merge.io.out_config import config_with_dtype
 from cpift.merge.io.publish import check_output
 from cpift.merge.io.resume import fingerprint
 from cpift.merge.io.sizes import parse_size
 from cpift.merge.io.stream import TensorStream, progress_bar
 from cpift.merge.io.writer import OutTensor, ShardWriter, plan_shards
-from cpift.merge.options import MergeOptions
+from cpift.merge.options import CARD_FIELDS, RESUME_FIELDS, MergeOptions
 
 # combine(name, inputs (flat 1-D views, one per model), out (flat 1-D)) fills `out`.
 Combine = Callable[[str, list[torch.Tensor], torch.Tensor], None]
@@ -75,22 +76,6 @@ class MergeResult:
                 f"wrote {self.bytes_written / 1e9:.3f} GB in {self.seconds:.2f} s "
                 f"({self.gbps:.2f} GB/s of input{f', {self.backend} kernels' if self.backend else ''}) "
                 f"{f'[{self.pinned_bytes / 2**20:.0f} MiB pinned] ' if self.pinned_bytes else ''}-> {self.out}")
-
-
-def open_models(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
-    """Open every model argument (an open Checkpoint, e.g. a stacked layer view, is used as is); a Hub id
-    (``org/name[@rev]``) that is no local path is pulled first; ``BASE+ADAPTER`` or a PEFT adapter
-    directory is read with the LoRA merged in (merge/io/lora.py)."""
-    from cpift.merge.io.lora import open_model
-
-    return [p if isinstance(p, Checkpoint) else open_model(p) for p in paths]
-
-
-def check_compatible(models: list[Checkpoint], *, allow_crimes: bool = False) -> list[str]:
-    """Every model must hold the same tensor names with the same shapes, and be consistent by
-    merge/consistency.py's rule (architecture, dtypes; ``allow_crimes``: notes instead); return its notes."""
-    check_same_tensors(models)
-    return check_consistency(models, allow_crimes=allow_crimes)
 
 
 def stream_merge(method: str, models: list[Checkpoint], out: str | os.PathLike, combine: Combine, *,
@@ -170,9 +155,8 @@ def _validate(method: str, models: list[Checkpoint], out: str | os.PathLike, opt
     card = card_files(method=method, params=params or {}, recipe=opts.recipe, out=out,
                       inputs=[i for m, role in zip(models, roles or roles_for(method, len(models)))
                               for i in model_inputs(m, role)],
-                      settings={"dtype": compute_dtype, "out_dtype": parse_dtype(opts.out_dtype, "out_dtype"),
-                                "max_shard_size": shard_bytes, "copy_tokenizer_from": copy_tokenizer_from,
-                                "backend": used})
+                      settings=opts.replace(dtype=compute_dtype, out_dtype=parse_dtype(opts.out_dtype, "out_dtype"),
+                                            max_shard_size=shard_bytes, backend=used).pick(CARD_FIELDS))
 
     if any(getattr(leaf, "dequantized", False) for m in models for leaf in leaves(m)):  # merge/io/fp8.py
         config_updates = {**(config_updates or {}), "quantization_config": None}
@@ -193,9 +177,9 @@ def _plan(method: str, models: list[Checkpoint], run: _Run, opts: MergeOptions, 
     metadata = {"cpift_method": method}
     fp = fingerprint(method=method, params=params, recipe=opts.recipe, models=models,
                      names=[s.name for s in plan if s.dtype.is_floating_point],
-                     options={"dtype": run.compute_dtype, "out_dtype": run.store_dtype,
-                              "max_shard_size": run.shard_bytes, "allow_nonfinite": opts.allow_nonfinite,
-                              "backend": opts.backend, "device": None if run.dev is None else str(run.dev)},
+                     options=opts.replace(dtype=run.compute_dtype, out_dtype=run.store_dtype,
+                                          max_shard_size=run.shard_bytes,  # the backend asked for, not the one used
+                                          device=None if run.dev is None else str(run.dev)).pick(RESUME_FIELDS),
                      headers=[(s.file, s.header) for s in plan_shards(plan, run.shard_bytes, metadata)])
     return names, plan, metadata, fp
 
@@ -221,7 +205,7 @@ def _write(method: str, models: list[Checkpoint], combine: Combine, run: _Run, w
             elif not stream.staging:
                 combine(name, _cast(item.inputs, compute_dtype), result)
                 if not all_finite(result):
-                    _explain_nonfinite(name, item.views, models, result, allow_nonfinite, notes)
+                    _nonfinite(name, item.views, models, result, allow_nonfinite, notes)
             else:
                 on_device = torch.empty(result.numel(), dtype=result.dtype, device=dev)
                 combine(name, _cast(item.inputs, compute_dtype), on_device)
@@ -230,7 +214,7 @@ def _write(method: str, models: list[Checkpoint], combine: Combine, run: _Run, w
                 stream.store(on_device, result)
                 del on_device
                 if not finite:
-                    _explain_nonfinite(name, item.views, models, result, allow_nonfinite, notes)
+                    _nonfinite(name, item.views, models, result, allow_nonfinite, notes)
             del result
             bytes_read += item.nbytes
             stream.done(item)
@@ -249,31 +233,20 @@ def _write(method: str, models: list[Checkpoint], combine: Combine, run: _Run, w
     return len(names), bytes_read, stream.pinned_bytes
 
 
-def model_paths(models: Sequence[Checkpoint]) -> list[Path]:
-    """Every path a merge reads of its models: each directory and shard file (a Hub snapshot's blobs too)."""
-    return [p for m in models for p in m.input_paths()]
-
-
 def _cast(views: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
     return [v.to(dtype) if dtype not in (None, v.dtype) else v for v in views]
 
 
-def _explain_nonfinite(name: str, views: list[torch.Tensor], models: list[Checkpoint], result: torch.Tensor,
-                       allow: bool, notes: list[str]) -> None:
+def _nonfinite(name: str, views: list[torch.Tensor], models: list[Checkpoint], result: torch.Tensor,
+               allow: bool, notes: list[str]) -> None:
     """The merged tensor holds NaN/Inf: name the input that does, or report an overflow.
 
     Checking the output instead of every input saves a pass over the inputs. It is exact because every
     kernel applies masks and weights by multiplication, so a NaN or Inf in any input reaches the output
     (0·Inf and 0·NaN are NaN); tests/merge/test_bad_input.py checks this for every method.
     """
-    for m, v in zip(models, views):
-        bad = first_nonfinite(v)
-        if bad is not None:
-            msg = (f"tensor '{name}' in {m.path} holds a non-finite value ({v[bad].item()}) "
-                   f"at flat index {bad}")
-            break
-    else:
-        msg = f"tensor '{name}': the merged values overflow {DTYPE_NAMES[result.dtype]} (the inputs are finite)"
+    msg = (explain_nonfinite(models, [name], views)
+           or f"tensor '{name}': the merged values overflow {DTYPE_NAMES[result.dtype]} (the inputs are finite)")
     if not allow:
         raise NonFiniteError(msg + " (pass --allow-nonfinite to merge anyway)")
     notes.append("note: " + msg + "; merged anyway (--allow-nonfinite)")

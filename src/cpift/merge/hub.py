@@ -95,7 +95,30 @@ def pull(ref: str, *, local_files_only: bool = False) -> Path:
     if parts is None:
         raise ParameterError(f"{ref}: not a Hub model reference (expected org/name or org/name@revision)")
     repo, rev = parts
+    offline = local_files_only or _offline()
+    try:
+        return _download(repo, rev, offline)
+    except Exception as e:  # noqa: BLE001 - the Hub's refusals, connection failures and cache I/O; the rest re-raise
+        error = _pull_error(e, ref, repo, rev, offline)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _download(repo: str, rev: str | None, offline: bool) -> Path:
+    """The snapshot of what a merge reads; a .bin-only repo's weights too, at the same commit."""
     from huggingface_hub import snapshot_download
+
+    snap = Path(snapshot_download(repo, revision=rev, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
+    if not any(snap.glob("*.safetensors")):
+        snap = Path(snapshot_download(repo, revision=snapshot_commit(snap) or rev, allow_patterns=BIN_PATTERNS,
+                                      local_files_only=offline))
+    return snap
+
+
+def _pull_error(e: Exception, ref: str, repo: str, rev: str | None, offline: bool) -> HubError | None:
+    """The one-line HubError of a failed pull; None for a failure that is not the Hub's, the network's or
+    the cache's."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -104,36 +127,27 @@ def pull(ref: str, *, local_files_only: bool = False) -> Path:
         RevisionNotFoundError,
     )
 
-    offline = local_files_only or _offline()
-    try:
-        snap = Path(snapshot_download(repo, revision=rev, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
-        if not any(snap.glob("*.safetensors")):  # a .bin-only repo: its weights, at the same commit
-            snap = Path(snapshot_download(repo, revision=snapshot_commit(snap) or rev, allow_patterns=BIN_PATTERNS,
-                                          local_files_only=offline))
-        return snap
-    except GatedRepoError:
-        raise HubError(f"{ref}: gated repository on the Hub; accept its terms on the model page and log in "
-                       f"(hf auth login, or HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise HubError(f"{ref}: revision '{rev}' not found in the Hub repository {repo}") from None
-    except RepositoryNotFoundError:
-        raise HubError(f"{ref}: repository not found on the Hub (check the name; a private repo needs a "
-                       f"token: hf auth login, or HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        why = ("offline (HF_HUB_OFFLINE=1)" if offline
-               else "the Hub could not be reached")
-        raise HubError(f"{ref}: not in the local Hub cache and {why}; pull it with network access "
-                       f"first (cpift-merge pull {ref})") from None
-    except HfHubHTTPError as e:
-        raise HubError(f"{ref}: Hub request failed: {_first_line(e)}") from None
-    except ValueError as e:  # huggingface_hub's HFValidationError: a malformed repo id
-        raise HubError(f"{ref}: {_first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - connection failures and cache I/O; the rest re-raise
-        if _is_transport_error(e):
-            raise HubError(f"{ref}: the Hub could not be reached: {_first_line(e)}") from None
-        if isinstance(e, OSError):
-            raise HubError(f"{ref}: cannot write to the Hub cache: {e.strerror or e}") from None
-        raise
+    if isinstance(e, GatedRepoError):
+        return HubError(f"{ref}: gated repository on the Hub; accept its terms on the model page and log in "
+                        f"(hf auth login, or HF_TOKEN)")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"{ref}: revision '{rev}' not found in the Hub repository {repo}")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(f"{ref}: repository not found on the Hub (check the name; a private repo needs a "
+                        f"token: hf auth login, or HF_TOKEN)")
+    if isinstance(e, LocalEntryNotFoundError):
+        why = "offline (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
+        return HubError(f"{ref}: not in the local Hub cache and {why}; pull it with network access "
+                        f"first (cpift-merge pull {ref})")
+    if isinstance(e, HfHubHTTPError):
+        return HubError(f"{ref}: Hub request failed: {_first_line(e)}")
+    if isinstance(e, ValueError):  # huggingface_hub's HFValidationError: a malformed repo id
+        return HubError(f"{ref}: {_first_line(e)}")
+    if _is_transport_error(e):
+        return HubError(f"{ref}: the Hub could not be reached: {_first_line(e)}")
+    if isinstance(e, OSError):
+        return HubError(f"{ref}: cannot write to the Hub cache: {e.strerror or e}")
+    return None
 
 
 def resolve_model(ref: str | os.PathLike) -> Path:
@@ -183,7 +197,21 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
         >>> push("merged", "me/merged-ties", private=True)
         'https://huggingface.co/me/merged-ties/commit/...'
     """
-    folder = Path(folder)
+    folder = _check_push(Path(folder), repo_id)
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        return _upload(api, folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    except Exception as e:  # noqa: BLE001 - the Hub's refusals and connection failures; the rest re-raise
+        error = _push_error(e, repo_id, api.endpoint)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _check_push(folder: Path, repo_id: str) -> Path:
+    """Refuse what is no finished model directory, a malformed repo id, or offline mode; return ``folder``."""
     if not folder.is_dir():
         raise ParameterError(f"{folder}: not a directory (push uploads a model directory)")
     from cpift.merge.io.model_files import vet_tree
@@ -195,33 +223,39 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
         raise ParameterError(f"{repo_id}: expected a Hub repo id org/name (give a branch with --revision)")
     if _offline():
         raise HubError(f"{repo_id}: cannot push while offline (HF_HUB_OFFLINE=1)")
-    from huggingface_hub import HfApi
+    return folder
+
+
+def _upload(api, folder: Path, repo_id: str, *, private: bool, revision: str | None,
+            commit_message: str | None) -> str:
+    """Create the repo (and branch) if needed and commit the folder, less cpift's local files; the commit URL."""
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
+                             commit_message=commit_message or f"Upload {folder.resolve().name} with cpift",
+                             ignore_patterns=list(LOCAL_ONLY))
+    return str(info.commit_url)
+
+
+def _push_error(e: Exception, repo_id: str, endpoint: str) -> HubError | None:
+    """The one-line HubError of a failed push; None for a failure that is not the Hub's or the network's."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
-                                 commit_message=commit_message or f"Upload {folder.resolve().name} with cpift",
-                                 ignore_patterns=list(LOCAL_ONLY))
-    except RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: repository not found on the Hub, or no write access (log in with "
-                       f"hf auth login, or set HF_TOKEN)") from None
-    except OfflineModeIsEnabled:
-        raise HubError(f"{repo_id}: cannot push while offline (HF_HUB_OFFLINE=1)") from None
-    except ValueError as e:  # the Hub refused the README.md front matter ("Invalid metadata")
-        raise HubError(f"{repo_id}: the Hub refused the upload: {' '.join(str(e).split())}") from None
-    except HfHubHTTPError as e:
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(f"{repo_id}: repository not found on the Hub, or no write access (log in with "
+                        f"hf auth login, or set HF_TOKEN)")
+    if isinstance(e, OfflineModeIsEnabled):
+        return HubError(f"{repo_id}: cannot push while offline (HF_HUB_OFFLINE=1)")
+    if isinstance(e, ValueError):  # the Hub refused the README.md front matter ("Invalid metadata")
+        return HubError(f"{repo_id}: the Hub refused the upload: {' '.join(str(e).split())}")
+    if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else "?"
         hint = " (log in with hf auth login, or set HF_TOKEN)" if status in (401, 403) else ""
-        raise HubError(f"{repo_id}: Hub request failed ({status}): {_first_line(e)}{hint}") from None
-    except Exception as e:  # noqa: BLE001 - only connection failures are translated; the rest re-raise
-        if _is_transport_error(e):
-            raise HubError(f"{repo_id}: cannot reach the Hub at {api.endpoint}: {_first_line(e)}") from None
-        raise
-    return str(info.commit_url)
+        return HubError(f"{repo_id}: Hub request failed ({status}): {_first_line(e)}{hint}")
+    if _is_transport_error(e):
+        return HubError(f"{repo_id}: cannot reach the Hub at {endpoint}: {_first_line(e)}")
+    return None
 
 
 def check_repo_id(repo_id: str) -> None:

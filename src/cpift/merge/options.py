@@ -1,9 +1,9 @@
 """The options every merge takes (the CLI's common options), typed: ``MergeOptions``, keyword-only.
 
-Every merge function (the methods, ``fuse``) takes them as keywords, ``ties(..., dry_run=True,
-device="cuda")``, or as one ``options=MergeOptions(...)`` (keywords given beside it win);
-``merge_options`` checks their names, so a misspelt option is a one-line ParameterError instead of a
-silently ignored keyword. ``stream_merge`` (merge/engine.py) receives the object. A field's ``cli``
+A public merge function takes them as keywords, ``slerp(..., dry_run=True, device="cuda")``, declared in
+its signature from the fields (``option_parameters``), so ``inspect.signature`` lists them and a misspelt
+one is a TypeError naming it; ``options_from`` makes them the one object that the runner and
+``stream_merge`` (merge/engine.py) receive. Internal callers build the object and pass it on. A field's ``cli``
 metadata is its command-line option (flag, help, kind); cli/_options.py builds the click options from it,
 in field order (mergekit's options.py::add_merge_options does the same from its options model).
 """
@@ -11,9 +11,11 @@ in field order (mergekit's options.py::add_merge_options does the same from its 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from cpift.errors import ParameterError
 from cpift.merge.io.sizes import HELP as SIZE_HELP
@@ -37,7 +39,7 @@ class MergeOptions:
     """How a merge reads, computes and writes; see ``stream_merge`` for each field.
 
     Example:
-        >>> plan = ties("base", ["a", "b"], "out", density=0.3, options=MergeOptions(dry_run=True))
+        >>> plan = slerp("a", "b", "out", t=0.3, dry_run=True)  # the keywords make a MergeOptions
     """
 
     dtype: Any = field(default=None, metadata=_cli(  # str or torch.dtype: cast the inputs for the math
@@ -76,17 +78,57 @@ class MergeOptions:
     def replace(self, **changes: Any) -> MergeOptions:
         return dataclasses.replace(self, **changes)
 
-    def as_kwargs(self) -> dict[str, Any]:
-        """The fields as keywords of ``stream_merge``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    def pick(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The named fields (``CARD_FIELDS``, ``RESUME_FIELDS``), in that order."""
+        return {name: getattr(self, name) for name in names}
+
+    def changed(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The named fields whose value is not the default (what a recipe records)."""
+        return {name: v for name in names if (v := getattr(self, name)) != _DEFAULTS[name]}
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(MergeOptions))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MergeOptions)}
+CARD_FIELDS = ("dtype", "out_dtype", "max_shard_size", "copy_tokenizer_from", "backend")  # a card's and recipe's
+RESUME_FIELDS = ("dtype", "out_dtype", "max_shard_size", "allow_nonfinite", "backend", "device")  # a resume compares
 CLI_FIELDS = {f.name: f for f in dataclasses.fields(MergeOptions) if "cli" in f.metadata}  # in option order
 
 
+def option_parameters() -> list[inspect.Parameter]:
+    """Every field as a keyword-only parameter of a public merge function, with its default and type."""
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            for f in dataclasses.fields(MergeOptions)]
+
+
+R = TypeVar("R")
+
+
+def with_options(fn: Callable[..., R], name: str) -> Callable[..., R]:
+    """The public form of ``fn(..., *, options: MergeOptions)``, called ``name``: the options as keywords
+    instead, each listed in its signature (``option_parameters``); an unknown keyword is a TypeError naming it."""
+    inner = inspect.signature(fn)
+    sig = inner.replace(parameters=[*(q for q in inner.parameters.values() if q.name != "options"),
+                                    *option_parameters()])
+
+    @functools.wraps(fn)
+    def public(*args: Any, **kwargs: Any) -> R:
+        bound = sig.bind(*args, **kwargs)
+        options = options_from(bound.arguments)
+        return fn(*bound.args, **bound.kwargs, options=options)
+
+    public.__signature__ = sig  # type: ignore[attr-defined]
+    public.__name__ = public.__qualname__ = name
+    return public
+
+
+def options_from(arguments: dict[str, Any]) -> MergeOptions:
+    """Take the option keywords out of a public function's bound ``arguments`` (the rest stay) as the object."""
+    return merge_options(None, {name: arguments.pop(name) for name in FIELDS if name in arguments})
+
+
 def merge_options(options: MergeOptions | None = None, overrides: Mapping[str, Any] | None = None) -> MergeOptions:
-    """``options`` (default: all defaults) with the keywords in ``overrides`` replacing its fields.
+    """The object from option keywords: ``overrides`` (the CLI's options, a config's settings) replacing the
+    fields of ``options`` (default: all defaults). The method files not yet declared take both as arguments.
 
     Raises:
         ParameterError: a keyword that is no merge option (the message lists them).

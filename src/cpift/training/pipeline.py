@@ -146,7 +146,7 @@ class _Run:
 
 def stored_dtype(model: Path) -> str:
     """The dtype name of a checkpoint's first floating-point tensor, read from its header."""
-    from cpift.merge.engine import open_models
+    from cpift.merge.io.models import open_models
 
     (ckpt,) = open_models([model])
     try:

@@ -25,12 +25,11 @@ from typing import Sequence
 import torch
 
 from cpift.errors import NonFiniteError, OutputError, ParameterError
-from cpift.kernels.finite import first_nonfinite
 from cpift.kernels.topk import GlobalTopK
 from cpift.merge.cpi.masks import block_size, mask_entries, parse_granularity, save_core_mask
 from cpift.merge.cpi.names import check_task_names
-from cpift.merge.engine import check_compatible, model_paths, open_models
 from cpift.merge.io.device import DeviceCache, check_backend, parse_device
+from cpift.merge.io.models import check_compatible, explain_nonfinite, model_paths, open_models
 from cpift.merge.io.publish import check_output, publish_dir
 from cpift.merge.io.stream import TensorStream, progress_bar
 from cpift.numbers import parse_number
@@ -120,18 +119,6 @@ class CoresResult:
 _NONFINITE_BINS = 0x7F80
 
 
-def _explain_nonfinite(models, names: list[str]) -> None:
-    """Some score is NaN/Inf: name the input entry that makes it (rare path, a second look)."""
-    for name in names:
-        for m in models:
-            v = m.get(name).reshape(-1)
-            i = first_nonfinite(v)
-            if i is not None:
-                raise NonFiniteError(f"tensor '{name}' in {m.path} holds a non-finite value ({v[i].item()}) "
-                                     f"at flat index {i}; scores need finite weights")
-    raise NonFiniteError("|task − base| overflows float32 for some entry (the inputs are finite)")
-
-
 def _scored(names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[str]:
     chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, g) for g in include)]
     chosen = [n for n in chosen if not exclude or not any(fnmatch.fnmatchcase(n, g) for g in exclude)]
@@ -170,11 +157,7 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
         >>> compute_cores("base", [("math", "math-probe"), ("code", "code-probe")], "cores", p=1)
     """
     start = time.perf_counter()
-    p = parse_number(p, "p", lo=0, lo_open=True, hi=100, error=ParameterError)  # a percentage of the entries
-    if not tasks:
-        raise ParameterError("model: give at least one task as --model NAME=PATH")
-    check_task_names([n for n, _ in tasks])
-    granularity = parse_granularity(granularity)
+    p, granularity = _check_request(p, tasks, granularity)
     dev = parse_device(device)
     backend = check_backend(backend, dev)
     models = open_models([base, *[path for _, path in tasks]])
@@ -185,12 +168,26 @@ def compute_cores(base: PathLike, tasks: Sequence[tuple[str, PathLike]], out: Pa
     sel = _select(models, plan, ks, dev=dev, backend=backend, progress=progress)
     results = _save(out, overwrite, models, tasks, plan, sel, p=p, granularity=granularity,
                     include=include, exclude=exclude)
-    kinds: dict[str, int] = {}
-    for n in plan.names:
-        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + plan.entries[n]
-    return CoresResult(out, p, granularity, plan.total, kinds, results, 3 * sel.pass_bytes,
+    return CoresResult(out, p, granularity, plan.total, _by_kind(plan.entries), results, 3 * sel.pass_bytes,
                        time.perf_counter() - start, notes=[n for m in models for n in m.notes],
                        elements=plan.elements)
+
+
+def _check_request(p: float, tasks: Sequence, granularity: str) -> tuple[float, str]:
+    """p as a number in (0, 100], at least one task, distinct task names; (p, granularity) parsed."""
+    p = parse_number(p, "p", lo=0, lo_open=True, hi=100, error=ParameterError)  # a percentage of the entries
+    if not tasks:
+        raise ParameterError("model: give at least one task as --model NAME=PATH")
+    check_task_names([n for n, _ in tasks])
+    return p, parse_granularity(granularity)
+
+
+def _by_kind(counts: dict[str, int]) -> dict[str, int]:
+    """Per-tensor counts summed by tensor kind (attention, mlp, ...)."""
+    kinds: dict[str, int] = {}
+    for n, c in counts.items():
+        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + c
+    return kinds
 
 
 @dataclass
@@ -254,7 +251,9 @@ def _select(models, plan: _Plan, ks: list[int], *, dev, backend, progress: bool)
     try:
         run_pass(count)
         if any(int(rs.high[_NONFINITE_BINS:].sum()) for rs in top.selects):
-            _explain_nonfinite(models, plan.names)
+            msg = explain_nonfinite(models, plan.names)
+            raise NonFiniteError(f"{msg}; scores need finite weights" if msg
+                                 else "|task − base| overflows float32 for some entry (the inputs are finite)")
         top.fix(ks)
         run_pass(lambda name, views: top.refine(views[0], views[1:], plan.blocks[name]))
         sel.thresholds = top.finish_refine()
@@ -286,11 +285,8 @@ def _save(out: Path, overwrite: bool, models, tasks, plan: _Plan, sel: _Selectio
                 save_core_mask(tmp / f"{task_name}.safetensors", sel.packed[i], plan.shapes,
                                granularity=granularity, p=p, k=t.k, threshold=threshold, counts=sel.counts[i],
                                base=identity[0], task=identity[i + 1])
-                by_kind: dict[str, int] = {}
-                for n, c in sel.counts[i].items():
-                    by_kind[tensor_kind(n)] = by_kind.get(tensor_kind(n), 0) + c
                 results.append(TaskCore(task_name, out / f"{task_name}.safetensors", t.k, threshold,
-                                        sel.counts[i], by_kind, sel.zeros[i] / plan.elements,
+                                        sel.counts[i], _by_kind(sel.counts[i]), sel.zeros[i] / plan.elements,
                                         os.fspath(task_path)))
             for fname, text in _card(models, tasks, p, granularity, include, exclude, results, out).items():
                 (tmp / fname).write_text(text)

@@ -18,7 +18,7 @@ checkpoint written by merge/engine.py.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -28,9 +28,10 @@ from cpift.kernels.threads import serial_reductions
 from cpift.merge.cpi.masks import load_core_mask
 from cpift.merge.cpi.names import check_task_names
 from cpift.merge.cpi.recipes import fuse_recipe
-from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
-from cpift.merge.options import MergeOptions, merge_options
+from cpift.merge.io.models import open_models
+from cpift.merge.options import MergeOptions, with_options
 from cpift.numbers import parse_number
 
 PathLike = str | os.PathLike
@@ -45,9 +46,9 @@ def parse_task(spec: str) -> tuple[str, str, str]:
     return name, model, mask
 
 
-def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], out: PathLike, *,
-         overlap: str = "last", base: PathLike | None = None, omega: float | None = None,
-         options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
+def run_fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], out: PathLike, *,
+             overlap: str = "last", base: PathLike | None = None, omega: float | None = None,
+             options: MergeOptions) -> MergeResult | MergePlan:
     """Fuse task models into the backbone: SLERP of non-core entries, transplant of each task's core.
 
     Args:
@@ -57,8 +58,8 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
         overlap: "last" (later task wins where cores overlap) or "largest" (larger |θ_i − θ_0|; needs base).
         base: the pre-trained model θ_0 (only for overlap="largest").
         omega: constant SLERP factor in [0, 1]; default t_k = 1/(k+1).
-        options, **overrides: as every merge (merge/options.py: dtype, out_dtype, max_shard_size,
-            overwrite, ..., backend, device, dry_run, resume).
+        options: as every merge (merge/options.py: dtype, out_dtype, max_shard_size, overwrite, ...,
+            backend, device, dry_run, resume); ``fuse`` takes them as keywords.
 
     Example:
         >>> fuse("stage3", [("math", "probe-math", "cores/math.safetensors")], "fused")
@@ -69,17 +70,17 @@ def fuse(backbone: PathLike, tasks: Sequence[tuple[str, PathLike, PathLike]], ou
     shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}
     for mask in masks:
         mask.check_matches(shapes, ckpts[0].path)
-    opts = merge_options(options, overrides)
-    combine = _combine(masks, overlap=overlap, omega=omega, backend=opts.backend)
-    given = {**(options.as_kwargs() if options else {}), **overrides}  # the recipe records what was asked
+    combine = _combine(masks, overlap=overlap, omega=omega, backend=options.backend)
     recipe = fuse_recipe(backbone, tasks, out=out, overlap=overlap, base=base if overlap == "largest" else None,
-                         omega=omega,
-                         settings={k: given.get(k) for k in ("dtype", "out_dtype", "max_shard_size")})
+                         omega=omega, settings=options.changed(("dtype", "out_dtype", "max_shard_size")))
     params = {"tasks": [t[0] for t in tasks], "masks": [t["mask"] for t in recipe["tasks"]],  # relative to out
               "overlap": overlap, "omega": omega if omega is not None else "1/(k+1)"}
     roles = ["backbone", *[f"task {n}" for n, _, _ in tasks], *(["base"] if overlap == "largest" else [])]
-    opts = opts.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *opts.inputs))  # -o may not hold a mask
+    opts = options.replace(recipe=recipe, inputs=(*(t[2] for t in tasks), *options.inputs))  # -o may not hold a mask
     return stream_merge("fuse", ckpts, out, combine, params=params, roles=roles, options=opts)
+
+
+fuse = with_options(run_fuse, "fuse")  # fuse(backbone, tasks, out, *, overlap="last", ..., dtype=None, ...)
 
 
 def _check_arguments(tasks, overlap: str, base, omega) -> float | None:

@@ -16,6 +16,7 @@ from cpift.merge.mergekit.slices import check_no_remap, is_whole, plan_slices
 from cpift.merge.mergekit.spec import MergeConfig
 from cpift.merge.mergekit.values import located
 from cpift.merge.methods.registry import METHODS
+from cpift.merge.options import merge_options
 from cpift.merge.precheck import check_models, model_refs
 from cpift.merge.tokenizer.prepare import tokenizer_setup
 
@@ -115,8 +116,9 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
         from cpift.merge.mergekit.stack import run_stack
 
         return run_stack(cfg, out, paths, opened=opened, **settings)
-    fn = METHODS[cfg.method].function  # the engine, imported only once the config is known to be good
-    result = fn(*call.args, out, **call.kwargs, **settings)
+    from cpift.merge.methods.runner import run_method  # the engine, imported once the config is known to be good
+
+    result = run_method(METHODS[cfg.method], *call.args, out, options=merge_options(None, settings), **call.kwargs)
     result.notes.extend(call.notes)
     return result
 

@@ -35,6 +35,7 @@ task_arithmetic divides each weight by a sum of the weights evaluated at that so
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -207,8 +208,20 @@ def plan_slices(cfg: MergeConfig, paths: Mapping[str, Path], native,
                 opened: Mapping[str, Any] | None = None) -> tuple[MethodCall, int]:
     """The method call over one LayerView per input position, and the output's layer count; ``opened``:
     how each reference opens (stack.py ``open_sources``)."""
-    src = cfg.source
     lay = _Layout(cfg, paths, opened)
+    calls_out, calls_src, orders, token = _slice_calls(cfg, paths, native, lay)
+    _check_arrangement(cfg, calls_out)
+    view = functools.partial(_view, cfg, lay, paths)
+    views = [view([o[p] for o in orders]) for p in range(len(orders[0]))]
+    kwargs = _merged_kwargs(cfg, lay, calls_out, calls_src, orders, token, view)
+    notes = list(dict.fromkeys(n for c in calls_out for n in c.notes))
+    return MethodCall(cfg.method, _rebuild(calls_out[0].args, views), kwargs, notes), lay.layers
+
+
+def _slice_calls(cfg: MergeConfig, paths: Mapping[str, Path], native,
+                 lay: _Layout) -> tuple[list[MethodCall], list[list[MethodCall]], list[list[int]], dict[str, int]]:
+    """Each slice's call at the output's layer positions, its calls at each source's positions, the order of
+    its sources in the call's arguments, and each model token's index in its slice."""
     token = {}  # "slices[i]:resolved path" → source index in the slice
     calls_out, calls_src, orders = [], [], []
     for i, sl in enumerate(cfg.slices):
@@ -224,44 +237,62 @@ def plan_slices(cfg: MergeConfig, paths: Mapping[str, Path], native,
         calls_src.append([plan_call(sub, num_layers=sl.length, paths=toks, native=native,
                                     position=lay.src_position(lo, sl.length)) for lo, _ in sl.ranges])
         orders.append([token[t] for t in _flatten(calls_out[i].args)])
+    return calls_out, calls_src, orders, token
+
+
+def _check_arrangement(cfg: MergeConfig, calls_out: list[MethodCall]) -> None:
+    """Every slice must pass its models to the method in slices[0]'s arrangement."""
     shape = [len(a) if isinstance(a, tuple) else None for a in calls_out[0].args]
     for i, c in enumerate(calls_out):
         if [len(a) if isinstance(a, tuple) else None for a in c.args] != shape:
-            raise ConfigError(f"{located(src, f'{cfg.slices[i].field}.sources')}: the method takes its inputs "
-                              f"in another arrangement than in slices[0] (check each slice's base_model)")
-    def view(js: list[int]) -> LayerView:  # source js[i] of each slice i
-        entries = [(out, lay.ckpts[cfg.slices[i].sources[js[i]].model], name)
-                   for (i, j), ent in lay.entries.items() for out, name in ent if js[i] == j]
-        refs = " + ".join(f"{sl.sources[js[i]].model}{list(sl.ranges[js[i]])}" for i, sl in enumerate(cfg.slices))
-        return LayerView(entries, path=paths[cfg.slices[0].sources[js[0]].model], ref=refs)
+            raise ConfigError(f"{located(cfg.source, f'{cfg.slices[i].field}.sources')}: the method takes its "
+                              f"inputs in another arrangement than in slices[0] (check each slice's base_model)")
 
-    views = [view([o[p] for o in orders]) for p in range(len(orders[0]))]
+
+def _view(cfg: MergeConfig, lay: _Layout, paths: Mapping[str, Path], js: list[int]) -> LayerView:
+    """The layers of source js[i] of each slice i, as one model."""
+    entries = [(out, lay.ckpts[cfg.slices[i].sources[js[i]].model], name)
+               for (i, j), ent in lay.entries.items() for out, name in ent if js[i] == j]
+    refs = " + ".join(f"{sl.sources[js[i]].model}{list(sl.ranges[js[i]])}" for i, sl in enumerate(cfg.slices))
+    return LayerView(entries, path=paths[cfg.slices[0].sources[js[0]].model], ref=refs)
+
+
+def _merged_kwargs(cfg: MergeConfig, lay: _Layout, calls_out: list[MethodCall], calls_src: list[list[MethodCall]],
+                   orders: list[list[int]], token: dict[str, int], view: Callable) -> dict[str, Any]:
+    """The slices' keywords as one call's: a model by keyword as a view, per-model and per-slice values per
+    tensor; a constant that differs between slices is refused."""
     models_arg = calls_out[0].args[-1] if isinstance(calls_out[0].args[-1], tuple) else ()
     kwargs: dict[str, Any] = {}
     for key, v0 in calls_out[0].kwargs.items():
         if isinstance(v0, str) and v0 in token:  # a model passed by keyword (nuslerp's base)
             kwargs[key] = view([token[c.kwargs[key]] for c in calls_out])
-            continue
-        if isinstance(v0, list):  # one value per model: the model's own names and place in its slice
+        elif isinstance(v0, list):  # one value per model: the model's own names and place in its slice
             offset = len(_flatten(calls_out[0].args)) - len(models_arg)
-            per = []
-            for q in range(len(v0)):
-                js = [orders[i][offset + q] for i in range(len(cfg.slices))]
-                vals = [calls_src[i][js[i]].kwargs[key][q] for i in range(len(cfg.slices))]
-                rename = [lay.source_name[(i, js[i])] for i in range(len(cfg.slices))]
-                per.append(_per_tensor(vals, lay.slice_of, rename))
-            kwargs[key] = per
-            continue
-        vals = [c.kwargs[key] for c in calls_out]
-        if not any(callable(v) for v in vals) and any(v != v0 for v in vals) and key not in PER_TENSOR_SHARED:
-            i = next(i for i, v in enumerate(vals) if v != v0)
-            spec = METHODS[cfg.method].param(key)
-            name = (spec.mergekit if spec is not None else None) or key
-            raise ConfigError(f"{located(src, f'{cfg.slices[i].field}.parameters')}: {name} = {vals[i]!r} here but "
-                              f"{v0!r} in slices[0]; cpift's {cfg.method} takes one {name} for the whole merge")
-        kwargs[key] = _per_tensor(vals, lay.slice_of, None)
-    notes = list(dict.fromkeys(n for c in calls_out for n in c.notes))
-    return MethodCall(cfg.method, _rebuild(calls_out[0].args, views), kwargs, notes), lay.layers
+            kwargs[key] = [_per_model(cfg, lay, calls_src, [orders[i][offset + q] for i in range(len(cfg.slices))],
+                                      key, q) for q in range(len(v0))]
+        else:
+            kwargs[key] = _shared(cfg, lay, calls_out, key, v0)
+    return kwargs
+
+
+def _per_model(cfg: MergeConfig, lay: _Layout, calls_src: list[list[MethodCall]], js: list[int], key: str,
+               q: int) -> Any:
+    """Model q's value of ``key``, per tensor: source js[i]'s value in slice i, under that source's names."""
+    vals = [calls_src[i][js[i]].kwargs[key][q] for i in range(len(cfg.slices))]
+    rename = [lay.source_name[(i, js[i])] for i in range(len(cfg.slices))]
+    return _per_tensor(vals, lay.slice_of, rename)
+
+
+def _shared(cfg: MergeConfig, lay: _Layout, calls_out: list[MethodCall], key: str, v0: Any) -> Any:
+    """A value shared by the models, per tensor from its slice; a constant must be the same in every slice."""
+    vals = [c.kwargs[key] for c in calls_out]
+    if not any(callable(v) for v in vals) and any(v != v0 for v in vals) and key not in PER_TENSOR_SHARED:
+        i = next(i for i, v in enumerate(vals) if v != v0)
+        spec = METHODS[cfg.method].param(key)
+        name = (spec.mergekit if spec is not None else None) or key
+        raise ConfigError(f"{located(cfg.source, f'{cfg.slices[i].field}.parameters')}: {name} = {vals[i]!r} here "
+                          f"but {v0!r} in slices[0]; cpift's {cfg.method} takes one {name} for the whole merge")
+    return _per_tensor(vals, lay.slice_of, None)
 
 
 def slice_models(slices: tuple[MergeSlice, ...]) -> tuple[ModelSpec, ...]:

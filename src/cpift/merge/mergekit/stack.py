@@ -154,31 +154,11 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
     entries: list[tuple[str, Checkpoint, str]] = []
     position: dict[str, tuple[int, float]] = {}
     shapes: dict[str, tuple] = {}
-    k = 0
     plans = {ref: layer_tensors(c) for ref, c in ckpts.items()}
+    k = 0
     for si, sl in enumerate(slices):
-        p = paths[sl.model]
-        conf = layer_config(p, f"{sl.field}.sources[0].model", source)  # architectures: consistency.py
-        n = conf["num_hidden_layers"]
-        start, end = sl.layer_range
-        if end > n:
-            raise ConfigError(f"{located(source, f'{sl.field}.sources[0].layer_range')}: {list(sl.layer_range)} "
-                              f"is outside the model's {n} layers (end is excluded: at most [0, {n}])")
-        _, layers, _ = plans[sl.model]
-        for i in range(start, end):
-            if i not in layers:
-                raise ConfigError(f"{located(source, f'{sl.field}.sources[0].layer_range')}: {p} holds no "
-                                  f"tensors of layer {i}")
-            for name, prefix, suffix in layers[i]:
-                out = f"{prefix}{k}{suffix}"
-                shape = ckpts[sl.model].info(name).shape
-                if shapes.setdefault(prefix + suffix, shape) != shape:
-                    raise ConfigError(f"{located(source, f'{sl.field}.sources[0].model')}: tensor '{name}' of "
-                                      f"{p} has shape {list(shape)}, the stack's other layers "
-                                      f"{list(shapes[prefix + suffix])}")
-                entries.append((out, ckpts[sl.model], name))
-                position[out] = (si, (i - start) / (end - start - 1) if end - start > 1 else 1.0)
-            k += 1
+        k = _add_layers(si, sl, k, paths[sl.model], ckpts[sl.model], plans[sl.model][1], source,
+                        entries=entries, position=position, shapes=shapes)
     first, last = slices[0].model, slices[-1].model
     pre = [(n, ckpts[first], n) for n in plans[first][0]]
     post = [(n, ckpts[last], n) for n in plans[last][2]]
@@ -186,11 +166,43 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
     position.update({n: (len(slices) - 1, 0.0) for n, _, _ in post})
     refs = " + ".join(f"{sl.model}[{sl.layer_range[0]}, {sl.layer_range[1]})" for sl in slices)
     view = LayerView(pre + entries + post, path=paths[first], ref=refs)
+    return view, _stack_scale(slices, top, source, position), k
 
+
+def _add_layers(si: int, sl: StackSlice, k: int, p: Path, ckpt: Checkpoint, layers: Mapping, source, *,
+                entries: list, position: dict, shapes: dict) -> int:
+    """Append slice ``si``'s layers as output layers k, k+1, ... (their position in the slice noted, each
+    shape checked against the stack's other layers); the next output layer."""
+    conf = layer_config(p, f"{sl.field}.sources[0].model", source)  # architectures: consistency.py
+    n = conf["num_hidden_layers"]
+    start, end = sl.layer_range
+    if end > n:
+        raise ConfigError(f"{located(source, f'{sl.field}.sources[0].layer_range')}: {list(sl.layer_range)} "
+                          f"is outside the model's {n} layers (end is excluded: at most [0, {n}])")
+    for i in range(start, end):
+        if i not in layers:
+            raise ConfigError(f"{located(source, f'{sl.field}.sources[0].layer_range')}: {p} holds no "
+                              f"tensors of layer {i}")
+        for name, prefix, suffix in layers[i]:
+            out = f"{prefix}{k}{suffix}"
+            shape = ckpt.info(name).shape
+            if shapes.setdefault(prefix + suffix, shape) != shape:
+                raise ConfigError(f"{located(source, f'{sl.field}.sources[0].model')}: tensor '{name}' of "
+                                  f"{p} has shape {list(shape)}, the stack's other layers "
+                                  f"{list(shapes[prefix + suffix])}")
+            entries.append((out, ckpt, name))
+            position[out] = (si, (i - start) / (end - start - 1) if end - start > 1 else 1.0)
+        k += 1
+    return k
+
+
+def _stack_scale(slices: tuple[StackSlice, ...], top: Mapping[str, Setting], source,
+                 position: Mapping[str, tuple[int, float]]) -> Callable[[str], float] | None:
+    """The ``scale`` of each output tensor from its slice's setting (None: no slice sets one)."""
     chains = [[s[key] for s in (sl.source_parameters, sl.parameters, top) if key in s]
               for sl in slices for key in ("scale",)]
     if not any(chains):
-        return view, None, k
+        return None
     params = [chain_param(c, None, default=1.0, fld=f"{sl.field}.parameters.scale", source=source,
                           position=lambda name: position[name][1]) for c, sl in zip(chains, slices)]
 
@@ -198,7 +210,7 @@ def plan_stack(slices: tuple[StackSlice, ...], paths: Mapping[str, Path], top: M
         p = params[position[name][0]]
         return p(name) if callable(p) else p
 
-    return view, scale, k
+    return scale
 
 
 def run_stack(cfg, out: str | os.PathLike, paths: Mapping[str, Path], *, recipe: Mapping[str, Any],

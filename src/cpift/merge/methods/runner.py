@@ -10,9 +10,10 @@ import inspect
 from typing import Any, Callable, Sequence
 
 from cpift.errors import ParameterError
-from cpift.merge.engine import MergeResult, open_models, stream_merge
+from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
-from cpift.merge.options import MergeOptions, merge_options
+from cpift.merge.io.models import open_models
+from cpift.merge.options import FIELDS, MergeOptions, option_parameters, options_from
 
 from .params import PathLike, float_names, per_model, value, weights_for
 from .registry import MethodSpec, ParamSpec
@@ -128,8 +129,7 @@ def _signature(spec: MethodSpec) -> inspect.Signature:
     if spec.optional_base:
         params.append(inspect.Parameter("base", _KW, default=None))
     params += [inspect.Parameter(p.name, _KW, default=p.default) for p in spec.params]
-    params += [inspect.Parameter("options", _KW, default=None),
-               inspect.Parameter("overrides", inspect.Parameter.VAR_KEYWORD)]
+    params += option_parameters()  # the merge options as keywords (merge/options.py)
     return inspect.Signature(params)
 
 
@@ -137,8 +137,9 @@ _PUBLIC: dict[int, Callable[..., MergeResult | MergePlan]] = {}
 
 
 def public(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
-    """The Python function of a declared method: ``ram(base, models, out, *, epsilon=1e-5, options=None)``
-    (one function object per spec: ``cpift.ram is cpift.merge.methods.ram``)."""
+    """The Python function of a declared method, its parameters and then the merge options as keywords:
+    ``ram(base, models, out, *, epsilon=1e-5, dtype=None, ...)`` (one function object per spec:
+    ``cpift.ram is cpift.merge.methods.ram``)."""
     if id(spec) not in _PUBLIC:
         _PUBLIC[id(spec)] = _build(spec)
     return _PUBLIC[id(spec)]
@@ -150,11 +151,8 @@ def _build(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
     def merge(*args: Any, **kwargs: Any) -> MergeResult | MergePlan:
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        a = bound.arguments
-        opts = merge_options(a.pop("options"), a.pop("overrides"))
-        given = {p.name: a[p.name] for p in spec.params}
-        inputs: Sequence[Any] = [a[n] for n, q in sig.parameters.items() if q.kind is _POS and n != "out"]
-        return run(spec, tuple(inputs), a["out"], given, base=a.get("base"), options=opts)
+        opts = options_from(bound.arguments)
+        return _run_bound(spec, sig, bound.arguments, opts)
 
     merge.__name__ = merge.__qualname__ = spec.name
     merge.__module__ = spec.module
@@ -162,3 +160,23 @@ def _build(spec: MethodSpec) -> Callable[..., MergeResult | MergePlan]:
         f"\n    {p.name}: {p.help}" for p in spec.params)
     merge.__signature__ = sig  # type: ignore[attr-defined]
     return merge
+
+
+def run_method(spec: MethodSpec, *args: Any, options: MergeOptions, **params: Any) -> MergeResult | MergePlan:
+    """Run a method with the merge options as one object (the CLI, mergekit configs): ``args`` and
+    ``params`` as its Python function takes them, less the option keywords (a TypeError names any other)."""
+    if spec.tensor is None:  # an undeclared whole-model function (a plug-in): the options as its keywords
+        return spec.function(*args, **params, **options.pick(FIELDS))
+    sig = _signature(spec)
+    sig = sig.replace(parameters=[q for q in sig.parameters.values() if q.name not in FIELDS])
+    bound = sig.bind(*args, **params)
+    bound.apply_defaults()
+    return _run_bound(spec, sig, bound.arguments, options)
+
+
+def _run_bound(spec: MethodSpec, sig: inspect.Signature, a: dict[str, Any],
+               options: MergeOptions) -> MergeResult | MergePlan:
+    """``run`` with the arguments bound to the method's signature."""
+    given = {p.name: a[p.name] for p in spec.params}
+    inputs: Sequence[Any] = [a[n] for n, q in sig.parameters.items() if q.kind is _POS and n != "out"]
+    return run(spec, tuple(inputs), a["out"], given, base=a.get("base"), options=options)

@@ -48,7 +48,7 @@ class TokenizerSetup:
             return dict(models)
         import torch
 
-        from cpift.merge.engine import open_models
+        from cpift.merge.io.models import open_models
         from cpift.merge.tokenizer.rows import RemappedCheckpoint, RowPlan, is_vocab_tensor
 
         keys = list(models)
@@ -110,7 +110,7 @@ def prepare_tokenizer(cfg, fields, chat_template: str | None, paths: Mapping[str
         donor: the directory config.json comes from (base_model, else the first model).
         resolve: ``resolve(ref, field)`` → directory, for a tokenizer source that is not a merged model.
     """
-    from cpift.merge.tokenizer.vocab import build_vocabulary, load_tokenizer
+    from cpift.merge.tokenizer.vocab import load_tokenizer
 
     src = cfg.source
     order = [r for r in dict.fromkeys([*(m.model for m in cfg.models), *([cfg.base_model] if cfg.base_model
@@ -121,38 +121,49 @@ def prepare_tokenizer(cfg, fields, chat_template: str | None, paths: Mapping[str
     weakref.finalize(setup, shutil.rmtree, side, ignore_errors=True)  # removed once the run is over
     (side / ".cpift-tokenizer").write_text("")  # the card names this donor by what it is (merge/card.py)
     try:
-        if fields is None:
-            tok = load_tokenizer(donor, f"{src}: chat_template")
-        else:
-            base = cfg.base_model if cfg.base_model is not None else cfg.models[0].model
-            fld = f"{src}: tokenizer_source" if "tokenizer" not in cfg.raw else f"{src}: tokenizer.source"
-            source_dir = None
-            if fields.source not in ("base", "union"):
-                source_dir = paths.get(fields.source) or resolve(fields.source, fld.split(": ")[-1])
-            rules = tuple(_key_rule(r, dirs, resolve) for r in fields.tokens)
-            vocab = build_vocabulary(base, {base: dirs[base], **dirs}, fields.source, source_dir=source_dir,
-                                     add_tokens=[r.token for r in rules], fld=fld)
-            tok = vocab.tokenizer
-            setup.vocabulary, setup.rules, setup.base = vocab, rules, cfg.base_model
-            setup.pad_to_multiple_of = fields.pad_to_multiple_of
-            setup.notes += vocab.notes
-            from cpift.merge.engine import parse_dtype
-            setup.dtype = parse_dtype(cfg.dtype, "dtype")
-            n = len(vocab.vocab)
-            m = fields.pad_to_multiple_of
-            setup.config_updates["vocab_size"] = (n // m + 1) * m if m and n % m else n
-        template = resolve_chat_template(chat_template, list(dirs.values()))
-        if template is not None:
-            tok.chat_template = template
-        tok.save_pretrained(str(side), safe_serialization=True)
-        for name in SIDE:
-            data = read_model_file(donor, name)  # vetted: no link out of the donor, no FIFO
-            if data is not None:
-                (side / name).write_bytes(data)
+        tok = (load_tokenizer(donor, f"{src}: chat_template") if fields is None
+               else _vocabulary(cfg, fields, paths, dirs, resolve, setup))
+        _write_side(tok, side, donor, resolve_chat_template(chat_template, list(dirs.values())))
     except BaseException:
         setup.cleanup()
         raise
     return setup
+
+
+def _vocabulary(cfg, fields, paths: Mapping[str, Path], dirs: Mapping[str, Path], resolve: Callable[[str, str], Path],
+                setup: TokenizerSetup) -> Any:
+    """Build the output vocabulary into ``setup`` (rows, rules, dtype, vocab_size); its tokenizer."""
+    from cpift.merge.engine import parse_dtype
+    from cpift.merge.tokenizer.vocab import build_vocabulary
+
+    src = cfg.source
+    base = cfg.base_model if cfg.base_model is not None else cfg.models[0].model
+    fld = f"{src}: tokenizer_source" if "tokenizer" not in cfg.raw else f"{src}: tokenizer.source"
+    source_dir = None
+    if fields.source not in ("base", "union"):
+        source_dir = paths.get(fields.source) or resolve(fields.source, fld.split(": ")[-1])
+    rules = tuple(_key_rule(r, dirs, resolve) for r in fields.tokens)
+    vocab = build_vocabulary(base, {base: dirs[base], **dirs}, fields.source, source_dir=source_dir,
+                             add_tokens=[r.token for r in rules], fld=fld)
+    setup.vocabulary, setup.rules, setup.base = vocab, rules, cfg.base_model
+    setup.pad_to_multiple_of = fields.pad_to_multiple_of
+    setup.notes += vocab.notes
+    setup.dtype = parse_dtype(cfg.dtype, "dtype")
+    n = len(vocab.vocab)
+    m = fields.pad_to_multiple_of
+    setup.config_updates["vocab_size"] = (n // m + 1) * m if m and n % m else n
+    return vocab.tokenizer
+
+
+def _write_side(tok, side: Path, donor: Path, template: str | None) -> None:
+    """The tokenizer (with the chat template, if one is set) and the donor's other side files, into ``side``."""
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(str(side), safe_serialization=True)
+    for name in SIDE:
+        data = read_model_file(donor, name)  # vetted: no link out of the donor, no FIFO
+        if data is not None:
+            (side / name).write_bytes(data)
 
 
 def _key_rule(rule: TokenRule, dirs: Mapping[str, Path], resolve) -> TokenRule:

@@ -25,7 +25,6 @@ shared machine that is the noise behind a slow run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -49,36 +48,10 @@ from cpift.merge.tools.bench_cases import (
     plan_cases,
 )
 from cpift.merge.tools.page_cache import evict, model_files, resident_fraction
-from cpift.merge.tools.synthetic import describe, make_checkpoint, parse_synthetic
+from cpift.merge.tools.synthetic import describe, parse_synthetic, synthetic_models
 
-# Files that mark what the bench built, so that it only ever removes its own models and outputs.
-SYNTHETIC_MARKER = ".cpift-bench-model"
+# Marks the directory of the bench's outputs, so that it only ever removes its own runs (synthetic.py marks its models).
 OUT_MARKER = ".cpift-bench-out"
-
-
-def synthetic_models(workdir: Path, spec: str, *, echo: Callable[[str], None] = print) -> list[Path]:
-    """base, task_a, task_b of a synthetic preset under ``workdir/models-LABEL``; built once, reused
-    when their config.json matches. A stale model is rebuilt only if the bench built it (it carries
-    the SYNTHETIC_MARKER file); anything else at that path is refused, never removed."""
-    label, shape, dtype = parse_synthetic(spec)
-    root = workdir / f"models-{label}"
-    out = []
-    for i, name in enumerate(["base", "task_a", "task_b"]):
-        path = root / name
-        cfg = path / "config.json"
-        if not (cfg.is_file() and json.loads(cfg.read_text()) == shape.config(dtype)):
-            if path.exists() or path.is_symlink():
-                if not (path.is_dir() and (path / SYNTHETIC_MARKER).is_file()):
-                    raise BenchError(f"{path}: exists and was not built by cpift-merge bench; move it away "
-                                     f"or pick another --workdir")
-                shutil.rmtree(path)
-            echo(f"building {path}: {describe(shape, dtype)}")
-            # Sharded as the Hub ships models (5 GB shards) from 2 GB up; smaller presets in 500 MB shards.
-            shard = "5GB" if shape.numel() * dtype.itemsize > 2e9 else "500MB"
-            make_checkpoint(path, shape, dtype=dtype, seed=i, base_seed=None if i == 0 else 0, max_shard_size=shard)
-            (path / SYNTHETIC_MARKER).write_text("built by cpift-merge bench\n")
-        out.append(path)
-    return out
 
 
 def find_mergekit() -> str | None:
@@ -236,59 +209,85 @@ def run_bench(*, models: Sequence[str | os.PathLike] = (), synthetic: str | None
     Raises:
         ParameterError: bad arguments, mergekit or numba not found; BenchError: a measured command failed.
     """
+    mergekit = _check_request(models=models, synthetic=synthetic, case_timeout=case_timeout,
+                              mergekit=mergekit if compare_mergekit else None, compare_mergekit=compare_mergekit,
+                              checks=(methods, backends, repeat, threads, busy,
+                                      {"--busy-repeat": busy_repeat, "--mergekit-repeat": mergekit_repeat}))
+    with _workdir(workdir) as (root, caches):
+        paths, source = _inputs(root, models, synthetic, methods, echo)
+        cases = plan_cases(paths, methods, _out_dir(root), mergekit=mergekit, max_shard_size=max_shard_size,
+                           threads=threads, backends=backends, mergekit_methods=mergekit_methods, disk_floor=cold)
+        result = _measure(cases, paths, repeat=repeat, cold=cold, busy=busy, busy_repeat=busy_repeat or repeat,
+                          mergekit_repeat=mergekit_repeat or repeat, caches=caches, echo=echo, timeout=case_timeout)
+    result.update(model=source, mergekit=mergekit and mergekit_version(mergekit), note=note, threads=threads,
+                  backends=list(backends))
+    result["versions"]["mergekit"] = result["mergekit"]
+    return result
+
+
+def _check_request(*, models, synthetic, case_timeout, mergekit, compare_mergekit, checks) -> str | None:
+    """Refuse bad arguments before the workdir is made; the mergekit-yaml to compare with (None: none)."""
     if bool(models) == bool(synthetic):
         raise ParameterError("bench: give MODEL arguments (base first) or --synthetic PRESET, not both or neither")
     if case_timeout is not None and case_timeout <= 0:
         raise ParameterError(f"--case-timeout: must be a positive number of seconds, got {case_timeout}")
-    check_arguments(methods, backends, repeat, threads, busy,
-                    {"--busy-repeat": busy_repeat, "--mergekit-repeat": mergekit_repeat})
+    check_arguments(*checks)
     if synthetic:
-        parse_synthetic(synthetic)  # a bad spec fails before the workdir is made
-    if compare_mergekit:
-        mergekit = mergekit or find_mergekit()
-        if mergekit is None or shutil.which(mergekit) is None:
-            why = "mergekit-yaml is not on PATH" if mergekit is None else mergekit + " is not an executable"
-            raise ParameterError(f"--compare-mergekit: {why} "
-                                 f"(install mergekit, or set CPIFT_MERGEKIT_YAML to its mergekit-yaml)")
-    else:
-        mergekit = None
+        parse_synthetic(synthetic)
+    if not compare_mergekit:
+        return None
+    mergekit = mergekit or find_mergekit()
+    if mergekit is None or shutil.which(mergekit) is None:
+        why = "mergekit-yaml is not on PATH" if mergekit is None else mergekit + " is not an executable"
+        raise ParameterError(f"--compare-mergekit: {why} "
+                             f"(install mergekit, or set CPIFT_MERGEKIT_YAML to its mergekit-yaml)")
+    return mergekit
+
+
+@contextmanager
+def _workdir(workdir: str | os.PathLike | None) -> Iterator[tuple[Path, Path]]:
+    """The bench's directory (default: a temporary one) and a numba cache directory in it; what the bench
+    made is removed at the end (a given workdir keeps its models and outputs)."""
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="cpift-bench-") if own_tmp else workdir)
     caches: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if synthetic:
-            paths = synthetic_models(root, synthetic, echo=echo)
-            label, shape, dtype = parse_synthetic(synthetic)
-            source = f"synthetic {synthetic}: {describe(shape, dtype)}"
-        else:
-            paths = [Path(m) for m in models]
-            if len(paths) < 2:
-                raise ParameterError("bench: give a base model and at least one task model")
-            for p in paths:
-                Checkpoint(p).close()  # validated before anything runs
-            source = "models: " + ", ".join(map(str, paths))
-        check_task_count(methods, len(paths) - 1)
-        outs = root / "out"
-        if outs.exists() and not (outs / OUT_MARKER).is_file() and (not outs.is_dir() or any(outs.iterdir())):
-            raise BenchError(f"{outs}: exists and was not made by cpift-merge bench (its runs replace what "
-                             f"is there); move it away or pick another --workdir")
-        outs.mkdir(exist_ok=True)
-        (outs / OUT_MARKER).write_text("cpift-merge bench writes and removes its runs' outputs here\n")
-        cases = plan_cases(paths, methods, outs, mergekit=mergekit, max_shard_size=max_shard_size,
-                           threads=threads, backends=backends, mergekit_methods=mergekit_methods, disk_floor=cold)
-        caches = Path(tempfile.mkdtemp(prefix="numba-caches-", dir=root))  # ours: removed at the end
-        result = _measure(cases, paths, repeat=repeat, cold=cold, busy=busy, busy_repeat=busy_repeat or repeat,
-                          mergekit_repeat=mergekit_repeat or repeat, caches=caches, echo=echo, timeout=case_timeout)
-        result.update(model=source, mergekit=mergekit and mergekit_version(mergekit), note=note, threads=threads,
-                      backends=list(backends))
-        result["versions"]["mergekit"] = result["mergekit"]
-        return result
+        caches = Path(tempfile.mkdtemp(prefix="numba-caches-", dir=root))
+        yield root, caches
     finally:
         if own_tmp:
             shutil.rmtree(root, ignore_errors=True)
         elif caches is not None:
             shutil.rmtree(caches, ignore_errors=True)
+
+
+def _inputs(root: Path, models: Sequence[str | os.PathLike], synthetic: str | None, methods: Sequence[str],
+            echo: Callable[[str], None]) -> tuple[list[Path], str]:
+    """The models (built under ``root`` for a synthetic preset, else validated) and how the results name them."""
+    if synthetic:
+        label, shape, dtype = parse_synthetic(synthetic)
+        paths, source = synthetic_models(root, synthetic, echo=echo), f"synthetic {synthetic}: {describe(shape, dtype)}"
+    else:
+        paths = [Path(m) for m in models]
+        if len(paths) < 2:
+            raise ParameterError("bench: give a base model and at least one task model")
+        for p in paths:
+            Checkpoint(p).close()  # validated before anything runs
+        source = "models: " + ", ".join(map(str, paths))
+    check_task_count(methods, len(paths) - 1)
+    return paths, source
+
+
+def _out_dir(root: Path) -> Path:
+    """``root/out``, marked as the bench's; refused if something else made it."""
+    outs = root / "out"
+    if outs.exists() and not (outs / OUT_MARKER).is_file() and (not outs.is_dir() or any(outs.iterdir())):
+        raise BenchError(f"{outs}: exists and was not made by cpift-merge bench (its runs replace what "
+                         f"is there); move it away or pick another --workdir")
+    outs.mkdir(exist_ok=True)
+    (outs / OUT_MARKER).write_text("cpift-merge bench writes and removes its runs' outputs here\n")
+    return outs
 
 
 def _env(case: Case, caches: Path) -> dict[str, str] | None:
@@ -331,38 +330,15 @@ def _round(cases: list[Case], condition: str, r: int, repeat: int, caches: Path,
 
 def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, busy: int, busy_repeat: int,
              mergekit_repeat: int, caches: Path, echo: Callable[[str], None], timeout: float | None = None) -> dict:
-    from cpift.merge.tools.bench_report import NOT_ASKED, machine, parity, summarize, versions
+    from cpift.merge.tools.bench_report import NOT_ASKED, machine, slerp_parity, summarize, versions
 
     size = {p: sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in paths}
     load_start = os.getloadavg()
     compile_runs = _compile(cases, caches, echo, timeout)
-    samples: dict[tuple[Case, str], list[dict]] = {}
-    pids: list[int] = []
-    for r in range(repeat):
-        _round([c for c in cases if c.provider != "mergekit" or r < mergekit_repeat], "quiet", r, repeat, caches,
-               samples, echo, timeout=timeout)
-        if busy and r < busy_repeat:
-            with competing(busy, pids=pids) as procs:
-                _round([c for c in cases if c.provider != "mergekit"], f"busy-{busy}", r, busy_repeat, caches,
-                       samples, echo, competitors=procs, timeout=timeout)
-    par = None
-    by_key = {(c.op, c.provider): c for c in cases}
-    slerp_cpift = by_key.get(("slerp", "cpift-cpu")) or by_key.get(("slerp", "cpift-torch"))
-    if slerp_cpift is not None and ("slerp", "mergekit") in by_key:  # each case's last output is still there
-        par = parity(slerp_cpift.out, by_key[("slerp", "mergekit")].out)
-        par["cpift"] = slerp_cpift.provider
-    cold_walls: dict[Case, float] = {}
-    cold_state = NOT_ASKED
-    if cold:
-        files, left = model_files(paths), 0.0
-        for case in cases:
-            _clean(case.out)
-            evict(files)
-            left = max(left, resident_fraction(files))
-            cold_walls[case] = run_case(case, env=_env(case, caches), timeout=timeout)["wall"]
-            echo(f"cold {case.provider:17s} {case.op:16s} wall {cold_walls[case]:.2f} s (inputs evicted)")
-        cold_state = (f"inputs evicted from the page cache before each cold run (posix_fadvise DONTNEED per file, "
-                      f"after sync; at most {left * 100:.1f}% of their pages still cached): see rows' cold_wall_s")
+    samples, pids = _repeats(cases, repeat=repeat, busy=busy, busy_repeat=busy_repeat, mergekit_repeat=mergekit_repeat,
+                             caches=caches, echo=echo, timeout=timeout)
+    par = slerp_parity(cases)
+    cold_walls, cold_state = _cold_runs(cases, paths, caches, echo, timeout) if cold else ({}, NOT_ASKED)
     for case in cases:
         _clean(case.out)
     models = [Checkpoint(p) for p in paths]
@@ -384,3 +360,32 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, b
                             machine=result["machine"]))
     result["load"].update(loadavg_start=load_start, loadavg_end=os.getloadavg())
     return result
+
+
+def _repeats(cases: list[Case], *, repeat: int, busy: int, busy_repeat: int, mergekit_repeat: int, caches: Path,
+             echo: Callable[[str], None], timeout: float | None) -> tuple[dict, list[int]]:
+    """Every round, quiet and (the first ``busy_repeat``) busy: the runs per (case, condition), competitors' pids."""
+    samples: dict[tuple[Case, str], list[dict]] = {}
+    pids: list[int] = []
+    for r in range(repeat):
+        _round([c for c in cases if c.provider != "mergekit" or r < mergekit_repeat], "quiet", r, repeat, caches,
+               samples, echo, timeout=timeout)
+        if busy and r < busy_repeat:
+            with competing(busy, pids=pids) as procs:
+                _round([c for c in cases if c.provider != "mergekit"], f"busy-{busy}", r, busy_repeat, caches,
+                       samples, echo, competitors=procs, timeout=timeout)
+    return samples, pids
+
+
+def _cold_runs(cases: list[Case], paths: list[Path], caches: Path, echo: Callable[[str], None],
+               timeout: float | None) -> tuple[dict[Case, float], str]:
+    """One run per case with the inputs evicted from the page cache first: wall times, and how cold it was."""
+    files, left, walls = model_files(paths), 0.0, {}
+    for case in cases:
+        _clean(case.out)
+        evict(files)
+        left = max(left, resident_fraction(files))
+        walls[case] = run_case(case, env=_env(case, caches), timeout=timeout)["wall"]
+        echo(f"cold {case.provider:17s} {case.op:16s} wall {walls[case]:.2f} s (inputs evicted)")
+    return walls, (f"inputs evicted from the page cache before each cold run (posix_fadvise DONTNEED per file, "
+                   f"after sync; at most {left * 100:.1f}% of their pages still cached): see rows' cold_wall_s")

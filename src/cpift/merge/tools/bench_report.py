@@ -96,41 +96,48 @@ def summarize(cases: list, samples: dict, compile_runs: dict, size: dict, cold_w
     for case in cases:
         for condition in conditions:
             row = by.get((case.op, case.provider, case.inputs, condition))
-            if row is None:
-                continue
-            if case.op != "floor":
-                row["ratios"] = {}
-                for kind in (("read",) if case.op == "cores" else ("physical", "python")):
-                    floor = by.get(("floor", f"floor-{kind}-{len(case.inputs)}", case.inputs, condition))
-                    if floor is not None:
-                        row["ratios"][f"floor-{kind}"] = {"wall": _ratio(row["wall_s"], floor["wall_s"]),
-                                                          "work": _ratio(row["work_s"], floor["work_s"])}
-            mk = by.get((case.op, "mergekit", case.inputs, condition))
-            if case.provider.startswith("cpift") and mk is not None:
-                row["speedup_vs_mergekit_wall"] = _ratio(mk["wall_s"], row["wall_s"])
-            quiet = by.get((case.op, case.provider, case.inputs, "quiet"))
-            if condition != "quiet" and quiet is not None and not (row["timed_out_runs"] or quiet["timed_out_runs"]):
-                row["slowdown_vs_quiet"] = {"wall": _ratio(row["wall_s"], quiet["wall_s"]),
-                                            "work": _ratio(row["work_s"], quiet["work_s"])}
-            if condition == "quiet" and case in cold_walls:
-                row["cold_wall_s"] = cold_walls[case]
-    compiled = []
-    for case, cold in compile_runs.items():
-        warm = by.get((case.op, case.provider, case.inputs, "quiet"))
-        ref = by.get((case.op, "cpift-torch", case.inputs, "quiet"))
-        warm_work = warm["work_s"]["p50"] if warm and warm["work_s"] else None
-        compiled.append({"op": case.op, "provider": case.provider, "cold_wall_s": cold["wall"],
-                         "cold_work_s": cold["work"], "warm_wall_s_p50": warm and warm["wall_s"]["p50"],
-                         "warm_work_s_p50": warm_work,
-                         "compile_s": cold["work"] - warm_work if cold["work"] is not None and warm_work else None,
-                         "cold_wall_vs_torch_wall": cold["wall"] / ref["wall_s"]["p50"] if ref else None,
-                         "others_cpu_share": cold["others_cpu_share"],
-                         "numba_cache": "empty (a fresh NUMBA_CACHE_DIR)"})
+            if row is not None:
+                _compare(row, case, condition, by, cold_walls)
+    compiled = [_compiled(case, cold, by) for case, cold in compile_runs.items()]
     shares = [(s["others_cpu_share"], case, cond) for (case, cond), runs in samples.items() for s in runs]
     worst = max(shares, key=lambda x: x[0])
     load = {"others_cpu_share_p50": statistics.median(x[0] for x in shares), "others_cpu_share_max": worst[0],
             "worst_run": f"{worst[1].provider} {worst[1].op} ({worst[2]})"}
     return {"rows": rows, "compile": compiled, "load": load}
+
+
+def _compare(row: dict, case, condition: str, by: dict, cold_walls: dict) -> None:
+    """Add a row's ratios: to its floors, to mergekit, busy to quiet; its cold wall time."""
+    if case.op != "floor":
+        row["ratios"] = {}
+        for kind in (("read",) if case.op == "cores" else ("physical", "python")):
+            floor = by.get(("floor", f"floor-{kind}-{len(case.inputs)}", case.inputs, condition))
+            if floor is not None:
+                row["ratios"][f"floor-{kind}"] = {"wall": _ratio(row["wall_s"], floor["wall_s"]),
+                                                  "work": _ratio(row["work_s"], floor["work_s"])}
+    mk = by.get((case.op, "mergekit", case.inputs, condition))
+    if case.provider.startswith("cpift") and mk is not None:
+        row["speedup_vs_mergekit_wall"] = _ratio(mk["wall_s"], row["wall_s"])
+    quiet = by.get((case.op, case.provider, case.inputs, "quiet"))
+    if condition != "quiet" and quiet is not None and not (row["timed_out_runs"] or quiet["timed_out_runs"]):
+        row["slowdown_vs_quiet"] = {"wall": _ratio(row["wall_s"], quiet["wall_s"]),
+                                    "work": _ratio(row["work_s"], quiet["work_s"])}
+    if condition == "quiet" and case in cold_walls:
+        row["cold_wall_s"] = cold_walls[case]
+
+
+def _compiled(case, cold: dict, by: dict) -> dict:
+    """A fused-backend case's cold-compile row, against its warm runs and the torch backend's."""
+    warm = by.get((case.op, case.provider, case.inputs, "quiet"))
+    ref = by.get((case.op, "cpift-torch", case.inputs, "quiet"))
+    warm_work = warm["work_s"]["p50"] if warm and warm["work_s"] else None
+    return {"op": case.op, "provider": case.provider, "cold_wall_s": cold["wall"],
+            "cold_work_s": cold["work"], "warm_wall_s_p50": warm and warm["wall_s"]["p50"],
+            "warm_work_s_p50": warm_work,
+            "compile_s": cold["work"] - warm_work if cold["work"] is not None and warm_work else None,
+            "cold_wall_vs_torch_wall": cold["wall"] / ref["wall_s"]["p50"] if ref else None,
+            "others_cpu_share": cold["others_cpu_share"],
+            "numba_cache": "empty (a fresh NUMBA_CACHE_DIR)"}
 
 
 def parity(a: Path, b: Path) -> dict:
@@ -158,6 +165,17 @@ def parity(a: Path, b: Path) -> dict:
         worst = max(worst, float((t.float() - u.float()).abs().max()) / scale_ulp)
     return {"entries": total, "identical_fraction": same / total, "within_1_ulp_fraction": near / total,
             "max_diff_in_ulps_of_tensor_scale": worst, "tensors": len(x), "same_names": set(x) == set(y)}
+
+
+def slerp_parity(cases: list) -> dict | None:
+    """cpift's SLERP output against mergekit's, when both ran (each case's last output is still there)."""
+    by_key = {(c.op, c.provider): c for c in cases}
+    slerp_cpift = by_key.get(("slerp", "cpift-cpu")) or by_key.get(("slerp", "cpift-torch"))
+    if slerp_cpift is None or ("slerp", "mergekit") not in by_key:
+        return None
+    par = parity(slerp_cpift.out, by_key[("slerp", "mergekit")].out)
+    par["cpift"] = slerp_cpift.provider
+    return par
 
 
 def _f(v: float | None, spec: str = ".2f") -> str:
@@ -198,7 +216,13 @@ def _conditions(r: dict) -> str:
 
 def markdown(r: dict) -> str:
     """The results as a markdown page: conditions, the quiet and busy tables, cold compile, parity."""
-    load, busy = r.get("load", {}), r.get("busy", {})
+    lines = [*_md_intro(r), *_md_quiet(r), *_md_busy(r), *_md_compile(r), *_md_parity(r), *_md_cold(r), ""]
+    return "\n".join(lines)
+
+
+def _md_intro(r: dict) -> list[str]:
+    """The title, the conditions, what the floors are and the machine's load."""
+    load = r.get("load", {})
     lines = [f"# Merge throughput ({r['date']})", "", _conditions(r), "",
              "Floors: floor-physical = every input byte read with 8 MiB sequential reads and one model's bytes "
              "written to a new file (page cache, no fsync), as cat/dd would; floor-python = every tensor opened "
@@ -210,10 +234,15 @@ def markdown(r: dict) -> str:
                   f"of the CPUs during the median run, at most {load['others_cpu_share_max'] * 100:.0f}% (during "
                   f"{load.get('worst_run', 'one run')}); load average {load['loadavg_start'][0]:.2f} at the start, "
                   f"{load['loadavg_end'][0]:.2f} at the end." + (f" {r['note']}" if r.get("note") else ""), ""]
+    return lines
+
+
+def _md_quiet(r: dict) -> list[str]:
+    """The quiet runs' table."""
     quiet = [x for x in r["rows"] if x.get("condition", "quiet") == "quiet"]
-    lines += ["| op | provider | inputs | wall s p50 (p20–p80) | work s p50 (p20–p80) | GB/s input (work) "
-              "| peak RSS GB | × floor-physical or -read (work) | × floor-python (work) | × floor-physical (wall) "
-              "| vs mergekit (wall) | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | provider | inputs | wall s p50 (p20–p80) | work s p50 (p20–p80) | GB/s input (work) "
+             "| peak RSS GB | × floor-physical or -read (work) | × floor-python (work) | × floor-physical (wall) "
+             "| vs mergekit (wall) | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in quiet:
         ratios, merge = x.get("ratios", {}), x["op"] == "cores"  # cores: against its read pass only
         lines.append(
@@ -223,6 +252,12 @@ def markdown(r: dict) -> str:
             f"{_x(None if merge else ratios.get('floor-physical', {}).get('wall'))} | "
             f"{_x(x.get('speedup_vs_mergekit_wall'), '.1f')} | "
             f"{x['others_cpu_share_p50'] * 100:.0f}% |")
+    return lines
+
+
+def _md_busy(r: dict) -> list[str]:
+    """The runs beside competing processes, if any."""
+    busy, lines = r.get("busy", {}), []
     busy_rows = [x for x in r["rows"] if x.get("condition", "quiet") != "quiet"]
     if busy_rows:
         lines += ["", f"With {busy['competitors']} competing CPU-bound processes (`python -S -c` of a pure-Python "
@@ -238,6 +273,12 @@ def markdown(r: dict) -> str:
                          f"{_x(slow.get('wall'))} | {_x(slow.get('work'))} | {_x(_floor_ratio(x))} | "
                          f"{x['peak_rss_bytes'] / 1e9:.2f} | {x['others_cpu_share_p50'] * 100:.0f}% | "
                          f"{x['competitors_cpu_share_p50'] * 100:.0f}% |")
+    return lines
+
+
+def _md_compile(r: dict) -> list[str]:
+    """The fused kernels' cold compile, if measured."""
+    lines: list[str] = []
     if r.get("compile"):
         lines += ["", "Cold compile of the fused kernels (one run each with an empty numba cache, before the warm "
                   "runs, which reuse the cache it fills):", "",
@@ -246,6 +287,12 @@ def markdown(r: dict) -> str:
         lines += [f"| {c['op']} | {c['provider']} | {c['cold_wall_s']:.2f} | {_f(c['cold_work_s'])} | "
                   f"{_f(c['warm_work_s_p50'])} | {_f(c['compile_s'])} | {_x(c['cold_wall_vs_torch_wall'])} |"
                   for c in r["compile"]]
+    return lines
+
+
+def _md_parity(r: dict) -> list[str]:
+    """SLERP parity with mergekit, if both ran."""
+    lines: list[str] = []
     p = r.get("slerp_parity_vs_mergekit")
     if p:
         lines += ["", f"SLERP parity ({p.get('cpift', 'cpift')}) with {r['mergekit']}: "
@@ -253,6 +300,12 @@ def markdown(r: dict) -> str:
                   f"{p['entries']:,} entries bit-identical, {p['within_1_ulp_fraction'] * 100:.4f}% within one "
                   f"bf16 ulp of the entry; largest difference {p['max_diff_in_ulps_of_tensor_scale']:.2f} bf16 ulp "
                   f"of its tensor's largest |value|."]
+    return lines
+
+
+def _md_cold(r: dict) -> list[str]:
+    """The cold page cache runs, or why there are none when they were asked for."""
+    lines: list[str] = []
     cold = [x for x in r["rows"] if "cold_wall_s" in x]
     if cold:
         disk = {x["input_bytes"]: x["cold_wall_s"] for x in cold if x["provider"].startswith("floor-disk-")}
@@ -265,8 +318,7 @@ def markdown(r: dict) -> str:
                   for x in cold]
     elif r.get("cold_cache") != NOT_ASKED:  # asked for and skipped: say why; not asked: say nothing
         lines += ["", f"Cold page cache: {r['cold_cache']}"]
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 _COLORS = {"floor": "#999999", "cpift-torch": "#ff7f0e", "cpift-cpu": "#1f77b4", "mergekit": "#d62728"}
@@ -291,6 +343,14 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
     color = [_COLORS.get(x["provider"], _COLORS.get(x["provider"].split("-")[0], "#999999")) for x in quiet]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(7.0, 0.8 * len(quiet) + 2), 8.5),
                                   gridspec_kw={"height_ratios": [3, 2]})
+    _wall_bars(ax, r, quiet, busy, color)
+    _floor_bars(ax2, quiet)
+    fig.tight_layout()
+    return write_png(fig, path, dpi=110)
+
+
+def _wall_bars(ax, r: dict, quiet: list[dict], busy: dict, color: list[str]) -> None:
+    """The top panel: wall seconds per case, quiet and (hatched) busy, with the legend and title."""
     width = 0.4 if busy else 0.8
     for k, rows in enumerate([quiet, [busy.get((x["op"], x["provider"], x["inputs"])) for x in quiet]]):
         xs = [i + (k - 0.5) * width if busy else i for i in range(len(quiet)) if rows[i] is not None]
@@ -317,6 +377,10 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
                  f"({r['machine'].get('cpu_model', '')}), warm cache,\n"
                  + (f"plain: quiet, hatched: {busy and r['busy']['competitors']} competing processes " if busy else "")
                  + f"({r['date'][:16]})", fontsize=9)
+
+
+def _floor_bars(ax2, quiet: list[dict]) -> None:
+    """The bottom panel: each cpift case's work against its floor's."""
     cp = [x for x in quiet if x["provider"].startswith("cpift") and _floor_ratio(x)]
     ax2.bar(range(len(cp)), [_floor_ratio(x) for x in cp], color=[_COLORS.get(x["provider"], "#1f77b4") for x in cp])
     for i, x in enumerate(cp):
@@ -324,5 +388,3 @@ def plot(r: dict, path: str | os.PathLike) -> Path:
     ax2.set_xticks(range(len(cp)), [f"{x['op']}\n{x['provider']}" for x in cp], fontsize=7, rotation=90)
     ax2.set_ylabel("work / floor work (physical;\ncores: read pass), quiet")
     ax2.axhline(1.0, color="#999999", lw=0.8)
-    fig.tight_layout()
-    return write_png(fig, path, dpi=110)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -41,29 +41,9 @@ def run_demo(workdir: str | None, *, size: str = "tiny", echo: Callable[[str], N
     for path in _targets(root):  # all refused before the first byte, not one by one as they come
         check_output(path, overwrite=True)
     try:
-        models = root / "models"
-        echo(f"building 3 checkpoints{f' in {models}' if workdir else ''}: {describe(shape, torch.bfloat16)}")
-        t0 = time.perf_counter()
-        base = _checkpoint(models / "base", shape, seed=0)
-        task_a = _checkpoint(models / "task_a", shape, base_seed=0, seed=1)
-        task_b = _checkpoint(models / "task_b", shape, base_seed=0, seed=2)
-        echo(f"built in {time.perf_counter() - t0:.1f} s")
+        base, task_a, task_b = _build_models(root / "models", shape, echo, shown=bool(workdir))
         out = root / "merged"
-        common = dict(progress=False, overwrite=True)
-        a, b, bs = f"{task_a}", f"{task_b}", f"--base {base}"
-        o = f"--overwrite -q --threads 1 -o {out}"  # what each run below does, as a command that runs as typed
-        runs = [
-            (f"cpift-merge slerp {a} {b} --t 0.3 {o}/slerp",
-             lambda: methods.slerp(task_a, task_b, out / "slerp", t=0.3, **common)),
-            (f"cpift-merge linear {a} {b} --weights 1,3 {o}/linear",
-             lambda: methods.linear([task_a, task_b], out / "linear", weights=[1.0, 3.0], **common)),
-            (f"cpift-merge task-arithmetic {bs} {a} {b} --lambda 0.8 {o}/task_arithmetic",
-             lambda: methods.task_arithmetic(base, [task_a, task_b], out / "task_arithmetic", lam=0.8, **common)),
-            (f"cpift-merge ties {bs} {a} {b} --density 0.3 {o}/ties",
-             lambda: methods.ties(base, [task_a, task_b], out / "ties", density=0.3, **common)),
-            (f"cpift-merge dare-ties {bs} {a} {b} --density 0.5 --seed 0 {o}/dare_ties",
-             lambda: methods.dare_ties(base, [task_a, task_b], out / "dare_ties", density=0.5, **common)),
-        ]
+        runs = _method_runs(base, task_a, task_b, out)
         results = []
         for cmd, run in runs:
             say(f"$ {cmd}")
@@ -80,6 +60,36 @@ def run_demo(workdir: str | None, *, size: str = "tiny", echo: Callable[[str], N
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _build_models(models: Path, shape, echo: Callable[[str], None], *, shown: bool) -> tuple[Path, Path, Path]:
+    """The base and two task models, bfloat16 checkpoints of the preset ``shape``."""
+    echo(f"building 3 checkpoints{f' in {models}' if shown else ''}: {describe(shape, torch.bfloat16)}")
+    t0 = time.perf_counter()
+    base = _checkpoint(models / "base", shape, seed=0)
+    task_a = _checkpoint(models / "task_a", shape, base_seed=0, seed=1)
+    task_b = _checkpoint(models / "task_b", shape, base_seed=0, seed=2)
+    echo(f"built in {time.perf_counter() - t0:.1f} s")
+    return base, task_a, task_b
+
+
+def _method_runs(base: Path, task_a: Path, task_b: Path, out: Path) -> list[tuple[str, Callable[[], Any]]]:
+    """Each method's merge, as the command that reruns it (runs as typed) and the call that does it."""
+    common: dict[str, Any] = dict(progress=False, overwrite=True)
+    a, b, bs = f"{task_a}", f"{task_b}", f"--base {base}"
+    o = f"--overwrite -q --threads 1 -o {out}"
+    return [
+        (f"cpift-merge slerp {a} {b} --t 0.3 {o}/slerp",
+         lambda: methods.slerp(task_a, task_b, out / "slerp", t=0.3, **common)),
+        (f"cpift-merge linear {a} {b} --weights 1,3 {o}/linear",
+         lambda: methods.linear([task_a, task_b], out / "linear", weights=[1.0, 3.0], **common)),
+        (f"cpift-merge task-arithmetic {bs} {a} {b} --lambda 0.8 {o}/task_arithmetic",
+         lambda: methods.task_arithmetic(base, [task_a, task_b], out / "task_arithmetic", lam=0.8, **common)),
+        (f"cpift-merge ties {bs} {a} {b} --density 0.3 {o}/ties",
+         lambda: methods.ties(base, [task_a, task_b], out / "ties", density=0.3, **common)),
+        (f"cpift-merge dare-ties {bs} {a} {b} --density 0.5 --seed 0 {o}/dare_ties",
+         lambda: methods.dare_ties(base, [task_a, task_b], out / "dare_ties", density=0.5, **common)),
+    ]
 
 
 def claim_workdir(root: Path) -> Path:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
-from cpift.errors import ParameterError
+from cpift.errors import BenchError, ParameterError
 from cpift.merge.io.sizes import size_bytes
 from cpift.numbers import parse_number, shown
 
@@ -171,3 +173,32 @@ def parse_synthetic(spec: str) -> tuple[str, LlamaShape, torch.dtype]:
     label = name + (f"-layers{layers}" if layers is not None else "") + \
         ("" if dtype == torch.bfloat16 else "-" + str(dtype).removeprefix("torch."))
     return label, shape, dtype
+
+
+# Marks a model the bench built, so that it only ever rebuilds (removes) its own models.
+SYNTHETIC_MARKER = ".cpift-bench-model"
+
+
+def synthetic_models(workdir: Path, spec: str, *, echo: Callable[[str], None] = print) -> list[Path]:
+    """base, task_a, task_b of a synthetic preset under ``workdir/models-LABEL``; built once, reused
+    when their config.json matches. A stale model is rebuilt only if the bench built it (it carries
+    the SYNTHETIC_MARKER file); anything else at that path is refused, never removed."""
+    label, shape, dtype = parse_synthetic(spec)
+    root = workdir / f"models-{label}"
+    out = []
+    for i, name in enumerate(["base", "task_a", "task_b"]):
+        path = root / name
+        cfg = path / "config.json"
+        if not (cfg.is_file() and json.loads(cfg.read_text()) == shape.config(dtype)):
+            if path.exists() or path.is_symlink():
+                if not (path.is_dir() and (path / SYNTHETIC_MARKER).is_file()):
+                    raise BenchError(f"{path}: exists and was not built by cpift-merge bench; move it away "
+                                     f"or pick another --workdir")
+                shutil.rmtree(path)
+            echo(f"building {path}: {describe(shape, dtype)}")
+            # Sharded as the Hub ships models (5 GB shards) from 2 GB up; smaller presets in 500 MB shards.
+            shard = "5GB" if shape.numel() * dtype.itemsize > 2e9 else "500MB"
+            make_checkpoint(path, shape, dtype=dtype, seed=i, base_seed=None if i == 0 else 0, max_shard_size=shard)
+            (path / SYNTHETIC_MARKER).write_text("built by cpift-merge bench\n")
+        out.append(path)
+    return out
