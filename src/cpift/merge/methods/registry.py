@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from .inputs import Inputs
+
 # What a parameter's value is on the command line.
 KINDS = ("number", "integer", "per_model", "number_or_per_model", "flag", "seed")
 
@@ -66,14 +68,12 @@ class MergekitSpec:
 @dataclass(frozen=True)
 class MethodSpec:
     """A merge method: ``name`` (Python and mergekit), ``cli`` (command), where its function lives,
-    its input ``roles`` (``model_a``/``model_b``: two models; ``models``: two or more; ``base`` then
-    ``models``: the base and one or more fine-tunes; ``models`` with ``optional_base``: models and
-    perhaps a base), parameters, one-line definition and source."""
+    what it merges (``inputs``), parameters, one-line definition and source."""
 
     name: str
     cli: str
     module: str
-    roles: tuple[str, ...]
+    inputs: Inputs
     params: tuple[ParamSpec, ...]
     definition: str
     paper: str
@@ -81,12 +81,6 @@ class MethodSpec:
     mergekit: MergekitSpec | None = None
     native: tuple[str, ...] = ()  # mergekit settings the function takes as keywords (normalize)
     bench: dict[str, str] = field(default_factory=dict)  # CLI option -> value for a bench run
-    min_models: int = 1  # for a method with a base: the fine-tunes it needs besides the base
-    # roles ("models",) with optional_base: ``--base B`` may be given (the function's ``base`` keyword;
-    # mergekit's BasePolicy.OPTIONAL: the models are then taken as deltas from it); max_models: the
-    # most models it takes besides a base (None: no limit)
-    optional_base: bool = False
-    max_models: int | None = None
     # A declared method (merge/methods/declare.py): its per-tensor function and cross-parameter check;
     # its public function is then built by merge/methods/runner.py.
     tensor: Callable[..., None] | None = None
@@ -97,10 +91,6 @@ class MethodSpec:
         if self.tensor is not None:
             return importlib.import_module("cpift.merge.methods.runner").public(self)
         return getattr(importlib.import_module(self.module), self.name)
-
-    @property
-    def has_base(self) -> bool:
-        return self.roles[0] == "base"
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -128,7 +118,7 @@ def mergekit_methods() -> tuple[str, ...]:
 
 
 def delta_methods() -> tuple[str, ...]:
-    return tuple(name for name, s in METHODS.items() if s.has_base)
+    return tuple(name for name, s in METHODS.items() if s.inputs.base == "required")
 
 
 def mergekit_flags() -> tuple[str, ...]:
@@ -158,13 +148,13 @@ _DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
 _TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 
 register(MethodSpec(
-    "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", ("base", "models"), (WEIGHTS, LAMBDA),
+    "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", Inputs("required"), (WEIGHTS, LAMBDA),
     "b + λ Σ w_i (x_i − b)", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
     "b + λ Σ w_i (x_i − b).",
     MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=False, rescale=False,
                  cpift_rescale=None)))
 register(MethodSpec(
-    "ties", "ties", "cpift.merge.methods.delta", ("base", "models"),
+    "ties", "ties", "cpift.merge.methods.delta", Inputs("required"),
     (WEIGHTS, LAMBDA, _density(1.0, "Share of each delta kept by magnitude (k = floor(density × numel))."),
      ParamSpec("global_trim", "--global-trim", "flag", False,
                "Trim with one magnitude threshold over the whole model (TIES paper) instead of per tensor.")),
@@ -179,7 +169,7 @@ register(MethodSpec(
 def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...]) -> MethodSpec:
     """DARE drop-and-rescale followed by ``then`` (task arithmetic or TIES sign election)."""
     density = _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density).")
-    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.delta", ("base", "models"),
+    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.delta", Inputs("required"),
                       (WEIGHTS, LAMBDA, density, SEED), _DROP + then, _DARE, f"DARE drop-and-rescale, then {then}.",
                       MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=cpift_normalize,
                                    rescale=True, cpift_rescale=True),
@@ -189,7 +179,7 @@ def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...
 register(_dare("dare_linear", "task arithmetic", cpift_normalize=False, native=()))
 register(_dare("dare_ties", "TIES sign election", cpift_normalize=True, native=("normalize",)))
 register(MethodSpec(
-    "model_stock", "model-stock", "cpift.merge.methods.stock", ("base", "models"),
+    "model_stock", "model-stock", "cpift.merge.methods.stock", Inputs("required", 2),
     (ParamSpec("filter_wise", "--filter-wise", "flag", False,
                "One t per row of the last dimension instead of one per tensor (torch ops, not fused).",
                mergekit="filter_wise", mergekit_default=False),),
@@ -198,9 +188,9 @@ register(MethodSpec(
     "Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models (arXiv:2403.19522)",
     "Model Stock: move from the base towards the fine-tunes' average by a ratio set by their deltas' angle.",
     MergekitSpec((), ("filter_wise",), normalize=None, cpift_normalize=None),
-    bench={}, min_models=2))  # no parameter to set: the bench runs it with its defaults
+    bench={}))  # no parameter to set: the bench runs it with its defaults
 register(MethodSpec(
-    "passthrough", "passthrough", "cpift.merge.methods.layers", ("model",),
+    "passthrough", "passthrough", "cpift.merge.methods.layers", Inputs("none", max_models=1),
     (ParamSpec("scale", "--scale", "number", None,
                "Multiply every tensor by this (default: copy bit for bit).", mergekit="scale"),),
     "x (or scale · x): one model's tensors; with mergekit slices, layer ranges of several models stacked",
@@ -214,7 +204,7 @@ def _sparse(name: str, extra: ParamSpec, density: float, definition: str, paper:
     """mergekit's breadcrumbs / della family (merge/methods/sparse_delta.py): normalize and rescale are
     the function's keywords, set from a config (mergekit's defaults otherwise)."""
     dens = _density(density, "Share of each delta kept.")
-    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.sparse_delta", ("base", "models"),
+    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.sparse_delta", Inputs("required"),
                       (WEIGHTS, LAMBDA, dens, extra, *((SEED,) if seed else ())), definition, paper, summary,
                       MergekitSpec((*_DELTA_INPUTS, extra.mergekit), _DELTA_SHARED, normalize=normalize,
                                    cpift_normalize=normalize, rescale=rescale, cpift_rescale=rescale),
@@ -248,7 +238,7 @@ register(_sparse("della_linear", _EPSILON, 0.5, _MAGPRUNE + "task arithmetic", _
 _SPHERE_WEIGHTS = ParamSpec("weights", "--weights", "per_model", None,
                             "Comma-separated weight per model, base excluded (default: all 1).", mergekit="weight")
 register(MethodSpec(
-    "nuslerp", "nuslerp", "cpift.merge.methods.hypersphere", ("models",),
+    "nuslerp", "nuslerp", "cpift.merge.methods.hypersphere", Inputs("optional", 2, 2),
     (_SPHERE_WEIGHTS,
      ParamSpec("flatten", "--flatten", "flag", True,
                "Each tensor one vector (default); --no-flatten: one vector per row of the last dimension "
@@ -262,9 +252,9 @@ register(MethodSpec(
     "mergekit (Goddard et al. 2024, arXiv:2403.13257): NuSLERP",
     "NuSLERP: SLERP of two models by their weights' ratio, optionally on deltas from --base.",
     MergekitSpec(("weight",), ("nuslerp_flatten", "nuslerp_row_wise"), normalize=None, cpift_normalize=None),
-    bench={}, min_models=2, optional_base=True, max_models=2))
+    bench={}))
 register(MethodSpec(
-    "multislerp", "multislerp", "cpift.merge.methods.hypersphere", ("models",),
+    "multislerp", "multislerp", "cpift.merge.methods.hypersphere", Inputs("optional"),
     (_SPHERE_WEIGHTS,
      ParamSpec("normalize_weights", "--normalize-weights", "flag", True,
                "Divide the weights by their sum (default); --no-normalize-weights uses them as given.",
@@ -277,9 +267,9 @@ register(MethodSpec(
     "C. Goddard, Multi-SLERP (blog: https://goddard.blog/posts/multislerp-wow-what-a-cool-idea), as mergekit cites it",
     "Multi-SLERP: barycentric interpolation of N models on the hypersphere, optionally on deltas from --base.",
     MergekitSpec(("weight",), ("normalize_weights", "eps"), normalize=None, cpift_normalize=None),
-    bench={}, optional_base=True))
+    bench={}))
 register(MethodSpec(
-    "karcher", "karcher", "cpift.merge.methods.hypersphere", ("models",),
+    "karcher", "karcher", "cpift.merge.methods.hypersphere", Inputs("none"),
     (ParamSpec("max_iter", "--max-iter", "number", 10, "Iterations at most (a whole number ≥ 0).",
                lo=0.0, mergekit="max_iter", mergekit_default=10),
      ParamSpec("tol", "--tol", "number", 1e-5,
@@ -302,12 +292,12 @@ def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]
     def plain(p, v: Any) -> Any:
         return bool(v) if p.kind == "flag" else int(v) if p.kind in ("integer", "seed") else float(v)
 
-    pair, base = spec.roles[0] == "model_a", spec.has_base
-    models = refs if pair else refs[1:] if base else refs
+    base, models = spec.inputs.split_refs(refs)
+    pair = spec.inputs.lists_base_model
     per = [p for p in spec.params if p.mergekit and p.per_model]
     values = {p.name: params[p.name] if isinstance(params[p.name], (list, tuple))
               else [1.0 if params[p.name] is None else params[p.name]] * len(models) for p in per}
-    cfg: dict[str, Any] = {"base_model": refs[0]} if pair or base else {}
+    cfg: dict[str, Any] = {"base_model": base} if base is not None else {}
     cfg["models"] = [{"model": r, **({"parameters": {p.mergekit: plain(p, values[p.name][i]) for p in per}}
                                      if per and not (pair and i == 0) else {})} for i, r in enumerate(models)]
     shared = {p.mergekit: plain(p, params[p.name]) for p in spec.params if p.mergekit and not p.per_model}
