@@ -115,7 +115,7 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         return _sphere_call(sc)
     if spec.tensor is None and spec.inputs.takes_base:
         return _delta_call(sc, native) if "weight" in spec.mergekit.inputs else _stock_call(sc)
-    return _declared_call(sc)
+    return _declared_call(sc, native)
 
 
 def _refuse_same_model(sc: _Scope) -> None:
@@ -164,7 +164,7 @@ def _whole_merge(sc: _Scope, p: Any) -> Any:
     return sc.shared(p.mergekit, p.mergekit_default)
 
 
-def _declared_call(sc: _Scope) -> MethodCall:
+def _declared_call(sc: _Scope, native: Collection[str]) -> MethodCall:
     """A declared method (merge/methods/declare.py): the inputs its declaration takes, each declared
     parameter from its mergekit key (per model, or for the whole merge); a mergekit setting it does not
     declare (normalize, rescale) must keep the value the method computes."""
@@ -175,19 +175,26 @@ def _declared_call(sc: _Scope) -> MethodCall:
         if p.mergekit is not None:
             kwargs[p.name] = ([sc.model_param(m, p.mergekit, p.mergekit_default) for m in specs] if p.per_model
                               else _whole_merge(sc, p))
-    _check_computed(sc, spec, kwargs.get("weights"))
+    _check_computed(sc, spec, kwargs, native)
     models = tuple(sc.path(m.model) for m in specs)
     return MethodCall(cfg.method, spec.inputs.call_args(sc.base_key, models), kwargs, sc.notes)
 
 
-def _check_computed(sc: _Scope, spec: Any, weights: list[Param] | None) -> None:
-    """Refuse a normalize/rescale the method does not declare and does not compute: only a method that
-    divides by its weights' sum takes normalize: false, with constant weights summing to 1."""
+def _check_computed(sc: _Scope, spec: Any, kwargs: dict[str, Any], native: Collection[str]) -> None:
+    """A normalize/rescale the method does not declare: passed on where the function takes it (``native``),
+    else refused unless it is what the method computes; only a method that divides by its weights' sum
+    takes normalize: false, with constant weights summing to 1."""
+    weights = kwargs.get("weights")
     mk, method, src = spec.mergekit, sc.cfg.method, sc.cfg.source
     declared = {p.mergekit for p in spec.params}
     for key, default, computed in (("normalize", mk.normalize, mk.cpift_normalize),
                                    ("rescale", mk.rescale, mk.cpift_rescale)):
-        if key not in mk.shared or key in declared or sc.shared(key, default) == computed:
+        if key not in mk.shared or key in declared:
+            continue
+        if key in native:  # the function takes it as a keyword
+            kwargs[key] = sc.shared(key, default)
+            continue
+        if sc.shared(key, default) == computed:
             continue
         if key != "normalize" or not computed or weights is None:
             raise ConfigError(f"{src}: parameters.{key}: {str(not computed).lower()} is not supported "
