@@ -58,6 +58,11 @@ class Inputs:
         return self.base == "optional"
 
     @property
+    def requires_base(self) -> bool:
+        """A base is one of the inputs, always (the method merges deltas from it)."""
+        return self.base == "required"
+
+    @property
     def takes_base(self) -> bool:
         """A base may be among the inputs (per-model values then exclude it)."""
         return self.base in ("required", "optional")

@@ -118,7 +118,7 @@ def mergekit_methods() -> tuple[str, ...]:
 
 
 def delta_methods() -> tuple[str, ...]:
-    return tuple(name for name, s in METHODS.items() if s.inputs.base == "required")
+    return tuple(name for name, s in METHODS.items() if s.inputs.requires_base)
 
 
 def mergekit_flags() -> tuple[str, ...]:
