@@ -33,12 +33,12 @@ def models(tmp_path_factory):
 
 
 def _inputs(spec, paths: list[str]) -> list:
-    n = max(spec.min_models, 2)
-    if spec.roles == ("model_a", "model_b"):
+    n = max(spec.inputs.min_models, 2)
+    if spec.inputs.base == "pair":
         return paths[:2]
-    if spec.roles == ("model",):
+    if spec.inputs.positional == ("model",):
         return paths[:1]
-    if spec.roles == ("models",):
+    if spec.inputs.base != "required":
         return [paths[:n]]
     return [paths[0], paths[1:1 + n]]
 

@@ -16,7 +16,7 @@ import cpift
 from cpift.merge import methods
 from cpift.merge.card import MERGEKIT_METHODS, card_files
 from cpift.merge.mergekit.config import METHODS as CONFIG_METHODS
-from cpift.merge.methods.registry import METHODS, MergekitSpec, MethodSpec, ParamSpec, delta_methods
+from cpift.merge.methods.registry import METHODS, Inputs, MergekitSpec, MethodSpec, ParamSpec, delta_methods
 from cpift.merge.tools.bench_cases import METHODS as BENCH_METHODS
 
 REGISTERED = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "breadcrumbs",
@@ -56,7 +56,7 @@ def negate(monkeypatch):
         return methods.slerp(model_a, model_b, out, t=1.0 - u, **common)
 
     monkeypatch.setattr(spherical, "negated_slerp", negated_slerp, raising=False)
-    spec = MethodSpec("negated_slerp", "negated-slerp", "cpift.merge.methods.slerp", ("model_a", "model_b"),
+    spec = MethodSpec("negated_slerp", "negated-slerp", "cpift.merge.methods.slerp", Inputs("pair"),
                       (ParamSpec("u", "--u", "number", 0.25, "1 − t.", lo=0.0, hi=1.0, mergekit="t"),),
                       "slerp at t = 1 − u", "a test", "SLERP with t = 1 − u (a test method).",
                       MergekitSpec((), ("t", "int8_mask"), normalize=None, cpift_normalize=None), bench={"--u": "0.7"})

@@ -330,10 +330,10 @@ def _split_vs_whole(fam, method):
     from cpift.merge.methods.registry import METHODS
 
     spec = METHODS[method]
-    names = ["A", "B"] if spec.roles == ("model_a", "model_b") else ["A", "B", "D"]
+    names = ["A", "B"] if spec.inputs.base == "pair" else ["A", "B", "D"]
     mk = spec.mergekit
     params = {k: v for k, v in {"weight": 0.6, "density": 0.7, "t": 0.4}.items() if k in mk.inputs + mk.shared}
-    with_base = spec.has_base or spec.roles == ("model_a", "model_b") or getattr(spec, "optional_base", False)
+    with_base = spec.inputs.base in ("required", "pair", "optional")
     base = {"base_model": fam["A"]} if with_base else {}
     sliced = {"merge_method": method, **base, "parameters": params,
               "slices": [{"sources": [{"model": fam[n], "layer_range": [lo, lo + 2]} for n in names]}

@@ -11,19 +11,15 @@ from cpift.merge.options import merge_options
 
 from ._options import SEED, Number, common_options, param_value
 
-ROLE_ARGUMENTS = {
-    ("model_a", "model_b"): [click.argument("model_a", type=click.Path()),
-                             click.argument("model_b", type=click.Path())],
-    ("model",): [click.argument("model", type=click.Path())],
-    ("models",): [click.argument("models", nargs=-1, required=True, type=click.Path())],
-    ("base", "models"): [click.argument("models", nargs=-1, required=True, type=click.Path()),
-                         click.option("--base", required=True, type=click.Path(),
-                                      help="Base model the deltas are taken from.")],
-}
 
-# A method with an optional base (nuslerp, multislerp): the models are taken as deltas from it if given.
-OPTIONAL_BASE = [click.option("--base", default=None, type=click.Path(),
-                              help="Optional base model: merge the deltas from it and add it back.")]
+def _arguments(spec: MethodSpec) -> list:
+    """The command's input arguments, then its --base option, as its Inputs declare them."""
+    made = [click.argument(a, nargs=-1, required=True, type=click.Path()) if a == "models"
+            else click.argument(a, type=click.Path()) for a in spec.inputs.arguments]
+    if spec.inputs.base_option is not None:
+        required, text = spec.inputs.base_option
+        made.append(click.option("--base", required=required, default=None, type=click.Path(), help=text))
+    return made
 
 
 def _option(spec: MethodSpec, p: ParamSpec):
@@ -37,20 +33,18 @@ def _option(spec: MethodSpec, p: ParamSpec):
     if p.kind in ("number", "integer"):  # a count with a unit (karcher's iterations): the method says a whole number
         return click.option(p.cli, p.name, type=Number(integer=p.kind == "integer" and not p.unit), default=p.default,
                             show_default=True, help=p.help)
-    text = p.help.format(base=", base excluded" if spec.has_base or spec.optional_base else "")
+    text = p.help.format(base=", base excluded" if spec.inputs.takes_base else "")
     return click.option(p.cli, p.name, default=None if p.default is None else str(p.default),
                         show_default=p.default is not None, help=text)
 
 
 def method_command(spec: MethodSpec) -> click.Command:
     """The click command of a registered method."""
-    if spec.roles not in ROLE_ARGUMENTS:
-        raise ValueError(f"method '{spec.name}': no command for inputs {spec.roles}")
 
     def command(out, common, **given):
-        inputs = [list(v) if role == "models" else v for role in spec.roles for v in [given.pop(role)]]
+        inputs = [list(v) if name == "models" else v for name in spec.inputs.positional for v in [given.pop(name)]]
         kwargs = {p.name: param_value(p, given.pop(p.name)) for p in spec.params}
-        if spec.optional_base:
+        if spec.inputs.base_keyword:
             kwargs["base"] = given.pop("base")
         from cpift.merge.methods.runner import run_method  # the engine: imported once the arguments are parsed
 
@@ -61,7 +55,7 @@ def method_command(spec: MethodSpec) -> click.Command:
     fn = common_options(command)
     for p in reversed(spec.params):
         fn = _option(spec, p)(fn)
-    for decorate in reversed(ROLE_ARGUMENTS[spec.roles] + (OPTIONAL_BASE if spec.optional_base else [])):
+    for decorate in reversed(_arguments(spec)):
         fn = decorate(fn)
     return click.command(spec.cli, help=spec.summary)(fn)
 

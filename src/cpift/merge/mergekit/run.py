@@ -174,9 +174,10 @@ def _recipe(cfg: MergeConfig, call: MethodCall, paths: Mapping[str, Path], setti
             out, here: str | None, layered: bool = False):
     """The recorded recipe: None when the engine makes one from constant parameters (merge/card.py), else
     this config, paths relative to ``out`` and so marked (gradients and filters kept)."""
-    from cpift.merge.card import is_per_tensor, local_ref, rewrite_config
+    from cpift.merge.card import rewrite_config
     from cpift.merge.engine import parse_dtype
     from cpift.merge.io.sizes import parse_size
+    from cpift.merge.recipe import is_per_tensor, local_ref
 
     if not cfg.stack and not layered and not any(is_per_tensor(v) for v in call.kwargs.values()) and not (
             cfg.tokenizer_source or cfg.raw.get("chat_template")):

@@ -19,35 +19,13 @@ derived from the declaration. A method file imports its kernels inside its funct
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .inputs import Inputs
 from .registry import MergekitSpec, MethodSpec, ParamSpec, register
 
 # check(values, tensor) -> None: a rule between parameters (raise ParameterError); values as the function gets them.
 Check = Callable[[Mapping[str, Any], str], None]
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What a method merges.
-
-    ``base``: "required" (a base and ``min_models``..``max_models`` models besides it), "optional"
-    (models, and perhaps a base the models are taken as deltas from), "pair" (two models, the first
-    one the base: mergekit's base_model), or "none" (models only; ``max_models=1``: one model).
-    """
-
-    base: str
-    min_models: int = 1
-    max_models: int | None = None
-
-    def roles(self) -> tuple[str, ...]:
-        """The registry's input roles (cli/methods_cli.py, merge/card.py, merge/mergekit/)."""
-        if self.base == "pair":
-            return ("model_a", "model_b")
-        if self.base == "required":
-            return ("base", "models")
-        return ("model",) if self.max_models == 1 else ("models",)
 
 
 def method(name: str, *, inputs: Inputs, params: tuple[ParamSpec, ...] = (), definition: str, paper: str,
@@ -60,10 +38,9 @@ def method(name: str, *, inputs: Inputs, params: tuple[ParamSpec, ...] = (), def
         raise ValueError(f"method '{name}': inputs.base must be required, optional, pair or none")
 
     def declare(fn: Callable) -> Callable:
-        register(MethodSpec(name, cli or name.replace("_", "-"), fn.__module__, inputs.roles(), tuple(params),
-                            definition, paper, summary, mergekit, bench=dict(bench or {}),
-                            min_models=inputs.min_models, optional_base=inputs.base == "optional",
-                            max_models=inputs.max_models, tensor=fn, check=check, notes=notes))
+        register(MethodSpec(name, cli or name.replace("_", "-"), fn.__module__, inputs, tuple(params),
+                            definition, paper, summary, mergekit, bench=dict(bench or {}), tensor=fn, check=check,
+                            notes=notes))
         return fn
 
     return declare

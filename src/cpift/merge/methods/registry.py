@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from .inputs import Inputs
+
 # What a parameter's value is on the command line.
 KINDS = ("number", "integer", "per_model", "number_or_per_model", "flag", "seed")
 
@@ -70,14 +72,12 @@ class MergekitSpec:
 @dataclass(frozen=True)
 class MethodSpec:
     """A merge method: ``name`` (Python and mergekit), ``cli`` (command), where its function lives,
-    its input ``roles`` (``model_a``/``model_b``: two models; ``models``: two or more; ``base`` then
-    ``models``: the base and one or more fine-tunes; ``models`` with ``optional_base``: models and
-    perhaps a base), parameters, one-line definition and source."""
+    what it merges (``inputs``), parameters, one-line definition and source."""
 
     name: str
     cli: str
     module: str
-    roles: tuple[str, ...]
+    inputs: Inputs
     params: tuple[ParamSpec, ...]
     definition: str
     paper: str
@@ -85,12 +85,6 @@ class MethodSpec:
     mergekit: MergekitSpec | None = None
     native: tuple[str, ...] = ()  # mergekit settings the function takes as keywords (normalize)
     bench: dict[str, str] = field(default_factory=dict)  # CLI option -> value for a bench run
-    min_models: int = 1  # for a method with a base: the fine-tunes it needs besides the base
-    # roles ("models",) with optional_base: ``--base B`` may be given (the function's ``base`` keyword;
-    # mergekit's BasePolicy.OPTIONAL: the models are then taken as deltas from it); max_models: the
-    # most models it takes besides a base (None: no limit)
-    optional_base: bool = False
-    max_models: int | None = None
     # A declared method (merge/methods/declare.py): its per-tensor function and cross-parameter check;
     # its public function is then built by merge/methods/runner.py.
     tensor: Callable[..., None] | None = None
@@ -102,10 +96,6 @@ class MethodSpec:
         if self.tensor is not None:
             return importlib.import_module("cpift.merge.methods.runner").public(self)
         return getattr(importlib.import_module(self.module), self.name)
-
-    @property
-    def has_base(self) -> bool:
-        return self.roles[0] == "base"
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -133,7 +123,7 @@ def mergekit_methods() -> tuple[str, ...]:
 
 
 def delta_methods() -> tuple[str, ...]:
-    return tuple(name for name, s in METHODS.items() if s.has_base)
+    return tuple(name for name, s in METHODS.items() if s.inputs.requires_base)
 
 
 def mergekit_flags() -> tuple[str, ...]:
@@ -163,13 +153,13 @@ _DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
 _TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 
 register(MethodSpec(
-    "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", ("base", "models"), (WEIGHTS, LAMBDA),
+    "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", Inputs("required"), (WEIGHTS, LAMBDA),
     "b + λ Σ w_i (x_i − b)", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
     "b + λ Σ w_i (x_i − b).",
     MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=False, rescale=False,
                  cpift_rescale=None)))
 register(MethodSpec(
-    "ties", "ties", "cpift.merge.methods.delta", ("base", "models"),
+    "ties", "ties", "cpift.merge.methods.delta", Inputs("required"),
     (WEIGHTS, LAMBDA, _density(1.0, "Share of each delta kept by magnitude (k = floor(density × numel))."),
      ParamSpec("global_trim", "--global-trim", "flag", False,
                "Trim with one magnitude threshold over the whole model (TIES paper) instead of per tensor.")),
@@ -184,7 +174,7 @@ register(MethodSpec(
 def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...]) -> MethodSpec:
     """DARE drop-and-rescale followed by ``then`` (task arithmetic or TIES sign election)."""
     density = _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density).")
-    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.delta", ("base", "models"),
+    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.delta", Inputs("required"),
                       (WEIGHTS, LAMBDA, density, SEED), _DROP + then, _DARE, f"DARE drop-and-rescale, then {then}.",
                       MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=cpift_normalize,
                                    rescale=True, cpift_rescale=True),
@@ -198,7 +188,7 @@ def _sparse(name: str, extra: ParamSpec, density: float, definition: str, paper:
     """mergekit's breadcrumbs / della family (merge/methods/sparse_delta.py): normalize and rescale are
     the function's keywords, set from a config (mergekit's defaults otherwise)."""
     dens = _density(density, "Share of each delta kept.")
-    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.sparse_delta", ("base", "models"),
+    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.sparse_delta", Inputs("required"),
                       (WEIGHTS, LAMBDA, dens, extra, *((SEED,) if seed else ())), definition, paper, summary,
                       MergekitSpec((*_DELTA_INPUTS, extra.mergekit), _DELTA_SHARED, normalize=normalize,
                                    cpift_normalize=normalize, rescale=rescale, cpift_rescale=rescale),
@@ -235,12 +225,12 @@ def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]
     def plain(p, v: Any) -> Any:
         return bool(v) if p.kind == "flag" else int(v) if p.kind in ("integer", "seed") else float(v)
 
-    pair = spec.roles[0] == "model_a"
-    models = refs if pair else refs[1:] if base else refs
+    base_ref, models = spec.inputs.split_refs(refs, base_given=base)
+    pair = spec.inputs.lists_base_model
     per = [p for p in spec.params if p.mergekit and p.per_model]
     values = {p.name: params[p.name] if isinstance(params[p.name], (list, tuple))
               else [1.0 if params[p.name] is None else params[p.name]] * len(models) for p in per}
-    cfg: dict[str, Any] = {"base_model": refs[0]} if pair or base else {}
+    cfg: dict[str, Any] = {"base_model": base_ref} if base_ref is not None else {}
     cfg["models"] = [{"model": r, **({"parameters": {p.mergekit: plain(p, values[p.name][i]) for p in per}}
                                      if per and not (pair and i == 0) else {})} for i, r in enumerate(models)]
     whole = [p for p in spec.params if p.mergekit and not p.per_model]

@@ -22,25 +22,6 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 _POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
-def _inputs(spec: MethodSpec, args: tuple, base: PathLike | None) -> tuple[list, list[str], int]:
-    """(model paths in stream order, their card roles, the number of models besides a base)."""
-    if spec.roles == ("model_a", "model_b"):
-        return list(args[:2]), ["model", "model"], 1
-    if spec.roles == ("model",):
-        return [args[0]], ["model"], 1
-    if spec.roles == ("base", "models"):
-        base, models = args[0], list(args[1])
-    else:
-        models = list(args[0])
-    lo, hi = spec.min_models, spec.max_models
-    if len(models) < lo or (hi is not None and len(models) > hi):
-        want = f"merges exactly {lo}" if lo == hi else f"needs at least {lo}"
-        raise ParameterError(f"models: {spec.name} {want} model{'s' if lo > 1 else ''}"
-                             f"{' besides the base' if base is not None else ''}, got {len(models)}")
-    head = [base] if base is not None else []
-    return head + models, ["base"] * len(head) + ["model"] * len(models), len(models)
-
-
 def _field(p: ParamSpec, raw: Any, i: int) -> str:
     return f"{p.name}[{i}]" if isinstance(raw, (list, tuple)) else p.name
 
@@ -103,7 +84,7 @@ def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, 
         options: MergeOptions | None = None) -> MergeResult | MergePlan:
     """Open, validate, stream ``spec.tensor`` over every floating tensor, publish (merge/engine.py)."""
     opts = options or MergeOptions()
-    paths, roles, count = _inputs(spec, args, base)
+    paths, roles, count = spec.inputs.stream(spec.name, args, base)
     ckpts = open_models(paths)
     resolve, shown = validate(spec, given, count, float_names(ckpts))
     shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}
@@ -123,10 +104,8 @@ def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, 
 
 
 def _signature(spec: MethodSpec) -> inspect.Signature:
-    inputs = {("model_a", "model_b"): ["model_a", "model_b"], ("model",): ["model"],
-              ("base", "models"): ["base", "models"]}.get(spec.roles, ["models"])
-    params = [inspect.Parameter(n, _POS) for n in (*inputs, "out")]
-    if spec.optional_base:
+    params = [inspect.Parameter(n, _POS) for n in (*spec.inputs.positional, "out")]
+    if spec.inputs.base_keyword:
         params.append(inspect.Parameter("base", _KW, default=None))
     params += [inspect.Parameter(p.name, _KW, default=p.default) for p in spec.params]
     params += option_parameters()  # the merge options as keywords (merge/options.py)

@@ -126,18 +126,12 @@ def _weights(n: int) -> list[float]:
 
 
 def cpift_args(method: str, base: Path, tasks: list[Path], pair: list[Path]) -> tuple[list[str], list[Path]]:
-    """Arguments of ``cpift-merge METHOD`` for the bench (the inputs its roles take, weights, the
+    """Arguments of ``cpift-merge METHOD`` for the bench (the inputs its Inputs take, weights, the
     registry's bench parameters) and the inputs it reads."""
     spec = by_cli(method)
-    tasks = tasks[:spec.max_models] if spec.max_models else tasks  # nuslerp: the first two task models
-    if spec.roles == ("model_a", "model_b"):
-        args, inputs = [*map(str, pair)], list(pair)
-    elif spec.has_base:
-        args, inputs = ["--base", str(base), *map(str, tasks)], [base, *tasks]
-    else:
-        args, inputs = [*map(str, tasks)], list(tasks)
+    args, inputs = spec.inputs.bench_inputs(base, tasks, pair)
     if spec.param("weights") is not None:
-        args += ["--weights", ",".join(str(w) for w in _weights(len(tasks)))]
+        args += ["--weights", ",".join(str(w) for w in _weights(len(spec.inputs.split_refs(inputs)[1])))]
     for option, value in spec.bench.items():
         args += [option, value]
     return args, inputs
@@ -147,13 +141,14 @@ def mergekit_config(method: str, base: Path, tasks: list[Path], pair: list[Path]
     """The mergekit YAML of the same merge as ``cpift-merge METHOD`` with cpift_args' parameters."""
     spec = by_cli(method)
     keys = {p.cli: p.mergekit for p in spec.params}
-    if spec.roles == ("model_a", "model_b"):
+    _, inputs = spec.inputs.bench_inputs(base, tasks, pair)
+    if spec.inputs.lists_base_model:
         shared = "".join(f"  {keys[o]}: {v}\n" for o, v in spec.bench.items())
-        return (f"merge_method: {spec.name}\nbase_model: {pair[0]}\nmodels:\n  - model: {pair[0]}\n"
-                f"  - model: {pair[1]}\nparameters:\n{shared}dtype: {dtype}\n")
-    tasks = tasks[:spec.max_models] if spec.max_models else tasks
+        return (f"merge_method: {spec.name}\nbase_model: {inputs[0]}\nmodels:\n  - model: {inputs[0]}\n"
+                f"  - model: {inputs[1]}\nparameters:\n{shared}dtype: {dtype}\n")
+    base_model, tasks = spec.inputs.split_refs(inputs)
     density = spec.bench.get("--density")
-    lines = [f"merge_method: {spec.name}"] + ([f"base_model: {base}"] if spec.has_base else []) + ["models:"]
+    lines = [f"merge_method: {spec.name}"] + ([f"base_model: {base_model}"] if base_model else []) + ["models:"]
     if spec.param("weights") is None:  # model_stock, sce: the fine-tunes alone, the bench's shared settings
         lines += [f"  - model: {t}" for t in tasks]
         shared = [f"  {keys[o]}: {v}" for o, v in spec.bench.items()]
@@ -171,9 +166,9 @@ def check_task_count(methods: Sequence[str], tasks: int) -> None:
     """Refuse a method that needs more task models than the bench was given (model-stock needs 2)."""
     for m in methods:
         spec = by_cli(m)
-        if spec is not None and spec.has_base and tasks < spec.min_models:
-            raise ParameterError(f"--methods: {m} needs at least {spec.min_models} task models besides the "
-                                 f"base, got {tasks}")
+        wrong = spec.inputs.bench_count_error(m, tasks) if spec is not None else None
+        if wrong is not None:
+            raise ParameterError(wrong)
 
 
 def check_fuse() -> None:
