@@ -1,4 +1,4 @@
-"""breadcrumbs, breadcrumbs_ties, della, della_linear (merge/methods/sparse_delta.py): the masks against
+"""breadcrumbs, breadcrumbs_ties, della, della_linear (merge/methods/delta.py): the masks against
 float64 references written from mergekit 0.1.5's definitions (sort-based), DELLA's keep statistics per
 rank bucket, the merge against a float64 oracle, the CLI, a mergekit YAML, bad input, and mergekit
 parity where CPIFT_MERGEKIT_YAML names a mergekit-yaml."""
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from test_bad_input import assert_user_error, run_cli
 
 from cpift.kernels.ties import delta_merge_ref
-from cpift.merge.methods.sparse_delta import breadcrumbs_keep, della_keep, l1_scale
+from cpift.merge.methods.delta import breadcrumbs_keep, della_keep, l1_scale
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 SHAPES = [(1,), (1023,), (3000,), (33, 97), (7, 1)]
@@ -74,9 +74,9 @@ def test_della_keep_is_the_rank_rule_exactly_in_blocks(shape, dtype, monkeypatch
     import numpy as np
 
     from cpift.kernels.dare import philox_uniform
-    from cpift.merge.methods import sparse_delta
+    from cpift.merge.methods import delta
 
-    monkeypatch.setattr(sparse_delta, "_DELLA_BLOCK", 50)
+    monkeypatch.setattr(delta, "_DELLA_BLOCK", 50)
     n = 1
     for d in shape:
         n *= d

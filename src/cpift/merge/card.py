@@ -204,19 +204,6 @@ def mergekit_recipe(*, method: str, params: Mapping[str, Any], inputs: Sequence[
         cfg["models"] = [{"model": r} for r in refs[1:]]
         cfg["parameters"] = {p.mergekit: bool(params[p.name]) if p.kind == "flag" else float(params[p.name])
                              for p in spec.params if p.mergekit}
-    else:
-        cfg["base_model"] = refs[0]
-        cfg["models"] = []
-        for i, r in enumerate(refs[1:]):
-            p = {"weight": float(params["weights"][i])}
-            if "density" in params:
-                p["density"] = float(params["density"][i])
-            cfg["models"].append({"model": r, "parameters": p})
-        cfg["parameters"] = {"lambda": float(params["lambda"])}
-        if "normalize" in params:
-            cfg["parameters"]["normalize"] = bool(params["normalize"])
-        if "rescale" in params and bool(params["rescale"]) != spec.mergekit.rescale:  # ties' rescale: true
-            cfg["parameters"]["rescale"] = bool(params["rescale"])
     for key in ("dtype", "out_dtype"):
         if settings.get(key) is not None:
             cfg[key] = _dtype_name(settings[key])

@@ -134,7 +134,8 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         where = spec.field.partition(".sources")[0] if ".sources" in spec.field else "slices[0]"
         return f"{where}.parameters.{key}" if key in cfg.slice_parameters else f"parameters.{key}"
 
-    if METHODS[method].tensor is not None and METHODS[method].roles != ("models",):  # linear: the branch below
+    # linear, and the delta family (λ, merge/methods/delta.py): the branches below
+    if METHODS[method].tensor is not None and METHODS[method].roles != ("models",) and not METHODS[method].param("lam"):
         return _declared_call(cfg, path, param, fld_of, base_key, notes)
 
     mk = METHODS[method].mergekit

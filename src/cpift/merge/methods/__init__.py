@@ -1,8 +1,7 @@
-"""The merge methods: a declared method is one file named after it (declare.py; the runner is runner.py);
-the methods not yet declared live one file per family (delta: task_arithmetic,
-ties, dare_linear, dare_ties; sparse_delta: breadcrumbs, breadcrumbs_ties, della, della_linear; stock:
-model_stock; layers: passthrough; hypersphere: nuslerp, multislerp, karcher), all
-listed in the registry (registry.py).
+"""The merge methods: a declared method is one file named after it, or after its family (declare.py; the
+runner is runner.py; delta: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+della, della_linear); the methods not yet declared live one file per family (stock: model_stock; layers:
+passthrough; hypersphere: nuslerp, multislerp, karcher), all listed in the registry (registry.py).
 ``cpift.merge.methods.ties`` etc. are the functions themselves, loaded on first use from the registry,
 so importing the registry (as the card and the mergekit planner do) loads no method (a declared method's
 file imports its kernels only when it runs). A family file is never named like one of its functions."""
@@ -18,7 +17,8 @@ __all__ = list(METHODS)
 # A declared method's file is named after it: importing it (the registry does) bound the submodule here,
 # which would shadow the function; unbound, the name goes to __getattr__ and so to the function.
 for _module in DECLARED:
-    globals().pop(_module, None)
+    if _module in METHODS:
+        globals().pop(_module, None)
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,8 @@ registers it (merge/methods/registry.py). The per-tensor function then only comp
 
 ``xs``: the inputs' flat float views of one tensor (the base first where the method has one), ``out``:
 the flat output to fill, ``shape``: the tensor's shape, ``values``: every declared parameter resolved
-for this tensor and range-checked (a number, a list with one number per model, a flag). Opening the
+for this tensor and range-checked (a number, a list with one number per model, a flag); a function that
+takes ``name`` gets the tensor's name (a seeded method's per-tensor seed). Opening the
 models, validating the parameters, streaming, publishing, the card and the recipe are the runner's
 (merge/methods/runner.py); the command, the mergekit planning and the ``cpift.<method>`` function are
 derived from the declaration. A method file imports its kernels inside its function, so declaring
@@ -18,12 +19,15 @@ derived from the declaration. A method file imports its kernels inside its funct
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .registry import MergekitSpec, MethodSpec, ParamSpec, register
 
 # check(values, tensor) -> None: a rule between parameters (raise ParameterError); values as the function gets them.
 Check = Callable[[Mapping[str, Any], str], None]
+# prepare(checkpoints, values, options) -> {tensor name: extra keywords} or None: a whole-model pass the runner
+# makes once before streaming (TIES' global trim); values as the card shows them, options the MergeOptions.
+Prepare = Callable[[Sequence[Any], Mapping[str, Any], Any], Optional[Mapping[str, Mapping[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,12 @@ class Inputs:
 
 def method(name: str, *, inputs: Inputs, params: tuple[ParamSpec, ...] = (), definition: str, paper: str,
            summary: str, mergekit: MergekitSpec | None = None, bench: Mapping[str, str] | None = None,
-           check: Check | None = None, cli: str | None = None) -> Callable[[Callable], Callable]:
-    """Declare and register the per-tensor function it decorates as the merge method ``name``."""
+           check: Check | None = None, cli: str | None = None, settings: tuple[ParamSpec, ...] = (),
+           prepare: Prepare | None = None) -> Callable[[Callable], Callable]:
+    """Declare and register the per-tensor function it decorates as the merge method ``name``.
+
+    ``settings``: true/false keywords a mergekit config sets (normalize, rescale) that have no option on the
+    command line; validated like the parameters. ``prepare``: a whole-model pass before streaming."""
     if inputs.base not in ("required", "optional", "pair", "none"):
         raise ValueError(f"method '{name}': inputs.base must be required, optional, pair or none")
 
@@ -59,7 +67,8 @@ def method(name: str, *, inputs: Inputs, params: tuple[ParamSpec, ...] = (), def
         register(MethodSpec(name, cli or name.replace("_", "-"), fn.__module__, inputs.roles(), tuple(params),
                             definition, paper, summary, mergekit, bench=dict(bench or {}),
                             min_models=inputs.min_models, optional_base=inputs.base == "optional",
-                            max_models=inputs.max_models, tensor=fn, check=check))
+                            max_models=inputs.max_models, tensor=fn, check=check, settings=tuple(settings),
+                            prepare=prepare))
         return fn
 
     return declare

@@ -28,7 +28,8 @@ class ParamSpec:
     ``name`` is the function's keyword, ``cli`` its option, ``kind`` one of KINDS (``per_model``: a
     comma-separated list, one value per model; ``number_or_per_model``: one value or such a list).
     ``lo``/``hi`` bound it (``lo_open``: lo excluded). ``mergekit``: the key of a mergekit config
-    that sets it, and ``mergekit_default`` mergekit's default (None: required there).
+    that sets it, and ``mergekit_default`` mergekit's default (None: required there). ``label``: its name
+    in error messages, the card and the recipe when that is not ``name`` (``lam``: lambda).
     """
 
     name: str
@@ -42,6 +43,11 @@ class ParamSpec:
     mergekit: str | None = None
     mergekit_default: Any = None
     missing: str = ""  # what to say when a parameter without a default is not given
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
 
     @property
     def per_model(self) -> bool:
@@ -79,7 +85,6 @@ class MethodSpec:
     paper: str
     summary: str
     mergekit: MergekitSpec | None = None
-    native: tuple[str, ...] = ()  # mergekit settings the function takes as keywords (normalize)
     bench: dict[str, str] = field(default_factory=dict)  # CLI option -> value for a bench run
     min_models: int = 1  # for a method with a base: the fine-tunes it needs besides the base
     # roles ("models",) with optional_base: ``--base B`` may be given (the function's ``base`` keyword;
@@ -91,6 +96,21 @@ class MethodSpec:
     # its public function is then built by merge/methods/runner.py.
     tensor: Callable[..., None] | None = None
     check: Callable[..., None] | None = None
+    # settings: true/false keywords only a mergekit config (or Python) sets, no command-line option
+    # (the delta family's normalize, rescale); prepare: a whole-model pass before streaming
+    # (merge/methods/declare.py)
+    settings: tuple[ParamSpec, ...] = ()
+    prepare: Callable[..., Any] | None = None
+
+    @property
+    def native(self) -> tuple[str, ...]:
+        """The mergekit settings the function takes as keywords (merge/mergekit/plan.py passes them on)."""
+        return tuple(p.name for p in self.settings)
+
+    @property
+    def keywords(self) -> tuple[ParamSpec, ...]:
+        """Every keyword of the method's function: its parameters, then its settings."""
+        return (*self.params, *self.settings)
 
     @property
     def function(self) -> Callable[..., Any]:
@@ -140,54 +160,6 @@ def mergekit_flags() -> tuple[str, ...]:
 WEIGHTS = ParamSpec("weights", "--weights", "per_model", None,
                     "Comma-separated weight per model{base} (default: all 1).",
                     mergekit="weight")
-LAMBDA = ParamSpec("lam", "--lambda", "number", 1.0, "Scale λ of the combined delta added to the base.",
-                   mergekit="lambda", mergekit_default=1.0)
-SEED = ParamSpec("seed", "--seed", "seed", 0, "Seed of the drop mask; the same seed gives byte-identical output.")
-
-
-def _density(default: float, text: str) -> ParamSpec:
-    return ParamSpec("density", "--density", "number_or_per_model", default,
-                     text + " One value, or comma-separated per model, each in (0, 1].",
-                     lo=0.0, hi=1.0, lo_open=True, mergekit="density", mergekit_default=1.0)
-
-
-_DELTA_INPUTS = ("weight", "density")  # mergekit reads density for task_arithmetic too (and ignores it)
-_DELTA_SHARED = ("lambda", "normalize", "rescale", "int8_mask")
-_DROP = "drop each delta entry with probability 1 − density, rescale by 1/density, then "
-_DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
-_TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
-
-register(MethodSpec(
-    "task_arithmetic", "task-arithmetic", "cpift.merge.methods.delta", ("base", "models"), (WEIGHTS, LAMBDA),
-    "b + λ Σ w_i (x_i − b)", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
-    "b + λ Σ w_i (x_i − b).",
-    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=False, rescale=False,
-                 cpift_rescale=None)))
-register(MethodSpec(
-    "ties", "ties", "cpift.merge.methods.delta", ("base", "models"),
-    (WEIGHTS, LAMBDA, _density(1.0, "Share of each delta kept by magnitude (k = floor(density × numel))."),
-     ParamSpec("global_trim", "--global-trim", "flag", False,
-               "Trim with one magnitude threshold over the whole model (TIES paper) instead of per tensor.")),
-    "trim each delta to its largest-magnitude share (density), elect a sign per entry, "
-    "combine the agreeing deltas", _TIES,
-    "TIES: trim deltas by magnitude, elect a sign per entry, average the agreeing deltas.",
-    MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=True, cpift_normalize=True, rescale=False,
-                 cpift_rescale=False),
-    native=("normalize", "rescale"), bench={"--density": "0.3"}))
-
-
-def _dare(name: str, then: str, *, cpift_normalize: bool, native: tuple[str, ...]) -> MethodSpec:
-    """DARE drop-and-rescale followed by ``then`` (task arithmetic or TIES sign election)."""
-    density = _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density).")
-    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.delta", ("base", "models"),
-                      (WEIGHTS, LAMBDA, density, SEED), _DROP + then, _DARE, f"DARE drop-and-rescale, then {then}.",
-                      MergekitSpec(_DELTA_INPUTS, _DELTA_SHARED, normalize=False, cpift_normalize=cpift_normalize,
-                                   rescale=True, cpift_rescale=True),
-                      native=native, bench={"--density": "0.5"})
-
-
-register(_dare("dare_linear", "task arithmetic", cpift_normalize=False, native=()))
-register(_dare("dare_ties", "TIES sign election", cpift_normalize=True, native=("normalize",)))
 register(MethodSpec(
     "model_stock", "model-stock", "cpift.merge.methods.stock", ("base", "models"),
     (ParamSpec("filter_wise", "--filter-wise", "flag", False,
@@ -207,41 +179,6 @@ register(MethodSpec(
     "mergekit (Goddard et al. 2024, arXiv:2403.13257); SOLAR depth up-scaling (Kim et al. 2023, arXiv:2312.15166)",
     "Copy one model (times --scale); stacking layer ranges (slices) runs from a mergekit YAML.",
     MergekitSpec(("scale",), (), normalize=None, cpift_normalize=None)))
-
-
-def _sparse(name: str, extra: ParamSpec, density: float, definition: str, paper: str, summary: str, *,
-            normalize: bool, rescale: bool, seed: bool) -> MethodSpec:
-    """mergekit's breadcrumbs / della family (merge/methods/sparse_delta.py): normalize and rescale are
-    the function's keywords, set from a config (mergekit's defaults otherwise)."""
-    dens = _density(density, "Share of each delta kept.")
-    return MethodSpec(name, name.replace("_", "-"), "cpift.merge.methods.sparse_delta", ("base", "models"),
-                      (WEIGHTS, LAMBDA, dens, extra, *((SEED,) if seed else ())), definition, paper, summary,
-                      MergekitSpec((*_DELTA_INPUTS, extra.mergekit), _DELTA_SHARED, normalize=normalize,
-                                   cpift_normalize=normalize, rescale=rescale, cpift_rescale=rescale),
-                      native=("normalize", "rescale"), bench={"--density": "0.5"})
-
-
-_GAMMA = ParamSpec("gamma", "--gamma", "number_or_per_model", 0.01,
-                   "Share of each delta's largest-magnitude entries dropped, in [0, 1].",
-                   lo=0.0, hi=1.0, mergekit="gamma", mergekit_default=0.01)
-_EPSILON = ParamSpec("epsilon", "--epsilon", "number_or_per_model", 0.15,
-                     "Spread of the keep probability over a row's magnitude ranks: density ± epsilon, in (0, 1).",
-                     mergekit="epsilon", mergekit_default=0.15)
-_CRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
-_DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
-_BAND = "keep each delta's entries ranked between its smallest and its largest gamma share by |δ| (density kept), then "
-_MAGPRUNE = ("keep each row's entries with probability density − ε + 2ε·rank/(C − 1) by |δ| rank (seeded), "
-             "rescale to the delta's L1 norm, then ")
-register(_sparse("breadcrumbs", _GAMMA, 0.9, _BAND + "task arithmetic", _CRUMBS,
-                 "Breadcrumbs: drop the smallest and the largest deltas, then task arithmetic.",
-                 normalize=False, rescale=False, seed=False))
-register(_sparse("breadcrumbs_ties", _GAMMA, 0.9, _BAND + "TIES sign election", _CRUMBS,
-                 "Breadcrumbs' sparsification, then TIES sign election.", normalize=False, rescale=False, seed=False))
-register(_sparse("della", _EPSILON, 0.5, _MAGPRUNE + "TIES sign election and disjoint mean", _DELLA,
-                 "DELLA: magnitude-ranked random drops, L1 rescale, TIES sign election.",
-                 normalize=True, rescale=True, seed=True))
-register(_sparse("della_linear", _EPSILON, 0.5, _MAGPRUNE + "task arithmetic", _DELLA,
-                 "DELLA's drops and rescale, then task arithmetic.", normalize=False, rescale=True, seed=True))
 
 
 # The hypersphere merges (merge/methods/hypersphere.py): nuslerp and multislerp take an optional base.
@@ -305,16 +242,17 @@ def declared_recipe(spec: MethodSpec, params: Mapping[str, Any], refs: list[str]
     pair, base = spec.roles[0] == "model_a", spec.has_base
     models = refs if pair else refs[1:] if base else refs
     per = [p for p in spec.params if p.mergekit and p.per_model]
-    values = {p.name: params[p.name] if isinstance(params[p.name], (list, tuple))
-              else [1.0 if params[p.name] is None else params[p.name]] * len(models) for p in per}
+    values = {p.key: params[p.key] if isinstance(params[p.key], (list, tuple))
+              else [1.0 if params[p.key] is None else params[p.key]] * len(models) for p in per}
     cfg: dict[str, Any] = {"base_model": refs[0]} if pair or base else {}
-    cfg["models"] = [{"model": r, **({"parameters": {p.mergekit: plain(p, values[p.name][i]) for p in per}}
+    cfg["models"] = [{"model": r, **({"parameters": {p.mergekit: plain(p, values[p.key][i]) for p in per}}
                                      if per and not (pair and i == 0) else {})} for i, r in enumerate(models)]
-    shared = {p.mergekit: plain(p, params[p.name]) for p in spec.params if p.mergekit and not p.per_model}
+    shared = {p.mergekit: plain(p, params[p.key]) for p in spec.keywords if p.mergekit and not p.per_model}
     return {**cfg, **({"parameters": shared} if shared else {})}
 
 
 # Declared methods (merge/methods/declare.py), one file each, registered when imported.
-DECLARED = ("slerp", "linear", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties")
+DECLARED = ("slerp", "linear", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "consensus_ta", "consensus_ties",
+            "delta")
 for _module in DECLARED:
     importlib.import_module(f"cpift.merge.methods.{_module}")
