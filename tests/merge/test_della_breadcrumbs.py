@@ -1,4 +1,4 @@
-"""breadcrumbs, breadcrumbs_ties, della, della_linear (merge/methods/sparse_delta.py): the masks against
+"""breadcrumbs, breadcrumbs_ties, della, della_linear (merge/methods/delta.py): the masks against
 float64 references written from mergekit 0.1.5's definitions (sort-based), DELLA's keep statistics per
 rank bucket, the merge against a float64 oracle, the CLI, a mergekit YAML, bad input, and mergekit
 parity where CPIFT_MERGEKIT_YAML names a mergekit-yaml."""
@@ -16,8 +16,10 @@ from references import load_state
 from safetensors.torch import save_file
 from test_bad_input import assert_user_error, run_cli
 
+import cpift
+from cpift.errors import ParameterError
 from cpift.kernels.ties import delta_merge_ref
-from cpift.merge.methods.sparse_delta import breadcrumbs_keep, della_keep, l1_scale
+from cpift.merge.methods.delta import breadcrumbs_keep, della_keep, l1_scale
 
 MERGEKIT = os.environ.get("CPIFT_MERGEKIT_YAML")
 SHAPES = [(1,), (1023,), (3000,), (33, 97), (7, 1)]
@@ -74,9 +76,9 @@ def test_della_keep_is_the_rank_rule_exactly_in_blocks(shape, dtype, monkeypatch
     import numpy as np
 
     from cpift.kernels.dare import philox_uniform
-    from cpift.merge.methods import sparse_delta
+    from cpift.merge.methods import delta
 
-    monkeypatch.setattr(sparse_delta, "_DELLA_BLOCK", 50)
+    monkeypatch.setattr(delta, "_DELLA_BLOCK", 50)
     n = 1
     for d in shape:
         n *= d
@@ -181,6 +183,29 @@ def test_yaml_runs_unchanged(capsys, fam, tmp_path):
     got, want = load_state(tmp_path / "yaml"), oracle(fam, "della", 0.6, 0.1)
     for k in want:
         assert torch.allclose(got[k].double(), want[k], rtol=1e-6, atol=1e-6), k
+
+
+@pytest.mark.parametrize("method,extra_opt,extra", [("breadcrumbs", "--gamma", "0.05"),
+                                                    ("della-linear", "--epsilon", "0.1")])
+def test_the_recipe_replays_gamma_and_epsilon(capsys, fam, tmp_path, method, extra_opt, extra):
+    """The recipe carries the per-model gamma / epsilon (not mergekit's default) and replays bit for bit."""
+    code, _, err = run_cli(capsys, method, "--base", fam["base"], fam["ft1"], fam["ft2"], "--density", "0.6",
+                           extra_opt, extra, *(["--seed", "5"] if "della" in method else []),
+                           "-o", tmp_path / "cli", "-q")
+    assert code == 0, err
+    recipe = (tmp_path / "cli" / "cpift_recipe.yml").read_text()
+    assert recipe.count(f"{extra_opt[2:]}: {extra}") == 2
+    code, _, err = run_cli(capsys, "config", tmp_path / "cli" / "cpift_recipe.yml", "-o", tmp_path / "replay", "-q")
+    assert code == 0, err
+    got, want = load_state(tmp_path / "replay"), load_state(tmp_path / "cli")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("setting", ["normalize", "rescale"])
+def test_a_mergekit_setting_is_validated_by_the_runner(fam, tmp_path, setting):
+    with pytest.raises(ParameterError, match=f"^{setting}: expected true or false, got 'yes'$"):
+        cpift.della(fam["base"], [fam["ft1"]], tmp_path / "out", progress=False, **{setting: "yes"})
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_epsilon_is_one_line(capsys, fam, tmp_path):

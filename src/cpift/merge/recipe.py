@@ -84,28 +84,8 @@ def _no_recipe(method: str, params: Mapping[str, Any], inputs: Sequence[Any]) ->
 
 def _method_recipe(spec: MethodSpec, params: Mapping[str, Any], inputs: Sequence[Any],
                    refs: list[str]) -> dict[str, Any]:
-    """base_model, models and parameters: the registry's form (declared_recipe), or the delta family's
-    while it is registered by hand."""
-    if spec.tensor is not None:
-        return declared_recipe(spec, params, refs, base=bool(inputs) and inputs[0].role == "base")
-    return _delta_recipe(spec, params, refs)
-
-
-def _delta_recipe(spec, params: Mapping[str, Any], refs: list[str]) -> dict[str, Any]:
-    """task_arithmetic, ties, dare and the sparse family: the base, each fine-tune with its weight (and
-    density), lambda, and normalize/rescale where the method has them."""
-    cfg: dict[str, Any] = {"base_model": refs[0], "models": []}
-    for i, r in enumerate(refs[1:]):
-        p = {"weight": float(params["weights"][i])}
-        if "density" in params:
-            p["density"] = float(params["density"][i])
-        cfg["models"].append({"model": r, "parameters": p})
-    cfg["parameters"] = {"lambda": float(params["lambda"])}
-    if "normalize" in params:
-        cfg["parameters"]["normalize"] = bool(params["normalize"])
-    if "rescale" in params and bool(params["rescale"]) != spec.mergekit.rescale:  # ties' rescale: true
-        cfg["parameters"]["rescale"] = bool(params["rescale"])
-    return cfg
+    """base_model, models and parameters, as the registry's declaration spells them (declared_recipe)."""
+    return declared_recipe(spec, params, refs, base=bool(inputs) and inputs[0].role == "base")
 
 
 def _cpift_block(params: Mapping[str, Any], inputs: Sequence[Any],

@@ -112,7 +112,7 @@ def plan_call(cfg: MergeConfig, *, num_layers: int | None = None, paths: Mapping
         return _passthrough_call(sc)
     if spec.inputs.base_keyword or (spec.inputs.counts_base_model and "weight" not in spec.mergekit.inputs):
         return _sphere_call(sc)
-    if spec.tensor is None and spec.inputs.takes_base:
+    if spec.param("lam") is not None:  # the delta family (merge/methods/delta.py): its notes and λ
         return _delta_call(sc, native)
     return _declared_call(sc, native)
 
@@ -207,7 +207,7 @@ def _check_computed(sc: _Scope, spec: Any, kwargs: dict[str, Any], native: Colle
 
 
 # The input forms the generic call does not cover: passthrough's per-model scale, the hypersphere merges'
-# optional base, and the methods registered by hand (merge/methods/registry.py) until they are declared.
+# optional base, the delta family's λ and notes.
 
 def _passthrough_call(sc: _Scope) -> MethodCall:
     """passthrough of one whole model (a stack of layer ranges is merge/mergekit/stack.py's)."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from cpift.errors import ConfigError
-from cpift.merge.methods.registry import mergekit_flags
+from cpift.merge.methods.registry import METHODS, mergekit_flags
 from cpift.numbers import F32_MAX, parse_number, shown
 
 Param = Union[float, Callable[[str], float]]
@@ -291,8 +291,9 @@ def parse_cpift_block(raw: Any, method: str, source: str | os.PathLike | None = 
             known = "; ".join(f"{k}: {v}" for k, v in CPIFT_KEYS.items())
             raise ConfigError(f"{located(source, fld)}: unknown key (known: {known})")
         if key == "seed":
-            if method not in ("dare_linear", "dare_ties"):
-                raise ConfigError(f"{located(source, fld)}: only dare_linear and dare_ties draw random "
+            seeded = [n for n, spec in METHODS.items() if spec.param("seed") is not None]
+            if method not in seeded:
+                raise ConfigError(f"{located(source, fld)}: only {', '.join(seeded)} draw random "
                                   f"masks; remove it for {method}")
             if isinstance(val, bool) or not isinstance(val, int):
                 raise ConfigError(f"{located(source, fld)}: expected a non-negative integer, got {val!r}")

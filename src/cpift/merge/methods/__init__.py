@@ -1,7 +1,6 @@
-"""The merge methods: a declared method is one file named after it (declare.py; the runner is runner.py);
-the methods not yet declared live one file per family (delta: task_arithmetic,
-ties, dare_linear, dare_ties; sparse_delta: breadcrumbs, breadcrumbs_ties, della, della_linear), all
-listed in the registry (registry.py).
+"""The merge methods: each declared (declare.py) in one file named after it, or after its family (delta:
+task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear); the
+runner is runner.py, and the registry (registry.py) lists them.
 ``cpift.merge.methods.ties`` etc. are the functions themselves, loaded on first use from the registry,
 so importing the registry (as the card and the mergekit planner do) loads no method (a declared method's
 file imports its kernels only when it runs). A family file is never named like one of its functions."""
@@ -17,7 +16,8 @@ __all__ = list(METHODS)
 # A declared method's file is named after it: importing it (the registry does) bound the submodule here,
 # which would shadow the function; unbound, the name goes to __getattr__ and so to the function.
 for _module in DECLARED:
-    globals().pop(_module, None)
+    if _module in METHODS:
+        globals().pop(_module, None)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,160 +1,288 @@
-"""The delta methods over a base b, inputs x_i, weights w_i, deltas δ_i = x_i − b:
+"""The delta family over a base b, inputs x_i, weights w_i, deltas δ_i = x_i − b (n entries each): one
+per-tensor function, merge_deltas, that sparsifies each δ_i, optionally elects a sign, combines, scales by λ
+and adds b; its eight methods bind its configuration (the declarations at the end).
 
-- task_arithmetic: b + λ Σ w_i δ_i
-- ties:            trim each δ_i to its k = floor(density·numel) largest |δ| (ties: lowest index first),
-                   s = sign(Σ w_i δ_i); b + λ Σ_{sign δ_i = s ≠ 0} w_i δ_i / Σ_{same i} w_i (0 if none agree);
-                   ``rescale`` (mergekit's L1 rescale): each trimmed δ_i × Σ|δ_i| / Σ|trimmed δ_i| (unscaled
-                   when either sum is below 1e-7), a per-tensor scale of the numerator only, as in mergekit
-- dare_linear/dare_ties: keep each δ entry with probability density (seeded counter-based RNG),
-                   scale kept entries by 1/density, then combine as task_arithmetic / ties
+- sparsify: none (task_arithmetic); trim (ties: the k = floor(density·n) largest |δ_i|, ties lowest index
+  first; ``global_trim``: one threshold over the whole model, global_trim.py); drop (DARE: each entry kept
+  with probability density by a seeded counter-based RNG, kept entries × 1/density); band (breadcrumbs: with
+  density < 1, t = floor(density·n), top = floor(gamma·n), bot = max(0, n − t − top), the ranks bot ..
+  bot + t − 1 by ascending |δ_i|, ties lower index first, kept: two radix selects on the reversed tensor);
+  magprune (DELLA: with density < 1, in each row (the last dimension; a 1-D tensor is one row) the entry of
+  rank r of C kept with probability (density − ε) + 2ε·r/(C − 1) from the seeded Philox stream of
+  kernels/dare.py, where mergekit draws from torch's global RNG; a row of one entry keeps it with
+  probability density).
+- rescale (mergekit's L1 rescale, trim/band/magprune): each sparsified δ_i × Σ|δ_i| / Σ|kept δ_i| (unscaled
+  when either sum is below 1e-7), a numerator scale.
+- combine: Σ w_i δ_i' (normalize, band/magprune: divided by Σ w_i, a sum below 1e-8 counting as 1); with
+  sign election s = sign(Σ w_i δ_i'), Σ_{sign δ_i' = s ≠ 0} w_i δ_i' (normalize: / Σ_{same i} w_i, 0 if none
+  agree). Then b + λ·(that), kernels/ties.py's fused delta_merge (CPU numba or Triton).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
-
-import torch
+from typing import Any, Callable, Mapping, Sequence
 
 from cpift.errors import ParameterError
-from cpift.kernels.dare import tensor_seed
-from cpift.kernels.select import Cut, cut_mask, magnitude_cut
-from cpift.kernels.ties import delta_merge
-from cpift.merge.engine import MergeResult, model_paths, open_models, stream_merge
-from cpift.merge.io.device import check_backend, parse_device
-from cpift.merge.io.dryrun import MergePlan
-from cpift.merge.io.publish import check_output
-from cpift.merge.methods.global_trim import global_magnitude_cuts
-from cpift.merge.options import MergeOptions, merge_options
 
-from .params import Param, PathLike, check_all, check_scale, float_names, per_model, value, weights_for
+from .declare import Inputs, method
+from .params import check_scale
+from .registry import WEIGHTS, MergekitSpec, ParamSpec
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: below this either L1 norm leaves the delta as is
+NORMALIZE_EPS = 1e-8  # mergekit's divisor guard of a plain (non-TIES) sum of weights
+_DELLA_BLOCK = 1 << 20  # entries ranked at a time: slices along dim 0 are independent, so memory is a block's
 
 
-def l1_scale(x: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> float:
+def l1_scale(x, b, keep) -> float:
     """mergekit's L1 rescale of a masked delta: Σ|δ| / Σ|kept δ| (1 when either is below 1e-7)."""
+    import torch
+
     d = torch.abs(x.float() - b.float()).double()
     before, after = float(d.sum()), float(d[keep].sum())
     return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
 
 
-def trim_l1_scale(x: torch.Tensor, b: torch.Tensor, cut: Cut) -> float:
+def trim_l1_scale(x, b, cut) -> float:
     """l1_scale of the entries a TIES trim keeps (the Cut on the float32 |x − b|)."""
+    import torch
+
+    from cpift.kernels.select import cut_mask
+
     return l1_scale(x, b, cut_mask(torch.abs(x.float() - b.float()), cut, 0))
 
 
-def open_delta_inputs(method: str, base: PathLike, models: Sequence[PathLike], weights, lam) -> tuple:
-    """The checks and opened inputs every base-plus-deltas method starts with: (λ, per-model weights,
-    checkpoints [base, *models], the floating tensor names), weights and λ checked on every tensor."""
-    if len(models) < 1:
-        raise ParameterError(f"models: {method} needs at least 1 model besides the base")
-    lam = value(lam, "", "lambda")
-    ws = weights_for(weights, len(models))
-    ckpts = open_models([base, *models])
-    names = float_names(ckpts)
-    for i, w in enumerate(ws):
-        check_all(w, names, f"weights[{i}]")
-    check_scale(ws, names, lam=lam)
-    return lam, ws, ckpts, names
+def breadcrumbs_keep(x, b, density: float, gamma: float, *, backend: str | None = None):
+    """Bool mask of the entries breadcrumbs keeps (flat tensors; density < 1)."""
+    from cpift.kernels.select import cut_mask, magnitude_cut, magnitude_scores
+
+    n = x.numel()
+    t, top = int(density * n), int(gamma * n)
+    bot = max(0, n - t - top)
+    xf, bf = x.flip(0), b.flip(0)  # ascending, lower index first = descending, higher index first
+    scores = magnitude_scores(xf, bf, 0, n).clone()  # a scratch buffer that magnitude_cut reuses
+    upper = cut_mask(scores, magnitude_cut(xf, bf, n - bot, backend=backend), 0)
+    above = cut_mask(scores, magnitude_cut(xf, bf, n - bot - t, backend=backend), 0)
+    return (upper & ~above).flip(0)
 
 
-def _delta_method(method: str, base: PathLike, models: Sequence[PathLike], out: PathLike, *,
-                  weights, lam: float, density=None, trim: bool, drop: bool, elect_sign: bool,
-                  seed: int = 0, global_trim: bool = False, normalize: bool = True, rescale: bool = False,
-                  options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
-    for fld, flag in (("normalize", normalize), ("rescale", rescale)):
-        if not isinstance(flag, bool):
-            raise ParameterError(f"{fld}: expected true or false, got {flag!r}")
-    lam, ws, ckpts, names = open_delta_inputs(method, base, models, weights, lam)
-    ds = per_model(density if density is not None else 1.0, len(models), "density")
-    for i, d in enumerate(ds):
-        field = f"density[{i}]" if isinstance(density, (list, tuple)) else "density"
-        check_all(d, names, field, lo=0.0, hi=1.0, lo_open=True)
-    if not isinstance(seed, int) or seed < 0:
-        raise ParameterError(f"seed: expected a non-negative integer, got {seed!r}")
-    opts = merge_options(options, overrides)
-    be = opts.backend
-    global_cuts = None
-    if trim and global_trim:
-        if any(callable(d) for d in ds):
-            raise ParameterError("density: --global-trim needs one constant density per model")
-        dev = parse_device(opts.device)
-        check_backend(be, dev)
-        # Refuse a bad -o before the full pass over the inputs, not after it (stream_merge checks again).
-        check_output(out, overwrite=opts.overwrite,
-                     inputs=[*model_paths(ckpts), opts.copy_tokenizer_from, *opts.inputs])
-        if not opts.dry_run:  # a dry run validates; the cuts cost a full pass over the inputs
-            global_cuts = global_magnitude_cuts(ckpts[0], ckpts[1:], [float(d) for d in ds], device=dev, backend=be)
+def della_keep(x, b, shape: Sequence[int], density: float, epsilon: float, seed: int):
+    """Bool mask of the entries DELLA keeps (flat tensors of a tensor of ``shape``; density < 1).
 
-    def combine(name, xs, out_t):
-        b, rest = xs[0], xs[1:]
-        w = [value(p, name, "weights") for p in ws]
-        d = [value(p, name, "density", lo=0.0, hi=1.0, lo_open=True) for p in ds]
-        cuts = None
-        if trim:
-            cuts = (global_cuts[name] if global_cuts is not None else
-                    [magnitude_cut(x, b, math.floor(di * x.numel()), backend=be) for x, di in zip(rest, d)])
-        scales = [trim_l1_scale(x, b, c) for x, c in zip(rest, cuts)] if trim and rescale else None
-        delta_merge(b, rest, w, lam=lam, cuts=cuts, elect_sign=elect_sign, normalize=normalize, scales=scales,
-                    drop_density=d if drop else None,
-                    drop_seeds=[tensor_seed(seed, name, i) for i in range(len(rest))] if drop else None,
-                    out=out_t, backend=be)
+    Ranks run along dim 1 (mergekit's), so blocks of whole dim-0 slices are ranked one at a time:
+    the same mask as ranking the tensor at once, with the temporaries of one block."""
+    import torch
 
-    # What the card shows and the recipe reproduces: only the parameters this method uses.
-    params = {"weights": ws, **({"density": ds} if trim or drop else {}), "lambda": lam,
-              **({"normalize": normalize} if elect_sign else {}),
-              **({"global_trim": global_trim} if trim else {}), **({"rescale": True} if rescale else {}),
-              **({"seed": seed} if drop else {})}
-    return stream_merge(method, ckpts, out, combine, params=params, options=opts)
+    n = x.numel()
+    if len(shape) < 2 or n == 0:
+        return _ranked_keep(x, b, (1, n), density, epsilon, seed, 0)
+    per = n // shape[0]
+    step = max(1, _DELLA_BLOCK // per)
+    keep = torch.empty(n, dtype=torch.bool, device=x.device)
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        s, e = r0 * per, r1 * per
+        keep[s:e] = _ranked_keep(x[s:e], b[s:e], (r1 - r0, *shape[1:]), density, epsilon, seed, s)
+    return keep
 
 
-def task_arithmetic(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
-                    weights: Sequence[Param] | None = None, lam: float = 1.0, options: MergeOptions | None = None,
-        **overrides: Any) -> MergeResult | MergePlan:
-    """b + λ Σ w_i (x_i − b).
+def _ranked_keep(x, b, shape: Sequence[int], density: float, epsilon: float, seed: int, start: int):
+    """della_keep of the entries start .. start + numel − 1 of a tensor, a whole number of dim-0 slices."""
+    import torch
 
-    Example:
-        >>> task_arithmetic("base", ["math", "code"], "out", weights=[0.5, 0.7], lam=0.8)
-    """
-    return _delta_method("task_arithmetic", base, models, out, weights=weights, lam=lam,
-                         trim=False, drop=False, elect_sign=False, options=options, **overrides)
+    from cpift.kernels.dare import philox_uniform
 
-
-def ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
-         weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 1.0,
-         lam: float = 1.0, global_trim: bool = False, normalize: bool = True, rescale: bool = False,
-         options: MergeOptions | None = None, **overrides: Any) -> MergeResult | MergePlan:
-    """TIES: trim to the top-density share of |δ| (per tensor, or over the whole model with
-    ``global_trim``), elect the sign, average the agreeing deltas (``normalize=False``: sum them;
-    ``rescale``: scale each trimmed delta back to its L1 norm first, mergekit's ``rescale: true``).
-
-    Example:
-        >>> ties("base", ["a", "b", "c"], "out", weights=[1, 0.5, 0.8], density=0.3)
-    """
-    return _delta_method("ties", base, models, out, weights=weights, lam=lam, density=density,
-                         trim=True, drop=False, elect_sign=True, global_trim=global_trim,
-                         normalize=normalize, rescale=rescale, options=options, **overrides)
+    mag = torch.abs(x.float() - b.float())
+    rows = mag.view(*shape)
+    cols = rows.shape[1]
+    # |δ| ≥ 0 (NaN too, its sign bit cleared): its float32 bits as int32 sort in the same order, faster
+    order = torch.sort(rows.view(torch.int32), dim=1, stable=True).indices
+    view = [1] * order.dim()
+    view[1] = cols  # 0 .. C − 1 along dim 1, the ranks scattered to the entries
+    ranks = torch.arange(cols, dtype=torch.float32).view(view).expand_as(order).contiguous()
+    rank = torch.empty_like(rows).scatter_(1, order, ranks)
+    norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
+    p = (density - epsilon) + norm * (2 * epsilon)
+    u = philox_uniform(seed, start, x.numel()).view(rows.shape).to(rows.device)
+    return (u < p).reshape(-1)
 
 
-def dare_linear(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
-                weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 0.5,
-                lam: float = 1.0, seed: int = 0, options: MergeOptions | None = None,
-        **overrides: Any) -> MergeResult | MergePlan:
-    """DARE then task arithmetic: each δ entry kept with probability density, rescaled by 1/density.
+def _sparsified(xs: list, b, *, sparsify: str, shape: Sequence[int], name: str, density: list[float],
+                gamma: list[float] | None, epsilon: list[float] | None, seed: int, rescale: bool,
+                backend: str | None) -> tuple[list, list[float]]:
+    """Breadcrumbs' band or DELLA's magprune: each x_i with its dropped entries set to b, and its L1 scale."""
+    import torch
 
-    The drop mask depends only on (seed, tensor name, model index, flat index).
-    """
-    return _delta_method("dare_linear", base, models, out, weights=weights, lam=lam, density=density,
-                         trim=False, drop=True, elect_sign=False, seed=seed, options=options, **overrides)
+    from cpift.kernels.dare import tensor_seed
+
+    out, scales = list(xs), [1.0] * len(xs)
+    for i, x in enumerate(xs):
+        if density[i] >= 1:
+            continue
+        keep = (della_keep(x, b, shape, density[i], epsilon[i], tensor_seed(seed, name, i)) if sparsify == "magprune"
+                else breadcrumbs_keep(x, b, density[i], gamma[i], backend=backend))
+        if rescale:
+            scales[i] = l1_scale(x, b, keep)
+        out[i] = torch.where(keep, x, b)  # exact: a dropped entry's delta is b − b = 0
+    return out, scales
 
 
-def dare_ties(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
-              weights: Sequence[Param] | None = None, density: Param | Sequence[Param] = 0.5,
-              lam: float = 1.0, seed: int = 0, normalize: bool = True, options: MergeOptions | None = None,
-        **overrides: Any) -> MergeResult | MergePlan:
-    """DARE then TIES sign election and disjoint mean (``normalize=False``, mergekit's default for
-    dare_ties: the agreeing deltas are summed, not averaged)."""
-    return _delta_method("dare_ties", base, models, out, weights=weights, lam=lam, density=density,
-                         trim=False, drop=True, elect_sign=True, seed=seed, normalize=normalize, options=options,
-                         **overrides)
+def merge_deltas(xs: Sequence[Any], out: Any, *, backend: str | None, shape: Sequence[int], name: str,
+                 sparsify: str, elect_sign: bool, weights: list[float], lam: float,
+                 density: list[float] | None = None, gamma: list[float] | None = None,
+                 epsilon: list[float] | None = None, seed: int = 0, global_trim: bool = False,
+                 normalize: bool = False, rescale: bool = False, cuts: list | None = None) -> None:
+    """One tensor of a delta method (the module's docstring); ``cuts``: TIES' global trim (_global_cuts)."""
+    from cpift.kernels.dare import tensor_seed
+    from cpift.kernels.select import magnitude_cut
+    from cpift.kernels.ties import delta_merge
+
+    b, rest = xs[0], list(xs[1:])
+    kw: dict[str, Any] = {}
+    if sparsify == "trim":
+        if cuts is None:
+            cuts = [magnitude_cut(x, b, math.floor(d * x.numel()), backend=backend) for x, d in zip(rest, density)]
+        kw = {"cuts": cuts, "scales": [trim_l1_scale(x, b, c) for x, c in zip(rest, cuts)] if rescale else None}
+    elif sparsify == "drop":
+        kw = {"drop_density": density, "drop_seeds": [tensor_seed(seed, name, i) for i in range(len(rest))]}
+    elif sparsify in ("band", "magprune"):
+        rest, scales = _sparsified(rest, b, sparsify=sparsify, shape=shape, name=name, density=density,
+                                   gamma=gamma, epsilon=epsilon, seed=seed, rescale=rescale, backend=backend)
+        if normalize and not elect_sign:
+            total = sum(weights)
+            scales = [c / (1.0 if abs(total) < NORMALIZE_EPS else total) for c in scales]
+        kw = {"scales": scales}
+    delta_merge(b, rest, weights, lam=lam, elect_sign=elect_sign, normalize=normalize, out=out, backend=backend,
+                **kw)
+
+
+def _bind(sparsify: str, elect_sign: bool) -> Callable[..., None]:
+    """merge_deltas with one method's configuration."""
+    def tensor(xs: Sequence[Any], out: Any, *, name: str, **values: Any) -> None:
+        merge_deltas(xs, out, name=name, sparsify=sparsify, elect_sign=elect_sign, **values)
+
+    return tensor
+
+
+def _check(values: Mapping[str, Any], tensor: str) -> None:
+    """Σ|w_i| and λ·Σ|w_i| finite in float32; DELLA's keep probabilities density ± epsilon inside (0, 1)."""
+    check_scale(values["weights"], [tensor], lam=values["lam"])
+    eps = values.get("epsilon") or []
+    for i, (d, e) in enumerate(zip(values["density"] if eps else [], eps)):
+        if d < 1 and not (0 < d - e and d + e < 1):
+            fld = "epsilon" if len(eps) == 1 else f"epsilon[{i}]"
+            raise ParameterError(f"{fld}: density ± epsilon must lie in (0, 1), got density {d:g}, epsilon {e:g} "
+                                 f"for tensor '{tensor}'")
+
+
+def _global_cuts(ckpts: Sequence[Any], values: Mapping[str, Any], opts: Any) -> dict[str, dict[str, Any]] | None:
+    """TIES' ``global_trim``: one Cut per (tensor, model) from one magnitude threshold per model over the whole
+    model (global_trim.py); a dry run checks and skips the pass."""
+    if not values["global_trim"]:
+        return None
+    if any(callable(d) for d in values["density"]):
+        raise ParameterError("density: --global-trim needs one constant density per model")
+    from cpift.merge.io.device import check_backend, parse_device
+
+    dev = parse_device(opts.device)
+    check_backend(opts.backend, dev)
+    if opts.dry_run:
+        return None
+    from .global_trim import global_magnitude_cuts
+
+    cuts = global_magnitude_cuts(ckpts[0], list(ckpts[1:]), [float(d) for d in values["density"]], device=dev,
+                                 backend=opts.backend)
+    return {n: {"cuts": c} for n, c in cuts.items()}
+
+
+LAMBDA = ParamSpec("lam", "--lambda", "number", 1.0, "Scale λ of the combined delta added to the base.",
+                   mergekit="lambda", mergekit_default=1.0, label="lambda")
+SEED = ParamSpec("seed", "--seed", "seed", 0, "Seed of the drop mask; the same seed gives byte-identical output.")
+GLOBAL_TRIM = ParamSpec("global_trim", "--global-trim", "flag", False,
+                        "Trim with one magnitude threshold over the whole model (TIES paper) instead of per tensor.")
+GAMMA = ParamSpec("gamma", "--gamma", "number_or_per_model", 0.01,
+                  "Share of each delta's largest-magnitude entries dropped, in [0, 1].",
+                  lo=0.0, hi=1.0, mergekit="gamma", mergekit_default=0.01)
+EPSILON = ParamSpec("epsilon", "--epsilon", "number_or_per_model", 0.15,
+                    "Spread of the keep probability over a row's magnitude ranks: density ± epsilon, in (0, 1).",
+                    mergekit="epsilon", mergekit_default=0.15)
+
+
+def _density(default: float, text: str) -> ParamSpec:
+    return ParamSpec("density", "--density", "number_or_per_model", default,
+                     text + " One value, or comma-separated per model, each in (0, 1].",
+                     lo=0.0, hi=1.0, lo_open=True, mergekit="density", mergekit_default=1.0)
+
+
+def _settings(mk: MergekitSpec, *keys: str) -> tuple[ParamSpec, ...]:
+    """normalize / rescale as a mergekit config sets them, defaulting to what the method computes."""
+    text = {"normalize": "Divide the combined delta by the (agreeing) weights' sum (mergekit's normalize).",
+            "rescale": "Scale each sparsified delta back to its L1 norm (mergekit's rescale)."}
+    return tuple(ParamSpec(k, "", "flag", getattr(mk, f"cpift_{k}"), text[k], mergekit=k,
+                           mergekit_default=getattr(mk, k)) for k in keys)
+
+
+def _mergekit(normalize: bool, cpift_normalize: bool, rescale: bool, cpift_rescale: bool | None,
+              extra: tuple[str, ...] = ()) -> MergekitSpec:
+    # mergekit reads density for task_arithmetic too (and ignores it)
+    return MergekitSpec(("weight", "density", *extra), ("lambda", "normalize", "rescale", "int8_mask"),
+                        normalize=normalize, cpift_normalize=cpift_normalize, rescale=rescale,
+                        cpift_rescale=cpift_rescale)
+
+
+_TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
+_DARE = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
+_DROP = "drop each delta entry with probability 1 − density, rescale by 1/density, then "
+_DARE_DENSITY = _density(0.5, "Probability of keeping each delta entry (kept entries are scaled by 1/density).")
+_CRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
+_DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+_BAND = "keep each delta's entries ranked between its smallest and its largest gamma share by |δ| (density kept), then "
+_MAGPRUNE = ("keep each row's entries with probability density − ε + 2ε·rank/(C − 1) by |δ| rank (seeded), "
+             "rescale to the delta's L1 norm, then ")
+_CRUMBS_DENSITY, _DELLA_DENSITY = _density(0.9, "Share of each delta kept."), _density(0.5, "Share of each delta kept.")
+_BASE = Inputs("required")
+
+_MK = _mergekit(False, False, False, None)
+method("task_arithmetic", inputs=_BASE, params=(WEIGHTS, LAMBDA), definition="b + λ Σ w_i (x_i − b)",
+       paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+       summary="b + λ Σ w_i (x_i − b).", mergekit=_MK, check=_check)(_bind("none", False))
+_MK = _mergekit(True, True, False, False)
+method("ties", inputs=_BASE,
+       params=(WEIGHTS, LAMBDA, _density(1.0, "Share of each delta kept by magnitude (k = floor(density × numel))."),
+               GLOBAL_TRIM),
+       definition="trim each delta to its largest-magnitude share (density), elect a sign per entry, "
+       "combine the agreeing deltas", paper=_TIES,
+       summary="TIES: trim deltas by magnitude, elect a sign per entry, average the agreeing deltas.",
+       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.3"}, check=_check,
+       prepare=_global_cuts)(_bind("trim", True))
+method("dare_linear", inputs=_BASE, params=(WEIGHTS, LAMBDA, _DARE_DENSITY, SEED),
+       definition=_DROP + "task arithmetic", paper=_DARE, summary="DARE drop-and-rescale, then task arithmetic.",
+       mergekit=_mergekit(False, False, True, True), bench={"--density": "0.5"}, check=_check)(_bind("drop", False))
+_MK = _mergekit(False, True, True, True)
+method("dare_ties", inputs=_BASE, params=(WEIGHTS, LAMBDA, _DARE_DENSITY, SEED),
+       definition=_DROP + "TIES sign election", paper=_DARE, summary="DARE drop-and-rescale, then TIES sign election.",
+       mergekit=_MK, settings=_settings(_MK, "normalize"), bench={"--density": "0.5"},
+       check=_check)(_bind("drop", True))
+_MK = _mergekit(False, False, False, False, ("gamma",))
+method("breadcrumbs", inputs=_BASE, params=(WEIGHTS, LAMBDA, _CRUMBS_DENSITY, GAMMA),
+       definition=_BAND + "task arithmetic", paper=_CRUMBS,
+       summary="Breadcrumbs: drop the smallest and the largest deltas, then task arithmetic.",
+       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
+       check=_check)(_bind("band", False))
+method("breadcrumbs_ties", inputs=_BASE, params=(WEIGHTS, LAMBDA, _CRUMBS_DENSITY, GAMMA),
+       definition=_BAND + "TIES sign election", paper=_CRUMBS,
+       summary="Breadcrumbs' sparsification, then TIES sign election.",
+       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
+       check=_check)(_bind("band", True))
+_MK = _mergekit(True, True, True, True, ("epsilon",))
+method("della", inputs=_BASE, params=(WEIGHTS, LAMBDA, _DELLA_DENSITY, EPSILON, SEED),
+       definition=_MAGPRUNE + "TIES sign election and disjoint mean", paper=_DELLA,
+       summary="DELLA: magnitude-ranked random drops, L1 rescale, TIES sign election.",
+       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
+       check=_check)(_bind("magprune", True))
+_MK = _mergekit(False, False, True, True, ("epsilon",))
+method("della_linear", inputs=_BASE, params=(WEIGHTS, LAMBDA, _DELLA_DENSITY, EPSILON, SEED),
+       definition=_MAGPRUNE + "task arithmetic", paper=_DELLA,
+       summary="DELLA's drops and rescale, then task arithmetic.",
+       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
+       check=_check)(_bind("magprune", False))

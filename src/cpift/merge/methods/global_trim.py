@@ -1,4 +1,5 @@
-"""TIES with ``global_trim``: one magnitude threshold per model over the whole model (the TIES paper).
+"""TIES with ``global_trim``: one magnitude threshold per model over the whole model (the TIES paper); the
+whole-model pass of ties' declaration (its ``prepare``, merge/methods/delta.py).
 
 For model i, keep exactly k_i = floor(density_i · D) entries of |x_i − b| over all D floating-point
 entries, ties at the threshold to the lowest flat index with tensors in name order. The selection is

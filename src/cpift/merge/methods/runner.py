@@ -7,12 +7,13 @@ output with its card and recipe (merge/engine.py). ``public(spec)`` is the metho
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from cpift.errors import ParameterError
 from cpift.merge.engine import MergeResult, stream_merge
 from cpift.merge.io.dryrun import MergePlan
-from cpift.merge.io.models import open_models
+from cpift.merge.io.models import model_paths, open_models
+from cpift.merge.io.publish import check_output
 from cpift.merge.options import FIELDS, MergeOptions, option_parameters, options_from
 
 from .params import PathLike, float_names, per_model, value, weights_for
@@ -23,7 +24,7 @@ _POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
 def _field(p: ParamSpec, raw: Any, i: int) -> str:
-    return f"{p.name}[{i}]" if isinstance(raw, (list, tuple)) else p.name
+    return f"{p.key}[{i}]" if isinstance(raw, (list, tuple)) else p.key
 
 
 def _resolve_one(p: ParamSpec, raw: Any, tensor: str, field: str) -> Any:
@@ -50,26 +51,26 @@ def validate(spec: MethodSpec, given: dict[str, Any], count: int,
     """Check every parameter on every tensor it can vary over; return (tensor name → resolved values, the
     parameters as the card and the recipe show them: one value per model for a per-model parameter)."""
     raws: dict[str, Any] = {}
-    for p in spec.params:
+    for p in spec.keywords:
         raw = given[p.name]
         if raw is None and p.name == "weights":
             raw = weights_for(None, count)
         elif raw is None and not p.optional:
-            raise ParameterError(f"{p.name}: missing; {spec.name} needs {p.missing or p.cli}")
+            raise ParameterError(f"{p.key}: missing; {spec.name} needs {p.missing or p.cli}")
         if p.per_model:
-            raw = per_model(raw, count, p.name)
+            raw = per_model(raw, count, p.key)
         elif p.kind == "integer" and isinstance(raw, float) and raw.is_integer():
             raw = int(raw)  # shown as the whole number it is
         raws[p.name] = raw
 
     def resolve(tensor: str) -> dict[str, Any]:
         values = {}
-        for p in spec.params:
+        for p in spec.keywords:
             raw = raws[p.name]
             if p.per_model:
                 values[p.name] = [_resolve_one(p, r, tensor, _field(p, given[p.name], i)) for i, r in enumerate(raw)]
             else:
-                values[p.name] = _resolve_one(p, raw, tensor, p.name)
+                values[p.name] = _resolve_one(p, raw, tensor, p.key)
         if spec.check is not None:
             spec.check(values, tensor)
         return values
@@ -77,7 +78,7 @@ def validate(spec: MethodSpec, given: dict[str, Any], count: int,
     varies = any(callable(r) or (isinstance(r, list) and any(map(callable, r))) for r in raws.values())
     for n in names if varies else names[:1]:
         resolve(n)
-    return resolve, raws
+    return resolve, {p.key: raws[p.name] for p in spec.keywords}
 
 
 def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, base: PathLike | None = None,
@@ -87,12 +88,14 @@ def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, 
     paths, roles, count = spec.inputs.stream(spec.name, args, base)
     ckpts = open_models(paths)
     resolve, shown = validate(spec, given, count, float_names(ckpts))
+    extra = _prepare(spec, ckpts, shown, out, opts)
     shapes = {n: ckpts[0].info(n).shape for n in ckpts[0].names()}
     fn, backend = spec.tensor, opts.backend
+    named = "name" in inspect.signature(fn).parameters  # a seeded method's per-tensor seed
 
     def combine(name, xs, out_t):
-        values = resolve(name)
-        if spec.optional_base:  # the function takes the base (or None) as ``base``, the models as xs
+        values = {**resolve(name), **extra.get(name, {}), **({"name": name} if named else {})}
+        if spec.inputs.base_keyword:  # the function takes the base (or None) as ``base``, the models as xs
             values["base"], xs = (xs[0], xs[1:]) if base is not None else (None, xs)
         try:
             fn(xs, out_t, backend=backend, shape=shapes[name], **values)
@@ -103,11 +106,21 @@ def run(spec: MethodSpec, args: tuple, out: PathLike, given: dict[str, Any], *, 
     return stream_merge(spec.name, ckpts, out, combine, params=shown, notes=notes, roles=roles, options=opts)
 
 
+def _prepare(spec: MethodSpec, ckpts: list, shown: dict[str, Any], out: PathLike,
+             opts: MergeOptions) -> Mapping[str, Mapping[str, Any]]:
+    """The declaration's whole-model pass, if it has one; a bad -o is refused before it (stream_merge checks
+    again)."""
+    if spec.prepare is None:
+        return {}
+    check_output(out, overwrite=opts.overwrite, inputs=[*model_paths(ckpts), opts.copy_tokenizer_from, *opts.inputs])
+    return spec.prepare(ckpts, shown, opts) or {}
+
+
 def _signature(spec: MethodSpec) -> inspect.Signature:
     params = [inspect.Parameter(n, _POS) for n in (*spec.inputs.positional, "out")]
     if spec.inputs.base_keyword:
         params.append(inspect.Parameter("base", _KW, default=None))
-    params += [inspect.Parameter(p.name, _KW, default=p.default) for p in spec.params]
+    params += [inspect.Parameter(p.name, _KW, default=p.default) for p in spec.keywords]
     params += option_parameters()  # the merge options as keywords (merge/options.py)
     return inspect.Signature(params)
 
@@ -156,6 +169,6 @@ def run_method(spec: MethodSpec, *args: Any, options: MergeOptions, **params: An
 def _run_bound(spec: MethodSpec, sig: inspect.Signature, a: dict[str, Any],
                options: MergeOptions) -> MergeResult | MergePlan:
     """``run`` with the arguments bound to the method's signature."""
-    given = {p.name: a[p.name] for p in spec.params}
+    given = {p.name: a[p.name] for p in spec.keywords}
     inputs: Sequence[Any] = [a[n] for n, q in sig.parameters.items() if q.kind is _POS and n != "out"]
     return run(spec, tuple(inputs), a["out"], given, base=a.get("base"), options=options)
