@@ -126,4 +126,4 @@ def fuse(backbone, tasks, overlap, base, omega, out, common):
     from cpift.merge.options import merge_options
 
     return run_fuse(backbone, [parse_task(t) for t in tasks], out, overlap=overlap, base=base, omega=omega,
-                    options=merge_options(None, common))
+                    options=merge_options(common))

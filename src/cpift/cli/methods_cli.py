@@ -48,7 +48,7 @@ def method_command(spec: MethodSpec) -> click.Command:
             kwargs["base"] = given.pop("base")
         from cpift.merge.methods.runner import run_method  # the engine: imported once the arguments are parsed
 
-        return run_method(spec, *inputs, out, options=merge_options(None, common), **kwargs)
+        return run_method(spec, *inputs, out, options=merge_options(common), **kwargs)
 
     command.__name__ = spec.name
     command.__doc__ = spec.summary

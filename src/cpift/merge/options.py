@@ -123,20 +123,20 @@ def with_options(fn: Callable[..., R], name: str) -> Callable[..., R]:
 
 def options_from(arguments: dict[str, Any]) -> MergeOptions:
     """Take the option keywords out of a public function's bound ``arguments`` (the rest stay) as the object."""
-    return merge_options(None, {name: arguments.pop(name) for name in FIELDS if name in arguments})
+    return merge_options({name: arguments.pop(name) for name in FIELDS if name in arguments})
 
 
-def merge_options(options: MergeOptions | None = None, overrides: Mapping[str, Any] | None = None) -> MergeOptions:
-    """The object from option keywords: ``overrides`` (the CLI's options, a config's settings) replacing the
-    fields of ``options`` (default: all defaults). The method files not yet declared take both as arguments.
+def merge_options(values: Mapping[str, Any]) -> MergeOptions:
+    """The object from option keywords (the CLI's options, a config's settings, a public function's
+    keywords); the fields not given keep their defaults.
 
     Raises:
         ParameterError: a keyword that is no merge option (the message lists them).
     """
-    overrides = dict(overrides or {})
+    overrides = dict(values)
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ParameterError(f"{unknown[0]}: not an option of a merge (options: {', '.join(FIELDS)})")
     if "inputs" in overrides:
         overrides["inputs"] = tuple(overrides["inputs"] or ())
-    return (options or MergeOptions()).replace(**overrides)
+    return MergeOptions().replace(**overrides)

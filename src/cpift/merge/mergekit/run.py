@@ -118,7 +118,7 @@ def run_config(path: str | os.PathLike, out: str | os.PathLike, *, seed: int | N
         return run_stack(cfg, out, paths, opened=opened, **settings)
     from cpift.merge.methods.runner import run_method  # the engine, imported once the config is known to be good
 
-    result = run_method(METHODS[cfg.method], *call.args, out, options=merge_options(None, settings), **call.kwargs)
+    result = run_method(METHODS[cfg.method], *call.args, out, options=merge_options(settings), **call.kwargs)
     result.notes.extend(call.notes)
     return result
 

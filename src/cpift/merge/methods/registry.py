@@ -5,9 +5,7 @@ the model card's definition and recipe (merge/card.py), step recipes and the ben
 (merge/tools/bench_cases.py) derive from ``METHODS``; none of them names a method itself. Adding a
 method is one file in merge/methods/ named after it: a per-tensor function built from kernels/ and its
 ``@method`` declaration (declare.py), listed in ``DECLARED`` below; merge/methods/runner.py runs it.
-The methods not yet declared that way register a MethodSpec here that names their whole-model function
-by module and attribute. This module is plain data, loaded on first use: the registry imports no
-kernel (nor torch).
+This module is plain data, loaded on first use: the registry imports no kernel (nor torch).
 """
 
 from __future__ import annotations
