@@ -187,6 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget-note", default="", help="the budget actually used and why, for the report")
     ap.add_argument("--stop-at", help="UTC time HH:MM after which no job starts (running ones finish)")
     ap.add_argument("--report-only", action="store_true", help="aggregate what finished; train nothing")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on from what finished, with the steps the first run sized (no new timed probe)")
     ap.add_argument("--dry-run", action="store_true", help="write tasks and recipes, print the plan, stop")
     return ap.parse_args(argv)
 
@@ -224,8 +226,8 @@ def main(argv=None) -> int:
             f"{cfg['seeds']}, lr grid {cfg['lrs']}, S = {cfg['S']}, calibration {cfg['C']}; {jobs_per_seed} jobs per "
             f"seed on {cfg['jobs']} workers ({jobs.device()}); recipes {[str(p) for p in recipes]}")
         return 0
-    if args.report_only:
-        cfg.update(json.loads(state.read_text()))
+    if args.report_only or args.resume:  # the steps the first run sized: its recipes and finished jobs stay valid
+        cfg.update({k: v for k, v in json.loads(state.read_text()).items() if k != "budget_note"})
     else:
         timing = timed_probe(base_dir, files, cfg, work)
         cfg = size(cfg, timing, say)
