@@ -216,7 +216,7 @@ def test_fingerprint_tells_fine_tunes_apart_and_is_stable(llama, tmp_path):
 
 
 @pytest.mark.parametrize("block,fragment", [
-    ("cpift: {seed: 3}", "cpift.seed: only dare_linear and dare_ties"),
+    ("cpift: {seed: 3}", "cpift.seed: only dare_linear, dare_ties, della, della_linear draw random masks"),
     ("cpift: {global_trim: true}", "cpift.global_trim: only ties"),
     ("cpift: {max_shard_size: lots}", "cpift.max_shard_size: expected a positive size"),
     ("cpift: {shard: 1}", "cpift.shard: unknown key"),

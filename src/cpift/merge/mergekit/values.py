@@ -265,7 +265,7 @@ def param_fn(value: Any, num_layers: int | None, *, name: str = "value",
 # The ``cpift:`` block: settings a mergekit config has no spelling for (recipes write them)
 
 CPIFT_KEYS = {
-    "seed": "seed of the DARE drop masks (dare_linear, dare_ties)",
+    "seed": "seed of the random drop masks (dare_linear, dare_ties, della, della_linear)",
     "global_trim": "TIES trim with one magnitude threshold over the whole model (ties)",
     "max_shard_size": "largest output shard, bytes or 500M / 1B (10^9) / 2GB / 1GiB",
     "copy_tokenizer_from": "model directory or Hub id to copy config.json and the tokenizer from",
