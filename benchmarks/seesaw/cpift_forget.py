@@ -56,22 +56,9 @@ def _sequential(sd: Path, recipe: str, cpi: Path, seed: int) -> Path:
 
 
 def _random_core(sd: Path, recipe: str, r, cpi: Path, seed: int) -> Path:
-    import torch
-
     wd = sd / "forget-random-core"
-    with jobs.lock(sd / f".{wd.name}-cores.lock"):
-        if not (wd / "cores").exists():
-            jobs.claim(Path(recipe), wd, "cpi-ft", seed)
-            gen = torch.Generator().manual_seed(2000 + seed)
-
-            def shuffled(_k, e, _i):
-                flat = torch.zeros(e.numel(), dtype=torch.bool)
-                flat[torch.randperm(e.numel(), generator=gen)[:int(e.sum())]] = True
-                return flat.reshape(e.shape)
-
-            cj.derived_masks(cpi / "cores", wd / ".cores.part", r.names, shuffled)
-            os.replace(wd / ".cores.part", wd / "cores")
-            jobs.link(cpi / "stages" / "1", wd / "stages" / "1")  # nothing is frozen in stage 1
+    cj.random_cores(cpi / "cores", wd, recipe, r, seed)
+    jobs.link(cpi / "stages" / "1", wd / "stages" / "1")  # nothing is frozen in stage 1
     cj.run_method(str(sd), recipe, seed, "cpi-ft", [], name=wd.name)
     return _final(wd)
 

@@ -189,26 +189,31 @@ def derived_masks(cores: Path, out: Path, names: list[str], fn) -> None:
         os.replace(out / f".{task}.safetensors.part", out / f"{task}.safetensors")
 
 
-def run_random_core(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
-    """CPI-FT with each task's core replaced by a random set of the same size in every tensor."""
+def random_cores(cores: Path, wd: Path, recipe: str, r, seed: int) -> None:
+    """wd/cores: each task's core in ``cores`` replaced by a random set of the same size in every tensor
+    (seeded), written once under a lock into a claimed CPI-FT WORKDIR."""
     import torch
 
+    with jobs.lock(wd.parent / f".{wd.name}-cores.lock"):
+        if (wd / "cores").exists():
+            return
+        jobs.claim(Path(recipe), wd, "cpi-ft", seed)
+        gen = torch.Generator().manual_seed(1000 + seed)
+
+        def shuffled(_k, e, _i):
+            flat = torch.zeros(e.numel(), dtype=torch.bool)
+            flat[torch.randperm(e.numel(), generator=gen)[:int(e.sum())]] = True
+            return flat.reshape(e.shape)
+
+        derived_masks(cores, wd / ".cores.part", r.names, shuffled)
+        os.replace(wd / ".cores.part", wd / "cores")
+
+
+def run_random_core(sd: str, recipe: str, seed: int, splits: list[str]) -> str:
+    """CPI-FT with each task's core replaced by a random set of the same size in every tensor."""
     sd, r, start = Path(sd), recipe_for(recipe, seed), time.perf_counter()
     run_method(str(sd), recipe, seed, "cpi-ft", [])
-    wd = sd / "random-core"
-    with jobs.lock(sd / ".random-core-cores.lock"):
-        if not (wd / "cores").exists():
-            jobs.claim(Path(recipe), wd, "cpi-ft", seed)
-            gen = torch.Generator().manual_seed(1000 + seed)
-
-            def shuffled(_k, e, _i):
-                flat = torch.zeros(e.numel(), dtype=torch.bool)
-                flat[torch.randperm(e.numel(), generator=gen)[:int(e.sum())]] = True
-                return flat.reshape(e.shape)
-
-            tmp = wd / ".cores.part"
-            derived_masks(sd / "cpi-ft" / "cores", tmp, r.names, shuffled)
-            os.replace(tmp, wd / "cores")
+    random_cores(sd / "cpi-ft" / "cores", sd / "random-core", recipe, r, seed)
     run_method(str(sd), recipe, seed, "cpi-ft", splits, name="random-core")
     return f"{sd.name}/random-core: {time.perf_counter() - start:.0f} s"
 
