@@ -263,26 +263,22 @@ method("dare_ties", inputs=_BASE, params=(WEIGHTS, LAMBDA, _DARE_DENSITY, SEED),
        definition=_DROP + "TIES sign election", paper=_DARE, summary="DARE drop-and-rescale, then TIES sign election.",
        mergekit=_MK, settings=_settings(_MK, "normalize"), bench={"--density": "0.5"},
        check=_check)(_bind("drop", True))
+def _sparse(name: str, density: ParamSpec, extra: tuple[ParamSpec, ...], definition: str, paper: str, summary: str,
+            mk: MergekitSpec, sparsify: str, elect_sign: bool) -> None:
+    """Declare one of breadcrumbs / DELLA's pair (task arithmetic or TIES sign election after the drops)."""
+    method(name, inputs=_BASE, params=(WEIGHTS, LAMBDA, density, *extra), definition=definition, paper=paper,
+           summary=summary, mergekit=mk, settings=_settings(mk, "normalize", "rescale"), bench={"--density": "0.5"},
+           check=_check)(_bind(sparsify, elect_sign))
+
+
 _MK = _mergekit(False, False, False, False, ("gamma",))
-method("breadcrumbs", inputs=_BASE, params=(WEIGHTS, LAMBDA, _CRUMBS_DENSITY, GAMMA),
-       definition=_BAND + "task arithmetic", paper=_CRUMBS,
-       summary="Breadcrumbs: drop the smallest and the largest deltas, then task arithmetic.",
-       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
-       check=_check)(_bind("band", False))
-method("breadcrumbs_ties", inputs=_BASE, params=(WEIGHTS, LAMBDA, _CRUMBS_DENSITY, GAMMA),
-       definition=_BAND + "TIES sign election", paper=_CRUMBS,
-       summary="Breadcrumbs' sparsification, then TIES sign election.",
-       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
-       check=_check)(_bind("band", True))
-_MK = _mergekit(True, True, True, True, ("epsilon",))
-method("della", inputs=_BASE, params=(WEIGHTS, LAMBDA, _DELLA_DENSITY, EPSILON, SEED),
-       definition=_MAGPRUNE + "TIES sign election and disjoint mean", paper=_DELLA,
-       summary="DELLA: magnitude-ranked random drops, L1 rescale, TIES sign election.",
-       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
-       check=_check)(_bind("magprune", True))
-_MK = _mergekit(False, False, True, True, ("epsilon",))
-method("della_linear", inputs=_BASE, params=(WEIGHTS, LAMBDA, _DELLA_DENSITY, EPSILON, SEED),
-       definition=_MAGPRUNE + "task arithmetic", paper=_DELLA,
-       summary="DELLA's drops and rescale, then task arithmetic.",
-       mergekit=_MK, settings=_settings(_MK, "normalize", "rescale"), bench={"--density": "0.5"},
-       check=_check)(_bind("magprune", False))
+_sparse("breadcrumbs", _CRUMBS_DENSITY, (GAMMA,), _BAND + "task arithmetic", _CRUMBS,
+        "Breadcrumbs: drop the smallest and the largest deltas, then task arithmetic.", _MK, "band", False)
+_sparse("breadcrumbs_ties", _CRUMBS_DENSITY, (GAMMA,), _BAND + "TIES sign election", _CRUMBS,
+        "Breadcrumbs' sparsification, then TIES sign election.", _MK, "band", True)
+_sparse("della", _DELLA_DENSITY, (EPSILON, SEED), _MAGPRUNE + "TIES sign election and disjoint mean", _DELLA,
+        "DELLA: magnitude-ranked random drops, L1 rescale, TIES sign election.",
+        _mergekit(True, True, True, True, ("epsilon",)), "magprune", True)
+_sparse("della_linear", _DELLA_DENSITY, (EPSILON, SEED), _MAGPRUNE + "task arithmetic", _DELLA,
+        "DELLA's drops and rescale, then task arithmetic.", _mergekit(False, False, True, True, ("epsilon",)),
+        "magprune", False)
