@@ -1,5 +1,5 @@
 """One consistency rule for every merge plan (merge/consistency.py, applied by
-engine.check_compatible for every method, YAML config, layer stack and ``cores``): the same architecture,
+io.models.check_compatible for every method, YAML config, layer stack and ``cores``): the same architecture,
 non-floating tensors equal in every input, no tensor integer in one input and float in another; each
 breach refused in one line naming the tensor or config.json (exit 2, inputs untouched, nothing at -o)
 unless ``--allow-crimes``."""

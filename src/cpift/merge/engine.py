@@ -26,7 +26,7 @@ from cpift.merge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from cpift.merge.io.device import check_backend, parse_device
 from cpift.merge.io.dryrun import MergePlan, plan_merge
 from cpift.merge.io.model_files import read_side_files
-from cpift.merge.io.models import check_compatible, explain_nonfinite, model_paths, open_models  # noqa: F401 (re-export)
+from cpift.merge.io.models import check_compatible, explain_nonfinite, model_paths
 from cpift.merge.io.out_config import config_with_dtype
 from cpift.merge.io.publish import check_output
 from cpift.merge.io.resume import fingerprint
