@@ -287,3 +287,48 @@ def store_at(addr, i, v, kind):
 # still overrides this.
 if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
     numba_config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+# --- Spans: loads and stores specialised on the storage kind --------------------------------------
+# `load_at`/`store_at` branch on a runtime kind per entry, which keeps LLVM from vectorising the loop.
+# The element-wise kernels instead move SPAN entries at a time between storage and float32 buffers:
+# each span loop is compiled once per kind with the kind a constant (bfloat16 and float32 are the
+# common cases; float16 keeps the generic loop), so it vectorises, and the arithmetic between them runs
+# on plain float32 arrays. Per entry the operations and their order are unchanged, so are the bits.
+SPAN = 1024
+
+
+@njit(inline="always", cache=True)
+def _load_loop(addr, kind, i0, n, dst):
+    for j in range(n):
+        dst[j] = load_at(addr, i0 + j, kind)
+
+
+@njit(inline="always", cache=True)
+def load_span(addr, kind, i0, n, dst):
+    """dst[:n] ← entries i0 … i0 + n − 1 of the tensor at addr (of kind F32, BF16 or F16) as float32."""
+    if kind == BF16:
+        _load_loop(addr, BF16, i0, n, dst)
+    elif kind == F32:
+        _load_loop(addr, F32, i0, n, dst)
+    else:
+        _load_loop(addr, kind, i0, n, dst)
+
+
+@njit(inline="always", cache=True)
+def _store_loop(addr, kind, i0, n, src):
+    flag = 0
+    for j in range(n):
+        flag |= store_at(addr, i0 + j, src[j], kind)
+    return flag
+
+
+@njit(inline="always", cache=True)
+def store_span(addr, kind, i0, n, src):
+    """Round src[:n] once into entries i0 … i0 + n − 1 of the tensor at addr; 1 if any stored value is
+    NaN or ±inf, else 0."""
+    if kind == BF16:
+        return _store_loop(addr, BF16, i0, n, src)
+    if kind == F32:
+        return _store_loop(addr, F32, i0, n, src)
+    return _store_loop(addr, kind, i0, n, src)

@@ -2,7 +2,7 @@
 # and imported lazily by it.
 #
 # One pass: each BLOCK of entries (a prange over blocks) reads the N inputs once and writes the output
-# once: N·s bytes read and s written per entry (s the storage size); no temporaries.
+# once: N·s bytes read and s written per entry (s the storage size); float32 buffers of one SPAN only.
 # Exactness: the torch path's float32 operations in its order, so results are its bits: acc = x_0·w_0,
 # then acc = fma(x_i, w_i, acc) (torch's add_(alpha=) is a fused multiply-add), one rounding on store;
 # weights rounded to float32 as torch rounds a float32 op's Python scalars.
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._cpu import BLOCK, addresses, blocks, fma, load_at, store_at, sync_threads
+from ._cpu import BLOCK, SPAN, addresses, blocks, fma, load_span, store_span, sync_threads
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -22,12 +22,19 @@ def _linear_kernel(xs, kinds, ws, out, out_kind, n, bad):
     for blk in prange(bad.shape[0]):
         s = blk * BLOCK
         e = min(s + BLOCK, n)
+        acc = np.empty(SPAN, dtype=np.float32)
+        x = np.empty(SPAN, dtype=np.float32)
         flag = 0
-        for i in range(s, e):
-            acc = load_at(xs[0], i, kinds[0]) * ws[0]
+        for i0 in range(s, e, SPAN):
+            L = min(SPAN, e - i0)
+            load_span(xs[0], kinds[0], i0, L, acc)
+            for j in range(L):
+                acc[j] = acc[j] * ws[0]
             for k in range(1, m):
-                acc = fma(load_at(xs[k], i, kinds[k]), ws[k], acc)
-            flag |= store_at(out, i, acc, out_kind)
+                load_span(xs[k], kinds[k], i0, L, x)
+                for j in range(L):
+                    acc[j] = fma(x[j], ws[k], acc[j])
+            flag |= store_span(out, out_kind, i0, L, acc)
         bad[blk] = flag
 
 

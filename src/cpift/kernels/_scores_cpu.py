@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._cpu import BLOCK, as_array, claim, f32_bits, load, sync_threads, workers
+from ._cpu import BF16, BLOCK, as_array, claim, f32_bits, load, sync_threads, workers
 
 BINS = 1 << 16
 _NO_OUT = np.empty(0, dtype=np.float32)
@@ -59,6 +59,15 @@ def _count(h, v, mode, high_bin):
             h[u & np.uint32(0xFFFF)] += 1
 
 
+@njit(inline="always", cache=True)
+def _score_range(x, xk, b, bk, has_base, s0, s1, out, write, h, mode, high_bin):
+    for j in range(s0, s1):
+        v = abs_delta(x, xk, b, bk, has_base, j)
+        if write:
+            out[j] = v
+        _count(h, v, mode, high_bin)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _score_kernel(x, xk, b, bk, has_base, n, block, per, nwork, nworkers, out, write, hists, zero, mode,
                   high_bin, counter):
@@ -75,11 +84,10 @@ def _score_kernel(x, xk, b, bk, has_base, n, block, per, nwork, nworkers, out, w
             s0 = w * per
             s1 = min(m, s0 + per)
             if block == 1:
-                for j in range(s0, s1):
-                    v = abs_delta(x, xk, b, bk, has_base, j)
-                    if write:
-                        out[j] = v
-                    _count(h, v, mode, high_bin)
+                if has_base and xk == BF16 and bk == BF16:  # the common case, its kinds constants
+                    _score_range(x, BF16, b, BF16, True, s0, s1, out, write, h, mode, high_bin)
+                else:
+                    _score_range(x, xk, b, bk, has_base, s0, s1, out, write, h, mode, high_bin)
             else:
                 for j in range(s0, s1):
                     v = _block_mean(x, xk, b, bk, has_base, j * block, min(n, j * block + block))

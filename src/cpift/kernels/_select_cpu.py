@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._cpu import BLOCK, as_array, blocks, claim, sync_threads, workers
+from ._cpu import BF16, BLOCK, as_array, blocks, claim, sync_threads, workers
 from ._scores_cpu import abs_delta
 
 CAP = BLOCK // 8  # bracket candidates a work block may hold
@@ -70,6 +70,20 @@ def tie_index_cpu(x: torch.Tensor, base: torch.Tensor | None, value: float, r: i
     return index, int(seen[-1])
 
 
+@njit(inline="always", cache=True)
+def _bracket_block(x, xk, b, bk, has_base, s, e, lo, hi, vals, offs, slot):
+    a = 0
+    c = 0
+    for i in range(s, e):  # branch-free: the compares are unpredictable
+        v = abs_delta(x, xk, b, bk, has_base, i)
+        j = slot + min(c, CAP - 1)  # written every time, kept only when v is a candidate
+        vals[j] = v
+        offs[j] = i - s
+        a += np.int64(v > hi)
+        c += np.int64(v >= lo) & np.int64(v <= hi)
+    return a, c
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _bracket_kernel(x, xk, b, bk, has_base, n, lo, hi, above, counts, vals, offs, nworkers, counter):
     nwork = counts.size
@@ -78,19 +92,12 @@ def _bracket_kernel(x, xk, b, bk, has_base, n, lo, hi, above, counts, vals, offs
             w = claim(counter)
             if w >= nwork:
                 break
-            a = 0
-            c = 0
             s = w * BLOCK
-            slot = w * CAP
-            for i in range(s, min(n, s + BLOCK)):  # branch-free: the compares are unpredictable
-                v = abs_delta(x, xk, b, bk, has_base, i)
-                j = slot + min(c, CAP - 1)  # written every time, kept only when v is a candidate
-                vals[j] = v
-                offs[j] = i - s
-                a += np.int64(v > hi)
-                c += np.int64(v >= lo) & np.int64(v <= hi)
-            above[w] = a
-            counts[w] = c
+            e = min(n, s + BLOCK)
+            if has_base and xk == BF16 and bk == BF16:  # the common case, its kinds constants
+                above[w], counts[w] = _bracket_block(x, BF16, b, BF16, True, s, e, lo, hi, vals, offs, w * CAP)
+            else:
+                above[w], counts[w] = _bracket_block(x, xk, b, bk, has_base, s, e, lo, hi, vals, offs, w * CAP)
 
 
 @njit(cache=True, nogil=True)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._cpu import BLOCK, addresses, blocks, fma, load_at, store_at, sync_threads
+from ._cpu import BLOCK, SPAN, addresses, blocks, fma, load_span, store_span, sync_threads
 
 LANES = 8  # independent accumulators per sum: hides the float64 add latency
 
@@ -18,17 +18,31 @@ def _reduce_kernel(a, a_kind, b, b_kind, mask, has_mask, n, parts):
     for blk in prange(parts.shape[0]):
         s = blk * BLOCK
         e = min(s + BLOCK, n)
+        xa = np.empty(SPAN, dtype=np.float32)
+        xb = np.empty(SPAN, dtype=np.float32)
         aa = np.zeros(LANES)
         bb = np.zeros(LANES)
         ab = np.zeros(LANES)
-        for i0 in range(s, e, LANES):
-            for j in range(min(LANES, e - i0)):
-                i = i0 + j
-                x = np.float64(load_at(a, i, a_kind))
-                y = np.float64(load_at(b, i, b_kind))
-                if has_mask and mask[i]:
-                    x = 0.0
-                    y = 0.0
+        for i0 in range(s, e, SPAN):
+            m = min(SPAN, e - i0)
+            load_span(a, a_kind, i0, m, xa)
+            load_span(b, b_kind, i0, m, xb)
+            if has_mask:
+                for j in range(m):
+                    if mask[i0 + j]:
+                        xa[j] = 0.0
+                        xb[j] = 0.0
+            full = m - m % LANES
+            for j0 in range(0, full, LANES):  # entry s + LANES·q + j goes to lane j (SPAN is a multiple of LANES)
+                for j in range(LANES):
+                    x = np.float64(xa[j0 + j])
+                    y = np.float64(xb[j0 + j])
+                    aa[j] += x * x
+                    bb[j] += y * y
+                    ab[j] += x * y
+            for j in range(m - full):
+                x = np.float64(xa[full + j])
+                y = np.float64(xb[full + j])
                 aa[j] += x * x
                 bb[j] += y * y
                 ab[j] += x * y
@@ -49,13 +63,19 @@ def _blend_kernel(a, a_kind, b, b_kind, ca, cb, mask, has_mask, out, out_kind, n
     for blk in prange(bad.shape[0]):
         s = blk * BLOCK
         e = min(s + BLOCK, n)
+        xa = np.empty(SPAN, dtype=np.float32)
+        xb = np.empty(SPAN, dtype=np.float32)
         flag = 0
-        for i in range(s, e):
-            x = load_at(a, i, a_kind)
-            v = fma(x, ca, load_at(b, i, b_kind) * cb)
-            if has_mask and mask[i]:
-                v = x
-            flag |= store_at(out, i, v, out_kind)
+        for i0 in range(s, e, SPAN):
+            m = min(SPAN, e - i0)
+            load_span(a, a_kind, i0, m, xa)
+            load_span(b, b_kind, i0, m, xb)
+            for j in range(m):
+                v = fma(xa[j], ca, xb[j] * cb)
+                if has_mask and mask[i0 + j]:
+                    v = xa[j]
+                xb[j] = v
+            flag |= store_span(out, out_kind, i0, m, xb)
         bad[blk] = flag
 
 

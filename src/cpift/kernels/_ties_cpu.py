@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._cpu import BLOCK, addresses, blocks, fma, load_at, store_at, sync_threads
+from ._cpu import BLOCK, SPAN, addresses, blocks, fma, load_span, store_span, sync_threads
 from .select import Cut
 
 _M32 = np.uint64(0xFFFFFFFF)
@@ -63,68 +63,88 @@ def _philox(q, k0, k1, u, at):
 
 
 @njit(inline="always", cache=True)
-def _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, lane, lam, out, out_kind,
-           i, g, d, has_cut, has_drop, elect, normalize):
-    # One output entry i (global index g): trim, drop (uniforms u[4k + lane]), elect, combine, store.
-    b = load_at(base, i, base_kind)
-    acc = _ZERO
+def _trim(dk, score, tie, cut):
+    # Keep score > cut, and score == cut where the entry is at or before the cut's last tie.
+    if tie:
+        return dk * (_ONE - _sign(_clamp0(cut - score)))
+    return dk * _sign(_clamp0(score - cut))
+
+
+@njit(inline="always", cache=True)
+def _uniforms(g0, L, k0, k1, u):
+    # u[j] for j < L + 3: the DARE uniform of global entry g0 − (g0 mod 4) + j (Philox per quad of entries).
+    q0 = g0 >> 2
+    for q in range(q0, ((g0 + L - 1) >> 2) + 1):
+        _philox(np.uint64(q), k0, k1, u, 4 * (q - q0))
+
+
+@njit(inline="always", cache=True)
+def _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind, i0, L, g0,
+          has_cut, has_drop, elect, normalize, bv, acc, d, u, sg, den):
+    # Entries i0 … i0 + L − 1 (global g0 …), one model at a time over float32 buffers (bv the base, d[k]
+    # the trimmed and dropped deltas, acc their sum); per entry the torch path's operations in its order:
+    # δ = x − b, trim, drop, Σ fma(δ, w); then the sign election; then b + λ·Σ, one rounding on store.
+    load_span(base, base_kind, i0, L, bv)
+    for j in range(L):
+        acc[j] = _ZERO
+    lane = g0 & 3  # entry j's uniform is u[lane + j]
     for k in range(xs.shape[0]):
-        dk = load_at(xs[k], i, kinds[k]) - b
-        if has_cut:
-            score = abs(dk)
-            if g <= last_tie[k]:
-                dk = dk * (_ONE - _sign(_clamp0(cut_v[k] - score)))
-            else:
-                dk = dk * _sign(_clamp0(score - cut_v[k]))
+        dk = d[k]
+        load_span(xs[k], kinds[k], i0, L, dk)
         if has_drop:
-            dk = dk * _sign(_clamp0(dens[k] - u[4 * k + lane]))
-        acc = fma(dk, num_w[k], acc)
-        d[k] = dk
+            _uniforms(g0, L, keys[2 * k], keys[2 * k + 1], u)
+        cut = cut_v[k]
+        ties = last_tie[k] - g0 + 1  # entries j < ties are at or before the last tie
+        p = dens[k]
+        wk = num_w[k]
+        for j in range(L):
+            x = dk[j] - bv[j]
+            if has_cut:
+                x = _trim(x, abs(x), j < ties, cut)
+            if has_drop:
+                x = x * _sign(_clamp0(p - u[lane + j]))
+            acc[j] = fma(x, wk, acc[j])
+            dk[j] = x
     if elect:
-        sg = _sign(acc)
-        num = _ZERO
-        den = _ZERO
+        for j in range(L):
+            sg[j] = _sign(acc[j])
+            acc[j] = _ZERO
+            den[j] = _ZERO
         for k in range(xs.shape[0]):
-            t = _clamp0(d[k] * sg)
-            num = fma(t, num_w[k], num)
+            dk = d[k]
+            for j in range(L):
+                t = _clamp0(dk[j] * sg[j])
+                acc[j] = fma(t, num_w[k], acc[j])
+                if normalize:
+                    den[j] = fma(_sign(t), w[k], den[j])
+        for j in range(L):
             if normalize:
-                den = fma(_sign(t), w[k], den)
-        if normalize:
-            nz = _sign(abs(den))
-            den = den + (_ONE - nz)
-            acc = num * sg / den * nz
-        else:
-            acc = num * sg
-    return store_at(out, i, fma(acc, lam, b), out_kind)
+                nz = _sign(abs(den[j]))
+                acc[j] = acc[j] * sg[j] / (den[j] + (_ONE - nz)) * nz
+            else:
+                acc[j] = acc[j] * sg[j]
+    for j in range(L):
+        acc[j] = fma(acc[j], lam, bv[j])
+    return store_span(out, out_kind, i0, L, acc)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind,
                   n, start, has_cut, has_drop, elect, normalize, bad):
-    m = xs.shape[0]
     for blk in prange(bad.shape[0]):
         s = blk * BLOCK
         e = min(s + BLOCK, n)
-        d = np.empty(m, dtype=np.float32)
-        u = np.zeros(4 * m, dtype=np.float32)
+        bv = np.empty(SPAN, dtype=np.float32)
+        acc = np.empty(SPAN, dtype=np.float32)
+        sg = np.empty(SPAN, dtype=np.float32)
+        den = np.empty(SPAN, dtype=np.float32)
+        u = np.empty(SPAN + 8, dtype=np.float32)
+        d = np.empty((xs.shape[0], SPAN), dtype=np.float32)
         flag = 0
-        if not has_drop:
-            # Task arithmetic, TIES: a straight loop (~1.2x faster than the quad loop below).
-            for i in range(s, e):
-                flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, 0, lam, out,
-                               out_kind, i, start + i, d, has_cut, False, elect, normalize)
-        else:
-            # DARE drops: entries in quads, one Philox evaluation per model and quad.
-            g0 = start + s
-            g1 = start + e
-            for q in range(g0 >> 2, ((g1 - 1) >> 2) + 1):
-                for k in range(m):
-                    _philox(np.uint64(q), keys[2 * k], keys[2 * k + 1], u, 4 * k)
-                for lane in range(4):
-                    g = 4 * q + lane
-                    if g0 <= g < g1:
-                        flag |= _entry(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, u, lane, lam,
-                                       out, out_kind, g - start, g, d, has_cut, True, elect, normalize)
+        for i0 in range(s, e, SPAN):
+            flag |= _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind,
+                          i0, min(SPAN, e - i0), start + i0, has_cut, has_drop, elect, normalize, bv, acc, d, u,
+                          sg, den)
         bad[blk] = flag
 
 
