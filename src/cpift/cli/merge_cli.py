@@ -46,15 +46,17 @@ def config(config_file, seed, out, common):
     The YAML's dtype and out_dtype are used unless --dtype / --out-dtype are given.
     """
     from cpift.merge.cpi.recipes import is_step_recipe
-    from cpift.merge.cpi.replay import run_step_recipe
-    from cpift.merge.mergekit.run import run_config
 
     if click.get_current_context().get_parameter_source("max_shard_size").name == "DEFAULT":
         del common["max_shard_size"]  # the recipe's cpift.max_shard_size, else 5GB, applies
-    if is_step_recipe(config_file):  # a cores or fuse recipe (cpift_step: ...)
+    if is_step_recipe(config_file):  # a cores or fuse recipe (cpift_step: ...); a file that is not YAML: refused
+        from cpift.merge.cpi.replay import run_step_recipe
+
         if seed is not None:
             raise click.UsageError("--seed: a cores or fuse recipe makes no random choice; drop --seed")
         return run_step_recipe(config_file, out, **common)
+    from cpift.merge.mergekit.run import run_config
+
     return run_config(config_file, out, seed=seed, **{k: v for k, v in common.items()
                                            if v is not None or k not in ("dtype", "out_dtype")})
 

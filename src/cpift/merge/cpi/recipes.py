@@ -56,11 +56,11 @@ def fuse_recipe(backbone, tasks, *, out, overlap, base, omega, settings: dict[st
 
 
 def is_step_recipe(path: str | os.PathLike) -> bool:
-    """True when the YAML file is a step recipe (has a top-level cpift_step key)."""
-    try:
-        data = load_yaml_file(path, what="config")
-    except ConfigError:
-        return False  # the mergekit loader reports the problem with its own message
+    """True when the YAML file is a step recipe (has a top-level cpift_step key).
+
+    Raises:
+        ConfigError: the file is missing or not YAML (the mergekit loader's message, before it imports)."""
+    data = load_yaml_file(path, what="config")
     return isinstance(data, dict) and STEP_KEY in data
 
 
