@@ -61,3 +61,22 @@ def test_cold_bench_reports_each_case_against_the_disk_floor(capsys, tmp_path):
     md = (tmp_path / "r.md").read_text()
     assert "× disk floor" in md and "| slerp | cpift-torch |" in md
     assert sum(line.startswith("cold ") and line.endswith("(inputs evicted)") for line in err.splitlines()) == 4
+
+
+def test_cold_bench_with_busy_runs_each_case_beside_the_competitors_too(capsys, tmp_path):
+    argv = ["bench", "--synthetic", "tiny", "--methods", "slerp", "--backends", "torch", "--repeat", "1", "--cold",
+            "--busy", "1", "--workdir", tmp_path / "w", "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    cold = {(r["provider"], r["condition"]): r for r in rows if "cold_wall_s" in r}
+    providers = {"floor-physical-2", "floor-python-2", "floor-disk-2", "cpift-torch"}
+    assert set(cold) == {(p, c) for p in providers for c in ("quiet", "busy-1")}
+    for p in providers:
+        busy, quiet = cold[(p, "busy-1")], cold[(p, "quiet")]
+        assert busy["cold_slowdown_vs_quiet"] == pytest.approx(busy["cold_wall_s"] / quiet["cold_wall_s"])
+        assert "cold_slowdown_vs_quiet" not in quiet
+    md = (tmp_path / "r.md").read_text()
+    assert "| slerp | cpift-torch | busy-1 |" in md and "| slerp | cpift-torch | quiet |" in md
+    lines = [line for line in err.splitlines() if line.startswith("cold ") and line.endswith("(inputs evicted)")]
+    assert sum(" busy-1 " in line for line in lines) == 4 and len(lines) == 8

@@ -338,7 +338,7 @@ def _measure(cases: list[Case], paths: list[Path], *, repeat: int, cold: bool, b
     samples, pids = _repeats(cases, repeat=repeat, busy=busy, busy_repeat=busy_repeat, mergekit_repeat=mergekit_repeat,
                              caches=caches, echo=echo, timeout=timeout)
     par = slerp_parity(cases)
-    cold_walls, cold_state = _cold_runs(cases, paths, caches, echo, timeout) if cold else ({}, NOT_ASKED)
+    cold_walls, cold_state = _cold_runs(cases, paths, caches, echo, timeout, busy) if cold else ({}, NOT_ASKED)
     for case in cases:
         _clean(case.out)
     models = [Checkpoint(p) for p in paths]
@@ -378,14 +378,19 @@ def _repeats(cases: list[Case], *, repeat: int, busy: int, busy_repeat: int, mer
 
 
 def _cold_runs(cases: list[Case], paths: list[Path], caches: Path, echo: Callable[[str], None],
-               timeout: float | None) -> tuple[dict[Case, float], str]:
-    """One run per case with the inputs evicted from the page cache first: wall times, and how cold it was."""
+               timeout: float | None, busy: int = 0) -> tuple[dict[tuple[Case, str], float], str]:
+    """One run per case with the inputs evicted from the page cache first, quiet, then (with ``busy``) one
+    more per case but mergekit's beside the competitors: wall times by (case, condition), and how cold."""
     files, left, walls = model_files(paths), 0.0, {}
-    for case in cases:
-        _clean(case.out)
-        evict(files)
-        left = max(left, resident_fraction(files))
-        walls[case] = run_case(case, env=_env(case, caches), timeout=timeout)["wall"]
-        echo(f"cold {case.provider:17s} {case.op:16s} wall {walls[case]:.2f} s (inputs evicted)")
+    rounds = [("quiet", cases)] + ([(f"busy-{busy}", [c for c in cases if c.provider != "mergekit"])] if busy else [])
+    for condition, todo in rounds:
+        with competing(busy if condition != "quiet" else 0) as procs:
+            for case in todo:
+                _clean(case.out)
+                evict(files)
+                left = max(left, resident_fraction(files))
+                wall = run_case(case, env=_env(case, caches), competitors=procs, timeout=timeout)["wall"]
+                walls[(case, condition)] = wall
+                echo(f"cold {condition:6s} {case.provider:17s} {case.op:16s} wall {wall:.2f} s (inputs evicted)")
     return walls, (f"inputs evicted from the page cache before each cold run (posix_fadvise DONTNEED per file, "
                    f"after sync; at most {left * 100:.1f}% of their pages still cached): see rows' cold_wall_s")

@@ -122,8 +122,10 @@ def _compare(row: dict, case, condition: str, by: dict, cold_walls: dict) -> Non
     if condition != "quiet" and quiet is not None and not (row["timed_out_runs"] or quiet["timed_out_runs"]):
         row["slowdown_vs_quiet"] = {"wall": _ratio(row["wall_s"], quiet["wall_s"]),
                                     "work": _ratio(row["work_s"], quiet["work_s"])}
-    if condition == "quiet" and case in cold_walls:
-        row["cold_wall_s"] = cold_walls[case]
+    if (case, condition) in cold_walls:
+        row["cold_wall_s"] = cold_walls[(case, condition)]
+        if condition != "quiet" and (case, "quiet") in cold_walls:
+            row["cold_slowdown_vs_quiet"] = row["cold_wall_s"] / cold_walls[(case, "quiet")]
 
 
 def _compiled(case, cold: dict, by: dict) -> dict:
@@ -308,14 +310,19 @@ def _md_cold(r: dict) -> list[str]:
     lines: list[str] = []
     cold = [x for x in r["rows"] if "cold_wall_s" in x]
     if cold:
-        disk = {x["input_bytes"]: x["cold_wall_s"] for x in cold if x["provider"].startswith("floor-disk-")}
+        disk = {(x["input_bytes"], x["condition"]): x["cold_wall_s"] for x in cold
+                if x["provider"].startswith("floor-disk-")}
         lines += ["", "Cold page cache (the inputs evicted with posix_fadvise DONTNEED per file before each "
                   "command, one run each; the disk floor reads every input byte with O_DIRECT and writes one "
-                  "model):", "", "| op | provider | wall s | GB/s input | × disk floor |", "|---|---|---|---|---|"]
-        lines += [f"| {x['op']} | {x['provider']} | {x['cold_wall_s']:.2f} | "
-                  f"{x['input_bytes'] / x['cold_wall_s'] / 1e9:.2f} | "
-                  f"{_x(x['cold_wall_s'] / disk[x['input_bytes']]) if x['input_bytes'] in disk else '-'} |"
-                  for x in cold]
+                  "model; busy: beside the competing processes, against the disk floor measured beside them):",
+                  "", "| op | provider | condition | wall s | GB/s input | × disk floor | busy/quiet |",
+                  "|---|---|---|---|---|---|---|"]
+        for x in cold:
+            floor = disk.get((x["input_bytes"], x["condition"]))
+            lines.append(f"| {x['op']} | {x['provider']} | {x['condition']} | {x['cold_wall_s']:.2f} | "
+                         f"{x['input_bytes'] / x['cold_wall_s'] / 1e9:.2f} | "
+                         f"{_x(x['cold_wall_s'] / floor) if floor else '-'} | "
+                         f"{_x(x['cold_slowdown_vs_quiet']) if x.get('cold_slowdown_vs_quiet') else '-'} |")
     elif r.get("cold_cache") != NOT_ASKED:  # asked for and skipped: say why; not asked: say nothing
         lines += ["", f"Cold page cache: {r['cold_cache']}"]
     return lines
