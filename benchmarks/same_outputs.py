@@ -75,10 +75,10 @@ def main(argv=None) -> int:
         print(f"{name:18s} {'identical' if ok else 'DIFFERENT'} ({len(after)} files; {t_before:.1f} s -> "
               f"{t_after:.1f} s, one run each)", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"synthetic": args.synthetic, "backend": args.backend,
-                                        "before": args.label or str(args.before), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime()),
-                                        "all_identical": same, "rows": rows}, indent=1) + "\n")
+        date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        args.out.write_text(json.dumps({"synthetic": args.synthetic, "backend": args.backend, "date": date,
+                                        "before": args.label or str(args.before), "all_identical": same,
+                                        "rows": rows}, indent=1) + "\n")
     return 0 if same else 1
 
 
