@@ -32,20 +32,13 @@ def _reduce_kernel(a, a_kind, b, b_kind, mask, has_mask, n, parts):
                     if mask[i0 + j]:
                         xa[j] = 0.0
                         xb[j] = 0.0
-            full = m - m % LANES
-            for j0 in range(0, full, LANES):  # entry s + LANES·q + j goes to lane j (SPAN is a multiple of LANES)
-                for j in range(LANES):
+            for j0 in range(0, m, LANES):  # entry s + LANES·q + j goes to lane j (SPAN is a multiple of LANES)
+                for j in range(min(LANES, m - j0)):
                     x = np.float64(xa[j0 + j])
                     y = np.float64(xb[j0 + j])
                     aa[j] += x * x
                     bb[j] += y * y
                     ab[j] += x * y
-            for j in range(m - full):
-                x = np.float64(xa[full + j])
-                y = np.float64(xb[full + j])
-                aa[j] += x * x
-                bb[j] += y * y
-                ab[j] += x * y
         sa = 0.0
         sb = 0.0
         sab = 0.0
