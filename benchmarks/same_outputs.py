@@ -35,6 +35,8 @@ def merges(m: dict[str, str]) -> dict[str, list[str]]:
         "ties": ["ties", *tasks, "--density", "0.3"],
         "dare-ties": ["dare-ties", *tasks, "--density", "0.5", "--seed", "3"],
         "breadcrumbs-ties": ["breadcrumbs-ties", *tasks, "--density", "0.4", "--gamma", "0.05"],
+        "breadcrumbs": ["breadcrumbs", *tasks, "--density", "0.5"],
+        "breadcrumbs-weights": ["breadcrumbs", *tasks, "--density", "0.9", "--gamma", "0.02", "--weights", "1,0.5"],
         "cores": ["cores", "--base", base, "--model", f"a={a}", "--model", f"b={b}", "--p", "1"],
     }
 

@@ -114,7 +114,7 @@ def test_one_pass_bracket_select_equals_radix_select(monkeypatch, dtype, kind):
         x, base = quantized(n, dtype, step), quantized(n, dtype, step / 2)
     taken = []
     one_pass = select_cpu.bracket_select_cpu
-    monkeypatch.setattr(select_cpu, "bracket_select_cpu", lambda *a: taken.append(one_pass(*a)) or taken[-1])
+    monkeypatch.setattr(select_cpu, "bracket_select_cpu", lambda *a, **kw: taken.append(one_pass(*a, **kw)) or taken[-1])
     ks = [1, n // 100, n // 3, n // 2, n - n // 50, n - 1]
     got = [magnitude_cut(x, base, k, backend="cpu") for k in ks]
     assert any(t is not None for t in taken), "the one-pass path never ran"
@@ -137,3 +137,51 @@ def test_bracket_select_reports_a_miss_and_an_overflow():
     value, greater, equal, last = bracket_select_cpu(x, base, k, kth, kth)
     assert (value, greater, equal) == (kth, int((scores > kth).sum()), int((scores == kth).sum()))
     assert magnitude_cut(x, base, k, backend="cpu") == magnitude_cut_ref(x, base, k)
+
+
+def _bands(n: int) -> list[tuple[int, int]]:
+    """(lo, hi) pairs: breadcrumbs' usual shapes (a few percent at the top, most of the rest), the edges."""
+    pairs = {(0, 0), (0, n), (n, n), (n // 3, n // 2), (n // 2 - n // 100, n - n // 100), (n // 100, n - 1),
+             (1, n - n // 200), (n - n // 50, n - n // 100)}
+    return sorted(p for p in pairs if 0 <= p[0] <= p[1] <= n)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "many-ties", "few-values"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n", [0, 1, 1000, 8 * BLOCK + 3, 20 * BLOCK + 11], ids=lambda n: f"n{n}")
+def test_magnitude_band_equals_the_stable_sort(monkeypatch, n, dtype, kind):
+    """A Band (breadcrumbs: ascending ranks lo .. hi − 1, lower index first among ties) is the stable sort's
+    slice on cpu (the one-pass bracket, open-ended near the top, and radix select) and torch, bit for bit;
+    band_mask applies it chunk by chunk."""
+    import cpift.kernels.select as select
+
+    if kind == "distinct":
+        x, base = nonzero_randn(n, dtype), nonzero_randn(n, dtype)
+    else:
+        step = 1 / 64 if kind == "many-ties" else 1 / 2
+        x, base = quantized(n, dtype, step), quantized(n, dtype, step / 2)
+    before = (x.clone(), base.clone())
+    scores = select.magnitude_scores(x, base, 0, n).clone() if n else torch.zeros(0)
+    for lo, hi in _bands(n):
+        want = select.band_mask_ref(x, base, lo, hi)
+        band = select.magnitude_band(x, base, lo, hi, backend="cpu")
+        assert torch.equal(select.band_mask(scores, band, 0), want), (lo, hi)
+        assert select.magnitude_band(x, base, lo, hi, backend="torch") == band, (lo, hi)
+        half = n // 2
+        assert torch.equal(torch.cat([select.band_mask(scores[:half], band, 0),
+                                      select.band_mask(scores[half:], band, half)]), want)
+    monkeypatch.setattr(select, "BRACKET_BUDGET", 0)  # radix select and the tie pass only
+    for lo, hi in _bands(n):
+        assert torch.equal(select.band_mask(scores, select.magnitude_band(x, base, lo, hi, backend="cpu"), 0),
+                           select.band_mask_ref(x, base, lo, hi)), (lo, hi)
+    assert_exact(x, before[0])
+    assert_exact(base, before[1])
+
+
+def test_magnitude_band_rejects_bad_ranks():
+    from cpift.kernels.select import magnitude_band
+
+    x = nonzero_randn(10, torch.float32)
+    for lo, hi in [(-1, 3), (4, 3), (2, 11)]:
+        with pytest.raises(ValueError, match="magnitude_band"):
+            magnitude_band(x, None, lo, hi)

@@ -1,4 +1,4 @@
-"""kernels/_ties_cpu.py: the fused CPU delta_merge, bit for bit against the torch backend and within the
+"""kernels/_ties_cpu.py: the fused CPU delta_merge (trim, band, drop, election), bit for bit against the torch backend and within the
 comparison rule of the float64 oracle; DARE's Philox stream, the tie rule at unaligned starts, thread
 counts, dispatch and the in-pass finiteness record."""
 
@@ -12,7 +12,7 @@ from _cpu_cases import BLOCK, CPU_LENGTH_IDS, CPU_LENGTHS, needs_numba, torch_th
 from cpift.kernels.backend import resolve
 from cpift.kernels.dare import keep_mask, tensor_seed
 from cpift.kernels.finite import all_finite
-from cpift.kernels.select import Cut, cut_mask, magnitude_cut
+from cpift.kernels.select import Cut, cut_mask, magnitude_band, magnitude_cut
 from cpift.kernels.ties import delta_merge, delta_merge_ref
 
 pytestmark = needs_numba
@@ -25,6 +25,8 @@ MODES = {
     "trim_drop_elect": dict(elect_sign=True, trim=0.5, density=0.25),
     "dare_ties_per_model": dict(elect_sign=True, density=[0.5, 0.25, 1.0]),
     "ties_sum": dict(elect_sign=True, trim=0.3, normalize=False),
+    "breadcrumbs": dict(elect_sign=False, band=(0.39, 0.97)),
+    "breadcrumbs_ties_drop": dict(elect_sign=True, band=(0.05, 0.6), density=0.5),
 }
 LARGE_MODES = ["trim_drop_elect"]  # trim, drop and election at once: the torch path is slow at this size
 
@@ -40,6 +42,10 @@ def _options(mode: dict, base: torch.Tensor, xs: list[torch.Tensor]) -> dict:
     opts: dict = {"elect_sign": mode["elect_sign"], "lam": 0.9, "normalize": mode.get("normalize", True)}
     if "trim" in mode:
         opts["cuts"] = [magnitude_cut(x, base, int(mode["trim"] * base.numel()), backend="torch") for x in xs]
+    if "band" in mode:  # breadcrumbs: ascending ranks lo .. hi − 1 by |δ|
+        n = base.numel()
+        lo, hi = (int(f * n) for f in mode["band"])
+        opts["bands"] = [magnitude_band(x, base, lo, hi, backend="torch") for x in xs]
     if "density" in mode:
         density = mode["density"]
         opts["drop_density"] = density[:len(xs)] if isinstance(density, list) else density

@@ -146,6 +146,7 @@ NONFINITE_CASES = {
     "ties": ["ties", "--base", "{base}", "{task1}", "{task2}", "--density", "0.2"],
     "dare-ties": ["dare-ties", "--base", "{base}", "{task1}", "{task2}", "--density", "0.2"],
     "dare-linear": ["dare-linear", "--base", "{base}", "{task1}", "{task2}", "--density", "0.2"],
+    "breadcrumbs": ["breadcrumbs", "--base", "{base}", "{task1}", "{task2}", "--density", "0.2", "--gamma", "0.1"],
     "model-stock": ["model-stock", "--base", "{base}", "{task1}", "{task2}"],
     "model-stock-rows": ["model-stock", "--base", "{base}", "{task1}", "{task2}", "--filter-wise"],
 }

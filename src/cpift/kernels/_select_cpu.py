@@ -137,12 +137,13 @@ def _nth_equal(vals, offs, counts, value, r):
     return -1
 
 
-def bracket_select_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, lo: float,
-                       hi: float) -> tuple[float, int, int, int] | None:
-    """(k-th largest score v, #scores > v, #scores == v, flat index of the last tie kept, or n − 1 when
-    every tie is kept) if v lies in [lo, hi] (bounds included: bf16 deltas take few distinct values,
-    and the sample's quantiles are often the k-th largest itself) and every block's candidates fit its
-    slot; else None."""
+def bracket_select_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, lo: float, hi: float, *,
+                       high_ties: bool = False) -> tuple[float, int, int, int] | None:
+    """(k-th largest score v, #scores > v, #scores == v, tie index) if v lies in [lo, hi] (bounds included:
+    bf16 deltas take few distinct values, and the sample's quantiles are often the k-th largest itself)
+    and every block's candidates fit its slot; else None. The tie index: the flat index of the last tie
+    kept, lowest index first (n − 1 when every tie is kept); with high_ties, of the first tie kept,
+    highest index first (0 when every tie is kept)."""
     from ._scratch import scratch
 
     n = x.numel()
@@ -166,5 +167,7 @@ def bracket_select_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, lo: f
     greater = k - need + int(np.count_nonzero(cand > value))
     equal = int(np.count_nonzero(cand == value))
     ties = k - greater
-    last = n - 1 if ties == equal else int(_nth_equal(vals, offs, counts, value, ties))
-    return float(value), greater, equal, last
+    if ties == equal:
+        return float(value), greater, equal, 0 if high_ties else n - 1
+    r = equal - ties + 1 if high_ties else ties  # the r-th tie from the lowest index
+    return float(value), greater, equal, int(_nth_equal(vals, offs, counts, value, r))

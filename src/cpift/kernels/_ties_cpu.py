@@ -10,7 +10,7 @@ import torch
 from numba import njit, prange
 
 from ._cpu import BLOCK, SPAN, addresses, blocks, fma, load_span, store_span, sync_threads
-from .select import Cut
+from .select import Band, Cut
 
 _M32 = np.uint64(0xFFFFFFFF)
 _ROUND_A = np.uint64(0xD2511F53)
@@ -71,6 +71,15 @@ def _trim(dk, score, tie, cut):
 
 
 @njit(inline="always", cache=True)
+def _band(dk, score, g, bv, bf):
+    # Keep the entry when among the n − lo largest and not among the n − hi largest (select.Band: ties
+    # from the highest index), bv = (low, high), bf = (low_first, high_first).
+    inside = (score > bv[0]) | ((score == bv[0]) & (g >= bf[0]))
+    above = (score > bv[1]) | ((score == bv[1]) & (g >= bf[1]))
+    return dk * (np.float32(inside) - np.float32(inside & above))
+
+
+@njit(inline="always", cache=True)
 def _uniforms(g0, L, k0, k1, u):
     # u[j] for j < L + 3: the DARE uniform of global entry g0 − (g0 mod 4) + j (Philox per quad of entries).
     q0 = g0 >> 2
@@ -79,11 +88,11 @@ def _uniforms(g0, L, k0, k1, u):
 
 
 @njit(inline="always", cache=True)
-def _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind, i0, L, g0,
-          has_cut, has_drop, elect, normalize, bv, acc, d, u, sg, den):
+def _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, band_v, band_f, dens, keys, lam, out, out_kind, i0,
+          L, g0, has_cut, has_band, has_drop, elect, normalize, bv, acc, d, u, sg, den):
     # Entries i0 … i0 + L − 1 (global g0 …), one model at a time over float32 buffers (bv the base, d[k]
     # the trimmed and dropped deltas, acc their sum); per entry the torch path's operations in its order:
-    # δ = x − b, trim, drop, Σ fma(δ, w); then the sign election; then b + λ·Σ, one rounding on store.
+    # δ = x − b, trim or band, drop, Σ fma(δ, w); then the sign election; then b + λ·Σ, one rounding on store.
     load_span(base, base_kind, i0, L, bv)
     for j in range(L):
         acc[j] = _ZERO
@@ -95,12 +104,16 @@ def _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam
             _uniforms(g0, L, keys[2 * k], keys[2 * k + 1], u)
         cut = cut_v[k]
         ties = last_tie[k] - g0 + 1  # entries j < ties are at or before the last tie
+        kv = band_v[k]
+        kf = band_f[k]
         p = dens[k]
         wk = num_w[k]
         for j in range(L):
             x = dk[j] - bv[j]
             if has_cut:
                 x = _trim(x, abs(x), j < ties, cut)
+            if has_band:
+                x = _band(x, abs(x), g0 + j, kv, kf)
             if has_drop:
                 x = x * _sign(_clamp0(p - u[lane + j]))
             acc[j] = fma(x, wk, acc[j])
@@ -129,8 +142,8 @@ def _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind,
-                  n, start, has_cut, has_drop, elect, normalize, bad):
+def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, band_v, band_f, dens, keys, lam, out,
+                  out_kind, n, start, has_cut, has_band, has_drop, elect, normalize, bad):
     for blk in prange(bad.shape[0]):
         s = blk * BLOCK
         e = min(s + BLOCK, n)
@@ -142,9 +155,9 @@ def _delta_kernel(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, k
         d = np.empty((xs.shape[0], SPAN), dtype=np.float32)
         flag = 0
         for i0 in range(s, e, SPAN):
-            flag |= _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, dens, keys, lam, out, out_kind,
-                          i0, min(SPAN, e - i0), start + i0, has_cut, has_drop, elect, normalize, bv, acc, d, u,
-                          sg, den)
+            flag |= _span(base, base_kind, xs, kinds, num_w, w, cut_v, last_tie, band_v, band_f, dens, keys, lam,
+                          out, out_kind, i0, min(SPAN, e - i0), start + i0, has_cut, has_band, has_drop, elect,
+                          normalize, bv, acc, d, u, sg, den)
         bad[blk] = flag
 
 
@@ -156,6 +169,7 @@ def delta_merge_cpu(
     *,
     lam: float,
     cuts: list[Cut] | None,
+    bands: list[Band] | None = None,
     densities: list[float] | None,
     drop_seeds: list[int] | None,
     elect_sign: bool,
@@ -174,6 +188,8 @@ def delta_merge_cpu(
     f32 = np.float32
     cut_v = np.array([c.value for c in cuts] if cuts else [0.0] * count, dtype=f32)
     last_tie = np.array([c.last_tie for c in cuts] if cuts else [-1] * count, dtype=np.int64)
+    band_v = np.array([(c.low, c.high) for c in bands] if bands else [(0.0, 0.0)] * count, dtype=f32)
+    band_f = np.array([(c.low_first, c.high_first) for c in bands] if bands else [(0, 0)] * count, dtype=np.int64)
     dens = np.array(densities if densities else [1.0] * count, dtype=f32)
     seeds = drop_seeds if densities else [0] * count
     keys = np.array([v for s in seeds for v in (s & 0xFFFFFFFF, (s >> 32) & 0xFFFFFFFF)], dtype=np.uint64)
@@ -181,6 +197,6 @@ def delta_merge_cpu(
     (b_ptr,), (b_kind,) = addresses([base])
     (o_ptr,), (o_kind,) = addresses([out])
     _delta_kernel(b_ptr, b_kind, ptrs, kinds, np.array(num_weights, dtype=f32), np.array(weights, dtype=f32),
-                  cut_v, last_tie, dens, keys, f32(lam), o_ptr, o_kind, n, start,
-                  cuts is not None, densities is not None, bool(elect_sign), bool(normalize), bad)
+                  cut_v, last_tie, band_v, band_f, dens, keys, f32(lam), o_ptr, o_kind, n, start,
+                  cuts is not None, bands is not None, densities is not None, bool(elect_sign), bool(normalize), bad)
     return not bad.any()

@@ -2,7 +2,8 @@
 # tie index j: selected when s > v, or s == v at flat index ≤ j; ties to the lowest index), by radix
 # select: two 2^16-bin histogram passes and, when the ties split, a third for the r-th tie; the torch
 # and cpu backends first try a sampled bracket (cpu: one fused pass keeping the scores inside it in a
-# reused buffer). No sort.
+# reused buffer). No sort. A Band (breadcrumbs) is the entries of ascending ranks lo .. hi − 1 by
+# (score, flat index), found as two such selections with the ties taken from the highest index.
 # Precision: exact for the float32 scores; every backend gives the same Cut.
 # Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsselectpy
 from __future__ import annotations
@@ -35,6 +36,23 @@ class Cut:
     def none(cls) -> Cut:
         """Select nothing: no score is > +inf, and no index is ≤ −1 (k = 0)."""
         return cls(value=math.inf, last_tie=-1)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Entries of ascending ranks lo .. hi − 1 by (score, flat index): those among the n − lo largest
+    (s > low, or s == low at flat index ≥ low_first) and not among the n − hi largest (s > high, or
+    s == high at flat index ≥ high_first); ties to the highest index, as the ascending order's reverse."""
+
+    low: float
+    low_first: int
+    high: float
+    high_first: int
+
+    @classmethod
+    def all(cls, n: int) -> Band:
+        """Every (non-NaN) entry of a tensor of n: lo = 0, hi = n."""
+        return cls(low=-math.inf, low_first=0, high=math.inf, high_first=n)
 
 
 def _bits_to_float(bits: int) -> float:
@@ -171,6 +189,21 @@ def cut_keep(scores: torch.Tensor, cut: Cut, start: int, *, out: torch.Tensor) -
     return out
 
 
+def band_mask(scores: torch.Tensor, band: Band, start: int) -> torch.Tensor:
+    """Bool mask of the entries a Band selects, for a score chunk whose first flat index is start."""
+    if scores.dtype != torch.float32:
+        scores = scores.float()
+    return _top_mask(scores, band.low, band.low_first - start) & ~_top_mask(scores, band.high, band.high_first - start)
+
+
+def _top_mask(scores: torch.Tensor, value: float, first: int) -> torch.Tensor:
+    mask = torch.gt(scores, value)
+    first = max(0, first)
+    if first < scores.numel():
+        mask[first:].logical_or_(torch.eq(scores[first:], value))
+    return mask
+
+
 # Fast path for large tensors: a strided sample of _SAMPLE scores brackets the k-th largest in
 # (lo, hi]; one pass counts the scores above hi and gathers the few inside the bracket, and the
 # k-th largest is then found among those alone. It is exact whenever the bracket holds it, which
@@ -204,10 +237,12 @@ def _bracket(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
         sample = (xs if base is None else xs - base[::n // _SAMPLE][:_SAMPLE]).abs().float().sort().values
     below = 1.0 - k / n  # share of scores under the k-th largest
     lo_q, hi_q = below - _MARGIN, below + _MARGIN
-    if lo_q <= 0.0 or hi_q >= 1.0:
-        return None  # k near 0 or n: the bracket would hold most of the tensor
+    if lo_q <= 0.0 and hi_q >= 1.0:
+        return None  # the bracket would hold the whole tensor
+    # k near n or near 0: the bracket runs open to the end, and holds at most 2·_MARGIN of the scores
     m = sample.numel() - 1
-    return float(sample[math.floor(lo_q * m)]), float(sample[math.ceil(hi_q * m)])
+    return (float(sample[math.floor(lo_q * m)]) if lo_q > 0.0 else -math.inf,
+            float(sample[math.ceil(hi_q * m)]) if hi_q < 1.0 else math.inf)
 
 
 def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
@@ -217,7 +252,7 @@ def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
     inside = []
     for s, e in chunks(n):
         scores = magnitude_scores(x, base, s, e)
-        above += _count_greater(scores, hi)
+        above += _count_greater(scores, hi) if hi < math.inf else 0  # inf − inf would be NaN
         le = scratch("select.le", e - s, torch.bool, x.device)
         gt = scratch("select.gt", e - s, torch.bool, x.device)
         torch.le(scores, hi, out=le).logical_and_(torch.gt(scores, lo, out=gt))
@@ -230,27 +265,63 @@ def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
     return value, above + int((cand > value).sum()), int((cand == value).sum())
 
 
+def _check_k(x: torch.Tensor, base: torch.Tensor | None, k: int, what: str) -> int:
+    n = x.numel()
+    check_flat("x", x)
+    if base is not None:
+        check_flat("base", base, n)
+    if not 0 <= k <= n:
+        raise ValueError(f"{what}: k must be in [0, {n}], got {k}")
+    return n
+
+
 def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend: str | None = None) -> Cut:
     """The Cut selecting exactly the k largest |x − base| of a 1-D tensor (lowest index wins ties).
 
     The Triton and cpu backends run radix select with their fused scoring kernels (two passes, plus
     a tie pass when the k-th largest's ties are split); torch brackets the k-th largest by a sample.
     """
-    n = x.numel()
-    check_flat("x", x)
-    if base is not None:
-        check_flat("base", base, n)
-    if not 0 <= k <= n:
-        raise ValueError(f"magnitude_cut: k must be in [0, {n}], got {k}")
+    n = _check_k(x, base, k, "magnitude_cut")
     if k == 0:
         return Cut.none()
     if k == n:
         return Cut.all()
+    value, last = _kth_largest(x, base, k, backend, high_ties=False)
+    return Cut(value=value, last_tie=last)
+
+
+def magnitude_band(x: torch.Tensor, base: torch.Tensor | None, lo: int, hi: int, *,
+                   backend: str | None = None) -> Band:
+    """The Band of the entries of ascending ranks lo .. hi − 1 by (|x − base|, flat index) of a 1-D tensor
+    (breadcrumbs' mask: the lo smallest and the n − hi largest dropped, lower index first among ties)."""
+    n = _check_k(x, base, lo, "magnitude_band")
+    if not lo <= hi <= n:
+        raise ValueError(f"magnitude_band: need lo ≤ hi ≤ {n}, got lo {lo}, hi {hi}")
+    low, low_first = _top_high(x, base, n - lo, backend)
+    high, high_first = _top_high(x, base, n - hi, backend)
+    return Band(low=low, low_first=low_first, high=high, high_first=high_first)
+
+
+def _top_high(x: torch.Tensor, base: torch.Tensor | None, k: int, backend: str | None) -> tuple[float, int]:
+    """(v, f) selecting the k largest with ties to the highest index: s > v, or s == v at index ≥ f."""
+    n = x.numel()
+    if k == 0:
+        return math.inf, n
+    if k == n:
+        return -math.inf, 0
+    return _kth_largest(x, base, k, backend, high_ties=True)
+
+
+def _kth_largest(x: torch.Tensor, base: torch.Tensor | None, k: int, backend: str | None, *,
+                 high_ties: bool) -> tuple[float, int]:
+    """(k-th largest score v, tie index) for 0 < k < n. Ties to the lowest index: the last tie selected
+    (n − 1 when every tie is); to the highest (high_ties): the first tie selected (0 when every tie is)."""
+    n = x.numel()
     be = resolve(backend, x, base)
     if be == "cpu" and not _fused(x, base):
         be = "torch"  # float64 inputs: the oracle precision stays on the torch path
     if be == "cpu":
-        bracketed = _bracket_cpu(x, base, k, n)
+        bracketed = _bracket_cpu(x, base, k, n, high_ties)
         if bracketed is not None:
             return bracketed
     if be in ("triton", "cpu"):
@@ -274,19 +345,20 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     value, greater, equal = found
     ties = k - greater
     if ties == equal:
-        return Cut(value=value, last_tie=n - 1)
-    return Cut(value=value, last_tie=tie_index(x, base, value, ties, backend=be))
+        return value, 0 if high_ties else n - 1
+    return value, tie_index(x, base, value, equal - ties + 1 if high_ties else ties, backend=be)
 
 
-def _bracket_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int) -> Cut | None:
-    """The Cut in one fused pass over (x, base) if a sample brackets the k-th largest (else None)."""
+def _bracket_cpu(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
+                 high_ties: bool) -> tuple[float, int] | None:
+    """_kth_largest in one fused pass over (x, base) if a sample brackets the k-th largest (else None)."""
     from ._select_cpu import bracket_select_cpu, sample_scores_cpu
 
     if not 8 * _SAMPLE <= n <= BRACKET_BUDGET:
         return None
     bracket = _bracket(x, base, k, n, torch.from_numpy(sample_scores_cpu(x, base, n // _SAMPLE, _SAMPLE)))
-    found = bracket_select_cpu(x, base, k, *bracket) if bracket is not None else None
-    return None if found is None else Cut(value=found[0], last_tie=found[3])
+    found = bracket_select_cpu(x, base, k, *bracket, high_ties=high_ties) if bracket is not None else None
+    return None if found is None else (found[0], found[3])
 
 
 def _fused(x: torch.Tensor, base: torch.Tensor | None) -> bool:
@@ -370,4 +442,12 @@ def magnitude_mask_ref(x: torch.Tensor, base: torch.Tensor | None, k: int) -> to
     order = torch.sort(scores, descending=True, stable=True).indices
     mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     mask[order[:k]] = True
+    return mask
+
+
+def band_mask_ref(x: torch.Tensor, base: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """Oracle bool mask of magnitude_band: ascending ranks lo .. hi − 1 by a stable float64 sort."""
+    order = torch.sort(_scores_ref(x, base), stable=True).indices
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    mask[order[lo:hi]] = True
     return mask

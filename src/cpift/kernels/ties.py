@@ -1,5 +1,5 @@
-# The element-wise core of task arithmetic, TIES and DARE (delta_merge): per entry δ_i = x_i − b,
-# trimmed by a Cut and/or dropped by the DARE mask (÷ density), then b + λ Σ w_i δ_i, or with sign
+# The element-wise core of task arithmetic, TIES, DARE and breadcrumbs (delta_merge): per entry δ_i = x_i − b,
+# trimmed by a Cut or a Band and/or dropped by the DARE mask (÷ density), then b + λ Σ w_i δ_i, or with sign
 # election b + λ Σ_{agreeing i} w_i δ_i / Σ_{agreeing i} w_i (normalize=False: no division).
 # One pass, (N + 1) inputs read and 1 output written per entry; no mask is read.
 # Precision: float32 per chunk (float64 inputs: float64), one rounding on store; torch, fused CPU and
@@ -15,7 +15,7 @@ from ._scratch import check_flat, chunks, compute_dtype, scratch
 from .backend import resolve
 from .dare import keep_factor, keep_mask
 from .finite import note_written
-from .select import Cut, cut_keep, cut_mask
+from .select import Band, Cut, band_mask, cut_keep, cut_mask
 
 
 def _validate(
@@ -25,6 +25,7 @@ def _validate(
     cuts: Sequence[Cut] | None,
     drop_density: float | Sequence[float] | None,
     drop_seeds: Sequence[int] | None,
+    bands: Sequence[Band] | None = None,
 ) -> list[float] | None:
     """Raise ValueError on inconsistent arguments; return the per-model drop densities (or None)."""
     n = base.numel()
@@ -37,6 +38,8 @@ def _validate(
         raise ValueError(f"delta_merge: {len(xs)} tensors but {len(weights)} weights; give one per tensor")
     if cuts is not None and len(cuts) != len(xs):
         raise ValueError(f"delta_merge: {len(xs)} tensors but {len(cuts)} cuts; give one per tensor")
+    if bands is not None and (cuts is not None or len(bands) != len(xs)):
+        raise ValueError(f"delta_merge: {len(xs)} tensors; give one band per tensor, and no cuts with bands")
     if drop_density is None:
         return None
     if isinstance(drop_density, (int, float)):
@@ -60,6 +63,7 @@ def delta_merge(
     *,
     lam: float = 1.0,
     cuts: Sequence[Cut] | None = None,
+    bands: Sequence[Band] | None = None,
     drop_density: float | Sequence[float] | None = None,
     drop_seeds: Sequence[int] | None = None,
     elect_sign: bool,
@@ -68,12 +72,13 @@ def delta_merge(
     out: torch.Tensor,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Write base + λ·(merged, optionally trimmed/dropped/sign-elected task deltas) into out.
+    """Write base + λ·(merged, optionally trimmed/banded/dropped/sign-elected task deltas) into out.
 
     ``backend``: 'torch', 'cpu', 'triton' or 'auto' (default: $CPIFT_BACKEND, else auto = Triton on
-    CUDA, the fused CPU kernel on the CPU); float64 inputs run on the torch path whatever the backend.
+    CUDA, the fused CPU kernel on the CPU); float64 inputs run on the torch path whatever the backend,
+    and bands on CUDA run on it too.
     """
-    densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds)
+    densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds, bands)
     n = base.numel()
     check_flat("out", out, n)
     dt = compute_dtype(base, *xs)
@@ -88,12 +93,13 @@ def delta_merge(
             from ._ties_cpu import delta_merge_cpu
 
             finite = delta_merge_cpu(base, list(xs), [float(w) for w in weights], num_w, lam=lam,
-                                     cuts=None if cuts is None else list(cuts), densities=densities,
+                                     cuts=None if cuts is None else list(cuts),
+                                     bands=None if bands is None else list(bands), densities=densities,
                                      drop_seeds=None if drop_seeds is None else list(drop_seeds),
                                      elect_sign=elect_sign, normalize=normalize, out=out)
             note_written(out, finite)
             return out
-    if be == "triton" and dt == torch.float32:
+    if be == "triton" and dt == torch.float32 and bands is None:
         from ._ties_triton import delta_merge_triton
 
         return delta_merge_triton(base, list(xs), [float(w) for w in weights], num_w, lam=lam,
@@ -115,6 +121,8 @@ def delta_merge(
             if cuts is not None:
                 score = torch.abs(d, out=keep) if dt == torch.float32 else d.abs()
                 d.mul_(cut_keep(score, cuts[i], s, out=keep))
+            if bands is not None:
+                d.mul_(keep.copy_(band_mask(torch.abs(d).float(), bands[i], s)))
             if densities is not None:
                 d.mul_(keep_factor(drop_seeds[i], s, m, densities[i], out=keep))
             acc.add_(d, alpha=num_w[i])
@@ -168,6 +176,7 @@ def delta_merge_ref(
     *,
     lam: float = 1.0,
     cuts: Sequence[Cut] | None = None,
+    bands: Sequence[Band] | None = None,
     drop_density: float | Sequence[float] | None = None,
     drop_seeds: Sequence[int] | None = None,
     elect_sign: bool,
@@ -176,7 +185,7 @@ def delta_merge_ref(
     precision: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Oracle of delta_merge, whole-tensor, in `precision` (float64 by default); returns that dtype."""
-    densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds)
+    densities = _validate(base, xs, weights, cuts, drop_density, drop_seeds, bands)
     n = base.numel()
     b = base.to(precision)
     deltas = []
@@ -186,6 +195,8 @@ def delta_merge_ref(
             # The trim score is the float32 |δ| that magnitude_cut ranks.
             score = d.abs().float()
             d = torch.where(cut_mask(score, cuts[i], 0), d, 0.0)
+        if bands is not None:
+            d = torch.where(band_mask(d.abs().float(), bands[i], 0), d, 0.0)
         if densities is not None:
             d = torch.where(keep_mask(drop_seeds[i], 0, n, densities[i]), d / densities[i], 0.0)
         deltas.append(d)

@@ -6,7 +6,8 @@ and adds b; its eight methods bind its configuration (the declarations at the en
   first; ``global_trim``: one threshold over the whole model, global_trim.py); drop (DARE: each entry kept
   with probability density by a seeded counter-based RNG, kept entries × 1/density); band (breadcrumbs: with
   density < 1, t = floor(density·n), top = floor(gamma·n), bot = max(0, n − t − top), the ranks bot ..
-  bot + t − 1 by ascending |δ_i|, ties lower index first, kept: two radix selects on the reversed tensor);
+  bot + t − 1 by ascending |δ_i|, ties lower index first, kept: a select.Band of two selections, applied
+  in the merge kernel);
   magprune (DELLA: with density < 1, in each row (the last dimension; a 1-D tensor is one row) the entry of
   rank r of C kept with probability (density − ε) + 2ε·r/(C − 1) from the seeded Philox stream of
   kernels/dare.py, where mergekit draws from torch's global RNG; a row of one entry keeps it with
@@ -52,18 +53,27 @@ def trim_l1_scale(x, b, cut) -> float:
     return l1_scale(x, b, cut_mask(torch.abs(x.float() - b.float()), cut, 0))
 
 
-def breadcrumbs_keep(x, b, density: float, gamma: float, *, backend: str | None = None):
-    """Bool mask of the entries breadcrumbs keeps (flat tensors; density < 1)."""
-    from cpift.kernels.select import cut_mask, magnitude_cut, magnitude_scores
+def breadcrumbs_band(x, b, density: float, gamma: float, *, backend: str | None = None):
+    """The select.Band of the entries breadcrumbs keeps (flat tensors): ascending ranks bot .. bot + t − 1."""
+    from cpift.kernels.select import Band, magnitude_band
 
     n = x.numel()
+    if density >= 1:
+        return Band.all(n)
     t, top = int(density * n), int(gamma * n)
     bot = max(0, n - t - top)
-    xf, bf = x.flip(0), b.flip(0)  # ascending, lower index first = descending, higher index first
-    scores = magnitude_scores(xf, bf, 0, n).clone()  # a scratch buffer that magnitude_cut reuses
-    upper = cut_mask(scores, magnitude_cut(xf, bf, n - bot, backend=backend), 0)
-    above = cut_mask(scores, magnitude_cut(xf, bf, n - bot - t, backend=backend), 0)
-    return (upper & ~above).flip(0)
+    return magnitude_band(x, b, bot, bot + t, backend=backend)
+
+
+def breadcrumbs_keep(x, b, density: float, gamma: float, *, backend: str | None = None):
+    """Bool mask of the entries breadcrumbs keeps (flat tensors)."""
+    return _band_keep(x, b, breadcrumbs_band(x, b, density, gamma, backend=backend))
+
+
+def _band_keep(x, b, band):
+    from cpift.kernels.select import band_mask, magnitude_scores
+
+    return band_mask(magnitude_scores(x, b, 0, x.numel()), band, 0)  # the float32 |x − b| the band ranks
 
 
 def della_keep(x, b, shape: Sequence[int], density: float, epsilon: float, seed: int):
@@ -107,10 +117,9 @@ def _ranked_keep(x, b, shape: Sequence[int], density: float, epsilon: float, see
     return (u < p).reshape(-1)
 
 
-def _sparsified(xs: list, b, *, sparsify: str, shape: Sequence[int], name: str, density: list[float],
-                gamma: list[float] | None, epsilon: list[float] | None, seed: int, rescale: bool,
-                backend: str | None) -> tuple[list, list[float]]:
-    """Breadcrumbs' band or DELLA's magprune: each x_i with its dropped entries set to b, and its L1 scale."""
+def _sparsified(xs: list, b, *, shape: Sequence[int], name: str, density: list[float], epsilon: list[float],
+                seed: int, rescale: bool) -> tuple[list, list[float]]:
+    """DELLA's magprune: each x_i with its dropped entries set to b, and its L1 scale."""
     import torch
 
     from cpift.kernels.dare import tensor_seed
@@ -119,8 +128,7 @@ def _sparsified(xs: list, b, *, sparsify: str, shape: Sequence[int], name: str, 
     for i, x in enumerate(xs):
         if density[i] >= 1:
             continue
-        keep = (della_keep(x, b, shape, density[i], epsilon[i], tensor_seed(seed, name, i)) if sparsify == "magprune"
-                else breadcrumbs_keep(x, b, density[i], gamma[i], backend=backend))
+        keep = della_keep(x, b, shape, density[i], epsilon[i], tensor_seed(seed, name, i))
         if rescale:
             scales[i] = l1_scale(x, b, keep)
         out[i] = torch.where(keep, x, b)  # exact: a dropped entry's delta is b − b = 0
@@ -145,15 +153,21 @@ def merge_deltas(xs: Sequence[Any], out: Any, *, backend: str | None, shape: Seq
         kw = {"cuts": cuts, "scales": [trim_l1_scale(x, b, c) for x, c in zip(rest, cuts)] if rescale else None}
     elif sparsify == "drop":
         kw = {"drop_density": density, "drop_seeds": [tensor_seed(seed, name, i) for i in range(len(rest))]}
-    elif sparsify in ("band", "magprune"):
-        rest, scales = _sparsified(rest, b, sparsify=sparsify, shape=shape, name=name, density=density,
-                                   gamma=gamma, epsilon=epsilon, seed=seed, rescale=rescale, backend=backend)
-        if normalize and not elect_sign:
-            total = sum(weights)
-            scales = [c / (1.0 if abs(total) < NORMALIZE_EPS else total) for c in scales]
+    elif sparsify == "band":
+        # the band applied inside the merge kernel: one pass, no masked copy of the inputs
+        bands = [breadcrumbs_band(x, b, d, g, backend=backend) for x, d, g in zip(rest, density, gamma)]
+        kw = {"bands": bands, "scales": [l1_scale(x, b, _band_keep(x, b, c)) if d < 1 else 1.0
+                                         for x, c, d in zip(rest, bands, density)] if rescale else None}
+    elif sparsify == "magprune":
+        rest, scales = _sparsified(rest, b, shape=shape, name=name, density=density, epsilon=epsilon, seed=seed,
+                                   rescale=rescale)
         kw = {"scales": scales}
+    if sparsify in ("band", "magprune") and normalize and not elect_sign:
+        total = sum(weights)
+        kw["scales"] = [c / (1.0 if abs(total) < NORMALIZE_EPS else total) for c in kw["scales"] or [1.0] * len(rest)]
     delta_merge(b, rest, weights, lam=lam, elect_sign=elect_sign, normalize=normalize, out=out, backend=backend,
                 **kw)
+
 
 
 def _bind(sparsify: str, elect_sign: bool) -> Callable[..., None]:
