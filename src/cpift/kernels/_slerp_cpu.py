@@ -13,32 +13,40 @@ from ._cpu import BLOCK, SPAN, addresses, blocks, fma, load_span, store_span, sy
 LANES = 8  # independent accumulators per sum: hides the float64 add latency
 
 
+@njit(inline="always", cache=True)
+def _fold(t, v, w, j0):
+    # The LANES running sums t (a tuple: kept in registers) plus the float64 products v[j0 + j]·w[j0 + j], lane j.
+    return (t[0] + np.float64(v[j0]) * np.float64(w[j0]), t[1] + np.float64(v[j0 + 1]) * np.float64(w[j0 + 1]),
+            t[2] + np.float64(v[j0 + 2]) * np.float64(w[j0 + 2]), t[3] + np.float64(v[j0 + 3]) * np.float64(w[j0 + 3]),
+            t[4] + np.float64(v[j0 + 4]) * np.float64(w[j0 + 4]), t[5] + np.float64(v[j0 + 5]) * np.float64(w[j0 + 5]),
+            t[6] + np.float64(v[j0 + 6]) * np.float64(w[j0 + 6]), t[7] + np.float64(v[j0 + 7]) * np.float64(w[j0 + 7]))
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _reduce_kernel(a, a_kind, b, b_kind, mask, has_mask, n, parts):
     for blk in prange(parts.shape[0]):
         s = blk * BLOCK
         e = min(s + BLOCK, n)
-        xa = np.empty(SPAN, dtype=np.float32)
-        xb = np.empty(SPAN, dtype=np.float32)
-        aa = np.zeros(LANES)
-        bb = np.zeros(LANES)
-        ab = np.zeros(LANES)
+        xa = np.zeros(SPAN + LANES, dtype=np.float32)  # + LANES: a last partial group reads zeros
+        xb = np.zeros(SPAN + LANES, dtype=np.float32)
+        zero = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        aa, bb, ab = zero, zero, zero
         for i0 in range(s, e, SPAN):
             m = min(SPAN, e - i0)
             load_span(a, a_kind, i0, m, xa)
             load_span(b, b_kind, i0, m, xb)
+            for j in range(m, m + LANES):
+                xa[j] = 0.0  # a product 0·0 = +0 adds nothing to a lane (whose sum is never −0)
+                xb[j] = 0.0
             if has_mask:
                 for j in range(m):
                     if mask[i0 + j]:
                         xa[j] = 0.0
                         xb[j] = 0.0
             for j0 in range(0, m, LANES):  # entry s + LANES·q + j goes to lane j (SPAN is a multiple of LANES)
-                for j in range(min(LANES, m - j0)):
-                    x = np.float64(xa[j0 + j])
-                    y = np.float64(xb[j0 + j])
-                    aa[j] += x * x
-                    bb[j] += y * y
-                    ab[j] += x * y
+                aa = _fold(aa, xa, xa, j0)
+                bb = _fold(bb, xb, xb, j0)
+                ab = _fold(ab, xa, xb, j0)
         sa = 0.0
         sb = 0.0
         sab = 0.0
