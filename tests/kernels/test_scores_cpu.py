@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _compare import DTYPE_IDS, DTYPES, assert_close_to_ref, assert_exact, nonzero_randn
-from _selection_cases import HAS_NUMBA, LENGTH_IDS, LENGTHS, NEEDS_NUMBA, quantized, threads
+from _selection_cases import BLOCK, HAS_NUMBA, LENGTH_IDS, LENGTHS, NEEDS_NUMBA, quantized, threads
 
 from cpift.kernels.backend import resolve
 from cpift.kernels.scores import BINS, score_count, score_deltas, score_deltas_ref, score_histogram
@@ -150,3 +150,25 @@ def test_first_kernel_keeps_torchs_thread_count():
             "print(torch.get_num_threads(), numba.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1"]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
+                                    (torch.float16, torch.bfloat16), (torch.float32, torch.float32)],
+                         ids=["bf16", "fp32-fp16", "fp16-bf16", "fp32"])
+@pytest.mark.parametrize("n", [1, 1023, BLOCK + 17, 5 * BLOCK + 3], ids=lambda n: f"n{n}")
+def test_count_unchanged_is_torchs_count_of_equal_entries(n, dtypes):
+    """count_unchanged (cores' share of zero updates) counts x == base as torch does: mixed storage kinds,
+    ±0 equal, NaN never equal, on the fused cpu kernel and the torch path."""
+    from cpift.kernels.scores import count_unchanged
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(dtypes[1])
+    x = torch.where(torch.rand(n, generator=g) < 0.3, base.to(dtypes[0]), torch.randn(n, generator=g).to(dtypes[0]))
+    x[0] = -0.0
+    base[0] = 0.0
+    if n > 2:
+        x[1] = base[1] = float("nan")
+    want = int(torch.count_nonzero(x == base))
+    assert want > 0
+    assert count_unchanged(x, base, backend="cpu") == want
+    assert count_unchanged(x, base, backend="torch") == want

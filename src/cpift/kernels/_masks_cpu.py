@@ -1,7 +1,7 @@
 # Fused CPU kernels of kernels/masks.py (format and bytes per entry: see its header), compiled by
 # numba and imported lazily by it.
-#   pack_cut: one pass that scores |x − base| in float32 (kernels/_scores_cpu.py's abs_delta, the
-#       torch backend's operations), applies the Cut (s > v, or s == v at flat index ≤ last_tie) and
+#   pack_cut: one pass that scores |x − base| in float32 (a span at a time, the torch backend's
+#       operations), applies the Cut (s > v, or s == v at flat index ≤ last_tie) and
 #       writes 8 entries a byte; tie counts per work block (BLOCK entries = BLOCK/8 whole bytes), added
 #       on the host in block order.
 #   overlap: popcount (LLVM's ctpop) of p & q and p | q over 8-byte words, per-block counts.
@@ -13,8 +13,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._cpu import BLOCK, as_array, blocks, claim, sync_threads, workers
-from ._scores_cpu import abs_delta
+from ._cpu import BLOCK, SPAN, addresses, blocks, claim, load_span, sync_threads, workers
 
 _WORDS = BLOCK // 8  # 8-byte words per overlap work block
 
@@ -29,10 +28,28 @@ def _ctpop64(typingctx, x):
     return sig, codegen
 
 
+@njit(inline="always", cache=True)
+def _pack_span(sc, m, i0, value, last_tie, out):
+    # Pack the span's cut into out's bytes i0/8 …; returns its ties (i0 is a multiple of 8).
+    count = 0
+    for j in range(m):
+        count += np.int64(sc[j] == value)
+    for q in range((m + 7) // 8):
+        packed = 0
+        for j in range(min(8, m - 8 * q)):  # 8 but in the tensor's last byte
+            i = i0 + 8 * q + j
+            s = sc[8 * q + j]
+            packed |= np.int64((s > value) | ((s == value) & (i <= last_tie))) << j
+        out[(i0 >> 3) + q] = packed
+    return count
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _pack_cut_kernel(x, xk, b, bk, has_base, n, value, last_tie, out, ties, nworkers, counter):
     nwork = ties.size
     for t in prange(nworkers):
+        sc = np.empty(SPAN, dtype=np.float32)
+        bb = np.empty(SPAN, dtype=np.float32)
         while True:
             w = claim(counter)
             if w >= nwork:
@@ -40,24 +57,17 @@ def _pack_cut_kernel(x, xk, b, bk, has_base, n, value, last_tie, out, ties, nwor
             e0 = w * BLOCK
             e1 = min(n, e0 + BLOCK)
             count = 0
-            full = e0 // 8 + (e1 - e0) // 8  # bytes of 8 entries; the tensor's last byte may be partial
-            for byte in range(e0 // 8, full):
-                packed = 0
-                for j in range(8):  # a fixed trip count: unrolled, no branch
-                    i = byte * 8 + j
-                    s = abs_delta(x, xk, b, bk, has_base, i)
-                    tie = s == value
-                    count += np.int64(tie)
-                    packed |= np.int64((s > value) | (tie & (i <= last_tie))) << j
-                out[byte] = packed
-            if e1 > full * 8:
-                packed = 0
-                for i in range(full * 8, e1):
-                    s = abs_delta(x, xk, b, bk, has_base, i)
-                    tie = s == value
-                    count += np.int64(tie)
-                    packed |= np.int64((s > value) | (tie & (i <= last_tie))) << (i - full * 8)
-                out[full] = packed
+            for i0 in range(e0, e1, SPAN):  # scores widened a span at a time (load_span: vectorised)
+                m = min(SPAN, e1 - i0)
+                load_span(x, xk, i0, m, sc)
+                if has_base:
+                    load_span(b, bk, i0, m, bb)
+                    for j in range(m):
+                        sc[j] = abs(sc[j] - bb[j])
+                else:
+                    for j in range(m):
+                        sc[j] = abs(sc[j])
+                count += _pack_span(sc, m, i0, value, last_tie, out)
             ties[w] = count
 
 
@@ -100,12 +110,11 @@ def pack_cut_cpu(x: torch.Tensor, base: torch.Tensor | None, value: float, last_
     if not nwork:
         return 0
     sync_threads()
-    xa, xk = as_array(x)
-    ba, bk = as_array(base) if base is not None else (xa, xk)
+    ptrs, kinds = addresses([x] if base is None else [x, base])
     ties = np.empty(nwork, dtype=np.int64)
     # value is a float32 score (or ±inf): compared in float32, as torch compares a float32 tensor with it.
-    _pack_cut_kernel(xa, xk, ba, bk, base is not None, n, np.float32(value), max(-1, min(int(last_tie), n)),
-                     out.numpy(), ties, workers(nwork), np.zeros(1, dtype=np.int64))
+    _pack_cut_kernel(ptrs[0], kinds[0], ptrs[-1], kinds[-1], base is not None, n, np.float32(value),
+                     max(-1, min(int(last_tie), n)), out.numpy(), ties, workers(nwork), np.zeros(1, dtype=np.int64))
     return int(ties.sum())
 
 

@@ -17,7 +17,20 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._cpu import BF16, BLOCK, as_array, claim, f32_bits, load, sync_threads, workers
+from ._cpu import (
+    BF16,
+    BLOCK,
+    SPAN,
+    addresses,
+    as_array,
+    blocks,
+    claim,
+    f32_bits,
+    load,
+    load_span,
+    sync_threads,
+    workers,
+)
 
 BINS = 1 << 16
 _NO_OUT = np.empty(0, dtype=np.float32)
@@ -137,3 +150,34 @@ def score_cpu(x: torch.Tensor, base: torch.Tensor | None, block: int, *, out: to
                   -1 if high_bin is None else int(high_bin), np.zeros(1, dtype=np.int64))
     if mode:
         _fold(hists, nworkers, hist.numpy())
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _unchanged_kernel(x, xk, b, bk, n, counts, nworkers, counter):
+    nwork = counts.size
+    for t in prange(nworkers):
+        bx = np.empty(SPAN, dtype=np.float32)
+        bb = np.empty(SPAN, dtype=np.float32)
+        while True:
+            w = claim(counter)
+            if w >= nwork:
+                break
+            c = 0
+            for i0 in range(w * BLOCK, min(n, w * BLOCK + BLOCK), SPAN):
+                m = min(SPAN, n - i0)
+                load_span(x, xk, i0, m, bx)  # widening to float32 is exact: equal in float32 iff equal
+                load_span(b, bk, i0, m, bb)
+                for j in range(m):
+                    c += np.int64(bx[j] == bb[j])
+            counts[w] = c
+
+
+def count_unchanged_cpu(x: torch.Tensor, base: torch.Tensor) -> int:
+    """Entries where x == base (validated contiguous CPU tensors of the fused kinds)."""
+    n = x.numel()
+    nwork = blocks(n)
+    sync_threads()
+    ptrs, kinds = addresses([x, base])
+    counts = np.empty(nwork, dtype=np.int64)
+    _unchanged_kernel(ptrs[0], kinds[0], ptrs[1], kinds[1], n, counts, workers(nwork), np.zeros(1, dtype=np.int64))
+    return int(counts.sum())

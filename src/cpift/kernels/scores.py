@@ -164,6 +164,17 @@ def score_histogram(x: torch.Tensor, base: torch.Tensor | None = None, *, block:
             add_low_counts(hist, scores, high_bin)
 
 
+def count_unchanged(x: torch.Tensor, base: torch.Tensor, *, backend: str | None = None) -> int:
+    """Entries where x == base (an update of exactly zero; NaN is never equal), as torch counts x == base."""
+    check_flat("x", x)
+    check_flat("base", base, x.numel())
+    if resolve(backend, x, base) == "cpu" and _fused(x, base, None, None) and x.numel():
+        from ._scores_cpu import count_unchanged_cpu
+
+        return count_unchanged_cpu(x, base)
+    return int(torch.count_nonzero(x == base))
+
+
 def score_deltas_ref(x: torch.Tensor, base: torch.Tensor | None = None, *, block: int = 1) -> torch.Tensor:
     """Oracle: float64 block means of |x − base| (not rounded to float32)."""
     d = x.double() if base is None else x.double() - base.double()

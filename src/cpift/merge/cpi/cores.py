@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from cpift.errors import NonFiniteError, OutputError, ParameterError
+from cpift.kernels.scores import count_unchanged
 from cpift.kernels.topk import GlobalTopK
 from cpift.merge.cpi.masks import block_size, mask_entries, parse_granularity, save_core_mask
 from cpift.merge.cpi.names import check_task_names
@@ -241,7 +242,7 @@ def _select(models, plan: _Plan, ks: list[int], *, dev, backend, progress: bool)
     def count(name, views):
         top.count(views[0], views[1:], plan.blocks[name])
         for i, v in enumerate(views[1:]):
-            sel.zeros[i] += int(torch.count_nonzero(v == views[0]))
+            sel.zeros[i] += count_unchanged(v.reshape(-1), views[0].reshape(-1), backend=backend)
 
     def pack(name, views):
         for i, (bits, c) in enumerate(top.pack(views[0], views[1:], plan.blocks[name])):
