@@ -316,6 +316,20 @@ def load_span(addr, kind, i0, n, dst):
 
 
 @njit(inline="always", cache=True)
+def load_abs_delta(x, xk, b, bk, has_base, i0, n, dst, tmp):
+    """dst[:n] ← the float32 scores |x − b| of entries i0 … i0 + n − 1 (|x| without a base; tmp: a second
+    buffer of n), widened and subtracted in float32 as the torch backend does."""
+    load_span(x, xk, i0, n, dst)
+    if has_base:
+        load_span(b, bk, i0, n, tmp)
+        for j in range(n):
+            dst[j] = abs(dst[j] - tmp[j])
+    else:
+        for j in range(n):
+            dst[j] = abs(dst[j])
+
+
+@njit(inline="always", cache=True)
 def _store_loop(addr, kind, i0, n, src):
     flag = 0
     for j in range(n):

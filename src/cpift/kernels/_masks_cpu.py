@@ -13,7 +13,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._cpu import BLOCK, SPAN, addresses, blocks, claim, load_span, sync_threads, workers
+from ._cpu import BLOCK, SPAN, addresses, blocks, claim, load_abs_delta, sync_threads, workers
 
 _WORDS = BLOCK // 8  # 8-byte words per overlap work block
 
@@ -59,14 +59,7 @@ def _pack_cut_kernel(x, xk, b, bk, has_base, n, value, last_tie, out, ties, nwor
             count = 0
             for i0 in range(e0, e1, SPAN):  # scores widened a span at a time (load_span: vectorised)
                 m = min(SPAN, e1 - i0)
-                load_span(x, xk, i0, m, sc)
-                if has_base:
-                    load_span(b, bk, i0, m, bb)
-                    for j in range(m):
-                        sc[j] = abs(sc[j] - bb[j])
-                else:
-                    for j in range(m):
-                        sc[j] = abs(sc[j])
+                load_abs_delta(x, xk, b, bk, has_base, i0, m, sc, bb)
                 count += _pack_span(sc, m, i0, value, last_tie, out)
             ties[w] = count
 

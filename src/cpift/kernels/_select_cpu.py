@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._cpu import BLOCK, SPAN, addresses, as_array, blocks, claim, f32_bits, load_span, sync_threads, workers
+from ._cpu import BLOCK, SPAN, addresses, as_array, blocks, claim, f32_bits, load_abs_delta, sync_threads, workers
 from ._scores_cpu import abs_delta
 
 CAP = BLOCK // 8  # bracket candidates a work block may hold
@@ -77,16 +77,9 @@ def tie_index_cpu(x: torch.Tensor, base: torch.Tensor | None, value: float, r: i
 def _bracket_block(x, xk, b, bk, has_base, s, e, lo, hi, keys, slot, bx, bb):
     a = 0
     c = 0
-    for i0 in range(s, e, SPAN):  # a span widened into float32 buffers first (load_span: vectorised)
+    for i0 in range(s, e, SPAN):  # a span's scores in a float32 buffer first (vectorised)
         m = min(SPAN, e - i0)
-        load_span(x, xk, i0, m, bx)
-        if has_base:
-            load_span(b, bk, i0, m, bb)
-            for j in range(m):
-                bx[j] = abs(bx[j] - bb[j])
-        else:
-            for j in range(m):
-                bx[j] = abs(bx[j])
+        load_abs_delta(x, xk, b, bk, has_base, i0, m, bx, bb)
         for j in range(m):
             a += np.int64(bx[j] > hi)
         for j in range(m):  # branch-free: bf16 deltas crowd ties into the bracket, the compares are unpredictable
