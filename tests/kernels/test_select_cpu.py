@@ -114,7 +114,8 @@ def test_one_pass_bracket_select_equals_radix_select(monkeypatch, dtype, kind):
         x, base = quantized(n, dtype, step), quantized(n, dtype, step / 2)
     taken = []
     one_pass = select_cpu.bracket_select_cpu
-    monkeypatch.setattr(select_cpu, "bracket_select_cpu", lambda *a, **kw: taken.append(one_pass(*a, **kw)) or taken[-1])
+    monkeypatch.setattr(select_cpu, "bracket_select_cpu",
+                        lambda *a, **kw: taken.append(one_pass(*a, **kw)) or taken[-1])
     ks = [1, n // 100, n // 3, n // 2, n - n // 50, n - 1]
     got = [magnitude_cut(x, base, k, backend="cpu") for k in ks]
     assert any(t is not None for t in taken), "the one-pass path never ran"
@@ -153,6 +154,7 @@ def test_magnitude_band_equals_the_stable_sort(monkeypatch, n, dtype, kind):
     """A Band (breadcrumbs: ascending ranks lo .. hi − 1, lower index first among ties) is the stable sort's
     slice on cpu (the one-pass bracket, open-ended near the top, and radix select) and torch, bit for bit;
     band_mask applies it chunk by chunk."""
+    import cpift.kernels.band as band
     import cpift.kernels.select as select
 
     if kind == "distinct":
@@ -163,23 +165,23 @@ def test_magnitude_band_equals_the_stable_sort(monkeypatch, n, dtype, kind):
     before = (x.clone(), base.clone())
     scores = select.magnitude_scores(x, base, 0, n).clone() if n else torch.zeros(0)
     for lo, hi in _bands(n):
-        want = select.band_mask_ref(x, base, lo, hi)
-        band = select.magnitude_band(x, base, lo, hi, backend="cpu")
-        assert torch.equal(select.band_mask(scores, band, 0), want), (lo, hi)
-        assert select.magnitude_band(x, base, lo, hi, backend="torch") == band, (lo, hi)
+        want = band.band_mask_ref(x, base, lo, hi)
+        got = band.magnitude_band(x, base, lo, hi, backend="cpu")
+        assert torch.equal(band.band_mask(scores, got, 0), want), (lo, hi)
+        assert band.magnitude_band(x, base, lo, hi, backend="torch") == got, (lo, hi)
         half = n // 2
-        assert torch.equal(torch.cat([select.band_mask(scores[:half], band, 0),
-                                      select.band_mask(scores[half:], band, half)]), want)
+        assert torch.equal(torch.cat([band.band_mask(scores[:half], got, 0),
+                                      band.band_mask(scores[half:], got, half)]), want)
     monkeypatch.setattr(select, "BRACKET_BUDGET", 0)  # radix select and the tie pass only
     for lo, hi in _bands(n):
-        assert torch.equal(select.band_mask(scores, select.magnitude_band(x, base, lo, hi, backend="cpu"), 0),
-                           select.band_mask_ref(x, base, lo, hi)), (lo, hi)
+        assert torch.equal(band.band_mask(scores, band.magnitude_band(x, base, lo, hi, backend="cpu"), 0),
+                           band.band_mask_ref(x, base, lo, hi)), (lo, hi)
     assert_exact(x, before[0])
     assert_exact(base, before[1])
 
 
 def test_magnitude_band_rejects_bad_ranks():
-    from cpift.kernels.select import magnitude_band
+    from cpift.kernels.band import magnitude_band
 
     x = nonzero_randn(10, torch.float32)
     for lo, hi in [(-1, 3), (4, 3), (2, 11)]:

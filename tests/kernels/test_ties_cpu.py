@@ -1,6 +1,6 @@
-"""kernels/_ties_cpu.py: the fused CPU delta_merge (trim, band, drop, election), bit for bit against the torch backend and within the
-comparison rule of the float64 oracle; DARE's Philox stream, the tie rule at unaligned starts, thread
-counts, dispatch and the in-pass finiteness record."""
+"""kernels/_ties_cpu.py: the fused CPU delta_merge (trim, band, drop, election), bit for bit against the
+torch backend and within the comparison rule of the float64 oracle; DARE's Philox stream, the tie rule at
+unaligned starts, thread counts, dispatch and the in-pass finiteness record."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from _compare import DTYPE_IDS, DTYPES, TORCH_FMA, assert_close_to_ref, assert_e
 from _cpu_cases import BLOCK, CPU_LENGTH_IDS, CPU_LENGTHS, needs_numba, torch_threads
 
 from cpift.kernels.backend import resolve
+from cpift.kernels.band import magnitude_band
 from cpift.kernels.dare import keep_mask, tensor_seed
 from cpift.kernels.finite import all_finite
-from cpift.kernels.select import Cut, cut_mask, magnitude_band, magnitude_cut
+from cpift.kernels.select import Cut, cut_mask, magnitude_cut
 from cpift.kernels.ties import delta_merge, delta_merge_ref
 
 pytestmark = needs_numba

@@ -10,7 +10,8 @@ import torch
 from numba import njit, prange
 
 from ._cpu import BLOCK, SPAN, addresses, blocks, fma, load_span, store_span, sync_threads
-from .select import Band, Cut
+from .band import Band
+from .select import Cut
 
 _M32 = np.uint64(0xFFFFFFFF)
 _ROUND_A = np.uint64(0xD2511F53)
@@ -72,7 +73,7 @@ def _trim(dk, score, tie, cut):
 
 @njit(inline="always", cache=True)
 def _band(dk, score, g, bv, bf):
-    # Keep the entry when among the n − lo largest and not among the n − hi largest (select.Band: ties
+    # Keep the entry when among the n − lo largest and not among the n − hi largest (band.Band: ties
     # from the highest index), bv = (low, high), bf = (low_first, high_first).
     inside = (score > bv[0]) | ((score == bv[0]) & (g >= bf[0]))
     above = (score > bv[1]) | ((score == bv[1]) & (g >= bf[1]))

@@ -2,8 +2,7 @@
 # tie index j: selected when s > v, or s == v at flat index ≤ j; ties to the lowest index), by radix
 # select: two 2^16-bin histogram passes and, when the ties split, a third for the r-th tie; the torch
 # and cpu backends first try a sampled bracket (cpu: one fused pass keeping the scores inside it in a
-# reused buffer). No sort. A Band (breadcrumbs) is the entries of ascending ranks lo .. hi − 1 by
-# (score, flat index), found as two such selections with the ties taken from the highest index.
+# reused buffer). No sort. kth_largest also gives the first tie kept from the highest index (band.py).
 # Precision: exact for the float32 scores; every backend gives the same Cut.
 # Design notes (the maths, bytes per entry, exactness): docs/kernels.md#kernelsselectpy
 from __future__ import annotations
@@ -36,23 +35,6 @@ class Cut:
     def none(cls) -> Cut:
         """Select nothing: no score is > +inf, and no index is ≤ −1 (k = 0)."""
         return cls(value=math.inf, last_tie=-1)
-
-
-@dataclass(frozen=True)
-class Band:
-    """Entries of ascending ranks lo .. hi − 1 by (score, flat index): those among the n − lo largest
-    (s > low, or s == low at flat index ≥ low_first) and not among the n − hi largest (s > high, or
-    s == high at flat index ≥ high_first); ties to the highest index, as the ascending order's reverse."""
-
-    low: float
-    low_first: int
-    high: float
-    high_first: int
-
-    @classmethod
-    def all(cls, n: int) -> Band:
-        """Every (non-NaN) entry of a tensor of n: lo = 0, hi = n."""
-        return cls(low=-math.inf, low_first=0, high=math.inf, high_first=n)
 
 
 def _bits_to_float(bits: int) -> float:
@@ -189,21 +171,6 @@ def cut_keep(scores: torch.Tensor, cut: Cut, start: int, *, out: torch.Tensor) -
     return out
 
 
-def band_mask(scores: torch.Tensor, band: Band, start: int) -> torch.Tensor:
-    """Bool mask of the entries a Band selects, for a score chunk whose first flat index is start."""
-    if scores.dtype != torch.float32:
-        scores = scores.float()
-    return _top_mask(scores, band.low, band.low_first - start) & ~_top_mask(scores, band.high, band.high_first - start)
-
-
-def _top_mask(scores: torch.Tensor, value: float, first: int) -> torch.Tensor:
-    mask = torch.gt(scores, value)
-    first = max(0, first)
-    if first < scores.numel():
-        mask[first:].logical_or_(torch.eq(scores[first:], value))
-    return mask
-
-
 # Fast path for large tensors: a strided sample of _SAMPLE scores brackets the k-th largest in
 # (lo, hi]; one pass counts the scores above hi and gathers the few inside the bracket, and the
 # k-th largest is then found among those alone. It is exact whenever the bracket holds it, which
@@ -265,7 +232,7 @@ def _bracket_select(x: torch.Tensor, base: torch.Tensor | None, k: int, n: int,
     return value, above + int((cand > value).sum()), int((cand == value).sum())
 
 
-def _check_k(x: torch.Tensor, base: torch.Tensor | None, k: int, what: str) -> int:
+def check_k(x: torch.Tensor, base: torch.Tensor | None, k: int, what: str) -> int:
     n = x.numel()
     check_flat("x", x)
     if base is not None:
@@ -281,39 +248,17 @@ def magnitude_cut(x: torch.Tensor, base: torch.Tensor | None, k: int, *, backend
     The Triton and cpu backends run radix select with their fused scoring kernels (two passes, plus
     a tie pass when the k-th largest's ties are split); torch brackets the k-th largest by a sample.
     """
-    n = _check_k(x, base, k, "magnitude_cut")
+    n = check_k(x, base, k, "magnitude_cut")
     if k == 0:
         return Cut.none()
     if k == n:
         return Cut.all()
-    value, last = _kth_largest(x, base, k, backend, high_ties=False)
+    value, last = kth_largest(x, base, k, backend, high_ties=False)
     return Cut(value=value, last_tie=last)
 
 
-def magnitude_band(x: torch.Tensor, base: torch.Tensor | None, lo: int, hi: int, *,
-                   backend: str | None = None) -> Band:
-    """The Band of the entries of ascending ranks lo .. hi − 1 by (|x − base|, flat index) of a 1-D tensor
-    (breadcrumbs' mask: the lo smallest and the n − hi largest dropped, lower index first among ties)."""
-    n = _check_k(x, base, lo, "magnitude_band")
-    if not lo <= hi <= n:
-        raise ValueError(f"magnitude_band: need lo ≤ hi ≤ {n}, got lo {lo}, hi {hi}")
-    low, low_first = _top_high(x, base, n - lo, backend)
-    high, high_first = _top_high(x, base, n - hi, backend)
-    return Band(low=low, low_first=low_first, high=high, high_first=high_first)
-
-
-def _top_high(x: torch.Tensor, base: torch.Tensor | None, k: int, backend: str | None) -> tuple[float, int]:
-    """(v, f) selecting the k largest with ties to the highest index: s > v, or s == v at index ≥ f."""
-    n = x.numel()
-    if k == 0:
-        return math.inf, n
-    if k == n:
-        return -math.inf, 0
-    return _kth_largest(x, base, k, backend, high_ties=True)
-
-
-def _kth_largest(x: torch.Tensor, base: torch.Tensor | None, k: int, backend: str | None, *,
-                 high_ties: bool) -> tuple[float, int]:
+def kth_largest(x: torch.Tensor, base: torch.Tensor | None, k: int, backend: str | None, *,
+                high_ties: bool) -> tuple[float, int]:
     """(k-th largest score v, tie index) for 0 < k < n. Ties to the lowest index: the last tie selected
     (n − 1 when every tie is); to the highest (high_ties): the first tie selected (0 when every tie is)."""
     n = x.numel()
@@ -417,7 +362,8 @@ def _tie_in_slices(x: torch.Tensor, base: torch.Tensor | None, value: float, r: 
     return s + int((scores == value).nonzero()[r - before - 1]), total
 
 
-def _scores_ref(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+def score_oracle(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """The float32 scores |x − base| held exactly in float64 (the oracles sort these)."""
     diff = x.double() if base is None else x.double() - base.double()
     return diff.abs().float().double()  # the float32 score, held exactly in float64
 
@@ -429,7 +375,7 @@ def magnitude_cut_ref(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut
         return Cut.none()
     if k == n:
         return Cut.all()
-    scores = _scores_ref(x, base)
+    scores = score_oracle(x, base)
     order = torch.sort(scores, descending=True, stable=True).indices
     value = float(scores[order[k - 1]])
     all_ties_kept = int((scores[order[k:]] == value).sum()) == 0
@@ -438,16 +384,9 @@ def magnitude_cut_ref(x: torch.Tensor, base: torch.Tensor | None, k: int) -> Cut
 
 def magnitude_mask_ref(x: torch.Tensor, base: torch.Tensor | None, k: int) -> torch.Tensor:
     """Oracle bool mask of the k largest |x − base| (stable sort: lowest index wins ties)."""
-    scores = _scores_ref(x, base)
+    scores = score_oracle(x, base)
     order = torch.sort(scores, descending=True, stable=True).indices
     mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     mask[order[:k]] = True
     return mask
 
-
-def band_mask_ref(x: torch.Tensor, base: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
-    """Oracle bool mask of magnitude_band: ascending ranks lo .. hi − 1 by a stable float64 sort."""
-    order = torch.sort(_scores_ref(x, base), stable=True).indices
-    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
-    mask[order[lo:hi]] = True
-    return mask

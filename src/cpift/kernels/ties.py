@@ -13,9 +13,10 @@ import torch
 
 from ._scratch import check_flat, chunks, compute_dtype, scratch
 from .backend import resolve
+from .band import Band, band_mask
 from .dare import keep_factor, keep_mask
 from .finite import note_written
-from .select import Band, Cut, band_mask, cut_keep, cut_mask
+from .select import Cut, cut_keep, cut_mask
 
 
 def _validate(

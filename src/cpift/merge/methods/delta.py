@@ -6,7 +6,7 @@ and adds b; its eight methods bind its configuration (the declarations at the en
   first; ``global_trim``: one threshold over the whole model, global_trim.py); drop (DARE: each entry kept
   with probability density by a seeded counter-based RNG, kept entries × 1/density); band (breadcrumbs: with
   density < 1, t = floor(density·n), top = floor(gamma·n), bot = max(0, n − t − top), the ranks bot ..
-  bot + t − 1 by ascending |δ_i|, ties lower index first, kept: a select.Band of two selections, applied
+  bot + t − 1 by ascending |δ_i|, ties lower index first, kept: a kernels/band.py Band of two selections, applied
   in the merge kernel);
   magprune (DELLA: with density < 1, in each row (the last dimension; a 1-D tensor is one row) the entry of
   rank r of C kept with probability (density − ε) + 2ε·r/(C − 1) from the seeded Philox stream of
@@ -54,8 +54,8 @@ def trim_l1_scale(x, b, cut) -> float:
 
 
 def breadcrumbs_band(x, b, density: float, gamma: float, *, backend: str | None = None):
-    """The select.Band of the entries breadcrumbs keeps (flat tensors): ascending ranks bot .. bot + t − 1."""
-    from cpift.kernels.select import Band, magnitude_band
+    """The kernels/band.py Band of the entries breadcrumbs keeps (flat tensors): ascending ranks bot .. bot + t − 1."""
+    from cpift.kernels.band import Band, magnitude_band
 
     n = x.numel()
     if density >= 1:
@@ -71,7 +71,8 @@ def breadcrumbs_keep(x, b, density: float, gamma: float, *, backend: str | None 
 
 
 def _band_keep(x, b, band):
-    from cpift.kernels.select import band_mask, magnitude_scores
+    from cpift.kernels.band import band_mask
+    from cpift.kernels.select import magnitude_scores
 
     return band_mask(magnitude_scores(x, b, 0, x.numel()), band, 0)  # the float32 |x − b| the band ranks
 
