@@ -119,11 +119,11 @@ def delta_merge(
             d = scratch(f"ties.d{i}" if elect_sign else "ties.d", m, dt, base.device)
             d.copy_(x[s:e]).sub_(fb)
             # Masks as 0/1 float factors: float ops cost a fraction of bool compares + fills here.
-            if cuts is not None:
+            if cuts is not None or bands is not None:
                 score = torch.abs(d, out=keep) if dt == torch.float32 else d.abs()
-                d.mul_(cut_keep(score, cuts[i], s, out=keep))
-            if bands is not None:
-                d.mul_(keep.copy_(band_mask(torch.abs(d).float(), bands[i], s)))
+                # band_mask returns a new bool mask before keep (the scores' buffer) is overwritten
+                d.mul_(cut_keep(score, cuts[i], s, out=keep) if cuts is not None
+                       else keep.copy_(band_mask(score, bands[i], s)))
             if densities is not None:
                 d.mul_(keep_factor(drop_seeds[i], s, m, densities[i], out=keep))
             acc.add_(d, alpha=num_w[i])
