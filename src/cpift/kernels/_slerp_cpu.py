@@ -6,20 +6,42 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._cpu import BLOCK, SPAN, addresses, blocks, fma, load_span, store_span, sync_threads
 
 LANES = 8  # independent accumulators per sum: hides the float64 add latency
 
 
-@njit(inline="always", cache=True)
-def _fold(t, v, w, j0):
-    # The LANES running sums t (a tuple: kept in registers) plus the float64 products v[j0 + j]·w[j0 + j], lane j.
-    return (t[0] + np.float64(v[j0]) * np.float64(w[j0]), t[1] + np.float64(v[j0 + 1]) * np.float64(w[j0 + 1]),
-            t[2] + np.float64(v[j0 + 2]) * np.float64(w[j0 + 2]), t[3] + np.float64(v[j0 + 3]) * np.float64(w[j0 + 3]),
-            t[4] + np.float64(v[j0 + 4]) * np.float64(w[j0 + 4]), t[5] + np.float64(v[j0 + 5]) * np.float64(w[j0 + 5]),
-            t[6] + np.float64(v[j0 + 6]) * np.float64(w[j0 + 6]), t[7] + np.float64(v[j0 + 7]) * np.float64(w[j0 + 7]))
+@intrinsic
+def _fold_span(typingctx, xa, xb, groups, acc):
+    """acc (3·LANES float64: ‖a‖², ‖b‖², ⟨a,b⟩ lanes) += the float64 products of xa and xb, entry LANES·q + j
+    to lane j, for q < groups: per lane the same multiplies and adds, in the same order, as a scalar loop,
+    written as LLVM vectors of LANES doubles (numba does not vectorise the lanes of a tuple by itself)."""
+    if not all(isinstance(t, types.Array) for t in (xa, xb, acc)):
+        return None
+    sig = types.void(xa, xb, types.int64, acc)
+
+    def codegen(context, builder, signature, args):
+        f32v, f64v = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.DoubleType(), LANES)
+        pa, pb, pacc = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 3))
+        lanes = [builder.bitcast(builder.gep(pacc, [ir.Constant(ir.IntType(64), LANES * k)]), f64v.as_pointer())
+                 for k in range(3)]
+        sums = [cgutils.alloca_once_value(builder, builder.load(p, align=8)) for p in lanes]
+        with cgutils.for_range(builder, args[2]) as loop:
+            at = builder.mul(loop.index, ir.Constant(ir.IntType(64), LANES))
+            va, vb = (builder.fpext(builder.load(builder.bitcast(builder.gep(p, [at]), f32v.as_pointer()), align=4),
+                                    f64v) for p in (pa, pb))
+            for slot, (x, y) in zip(sums, ((va, va), (vb, vb), (va, vb))):
+                builder.store(builder.fadd(builder.load(slot), builder.fmul(x, y)), slot)
+        for slot, p in zip(sums, lanes):
+            builder.store(builder.load(slot), p, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -29,8 +51,7 @@ def _reduce_kernel(a, a_kind, b, b_kind, mask, has_mask, n, parts):
         e = min(s + BLOCK, n)
         xa = np.zeros(SPAN + LANES, dtype=np.float32)  # + LANES: a last partial group reads zeros
         xb = np.zeros(SPAN + LANES, dtype=np.float32)
-        zero = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        aa, bb, ab = zero, zero, zero
+        acc = np.zeros(3 * LANES, dtype=np.float64)  # the lanes of ‖a‖², ‖b‖², ⟨a,b⟩
         for i0 in range(s, e, SPAN):
             m = min(SPAN, e - i0)
             load_span(a, a_kind, i0, m, xa)
@@ -43,17 +64,14 @@ def _reduce_kernel(a, a_kind, b, b_kind, mask, has_mask, n, parts):
                     if mask[i0 + j]:
                         xa[j] = 0.0
                         xb[j] = 0.0
-            for j0 in range(0, m, LANES):  # entry s + LANES·q + j goes to lane j (SPAN is a multiple of LANES)
-                aa = _fold(aa, xa, xa, j0)
-                bb = _fold(bb, xb, xb, j0)
-                ab = _fold(ab, xa, xb, j0)
+            _fold_span(xa, xb, (m + LANES - 1) // LANES, acc)  # entry i0 + LANES·q + j to lane j (SPAN: a multiple)
         sa = 0.0
         sb = 0.0
         sab = 0.0
         for j in range(LANES):
-            sa += aa[j]
-            sb += bb[j]
-            sab += ab[j]
+            sa += acc[j]
+            sb += acc[LANES + j]
+            sab += acc[2 * LANES + j]
         parts[blk, 0] = sa
         parts[blk, 1] = sb
         parts[blk, 2] = sab
@@ -71,11 +89,13 @@ def _blend_kernel(a, a_kind, b, b_kind, ca, cb, mask, has_mask, out, out_kind, n
             m = min(SPAN, e - i0)
             load_span(a, a_kind, i0, m, xa)
             load_span(b, b_kind, i0, m, xb)
-            for j in range(m):
-                v = fma(xa[j], ca, xb[j] * cb)
-                if has_mask and mask[i0 + j]:
-                    v = xa[j]
-                xb[j] = v
+            if has_mask:  # two loops: the one without a mask vectorises
+                for j in range(m):
+                    v = fma(xa[j], ca, xb[j] * cb)
+                    xb[j] = xa[j] if mask[i0 + j] else v
+            else:
+                for j in range(m):
+                    xb[j] = fma(xa[j], ca, xb[j] * cb)
             flag |= store_span(out, out_kind, i0, m, xb)
         bad[blk] = flag
 

@@ -30,7 +30,7 @@ from cpift.merge.io.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from cpift.merge.io.publish import Publication
 from cpift.merge.io.resume import Journal, inspect_partial
 
-from . import _mman
+from . import _mman, direct
 
 
 def write_error_remedy(e: OSError, where: Path, sizes: list[int]) -> tuple[str, bool]:
@@ -151,6 +151,7 @@ class ShardWriter:
         self._lock = threading.Lock()  # the prefetch thread maps files too
         self._left = [len(s.names) for s in self.shards]  # tensors still to write, per shard
         self.journal: Journal | None = None
+        self.direct: direct.DirectShards | None = None  # set once the shards exist
         self.resumable = True  # False once a write error shows that --resume with this plan cannot succeed
         self.notes: list[str] = []
         kept: dict[int, str] = {}
@@ -182,6 +183,19 @@ class ShardWriter:
             message = self._write_error(e)
             self.abort(keep_partial=True)  # only if --resume can use it (self.resumable)
             raise OutputError(message) from None
+        self.direct = self._direct_shards()
+
+    def _direct_shards(self) -> direct.DirectShards | None:
+        """The O_DIRECT writer of the shards this run writes (merge/io/direct.py), where the file system
+        takes it and CPIFT_DIRECT_IO does not say 0; None keeps the shared maps."""
+        todo = [i for i in range(len(self.shards)) if i not in self.kept]
+        if not todo or not direct.wanted() or not direct.supported(self.tmp / self.shards[todo[0]].file):
+            return None
+        last = len(self.shards) - 1
+        return direct.DirectShards([self.tmp / s.file for s in self.shards], [s.header for s in self.shards],
+                                   [self.journal is not None and i < last and i not in self.kept
+                                    for i in range(len(self.shards))],
+                                   lambda file, digest: self.journal.record(file, digest))
 
     @property
     def bytes_written(self) -> int:
@@ -207,8 +221,17 @@ class ShardWriter:
         """Tensor ``name`` holds its final bytes; the shard it completes is hashed into the manifest."""
         i = self._where[name][0]
         self._left[i] -= 1
-        if self._left[i] == 0 and self.journal is not None and i < len(self.shards) - 1:
+        if self.direct is not None:
+            self._checked(lambda: self.direct.done(i, last=self._left[i] == 0))
+        elif self._left[i] == 0 and self.journal is not None and i < len(self.shards) - 1:
             self.journal.shard_done(self.shards[i].file)
+
+    def _checked(self, op):
+        """``op()``, with an OSError of the direct writer's thread raised as the one-line OutputError."""
+        try:
+            return op()
+        except OSError as e:
+            raise OutputError(self._write_error(e)) from None
 
     def _map(self, i: int) -> tuple[mmap.mmap, int]:
         with self._lock:
@@ -228,6 +251,9 @@ class ShardWriter:
         i, offset, spec = self._where[name]
         if spec.nbytes == 0:
             return torch.empty(0, dtype=spec.dtype)
+        if self.direct is not None:
+            view = self._checked(lambda: self.direct.view(i, offset, spec.nbytes))
+            return torch.frombuffer(view, dtype=spec.dtype, count=spec.nbytes // spec.dtype.itemsize)
         mm, _ = self._map(i)
         return torch.frombuffer(mm, dtype=spec.dtype, count=spec.nbytes // spec.dtype.itemsize, offset=offset)
 
@@ -240,11 +266,13 @@ class ShardWriter:
 
     def populate(self, name: str) -> None:
         """Map (allocate) the tensor's output pages now, so the math does not page-fault."""
-        self._advise(name, _mman.POPULATE_WRITE, True)
+        if self.direct is None:
+            self._advise(name, _mman.POPULATE_WRITE, True)
 
     def release(self, name: str) -> None:
         """Unmap a written tensor's pages from this process; the data stays in the page cache."""
-        self._advise(name, _mman.DONTNEED, False)
+        if self.direct is None:
+            self._advise(name, _mman.DONTNEED, False)
 
     def _close_maps(self) -> None:
         _mman.close_maps(self._maps)
@@ -255,6 +283,8 @@ class ShardWriter:
         into place."""
         self._close_maps()
         try:
+            if self.direct is not None:
+                self.direct.close()  # every queued write and hash
             if self.journal is not None:
                 self.journal.close()  # the hashes still queued
             if len(self.shards) > 1:
@@ -278,6 +308,8 @@ class ShardWriter:
         """Remove the partial directory (nothing finished-looking is left); with ``keep_partial`` and
         a manifest, leave it for ``--resume`` (after a write error or an interrupt)."""
         self._close_maps()
+        if self.direct is not None:
+            self.direct.abort()  # the writes already queued finish; their shards' hashes are recorded
         if self.journal is not None:
             try:
                 self.journal.close()  # record the shards already complete
