@@ -17,11 +17,14 @@ MADV_POPULATE_READ (43 GB/s here on a warm page cache; on a cold one it is the d
 with the math), because page faults taken by torch's worker threads contend and crawl (0.85 GB/s);
 ``release`` unmaps a finished tensor, which keeps the resident set independent of model size.
 A read-only map also means the inputs cannot be modified. Measured alternatives: preadv into reused
-buffers 5.5 GB/s but its copies compete with the math for memory bandwidth and cores.
+buffers 5.5 GB/s but its copies compete with the math for memory bandwidth and cores. That holds for
+a warm cache; a tensor whose pages are not all cached is read with O_DIRECT into reused buffers
+instead (merge/io/direct_read.py: no page-cache copy, and no first touch of fresh pages).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -35,7 +38,7 @@ from cpift.merge.io.model_files import model_file, read_model_file
 from cpift.merge.io.safe_parse import load_json_bounded
 from cpift.merge.io.st_header import HeaderEntry, header_entries, read_header, torch_dtype
 
-from . import _mman, st_header
+from . import _mman, direct_read, st_header
 
 if TYPE_CHECKING:
     import torch
@@ -153,8 +156,12 @@ class Checkpoint:
             self._check_index()
         self._maps: dict[Path, tuple[mmap.mmap, int]] = {}
         self._lock = threading.Lock()  # the prefetch thread maps files too
+        self._read_mode = direct_read.mode()
+        self._direct_fds: dict[Path, int] = {}  # O_DIRECT descriptors; -1: the file system refused
+        self._buffered: dict[str, tuple[mmap.mmap, int]] = {}  # tensors read into pool buffers
 
     _index: dict[str, str] | None = None
+    _read_mode = "off"  # for subclasses that build themselves without __init__ (views over other checkpoints)
 
     def _shard_files(self) -> list[Path]:
         for single_name, index_name in LAYOUTS:
@@ -239,10 +246,12 @@ class Checkpoint:
             return self._bin.get(info.file, name)
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        mm, _ = self._map(info.file)
+        with self._lock:
+            held = self._buffered.get(name) if self._read_mode != "off" else None
+        mm, start = held if held is not None else (self._map(info.file)[0], info.start)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "non-writable buffer": read-only on purpose
-            flat = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start)
+            flat = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=start)
         return flat.view(info.shape)
 
     def _advise(self, name: str, advice: int, outer: bool) -> bool:
@@ -257,23 +266,71 @@ class Checkpoint:
         prefetch thread: ctypes releases the GIL)."""
         if self._bin is not None:
             return self._bin.populate(self.tensors[name].file, name)
+        if self._read_direct(name):
+            return
         if not self._advise(name, _mman.POPULATE_READ, True):  # kernels before 5.14
             self._advise(name, _mman.WILLNEED, True)
 
+    def _read_direct(self, name: str) -> bool:
+        """Read a tensor whose pages are not all cached with O_DIRECT into a pool buffer
+        (merge/io/direct_read.py); False leaves it to the maps."""
+        info = self.tensors[name]
+        always = self._read_mode == "always"
+        if self._read_mode == "off" or info.nbytes < (1 if always else direct_read.SMALL):
+            return False
+        _, base = self._map(info.file)
+        if not always and direct_read.resident(base, info.start, info.end):
+            return False
+        with self._lock:
+            fd = self._direct_fds.get(info.file)
+            if fd is None:
+                try:
+                    fd = os.open(info.file, os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    fd = -1
+                self._direct_fds[info.file] = fd
+        if fd < 0:
+            return False
+        try:
+            held = direct_read.POOL.read(fd, info.start, info.end)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise CheckpointError(f"{info.file}: cannot read tensor '{name}': {e.strerror or e}") from None
+            with self._lock:
+                self._direct_fds[info.file] = -1  # this file system wants another alignment: the maps
+            os.close(fd)
+            return False
+        with self._lock:
+            self._buffered[name] = held
+        return True
+
     def hint(self, name: str) -> None:
         """Ask the kernel to read a tensor's pages into the page cache in the background (madvise
-        WILLNEED: returns at once, maps nothing into this process)."""
-        if self._bin is None:
+        WILLNEED: returns at once, maps nothing into this process); not where populate reads with
+        O_DIRECT, whose reads the page cache would only duplicate."""
+        if self._bin is None and self._read_mode == "off":
             self._advise(name, _mman.WILLNEED, True)
 
     def release(self, name: str) -> None:
         """Unmap a finished tensor's pages from this process (the page cache keeps them)."""
         if self._bin is not None:
             return self._bin.release(self.tensors[name].file, name)
+        with self._lock:
+            held = self._buffered.pop(name, None) if self._read_mode != "off" else None
+        if held is not None:
+            direct_read.POOL.give(held[0])
+            return
         self._advise(name, _mman.DONTNEED, False)
 
     def close(self) -> None:
         _mman.close_maps(self._maps)
+        if self._read_mode != "off":
+            with self._lock:
+                for fd in self._direct_fds.values():
+                    if fd >= 0:
+                        os.close(fd)
+                self._direct_fds.clear()
+                self._buffered.clear()  # their buffers are freed with the views that still hold them
         if self._bin is not None:
             self._bin.close()
 

@@ -68,7 +68,7 @@ class _Buffers:
                 self._free.remove(buf)
                 return buf
             if self._free and self._count >= 2:  # too small: replaced by one that fits
-                _close(self._free.pop(0))
+                close_buffer(self._free.pop(0))
                 self._count -= 1
             self._count += 1
         buf = mmap.mmap(-1, -(-size // HUGE) * HUGE)
@@ -84,11 +84,12 @@ class _Buffers:
     def close(self) -> None:
         with self._cond:
             for buf in self._free:
-                _close(buf)
+                close_buffer(buf)
             self._free.clear()
 
 
-def _close(buf: mmap.mmap) -> None:
+def close_buffer(buf: mmap.mmap) -> None:
+    """Unmap a staging buffer (left to the garbage collector while a tensor still views it)."""
     try:
         buf.close()
     except BufferError:  # a tensor still views it: freed with that view
@@ -248,4 +249,4 @@ class DirectShards:
         self._buffers.close()
 
 
-__all__ = ["ALIGN", "ENV", "DirectShards", "supported", "wanted"]
+__all__ = ["ALIGN", "ENV", "DirectShards", "close_buffer", "supported", "wanted"]
