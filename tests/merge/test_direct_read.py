@@ -106,14 +106,18 @@ def test_a_file_system_without_o_direct_reads_through_the_maps(tmp_path, monkeyp
     assert all(torch.equal(v, tensors[k]) for k, v in got.items())
 
 
+def preadv_fails(monkeypatch, err: int) -> None:
+    """Every O_DIRECT read fails with errno ``err``; every tensor is read with O_DIRECT."""
+    def fail(fd, bufs, offset):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(direct_read.os, "preadv", fail)
+    monkeypatch.setenv(direct.ENV, "always")
+
+
 def test_an_alignment_refused_falls_back_to_the_maps(tmp_path, monkeypatch):
     d, tensors = model(tmp_path)
-
-    def einval(fd, bufs, offset):
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    monkeypatch.setattr(direct_read.os, "preadv", einval)
-    monkeypatch.setenv(direct.ENV, "always")
+    preadv_fails(monkeypatch, errno.EINVAL)
     with Checkpoint(d) as ck:
         got = read_all(ck)
         assert list(ck._direct_fds.values()) == [-1]
@@ -122,12 +126,7 @@ def test_an_alignment_refused_falls_back_to_the_maps(tmp_path, monkeypatch):
 
 def test_a_read_error_names_the_file_and_tensor(tmp_path, monkeypatch):
     d, _ = model(tmp_path)
-
-    def eio(fd, bufs, offset):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(direct_read.os, "preadv", eio)
-    monkeypatch.setenv(direct.ENV, "always")
+    preadv_fails(monkeypatch, errno.EIO)
     with Checkpoint(d) as ck, pytest.raises(CheckpointError) as e:
         ck.populate("c")
     assert str(e.value) == f"{d / 'model.safetensors'}: cannot read tensor 'c': Input/output error"

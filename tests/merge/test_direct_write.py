@@ -65,11 +65,14 @@ def test_same_bytes_as_the_page_cache_path(tmp_path, monkeypatch, shard_bytes):
         assert torch.equal(tensors[spec.name], values(spec, k)), spec.name
 
 
-def test_digests_are_the_files_sha256(tmp_path, monkeypatch):
-    """With a manifest, each finished shard but the last is hashed as it is written: the digest the
-    manifest records is the sha256 of the file on disk."""
-    w = write(tmp_path / "out", 20_000, monkeypatch, on=True, fingerprint={"t": 1})
-    w.direct.close()
+@pytest.mark.parametrize("on", [True, False])
+def test_digests_are_the_files_sha256(tmp_path, monkeypatch, on):
+    """With a manifest, each finished shard but the last is hashed (as it is written, or read back from
+    the page cache): the digest the manifest records is the sha256 of the file on disk."""
+    w = write(tmp_path / "out", 20_000, monkeypatch, on=on, fingerprint={"t": 1})
+    if on:
+        w.direct.close()
+    w.journal.close()
     recorded = json.loads((w.tmp / MANIFEST).read_text())["shards"]
     assert len(recorded) == len(w.shards) - 1 >= 2
     for name, dig in recorded.items():
