@@ -132,6 +132,22 @@ def test_a_read_error_names_the_file_and_tensor(tmp_path, monkeypatch):
     assert str(e.value) == f"{d / 'model.safetensors'}: cannot read tensor 'c': Input/output error"
 
 
+def test_several_passes_read_through_the_page_cache(tmp_path, monkeypatch):
+    """A step that reads the inputs again (cores, a global trim) reads through the maps inside
+    several_passes, so its next pass finds them cached; outside, O_DIRECT again."""
+    d, tensors = model(tmp_path)
+    monkeypatch.setenv(direct.ENV, "always")
+    with Checkpoint(d) as ck:
+        with direct_read.several_passes():
+            assert direct_read.mode() == "off"
+            ck.populate("e")
+            assert "e" not in ck._buffered and torch.equal(ck.get("e"), tensors["e"])
+            ck.release("e")
+        ck.populate("e")
+        assert "e" in ck._buffered
+        ck.release("e")
+
+
 @pytest.mark.parametrize(("value", "want"), [("0", "off"), ("off", "off"), ("1", "auto"), ("", "auto"),
                                              ("always", "always"), (" Always ", "always")])
 def test_mode_from_the_environment(monkeypatch, value, want):

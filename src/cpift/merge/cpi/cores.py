@@ -30,6 +30,7 @@ from cpift.kernels.topk import GlobalTopK
 from cpift.merge.cpi.masks import block_size, mask_entries, parse_granularity, save_core_mask
 from cpift.merge.cpi.names import check_task_names
 from cpift.merge.io.device import DeviceCache, check_backend, parse_device
+from cpift.merge.io.direct_read import several_passes
 from cpift.merge.io.models import check_compatible, explain_nonfinite, model_paths, open_models
 from cpift.merge.io.publish import check_output, publish_dir
 from cpift.merge.io.stream import TensorStream, progress_bar
@@ -235,7 +236,7 @@ def _select(models, plan: _Plan, ks: list[int], *, dev, backend, progress: bool)
     cache = DeviceCache.for_device(dev)  # device copies kept across the three passes, within a budget
 
     def run_pass(step) -> None:
-        with TensorStream(models, plan.names, device=dev, bar=bar, cache=cache) as stream:
+        with several_passes(), TensorStream(models, plan.names, device=dev, bar=bar, cache=cache) as stream:
             for item in stream:
                 step(item.name, item.inputs)
 

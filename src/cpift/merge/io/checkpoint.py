@@ -275,8 +275,9 @@ class Checkpoint:
         """Read a tensor whose pages are not all cached with O_DIRECT into a pool buffer
         (merge/io/direct_read.py); False leaves it to the maps."""
         info = self.tensors[name]
-        always = self._read_mode == "always"
-        if self._read_mode == "off" or info.nbytes < (1 if always else direct_read.SMALL):
+        now = direct_read.mode() if self._read_mode != "off" else "off"  # off inside several_passes
+        always = now == "always"
+        if now == "off" or info.nbytes < (1 if always else direct_read.SMALL):
             return False
         _, base = self._map(info.file)
         if not always and direct_read.resident(base, info.start, info.end):
@@ -308,7 +309,7 @@ class Checkpoint:
         """Ask the kernel to read a tensor's pages into the page cache in the background (madvise
         WILLNEED: returns at once, maps nothing into this process); not where populate reads with
         O_DIRECT, whose reads the page cache would only duplicate."""
-        if self._bin is None and self._read_mode == "off":
+        if self._bin is None and (self._read_mode == "off" or direct_read.mode() == "off"):
             self._advise(name, _mman.WILLNEED, True)
 
     def release(self, name: str) -> None:

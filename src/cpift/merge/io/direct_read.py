@@ -12,17 +12,20 @@ memory); otherwise it reads the tensor here, in 8 MiB pieces on 4 threads (sever
 flight keep the disk busy), into a buffer of the shared pool. ``give`` returns the buffer once the
 stream is done with the tensor (``release``). The pool keeps at most ``KEEP`` bytes of free buffers.
 
-``CPIFT_DIRECT_IO=0`` keeps every read on the page cache; ``always`` reads every tensor of at least
+Steps that read the inputs more than once run inside ``several_passes`` and read through the page
+cache. ``CPIFT_DIRECT_IO=0`` keeps every read on the page cache; ``always`` reads every tensor of at least
 one byte with O_DIRECT, cached or not (the tests use it). A file system that refuses O_DIRECT (tmpfs)
 falls back to the maps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import threading
+from typing import Iterator
 
 from . import direct
 
@@ -30,13 +33,29 @@ ALIGN = direct.ALIGN
 PIECE = 8 << 20  # bytes per read request
 THREADS = 4  # requests in flight
 SMALL = 1 << 20  # smaller tensors stay on the maps (their pages are shared with their neighbours')
-KEEP = 1 << 30  # free buffer bytes the pool keeps for reuse
+KEEP = 512 << 20  # free buffer bytes the pool keeps for reuse
 STEP = 2 << 20  # buffer sizes are rounded up to this
 
 
+_PASSES = [0]  # steps under way that read their inputs more than once (several_passes)
+
+
+@contextlib.contextmanager
+def several_passes() -> Iterator[None]:
+    """Reads inside go through the page cache, as before O_DIRECT: a step that reads the inputs again
+    (cores' three passes, a global trim before the merge) then finds them cached, so mapped, instead of
+    reading the disk once per pass."""
+    _PASSES[0] += 1
+    try:
+        yield
+    finally:
+        _PASSES[0] -= 1
+
+
 def mode() -> str:
-    """'off', 'auto' (direct where the pages are not all cached) or 'always', from CPIFT_DIRECT_IO."""
-    if not direct.wanted():
+    """'off', 'auto' (direct where the pages are not all cached) or 'always', from CPIFT_DIRECT_IO;
+    'off' inside ``several_passes``."""
+    if not direct.wanted() or _PASSES[0]:
         return "off"
     return "always" if os.environ.get(direct.ENV, "").strip().lower() == "always" else "auto"
 
@@ -139,4 +158,4 @@ def _read(fd: int, view: memoryview, at: int, need: int) -> None:
 
 POOL = Pool()
 
-__all__ = ["POOL", "Pool", "mode", "resident"]
+__all__ = ["POOL", "Pool", "mode", "resident", "several_passes"]

@@ -19,6 +19,7 @@ from cpift.kernels.select import Cut
 from cpift.kernels.topk import GlobalTopK
 from cpift.merge.io.checkpoint import Checkpoint
 from cpift.merge.io.device import DeviceCache
+from cpift.merge.io.direct_read import several_passes
 from cpift.merge.io.stream import TensorStream
 
 
@@ -30,17 +31,17 @@ def global_magnitude_cuts(base: Checkpoint, models: list[Checkpoint], densities:
     top = GlobalTopK(len(models), device=device, backend=backend)
     everyone = [base, *models]
     cache = DeviceCache.for_device(device)  # device copies kept for the later passes, within a budget
-    with TensorStream(everyone, names, device=device, cache=cache) as stream:
+    with several_passes(), TensorStream(everyone, names, device=device, cache=cache) as stream:
         for item in stream:
             top.count(item.inputs[0], item.inputs[1:])
     top.fix([math.floor(d * total) for d in densities])
-    with TensorStream(everyone, names, device=device, cache=cache) as stream:
+    with several_passes(), TensorStream(everyone, names, device=device, cache=cache) as stream:
         for item in stream:
             top.refine(item.inputs[0], item.inputs[1:])
     top.finish_refine()
     cuts: dict[str, list[Cut]] = {}
     if any(top.fixed_cut(i, 0) is None for i in range(len(models))):  # some task's ties split
-        with TensorStream(everyone, names, device=device, cache=cache) as stream:
+        with several_passes(), TensorStream(everyone, names, device=device, cache=cache) as stream:
             for item in stream:
                 if all(top.fixed_cut(i, 0) is not None for i in range(len(models))):
                     break  # every tie is placed: the later tensors need no reading
