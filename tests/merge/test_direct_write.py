@@ -171,3 +171,22 @@ def test_a_real_merge_gives_the_same_bytes_either_way(capsys, llama, tmp_path, m
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
                         if p.suffix in (".safetensors", ".json")})
     assert digests[0] == digests[1] and len(digests[0]) > 3
+
+
+def test_two_large_tensors_are_not_staged_at_once(monkeypatch):
+    """Past STAGING bytes, the math waits for the write of the other buffer and reuses it (one copy of
+    the largest tensors, not two)."""
+    import threading
+    import time
+
+    monkeypatch.setattr(direct, "STAGING", 6 << 20)  # room for 4 MiB and 2 MiB, not 4 and 4
+    pool = direct._Buffers()
+    first = pool.take(3 << 20)
+    small = pool.take(100)  # under STAGING beside the first: a second buffer
+    pool.give(small)
+    threading.Timer(0.2, pool.give, args=(first,)).start()
+    t0 = time.perf_counter()
+    again = pool.take(3 << 20)
+    assert again is first and time.perf_counter() - t0 >= 0.15
+    pool.give(again)
+    pool.close()

@@ -1,10 +1,11 @@
 """Output shards written with O_DIRECT from two reused staging buffers, by a thread behind the math.
 
 Writing through the page cache (the shared maps of merge/io/writer.py) makes the kernel allocate and
-zero a page-cache page for every output byte before the math fills it. On a machine whose memory is
-backed lazily (a VM that hands freed memory back to its host) that first touch costs more than the
-disk: 3 GiB written through a shared map took 7.4 s here, 7.5 s of it system time, against 1.7 s and
-0.1 s of system time with O_DIRECT from one reused buffer (benchmarks/results/write-path.md).
+zero a page-cache page for every output byte before the math fills it, and on a machine whose memory is
+backed lazily (a VM that hands freed memory back to its host) that first touch is a trip to the host:
+3 GiB written with buffered write(2) to a new file took 4.6–7.8 s here, nearly all of it system time,
+against 1.9–2.0 s and 0.13 s of system time with O_DIRECT from one reused buffer
+(benchmarks/results/write-path.md; a shared map took 0.6 s right after, on memory those writes had backed).
 
 So a merge's output tensor is a view of a page-aligned staging buffer. Once it holds its final bytes
 (``done``), a writer thread writes the buffer's whole 4 KiB blocks with O_DIRECT while the math fills
@@ -14,8 +15,9 @@ tensor, and a shard's last partial block goes through the page cache with a plai
 ``hashed`` shards, the thread hashes each one's bytes as it writes them, for --resume's manifest
 (merge/io/resume.py), so nothing is read back.
 
-Memory: at most two buffers, each as large as the largest tensor (plus one block). Where O_DIRECT is
-refused (tmpfs, some network file systems) or ``CPIFT_DIRECT_IO=0``, the writer keeps its shared maps.
+Memory: at most two buffers, together at most 1 GiB (STAGING) unless one tensor alone is larger, then
+one. Where O_DIRECT is refused (tmpfs, some network file systems) or ``CPIFT_DIRECT_IO=0``, the writer
+keeps its shared maps.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Callable
 ALIGN = 4096  # O_DIRECT's unit: file offsets, lengths and buffer addresses (a multiple of any logical block)
 ENV = "CPIFT_DIRECT_IO"  # "0" keeps the page-cache path
 HUGE = 2 << 20  # buffers are sized in 2 MiB steps, so one fits many tensors of nearby sizes
+STAGING = 1 << 30  # bytes of the two staging buffers together (one larger tensor is staged alone)
 
 
 def wanted() -> bool:
@@ -50,31 +53,43 @@ def supported(file: Path) -> bool:
 
 
 class _Buffers:
-    """At most two page-aligned staging buffers (anonymous maps): one filled by the math, one written."""
+    """At most two page-aligned staging buffers (anonymous maps): one filled by the math, one written;
+    together at most STAGING bytes, unless one tensor alone is larger (the math then waits for the write
+    of the other, instead of holding two copies of the largest tensors)."""
 
     def __init__(self) -> None:
         self._free: list[mmap.mmap] = []
         self._count = 0
+        self._bytes = 0  # of every buffer, free or busy
         self._cond = threading.Condition()
 
     def take(self, size: int) -> mmap.mmap:
-        """A free buffer of at least ``size`` bytes; waits while both are being written."""
+        """A free buffer of at least ``size`` bytes; waits while the writer holds what is needed."""
+        cap = -(-size // HUGE) * HUGE
         with self._cond:
-            while not self._free and self._count >= 2:
-                self._cond.wait()
-            fit = [b for b in self._free if len(b) >= size]
-            if fit:
-                buf = min(fit, key=len)
-                self._free.remove(buf)
-                return buf
-            if self._free and self._count >= 2:  # too small: replaced by one that fits
-                close_buffer(self._free.pop(0))
-                self._count -= 1
+            while True:
+                fit = [b for b in self._free if len(b) >= size]
+                if fit:
+                    buf = min(fit, key=len)
+                    self._free.remove(buf)
+                    return buf
+                if self._count == 0 or (self._count < 2 and self._bytes + cap <= STAGING):
+                    break
+                if self._free:  # too small: dropped, and its room counted again
+                    self._drop(self._free.pop(0))
+                    continue
+                self._cond.wait()  # the writer holds the other buffer: wait for its write
             self._count += 1
-        buf = mmap.mmap(-1, -(-size // HUGE) * HUGE)
+            self._bytes += cap
+        buf = mmap.mmap(-1, cap)
         if hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
             buf.madvise(mmap.MADV_HUGEPAGE)  # fewer, larger first-touch faults
         return buf
+
+    def _drop(self, buf: mmap.mmap) -> None:
+        self._count -= 1
+        self._bytes -= len(buf)
+        close_buffer(buf)
 
     def give(self, buf: mmap.mmap) -> None:
         with self._cond:
@@ -83,9 +98,8 @@ class _Buffers:
 
     def close(self) -> None:
         with self._cond:
-            for buf in self._free:
-                close_buffer(buf)
-            self._free.clear()
+            while self._free:
+                self._drop(self._free.pop())
 
 
 def close_buffer(buf: mmap.mmap) -> None:

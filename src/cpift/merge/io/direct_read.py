@@ -2,8 +2,9 @@
 
 A tensor read through the page cache lands in pages the process has never touched. On a machine whose
 memory is backed lazily (a VM that returns freed memory to its host), the first touch of each 4 KiB
-page then costs a trip to the host: streaming 6.4 GB of freshly read inputs through a one-byte-per-
-page loop took 3.9 s of CPU here, more than SLERP's whole arithmetic. An O_DIRECT read instead lands
+page then costs a trip to the host: reading one entry per 4 KiB page of 6.4 GB of freshly read
+inputs took 2.6–3.0 s here (benchmarks/results/first-touch.md), more than SLERP's whole arithmetic,
+against 0.05 s in reused buffers filled with O_DIRECT. An O_DIRECT read instead lands
 in buffers this process keeps reusing, already backed, with no page-cache copy either.
 
 So ``Checkpoint.populate`` (merge/io/checkpoint.py) asks ``resident`` whether a tensor's pages are all
