@@ -148,6 +148,16 @@ def test_several_passes_read_through_the_page_cache(tmp_path, monkeypatch):
         ck.release("e")
 
 
+def test_a_wrong_setting_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, llama):
+    from test_bad_input import run_cli
+
+    monkeypatch.setenv(direct.ENV, "sometimes")
+    code, out, err = run_cli(capsys, "slerp", llama["task1"], llama["task2"], "-o", tmp_path / "out", "-q")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{direct.ENV}='sometimes': expected 1" in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(("value", "want"), [("0", "off"), ("off", "off"), ("1", "auto"), ("", "auto"),
                                              ("always", "always"), (" Always ", "always")])
 def test_mode_from_the_environment(monkeypatch, value, want):

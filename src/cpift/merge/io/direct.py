@@ -32,15 +32,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cpift.errors import ParameterError
+
 ALIGN = 4096  # O_DIRECT's unit: file offsets, lengths and buffer addresses (a multiple of any logical block)
 ENV = "CPIFT_DIRECT_IO"  # "0" keeps the page-cache path
 HUGE = 2 << 20  # buffers are sized in 2 MiB steps, so one fits many tensors of nearby sizes
 STAGING = 1 << 30  # bytes of the two staging buffers together (one larger tensor is staged alone)
 
 
+OFF, ON = ("0", "no", "off", "false"), ("", "1", "yes", "on", "true", "auto", "always")
+
+
+def setting() -> str:
+    """CPIFT_DIRECT_IO, lower-cased (unset: "1").
+
+    Raises:
+        ParameterError: a value that is none of 0/no/off/false, 1/yes/on/true/auto, always.
+    """
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in OFF + ON:
+        raise ParameterError(f"{ENV}={os.environ[ENV]!r}: expected 1 (O_DIRECT where the page cache misses), "
+                             f"0 (the page cache only) or always")
+    return value
+
+
 def wanted() -> bool:
     """False where CPIFT_DIRECT_IO says 0 (or no, off, false), or the platform has no O_DIRECT."""
-    return hasattr(os, "O_DIRECT") and os.environ.get(ENV, "1").strip().lower() not in ("0", "no", "off", "false")
+    return hasattr(os, "O_DIRECT") and setting() not in OFF
 
 
 def supported(file: Path) -> bool:
@@ -231,12 +249,15 @@ class DirectShards:
         if s.hash is not None:
             s.hash.update(view)
 
+    @staticmethod
+    def _close_fds(s: _Shard) -> None:
+        for fd in s.fds or ():
+            if fd >= 0:
+                os.close(fd)
+        s.fds = None
+
     def _finish(self, s: _Shard) -> None:
-        if s.fds is not None:
-            for fd in s.fds:
-                if fd >= 0:
-                    os.close(fd)
-            s.fds = None
+        self._close_fds(s)
         if s.hash is not None and self._error is None:
             self._on_hash(s.path.name, s.hash.hexdigest())
 
@@ -255,11 +276,7 @@ class DirectShards:
             self._thread.join()
         for s in self._shards:
             s.open = None
-            if s.fds is not None:
-                for fd in s.fds:
-                    if fd >= 0:
-                        os.close(fd)
-                s.fds = None
+            self._close_fds(s)
         self._buffers.close()
 
 

@@ -58,7 +58,7 @@ def mode() -> str:
     'off' inside ``several_passes``."""
     if not direct.wanted() or _PASSES[0]:
         return "off"
-    return "always" if os.environ.get(direct.ENV, "").strip().lower() == "always" else "auto"
+    return "always" if direct.setting() == "always" else "auto"
 
 
 def _load_mincore():
